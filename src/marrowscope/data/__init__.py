@@ -1,0 +1,1 @@
+"""marrowscope.data."""

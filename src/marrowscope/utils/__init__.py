@@ -1,0 +1,1 @@
+"""Small shared helpers. Submodules are imported explicitly; ``image`` and ``io`` never import torch."""

@@ -1,0 +1,181 @@
+"""Image reading: any supported file -> RGB, HWC, uint8 numpy array, or a clear error.
+
+Contract: :func:`read_image` returns ``np.ndarray`` of shape ``(H, W, 3)``, dtype ``uint8``, RGB
+channel order. Grayscale, grayscale+alpha, RGBA, palette, CMYK, 16-bit and float images are
+converted. Corrupt, truncated, empty and non-image files, and images above the pixel limit
+(decompression bombs), raise :class:`ImageReadError` whose message names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+"""File endings treated as images when scanning folders (case-insensitive)."""
+
+MAX_PIXELS = 50_000_000
+"""Largest accepted image (width x height); a single-cell crop is ~0.06 megapixels."""
+
+
+class ImageReadError(ValueError):
+    """An image file cannot be used; ``str(err)`` names the file and what to do."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True if ``path`` has one of :data:`IMAGE_EXTENSIONS`."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
+    """Convert a decoded array (gray, gray+alpha, RGB, RGBA; uint8/uint16/float) to RGB uint8.
+
+    Channel order of colour input is taken as RGB. Alpha is dropped (composited on white).
+    """
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.uint32) * 255 + 32767) // 65535
+        a = a.astype(np.uint8)
+    elif a.dtype in (np.int32, np.int64, np.int16):
+        hi = float(a.max()) if a.size else 1.0
+        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        a = np.clip(np.rint(a.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        hi = float(np.nanmax(a)) if a.size else 1.0
+        scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
+        a = np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    else:
+        raise ValueError(f"unsupported pixel type {a.dtype}")
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3:
+        raise ValueError(f"unsupported image shape {a.shape}")
+    c = a.shape[2]
+    if c == 2:  # gray + alpha
+        gray, alpha = a[:, :, 0], a[:, :, 1]
+        return np.repeat(_over_white(gray[:, :, None], alpha), 3, axis=2)
+    if c == 3:
+        return np.ascontiguousarray(a)
+    if c == 4:
+        return _over_white(a[:, :, :3], a[:, :, 3])
+    raise ValueError(f"unsupported number of channels: {c}")
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    w = alpha.astype(np.float32)[:, :, None] / 255.0
+    out = rgb.astype(np.float32) * w + 255.0 * (1.0 - w)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def decode_image(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
+    """Decode encoded image bytes to RGB uint8 (see module contract).
+
+    Raises:
+        ImageReadError: empty, not an image, truncated/corrupt, or too many pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) == 0:
+        raise ImageReadError(name, "file is empty (0 bytes); remove it or replace it with the image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageReadError(
+                    name,
+                    f"image is {w}x{h} = {w * h:,} pixels, above the {MAX_PIXELS:,} limit "
+                    "(possible decompression bomb); crop single cells before classifying",
+                )
+            im.load()  # full decode: raises on truncated data
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(name, "not a readable image file (unknown format); remove it") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(name, f"refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(name, f"corrupt or truncated image ({e}); re-export or remove it") from None
+
+    try:
+        return _pil_to_rgb(im, data)
+    except ValueError as e:
+        raise ImageReadError(name, f"cannot convert to RGB: {e}") from None
+
+
+def _pil_to_rgb(im, data: bytes) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Convert a loaded PIL image to RGB uint8, keeping 16-bit precision where PIL would clip."""
+    mode = im.mode
+    if mode in ("RGB",):
+        # 16-bit-per-channel PNG/TIFF: PIL reduces to 8 bit itself on some versions only; decode
+        # with OpenCV, which keeps the full depth, to scale correctly.
+        bits = im.info.get("bits") or getattr(im, "bits", 8)
+        if bits and bits > 8:
+            arr = _cv2_decode(data)
+            if arr is not None:
+                return to_rgb_uint8(arr)
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return to_rgb_uint8(np.asarray(im).astype(np.uint16))
+    if mode == "I":
+        arr = np.asarray(im)
+        return to_rgb_uint8(arr.astype(np.int64))
+    if mode == "F":
+        return to_rgb_uint8(np.asarray(im, dtype=np.float32))
+    if mode in ("L", "LA", "RGBA"):
+        return to_rgb_uint8(np.asarray(im))
+    if mode == "1":
+        return to_rgb_uint8(np.asarray(im.convert("L")))
+    if mode in ("P", "PA"):
+        return to_rgb_uint8(np.asarray(im.convert("RGBA")))
+    # CMYK, YCbCr, LAB, HSV, ...
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _cv2_decode(data: bytes) -> np.ndarray | None:
+    import cv2
+
+    buf = np.frombuffer(data, dtype=np.uint8)
+    arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        return None
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = arr[:, :, ::-1]
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, [2, 1, 0, 3]]
+    return arr
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB, HWC, uint8.
+
+    Raises:
+        ImageReadError: missing, unreadable, empty, non-image, truncated, or too large.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(p, "file not found; check the path") from None
+    except IsADirectoryError:
+        raise ImageReadError(p, "is a folder, not an image file") from None
+    except OSError as e:
+        raise ImageReadError(p, f"cannot read file ({e.strerror}); check its permissions") from None
+    return decode_image(data, p)
