@@ -1,0 +1,306 @@
+"""Classification metrics on integer labels: scores, bootstrap CIs, focus-class block, calibration.
+
+Pure numpy / scikit-learn (no torch). Labels are integer indices into a ``classes`` list; every
+function returns plain Python numbers so results go straight into ``metrics.json``.
+
+Conventions (the same everywhere, so point estimates and their CIs agree):
+
+* every class of ``classes`` is scored, also one with no sample (``labels=range(len(classes))``);
+* a ratio with a zero denominator (precision of a never-predicted class, recall of a class with no
+  sample) is 0, as scikit-learn's ``zero_division=0``;
+* macro averages are plain means over all classes of ``classes``, so a class with no sample counts
+  as F1 = 0; ``balanced_accuracy`` is the mean recall over the classes that have samples
+  (scikit-learn's definition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+__all__ = [
+    "bootstrap_ci",
+    "classification_metrics",
+    "expected_calibration_error",
+    "focus_class_block",
+    "top_k_accuracy",
+]
+
+
+def _labels(y: ArrayLike, name: str, n_classes: int) -> NDArray[np.int64]:
+    """``y`` as a 1-D int64 array whose values index ``n_classes`` classes; else a clear error."""
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of class indices, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer):
+        integral = True
+    elif np.issubdtype(arr.dtype, np.floating):
+        integral = bool(np.all(np.isfinite(arr)) and np.all(np.mod(arr, 1) == 0))
+    else:
+        integral = arr.size == 0
+    if not integral:
+        raise ValueError(
+            f"{name} must hold integer class indices (not names or scores), got dtype {arr.dtype}"
+        )
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        bad = arr[(arr < 0) | (arr >= n_classes)][0]
+        raise ValueError(
+            f"{name} holds class index {int(bad)}, outside 0..{n_classes - 1} for {n_classes} "
+            "classes; pass the full class list in model order"
+        )
+    return arr
+
+
+def _pair(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> tuple[NDArray, NDArray]:
+    if n_classes < 1:
+        raise ValueError("at least one class is needed to score predictions")
+    t = _labels(y_true, "y_true", n_classes)
+    p = _labels(y_pred, "y_pred", n_classes)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}; they must match")
+    if t.size == 0:
+        raise ValueError("no sample to score: y_true and y_pred are empty")
+    return t, p
+
+
+def _safe_div(num: NDArray, den: NDArray) -> NDArray:
+    """``num / den`` elementwise, 0 where ``den == 0``."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def classification_metrics(
+    y_true: ArrayLike, y_pred: ArrayLike, classes: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro/weighted F1, per-class scores and the confusion matrix.
+
+    Args:
+        y_true: true class indices, shape (n,).
+        y_pred: predicted class indices, shape (n,).
+        classes: class names in index order (the model's order).
+
+    Returns:
+        ``{"accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision",
+        "macro_recall", "n", "per_class": {name: {"precision", "recall", "f1", "support"}},
+        "confusion_matrix": [[...]] (rows = true, columns = predicted, in ``classes`` order),
+        "classes": [...]}``; plain Python floats and ints.
+
+    Raises:
+        ValueError: empty input, mismatched lengths or an index outside ``classes``.
+    """
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    t, p = _pair(y_true, y_pred, k)
+    labels = np.arange(k)
+    prec, rec, f1, support = precision_recall_fscore_support(
+        t, p, labels=labels, average=None, zero_division=0
+    )
+    cm = confusion_matrix(t, p, labels=labels)
+    n = int(t.size)
+    present = support > 0
+    return {
+        "accuracy": float(np.trace(cm) / n),
+        "balanced_accuracy": float(rec[present].mean()),
+        "macro_f1": float(f1.mean()),
+        "weighted_f1": float(np.average(f1, weights=support)),
+        "macro_precision": float(prec.mean()),
+        "macro_recall": float(rec.mean()),
+        "n": n,
+        "per_class": {
+            c: {
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": cm.astype(int).tolist(),
+        "classes": classes,
+    }
+
+
+def _accuracy_macro_f1(counts: NDArray) -> tuple[NDArray, NDArray]:
+    """Accuracy and macro-F1 of a stack of confusion matrices ``(..., k, k)`` (rows = true).
+
+    Vectorised: ``F1_c = 2 TP / (2 TP + FP + FN)``, 0 when the denominator is 0, averaged over
+    all k classes (scikit-learn's ``f1_score(average="macro", labels=range(k), zero_division=0)``).
+    """
+    counts = np.asarray(counts)
+    tp = np.diagonal(counts, axis1=-2, axis2=-1)
+    fn = counts.sum(axis=-1) - tp
+    fp = counts.sum(axis=-2) - tp
+    n = counts.sum(axis=(-2, -1))
+    acc = _safe_div(tp.sum(axis=-1), n)
+    macro_f1 = _safe_div(2 * tp, 2 * tp + fp + fn).mean(axis=-1)
+    return acc, macro_f1
+
+
+def bootstrap_ci(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    n_classes: int,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Percentile-bootstrap confidence intervals of accuracy and macro-F1.
+
+    Resampling n samples with replacement only changes how many samples fall in each cell of the
+    confusion matrix, and those counts are multinomial(n, cm / n). The resampled confusion
+    matrices are therefore drawn directly (``numpy.random.Generator.multinomial``), which is the
+    same distribution as resampling the samples and costs O(n_boot * n_classes**2), independent
+    of n. Macro-F1 follows :func:`classification_metrics` (all ``n_classes`` classes, 0 for a
+    zero denominator).
+
+    Args:
+        y_true: true class indices, shape (n,).
+        y_pred: predicted class indices, shape (n,).
+        n_classes: number of classes (the length of the model's class list).
+        n_boot: number of bootstrap resamples.
+        seed: seed of the resampling generator (same seed, same interval).
+        alpha: 1 - confidence level (0.05 gives a 95% interval).
+
+    Returns:
+        ``{"accuracy": [lo, hi], "macro_f1": [lo, hi], "n_boot": n_boot, "alpha": alpha}``.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be between 0 and 1 (0.05 for a 95% interval), got {alpha}")
+    t, p = _pair(y_true, y_pred, n_classes)
+    k = n_classes
+    n = t.size
+    cells = np.bincount(t * k + p, minlength=k * k)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, cells / n, size=n_boot).reshape(n_boot, k, k)
+    acc, macro_f1 = _accuracy_macro_f1(counts)
+    q = [alpha / 2, 1 - alpha / 2]
+    return {
+        "accuracy": [float(v) for v in np.quantile(acc, q)],
+        "macro_f1": [float(v) for v in np.quantile(macro_f1, q)],
+        "n_boot": int(n_boot),
+        "alpha": float(alpha),
+    }
+
+
+def focus_class_block(
+    metrics: dict[str, Any], focus: str, *, top: int = 3
+) -> dict[str, Any] | None:
+    """One class seen on its own (the paper's HAC block): one-vs-rest scores and main confusions.
+
+    Args:
+        metrics: a :func:`classification_metrics` result.
+        focus: the class name to describe.
+        top: how many confused classes to list in each direction.
+
+    Returns:
+        ``None`` when ``focus`` is not among ``metrics["classes"]``; otherwise ``{"class",
+        "precision", "recall", "sensitivity" (= recall), "specificity", "f1", "support",
+        "predicted" (samples predicted as the focus class), "tp", "fp", "fn", "tn",
+        "confused_as": [{"class", "count"}] (true focus predicted as another class),
+        "confused_from": [{"class", "count"}] (another class predicted as focus)}``; the lists
+        hold at most ``top`` classes with a non-zero count, most frequent first.
+    """
+    classes = list(metrics["classes"])
+    if focus not in classes:
+        return None
+    i = classes.index(focus)
+    cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
+    tp = int(cm[i, i])
+    fn = int(cm[i].sum() - tp)
+    fp = int(cm[:, i].sum() - tp)
+    tn = int(cm.sum() - tp - fn - fp)
+    pc = metrics["per_class"][focus]
+
+    def most(counts: NDArray) -> list[dict[str, Any]]:
+        others = [(int(counts[j]), j) for j in range(len(classes)) if j != i and counts[j] > 0]
+        others.sort(key=lambda cj: (-cj[0], cj[1]))
+        return [{"class": classes[j], "count": c} for c, j in others[:top]]
+
+    return {
+        "class": focus,
+        "precision": float(pc["precision"]),
+        "recall": float(pc["recall"]),
+        "sensitivity": float(pc["recall"]),
+        "specificity": float(_safe_div(np.array(tn), np.array(tn + fp))),
+        "f1": float(pc["f1"]),
+        "support": int(pc["support"]),
+        "predicted": tp + fp,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "confused_as": most(cm[i]),
+        "confused_from": most(cm[:, i]),
+    }
+
+
+def _probs(probs: ArrayLike, y_true: ArrayLike) -> tuple[NDArray, NDArray]:
+    pr = np.asarray(probs, dtype=np.float64)
+    if pr.ndim != 2:
+        raise ValueError(f"probs must have shape (n_samples, n_classes), got {pr.shape}")
+    t = _labels(y_true, "y_true", pr.shape[1])
+    if t.size != pr.shape[0]:
+        raise ValueError(f"probs has {pr.shape[0]} rows but y_true has {t.size} labels")
+    if t.size == 0:
+        raise ValueError("no sample to score: probs and y_true are empty")
+    return pr, t
+
+
+def expected_calibration_error(probs: ArrayLike, y_true: ArrayLike, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-1 prediction (Guo et al. 2017).
+
+    Confidences (the highest probability of each row) are put in ``n_bins`` equal-width bins
+    ``(lo, hi]`` of [0, 1]; ECE is the sample-weighted mean of ``|accuracy - mean confidence|``
+    over the bins.
+
+    Args:
+        probs: class probabilities, shape (n, k).
+        y_true: true class indices, shape (n,).
+        n_bins: number of confidence bins.
+
+    Returns:
+        ECE in [0, 1].
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    pr, t = _probs(probs, y_true)
+    conf = pr.max(axis=1)
+    correct = (pr.argmax(axis=1) == t).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges[1:-1], conf, side="left"), 0, n_bins - 1)
+    gap = np.abs(
+        np.bincount(bins, weights=correct, minlength=n_bins)
+        - np.bincount(bins, weights=conf, minlength=n_bins)
+    )
+    # |sum(correct) - sum(conf)| / n over a bin B equals |B|/n * |acc(B) - conf(B)|
+    return float(gap.sum() / t.size)
+
+
+def top_k_accuracy(probs: ArrayLike, y_true: ArrayLike, k: int = 5) -> float:
+    """Share of samples whose true class is among the ``k`` most probable classes.
+
+    Ties are counted in the sample's favour: the true class is a hit when fewer than ``k``
+    classes have a strictly higher probability.
+
+    Args:
+        probs: class probabilities (or logits), shape (n, n_classes).
+        y_true: true class indices, shape (n,).
+        k: how many top classes count as a hit (k >= n_classes gives 1.0).
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    pr, t = _probs(probs, y_true)
+    true_score = pr[np.arange(t.size), t]
+    rank = (pr > true_score[:, None]).sum(axis=1)
+    return float(np.mean(rank < k))

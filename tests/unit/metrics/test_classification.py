@@ -1,0 +1,219 @@
+"""Metrics against hand-computed values; bootstrap, focus block, calibration, top-k."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+from marrowscope.metrics import (
+    bootstrap_ci,
+    classification_metrics,
+    expected_calibration_error,
+    focus_class_block,
+    top_k_accuracy,
+)
+from marrowscope.metrics.classification import _accuracy_macro_f1
+
+# 3 classes, 10 samples. Confusion matrix (rows true, cols predicted):
+#   A: [3, 1, 0]   B: [0, 2, 1]   C: [0, 1, 2]
+Y_TRUE = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+Y_PRED = [0, 0, 0, 1, 1, 1, 2, 2, 2, 1]
+CLASSES = ["A", "B", "C"]
+# precision A 3/3, B 2/4, C 2/3; recall A 3/4, B 2/3, C 2/3
+# F1 A 6/7, B 4/7, C 2/3
+MACRO_F1 = (6 / 7 + 4 / 7 + 2 / 3) / 3  # 44/63
+WEIGHTED_F1 = (4 * 6 / 7 + 3 * 4 / 7 + 3 * 2 / 3) / 10  # 5/7
+MACRO_PRECISION = (1 + 1 / 2 + 2 / 3) / 3  # 13/18
+MACRO_RECALL = (3 / 4 + 2 / 3 + 2 / 3) / 3  # 25/36
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    m = classification_metrics(Y_TRUE, Y_PRED, CLASSES)
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["macro_f1"] == pytest.approx(44 / 63)
+    assert m["macro_f1"] == pytest.approx(MACRO_F1)
+    assert m["weighted_f1"] == pytest.approx(5 / 7)
+    assert m["weighted_f1"] == pytest.approx(WEIGHTED_F1)
+    assert m["macro_precision"] == pytest.approx(MACRO_PRECISION)
+    assert m["macro_recall"] == pytest.approx(MACRO_RECALL)
+    assert m["balanced_accuracy"] == pytest.approx(25 / 36)
+    assert m["n"] == 10
+    assert m["classes"] == CLASSES
+    assert m["confusion_matrix"] == [[3, 1, 0], [0, 2, 1], [0, 1, 2]]
+    assert m["per_class"]["A"] == pytest.approx(
+        {"precision": 1.0, "recall": 0.75, "f1": 6 / 7, "support": 4}
+    )
+    assert m["per_class"]["B"] == pytest.approx(
+        {"precision": 0.5, "recall": 2 / 3, "f1": 4 / 7, "support": 3}
+    )
+    assert m["per_class"]["C"]["f1"] == pytest.approx(2 / 3)
+
+
+def test_metrics_are_plain_python_and_json_serialisable() -> None:
+    m = classification_metrics(np.array(Y_TRUE), np.array(Y_PRED, dtype=np.int32), CLASSES)
+    assert json.loads(json.dumps(m)) == m
+    assert type(m["accuracy"]) is float
+    assert type(m["n"]) is int
+    assert type(m["per_class"]["A"]["support"]) is int
+    assert all(type(v) is int for row in m["confusion_matrix"] for v in row)
+
+
+def test_zero_support_class_still_appears() -> None:
+    m = classification_metrics(Y_TRUE, Y_PRED, [*CLASSES, "D"])
+    assert m["per_class"]["D"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert m["confusion_matrix"] == [[3, 1, 0, 0], [0, 2, 1, 0], [0, 1, 2, 0], [0, 0, 0, 0]]
+    # macro average over all 4 classes (D counts as 0); balanced accuracy over classes present
+    assert m["macro_f1"] == pytest.approx(MACRO_F1 * 3 / 4)
+    assert m["balanced_accuracy"] == pytest.approx(25 / 36)
+    assert m["accuracy"] == pytest.approx(0.7)
+
+
+def test_zero_support_class_that_is_predicted_has_zero_precision() -> None:
+    pred = [*Y_PRED[:-1], 3]  # last C sample predicted as D
+    m = classification_metrics(Y_TRUE, pred, [*CLASSES, "D"])
+    assert m["per_class"]["D"]["precision"] == 0.0
+    assert m["per_class"]["D"]["support"] == 0
+    assert m["confusion_matrix"][2] == [0, 0, 2, 1]
+
+
+def test_balanced_accuracy_matches_sklearn_on_random_data() -> None:
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 6, 300), rng.integers(0, 6, 300)
+    m = classification_metrics(y, p, list("abcdef"))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
+
+
+@pytest.mark.parametrize(
+    ("y_true", "y_pred", "match"),
+    [
+        ([0, 1], [0], "must match"),
+        ([], [], "no sample"),
+        ([0, 3], [0, 1], "class index 3"),
+        ([0, -1], [0, 1], "class index -1"),
+        (["A", "B"], [0, 1], "integer class indices"),
+        ([0.5, 1.0], [0, 1], "integer class indices"),
+    ],
+)
+def test_bad_labels_raise_clear_errors(y_true, y_pred, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        classification_metrics(y_true, y_pred, CLASSES)
+
+
+def test_vectorised_macro_f1_equals_sklearn_on_random_data() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        k = int(rng.integers(2, 8))
+        n = int(rng.integers(1, 60))
+        y, p = rng.integers(0, k, n), rng.integers(0, k, n)
+        counts = np.bincount(y * k + p, minlength=k * k).reshape(k, k)
+        acc, f1 = _accuracy_macro_f1(counts[None])
+        expected = f1_score(y, p, labels=range(k), average="macro", zero_division=0)
+        assert f1[0] == pytest.approx(expected), trial
+        assert acc[0] == pytest.approx(np.mean(y == p))
+
+
+def test_bootstrap_ci_contains_estimate_and_is_reproducible() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 500)
+    p = np.where(rng.random(500) < 0.7, y, rng.integers(0, 4, 500))
+    m = classification_metrics(y, p, list("abcd"))
+    ci = bootstrap_ci(y, p, 4, n_boot=500, seed=7)
+    assert ci["n_boot"] == 500 and ci["alpha"] == 0.05
+    for key in ("accuracy", "macro_f1"):
+        lo, hi = ci[key]
+        assert lo < m[key] < hi
+        assert hi - lo < 0.2
+    assert bootstrap_ci(y, p, 4, n_boot=500, seed=7) == ci
+    assert bootstrap_ci(y, p, 4, n_boot=500, seed=8) != ci
+    narrow = bootstrap_ci(y, p, 4, n_boot=500, seed=7, alpha=0.5)
+    assert narrow["accuracy"][1] - narrow["accuracy"][0] < ci["accuracy"][1] - ci["accuracy"][0]
+    assert json.loads(json.dumps(ci)) == ci
+
+
+def test_bootstrap_matches_resampling_the_samples() -> None:
+    """Drawing confusion counts from a multinomial has the spread of resampling the samples."""
+    rng = np.random.default_rng(2)
+    n, k = 200, 3
+    y = rng.integers(0, k, n)
+    p = np.where(rng.random(n) < 0.6, y, rng.integers(0, k, n))
+    idx = rng.integers(0, n, size=(4000, n))
+    naive_acc = (y[idx] == p[idx]).mean(axis=1)
+    naive = np.quantile(naive_acc, [0.025, 0.975])
+    ci = bootstrap_ci(y, p, k, n_boot=4000, seed=0)
+    assert ci["accuracy"] == pytest.approx(naive, abs=0.02)
+
+
+def test_bootstrap_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_ci(Y_TRUE, Y_PRED, 3, n_boot=0)
+    with pytest.raises(ValueError, match="alpha"):
+        bootstrap_ci(Y_TRUE, Y_PRED, 3, alpha=1.5)
+
+
+def test_focus_block_by_hand() -> None:
+    m = classification_metrics(Y_TRUE, Y_PRED, CLASSES)
+    b = focus_class_block(m, "B")
+    assert b is not None
+    # B: TP 2, FN 1 (B->C), FP 2 (A->B, C->B), TN 10 - 5 = 5
+    assert (b["tp"], b["fn"], b["fp"], b["tn"]) == (2, 1, 2, 5)
+    assert b["specificity"] == pytest.approx(5 / 7)
+    assert b["precision"] == pytest.approx(0.5)
+    assert b["recall"] == b["sensitivity"] == pytest.approx(2 / 3)
+    assert b["f1"] == pytest.approx(4 / 7)
+    assert b["support"] == 3
+    assert b["predicted"] == 4
+    assert b["class"] == "B"
+    assert b["confused_as"] == [{"class": "C", "count": 1}]
+    assert b["confused_from"] == [{"class": "A", "count": 1}, {"class": "C", "count": 1}]
+    a = focus_class_block(m, "A")
+    assert a is not None and a["specificity"] == pytest.approx(
+        1.0
+    )  # nothing predicted as A wrongly
+    assert a["confused_from"] == []
+
+
+def test_focus_block_lists_top_three_most_frequent_first() -> None:
+    # true class 0 predicted as 1 (x1), 2 (x4), 3 (x2), 4 (x3)
+    y = [0] * 10 + [1, 2, 3, 4]
+    p = [1, 2, 2, 2, 2, 3, 3, 4, 4, 4, 1, 2, 3, 4]
+    b = focus_class_block(classification_metrics(y, p, list("vwxyz")), "v")
+    assert b is not None
+    assert [(c["class"], c["count"]) for c in b["confused_as"]] == [("x", 4), ("z", 3), ("y", 2)]
+
+
+def test_focus_block_absent_class_is_none() -> None:
+    m = classification_metrics(Y_TRUE, Y_PRED, CLASSES)
+    assert focus_class_block(m, "HAC") is None
+
+
+def test_ece_of_perfectly_calibrated_one_hot_is_zero() -> None:
+    y = np.array([0, 1, 2, 1, 0])
+    probs = np.eye(3)[y]
+    assert expected_calibration_error(probs, y) == 0.0
+
+
+def test_ece_by_hand() -> None:
+    # 5 samples at confidence 0.8 with 3 correct (gap 0.2), 5 at 0.6 with 3 correct (gap 0).
+    probs = np.array([[0.8, 0.2]] * 5 + [[0.4, 0.6]] * 5)
+    y = np.array([0, 0, 0, 1, 1] + [1, 1, 1, 0, 0])
+    assert expected_calibration_error(probs, y, n_bins=10) == pytest.approx(0.5 * 0.2)
+    # one bin: |accuracy 0.6 - mean confidence 0.7|
+    assert expected_calibration_error(probs, y, n_bins=1) == pytest.approx(0.1)
+
+
+def test_ece_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="rows"):
+        expected_calibration_error(np.ones((3, 2)) / 2, [0, 1])
+
+
+def test_top_k_accuracy_by_hand() -> None:
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    y = [0, 1, 0, 2]  # true class ranks: 1st, 2nd, 3rd, 3rd
+    assert top_k_accuracy(probs, y, k=1) == pytest.approx(0.25)
+    assert top_k_accuracy(probs, y, k=2) == pytest.approx(0.5)
+    assert top_k_accuracy(probs, y, k=3) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="k must"):
+        top_k_accuracy(probs, y, k=0)
