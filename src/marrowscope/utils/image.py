@@ -9,6 +9,7 @@ converted. Corrupt, truncated, empty and non-image files, and images above the p
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -92,7 +93,9 @@ def decode_image(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if len(data) == 0:
-        raise ImageReadError(name, "file is empty (0 bytes); remove it or replace it with the image")
+        raise ImageReadError(
+            name, "file is empty (0 bytes); remove it or replace it with the image"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -104,33 +107,53 @@ def decode_image(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
                     f"image is {w}x{h} = {w * h:,} pixels, above the {MAX_PIXELS:,} limit "
                     "(possible decompression bomb); crop single cells before classifying",
                 )
+            high_depth = _is_high_depth_colour(im)
             im.load()  # full decode: raises on truncated data
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(name, "not a readable image file (unknown format); remove it") from None
+        raise ImageReadError(
+            name, "not a readable image file (unknown format); remove it"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageReadError(name, f"refused as a possible decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(name, f"corrupt or truncated image ({e}); re-export or remove it") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
+        # Pillow's decoders report damaged files with any of these.
+        raise ImageReadError(
+            name, f"corrupt or truncated image ({e}); re-export or remove it"
+        ) from None
 
     try:
-        return _pil_to_rgb(im, data)
+        return _pil_to_rgb(im, data, high_depth=high_depth)
     except ValueError as e:
         raise ImageReadError(name, f"cannot convert to RGB: {e}") from None
 
 
-def _pil_to_rgb(im, data: bytes) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _is_high_depth_colour(im) -> bool:  # type: ignore[no-untyped-def]
+    """True for a 16-bit-per-channel colour file (PNG/TIFF), which Pillow opens as 8-bit RGB(A).
+
+    Must be called before ``im.load()`` (the tile list, which names the raw mode, is cleared then).
+    """
+    if im.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in getattr(im, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args if isinstance(args, str) else (args[0] if args else None)
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
+
+
+def _pil_to_rgb(im, data: bytes, *, high_depth: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
     """Convert a loaded PIL image to RGB uint8, keeping 16-bit precision where PIL would clip."""
     mode = im.mode
-    if mode in ("RGB",):
-        # 16-bit-per-channel PNG/TIFF: PIL reduces to 8 bit itself on some versions only; decode
-        # with OpenCV, which keeps the full depth, to scale correctly.
-        bits = im.info.get("bits") or getattr(im, "bits", 8)
-        if bits and bits > 8:
-            arr = _cv2_decode(data)
-            if arr is not None:
-                return to_rgb_uint8(arr)
+    if high_depth:
+        # 16-bit-per-channel PNG/TIFF: Pillow drops the low byte (truncates); decode with
+        # OpenCV, which keeps the full depth, so the scaling to 8 bit rounds correctly.
+        arr = _cv2_decode(data)
+        if arr is not None and arr.ndim == 3 and arr.shape[:2] == (im.height, im.width):
+            return to_rgb_uint8(arr)
+    if mode == "RGB":
         return np.asarray(im, dtype=np.uint8).copy()
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return to_rgb_uint8(np.asarray(im).astype(np.uint16))

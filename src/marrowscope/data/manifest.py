@@ -1,0 +1,223 @@
+"""Manifests: one row per image (path, label, split, group), built from a scan or read from CSV.
+
+:func:`build_manifest` applies the paper's subset rules (chosen classes in a given order, a seeded
+cap per class, a minimum per class). A manifest CSV has a header with at least ``path`` and
+``label``; ``split`` (train/val/test) and ``group`` (patient/slide id) are optional.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from marrowscope.data import DataError
+from marrowscope.data.scan import ScanResult
+from marrowscope.utils.io import atomic_write_text
+
+SPLIT_NAMES = ("train", "val", "test")
+MANIFEST_COLUMNS = ("path", "label", "split", "group")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One image: absolute ``path``, class ``label``, optional ``split`` and ``group``."""
+
+    path: str
+    label: str
+    split: str | None = None
+    group: str | None = None
+
+
+def class_rng(seed: int, name: str) -> np.random.Generator:
+    """A generator seeded by ``seed`` and the class name.
+
+    Each class gets its own stream, so a class's draw does not change when other classes are
+    added, removed or reordered.
+    """
+    return np.random.default_rng([int(seed) % 2**63, zlib.crc32(name.encode("utf-8"))])
+
+
+def build_manifest(
+    scan: ScanResult,
+    *,
+    classes: Sequence[str] | None = None,
+    max_per_class: int | None = None,
+    min_per_class: int = 1,
+    seed: int = 0,
+) -> list[ManifestRow]:
+    """Select the images to use from a scan (the paper's subset rules).
+
+    Args:
+        scan: result of :func:`~marrowscope.data.scan.scan_folder`.
+        classes: classes to keep, in this order; ``None`` keeps every class folder (sorted).
+        max_per_class: keep at most this many images per class, drawn at random with
+            :func:`class_rng` (``seed``, class name); ``None`` keeps all.
+        min_per_class: a class with fewer usable images is an error.
+        seed: seed of the draw.
+
+    Returns:
+        Rows sorted by (class order, path), paths absolute, no split yet.
+
+    Raises:
+        DataError: a requested class is missing, a class folder is empty, a class has fewer than
+            ``min_per_class`` images, or an argument is out of range.
+    """
+    if max_per_class is not None and max_per_class < 1:
+        raise DataError(
+            f"max_per_class must be >= 1 (or unset for no cap), got {max_per_class}; "
+            "fix --max-per-class / data.max_per_class"
+        )
+    if min_per_class < 0:
+        raise DataError(f"min_per_class must be >= 0, got {min_per_class}; fix data.min_per_class")
+    available = list(scan.counts)
+    if classes is None:
+        chosen = available
+        fix_empty = "delete the folder or list the classes to keep with --classes / data.classes"
+    else:
+        chosen = list(classes)
+        if not chosen:
+            raise DataError(
+                "the class list is empty; name at least one class in --classes / data.classes "
+                f"(available in {scan.root}: {', '.join(available)})"
+            )
+        dupes = sorted({c for c in chosen if chosen.count(c) > 1})
+        if dupes:
+            raise DataError(
+                f"class {dupes[0]} is listed twice in --classes / data.classes; list it once"
+            )
+        missing = [c for c in chosen if c not in scan.counts]
+        if missing:
+            raise DataError(
+                f"class {missing[0]} was asked for but there is no folder "
+                f"{scan.root / missing[0]}; "
+                f"available classes: {', '.join(available)} (fix --classes / data.classes)"
+            )
+        fix_empty = "remove it from --classes / data.classes"
+
+    rows: list[ManifestRow] = []
+    for name in chosen:
+        files = scan.files[name]
+        n = len(files)
+        if n == 0:
+            raise DataError(f"class {name} has no usable image in {scan.root / name}; {fix_empty}")
+        if n < min_per_class:
+            raise DataError(
+                f"class {name} has only {n} usable image(s), fewer than min_per_class="
+                f"{min_per_class}; lower it with --min-per-class {n} / data.min_per_class, or drop "
+                "the class from --classes / data.classes"
+            )
+        picked = [Path(os.path.abspath(p)) for p in files]
+        if max_per_class is not None and n > max_per_class:
+            idx = class_rng(seed, name).choice(n, size=max_per_class, replace=False)
+            picked = [picked[i] for i in sorted(idx.tolist())]
+        rows.extend(ManifestRow(path=str(p), label=name) for p in sorted(picked))
+    return rows
+
+
+def _clean(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def read_manifest(path: str | Path, *, group_column: str | None = None) -> list[ManifestRow]:
+    """Read a manifest CSV.
+
+    Args:
+        path: CSV with a header row; required columns ``path`` and ``label``; optional
+            ``split`` (train/val/test, empty = none) and ``group``. Other columns are ignored.
+            Relative image paths are resolved against the CSV's folder.
+        group_column: column to read into :attr:`ManifestRow.group` (e.g. ``"patient"``);
+            default ``"group"`` if present.
+
+    Raises:
+        DataError: the file is missing or empty, a column is missing, a row lacks a path or
+            label, a split value is unknown, or a path appears twice. The message names the
+            file, the line and the fix.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"manifest {p} does not exist; check the path (data.manifest)")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"manifest {p} is not UTF-8 text ({e}); save it as UTF-8 CSV") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if not header or not any(header):
+        raise DataError(
+            f"manifest {p} is empty; it needs a header line 'path,label[,split][,group]'"
+        )
+    reader.fieldnames = header
+    for col in ("path", "label"):
+        if col not in header:
+            raise DataError(
+                f"manifest {p} line 1: no '{col}' column (header: {','.join(header)}); the header "
+                "must name at least the columns path,label"
+            )
+    gcol = group_column or "group"
+    if group_column is not None and group_column not in header:
+        raise DataError(
+            f"manifest {p} line 1: no '{group_column}' column for the groups (header: "
+            f"{','.join(header)}); add it or fix data.split.group_column"
+        )
+    base = p.parent.absolute()
+    rows: list[ManifestRow] = []
+    seen: dict[str, int] = {}
+    for rec in reader:
+        line = reader.line_num
+        if all(_clean(v) is None for v in rec.values() if isinstance(v, str)):
+            continue  # blank line
+        img = _clean(rec.get("path"))
+        label = _clean(rec.get("label"))
+        if img is None or label is None:
+            what = "path" if img is None else "label"
+            raise DataError(f"manifest {p} line {line}: empty {what}; fill it in or delete the row")
+        split = _clean(rec.get("split"))
+        if split is not None:
+            split = split.lower()
+            if split not in SPLIT_NAMES:
+                raise DataError(
+                    f"manifest {p} line {line}: unknown split {split!r}; use train, val or test "
+                    "(or leave it empty to split automatically)"
+                )
+        img_path = Path(img).expanduser()
+        if not img_path.is_absolute():
+            img_path = base / img_path
+        full = os.path.normpath(img_path)
+        if full in seen:
+            raise DataError(
+                f"manifest {p} line {line}: {full} is already listed on line {seen[full]}; "
+                "list each image once"
+            )
+        seen[full] = line
+        rows.append(ManifestRow(path=full, label=label, split=split, group=_clean(rec.get(gcol))))
+    if not rows:
+        raise DataError(f"manifest {p} has a header but no rows; add one line per image")
+    return rows
+
+
+def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> None:
+    """Write ``rows`` atomically as CSV with the columns path,label,split,group."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for r in rows:
+        writer.writerow([r.path, r.label, r.split or "", r.group or ""])
+    atomic_write_text(Path(path), buf.getvalue())
+
+
+def class_names(rows: Iterable[ManifestRow]) -> list[str]:
+    """Labels in order of first appearance."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        seen.setdefault(r.label, None)
+    return list(seen)

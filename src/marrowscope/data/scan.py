@@ -1,0 +1,210 @@
+"""Scan a folder-per-class image tree: classes, usable files, sizes, unreadable and ignored files.
+
+Layout: ``root/<CLASS>/**/<image>``. Classes are the immediate, non-hidden sub-folders of
+``root`` (sorted); each class's images are found recursively, so the TCIA layout
+``BLA/0001-1000/BLA_00001.jpg`` works. Hidden files and folders (and ``__MACOSX``) are skipped;
+files directly in ``root`` and non-image files are reported as ``ignored``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from marrowscope.data import DataError
+from marrowscope.preprocess.cache import make_progress, process_context, resolve_workers
+from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
+
+POOL_MIN_FILES = 64
+"""Below this many files the image check runs in-process (a pool costs more than it saves)."""
+
+_SKIP_DIRS = {"__MACOSX"}
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What :func:`scan_folder` found.
+
+    Attributes:
+        root: the scanned folder.
+        counts: usable images per class (every class folder, sorted; 0 for empty ones).
+        files: usable image paths per class, sorted.
+        sizes: ``(width, height) -> number of images`` (only with ``check_images=True``).
+        unreadable: ``(path, message)`` of image files that cannot be used.
+        empty_classes: class folders without a usable image.
+        ignored: non-image files, and files directly in ``root``.
+    """
+
+    root: Path
+    counts: dict[str, int]
+    files: dict[str, list[Path]]
+    sizes: dict[tuple[int, int], int]
+    unreadable: list[tuple[Path, str]]
+    empty_classes: list[str]
+    ignored: list[Path]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names (sorted folder names)."""
+        return list(self.counts)
+
+    @property
+    def total(self) -> int:
+        """Usable images over all classes."""
+        return sum(self.counts.values())
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in _SKIP_DIRS
+
+
+def _layout_hint(root: Path) -> str:
+    return (
+        f"expected one sub-folder per class, e.g. {root / 'BLA' / 'BLA_00001.jpg'} "
+        f"(images: {', '.join(IMAGE_EXTENSIONS)}; nested sub-folders allowed)"
+    )
+
+
+def _list_class(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Image files and other files below ``folder`` (recursive, hidden entries skipped)."""
+    images: list[Path] = []
+    others: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for name in filenames:
+            if _hidden(name):
+                continue
+            p = Path(dirpath) / name
+            (images if is_image_file(name) else others).append(p)
+    return sorted(images), sorted(others)
+
+
+def _check_file(path: str) -> tuple[str, tuple[int, int] | None, str | None]:
+    """Decode ``path`` fully: ``(path, (width, height), None)`` or ``(path, None, message)``."""
+    try:
+        arr = read_image(path)
+    except ImageReadError as e:
+        return path, None, str(e)
+    return path, (int(arr.shape[1]), int(arr.shape[0])), None
+
+
+def _check_files(
+    paths: list[Path], workers: int, progress: bool
+) -> dict[str, tuple[tuple[int, int] | None, str | None]]:
+    results: dict[str, tuple[tuple[int, int] | None, str | None]] = {}
+    n_workers = min(resolve_workers(workers), max(1, len(paths)))
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task("Checking images", total=len(paths))
+        if n_workers <= 1 or len(paths) < POOL_MIN_FILES:
+            for p in paths:
+                path, size, err = _check_file(str(p))
+                results[path] = (size, err)
+                bar.advance(task)
+        else:
+            ctx = process_context()
+            chunk = max(1, min(256, len(paths) // (n_workers * 4)))
+            with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+                for path, size, err in pool.map(_check_file, map(str, paths), chunksize=chunk):
+                    results[path] = (size, err)
+                    bar.advance(task)
+    return results
+
+
+def scan_folder(
+    root: str | Path,
+    *,
+    check_images: bool = True,
+    workers: int = 0,
+    progress: bool = True,
+) -> ScanResult:
+    """Find the classes and images of a folder-per-class tree.
+
+    Args:
+        root: folder with one sub-folder per class.
+        check_images: decode every image (finds unreadable files, gathers sizes); without it
+            only empty (0-byte) files are reported unreadable.
+        workers: processes for the image check; 0 = one per CPU core, 1 = in-process.
+        progress: show a progress bar while checking.
+
+    Raises:
+        DataError: ``root`` does not exist, is not a folder, or has no class sub-folders.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; {_layout_hint(root)}")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a folder; {_layout_hint(root)}")
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    class_dirs = [p for p in entries if p.is_dir() and not _hidden(p.name)]
+    if not class_dirs:
+        raise DataError(f"data folder {root} has no class sub-folders; {_layout_hint(root)}")
+    ignored = [p for p in entries if not p.is_dir() and not _hidden(p.name)]
+
+    found: dict[str, list[Path]] = {}
+    for d in class_dirs:
+        images, others = _list_class(d)
+        found[d.name] = images
+        ignored.extend(others)
+
+    unreadable: list[tuple[Path, str]] = []
+    sizes: dict[tuple[int, int], int] = {}
+    if check_images:
+        checked = _check_files([p for ps in found.values() for p in ps], workers, progress)
+    else:
+        checked = {}
+        for ps in found.values():
+            for p in ps:
+                if p.stat().st_size == 0:
+                    checked[str(p)] = (
+                        None,
+                        f"{p}: file is empty (0 bytes); remove it or replace it with the image",
+                    )
+
+    files: dict[str, list[Path]] = {}
+    for name, ps in found.items():
+        usable = []
+        for p in ps:
+            size, err = checked.get(str(p), (None, None))
+            if err is not None:
+                unreadable.append((p, err))
+                continue
+            usable.append(p)
+            if size is not None:
+                sizes[size] = sizes.get(size, 0) + 1
+        files[name] = usable
+
+    counts = {name: len(ps) for name, ps in files.items()}
+    return ScanResult(
+        root=root,
+        counts=counts,
+        files=files,
+        sizes=dict(sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        unreadable=unreadable,
+        empty_classes=[name for name, n in counts.items() if n == 0],
+        ignored=sorted(ignored),
+    )
+
+
+def format_scan(result: ScanResult) -> Table:
+    """A rich table: class, usable images, unreadable files (plus a total row)."""
+    bad: dict[str, int] = {}
+    for p, _ in result.unreadable:
+        try:
+            cls = p.relative_to(result.root).parts[0]
+        except ValueError:  # pragma: no cover - unreadable files always lie below root
+            continue
+        bad[cls] = bad.get(cls, 0) + 1
+    table = Table(title=result.root.name or str(result.root))
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("unreadable", justify="right")
+    for name, n in result.counts.items():
+        style = "yellow" if n == 0 else None
+        table.add_row(name, str(n), str(bad.get(name, 0)), style=style)
+    table.add_section()
+    table.add_row("total", str(result.total), str(len(result.unreadable)), style="bold")
+    return table

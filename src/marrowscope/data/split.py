@@ -1,0 +1,192 @@
+"""Train/val/test splits: stratified per class, optionally grouped (patient/slide never split).
+
+Image-level split (``grouped=False``): each class's images are sorted, shuffled with a generator
+seeded by the seed and the class name, and cut by the fractions. The number of validation and
+test images is ``round(n * fraction)`` (halves up) but at least 1 when the fraction is > 0, and
+at least one image always trains.
+
+Grouped split (``grouped=True``): every row needs a ``group``; a group goes entirely to one split.
+Allocation is greedy and deterministic: groups are shuffled with the seed, then taken largest
+first; each goes to the split that (1) still lacks the most of the group's classes (so every class
+reaches every split as early as possible), then (2) has the largest remaining per-class deficit
+relative to its target (``fraction * class size``), weighted by the group's class composition.
+The result is checked: a class missing from a split with a non-zero fraction is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from marrowscope.data import DataError
+from marrowscope.data.manifest import SPLIT_NAMES, ManifestRow, class_rng
+
+_FIX = (
+    "raise --min-per-class / data.min_per_class (or drop the class), or lower data.split.val/test"
+)
+
+
+def _check_fractions(val: float, test: float) -> None:
+    for name, f in (("val", val), ("test", test)):
+        if not 0.0 <= f < 1.0:
+            raise DataError(f"data.split.{name} must be in [0, 1), got {f}")
+    if val + test >= 1.0:
+        raise DataError(
+            f"data.split.val + data.split.test = {val + test:g} leaves nothing to train on; "
+            "keep their sum below 1"
+        )
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def split_sizes(n: int, val: float, test: float) -> tuple[int, int, int]:
+    """``(train, val, test)`` counts for ``n`` items (see the module docstring for the rule)."""
+    n_val = max(1, _round_half_up(n * val)) if val > 0 else 0
+    n_test = max(1, _round_half_up(n * test)) if test > 0 else 0
+    return n - n_val - n_test, n_val, n_test
+
+
+def assign_splits(
+    rows: Sequence[ManifestRow],
+    *,
+    val: float,
+    test: float,
+    seed: int,
+    grouped: bool = False,
+) -> list[ManifestRow]:
+    """Give every row a split (train/val/test), stratified by class.
+
+    Rows that all have a split already are returned unchanged (a saved manifest is reused).
+
+    Args:
+        rows: manifest rows (no splits yet, or all with splits).
+        val: fraction of each class (or of its groups' images) for validation.
+        test: fraction for test.
+        seed: makes the split reproducible.
+        grouped: keep each ``group`` on one side (every row must have a group).
+
+    Returns:
+        The rows in input order with ``split`` set.
+
+    Raises:
+        DataError: some but not all rows have a split, fractions out of range, rows without a
+            group when ``grouped``, or a class too small to reach every non-empty split.
+    """
+    rows = list(rows)
+    if not rows:
+        raise DataError("there are no images to split; check data.root / data.manifest")
+    have = [r for r in rows if r.split is not None]
+    if have:
+        if len(have) < len(rows):
+            first = next(r for r in rows if r.split is None)
+            raise DataError(
+                f"{len(have)} of {len(rows)} manifest rows have a split but {first.path} has none; "
+                "fill in the split column for every row, or clear it everywhere to split anew"
+            )
+        bad = next((r for r in rows if r.split not in SPLIT_NAMES), None)
+        if bad is not None:
+            raise DataError(
+                f"manifest row {bad.path} has split {bad.split!r}; use train, val or test"
+            )
+        return rows
+    _check_fractions(val, test)
+    if grouped:
+        return _grouped(rows, val, test, seed)
+    return _stratified(rows, val, test, seed)
+
+
+def _by_class(rows: list[ManifestRow]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        out[r.label].append(i)
+    return out
+
+
+def _needed(val: float, test: float) -> int:
+    return 1 + (val > 0) + (test > 0)
+
+
+def _stratified(rows: list[ManifestRow], val: float, test: float, seed: int) -> list[ManifestRow]:
+    splits: list[str | None] = [None] * len(rows)
+    for label, idx in _by_class(rows).items():
+        n = len(idx)
+        n_train, n_val, n_test = split_sizes(n, val, test)
+        if n_train < 1:
+            raise DataError(
+                f"class {label} has only {n} image(s): too few for a train/val/test split "
+                f"(needs at least {_needed(val, test)}); {_FIX}"
+            )
+        order = sorted(idx, key=lambda i: rows[i].path)
+        perm = class_rng(seed, label).permutation(n)
+        shuffled = [order[j] for j in perm]
+        for k, i in enumerate(shuffled):
+            splits[i] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    return [replace(r, split=s) for r, s in zip(rows, splits, strict=True)]
+
+
+def _grouped(rows: list[ManifestRow], val: float, test: float, seed: int) -> list[ManifestRow]:
+    missing = next((r for r in rows if r.group is None), None)
+    if missing is not None:
+        raise DataError(
+            f"manifest row {missing.path} has no group; a grouped split needs a group (patient or "
+            "slide id) on every row: fill in the column, or unset data.split.group_column"
+        )
+    labels = sorted({r.label for r in rows})
+    li = {c: k for k, c in enumerate(labels)}
+    groups = sorted({r.group for r in rows if r.group is not None})
+    gi = {g: k for k, g in enumerate(groups)}
+    comp = np.zeros((len(groups), len(labels)), dtype=np.int64)  # images per group and class
+    for r in rows:
+        comp[gi[r.group], li[r.label]] += 1  # type: ignore[index]
+    class_total = comp.sum(axis=0)
+    groups_per_class = (comp > 0).sum(axis=0)
+
+    fractions = np.array([1.0 - val - test, val, test])
+    active = fractions > 0
+    need = int(active.sum())
+    for c, label in enumerate(labels):
+        if groups_per_class[c] < need:
+            raise DataError(
+                f"class {label} has images from only {groups_per_class[c]} group(s) "
+                f"({class_total[c]} image(s)): too few for a grouped train/val/test split (needs "
+                f"at least {need} groups); {_FIX}"
+            )
+
+    target = fractions[:, None] * class_total[None, :].astype(np.float64)  # split x class
+    current = np.zeros_like(target)
+    rng = np.random.default_rng([int(seed) % 2**63, zlib.crc32(b"grouped-split")])
+    order = rng.permutation(len(groups))
+    sizes = comp.sum(axis=1)
+    order = sorted(order.tolist(), key=lambda g: -sizes[g])  # stable: ties keep the shuffle
+    assignment = np.empty(len(groups), dtype=np.int64)
+    norm = np.maximum(class_total, 1).astype(np.float64)
+    for g in order:
+        present = comp[g] > 0
+        best, best_score = -1, (-math.inf, -math.inf)
+        for s in range(3):
+            if not active[s]:
+                continue
+            uncovered = int(np.sum(present & (current[s] == 0)))
+            deficit = float(np.sum(comp[g] * (target[s] - current[s]) / norm))
+            score = (uncovered, deficit)
+            if score > best_score:
+                best, best_score = s, score
+        assignment[g] = best
+        current[best] += comp[g]
+
+    for c, label in enumerate(labels):
+        for s in range(3):
+            if active[s] and current[s, c] == 0:
+                raise DataError(
+                    f"class {label} ({groups_per_class[c]} groups, {class_total[c]} images) ended "
+                    f"up with no image in the {SPLIT_NAMES[s]} split: its groups are too few or "
+                    f"too unequal for a grouped split; {_FIX}, or change the seed"
+                )
+    return [replace(r, split=SPLIT_NAMES[assignment[gi[r.group]]]) for r in rows]  # type: ignore[index]
