@@ -31,8 +31,14 @@ def test_overrides_parse_yaml_scalars(tmp_path: Path) -> None:
     p.write_text("name: x\ntrain: {epochs: 3}\n")
     cfg = load_config(
         p,
-        ["train.epochs=5", "train.lr=3e-4", "data.classes=HAC,BAS", "augment.zoom=[0.5, 1]",
-         "model.weights_file=null", "preprocess.denoise=true"],
+        [
+            "train.epochs=5",
+            "train.lr=3e-4",
+            "data.classes=HAC,BAS",
+            "augment.zoom=[0.5, 1]",
+            "model.weights_file=null",
+            "preprocess.denoise=true",
+        ],
     )
     assert cfg.train.epochs == 5
     assert cfg.train.lr == pytest.approx(3e-4)
@@ -89,7 +95,13 @@ def test_paper_config_is_the_paper_protocol() -> None:
     assert cfg.data.max_per_class == 1000
     assert cfg.preprocess.denoise and cfg.preprocess.sharpen
     assert list(cfg.compare.models) == [
-        "paper_cnn", "convnext_small", "convnext_tiny", "densenet121", "efficientnet_b5",
-        "resnet50", "vgg16", "xception",
+        "paper_cnn",
+        "convnext_small",
+        "convnext_tiny",
+        "densenet121",
+        "efficientnet_b5",
+        "resnet50",
+        "vgg16",
+        "xception",
     ]
     assert cfg.compare.focus_class == "HAC"

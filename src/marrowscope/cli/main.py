@@ -1,0 +1,349 @@
+"""The ``marrowscope`` command line. Heavy modules are imported inside commands so --help is instant."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    name="marrowscope",
+    help="Classify single-cell bone-marrow cytology images: data, train, evaluate, compare.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(
+    help="Inspect image folders and write subset/split manifests.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that carry a message meant for the user (shown without a traceback)."""
+    from marrowscope.config import ConfigError
+    from marrowscope.utils.image import ImageReadError
+
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        ImageReadError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+    ]
+    for mod, names in (
+        ("marrowscope.data", ("DataError",)),
+        ("marrowscope.models.registry", ("ModelError",)),
+        ("marrowscope.models.weights", ("PretrainedWeightsError",)),
+        ("marrowscope.models.bundle", ("BundleError",)),
+    ):
+        module = importlib.import_module(mod)
+        errors.extend(getattr(module, n) for n in names)
+    return tuple(errors)
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a command body; user errors become one red line and exit code 2."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if os.environ.get("MARROWSCOPE_DEBUG") or not isinstance(e, _user_errors()):
+            raise
+        err_console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the marrowscope version."""
+    import marrowscope
+
+    console.print(marrowscope.__version__)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@data_app.command("scan")
+def data_scan(
+    root: Annotated[
+        str, typer.Argument(help="Folder with one sub-folder per class (or builtin:bm-sample).")
+    ],
+    check: Annotated[
+        bool, typer.Option(help="Decode every image to find unreadable files.")
+    ] = True,
+    workers: Annotated[int, typer.Option(help="Worker processes (0 = one per core).")] = 0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the scan as JSON.")
+    ] = None,
+) -> None:
+    """Per-class counts, image sizes and unreadable files of a folder-per-class tree."""
+
+    def body() -> None:
+        from marrowscope.data.sample import resolve_root
+        from marrowscope.data.scan import format_scan, scan_folder
+        from marrowscope.utils.io import atomic_write_json
+
+        res = scan_folder(resolve_root(root), check_images=check, workers=workers)
+        console.print(format_scan(res))
+        sizes = ", ".join(
+            f"{w}x{h}: {n}" for (w, h), n in sorted(res.sizes.items(), key=lambda kv: -kv[1])
+        )
+        if sizes:
+            console.print(f"image sizes: {sizes}")
+        for p, why in res.unreadable:
+            console.print(f"[yellow]unreadable:[/] {why if str(p) in why else f'{p}: {why}'}")
+        if res.empty_classes:
+            console.print(f"[yellow]empty class folders:[/] {', '.join(res.empty_classes)}")
+        if res.ignored:
+            console.print(f"{len(res.ignored)} non-image file(s) ignored")
+        if json_out:
+            atomic_write_json(
+                json_out,
+                {
+                    "root": str(res.root),
+                    "counts": res.counts,
+                    "sizes": {f"{w}x{h}": n for (w, h), n in res.sizes.items()},
+                    "unreadable": [{"path": str(p), "error": m} for p, m in res.unreadable],
+                    "empty_classes": res.empty_classes,
+                    "ignored": [str(p) for p in res.ignored],
+                },
+            )
+
+    _run(body)
+
+
+@data_app.command("manifest")
+def data_manifest(
+    source: Annotated[
+        str, typer.Argument(help="Folder per class, builtin:bm-sample, or a manifest CSV.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")],
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated classes, in model order.")
+    ] = None,
+    max_per_class: Annotated[int | None, typer.Option(help="Cap per class (seeded draw).")] = None,
+    min_per_class: Annotated[int, typer.Option(help="Fewer usable images is an error.")] = 10,
+    val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
+    group_column: Annotated[
+        str | None, typer.Option(help="Manifest column with patient/slide ids: split by group.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the cap and the split.")] = 42,
+) -> None:
+    """Write a subset + stratified (or grouped) train/val/test split manifest (path,label,split,group)."""
+
+    def body() -> None:
+        from marrowscope.config import from_dict
+        from marrowscope.data.manifest import write_manifest
+        from marrowscope.engine.data import manifest_rows
+
+        is_csv = source.lower().endswith(".csv")
+        cfg = from_dict(
+            {
+                "seed": seed,
+                "data": {
+                    "root": None if is_csv else source,
+                    "manifest": source if is_csv else None,
+                    "classes": classes,
+                    "max_per_class": max_per_class,
+                    "min_per_class": min_per_class,
+                    "split": {"val": val, "test": test, "group_column": group_column},
+                },
+            }
+        )
+        rows = manifest_rows(cfg)
+        write_manifest(rows, out)
+        from collections import Counter
+
+        per = Counter((r.label, r.split) for r in rows)
+        labels = list(dict.fromkeys(r.label for r in rows))
+        for c in labels:
+            console.print(
+                f"{c:>6}: " + ", ".join(f"{s} {per[(c, s)]}" for s in ("train", "val", "test"))
+            )
+        console.print(f"wrote {len(rows)} rows to {out}")
+
+    _run(body)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML.")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: runs/<name>-<time>).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a config key: key.sub=value.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue an interrupted run folder after its last epoch.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Train a model; writes config, split, metrics, curves and best/last checkpoint bundles."""
+
+    def body() -> None:
+        from marrowscope.config import load_config
+        from marrowscope.engine.train import fit, new_run_dir
+
+        if resume is not None:
+            fit(
+                None,
+                resume,
+                resume=True,
+                overrides=list(set_ or []),
+                progress=not no_progress,
+                console=console,
+            )
+            return
+        if config is None:
+            raise FileNotFoundError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
+        overrides = list(set_ or [])
+        if device:
+            overrides.append(f"train.device={device}")
+        cfg = load_config(config, overrides)
+        fit(cfg, run_dir or new_run_dir(cfg.name), progress=not no_progress, console=console)
+
+    _run(body)
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    data: Annotated[
+        str, typer.Argument(help="Folder per class, builtin:bm-sample, or manifest CSV.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write metrics.json, report.md, ...")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Manifest split to use (default: test if any).")
+    ] = None,
+    map_: Annotated[
+        list[str] | None, typer.Option("--map", help="Rename a data class: SRC=DST (repeatable).")
+    ] = None,
+    drop_unknown: Annotated[
+        bool, typer.Option(help="Leave out classes the checkpoint does not know.")
+    ] = False,
+    focus: Annotated[
+        str | None, typer.Option(help="Class for the focus block (default HAC).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Accuracy, balanced accuracy, macro/weighted F1, per-class table, confusion matrix, 95% CIs."""
+
+    def body() -> None:
+        from rich.table import Table
+
+        from marrowscope.engine.evaluate import evaluate_bundle, parse_class_map
+
+        m = evaluate_bundle(
+            checkpoint,
+            Path(data),
+            out_dir=out,
+            split=split,
+            class_map=parse_class_map(map_ or []),
+            drop_unknown=drop_unknown,
+            focus=focus,
+            batch_size=batch_size,
+            device=device,
+            console=console,
+        )
+        ci = m["ci95"]
+        table = Table(title=f"{checkpoint} on {data} ({m['n']} images)")
+        for col in ("class", "precision", "recall", "F1", "support"):
+            table.add_column(col, justify="right" if col != "class" else "left")
+        for c, v in m["per_class"].items():
+            table.add_row(
+                c,
+                f"{v['precision']:.3f}",
+                f"{v['recall']:.3f}",
+                f"{v['f1']:.3f}",
+                str(v["support"]),
+            )
+        console.print(table)
+        console.print(
+            f"accuracy {m['accuracy']:.3f} [{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}]  "
+            f"macro-F1 {m['macro_f1']:.3f} [{ci['macro_f1'][0]:.3f}, {ci['macro_f1'][1]:.3f}]  "
+            f"balanced accuracy {m['balanced_accuracy']:.3f}  weighted F1 {m['weighted_f1']:.3f}"
+        )
+        if out:
+            console.print(f"report: {out / 'report.md'}")
+
+    _run(body)
+
+
+# --------------------------------------------------------------------------------------- compare
+
+
+@app.command()
+def compare(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Experiment YAML with compare.models.")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override: key.sub=value.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Reuse finished model runs in --out.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Train and evaluate every listed model on one split; write the paper's Tables 1-3 + charts."""
+
+    def body() -> None:
+        from marrowscope.config import load_config
+        from marrowscope.engine.compare import compare as run_compare
+        from marrowscope.engine.train import new_run_dir
+
+        overrides = list(set_ or [])
+        if device:
+            overrides.append(f"train.device={device}")
+        cfg = load_config(config, overrides)
+        target = out or new_run_dir(f"compare-{cfg.name}")
+        run_compare(cfg, target, resume=resume, progress=not no_progress, console=console)
+
+    _run(body)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point."""
+    return app(args=argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,194 @@
+"""``compare``: train and evaluate every listed model on one split; the paper's Tables 1-3.
+
+Report folder layout::
+
+    OUT/report.md                 Tables 1-3 with captions and figure links
+    OUT/table1_accuracy.csv       training / validation / test accuracy per model
+    OUT/table2_<focus>.csv        precision / recall / F1 of the focus class (HAC in the paper)
+    OUT/table3_per_class.csv      precision / recall / F1 per class per model
+    OUT/comparison.png, OUT/per_class_f1.png
+    OUT/curves/<model>.png        training curves
+    OUT/confusion/<model>.png     test-split confusion matrices
+    OUT/split.csv                 the one split every model used
+    OUT/runs/<model>/             each model's run folder (bundles, metrics.csv, ...)
+    OUT/eval/<model>/             each model's test-split evaluation (metrics.json, report.md, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from marrowscope.config import ExperimentConfig, replace, to_dict
+from marrowscope.engine.data import PreparedData, prepare_data, save_split
+from marrowscope.engine.evaluate import predict_probabilities, score, write_evaluation
+from marrowscope.engine.train import fit
+from marrowscope.models.bundle import load_bundle
+from marrowscope.reports.markdown import comparison_report
+from marrowscope.reports.plots import plot_model_comparison, plot_per_class_f1
+from marrowscope.reports.tables import (
+    TABLE2_COLUMNS,
+    table1_accuracy,
+    table2_focus,
+    table3_per_class,
+    write_csv,
+)
+from marrowscope.utils.io import atomic_write_json, atomic_write_text
+from marrowscope.utils.runtime import resolve_device, resolve_precision
+
+
+def model_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+    """The experiment for one model of a comparison: ``model.name`` plus its per-model overrides."""
+    overrides = [f"model.name={name}", f"name={cfg.name}-{name}"]
+    for key, value in (cfg.compare.model_overrides.get(name) or {}).items():
+        overrides.append(f"{key}={json.dumps(value)}")
+    return replace(cfg, overrides)
+
+
+def _model_row(
+    name: str,
+    mcfg: ExperimentConfig,
+    run_dir: Path,
+    data: PreparedData,
+    out: Path,
+    focus: str,
+    console: Console,
+    progress: bool,
+) -> dict[str, Any]:
+    """Evaluate one trained model on the test split and gather its row for the tables."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model, meta = load_bundle(run_dir / "best", device="cpu")
+    device = resolve_device(mcfg.train.device)
+    precision = resolve_precision(mcfg.train.precision, device, mcfg.train.channels_last)
+    model.to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    test = data.splits["test"]
+    probs = predict_probabilities(
+        model,
+        test.images,
+        size=mcfg.preprocess.size,
+        device=device,
+        precision=precision,
+        progress=progress,
+    )
+    import numpy as np
+
+    labels = np.asarray(test.labels, dtype=np.int64)
+    metrics = score(probs, labels, data.classes, focus=focus, seed=mcfg.seed)
+    eval_dir = out / "eval" / name
+    write_evaluation(
+        eval_dir,
+        metrics,
+        probs=probs,
+        labels=labels,
+        paths=test.paths,
+        classes=data.classes,
+        title=f"{name} — test split",
+        extra={"checkpoint": str(run_dir / "best"), "split": "test", "images": len(labels)},
+    )
+    (out / "curves").mkdir(exist_ok=True)
+    (out / "confusion").mkdir(exist_ok=True)
+    shutil.copyfile(run_dir / "curves.png", out / "curves" / f"{name}.png")
+    shutil.copyfile(eval_dir / "confusion_matrix.png", out / "confusion" / f"{name}.png")
+    best = summary["best"]
+    console.print(
+        f"[bold]{name}[/]: val acc {best['val_accuracy']:.3f}, test acc {metrics['accuracy']:.3f}, "
+        f"test macro-F1 {metrics['macro_f1']:.3f}"
+    )
+    return {
+        "model": name,
+        "train_accuracy": best["train_accuracy"],
+        "val_accuracy": best["val_accuracy"],
+        "test_accuracy": metrics["accuracy"],
+        "test_macro_f1": metrics["macro_f1"],
+        "epochs": summary["epochs_run"],
+        "best_epoch": summary["best_epoch"],
+        "train_seconds": summary["train_seconds"],
+        "params": summary["params"],
+        "metrics": metrics,
+        "val_metrics": meta.get("metrics"),
+    }
+
+
+def compare(
+    cfg: ExperimentConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every model of ``cfg.compare.models`` on one split and write the paper's tables.
+
+    With ``resume=True`` models whose run already finished are not trained again, and an
+    interrupted model run continues from its last epoch.
+    """
+    console = console or Console()
+    models = list(cfg.compare.models) or [cfg.model.name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg, progress=progress)
+    save_split(data, out / "split.csv")
+    focus = cfg.compare.focus_class
+    rows = []
+    for i, name in enumerate(models, 1):
+        console.rule(f"[bold]model {i}/{len(models)}: {name}")
+        mcfg = model_config(cfg, name)
+        run_dir = out / "runs" / name
+        finished = (run_dir / "summary.json").is_file() and (run_dir / "best").is_dir()
+        if resume and finished:
+            console.print(f"{name}: already trained in {run_dir}, reusing it")
+        else:
+            if run_dir.exists() and not resume:
+                shutil.rmtree(run_dir)
+            fit(
+                mcfg,
+                run_dir,
+                resume=resume and (run_dir / "state.pt").is_file(),
+                data=data,
+                console=console,
+                progress=progress,
+            )
+        rows.append(_model_row(name, mcfg, run_dir, data, out, focus, console, progress))
+
+    t1, t2, t3 = table1_accuracy(rows), table2_focus(rows, focus), table3_per_class(rows)
+    write_csv(t1, out / "table1_accuracy.csv")
+    write_csv(t2, out / f"table2_{focus}.csv", columns=TABLE2_COLUMNS)
+    write_csv(t3, out / "table3_per_class.csv")
+    plot_model_comparison(rows, out / "comparison.png")
+    plot_per_class_f1(
+        {r["model"]: {c: v["f1"] for c, v in r["metrics"]["per_class"].items()} for r in rows},
+        out / "per_class_f1.png",
+    )
+    counts = {s: len(data.splits[s]) for s in ("train", "val", "test")}
+    notes = [
+        f"One split for every model (seed {cfg.seed}): train {counts['train']}, val {counts['val']}, "
+        f"test {counts['test']} images; classes {', '.join(data.classes)}.",
+        "Training and validation accuracy are those of each model's best epoch (highest validation "
+        "macro-F1); training accuracy is measured on augmented images during the epoch, as in the paper.",
+    ]
+    if focus not in data.classes:
+        notes.append(f"The focus class {focus} is not among these classes, so Table 2 is empty.")
+    if data.skipped:
+        notes.append(f"{len(data.skipped)} unreadable image(s) were skipped.")
+    atomic_write_text(
+        out / "report.md",
+        comparison_report(
+            rows,
+            focus_class=focus,
+            title=f"marrowscope compare: {cfg.name}",
+            config_summary={"config": to_dict(cfg), "notes": notes},
+        ),
+    )
+    atomic_write_json(
+        out / "results.json",
+        [{k: v for k, v in r.items() if k not in ("val_metrics",)} for r in rows],
+    )
+    console.print(f"[bold green]Report:[/] {out / 'report.md'}")
+    return rows

@@ -1,0 +1,175 @@
+"""The inner loops: one training epoch and batched inference. Explicit collaborators, small records."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from marrowscope.utils.runtime import Precision
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one training epoch measured."""
+
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_progress(*, transient: bool = False, disable: bool = False) -> Progress:
+    """A rich progress bar showing count, rate, loss/accuracy (when given) and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        transient=transient,
+        disable=disable,
+    )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    precision: Precision,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+    progress: Progress | None = None,
+    task_name: str = "train",
+    total: int | None = None,
+) -> EpochStats:
+    """Run one epoch of training; step the scheduler every batch.
+
+    Returns:
+        Mean loss and running accuracy over the epoch (on augmented images), and throughput.
+    """
+    model.train()
+    total_loss = 0.0
+    correct = 0
+    seen = 0
+    start = time.perf_counter()
+    task = None
+    if progress is not None:
+        task = progress.add_task(task_name, total=total, stats="")
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast(device):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} (diverged); lower train.lr or use precision=fp32"
+            )
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = y.shape[0]
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += n
+        if progress is not None and task is not None:
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            progress.update(
+                task,
+                advance=n,
+                stats=f"loss {total_loss / seen:.3f} acc {correct / seen:.3f} {rate:.1f} img/s",
+            )
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    seconds = time.perf_counter() - start
+    if seen == 0:
+        raise ValueError("the training loader yielded no batch; the train split is empty")
+    return EpochStats(loss=total_loss / seen, accuracy=correct / seen, images=seen, seconds=seconds)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: Precision,
+    progress: Progress | None = None,
+    task_name: str = "eval",
+    total: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32, N x K) and labels (N,) for every batch of ``loader``."""
+    model.eval()
+    outs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    task = progress.add_task(task_name, total=total, stats="") if progress is not None else None
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(device):
+            logits = model(x)
+        outs.append(logits.float().cpu().numpy())
+        labels.append(np.asarray(y))
+        if progress is not None and task is not None:
+            progress.update(task, advance=len(y))
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    if not outs:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(outs), np.concatenate(labels).astype(np.int64)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a logits array, numerically stable."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean cross-entropy (no smoothing, no weights) of logits against labels."""
+    if len(labels) == 0:
+        return float("nan")
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), np.asarray(labels)].mean())

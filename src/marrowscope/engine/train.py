@@ -1,0 +1,493 @@
+"""Training: config -> run folder with split, metrics, curves and checkpoint bundles; resumable.
+
+Run folder layout::
+
+    RUN_DIR/config.yaml    resolved config
+    RUN_DIR/split.csv      the split manifest (reuse with data.manifest=RUN_DIR/split.csv)
+    RUN_DIR/metrics.csv    one row per epoch
+    RUN_DIR/curves.png     training curves (train vs validation accuracy and loss)
+    RUN_DIR/best/          checkpoint bundle with the best validation macro-F1
+    RUN_DIR/last/          checkpoint bundle after the last finished epoch
+    RUN_DIR/state.pt       optimizer/scheduler/history for --resume
+    RUN_DIR/summary.json   final numbers
+    RUN_DIR/skipped.csv    unreadable images that were left out (if any)
+
+Every file is written atomically after each epoch; ``state.pt`` (weights, optimizer, scheduler,
+history) is written last and is the commit point, so ``kill -9`` loses at most the epoch in
+progress, and ``fit(..., resume=True)`` continues from the last committed epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+import marrowscope
+from marrowscope.config import ExperimentConfig, load_config, save_config, to_dict
+from marrowscope.data.dataset import CellDataset
+from marrowscope.data.manifest import read_manifest
+from marrowscope.engine.data import PreparedData, prepare_data, save_split
+from marrowscope.engine.loops import cross_entropy, make_progress, predict_logits, train_one_epoch
+from marrowscope.metrics.classification import classification_metrics
+from marrowscope.models.bundle import save_bundle
+from marrowscope.models.registry import Classifier, build_model
+from marrowscope.preprocess.ops import preprocess_params
+from marrowscope.reports.plots import plot_training_curves
+from marrowscope.transforms.augment import eval_transform, train_transform
+from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from marrowscope.utils.runtime import (
+    Precision,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_threads,
+)
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = (
+    "epoch",
+    "stage",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_macro_f1",
+    "train_images_per_second",
+    "epoch_seconds",
+)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` produced."""
+
+    run_dir: Path
+    best_dir: Path
+    last_dir: Path
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_macro_f1: float
+    classes: list[str]
+    train_seconds: float
+    stopped_early: bool
+    params: int
+
+
+def new_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    """A fresh timestamped folder ``runs/<name>-YYYYmmdd-HHMMSS``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = root / f"{name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{stamp}-{n}"
+    return path
+
+
+def class_weights(counts: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights, normalised to mean 1 over the classes."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    w = counts.sum() / (len(counts) * counts)
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def lr_lambda_factory(total_steps: int, warmup_steps: int, min_ratio: float):  # type: ignore[no-untyped-def]
+    """Linear warm-up then cosine decay to ``min_ratio`` of the peak, per optimizer step."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _loaders(
+    data: PreparedData, cfg: ExperimentConfig, epoch: int
+) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders; the train order is seeded by (seed, epoch)."""
+    t = cfg.train
+    size = cfg.preprocess.size
+    train = data.splits["train"]
+    val = data.splits["val"]
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    ds_train = CellDataset(train.images, train.labels, train_transform(cfg.augment, size))
+    if t.imbalance == "sampler":
+        counts = np.bincount(train.labels, minlength=len(data.classes)).astype(np.float64)
+        weights = 1.0 / np.maximum(counts[np.asarray(train.labels)], 1.0)
+        sampler = WeightedRandomSampler(
+            torch.as_tensor(weights, dtype=torch.double), len(train), replacement=True, generator=g
+        )
+        train_loader = DataLoader(
+            ds_train,
+            batch_size=t.batch_size,
+            sampler=sampler,
+            num_workers=t.num_workers,
+            drop_last=len(train) > t.batch_size,
+            generator=g,
+            persistent_workers=False,
+        )
+    else:
+        train_loader = DataLoader(
+            ds_train,
+            batch_size=t.batch_size,
+            shuffle=True,
+            num_workers=t.num_workers,
+            drop_last=len(train) > t.batch_size,
+            generator=g,
+        )
+    ds_val = CellDataset(val.images, val.labels, eval_transform(size))
+    val_loader = DataLoader(ds_val, batch_size=max(t.batch_size, 64), shuffle=False, num_workers=0)
+    return train_loader, val_loader
+
+
+def _steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(1, n_train // batch_size) if n_train > batch_size else 1
+
+
+def _bundle_metadata(
+    cfg: ExperimentConfig,
+    data: PreparedData,
+    epoch: int,
+    metrics: dict[str, Any],
+    weights_source: str | None,
+) -> dict[str, Any]:
+    return {
+        "classes": list(data.classes),
+        "weights_source": weights_source,
+        "preprocess": preprocess_params(cfg.preprocess),
+        "config": to_dict(cfg),
+        "epoch": epoch,
+        "metrics": metrics,
+        "train_counts": dict(zip(data.classes, data.class_counts("train").tolist(), strict=True)),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+    }
+
+
+def _write_history(history: list[dict[str, Any]], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def _evaluate_split(
+    model: Classifier,
+    loader: DataLoader,
+    classes: list[str],
+    device: torch.device,
+    precision: Precision,
+) -> dict[str, Any]:
+    logits, labels = predict_logits(model, loader, device=device, precision=precision)
+    m = classification_metrics(labels, logits.argmax(1), classes)
+    m["loss"] = cross_entropy(logits, labels)
+    return m
+
+
+def fit(
+    cfg: ExperimentConfig | None,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
+    data: PreparedData | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``cfg`` into ``run_dir`` (or continue an interrupted run with ``resume=True``).
+
+    Args:
+        cfg: the experiment; ignored on resume (the run folder's ``config.yaml`` is used).
+        run_dir: the run folder (created if missing).
+        resume: continue after the last finished epoch recorded in ``run_dir``.
+        overrides: on resume, ``key=value`` changes to the saved config (e.g. ``train.epochs=60``
+            to train longer).
+        data: already prepared data (``compare`` shares one split between models).
+        console: where the summary is printed.
+        progress: show progress bars.
+    """
+    console = console or Console()
+    run_dir = Path(run_dir)
+    state_path = run_dir / "state.pt"
+    state: dict[str, Any] | None = None
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"cannot resume: {run_dir} has no config.yaml (is it a marrowscope run folder?)"
+            )
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        if state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        else:
+            console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
+    elif cfg is None:
+        raise ValueError("fit() needs a config unless resume=True")
+    elif (run_dir / "state.pt").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose a new "
+            "--run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(cfg.seed)
+    set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device, cfg.train.channels_last)
+
+    if data is None:
+        rows = (
+            read_manifest(run_dir / "split.csv")
+            if resume and (run_dir / "split.csv").is_file()
+            else None
+        )
+        data = prepare_data(cfg, rows=rows, progress=progress)
+    save_config(cfg, run_dir / "config.yaml")
+    save_split(data, run_dir / "split.csv")
+    if data.skipped:
+        atomic_write_text(
+            run_dir / "skipped.csv",
+            "path,error\n" + "".join(f'"{p}","{m}"\n' for p, m in data.skipped),
+        )
+        console.print(
+            f"[yellow]{len(data.skipped)} unreadable image(s) skipped; see {run_dir / 'skipped.csv'}"
+        )
+
+    classes = data.classes
+    t = cfg.train
+    # On resume the weights come from the last bundle: do not fetch ImageNet weights again.
+    model = build_model(
+        cfg.model,
+        len(classes),
+        input_size=cfg.preprocess.size,
+        load_pretrained=False if state is not None else None,
+    )
+    params = sum(p.numel() for p in model.parameters())
+    model.to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    train_counts = data.class_counts("train")
+    weight = class_weights(train_counts).to(device) if t.imbalance == "weighted_loss" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
+    optimizer = torch.optim.AdamW(
+        model.param_groups(t.lr, t.backbone_lr_scale, t.weight_decay),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+    )
+    steps = _steps_per_epoch(len(data.splits["train"]), t.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_lambda_factory(steps * t.epochs, int(round(steps * t.warmup_epochs)), t.min_lr_ratio),
+    )
+    scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
+
+    weights_source = state.get("weights_source") if state is not None else model.weights_source
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    best_f1 = -1.0
+    best_epoch = 0
+    bad_epochs = 0
+    elapsed_before = 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        best_f1 = state["best_val_macro_f1"]
+        best_epoch = state["best_epoch"]
+        bad_epochs = state["bad_epochs"]
+        elapsed_before = state.get("train_seconds", 0.0)
+        console.print(f"Resuming {run_dir} after epoch {state['epoch']} (best epoch {best_epoch})")
+
+    n_train = len(data.splits["train"])
+    console.print(
+        f"[bold]{cfg.name}[/]: {cfg.model.name} on {len(classes)} classes, "
+        f"train {n_train} / val {len(data.splits['val'])} / test {len(data.splits['test'])} images, "
+        f"{device.type} {precision.name}{' channels_last' if precision.channels_last else ''}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    stopped_early = False
+    t0 = time.perf_counter()
+    with make_progress(disable=not progress) as bar:
+        epoch_task = bar.add_task("epochs", total=t.epochs, completed=start_epoch - 1, stats="")
+        for epoch in range(start_epoch, t.epochs + 1):
+            if t.early_stopping_patience is not None and bad_epochs >= t.early_stopping_patience:
+                stopped_early = True
+                break
+            stage = "head" if epoch <= t.freeze_epochs else "full"
+            model.freeze_backbone(stage == "head")
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            train_loader, val_loader = _loaders(data, cfg, epoch)
+            e0 = time.perf_counter()
+            stats = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                loss_fn=loss_fn,
+                device=device,
+                precision=precision,
+                scheduler=scheduler,
+                scaler=scaler,
+                grad_clip=t.grad_clip,
+                progress=bar if progress else None,
+                task_name=f"epoch {epoch}/{t.epochs} ({stage})",
+                total=len(train_loader.sampler) if t.imbalance == "sampler" else n_train,
+            )
+            val = _evaluate_split(model, val_loader, classes, device, precision)
+            row = {
+                "epoch": epoch,
+                "stage": stage,
+                "lr": optimizer.param_groups[-1]["lr"],
+                "train_loss": stats.loss,
+                "train_accuracy": stats.accuracy,
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "val_balanced_accuracy": val["balanced_accuracy"],
+                "val_macro_f1": val["macro_f1"],
+                "train_images_per_second": stats.images_per_second,
+                "epoch_seconds": time.perf_counter() - e0,
+            }
+            history.append(row)
+            improved = val["macro_f1"] > best_f1 + 1e-9
+            val_summary = {
+                "val_accuracy": val["accuracy"],
+                "val_macro_f1": val["macro_f1"],
+                "val_balanced_accuracy": val["balanced_accuracy"],
+                "train_accuracy": stats.accuracy,
+                "val_per_class": val["per_class"],
+            }
+            meta = _bundle_metadata(cfg, data, epoch, val_summary, weights_source)
+            if improved:
+                best_f1, best_epoch, bad_epochs = val["macro_f1"], epoch, 0
+                save_bundle(run_dir / "best", model, meta)
+            else:
+                bad_epochs += 1
+            save_bundle(run_dir / "last", model, meta)
+            _write_history(history, run_dir / "metrics.csv")
+            _save_state(
+                state_path,
+                {
+                    "epoch": epoch,
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "best_val_macro_f1": best_f1,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "train_seconds": elapsed_before + time.perf_counter() - t0,
+                    "weights_source": weights_source,
+                },
+            )
+            bar.update(
+                epoch_task,
+                advance=1,
+                stats=f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}"
+                + (" *" if improved else ""),
+            )
+            if progress:
+                bar.console.print(
+                    f"epoch {epoch:>3} [{stage}] loss {stats.loss:.3f} acc {stats.accuracy:.3f} | "
+                    f"val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
+                    f"macro-F1 {val['macro_f1']:.3f}{'  (best)' if improved else ''} | "
+                    f"{stats.images_per_second:.1f} img/s"
+                )
+    train_seconds = elapsed_before + time.perf_counter() - t0
+    if not history:
+        raise RuntimeError(f"no epoch was trained in {run_dir} (train.epochs={t.epochs})")
+    if history and not (run_dir / "best").exists():
+        raise RuntimeError(f"no best checkpoint was written in {run_dir}")
+
+    plot_training_curves(history, run_dir / "curves.png")
+    result = FitResult(
+        run_dir=run_dir,
+        best_dir=run_dir / "best",
+        last_dir=run_dir / "last",
+        history=history,
+        best_epoch=best_epoch,
+        best_val_macro_f1=best_f1,
+        classes=classes,
+        train_seconds=train_seconds,
+        stopped_early=stopped_early,
+        params=params,
+    )
+    best_row = next(r for r in history if r["epoch"] == best_epoch)
+    atomic_write_json(
+        run_dir / "summary.json",
+        {
+            "name": cfg.name,
+            "model": cfg.model.name,
+            "classes": classes,
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "best": best_row,
+            "train_seconds": round(train_seconds, 1),
+            "stopped_early": stopped_early,
+            "params": params,
+            "device": device.type,
+            "precision": precision.name,
+            "machine": platform.processor() or platform.machine(),
+            "marrowscope_version": marrowscope.__version__,
+        },
+    )
+    print_summary(result, console)
+    return result
+
+
+def print_summary(result: FitResult, console: Console) -> None:
+    """A one-screen summary of a finished training run."""
+    best = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    last = result.history[-1]
+    table = Table(title=f"Training finished: {result.run_dir}", show_header=True)
+    table.add_column("")
+    table.add_column("train acc", justify="right")
+    table.add_column("val acc", justify="right")
+    table.add_column("val macro-F1", justify="right")
+    table.add_column("val loss", justify="right")
+    for label, r in (
+        (f"best (epoch {result.best_epoch})", best),
+        (f"last (epoch {last['epoch']})", last),
+    ):
+        table.add_row(
+            label,
+            f"{r['train_accuracy']:.3f}",
+            f"{r['val_accuracy']:.3f}",
+            f"{r['val_macro_f1']:.3f}",
+            f"{r['val_loss']:.3f}",
+        )
+    console.print(table)
+    minutes = result.train_seconds / 60
+    console.print(
+        f"{len(result.history)} epoch(s) in {minutes:.1f} min"
+        + (" (early stop)" if result.stopped_early else "")
+        + f"; {result.params / 1e6:.1f} M parameters"
+    )
+    console.print(f"best checkpoint: {result.best_dir}   curves: {result.run_dir / 'curves.png'}")

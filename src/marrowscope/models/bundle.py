@@ -1,0 +1,313 @@
+"""The checkpoint bundle: a folder with ``model.safetensors`` and ``metadata.json``.
+
+Everything downstream (predict, explain, export, serve, evaluate) rebuilds the model from the
+bundle alone: the architecture config, the class names in index order, the input size and the
+normalisation travel in ``metadata.json``; the weights in ``model.safetensors`` (CPU fp32).
+
+Saving is atomic at the folder level: the new bundle is written into a temporary sibling folder,
+then the old bundle is renamed to ``DIR.old``, the new one renamed to ``DIR`` and ``DIR.old``
+deleted. If a crash leaves only ``DIR.old``, :func:`load_bundle` restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from marrowscope import __version__
+from marrowscope.config import ConfigError, from_dict, to_dict
+from marrowscope.models.registry import Classifier, ModelError, build_model
+from marrowscope.utils.io import atomic_write_json
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "METADATA_NAME",
+    "WEIGHTS_NAME",
+    "BundleError",
+    "load_bundle",
+    "read_metadata",
+    "save_bundle",
+]
+
+BUNDLE_FORMAT = 1
+"""Version of the bundle layout written by this package; newer bundles are refused."""
+
+WEIGHTS_NAME = "model.safetensors"
+METADATA_NAME = "metadata.json"
+
+_REQUIRED = ("format", "architecture", "arch", "classes", "input_size", "mean", "std")
+
+
+class BundleError(ValueError):
+    """A checkpoint bundle is missing, damaged or incompatible; the message names path and fix."""
+
+
+def _old_path(directory: Path) -> Path:
+    return directory.with_name(f"{directory.name}.old")
+
+
+def _is_bundle(directory: Path) -> bool:
+    return (directory / METADATA_NAME).is_file() or (directory / WEIGHTS_NAME).is_file()
+
+
+def save_bundle(directory: str | Path, model: Classifier, metadata: Mapping[str, Any]) -> Path:
+    """Write ``model`` and ``metadata`` as a bundle folder, replacing an existing bundle atomically.
+
+    The metadata gets ``format``, ``marrowscope_version``, ``architecture`` (the ModelConfig as a
+    dict), ``arch``, ``classes``, ``input_size``, ``mean``, ``std`` (these keys are always taken
+    from the model), plus every key of ``metadata`` (preprocess params, resolved config, metrics,
+    epoch...). ``classes`` comes from ``metadata["classes"]`` or else ``model.classes``;
+    ``weights_source`` from ``metadata`` or else ``model.weights_source``.
+
+    Args:
+        directory: the bundle folder (created or replaced).
+        model: the classifier (any device/dtype/memory format; saved as contiguous CPU fp32).
+        metadata: extra JSON-serialisable information.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        ValueError: no class names, or their number differs from ``model.num_classes``.
+        BundleError: ``directory`` exists and is not a bundle (it is never replaced then).
+        TypeError: metadata that JSON cannot represent.
+    """
+    directory = Path(directory)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    classes = metadata.get("classes", model.classes)
+    if classes is None:
+        raise ValueError(
+            "save_bundle needs the class names in index order: pass metadata['classes'] "
+            "(or set model.classes)"
+        )
+    classes = [str(c) for c in classes]
+    if len(classes) != model.num_classes:
+        raise ValueError(
+            f"{len(classes)} class names for a model with {model.num_classes} outputs: {classes}"
+        )
+    meta = dict(metadata)
+    meta.update(
+        format=BUNDLE_FORMAT,
+        marrowscope_version=__version__,
+        architecture=to_dict(model.config),
+        arch=model.arch,
+        classes=classes,
+        input_size=model.input_size,
+        mean=list(model.mean),
+        std=list(model.std),
+    )
+    meta.setdefault("weights_source", model.weights_source)
+    json.dumps(meta, default=_json_probe)  # fail before touching the disk
+
+    if directory.exists() and not directory.is_dir():
+        raise BundleError(
+            f"{directory} is a file; a checkpoint bundle is a folder; pick another path"
+        )
+    if directory.is_dir() and any(directory.iterdir()) and not _is_bundle(directory):
+        raise BundleError(
+            f"refusing to replace {directory}: it is a non-empty folder that is not a checkpoint "
+            "bundle (no model.safetensors/metadata.json); pick another path"
+        )
+    tensors = {
+        k: v.detach()
+        .to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+        .clone(memory_format=torch.contiguous_format)
+        for k, v in model.state_dict().items()
+    }
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{directory.name}.tmp-*"):  # left by a crashed save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    old = _old_path(directory)
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _fsync(tmp / WEIGHTS_NAME)
+        atomic_write_json(tmp / METADATA_NAME, meta)
+        if directory.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _json_probe(o: Any) -> Any:
+    # Same rules as utils.io.atomic_write_json (numpy scalars/arrays, paths, sets, tuples).
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"bundle metadata is not JSON serialisable: {type(o).__name__} {o!r:.80}")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _resolve(directory: str | Path) -> Path:
+    """The bundle folder, restoring ``DIR.old`` if an interrupted save left only that."""
+    d = Path(directory)
+    if d.is_dir():
+        return d
+    if d.exists():
+        hint = (
+            f"; pass the folder {d.parent} instead"
+            if d.name in (WEIGHTS_NAME, METADATA_NAME)
+            else ""
+        )
+        raise BundleError(f"{d} is a file, not a checkpoint bundle folder{hint}")
+    old = _old_path(d)
+    if (old / METADATA_NAME).is_file() and (old / WEIGHTS_NAME).is_file():
+        try:
+            os.replace(old, d)  # an interrupted save: the previous bundle is complete
+        except OSError:
+            return old  # read-only location: read it where it is
+        return d
+    raise BundleError(
+        f"{d}: no checkpoint bundle here (expected a folder with {WEIGHTS_NAME} and "
+        f"{METADATA_NAME}, e.g. RUN_DIR/best); check the path"
+    )
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """Read and check a bundle's ``metadata.json``.
+
+    Raises:
+        BundleError: missing folder or file, invalid JSON, missing keys, or a newer format.
+    """
+    d = _resolve(directory)
+    path = d / METADATA_NAME
+    fix = "re-save the checkpoint or use another one (e.g. RUN_DIR/last)"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; the bundle is incomplete; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: cannot read ({e}); {fix}") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path}: corrupt JSON ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: expected a JSON object; {fix}")
+    fmt = meta.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise BundleError(f"{path}: no valid 'format' number; not a marrowscope bundle? {fix}")
+    if fmt > BUNDLE_FORMAT:
+        raise BundleError(
+            f"{d}: bundle format {fmt} was written by marrowscope "
+            f"{meta.get('marrowscope_version', '?')}; this marrowscope {__version__} reads format "
+            f"{BUNDLE_FORMAT} at most; upgrade: pip install -U marrowscope"
+        )
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise BundleError(f"{path}: missing key(s) {', '.join(missing)}; {fix}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise BundleError(f"{path}: 'classes' must list at least 2 class names; {fix}")
+    return meta
+
+
+def load_bundle(
+    directory: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model saved in a bundle (no pretrained download) and load its weights strictly.
+
+    Args:
+        directory: the bundle folder.
+        device: where to put the model (returned in eval mode, ``model.classes`` set).
+
+    Returns:
+        ``(model, metadata)``.
+
+    Raises:
+        BundleError: missing/corrupt files, a newer format, or weights that do not match.
+    """
+    d = _resolve(directory)
+    meta = read_metadata(d)
+    try:
+        cfg = from_dict({"model": meta["architecture"]}).model
+    except (ConfigError, TypeError) as e:
+        raise BundleError(
+            f"{d / METADATA_NAME}: invalid 'architecture' ({e}); the bundle may come from another "
+            "marrowscope version: pip install -U marrowscope"
+        ) from None
+    try:
+        model = build_model(
+            cfg, len(meta["classes"]), input_size=int(meta["input_size"]), load_pretrained=False
+        )
+        model.set_normalization(tuple(meta["mean"]), tuple(meta["std"]))
+    except (ModelError, TypeError, ValueError) as e:
+        raise BundleError(f"{d}: cannot rebuild architecture {cfg.name!r}: {e}") from None
+
+    wpath = d / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise BundleError(
+            f"{wpath}: missing; the bundle is incomplete; re-save the checkpoint or use another "
+            "one (e.g. RUN_DIR/last)"
+        )
+    try:
+        state = load_file(str(wpath), device="cpu")
+    except Exception as e:
+        raise BundleError(
+            f"{wpath}: corrupt weights file ({type(e).__name__}: {e}); re-save the checkpoint or "
+            "use another one (e.g. RUN_DIR/last)"
+        ) from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+            if keys
+        )
+        raise BundleError(
+            f"{wpath}: weights do not match architecture {cfg.name!r} with "
+            f"{len(meta['classes'])} classes ({detail}); metadata.json and model.safetensors "
+            "come from different models; re-save the checkpoint"
+        )
+    model.load_state_dict(state, strict=True)
+    model.classes = tuple(str(c) for c in meta["classes"])
+    model.eval()
+    model.to(device)
+    return model, meta

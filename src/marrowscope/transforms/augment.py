@@ -1,0 +1,141 @@
+"""Training augmentation and evaluation transforms (torchvision.transforms.v2).
+
+Contract: input is an image already at the preprocessed size, as a CHW ``uint8`` tensor or an HWC
+``uint8`` numpy array (RGB); output is a plain ``float32`` CHW tensor in [0, 1] (the model
+normalises it itself). Geometric and colour operations run on ``uint8``; the conversion to float
+comes last.
+
+Randomness comes from torch's global RNG, so ``torch.manual_seed(s)`` before a call makes the
+output repeatable (DataLoader workers are seeded from it too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from marrowscope.config import AugmentConfig
+
+__all__ = ["RandomRot90", "eval_transform", "to_tensor_image", "train_transform"]
+
+
+def to_tensor_image(arr: np.ndarray) -> torch.Tensor:
+    """RGB HWC ``uint8`` array -> CHW ``uint8`` tensor (contiguous copy).
+
+    Raises:
+        ValueError: not an ``(H, W, 3)`` ``uint8`` array.
+    """
+    a = np.asarray(arr)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ValueError(
+            f"expected an RGB image as an (H, W, 3) uint8 array, got shape {a.shape} dtype "
+            f"{a.dtype}; read images with marrowscope.utils.image.read_image"
+        )
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+
+
+class RandomRot90(v2.Transform):
+    """Rotate by a random multiple of 90 degrees (k uniform in 0..3); lossless, no interpolation."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"k": int(torch.randint(0, 4, ()).item())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor) or params["k"] == 0:
+            return inpt
+        out = torch.rot90(inpt, params["k"], dims=(-2, -1))
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+class _EnsureImage(v2.Transform):
+    """HWC uint8 numpy array or CHW tensor -> ``tv_tensors.Image`` (CHW)."""
+
+    _transformed_types = (torch.Tensor, np.ndarray)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, np.ndarray):
+            return v2.functional.to_image(to_tensor_image(inpt))
+        if isinstance(inpt, torch.Tensor):
+            if inpt.ndim != 3 or inpt.shape[0] != 3:
+                raise ValueError(
+                    f"expected a CHW image tensor with 3 channels, got shape {tuple(inpt.shape)}"
+                )
+            return v2.functional.to_image(inpt)
+        raise TypeError(f"expected a numpy array or a torch tensor, got {type(inpt).__name__}")
+
+
+def _check(aug: AugmentConfig) -> None:
+    for name in ("hflip", "vflip"):
+        v = getattr(aug, name)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"augment.{name} is a probability in [0, 1]; got {v}")
+    if aug.rotation < 0 or aug.rotation > 180:
+        raise ValueError(f"augment.rotation is +/- degrees in [0, 180]; got {aug.rotation}")
+    lo, hi = aug.zoom
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(
+            f"augment.zoom is an area scale range 0 < low <= high <= 1; got {aug.zoom} "
+            "(use [1.0, 1.0] to disable zoom)"
+        )
+    for name in ("brightness", "contrast", "saturation"):
+        v = getattr(aug, name)
+        if v < 0:
+            raise ValueError(f"augment.{name} must be >= 0; got {v}")
+    if not 0.0 <= aug.hue <= 0.5:
+        raise ValueError(f"augment.hue must be in [0, 0.5]; got {aug.hue}")
+
+
+def train_transform(aug: AugmentConfig, size: int) -> v2.Compose:
+    """Random augmentation for training, with magnitudes from ``aug``.
+
+    Steps (each only when enabled): horizontal/vertical flip, random rot90, random rotation
+    (+/- ``aug.rotation`` degrees, bilinear, black corners), random resized crop (area
+    ``aug.zoom``, aspect 0.9-1.1, antialiased; otherwise a resize to ``size`` if needed), colour
+    jitter, then float32 in [0, 1].
+
+    Raises:
+        ValueError: an out-of-range setting (named ``augment.<key>``).
+    """
+    _check(aug)
+    steps: list[Any] = [_EnsureImage()]
+    if aug.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.vflip > 0:
+        steps.append(v2.RandomVerticalFlip(aug.vflip))
+    if aug.rot90:
+        steps.append(RandomRot90())
+    if aug.rotation > 0:
+        steps.append(v2.RandomRotation(aug.rotation, interpolation=v2.InterpolationMode.BILINEAR))
+    if tuple(aug.zoom) != (1.0, 1.0):
+        steps.append(
+            v2.RandomResizedCrop(size, scale=tuple(aug.zoom), ratio=(0.9, 1.1), antialias=True)
+        )
+    else:
+        steps.append(v2.Resize((size, size), antialias=True))  # no-op at the right size
+    if any(v > 0 for v in (aug.brightness, aug.contrast, aug.saturation, aug.hue)):
+        steps.append(
+            v2.ColorJitter(
+                brightness=aug.brightness or None,
+                contrast=aug.contrast or None,
+                saturation=aug.saturation or None,
+                hue=aug.hue or None,
+            )
+        )
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()]
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int) -> v2.Compose:
+    """Deterministic evaluation transform: to float32 in [0, 1], resized only if not ``size``."""
+    return v2.Compose(
+        [
+            _EnsureImage(),
+            v2.Resize((size, size), antialias=True),  # returns the input when already at size
+            v2.ToDtype(torch.float32, scale=True),
+            v2.ToPureTensor(),
+        ]
+    )

@@ -1,0 +1,184 @@
+"""The command line: every command runs, and bad input is one clear message with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from marrowscope.cli.main import app
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def _invoke(*args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_and_module_entry_point() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "marrowscope", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0
+    for cmd in ("data", "train", "evaluate", "compare"):
+        assert cmd in res.stdout
+
+
+def test_data_scan_reports_counts_and_unreadable(synthetic_tree: Path, tmp_path: Path) -> None:
+    (synthetic_tree / "CCC" / "empty.png").write_bytes(b"")
+    (synthetic_tree / "notes.txt").write_text("ignored")
+    out = tmp_path / "scan.json"
+    res = _invoke("data", "scan", str(synthetic_tree), "--json", str(out), "--workers", "1")
+    assert res.exit_code == 0, res.output
+    assert "AAA" in res.output and "unreadable" in res.output and "empty.png" in res.output
+    scan = json.loads(out.read_text())
+    assert scan["counts"] == {"AAA": 12, "BBB": 12, "CCC": 12}
+    assert scan["sizes"] == {"48x48": 36}
+    assert [u["path"] for u in scan["unreadable"]] == [str(synthetic_tree / "CCC" / "empty.png")]
+
+
+def test_data_scan_of_bundled_sample() -> None:
+    res = _invoke("data", "scan", "builtin:bm-sample", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    for c in ("ART", "BLA", "EOS", "LYT", "MON", "NGS", "NIF", "PMO"):
+        assert c in res.output
+    assert "250x250" in res.output
+
+
+def test_data_manifest_subset_and_split(synthetic_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.csv"
+    res = _invoke(
+        "data",
+        "manifest",
+        str(synthetic_tree),
+        "--out",
+        str(out),
+        "--classes",
+        "CCC,AAA",
+        "--max-per-class",
+        "8",
+        "--min-per-class",
+        "4",
+        "--val",
+        "0.25",
+        "--test",
+        "0.25",
+        "--seed",
+        "1",
+    )
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 16
+    assert [r["label"] for r in rows][:1] == ["CCC"]
+    assert {r["label"] for r in rows} == {"AAA", "CCC"}
+    for c in ("AAA", "CCC"):
+        splits = [r["split"] for r in rows if r["label"] == c]
+        assert splits.count("train") == 4 and splits.count("val") == 2 and splits.count("test") == 2
+
+
+def test_manifest_errors_name_the_class_and_fix(synthetic_tree: Path, tmp_path: Path) -> None:
+    (synthetic_tree / "DDD").mkdir()
+    res = runner.invoke(
+        app, ["data", "manifest", str(synthetic_tree), "--out", str(tmp_path / "m.csv")]
+    )
+    assert res.exit_code == 2
+    assert "DDD" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "data",
+            "manifest",
+            str(synthetic_tree),
+            "--out",
+            str(tmp_path / "m.csv"),
+            "--classes",
+            "AAA,BBB",
+            "--min-per-class",
+            "20",
+        ],
+    )
+    assert res.exit_code == 2
+    assert "AAA" in res.output and "min-per-class" in res.output
+    assert not (tmp_path / "m.csv").exists()
+
+
+def _write_cfg(tmp_path: Path, root: Path, **over: object) -> Path:
+    cfg = {
+        "name": "cli",
+        "seed": 5,
+        "data": {"root": str(root), "min_per_class": 4, "split": {"val": 0.25, "test": 0.25}},
+        "preprocess": {"size": 32, "workers": 1},
+        "model": {"name": "paper_cnn", "pretrained": False},
+        "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"},
+        "compare": {"models": ["paper_cnn"], "focus_class": "AAA"},
+    }
+    cfg.update(over)
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_train_evaluate_compare_commands(synthetic_tree: Path, tmp_path: Path) -> None:
+    cfg = _write_cfg(tmp_path, synthetic_tree)
+    run = tmp_path / "run"
+    res = _invoke(
+        "train",
+        "--config",
+        str(cfg),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--set",
+        "train.epochs=2",
+    )
+    assert res.exit_code == 0, res.output
+    assert "Training finished" in res.output
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    res = _invoke("evaluate", str(run / "best"), str(synthetic_tree), "--out", str(tmp_path / "ev"))
+    assert res.exit_code == 0, res.output
+    assert "macro-F1" in res.output
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    res = _invoke("compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cmp" / "table1_accuracy.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("over", "expected"),
+    [
+        ({"trian": {"epochs": 1}}, "unknown config key trian"),
+        ({"train": {"epochs": "many"}}, "train.epochs"),
+        ({"model": {"name": "no_such_net", "pretrained": False}}, "no_such_net"),
+        ({"model": {"name": "resnet18", "pretrained": True}}, "weights_file"),
+        (
+            {
+                "model": {
+                    "name": "resnet18",
+                    "pretrained": True,
+                    "weights_file": "/nonexistent/w.pth",
+                }
+            },
+            "/nonexistent/w.pth",
+        ),
+        ({"data": {"root": "/nonexistent/cells"}}, "/nonexistent/cells"),
+    ],
+)
+def test_bad_config_is_one_clear_error(
+    synthetic_tree: Path, tmp_path: Path, over: dict, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no network in tests: a hub download must fail fast, as it does offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _write_cfg(tmp_path, synthetic_tree, **over)
+    res = runner.invoke(
+        app, ["train", "--config", str(cfg), "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    )
+    assert res.exit_code == 2, res.output
+    assert expected in res.output
+    assert "Traceback" not in res.output

@@ -1,0 +1,155 @@
+"""Evaluate a bundle and compare models end to end (synthetic cells and the bundled real sample)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from marrowscope.config import from_dict
+from marrowscope.data import DataError
+from marrowscope.engine.compare import compare, model_config
+from marrowscope.engine.evaluate import evaluate_bundle
+from marrowscope.engine.train import fit
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(root: Path, **extra: object) -> dict:
+    cfg = {
+        "name": "t",
+        "seed": 3,
+        "data": {"root": str(root), "min_per_class": 4, "split": {"val": 0.25, "test": 0.25}},
+        "preprocess": {"size": 32, "workers": 1},
+        "model": {"name": "paper_cnn", "pretrained": False},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "precision": "fp32"},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture
+def trained(synthetic_tree: Path, tmp_path: Path) -> Path:
+    fit(from_dict(_cfg(synthetic_tree)), tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+def test_evaluate_folder_writes_reports(
+    trained: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    m = evaluate_bundle(trained / "best", synthetic_tree, out_dir=out, progress=False, n_boot=200)
+    assert m["n"] == 36
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "per_class"):
+        assert key in m
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["accuracy"] == pytest.approx(m["accuracy"])
+    assert set(saved["per_class"]) == {"AAA", "BBB", "CCC"}
+    assert set(saved["per_class"]["AAA"]) >= {"precision", "recall", "f1", "support"}
+    lo, hi = saved["ci95"]["accuracy"]
+    assert lo <= saved["accuracy"] <= hi
+    for name in ("report.md", "confusion_matrix.png", "confusion_matrix.csv", "predictions.csv"):
+        assert (out / name).stat().st_size > 0, name
+    preds = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(preds) == 36
+    assert sum(p["label"] == p["predicted"] for p in preds) / 36 == pytest.approx(m["accuracy"])
+    cm = list(csv.reader((out / "confusion_matrix.csv").open()))
+    assert cm[0][1:] == ["AAA", "BBB", "CCC"]
+    assert sum(int(v) for row in cm[1:] for v in row[1:]) == 36
+
+
+def test_evaluate_on_split_manifest_uses_test_split(trained: Path) -> None:
+    m = evaluate_bundle(trained / "best", trained / "split.csv", progress=False, n_boot=50)
+    test_rows = [r for r in csv.DictReader((trained / "split.csv").open()) if r["split"] == "test"]
+    assert m["n"] == len(test_rows)
+
+
+def test_evaluate_refuses_unknown_classes_and_accepts_a_mapping(
+    trained: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_tree, other)
+    (other / "BBB").rename(other / "ZZZ")
+    with pytest.raises(DataError, match="ZZZ.*--map"):
+        evaluate_bundle(trained / "best", other, progress=False)
+    m = evaluate_bundle(
+        trained / "best", other, class_map={"ZZZ": "BBB"}, progress=False, n_boot=50
+    )
+    assert m["per_class"]["BBB"]["support"] == 12
+    m = evaluate_bundle(trained / "best", other, drop_unknown=True, progress=False, n_boot=50)
+    assert m["n"] == 24
+
+
+def test_evaluate_skips_unreadable_images(trained: Path, synthetic_tree: Path) -> None:
+    (synthetic_tree / "AAA" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    m = evaluate_bundle(trained / "best", synthetic_tree, progress=False, n_boot=50)
+    assert m["n"] == 36
+    assert [s["path"] for s in m["skipped"]] == [str(synthetic_tree / "AAA" / "broken.jpg")]
+
+
+def test_compare_writes_the_paper_tables(synthetic_tree: Path, tmp_path: Path) -> None:
+    cfg = from_dict(
+        _cfg(
+            synthetic_tree,
+            model={"name": "paper_cnn", "pretrained": False},
+            compare={
+                "models": ["paper_cnn", "tf_efficientnet_lite0"],
+                "focus_class": "BBB",
+                "model_overrides": {
+                    "tf_efficientnet_lite0": {"train.lr": 0.002, "model.pretrained": True}
+                },
+            },
+        )
+    )
+    assert model_config(cfg, "tf_efficientnet_lite0").train.lr == 0.002
+    out = tmp_path / "cmp"
+    rows = compare(cfg, out, progress=False)
+    assert [r["model"] for r in rows] == ["paper_cnn", "tf_efficientnet_lite0"]
+    for name in (
+        "report.md",
+        "table1_accuracy.csv",
+        "table2_BBB.csv",
+        "table3_per_class.csv",
+        "comparison.png",
+        "per_class_f1.png",
+        "curves/paper_cnn.png",
+        "confusion/tf_efficientnet_lite0.png",
+        "split.csv",
+    ):
+        assert (out / name).is_file(), name
+    t1 = list(csv.DictReader((out / "table1_accuracy.csv").open()))
+    assert len(t1) == 2
+    t3 = list(csv.DictReader((out / "table3_per_class.csv").open()))
+    assert len(t3) == 2 * 3
+    report = (out / "report.md").read_text()
+    assert "paper_cnn" in report and "tf_efficientnet_lite0" in report
+    # both models saw the very same split
+    splits = {
+        m: (out / "runs" / m / "split.csv").read_text()
+        for m in ("paper_cnn", "tf_efficientnet_lite0")
+    }
+    assert splits["paper_cnn"] == splits["tf_efficientnet_lite0"]
+    # resume reuses finished runs without training again
+    mtime = (out / "runs" / "paper_cnn" / "best" / "model.safetensors").stat().st_mtime
+    compare(cfg, out, resume=True, progress=False)
+    assert (out / "runs" / "paper_cnn" / "best" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_transfer_learning_on_the_bundled_real_sample(tmp_path: Path) -> None:
+    """Real Matek cells + offline ImageNet EfficientNet-Lite0: one short epoch must beat chance."""
+    cfg = from_dict(
+        {
+            "name": "sample",
+            "seed": 1,
+            "data": {"root": "builtin:bm-sample", "split": {"val": 0.25, "test": 0.0}},
+            "preprocess": {"size": 96},
+            "model": {"name": "tf_efficientnet_lite0", "pretrained": True},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 0.002},
+        }
+    )
+    res = fit(cfg, tmp_path / "run", progress=False)
+    assert len(res.classes) == 8
+    assert res.best_val_macro_f1 > 0.3  # chance is 0.125

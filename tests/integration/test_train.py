@@ -1,0 +1,204 @@
+"""End-to-end training on synthetic cells: run folder, repeatability, resume after a crash."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from marrowscope.config import from_dict
+from marrowscope.engine import train as train_mod
+from marrowscope.engine.train import fit
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(root: Path, **train: object) -> dict:
+    return {
+        "name": "tiny",
+        "seed": 7,
+        "data": {"root": str(root), "min_per_class": 4, "split": {"val": 0.25, "test": 0.25}},
+        "preprocess": {"size": 32, "workers": 1},
+        "augment": {"zoom": [0.9, 1.0]},
+        "model": {"name": "paper_cnn", "pretrained": False},
+        "train": {
+            "epochs": 3,
+            "batch_size": 4,
+            "lr": 0.003,
+            "warmup_epochs": 0,
+            "precision": "fp32",
+            **train,
+        },
+    }
+
+
+def test_fit_writes_complete_run_folder(synthetic_tree: Path, tmp_path: Path) -> None:
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=6))
+    res = fit(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "split.csv",
+        "metrics.csv",
+        "curves.png",
+        "state.pt",
+        "summary.json",
+    ):
+        assert (run / name).is_file(), name
+    for bundle in ("best", "last"):
+        assert (run / bundle / "model.safetensors").is_file()
+        meta = json.loads((run / bundle / "metadata.json").read_text())
+        assert meta["classes"] == ["AAA", "BBB", "CCC"]
+        assert meta["input_size"] == 32
+        assert meta["preprocess"]["size"] == 32
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert 1 <= res.best_epoch <= 6
+    best_f1 = max(float(r["val_macro_f1"]) for r in rows)
+    assert res.best_val_macro_f1 == pytest.approx(best_f1, abs=1e-5)
+    # the colour classes are easy: the CNN must learn them in 6 short epochs
+    assert best_f1 > 0.6
+    split = list(csv.DictReader((run / "split.csv").open()))
+    assert {r["split"] for r in split} == {"train", "val", "test"}
+    assert len(split) == 36
+
+
+def _weights(bundle: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(bundle / "model.safetensors"))
+
+
+def test_training_is_repeatable_on_cpu(synthetic_tree: Path, tmp_path: Path) -> None:
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=2))
+    fit(cfg, tmp_path / "a", progress=False)
+    fit(cfg, tmp_path / "b", progress=False)
+    wa, wb = _weights(tmp_path / "a" / "last"), _weights(tmp_path / "b" / "last")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=3))
+    fit(cfg, tmp_path / "full", progress=False)
+
+    real = train_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_third_epoch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the process dies in the middle of epoch 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "crash", progress=False)
+    rows = list(csv.DictReader((tmp_path / "crash" / "metrics.csv").open()))
+    assert len(rows) == 2  # the finished epochs survived
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(cfg, tmp_path / "crash", progress=False)
+    fit(cfg, tmp_path / "crash", resume=True, progress=False)
+    full, resumed = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "crash" / "last")
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+    rows = list(csv.DictReader((tmp_path / "crash" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_kill_9_mid_training_loses_at_most_one_epoch(synthetic_tree: Path, tmp_path: Path) -> None:
+    import yaml
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg = tiny_config(synthetic_tree, epochs=500)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "marrowscope",
+            "train",
+            "--config",
+            str(cfg_path),
+            "--run-dir",
+            str(run),
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            metrics = run / "metrics.csv"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early: {proc.stderr.read().decode()}")
+            time.sleep(0.02)
+        else:
+            pytest.fail("training did not finish three epochs in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    written = len((run / "metrics.csv").read_text().splitlines()) - 1
+    state = torch.load(run / "state.pt", weights_only=False)
+    committed = state["epoch"]
+    assert 3 <= written < 500
+    # state.pt is the commit point, written after the epoch's other files: at most one behind
+    assert committed in (written, written - 1)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "marrowscope",
+            "train",
+            "--resume",
+            str(run),
+            "--no-progress",
+            "--set",
+            f"train.epochs={committed + 2}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, committed + 3))
+
+
+def test_class_weights_and_sampler_options(synthetic_tree: Path, tmp_path: Path) -> None:
+    w = train_mod.class_weights(np.array([10, 20, 40]))
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert w[0] > w[1] > w[2]
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=1, imbalance="sampler", freeze_epochs=0))
+    res = fit(cfg, tmp_path / "s", progress=False)
+    assert res.history[0]["train_loss"] > 0
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    f = train_mod.lr_lambda_factory(total_steps=100, warmup_steps=10, min_ratio=0.01)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.01 + 0.99 * 0.5, abs=1e-6)
+    assert f(100) == pytest.approx(0.01)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
