@@ -413,13 +413,12 @@ def fit(
                 stats=f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}"
                 + (" *" if improved else ""),
             )
-            if progress:
-                bar.console.print(
-                    f"epoch {epoch:>3} [{stage}] loss {stats.loss:.3f} acc {stats.accuracy:.3f} | "
-                    f"val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
-                    f"macro-F1 {val['macro_f1']:.3f}{'  (best)' if improved else ''} | "
-                    f"{stats.images_per_second:.1f} img/s"
-                )
+            (bar.console if progress else console).print(
+                f"epoch {epoch:>3} [{stage}] loss {stats.loss:.3f} acc {stats.accuracy:.3f} | "
+                f"val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
+                f"macro-F1 {val['macro_f1']:.3f}{'  (best)' if improved else ''} | "
+                f"{stats.images_per_second:.1f} img/s"
+            )
     train_seconds = elapsed_before + time.perf_counter() - t0
     if not history:
         raise RuntimeError(f"no epoch was trained in {run_dir} (train.epochs={t.epochs})")
