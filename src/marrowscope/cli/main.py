@@ -340,6 +340,313 @@ def compare(
     _run(body)
 
 
+# ---- explain / count commands (issue 4)
+
+
+@app.command()
+def explain(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    images: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursive) or quoted glob patterns.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays + contact sheet.")],
+    class_: Annotated[
+        str | None,
+        typer.Option("--class", help="Explain this class instead of each predicted class."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per Grad-CAM pass.")] = 16,
+) -> None:
+    """Grad-CAM: an overlay PNG per image and a contact sheet with label and confidence."""
+
+    def body() -> None:
+        from rich.markup import escape
+
+        from marrowscope.engine.loops import make_progress
+        from marrowscope.explain.gradcam import class_index
+        from marrowscope.explain.sheets import explain_to_folder
+        from marrowscope.inference import Predictor, collect_image_paths
+
+        if batch_size < 1:
+            raise typer.BadParameter(f"must be >= 1; got {batch_size}", param_hint="--batch-size")
+        predictor = Predictor.from_checkpoint(checkpoint, device=device)
+        if class_ is not None:
+            class_index(predictor.classes_, class_)  # unknown class: fail before any work
+        paths = collect_image_paths(images)
+        with make_progress(transient=True) as bar:
+            task = bar.add_task("Grad-CAM", total=len(paths), stats="")
+            summary = explain_to_folder(
+                predictor,
+                paths,
+                out,
+                target_class=class_,
+                batch_size=batch_size,
+                on_progress=lambda n: bar.advance(task, n),
+            )
+        for path, why in summary.failed:
+            msg = why if str(path) in why else f"{path}: {why}"
+            err_console.print(f"[yellow]skipped:[/] {escape(msg)}")
+        done = len(summary.overlays)
+        console.print(
+            f"{done} overlay(s) in {escape(str(out))}"
+            + (f", {len(summary.failed)} unreadable image(s) skipped" if summary.failed else "")
+        )
+        for sheet in summary.sheets:
+            console.print(f"contact sheet: {escape(str(sheet))}")
+        if done == 0:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@app.command()
+def count(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    sample_dir: Annotated[
+        Path, typer.Argument(help="One patient sample: a folder of single-cell images.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Report folder (default: ./count-<sample name>)."),
+    ] = None,
+    threshold: Annotated[
+        float,
+        typer.Option(help="Top probability below which a cell is unidentified (not counted)."),
+    ] = 0.5,
+    hac_percent: Annotated[
+        float, typer.Option(help="Flag when HAC cells are >= this % of identified cells.")
+    ] = 2.0,
+    hac_count: Annotated[int, typer.Option(help="Flag when >= this many cells are HAC.")] = 5,
+    evidence: Annotated[int, typer.Option(help="Top HAC cells shown with Grad-CAM.")] = 8,
+    gallery: Annotated[int, typer.Option(help="Cells shown per class in the report.")] = 48,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
+) -> None:
+    """Differential count of one sample + hairy-cell flag: report.html, count.json, cells.csv.
+
+    The thresholds are research settings, not a clinical decision rule.
+    """
+
+    def body() -> None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        from marrowscope.engine.count import count_sample, write_count_outputs
+        from marrowscope.inference import Predictor
+
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+        res = count_sample(
+            predictor,
+            sample_dir,
+            threshold=threshold,
+            hac_min_percent=hac_percent,
+            hac_min_count=hac_count,
+            evidence=evidence,
+            workers=workers,
+        )
+        target = out or Path(f"count-{res.sample}")
+        paths = write_count_outputs(res, target, gallery=gallery)
+        totals = res.totals()
+        table = Table(title=f"{escape(res.sample)}: {totals['identified']} identified cells")
+        for col in ("class", "count", "%"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for c in res.classes:
+            table.add_row(c, str(res.counts[c]), f"{res.percents[c]:.1f}")
+        console.print(table)
+        console.print(
+            f"unidentified (confidence < {threshold:g}): {totals['unidentified']}  "
+            f"unreadable: {totals['unreadable']}"
+        )
+        for path, why in res.unreadable:
+            msg = why if path in why else f"{path}: {why}"
+            err_console.print(f"[yellow]unreadable:[/] {escape(msg)}")
+        colour = {"flagged": "bold red", "not flagged": "green"}.get(res.flag.status, "yellow")
+        console.print(
+            f"[{colour}]hairy-cell flag: {res.flag.status}[/] - {escape(res.flag.message)}"
+        )
+        console.print(f"report: {escape(str(paths['report']))}")
+
+    _run(body)
+
+
+# ------------------------------------------------------------- inference commands (issue 4)
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint bundle folder (RUN_DIR/best); a .onnx file with --backend onnx."
+        ),
+    ],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursive) and glob patterns.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Predictions file: .csv, .json or .parquet.")
+    ],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    topk: Annotated[int, typer.Option(help="Ranked classes per image (top1..topk).")] = 3,
+    workers: Annotated[
+        int, typer.Option(help="Decoding/preprocessing processes (0 = one per CPU core).")
+    ] = 0,
+    backend: Annotated[str, typer.Option(help="torch or onnx (needs marrowscope export).")] = (
+        "torch"
+    ),
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Classify images: one row per image with class, confidence, top-k and every probability."""
+
+    def body() -> None:
+        import time
+
+        import marrowscope
+        from marrowscope.inference.batching import (
+            collect_image_paths,
+            output_format,
+            prediction_records,
+            write_predictions,
+        )
+        from marrowscope.inference.predictor import Predictor
+
+        if topk < 1:
+            raise typer.BadParameter(f"--topk must be >= 1, got {topk}")
+        if batch_size < 1:
+            raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+        if backend not in ("torch", "onnx"):
+            raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
+        output_format(out)  # fail before the run: bad extension or no pyarrow
+        paths = collect_image_paths(inputs)
+        pred = Predictor.from_checkpoint(
+            checkpoint, device=device, backend=backend, batch_size=batch_size
+        )
+        start = time.perf_counter()
+        results = [
+            (r.path, r.probs, r.error)
+            for r in pred.predict_paths(paths, workers=workers, progress=not no_progress)
+        ]
+        seconds = time.perf_counter() - start
+        records = prediction_records(
+            results,
+            pred.classes_,
+            topk=topk,
+            extra={"model": pred.arch, "marrowscope_version": marrowscope.__version__},
+        )
+        write_predictions(records, out)
+        errors = [(p, e) for p, _, e in results if e]
+        for _, e in errors[:5]:
+            console.print(f"[yellow]unreadable:[/] {e}")
+        if len(errors) > 5:
+            console.print(f"[yellow]... {len(errors) - 5} more; see the error column of {out}")
+        n_ok = len(results) - len(errors)
+        console.print(
+            f"{len(results)} images, {len(errors)} error(s), {n_ok / max(seconds, 1e-9):.1f} "
+            f"images/s ({seconds:.1f} s, {pred.backend} backend); wrote {out}"
+        )
+
+    _run(body)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output file (default CHECKPOINT/model.onnx)."),
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+) -> None:
+    """Export to ONNX (dynamic batch, metadata embedded) and check parity with PyTorch."""
+
+    def body() -> None:
+        from marrowscope.export.onnx import export_checkpoint
+
+        if format_.lower() != "onnx":
+            raise typer.BadParameter(f"unknown format {format_!r}; only onnx is supported")
+        console.print(f"exporting {checkpoint} to ONNX and checking parity ...")
+        target, rep = export_checkpoint(checkpoint, out=out, opset=opset)
+        console.print(
+            f"parity ONNX Runtime vs PyTorch fp32 (max abs probability difference, tolerance "
+            f"{rep.tolerance:g}): random images {rep.random_max_abs_diff:.2e} (n={rep.n_random}), "
+            f"real images {rep.real_max_abs_diff:.2e} (n={rep.n_real})"
+        )
+        console.print(f"wrote {target} ({rep.exporter} exporter, opset {rep.opset})")
+
+    _run(body)
+
+
+@app.command()
+def benchmark(
+    target: Annotated[
+        str, typer.Argument(help="Checkpoint bundle folder, or a model name (random weights).")
+    ],
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16,64",
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated: torch-fp32, torch-bf16, onnx.")
+    ] = "torch-fp32,torch-bf16,onnx",
+    images: Annotated[
+        str | None,
+        typer.Option(help="Folder of images for the end-to-end runs (default: bundled sample)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write Markdown here.")] = None,
+    min_time: Annotated[float, typer.Option(help="Seconds per measurement (at least).")] = 2.0,
+    warmup: Annotated[int, typer.Option(help="Warm-up batches per measurement.")] = 2,
+    end_to_end: Annotated[
+        bool, typer.Option(help="Also time decode -> preprocess -> infer on image files.")
+    ] = True,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
+) -> None:
+    """Images/s and per-batch latency (median, p95) per batch size x backend."""
+
+    def body() -> None:
+        from marrowscope.engine.benchmark import (
+            BACKENDS,
+            format_table,
+            run_benchmark,
+            to_markdown,
+        )
+        from marrowscope.utils.io import atomic_write_text
+
+        try:
+            sizes = [int(v) for v in batch_sizes.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(
+                f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}"
+            ) from None
+        names = [b.strip() for b in backends.split(",") if b.strip()]
+        unknown = [b for b in names if b not in BACKENDS]
+        if unknown or not names:
+            raise typer.BadParameter(
+                f"--backends: unknown {', '.join(unknown) or '(none given)'}; use a comma-separated "
+                f"subset of {','.join(BACKENDS)}"
+            )
+        if not sizes or min(sizes) < 1:
+            raise typer.BadParameter(f"--batch-sizes must be positive, got {batch_sizes!r}")
+        report = run_benchmark(
+            target,
+            batch_sizes=sizes,
+            backends=names,
+            images=images,
+            warmup=warmup,
+            min_time=min_time,
+            end_to_end=end_to_end,
+            workers=workers,
+            console=err_console,
+        )
+        console.print(format_table(report))
+        for note in report.notes:
+            console.print(f"- {note}")
+        if out:
+            atomic_write_text(out, to_markdown(report))
+            console.print(f"wrote {out}")
+
+    _run(body)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     return app(args=argv)

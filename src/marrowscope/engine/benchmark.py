@@ -1,0 +1,508 @@
+"""Inference speed of a checkpoint bundle or a bare model name, like timm's benchmark script.
+
+For every batch size x backend (torch fp32 eager, torch bf16 autocast + channels_last, ONNX
+Runtime) it measures images/s and the per-batch latency (median, p95):
+
+* **network alone**: the forward pass on pre-made float tensors;
+* **end to end**: decode -> preprocess -> infer through :meth:`Predictor.predict_path_batches`
+  (worker processes overlapped with inference) on a folder of image files (default: the
+  bundled sample).
+
+Each measurement runs ``warmup`` batches first, then repeats until at least ``min_time`` seconds
+and ``min_iters`` batches have been timed. The per-step preprocessing cost (decode, resize,
+NL-means denoise, sharpen) is measured too, so a report says what denoising costs.
+Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from marrowscope import __version__
+from marrowscope.config import ModelConfig
+from marrowscope.data.sample import SAMPLE_ROOT, resolve_root
+from marrowscope.export.onnx import export_onnx
+from marrowscope.inference.batching import collect_image_paths
+from marrowscope.inference.predictor import (
+    ONNX_NAME,
+    Predictor,
+    PredictorError,
+    default_metadata,
+)
+from marrowscope.models.bundle import load_bundle
+from marrowscope.models.registry import Classifier, build_model
+from marrowscope.preprocess.cache import resolve_workers
+from marrowscope.preprocess.ops import config_from_params, denoise, resize, sharpen
+from marrowscope.utils.image import read_image
+from marrowscope.utils.runtime import cpu_has_native_bf16
+
+__all__ = [
+    "BACKENDS",
+    "BenchReport",
+    "BenchRow",
+    "format_table",
+    "load_target",
+    "machine_info",
+    "run_benchmark",
+    "to_markdown",
+]
+
+BACKENDS = ("torch-fp32", "torch-bf16", "onnx")
+"""Backends that can be benchmarked."""
+
+MODES = ("network", "end-to-end")
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One measurement (``images_per_s`` is ``None`` when it was skipped; ``note`` says why)."""
+
+    backend: str
+    mode: str
+    batch_size: int
+    images_per_s: float | None
+    median_ms: float | None
+    p95_ms: float | None
+    batches: int = 0
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    """Everything a benchmark measured, and on what."""
+
+    target: str
+    arch: str
+    input_size: int
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    rows: list[BenchRow] = field(default_factory=list)
+    preprocess_ms: dict[str, float] = field(default_factory=dict)
+    """Mean milliseconds per image of each preprocessing step (one process)."""
+    denoise: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, backend: str, mode: str, batch_size: int) -> BenchRow | None:
+        """The row of one measurement, if it exists."""
+        for r in self.rows:
+            if (r.backend, r.mode, r.batch_size) == (backend, mode, batch_size):
+                return r
+        return None
+
+
+# --------------------------------------------------------------------------------------- setup
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Date, CPU, cores, threads and library versions, for the report."""
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "cores": resolve_workers(0),
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16": cpu_has_native_bf16(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "marrowscope": __version__,
+        "platform": platform.platform(),
+    }
+
+
+def load_target(
+    target: str, *, num_classes: int = 8, input_size: int = 224
+) -> tuple[Classifier, dict[str, Any], Path | None]:
+    """A checkpoint bundle folder, or a model name built with random weights.
+
+    Returns:
+        ``(model, metadata, bundle folder or None)``.
+
+    Raises:
+        BundleError: a folder that is not a valid bundle.
+        ModelError: an unknown model name.
+    """
+    path = Path(target).expanduser()
+    if path.exists():
+        model, meta = load_bundle(path, device="cpu")
+        return model, meta, path
+    model = build_model(
+        ModelConfig(name=target, pretrained=False), num_classes, input_size=input_size
+    )
+    model.eval()
+    return model, default_metadata(model), None
+
+
+def _time_loop(
+    step: Callable[[], Any], *, warmup: int, min_time: float, min_iters: int
+) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _row(backend: str, mode: str, bs: int, times: Sequence[float], images: int) -> BenchRow:
+    ms = np.asarray(times) * 1000.0
+    return BenchRow(
+        backend=backend,
+        mode=mode,
+        batch_size=bs,
+        images_per_s=images / max(float(np.sum(times)), 1e-12),
+        median_ms=float(statistics.median(ms)),
+        p95_ms=float(np.percentile(ms, 95)),
+        batches=len(times),
+    )
+
+
+def _predictors(
+    model: Classifier,
+    meta: dict[str, Any],
+    bundle: Path | None,
+    backends: Sequence[str],
+    tmp: Path,
+    console: Console,
+) -> dict[str, Predictor | str]:
+    """A predictor per backend, or a string saying why that backend is skipped."""
+    out: dict[str, Predictor | str] = {}
+    for b in backends:
+        if b == "torch-fp32":
+            out[b] = Predictor.from_model(model, meta, device="cpu", precision="fp32")
+        elif b == "torch-bf16":
+            if not cpu_has_native_bf16():
+                out[b] = "skipped: this CPU has no native bf16 (AVX512-BF16/AMX)"
+            else:
+                out[b] = Predictor.from_model(model, meta, device="cpu", precision="bf16")
+        elif b == "onnx":
+            pred = None
+            if bundle is not None and (bundle / ONNX_NAME).is_file():
+                try:
+                    pred = Predictor.from_checkpoint(bundle, backend="onnx")
+                except PredictorError as e:
+                    console.print(f"[yellow]not using {bundle / ONNX_NAME}: {e}")
+            if pred is None:
+                console.print("exporting to a temporary ONNX file (with the parity check) ...")
+                onnx_file = tmp / ONNX_NAME
+                rep = export_onnx(model, onnx_file, meta)
+                console.print(
+                    f"  parity: max abs probability difference {rep.max_abs_diff:.2g} "
+                    f"({rep.exporter} exporter, opset {rep.opset})"
+                )
+                pred = Predictor.from_checkpoint(onnx_file, backend="onnx")
+            out[b] = pred
+        else:
+            raise ValueError(f"unknown backend {b!r}; use {', '.join(BACKENDS)}")
+    return out
+
+
+def _preprocess_cost(
+    files: Sequence[Path], params: dict[str, Any], n: int = 24
+) -> dict[str, float]:
+    """Mean ms per image of each preprocessing step that the bundle uses, in one process."""
+    cfg = config_from_params(params)
+    steps: dict[str, list[float]] = {"decode": []}
+    for p in files[:n]:
+        t0 = time.perf_counter()
+        img = read_image(p)
+        steps["decode"].append(time.perf_counter() - t0)
+        if cfg.resize:
+            t0 = time.perf_counter()
+            img = resize(img, cfg.size)
+            steps.setdefault("resize", []).append(time.perf_counter() - t0)
+        if cfg.denoise:
+            t0 = time.perf_counter()
+            img = denoise(
+                img,
+                h=cfg.denoise_h,
+                h_color=cfg.denoise_h_color,
+                template_window=cfg.denoise_template_window,
+                search_window=cfg.denoise_search_window,
+            )
+            steps.setdefault("denoise", []).append(time.perf_counter() - t0)
+        if cfg.sharpen:
+            t0 = time.perf_counter()
+            img = sharpen(img)
+            steps.setdefault("sharpen", []).append(time.perf_counter() - t0)
+    return {k: 1000.0 * float(np.mean(v)) for k, v in steps.items() if v}
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+def run_benchmark(
+    target: str,
+    *,
+    batch_sizes: Sequence[int] = (1, 16, 64),
+    backends: Sequence[str] = BACKENDS,
+    images: str | os.PathLike[str] | None = None,
+    warmup: int = 2,
+    min_time: float = 2.0,
+    min_iters: int = 3,
+    end_to_end: bool = True,
+    workers: int = 0,
+    num_classes: int = 8,
+    input_size: int = 224,
+    console: Console | None = None,
+) -> BenchReport:
+    """Measure every batch size x backend, network alone and end to end.
+
+    Args:
+        target: checkpoint bundle folder or a model name (random weights).
+        batch_sizes: batch sizes to measure.
+        backends: subset of :data:`BACKENDS`.
+        images: folder (or ``builtin:bm-sample``) of image files for the end-to-end runs and
+            the preprocessing cost (default: the bundled sample).
+        warmup: untimed batches (network) or untimed files in batches (end to end) first.
+        min_time: seconds each measurement runs at least.
+        min_iters: batches each network measurement times at least.
+        end_to_end: also measure decode -> preprocess -> infer.
+        workers: decoding processes for the end-to-end runs (0 = one per core).
+        num_classes: classes of a model built from a name.
+        input_size: input size of a model built from a name.
+        console: where progress lines go.
+
+    Raises:
+        ValueError: an unknown backend or a batch size < 1.
+        InputError: an image folder without images.
+    """
+    console = console or Console(stderr=True)
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}; use {', '.join(BACKENDS)}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    model, meta, bundle = load_target(target, num_classes=num_classes, input_size=input_size)
+    size = int(meta["input_size"])
+    img_root = resolve_root(images) if images is not None else SAMPLE_ROOT
+    files = collect_image_paths([img_root])
+    report = BenchReport(
+        target=str(target),
+        arch=str(meta.get("arch", target)),
+        input_size=size,
+        machine=machine_info(),
+        settings={
+            "batch_sizes": list(batch_sizes),
+            "backends": list(backends),
+            "warmup": warmup,
+            "min_time_s": min_time,
+            "images": str(img_root),
+            "n_images": len(files),
+            "workers": resolve_workers(workers),
+            "random_weights": bundle is None,
+        },
+        denoise=bool(meta["preprocess"].get("denoise")),
+    )
+    report.preprocess_ms = _preprocess_cost(files, dict(meta["preprocess"]))
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="marrowscope-bench-") as tmp:
+        preds = _predictors(model, meta, bundle, backends, Path(tmp), console)
+        for backend, pred in preds.items():
+            for bs in batch_sizes:
+                if isinstance(pred, str):
+                    for mode in MODES if end_to_end else MODES[:1]:
+                        report.rows.append(BenchRow(backend, mode, bs, None, None, None, 0, pred))
+                    continue
+                pred.batch_size = bs
+                console.print(f"{backend:>10}  batch {bs:>3}  network alone ...")
+                x_np = rng.random((bs, 3, size, size), dtype=np.float32)
+                x: Any = x_np
+                if pred.backend == "torch":
+                    x = torch.from_numpy(x_np)
+                    if pred.precision_.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                times = _time_loop(
+                    lambda p=pred, xx=x: p.logits(xx),
+                    warmup=warmup,
+                    min_time=min_time,
+                    min_iters=min_iters,
+                )
+                report.rows.append(_row(backend, "network", bs, times, bs * len(times)))
+                if end_to_end:
+                    console.print(f"{backend:>10}  batch {bs:>3}  end to end ...")
+                    report.rows.append(
+                        _end_to_end(
+                            pred,
+                            backend,
+                            files,
+                            bs,
+                            warmup=warmup,
+                            min_time=min_time,
+                            workers=workers,
+                        )
+                    )
+    _add_notes(report, batch_sizes)
+    return report
+
+
+def _end_to_end(
+    pred: Predictor,
+    backend: str,
+    files: Sequence[Path],
+    bs: int,
+    *,
+    warmup: int,
+    min_time: float,
+    workers: int,
+) -> BenchRow:
+    """Whole passes over ``files`` (decode -> preprocess -> infer) until ``min_time``.
+
+    Latency is the gap between consecutive batches as the caller sees them; throughput is
+    images over the whole wall time (each pass starts its worker pool again, as ``predict`` does).
+    """
+    if warmup > 0:  # the network is warm already; one batch warms the decoding path
+        for _ in pred.predict_path_batches(files[:bs], workers=workers, progress=False):
+            pass
+    gaps: list[float] = []
+    n_images = 0
+    start = time.perf_counter()
+    while not gaps or time.perf_counter() - start < min_time:
+        t_prev = time.perf_counter()
+        for batch in pred.predict_path_batches(files, workers=workers, progress=False):
+            now = time.perf_counter()
+            gaps.append(now - t_prev)
+            t_prev = now
+            n_images += len(batch)
+    total = time.perf_counter() - start
+    return replace(_row(backend, "end-to-end", bs, gaps, n_images), images_per_s=n_images / total)
+
+
+def _add_notes(report: BenchReport, batch_sizes: Sequence[int]) -> None:
+    bs = max(batch_sizes)
+    base = report.row("torch-fp32", "network", bs)
+    net = [r for r in report.rows if r.mode == "network" and r.batch_size == bs and r.images_per_s]
+    if base and base.images_per_s and net:
+        best = max(net, key=lambda r: r.images_per_s or 0.0)
+        report.notes.append(
+            f"network alone, batch {bs}: best backend {best.backend} = "
+            f"{best.images_per_s / base.images_per_s:.1f}x torch fp32 eager "  # type: ignore[operator]
+            f"({best.images_per_s:.1f} vs {base.images_per_s:.1f} images/s)"
+        )
+    for r in report.rows:
+        if r.mode != "end-to-end" or r.batch_size != bs or not r.images_per_s:
+            continue
+        n = report.row(r.backend, "network", bs)
+        if n and n.images_per_s:
+            report.notes.append(
+                f"{r.backend}, batch {bs}: end to end = {100 * r.images_per_s / n.images_per_s:.0f}% "
+                "of the network-alone rate"
+            )
+    pre = report.preprocess_ms
+    if pre:
+        total_pre = sum(pre.values())
+        if "denoise" in pre:
+            e2e = [
+                r
+                for r in report.rows
+                if r.mode == "end-to-end" and r.batch_size == bs and r.images_per_s
+            ]
+            best_ms = 1000.0 / max(r.images_per_s for r in e2e) if e2e else None  # type: ignore[type-var]
+            share = 100.0 * pre["denoise"] / total_pre
+            line = (
+                f"NL-means denoising (the bundle asks for it) costs {pre['denoise']:.1f} ms of CPU "
+                f"time per image = {share:.0f}% of the preprocessing ({total_pre:.1f} ms/image)"
+            )
+            if best_ms:
+                line += f"; the best end-to-end rate is {best_ms:.1f} ms/image (all cores)"
+            report.notes.append(line)
+        else:
+            report.notes.append(
+                f"preprocessing (decode + {', '.join(k for k in pre if k != 'decode') or 'nothing'}"
+                f") costs {total_pre:.2f} ms of CPU time per image; the bundle does not denoise"
+            )
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def format_table(report: BenchReport) -> Table:
+    """A rich table of the measurements."""
+    t = Table(
+        title=f"{report.arch} ({report.input_size} px) on {report.machine['cpu']}, "
+        f"{report.machine['torch_threads']} threads"
+    )
+    for col in ("backend", "mode", "batch", "images/s", "median ms", "p95 ms", "batches", "note"):
+        left = col in ("backend", "mode", "note")
+        t.add_column(col, justify="left" if left else "right", no_wrap=col != "note")
+    for r in report.rows:
+        t.add_row(
+            r.backend,
+            r.mode,
+            str(r.batch_size),
+            _fmt(r.images_per_s),
+            _fmt(r.median_ms, 2),
+            _fmt(r.p95_ms, 2),
+            str(r.batches),
+            r.note,
+        )
+    return t
+
+
+def to_markdown(report: BenchReport) -> str:
+    """The report as Markdown: machine, settings, results, preprocessing cost, notes."""
+    m, s = report.machine, report.settings
+    lines = [
+        f"## Inference benchmark: {report.arch}",
+        "",
+        f"- target: `{report.target}`"
+        + (" (random weights)" if s.get("random_weights") else " (checkpoint bundle)"),
+        f"- date: {m['date']}",
+        f"- CPU: {m['cpu']} ({m['cores']} cores usable, {m['torch_threads']} torch threads, "
+        f"native bf16: {'yes' if m['native_bf16'] else 'no'})",
+        f"- versions: marrowscope {m['marrowscope']}, torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}, Python {m['python']}",
+        f"- input {report.input_size} px; warm-up {s['warmup']} batches; at least "
+        f"{s['min_time_s']} s per measurement; end to end on {s['n_images']} files from "
+        f"`{s['images']}` with {s['workers']} decoding worker(s)",
+        "",
+        "| backend | mode | batch | images/s | median ms/batch | p95 ms/batch | note |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"| {r.backend} | {r.mode} | {r.batch_size} | {_fmt(r.images_per_s)} | "
+            f"{_fmt(r.median_ms, 2)} | {_fmt(r.p95_ms, 2)} | {r.note} |"
+        )
+    if report.preprocess_ms:
+        lines += ["", "| preprocessing step | ms/image (one process) |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in report.preprocess_ms.items()]
+    if report.notes:
+        lines += ["", *[f"- {n}" for n in report.notes]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,364 @@
+"""Batch input and output for prediction: which files, decoded where, written how.
+
+* :func:`collect_image_paths` turns command-line inputs (files, folders, globs) into image paths.
+* :func:`iter_loaded` decodes and preprocesses paths in worker processes, a bounded number of
+  chunks ahead of the consumer, so that decoding overlaps with inference; results come back in
+  input order and a file that cannot be used becomes an error message, never an exception.
+* :func:`prediction_records` and :func:`write_predictions` build and write the prediction table
+  (CSV, JSON or Parquet, chosen by the file extension).
+
+No torch here: worker processes only run numpy, Pillow and OpenCV code.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import glob
+import io
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marrowscope.config import PreprocessConfig
+from marrowscope.data import DataError
+from marrowscope.preprocess.cache import process_context, resolve_workers
+from marrowscope.preprocess.ops import apply_preprocess, resize
+from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
+from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "InputError",
+    "Loaded",
+    "collect_image_paths",
+    "iter_loaded",
+    "load_and_preprocess",
+    "output_format",
+    "prediction_records",
+    "write_predictions",
+]
+
+OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+"""Prediction file extension -> format."""
+
+_GLOB_CHARS = frozenset("*?[")
+
+Loaded = tuple[np.ndarray | None, str | None]
+"""``(preprocessed RGB HWC uint8 array, None)`` or ``(None, error message naming the file)``."""
+
+
+class InputError(DataError):
+    """Inputs that match no image, or an output file that cannot be written; names the fix."""
+
+
+# ------------------------------------------------------------------------------ input collection
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files, folders (recursively) and glob patterns into a list of image files.
+
+    A file named explicitly is always kept (if it is not an image, its prediction row carries the
+    error). Folders and glob matches contribute files with one of
+    :data:`~marrowscope.utils.image.IMAGE_EXTENSIONS` only. Order: the order of ``inputs``,
+    sorted within each folder or pattern; duplicates are dropped.
+
+    Raises:
+        InputError: an input that is neither a file, a folder nor a pattern matching something;
+            or no image at all.
+    """
+    out: dict[Path, None] = {}
+    given = [str(i) for i in inputs]
+    for text in given:
+        p = Path(text).expanduser()
+        if p.is_file():
+            out[p] = None
+        elif p.is_dir():
+            found = _images_under(p)
+            if not found:
+                raise InputError(
+                    f"{p}: no image files in this folder or its sub-folders (looked for "
+                    f"{', '.join(IMAGE_EXTENSIONS)}); check the path"
+                )
+            out.update(dict.fromkeys(found))
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+            found = []
+            for m in map(Path, matches):
+                if m.is_dir():
+                    found.extend(_images_under(m))
+                elif m.is_file() and is_image_file(m):
+                    found.append(m)
+            if not found:
+                raise InputError(
+                    f"the pattern {text!r} matches no image file; check it (quote it so the "
+                    "shell does not expand it, use ** for sub-folders)"
+                )
+            out.update(dict.fromkeys(found))
+        else:
+            raise InputError(f"{text}: no such file or folder; check the path")
+    if not out:
+        raise InputError("no input given: pass image files, folders or glob patterns")
+    return list(out)
+
+
+# ------------------------------------------------------------------------ decode + preprocess
+
+
+def load_and_preprocess(path: str | os.PathLike[str], cfg: PreprocessConfig, size: int) -> Loaded:
+    """Read one file and apply the bundle's preprocessing; never raises for a bad file.
+
+    Args:
+        path: image file.
+        cfg: preprocessing parameters (from the checkpoint bundle).
+        size: the model's input size; an image not at ``size`` after ``cfg`` is resized.
+
+    Returns:
+        ``(array, None)`` or ``(None, message)`` where the message names the file.
+    """
+    try:
+        arr = apply_preprocess(read_image(path), cfg)
+        if arr.shape[:2] != (size, size):
+            arr = resize(arr, size)
+        return arr, None
+    except ImageReadError as e:
+        return None, str(e)
+    except (ValueError, MemoryError) as e:
+        return None, f"{path}: cannot preprocess ({e})"
+    except Exception as e:  # a decoder bug must not stop a run of thousands of files
+        return None, f"{path}: unexpected {type(e).__name__} while reading ({e})"
+
+
+def _load_chunk(paths: Sequence[str], cfg: PreprocessConfig, size: int) -> list[Loaded]:
+    return [load_and_preprocess(p, cfg, size) for p in paths]
+
+
+def _init_worker() -> None:
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)  # parallelism comes from the processes
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class _Pool:
+    """A process pool that can be rebuilt after a worker died."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.executor = self._new()
+
+    def _new(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(
+            self.workers, mp_context=process_context(), initializer=_init_worker
+        )
+
+    def rebuild(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = self._new()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _isolate(pool: _Pool, paths: Sequence[str], cfg: PreprocessConfig, size: int) -> list[Loaded]:
+    """Decode ``paths`` one at a time with nothing else in flight: a crash names its file."""
+    out: list[Loaded] = []
+    for p in paths:
+        try:
+            out.extend(pool.executor.submit(_load_chunk, [p], cfg, size).result())
+        except BrokenProcessPool:
+            pool.rebuild()
+            out.append(
+                (
+                    None,
+                    f"{p}: the image decoder crashed on this file (worker process died); "
+                    "remove or re-export it",
+                )
+            )
+    return out
+
+
+def iter_loaded(
+    paths: Sequence[str | os.PathLike[str]],
+    cfg: PreprocessConfig,
+    size: int,
+    *,
+    workers: int = 0,
+    chunk_size: int = 16,
+    prefetch: int | None = None,
+) -> Iterator[Loaded]:
+    """Decode + preprocess ``paths`` in worker processes; yield results in input order.
+
+    At most ``prefetch`` chunks are in flight, so memory stays bounded however many files there
+    are, and the workers run ahead while the consumer (the network) works. A worker process that
+    dies (a crashing decoder) is replaced; the file responsible gets an error, the others are
+    redone.
+
+    Args:
+        paths: image files.
+        cfg: preprocessing parameters.
+        size: model input size (see :func:`load_and_preprocess`).
+        workers: worker processes; 0 = one per CPU core this process may use.
+        chunk_size: files per task sent to a worker (>= 1).
+        prefetch: chunks in flight (default ``2 * workers + 2``).
+
+    Yields:
+        ``(array, None)`` or ``(None, message)`` per path, in order.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    names = [str(p) for p in paths]
+    if not names:
+        return
+    n_workers = min(resolve_workers(workers), max(1, -(-len(names) // chunk_size)))
+    depth = max(1, prefetch if prefetch is not None else 2 * n_workers + 2)
+    chunks = deque(names[i : i + chunk_size] for i in range(0, len(names), chunk_size))
+    pool = _Pool(n_workers)
+    inflight: deque[tuple[list[str], cf.Future[list[Loaded]]]] = deque()
+    try:
+        while chunks or inflight:
+            while chunks and len(inflight) < depth:
+                chunk = chunks.popleft()
+                inflight.append((chunk, pool.executor.submit(_load_chunk, chunk, cfg, size)))
+            chunk, fut = inflight.popleft()
+            try:
+                results = fut.result()
+            except BrokenProcessPool:
+                # Every future in flight is lost; find the culprit one file at a time.
+                redo = [chunk, *(c for c, _ in inflight)]
+                inflight.clear()
+                pool.rebuild()
+                for c in redo:
+                    yield from _isolate(pool, c, cfg, size)
+                continue
+            yield from results
+    finally:
+        for _, fut in inflight:
+            fut.cancel()
+        pool.close()
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """``csv``, ``json`` or ``parquet`` from the file extension; checks pyarrow for Parquet.
+
+    Raises:
+        InputError: another extension, or Parquet without pyarrow installed.
+    """
+    ext = Path(path).suffix.lower()
+    fmt = OUTPUT_FORMATS.get(ext)
+    if fmt is None:
+        raise InputError(
+            f"{path}: unknown output format {ext or '(no extension)'!r}; end the file name in "
+            ".csv, .json or .parquet"
+        )
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise InputError(
+                f"{path}: writing Parquet needs pyarrow: pip install pyarrow (or write .csv/.json)"
+            ) from None
+    return fmt
+
+
+def prediction_records(
+    results: Iterable[tuple[str, np.ndarray | None, str | None]],
+    classes: Sequence[str],
+    *,
+    topk: int = 3,
+    extra: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One flat record per image: path, predicted, confidence, top-k, every class, extra, error.
+
+    Args:
+        results: ``(path, probabilities or None, error or None)`` per image.
+        classes: class names in index order.
+        topk: how many ranked classes (clamped to the number of classes).
+        extra: constant columns added to every record (e.g. model name and version).
+
+    Returns:
+        Records with keys ``path, predicted, confidence, top1, p_top1, ..., p_<CLASS>...,
+        <extra keys>, error``; ``None`` for values that an unreadable image lacks, and ``""``
+        for the error of a readable one.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    k = min(topk, len(classes))
+    extra = dict(extra or {})
+    names = np.asarray(list(classes), dtype=object)
+    out = []
+    for path, probs, error in results:
+        rec: dict[str, Any] = {"path": path}
+        if probs is None:
+            rec.update(predicted=None, confidence=None)
+            for j in range(1, k + 1):
+                rec[f"top{j}"] = None
+                rec[f"p_top{j}"] = None
+            rec.update({f"p_{c}": None for c in classes})
+        else:
+            order = np.argsort(-probs, kind="stable")[:k]
+            rec.update(predicted=str(names[order[0]]), confidence=float(probs[order[0]]))
+            for j, idx in enumerate(order, start=1):
+                rec[f"top{j}"] = str(names[idx])
+                rec[f"p_top{j}"] = float(probs[idx])
+            rec.update({f"p_{c}": float(v) for c, v in zip(classes, probs, strict=True)})
+        rec.update(extra)
+        rec["error"] = error or ""
+        out.append(rec)
+    return out
+
+
+def _csv_text(records: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    if not records:
+        return ""
+    w = csv.DictWriter(buf, fieldnames=list(records[0]))
+    w.writeheader()
+    for r in records:
+        w.writerow(
+            {
+                key: ("" if v is None else f"{v:.6f}" if isinstance(v, float) else v)
+                for key, v in r.items()
+            }
+        )
+    return buf.getvalue()
+
+
+def write_predictions(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> str:
+    """Write records atomically as CSV, JSON (a list of objects) or Parquet, by extension.
+
+    Returns:
+        The format written.
+
+    Raises:
+        InputError: unknown extension, or Parquet without pyarrow.
+    """
+    out = Path(path)
+    fmt = output_format(out)
+    if fmt == "csv":
+        atomic_write_text(out, _csv_text(records))
+    elif fmt == "json":
+        atomic_write_json(out, list(records))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([dict(r) for r in records])
+        atomic_write(out, lambda tmp: pq.write_table(table, str(tmp)))
+    return fmt

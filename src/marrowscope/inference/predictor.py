@@ -1,0 +1,686 @@
+"""The one path from a raw image to class probabilities: :class:`Predictor`.
+
+Everything (architecture, class names in index order, input size, normalisation, preprocessing)
+comes from the checkpoint bundle, never from a folder listing or a default::
+
+    p = Predictor.from_checkpoint("runs/x/best")            # PyTorch
+    p = Predictor.from_checkpoint("runs/x/best", backend="onnx")  # ONNX Runtime (model.onnx)
+    p.predict_proba(["cell.jpg", rgb_array, pil_image])     # (N, K) float32
+    p.classes_
+
+Steps per image: :meth:`Predictor.load` (any file, array or PIL image -> RGB uint8) ->
+:meth:`Predictor.preprocess` (the bundle's resize / denoise / sharpen) -> batched network
+(the model normalises its [0, 1] input itself; in ONNX the normalisation is inside the graph
+too) -> softmax.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from marrowscope import __version__
+from marrowscope.config import PreprocessConfig
+from marrowscope.inference.batching import iter_loaded
+from marrowscope.models.bundle import (
+    BUNDLE_FORMAT,
+    METADATA_NAME,
+    WEIGHTS_NAME,
+    BundleError,
+    load_bundle,
+)
+from marrowscope.models.registry import Classifier
+from marrowscope.preprocess.cache import make_progress, resolve_workers
+from marrowscope.preprocess.ops import (
+    apply_preprocess,
+    config_from_params,
+    preprocess_params,
+    resize,
+)
+from marrowscope.utils.image import decode_image, read_image, to_rgb_uint8
+from marrowscope.utils.runtime import Precision, resolve_device, resolve_precision
+
+__all__ = [
+    "BACKENDS",
+    "ONNX_INPUT",
+    "ONNX_METADATA_KEY",
+    "ONNX_NAME",
+    "ONNX_OUTPUT",
+    "PathPrediction",
+    "Predictor",
+    "PredictorError",
+    "file_sha256",
+    "read_onnx_metadata",
+    "softmax",
+]
+
+BACKENDS = ("torch", "onnx")
+ONNX_NAME = "model.onnx"
+"""File name of the exported model inside a bundle folder."""
+ONNX_METADATA_KEY = "marrowscope"
+"""``metadata_props`` key holding the bundle metadata (JSON) in an exported ONNX model."""
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "logits"
+
+_EXPORT_HINT = "re-export it with: marrowscope export CHECKPOINT --format onnx"
+
+
+class PredictorError(BundleError):
+    """A checkpoint or ONNX model cannot be used for prediction; names the file and the fix."""
+
+
+@dataclass(frozen=True, eq=False)
+class PathPrediction:
+    """The result for one image file: probabilities, or the reason it could not be used.
+
+    Attributes:
+        path: the file as given.
+        probs: ``(K,)`` float32 class probabilities (index order of ``classes_``), or ``None``.
+        error: why the file could not be used (names the file and the fix), or ``None``.
+    """
+
+    path: str
+    probs: np.ndarray | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the image was classified."""
+        return self.probs is not None
+
+    def label(self, classes: Sequence[str]) -> str | None:
+        """The predicted class name (``None`` for an unreadable file)."""
+        return None if self.probs is None else str(classes[int(np.argmax(self.probs))])
+
+    @property
+    def confidence(self) -> float | None:
+        """Probability of the predicted class (``None`` for an unreadable file)."""
+        return None if self.probs is None else float(np.max(self.probs))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, numerically stable softmax; float32 out."""
+    z = np.asarray(logits, dtype=np.float32)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (identifies the weights an ONNX model was exported from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_metadata(meta: Any, source: str) -> dict[str, Any]:
+    """Check the keys prediction needs; returns ``meta``."""
+    if not isinstance(meta, dict):
+        raise PredictorError(f"{source}: metadata is not a JSON object; {_EXPORT_HINT}")
+    fmt = meta.get("format", BUNDLE_FORMAT)
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise PredictorError(f"{source}: invalid metadata 'format' {fmt!r}; {_EXPORT_HINT}")
+    if fmt > BUNDLE_FORMAT:
+        raise PredictorError(
+            f"{source}: written by marrowscope {meta.get('marrowscope_version', '?')} (bundle "
+            f"format {fmt}); this marrowscope {__version__} reads format {BUNDLE_FORMAT} at most; "
+            "upgrade: pip install -U marrowscope"
+        )
+    missing = [k for k in ("classes", "input_size", "preprocess") if k not in meta]
+    if missing:
+        raise PredictorError(
+            f"{source}: metadata lacks {', '.join(missing)}; re-save the checkpoint with a "
+            "current marrowscope"
+        )
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise PredictorError(f"{source}: 'classes' must list at least 2 class names")
+    return meta
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The bundle metadata embedded in an exported ONNX model (``metadata_props['marrowscope']``).
+
+    Raises:
+        PredictorError: unreadable/corrupt ONNX file, or no (valid) marrowscope metadata.
+    """
+    sess = _onnx_session(Path(path), threads=1)
+    return _session_metadata(sess, Path(path))
+
+
+def _onnx_session(path: Path, *, threads: int) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PredictorError(
+            "the onnx backend needs onnxruntime: pip install onnxruntime (or use --backend torch)"
+        ) from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise PredictorError(
+            f"{path}: cannot load the ONNX model ({type(e).__name__}: {str(e)[:300]}); the file "
+            f"is damaged or not ONNX; {_EXPORT_HINT}"
+        ) from None
+
+
+def _session_metadata(sess: Any, path: Path) -> dict[str, Any]:
+    text = sess.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+    if not text:
+        raise PredictorError(
+            f"{path}: this ONNX model carries no marrowscope metadata (class names, input size, "
+            f"preprocessing), so its outputs cannot be named; {_EXPORT_HINT}"
+        )
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PredictorError(
+            f"{path}: the embedded marrowscope metadata is corrupt JSON ({e}); {_EXPORT_HINT}"
+        ) from None
+    return _check_metadata(meta, str(path))
+
+
+def _is_single_image(obj: Any) -> bool:
+    """True for one image (path, bytes, an array below 4 dimensions, a PIL image)."""
+    if isinstance(obj, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return True
+    if isinstance(obj, np.ndarray):
+        return obj.ndim < 4
+    return hasattr(obj, "getbands") and hasattr(obj, "mode")  # PIL.Image.Image
+
+
+def _pil_to_array(im: Any) -> np.ndarray:
+    mode = im.mode
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode not in ("RGB", "RGBA", "L", "LA", "I", "F") and not mode.startswith("I;16"):
+        im = im.convert("RGB")
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        arr = arr.astype(np.uint16)
+    elif im.mode == "I":
+        arr = arr.astype(np.int64)
+    return arr
+
+
+class Predictor:
+    """Class probabilities for raw images, from a checkpoint bundle or an exported ONNX model.
+
+    ``__init__`` only stores parameters; :meth:`from_checkpoint` (or :meth:`from_model`) builds
+    a ready predictor.
+
+    Args:
+        checkpoint: bundle folder, or (``backend="onnx"``) a folder with ``model.onnx`` or an
+            ``.onnx`` file exported by ``marrowscope export``.
+        device: ``auto``, ``cpu`` or ``cuda`` (the onnx backend runs on the CPU).
+        backend: ``torch`` or ``onnx``.
+        batch_size: images per forward pass.
+        precision: torch backend: ``auto`` (bf16 autocast + channels_last on CPUs with native
+            bf16 and on CUDA, else fp32), ``fp32`` or ``bf16``. The onnx backend is fp32.
+
+    Attributes:
+        classes_: class names in index order (from the bundle).
+        metadata: the bundle's ``metadata.json`` (or the copy embedded in the ONNX model).
+        precision_: the resolved precision (torch backend).
+        device_: the resolved device.
+        preprocess_config_: the bundle's preprocessing parameters.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "auto",
+        backend: str = "torch",
+        batch_size: int = 64,
+        precision: str = "auto",
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.backend = backend
+        self.batch_size = batch_size
+        self.precision = precision
+
+    def __repr__(self) -> str:
+        return (
+            f"Predictor(checkpoint={str(self.checkpoint)!r}, backend={self.backend!r}, "
+            f"device={self.device!r}, batch_size={self.batch_size}, precision={self.precision!r})"
+        )
+
+    # ------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        backend: str = "torch",
+        batch_size: int = 64,
+        precision: str = "auto",
+    ) -> Predictor:
+        """Load a predictor from a bundle folder (torch) or an exported ONNX model (onnx).
+
+        Raises:
+            BundleError: missing, corrupt or newer-format bundle (``PredictorError`` for ONNX
+                files without metadata, stale exports and bad preprocessing parameters).
+            ValueError: an unknown backend/precision or a bad batch size.
+        """
+        self = cls(path, device=device, backend=backend, batch_size=batch_size, precision=precision)
+        self._check_params()
+        if backend == "torch":
+            if Path(path).is_file() and Path(path).suffix.lower() == ".onnx":
+                raise PredictorError(
+                    f"{path} is an ONNX model; load it with backend='onnx' (--backend onnx)"
+                )
+            model, meta = load_bundle(path, device="cpu")
+            self._setup_torch(model, meta, str(Path(path) / METADATA_NAME))
+        else:
+            self._setup_onnx(Path(path))
+        return self
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Classifier,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        precision: str = "auto",
+    ) -> Predictor:
+        """A torch predictor for an in-memory model (a copy; ``model`` itself is not changed).
+
+        Args:
+            model: the classifier.
+            metadata: bundle-style metadata; missing keys are filled from the model (classes
+                ``model.classes`` or ``class_0..``, preprocessing = resize to the input size).
+        """
+        self = cls(None, device=device, backend="torch", batch_size=batch_size, precision=precision)
+        self._check_params()
+        meta = default_metadata(model)
+        meta.update(dict(metadata or {}))
+        self._setup_torch(copy.deepcopy(model), meta, f"<model {model.arch}>")
+        return self
+
+    def _check_params(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; use torch or onnx")
+        bs = self.batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch size must be a positive integer, got {bs!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown precision {self.precision!r}; use auto, fp32 or bf16")
+
+    def _setup_common(self, meta: dict[str, Any], source: str) -> None:
+        meta = _check_metadata(meta, source)
+        try:
+            cfg = config_from_params(dict(meta["preprocess"]))
+        except (ValueError, TypeError) as e:
+            raise PredictorError(f"{source}: invalid preprocessing parameters: {e}") from None
+        self.metadata = meta
+        self.classes_ = [str(c) for c in meta["classes"]]
+        self.preprocess_config_ = cfg
+        self._size = int(meta["input_size"])
+
+    def _setup_torch(self, model: Classifier, meta: dict[str, Any], source: str) -> None:
+        self._setup_common(meta, source)
+        if model.num_classes != len(self.classes_):
+            raise PredictorError(
+                f"{source}: {len(self.classes_)} class names for a model with "
+                f"{model.num_classes} outputs"
+            )
+        dev = resolve_device(self.device)
+        prec = resolve_precision(self.precision, dev)
+        # channels_last pays off with bf16 (oneDNN/AMX) and on CUDA; fp32 eager stays contiguous.
+        prec = Precision(dtype=prec.dtype, channels_last=prec.dtype is not None)
+        model = model.float().eval().to(dev)
+        if prec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self._model: Classifier | None = model
+        self._session: Any = None
+        self.device_ = dev
+        self.precision_ = prec
+
+    def _setup_onnx(self, path: Path) -> None:
+        if self.device not in ("auto", "cpu"):
+            raise PredictorError(
+                f"the onnx backend runs on the CPU; use --device cpu (or --backend torch for "
+                f"{self.device})"
+            )
+        if self.precision not in ("auto", "fp32"):
+            raise PredictorError("the onnx backend runs in fp32; use precision='fp32' or 'auto'")
+        if path.is_dir():
+            onnx_file = path / ONNX_NAME
+            if not onnx_file.is_file():
+                raise PredictorError(
+                    f"{path}: no {ONNX_NAME} in this checkpoint folder; create it with: "
+                    f"marrowscope export {path} --format onnx"
+                )
+        elif path.is_file():
+            onnx_file = path
+        else:
+            raise PredictorError(f"{path}: no such ONNX file or checkpoint folder; check the path")
+        sess = _onnx_session(onnx_file, threads=torch.get_num_threads())
+        meta = _session_metadata(sess, onnx_file)
+        weights = onnx_file.parent / WEIGHTS_NAME
+        want = (meta.get("onnx") or {}).get("weights_sha256")
+        if path.is_dir() and want and weights.is_file() and file_sha256(weights) != want:
+            raise PredictorError(
+                f"{onnx_file} was exported from other weights than {weights} (the checkpoint "
+                f"changed since); {_EXPORT_HINT.replace('CHECKPOINT', str(path))}"
+            )
+        self._setup_common(meta, str(onnx_file))
+        inp = sess.get_inputs()[0]
+        shape = list(inp.shape)
+        if len(shape) != 4 or shape[2:] != [self._size, self._size]:
+            raise PredictorError(
+                f"{onnx_file}: model input shape {shape} does not match the metadata input size "
+                f"{self._size}; {_EXPORT_HINT}"
+            )
+        self._session = sess
+        self._input_name = inp.name
+        self._model = None
+        self.device_ = torch.device("cpu")
+        self.precision_ = Precision(dtype=None, channels_last=False)
+        self.onnx_path_ = onnx_file
+
+    # -------------------------------------------------------------------------- properties
+
+    @property
+    def model(self) -> Classifier:
+        """The torch model (eval mode; for Grad-CAM). Torch backend only."""
+        self._require_ready()
+        if self._model is None:
+            raise PredictorError(
+                "this predictor runs an ONNX model and has no torch model; load it with "
+                "backend='torch' (e.g. for Grad-CAM)"
+            )
+        return self._model
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square image the network takes."""
+        self._require_ready()
+        return self._size
+
+    @property
+    def arch(self) -> str:
+        """The model's registry name (e.g. ``tf_efficientnet_lite0``)."""
+        self._require_ready()
+        return str(self.metadata.get("arch") or self.metadata.get("architecture", {}).get("name"))
+
+    def _require_ready(self) -> None:
+        if not hasattr(self, "metadata"):
+            raise RuntimeError(
+                "this Predictor is not loaded; build it with Predictor.from_checkpoint(path)"
+            )
+
+    # ------------------------------------------------------------------------ single images
+
+    def load(self, image: Any) -> np.ndarray:
+        """Any supported image -> RGB, HWC, uint8.
+
+        Args:
+            image: a file path; encoded bytes; a numpy array (RGB order; gray, gray+alpha, RGBA,
+                uint8/uint16/float accepted); or a PIL image.
+
+        Raises:
+            ImageReadError: an unreadable file or bytes (names the file and the fix).
+            ValueError: an array that is not an image.
+            TypeError: an unsupported object.
+        """
+        if isinstance(image, (str, os.PathLike)):
+            return read_image(image)
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return decode_image(bytes(image))
+        if isinstance(image, np.ndarray):
+            try:
+                return to_rgb_uint8(image)
+            except ValueError as e:
+                raise ValueError(
+                    f"array of shape {image.shape} and dtype {image.dtype} is not an image "
+                    f"({e}); pass (H, W), (H, W, 3) or (H, W, 4) RGB(A) arrays"
+                ) from None
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover
+            Image = None  # type: ignore[assignment]
+        if Image is not None and isinstance(image, Image.Image):
+            return to_rgb_uint8(_pil_to_array(image))
+        raise TypeError(
+            f"cannot read an image from {type(image).__name__}; pass a path, bytes, a numpy array "
+            "or a PIL image"
+        )
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """Apply the bundle's preprocessing (resize / denoise / sharpen): RGB uint8 in and out.
+
+        The result is always ``input_size`` square.
+        """
+        self._require_ready()
+        out = apply_preprocess(rgb, self.preprocess_config_)
+        if out.shape[:2] != (self._size, self._size):
+            out = resize(out, self._size)
+        return out
+
+    # ---------------------------------------------------------------------------- networks
+
+    def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Raw network outputs for a float batch ``(N, 3, S, S)`` in [0, 1] -> ``(N, K)`` float32."""
+        self._require_ready()
+        if self._session is not None:
+            arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            return self._session.run([ONNX_OUTPUT], {self._input_name: arr})[0]
+        t = torch.as_tensor(x).to(self.device_, torch.float32)
+        return self._torch_forward(t)
+
+    @torch.inference_mode()
+    def _torch_forward(self, x: torch.Tensor) -> np.ndarray:
+        assert self._model is not None
+        if self.precision_.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            x = x.contiguous()
+        with self.precision_.autocast(self.device_):
+            out = self._model(x)
+        return out.float().cpu().numpy()
+
+    def _probs_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, S, S, 3)`` uint8 -> ``(N, K)`` probabilities."""
+        if self._session is not None:
+            x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+            x /= 255.0
+            return softmax(self._session.run([ONNX_OUTPUT], {self._input_name: x})[0])
+        t = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device_)
+        # NHWC memory viewed as NCHW is exactly channels_last; fp32 makes it contiguous.
+        x = t.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        return softmax(self._torch_forward(x))
+
+    def _stack(self, arrays: Sequence[np.ndarray], offset: int = 0) -> np.ndarray:
+        s = self._size
+        out = np.empty((len(arrays), s, s, 3), np.uint8)
+        for i, a in enumerate(arrays):
+            if (
+                not isinstance(a, np.ndarray)
+                or a.ndim != 3
+                or a.shape[2] != 3
+                or a.dtype != np.uint8
+            ):
+                raise ValueError(
+                    f"image {offset + i}: expected a preprocessed RGB HWC uint8 array, got "
+                    f"{type(a).__name__} {getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}; "
+                    "use predict_proba for raw images"
+                )
+            out[i] = a if a.shape[:2] == (s, s) else resize(a, s)
+        return out
+
+    # ------------------------------------------------------------------------------ batches
+
+    def predict_preprocessed(
+        self, arrays: Sequence[np.ndarray] | np.ndarray, *, progress: bool = False
+    ) -> np.ndarray:
+        """Probabilities for images already preprocessed with the bundle's parameters.
+
+        Args:
+            arrays: RGB HWC uint8 images (a list, or one ``(N, S, S, 3)`` array); an image not at
+                ``input_size`` is resized.
+            progress: show a progress bar.
+
+        Returns:
+            ``(N, K)`` float32 probabilities.
+        """
+        self._require_ready()
+        n = len(arrays)
+        k = len(self.classes_)
+        if n == 0:
+            return np.zeros((0, k), np.float32)
+        whole = (
+            isinstance(arrays, np.ndarray)
+            and arrays.ndim == 4
+            and arrays.dtype == np.uint8
+            and arrays.shape[1:] == (self._size, self._size, 3)
+        )
+        out = np.empty((n, k), np.float32)
+        bs = self.batch_size
+        with make_progress(enabled=progress) as bar:
+            task = bar.add_task("Predicting", total=n)
+            for start in range(0, n, bs):
+                chunk = arrays[start : start + bs]
+                batch = chunk if whole else self._stack(chunk, start)
+                out[start : start + len(batch)] = self._probs_uint8(batch)
+                bar.advance(task, len(batch))
+        return out
+
+    def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
+        """Class probabilities ``(N, K)`` (float32, columns in ``classes_`` order).
+
+        Args:
+            images: paths, encoded bytes, numpy arrays or PIL images (any mix).
+
+        Raises:
+            ImageReadError: an unreadable file (use :meth:`predict_paths` to get an error per
+                file instead).
+            TypeError: a single image instead of a sequence.
+        """
+        self._require_ready()
+        if _is_single_image(images):
+            raise TypeError(
+                "predict_proba takes a sequence of images; wrap a single image in a list: "
+                "predict_proba([image])"
+            )
+        if not isinstance(images, (Sequence, np.ndarray)):
+            images = list(images)
+        n = len(images)
+        out = np.empty((n, len(self.classes_)), np.float32)
+        bs = self.batch_size
+        for start in range(0, n, bs):
+            chunk = [self.preprocess(self.load(im)) for im in images[start : start + bs]]
+            out[start : start + len(chunk)] = self._probs_uint8(np.stack(chunk))
+        return out
+
+    def predict(self, images: Sequence[Any]) -> list[str]:
+        """Predicted class names (see :meth:`predict_proba`)."""
+        probs = self.predict_proba(images)
+        return [self.classes_[i] for i in probs.argmax(axis=1)]
+
+    def predict_path_batches(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        workers: int = 0,
+        progress: bool = True,
+    ) -> Iterator[list[PathPrediction]]:
+        """Like :meth:`predict_paths`, one list per batch of ``batch_size`` files."""
+        self._require_ready()
+        names = [str(p) for p in paths]
+        n_workers = min(resolve_workers(workers), max(1, len(names)))
+        bs = self.batch_size
+        chunk = max(1, -(-bs // n_workers))  # one batch is shared by all workers
+        per_batch = -(-bs // chunk)
+        loaded = iter_loaded(
+            names,
+            self.preprocess_config_,
+            self._size,
+            workers=n_workers,
+            chunk_size=chunk,
+            prefetch=max(2 * per_batch, n_workers + 1),
+        )
+        with make_progress(enabled=progress) as bar:
+            task = bar.add_task("Predicting", total=len(names))
+            buf: list[tuple[str, np.ndarray | None, str | None]] = []
+            for name, (arr, err) in zip(names, loaded, strict=True):
+                buf.append((name, arr, err))
+                if len(buf) == bs:
+                    yield self._finish(buf)
+                    bar.advance(task, len(buf))
+                    buf = []
+            if buf:
+                yield self._finish(buf)
+                bar.advance(task, len(buf))
+
+    def _finish(self, buf: list[tuple[str, np.ndarray | None, str | None]]) -> list[PathPrediction]:
+        good = [a for _, a, _ in buf if a is not None]
+        probs = iter(self._probs_uint8(np.stack(good)) if good else ())
+        return [
+            PathPrediction(name, None if arr is None else next(probs), err)
+            for name, arr, err in buf
+        ]
+
+    def predict_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        workers: int = 0,
+        progress: bool = True,
+    ) -> Iterator[PathPrediction]:
+        """Predict many files: decoding and preprocessing run in worker processes, overlapped
+        with inference, in batches of ``batch_size``; results come in input order.
+
+        An unreadable, truncated, non-image or oversized file yields a :class:`PathPrediction`
+        with ``error`` set; the run never stops for one file.
+
+        Args:
+            paths: image files.
+            workers: decoding processes; 0 = one per CPU core.
+            progress: show a progress bar with images/s (on stderr).
+        """
+        for batch in self.predict_path_batches(paths, workers=workers, progress=progress):
+            yield from batch
+
+
+def default_metadata(model: Classifier) -> dict[str, Any]:
+    """Bundle-style metadata for a bare model: its classes (or ``class_0..``), size, mean/std,
+    and preprocessing = resize to the input size only."""
+    classes = list(model.classes or [f"class_{i}" for i in range(model.num_classes)])
+    pre = PreprocessConfig(size=model.input_size, resize=True, denoise=False, sharpen=False)
+    return {
+        "format": BUNDLE_FORMAT,
+        "marrowscope_version": __version__,
+        "arch": model.arch,
+        "classes": classes,
+        "input_size": model.input_size,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "preprocess": preprocess_params(pre),
+    }

@@ -1,0 +1,164 @@
+"""`marrowscope predict`, `export` and `benchmark` end to end on a tiny bundle and real cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from marrowscope.cli.main import app
+from marrowscope.config import ModelConfig, PreprocessConfig
+from marrowscope.data.sample import SAMPLE_ROOT
+from marrowscope.engine.benchmark import run_benchmark, to_markdown
+from marrowscope.models.bundle import save_bundle
+from marrowscope.models.registry import build_model
+from marrowscope.preprocess.ops import preprocess_params
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+CLASSES = ["ART", "BLA", "EOS"]
+
+
+def _invoke(*args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="paper_cnn", pretrained=False), 3, input_size=48)
+    pre = preprocess_params(PreprocessConfig(size=48))
+    return save_bundle(tmp_path / "best", model, {"classes": CLASSES, "preprocess": pre})
+
+
+@pytest.fixture
+def cells(tmp_path: Path) -> Path:
+    """Real cells in nested folders, plus an unreadable file and a text file."""
+    root = tmp_path / "cells"
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for f in sorted((SAMPLE_ROOT / c).glob("*.jpg"))[:3]:
+            shutil.copy(f, root / c / f.name)
+    (root / "BLA" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "notes.txt").write_text("not an image; ignored in folders")
+    return root
+
+
+def test_predict_csv_folder_and_glob_with_an_unreadable_file(
+    bundle: Path, cells: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred.csv"
+    res = _invoke(
+        "predict", str(bundle), str(cells / "ART"), str(cells / "B*" / "*.jpg"),
+        "--out", str(out), "--topk", "2", "--batch-size", "4", "--workers", "2", "--no-progress",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 7  # 3 ART + 3 BLA + broken.jpg
+    broken = next(r for r in rows if r["path"].endswith("broken.jpg"))
+    assert "broken.jpg" in broken["error"] and broken["predicted"] == "" and broken["p_ART"] == ""
+    good = [r for r in rows if not r["error"]]
+    for r in good:
+        probs = [float(r[f"p_{c}"]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert r["predicted"] == r["top1"] == CLASSES[int(np.argmax(probs))]
+        assert float(r["p_top1"]) >= float(r["p_top2"])
+        assert r["model"] == "paper_cnn" and r["marrowscope_version"]
+    assert "top3" not in rows[0]
+    assert "7 images, 1 error(s)" in res.output and "images/s" in res.output
+
+
+def test_predict_onnx_backend_after_export_matches_torch(
+    bundle: Path, cells: Path, tmp_path: Path
+) -> None:
+    res = _invoke("export", str(bundle), "--format", "onnx")
+    assert res.exit_code == 0, res.output
+    assert "random images" in res.output and "real images" in res.output
+    assert (bundle / "model.onnx").is_file()
+    outs = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / f"{backend}.json"
+        res = _invoke(
+            "predict", str(bundle), str(cells), "--out", str(out), "--backend", backend,
+            "--no-progress", "--device", "cpu",
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        outs[backend] = json.loads(out.read_text())
+    assert [r["path"] for r in outs["torch"]] == [r["path"] for r in outs["onnx"]]
+    for a, b in zip(outs["torch"], outs["onnx"], strict=True):
+        if a["error"]:
+            assert b["error"] and b["predicted"] is None
+            continue
+        # torch may run bf16 on this CPU ("auto"), ONNX is fp32
+        assert [a[f"p_{c}"] for c in CLASSES] == pytest.approx(
+            [b[f"p_{c}"] for c in CLASSES], abs=0.03
+        )
+
+
+def test_predict_parquet(bundle: Path, cells: Path, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "p.parquet"
+    res = _invoke("predict", str(bundle), str(cells / "EOS"), "--out", str(out), "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert pq.read_table(out).num_rows == 3
+
+
+def test_predict_bad_inputs_are_one_clear_line(bundle: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = _invoke("predict", str(bundle), str(empty), "--out", str(tmp_path / "p.csv"))
+    assert res.exit_code == 2 and "no image files" in res.output and "Traceback" not in res.output
+    res = _invoke("predict", str(bundle), str(empty), "--out", str(tmp_path / "p.xlsx"))
+    assert res.exit_code == 2 and ".csv, .json or .parquet" in res.output
+    res = _invoke("predict", str(tmp_path / "nope"), str(empty), "--out", str(tmp_path / "p.csv"))
+    assert res.exit_code == 2
+    cell = sorted((SAMPLE_ROOT / "ART").glob("*.jpg"))[0]
+    res = _invoke(
+        "predict", str(bundle), str(cell), "--out", str(tmp_path / "p.csv"), "--backend", "onnx"
+    )
+    assert res.exit_code == 2 and "marrowscope export" in res.output
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_export_of_a_corrupt_checkpoint_fails_cleanly(bundle: Path) -> None:
+    (bundle / "model.safetensors").write_bytes(b"garbage")
+    res = _invoke("export", str(bundle))
+    assert res.exit_code == 2 and "corrupt weights" in res.output
+    assert not (bundle / "model.onnx").exists()
+
+
+def test_benchmark_tiny_run(bundle: Path, cells: Path, tmp_path: Path) -> None:
+    rep = run_benchmark(
+        str(bundle), batch_sizes=(2,), images=cells / "ART", warmup=1, min_time=0.05, min_iters=2
+    )
+    assert {(r.backend, r.mode) for r in rep.rows} == {
+        (b, m) for b in ("torch-fp32", "torch-bf16", "onnx") for m in ("network", "end-to-end")
+    }
+    for r in rep.rows:
+        if r.note:  # bf16 on a CPU without native support
+            assert r.backend == "torch-bf16" and r.images_per_s is None
+        else:
+            assert r.images_per_s > 0 and r.median_ms > 0 and r.p95_ms >= r.median_ms
+    assert rep.settings["n_images"] == 3 and "decode" in rep.preprocess_ms
+    md = to_markdown(rep)
+    assert rep.machine["cpu"] in md and f"torch {torch.__version__}" in md and "onnxruntime" in md
+    assert "| onnx | network | 2 |" in md
+
+
+def test_benchmark_cli_model_name_writes_markdown(tmp_path: Path, cells: Path) -> None:
+    out = tmp_path / "bench.md"
+    res = _invoke(
+        "benchmark", "paper_cnn", "--batch-sizes", "2", "--backends", "torch-fp32",
+        "--min-time", "0.05", "--warmup", "1", "--images", str(cells / "EOS"), "--out", str(out),
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert "random weights" in text and "| torch-fp32 | end-to-end | 2 |" in text
+    res = _invoke("benchmark", "paper_cnn", "--backends", "tensorrt")
+    assert res.exit_code == 2 and "tensorrt" in res.output

@@ -1,0 +1,167 @@
+"""Input collection, the worker-process decode pipeline, and the prediction table writers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from marrowscope.config import PreprocessConfig
+from marrowscope.inference import batching
+from marrowscope.inference.batching import (
+    InputError,
+    collect_image_paths,
+    iter_loaded,
+    prediction_records,
+    write_predictions,
+)
+
+CFG = PreprocessConfig(size=16)
+
+
+def _img(path: Path, value: int = 100, size: tuple[int, int] = (20, 24)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ collect paths
+
+
+def test_collect_folders_recursive_files_globs_in_order_without_duplicates(tmp_path: Path) -> None:
+    a = _img(tmp_path / "d" / "b.png")
+    b = _img(tmp_path / "d" / "sub" / "a.JPG")
+    (tmp_path / "d" / "notes.txt").write_text("not an image")
+    c = _img(tmp_path / "e" / "x.tif")
+    explicit = tmp_path / "odd.dat"
+    explicit.write_bytes(b"named explicitly: kept, fails later with an error row")
+
+    got = collect_image_paths(
+        [str(tmp_path / "d"), str(explicit), str(tmp_path / "e" / "*.tif"), a]
+    )
+    assert got == [a, b, explicit, c]
+
+
+def test_collect_glob_recursive_and_missing_inputs(tmp_path: Path) -> None:
+    deep = _img(tmp_path / "x" / "y" / "z.png")
+    assert collect_image_paths([str(tmp_path / "**" / "*.png")]) == [deep]
+    with pytest.raises(InputError, match="no such file or folder"):
+        collect_image_paths([str(tmp_path / "missing.png")])
+    with pytest.raises(InputError, match="matches no image"):
+        collect_image_paths([str(tmp_path / "*.jpg")])
+    with pytest.raises(InputError, match="no input"):
+        collect_image_paths([])
+
+
+def test_collect_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(InputError, match=r"empty: no image files"):
+        collect_image_paths([tmp_path / "empty"])
+
+
+# ------------------------------------------------------------------------------ decode pipeline
+
+
+def test_iter_loaded_keeps_order_across_workers_and_reports_bad_files(tmp_path: Path) -> None:
+    paths = [_img(tmp_path / f"{i:02d}.png", value=i * 10) for i in range(11)]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    paths[3:3] = [bad]
+    paths[8:8] = [empty]
+    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2, prefetch=3))
+    assert len(out) == len(paths)
+    for p, (arr, err) in zip(paths, out, strict=True):
+        if p in (bad, empty):
+            assert arr is None and str(p) in err
+        else:
+            assert err is None and arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+            assert arr[0, 0, 0] == int(p.stem) * 10  # the right image in the right place
+    assert "empty" in out[8][1] and "not a readable image" in out[3][1]
+
+
+def test_iter_loaded_survives_a_crashing_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed by a file (as a decoder segfault would) costs that file only."""
+    real = batching.load_and_preprocess
+
+    def crashing(path, cfg, size):  # type: ignore[no-untyped-def]
+        if "crash" in str(path):
+            os._exit(11)
+        return real(path, cfg, size)
+
+    monkeypatch.setattr(batching, "load_and_preprocess", crashing)  # inherited by forked workers
+    paths = [_img(tmp_path / f"{i}.png", value=i) for i in range(6)]
+    crash = _img(tmp_path / "crash.png")
+    paths.insert(2, crash)
+    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2))
+    assert [e is None for _, e in out] == [p != crash for p in paths]
+    assert "crashed" in out[2][1] and str(crash) in out[2][1]
+    assert [int(a[0, 0, 0]) for a, _ in out if a is not None] == list(range(6))
+
+
+# --------------------------------------------------------------------------------------- output
+
+
+def _records() -> list[dict]:
+    probs = np.array([0.1, 0.7, 0.2], np.float32)
+    return prediction_records(
+        [("a.png", probs, None), ("b.png", None, "b.png: corrupt")],
+        ["X", "Y", "Z"],
+        topk=2,
+        extra={"model": "m", "marrowscope_version": "1.0"},
+    )
+
+
+def test_records_rank_classes_and_keep_error_rows() -> None:
+    ok, bad = _records()
+    assert list(ok) == [
+        "path", "predicted", "confidence", "top1", "p_top1", "top2", "p_top2",
+        "p_X", "p_Y", "p_Z", "model", "marrowscope_version", "error",
+    ]  # fmt: skip
+    assert (ok["predicted"], ok["top2"], ok["error"]) == ("Y", "Z", "")
+    assert ok["confidence"] == pytest.approx(0.7) and ok["p_X"] == pytest.approx(0.1)
+    assert bad["predicted"] is None and bad["p_Y"] is None and bad["error"] == "b.png: corrupt"
+    assert bad["model"] == "m"
+    # topk larger than the number of classes is clamped
+    rec = prediction_records([("a", np.array([0.5, 0.5]), None)], ["P", "Q"], topk=5)[0]
+    assert "top2" in rec and "top3" not in rec
+    with pytest.raises(ValueError, match="topk"):
+        prediction_records([], ["P", "Q"], topk=0)
+
+
+def test_write_csv_and_json(tmp_path: Path) -> None:
+    write_predictions(_records(), tmp_path / "p.csv")
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert rows[0]["predicted"] == "Y" and float(rows[0]["p_Y"]) == pytest.approx(0.7)
+    assert rows[1]["predicted"] == "" and rows[1]["error"] == "b.png: corrupt"
+    write_predictions(_records(), tmp_path / "p.json")
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data[1]["p_Y"] is None and data[0]["top1"] == "Y"
+    with pytest.raises(InputError, match=r"\.csv, \.json or \.parquet"):
+        write_predictions(_records(), tmp_path / "p.xlsx")
+
+
+def test_write_parquet(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    write_predictions(_records(), tmp_path / "p.parquet")
+    table = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert table[0]["predicted"] == "Y" and table[1]["confidence"] is None
+
+
+def test_parquet_without_pyarrow_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import fails as if not installed
+    with pytest.raises(InputError, match="pip install pyarrow"):
+        write_predictions(_records(), tmp_path / "p.parquet")
+    assert not (tmp_path / "p.parquet").exists()
