@@ -21,14 +21,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from rich.console import Console
 
 from marrowscope.config import ExperimentConfig, replace, to_dict
 from marrowscope.engine.data import PreparedData, prepare_data, save_split
-from marrowscope.engine.evaluate import predict_probabilities, score, write_evaluation
+from marrowscope.engine.evaluate import score, write_evaluation
 from marrowscope.engine.train import fit
-from marrowscope.models.bundle import load_bundle
+from marrowscope.inference.predictor import Predictor
 from marrowscope.reports.markdown import comparison_report
 from marrowscope.reports.plots import plot_model_comparison, plot_per_class_f1
 from marrowscope.reports.tables import (
@@ -39,7 +39,6 @@ from marrowscope.reports.tables import (
     write_csv,
 )
 from marrowscope.utils.io import atomic_write_json, atomic_write_text
-from marrowscope.utils.runtime import resolve_device, resolve_precision
 
 
 def model_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
@@ -62,23 +61,9 @@ def _model_row(
 ) -> dict[str, Any]:
     """Evaluate one trained model on the test split and gather its row for the tables."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    model, meta = load_bundle(run_dir / "best", device="cpu")
-    device = resolve_device(mcfg.train.device)
-    precision = resolve_precision(mcfg.train.precision, device, mcfg.train.channels_last)
-    model.to(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    predictor = Predictor.from_checkpoint(run_dir / "best", device=mcfg.train.device)
     test = data.splits["test"]
-    probs = predict_probabilities(
-        model,
-        test.images,
-        size=mcfg.preprocess.size,
-        device=device,
-        precision=precision,
-        progress=progress,
-    )
-    import numpy as np
-
+    probs = predictor.predict_preprocessed(test.images, progress=progress)
     labels = np.asarray(test.labels, dtype=np.int64)
     metrics = score(probs, labels, data.classes, focus=focus, seed=mcfg.seed)
     eval_dir = out / "eval" / name
@@ -112,7 +97,7 @@ def _model_row(
         "train_seconds": summary["train_seconds"],
         "params": summary["params"],
         "metrics": metrics,
-        "val_metrics": meta.get("metrics"),
+        "val_metrics": predictor.metadata.get("metrics"),
     }
 
 

@@ -6,74 +6,33 @@ import csv
 import io
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
 
-from marrowscope.config import ExperimentConfig, PreprocessConfig, from_dict
 from marrowscope.data import DataError
-from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import ManifestRow, read_manifest
 from marrowscope.data.sample import resolve_root
 from marrowscope.data.scan import scan_folder
-from marrowscope.engine.loops import make_progress, predict_logits, softmax
+from marrowscope.inference.predictor import Predictor
 from marrowscope.metrics.classification import (
     bootstrap_ci,
     classification_metrics,
     expected_calibration_error,
     focus_class_block,
 )
-from marrowscope.models.bundle import load_bundle
-from marrowscope.models.registry import Classifier
+from marrowscope.models.bundle import read_metadata
 from marrowscope.preprocess.cache import PreprocessCache
+from marrowscope.preprocess.ops import config_from_params
 from marrowscope.reports.markdown import evaluation_report
 from marrowscope.reports.plots import plot_confusion_matrix
-from marrowscope.transforms.augment import eval_transform
 from marrowscope.utils.io import atomic_write_json, atomic_write_text
-from marrowscope.utils.runtime import Precision, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FOCUS = "HAC"
-
-
-def bundle_config(meta: Mapping[str, Any]) -> ExperimentConfig:
-    """The experiment config stored in a bundle's metadata (cache location reset to the default)."""
-    cfg = from_dict(dict(meta["config"]))
-    return dc_replace(cfg, preprocess=dc_replace(cfg.preprocess, cache_dir=None))
-
-
-def predict_probabilities(
-    model: Classifier,
-    images: Sequence[np.ndarray],
-    *,
-    size: int,
-    device: torch.device,
-    precision: Precision,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> np.ndarray:
-    """Class probabilities (N x K) for preprocessed RGB HWC uint8 ``images``."""
-    ds = CellDataset(images, [0] * len(images), eval_transform(size))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
-    with make_progress(transient=True, disable=not progress) as bar:
-        logits, _ = predict_logits(
-            model,
-            loader,
-            device=device,
-            precision=precision,
-            progress=bar if progress else None,
-            task_name="predicting",
-            total=len(ds),
-        )
-    if logits.size == 0:
-        return np.zeros((0, model.num_classes), np.float32)
-    return softmax(logits)
 
 
 def score(
@@ -184,9 +143,8 @@ def evaluate_bundle(
     :class:`DataError` names the unknown classes and the fixes (``--map SRC=DST``, ``--drop-unknown``).
     """
     console = console or Console()
-    model, meta = load_bundle(bundle_dir, device="cpu")
+    meta = read_metadata(bundle_dir)
     classes: list[str] = list(meta["classes"])
-    cfg = bundle_config(meta)
     rows = _rows_from_source(Path(source), split)
     cmap = dict(class_map or {})
     rows = [ManifestRow(r.path, cmap.get(r.label, r.label), r.split, r.group) for r in rows]
@@ -203,7 +161,7 @@ def evaluate_bundle(
     if not rows:
         raise DataError(f"no labelled image to evaluate in {source}")
 
-    pre: PreprocessConfig = cfg.preprocess
+    pre = config_from_params(meta["preprocess"])  # exactly what the Predictor applies
     arrays, failures = PreprocessCache(pre).load_many(
         [r.path for r in rows], workers=pre.workers, progress=progress
     )
@@ -215,20 +173,8 @@ def evaluate_bundle(
     labels = np.array([index[rows[i].label] for i in keep], dtype=np.int64)
     paths = [rows[i].path for i in keep]
 
-    dev = resolve_device(device)
-    precision = resolve_precision(cfg.train.precision, dev, cfg.train.channels_last)
-    model.to(dev)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    probs = predict_probabilities(
-        model,
-        images,
-        size=pre.size,
-        device=dev,
-        precision=precision,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    predictor = Predictor.from_checkpoint(bundle_dir, device=device, batch_size=batch_size)
+    probs = predictor.predict_preprocessed(images, progress=progress)
     focus_cls = focus or (DEFAULT_FOCUS if DEFAULT_FOCUS in classes else None)
     metrics = score(probs, labels, classes, focus=focus_cls, n_boot=n_boot)
     metrics["checkpoint"] = str(bundle_dir)
@@ -242,7 +188,7 @@ def evaluate_bundle(
             labels=labels,
             paths=paths,
             classes=classes,
-            title=f"{meta.get('arch', 'model')} on {Path(source).name}",
+            title=f"{predictor.arch} on {Path(source).name}",
             extra={"checkpoint": str(bundle_dir), "data": str(source), "images": len(paths)},
         )
     return metrics

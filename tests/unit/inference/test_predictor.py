@@ -130,21 +130,26 @@ def test_predict_preprocessed_equals_raw_path_and_is_batch_independent(
         p.predict_preprocessed([pre[0], pre[1].astype(np.float32)])
 
 
-def test_predict_preprocessed_matches_the_evaluate_path(
+def test_predict_preprocessed_matches_the_training_validation_path(
     tiny_bundle: Path, cell_files: list[Path]
 ) -> None:
-    """The evaluation engine's batched path and the Predictor agree (fp32)."""
-    from marrowscope.engine.evaluate import predict_probabilities
+    """The Predictor and the training loop's validation pass agree (fp32)."""
+    from torch.utils.data import DataLoader
+
+    from marrowscope.data.dataset import CellDataset
+    from marrowscope.engine.loops import predict_logits, softmax
+    from marrowscope.transforms.augment import eval_transform
     from marrowscope.utils.runtime import resolve_precision
 
     p = _fp32(tiny_bundle, batch_size=4)
     pre = [p.preprocess(p.load(f)) for f in cell_files]
     model, _ = load_bundle(tiny_bundle)
     dev = torch.device("cpu")
-    ref = predict_probabilities(
-        model, pre, size=32, device=dev, precision=resolve_precision("fp32", dev), batch_size=4
+    loader = DataLoader(CellDataset(pre, [0] * len(pre), eval_transform(32)), batch_size=4)
+    logits, _ = predict_logits(
+        model, loader, device=dev, precision=resolve_precision("fp32", dev, channels_last=False)
     )
-    np.testing.assert_allclose(p.predict_preprocessed(pre), ref, atol=1e-5)
+    np.testing.assert_allclose(p.predict_preprocessed(pre), softmax(logits), atol=1e-5)
 
 
 def test_bf16_precision_is_close_to_fp32(tiny_bundle: Path, cell_files: list[Path]) -> None:
