@@ -60,6 +60,48 @@ def write_synthetic_tree(root: Path, per_class: int = 12, size: int = 48, seed: 
     return root
 
 
+BUNDLE_CLASSES = ["AAA", "BBB", "CCC"]
+
+
+def make_bundle(directory: Path, *, seed: int = 0, size: int = 32, sharpen: bool = False) -> Path:
+    """A tiny checkpoint bundle: random paper_cnn, 3 classes, ``size`` px."""
+    import torch
+
+    from marrowscope.config import ModelConfig, PreprocessConfig
+    from marrowscope.models.bundle import save_bundle
+    from marrowscope.models.registry import build_model
+    from marrowscope.preprocess.ops import preprocess_params
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name="paper_cnn", pretrained=False), 3, input_size=size)
+    pre = preprocess_params(PreprocessConfig(size=size, sharpen=sharpen))
+    return save_bundle(directory, model, {"classes": BUNDLE_CLASSES, "preprocess": pre})
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path) -> Path:
+    """A tiny paper_cnn bundle (32 px, classes AAA/BBB/CCC)."""
+    return make_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture
+def cell_files(tmp_path: Path) -> list[Path]:
+    """Six small RGB JPEG/PNG files of different sizes and content."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cell_files"
+    folder.mkdir()
+    out = []
+    for i in range(6):
+        arr = rng.integers(0, 256, (40 + 4 * i, 44, 3), dtype=np.uint8)
+        arr[10:30, 10:30] = (200 - 30 * i, 40 + 20 * i, 90)
+        p = folder / f"cell_{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(arr).save(p)
+        out.append(p)
+    return out
+
+
 @pytest.fixture
 def synthetic_tree(tmp_path: Path) -> Path:
     """3 classes x 12 synthetic cells, 48x48."""

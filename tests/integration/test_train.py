@@ -217,7 +217,9 @@ def test_unreadable_images_are_skipped_not_fatal(synthetic_tree: Path, tmp_path:
     assert len(rows) == 38  # the manifest keeps them; the images themselves were left out
 
 
-def test_two_stage_schedule_freezes_the_backbone_first(synthetic_tree: Path, tmp_path: Path) -> None:
+def test_two_stage_schedule_freezes_the_backbone_first(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
     cfg = from_dict(
         {
             **tiny_config(synthetic_tree, epochs=2, freeze_epochs=1),
@@ -231,8 +233,12 @@ def test_two_stage_schedule_freezes_the_backbone_first(synthetic_tree: Path, tmp
     assert [h["stage"] for h in res.history] == ["head", "full"]
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
     # after the whole run the backbone has moved; check epoch 1 through a 1-epoch twin run
-    cfg1 = from_dict({**tiny_config(synthetic_tree, epochs=1, freeze_epochs=1),
-                      "model": {"name": "tf_efficientnet_lite0", "pretrained": True}})
+    cfg1 = from_dict(
+        {
+            **tiny_config(synthetic_tree, epochs=1, freeze_epochs=1),
+            "model": {"name": "tf_efficientnet_lite0", "pretrained": True},
+        }
+    )
     fit(cfg1, tmp_path / "one", progress=False)
     after_head = _weights(tmp_path / "one" / "last")
     conv = "backbone.conv_stem.weight"

@@ -362,10 +362,10 @@ def explain(
     def body() -> None:
         from rich.markup import escape
 
-        from marrowscope.engine.loops import make_progress
         from marrowscope.explain.gradcam import class_index
         from marrowscope.explain.sheets import explain_to_folder
         from marrowscope.inference import Predictor, collect_image_paths
+        from marrowscope.utils.progress import make_progress
 
         if batch_size < 1:
             raise typer.BadParameter(f"must be >= 1; got {batch_size}", param_hint="--batch-size")

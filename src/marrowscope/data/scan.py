@@ -16,8 +16,9 @@ from pathlib import Path
 from rich.table import Table
 
 from marrowscope.data import DataError
-from marrowscope.preprocess.cache import make_progress, process_context, resolve_workers
+from marrowscope.preprocess.cache import process_context, resolve_workers
 from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
+from marrowscope.utils.progress import make_progress
 
 POOL_MIN_FILES = 64
 """Below this many files the image check runs in-process (a pool costs more than it saves)."""

@@ -8,15 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from torch import nn
 
 from marrowscope.utils.runtime import Precision
@@ -34,22 +26,6 @@ class EpochStats:
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def make_progress(*, transient: bool = False, disable: bool = False) -> Progress:
-    """A rich progress bar showing count, rate, loss/accuracy (when given) and ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        transient=transient,
-        disable=disable,
-    )
 
 
 def train_one_epoch(
@@ -112,11 +88,8 @@ def train_one_epoch(
         correct += int((logits.detach().argmax(1) == y).sum())
         seen += n
         if progress is not None and task is not None:
-            rate = seen / max(time.perf_counter() - start, 1e-9)
             progress.update(
-                task,
-                advance=n,
-                stats=f"loss {total_loss / seen:.3f} acc {correct / seen:.3f} {rate:.1f} img/s",
+                task, advance=n, stats=f"loss {total_loss / seen:.3f} acc {correct / seen:.3f}"
             )
     if progress is not None and task is not None:
         progress.remove_task(task)

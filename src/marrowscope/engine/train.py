@@ -42,7 +42,7 @@ from marrowscope.config import ExperimentConfig, load_config, save_config, to_di
 from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import read_manifest
 from marrowscope.engine.data import PreparedData, prepare_data, save_split
-from marrowscope.engine.loops import cross_entropy, make_progress, predict_logits, train_one_epoch
+from marrowscope.engine.loops import cross_entropy, predict_logits, train_one_epoch
 from marrowscope.metrics.classification import classification_metrics
 from marrowscope.models.bundle import save_bundle
 from marrowscope.models.registry import Classifier, build_model
@@ -50,6 +50,7 @@ from marrowscope.preprocess.ops import preprocess_params
 from marrowscope.reports.plots import plot_training_curves
 from marrowscope.transforms.augment import eval_transform, train_transform
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import (
     Precision,
     resolve_device,
@@ -234,6 +235,7 @@ def fit(
         progress: show progress bars.
     """
     console = console or Console()
+    wall_start = time.perf_counter()
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
     state: dict[str, Any] | None = None
@@ -339,8 +341,10 @@ def fit(
     )
     stopped_early = False
     t0 = time.perf_counter()
-    with make_progress(disable=not progress) as bar:
-        epoch_task = bar.add_task("epochs", total=t.epochs, completed=start_epoch - 1, stats="")
+    with make_progress(enabled=progress, console=console) as bar:
+        epoch_task = bar.add_task(
+            "epochs", total=t.epochs, completed=start_epoch - 1, stats="", unit="epoch"
+        )
         for epoch in range(start_epoch, t.epochs + 1):
             if t.early_stopping_patience is not None and bad_epochs >= t.early_stopping_patience:
                 stopped_early = True
@@ -417,7 +421,7 @@ def fit(
                 + (" *" if improved else ""),
             )
             (bar.console if progress else console).print(
-                f"epoch {epoch:>3} [{stage}] loss {stats.loss:.3f} acc {stats.accuracy:.3f} | "
+                f"epoch {epoch:>3} \\[{stage}] loss {stats.loss:.3f} acc {stats.accuracy:.3f} | "
                 f"val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
                 f"macro-F1 {val['macro_f1']:.3f}{'  (best)' if improved else ''} | "
                 f"{stats.images_per_second:.1f} img/s"
@@ -452,6 +456,7 @@ def fit(
             "best_epoch": best_epoch,
             "best": best_row,
             "train_seconds": round(train_seconds, 1),
+            "wall_seconds_this_session": round(time.perf_counter() - wall_start, 1),
             "stopped_early": stopped_early,
             "params": params,
             "device": device.type,

@@ -39,7 +39,7 @@ from marrowscope.models.bundle import (
     load_bundle,
 )
 from marrowscope.models.registry import Classifier
-from marrowscope.preprocess.cache import make_progress, resolve_workers
+from marrowscope.preprocess.cache import resolve_workers
 from marrowscope.preprocess.ops import (
     apply_preprocess,
     config_from_params,
@@ -47,6 +47,7 @@ from marrowscope.preprocess.ops import (
     resize,
 )
 from marrowscope.utils.image import decode_image, read_image, to_rgb_uint8
+from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import Precision, resolve_device, resolve_precision
 
 __all__ = [

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from marrowscope import __version__
 from marrowscope.config import ConfigError, from_dict, to_dict
 from marrowscope.models.registry import Classifier, ModelError, build_model
-from marrowscope.utils.io import atomic_write_json
+from marrowscope.utils.io import atomic_write_json, json_default
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -105,7 +105,10 @@ def save_bundle(directory: str | Path, model: Classifier, metadata: Mapping[str,
         std=list(model.std),
     )
     meta.setdefault("weights_source", model.weights_source)
-    json.dumps(meta, default=_json_probe)  # fail before touching the disk
+    try:
+        json.dumps(meta, default=json_default)  # fail before touching the disk
+    except TypeError as e:
+        raise TypeError(f"bundle metadata is not JSON serialisable: {e}") from None
 
     if directory.exists() and not directory.is_dir():
         raise BundleError(
@@ -144,24 +147,6 @@ def save_bundle(directory: str | Path, model: Classifier, metadata: Mapping[str,
         raise
     shutil.rmtree(old, ignore_errors=True)
     return directory
-
-
-def _json_probe(o: Any) -> Any:
-    # Same rules as utils.io.atomic_write_json (numpy scalars/arrays, paths, sets, tuples).
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    raise TypeError(f"bundle metadata is not JSON serialisable: {type(o).__name__} {o!r:.80}")
 
 
 def _fsync(path: Path) -> None:

@@ -19,24 +19,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from marrowscope.config import PreprocessConfig
 from marrowscope.preprocess.ops import apply_preprocess, params_key, preprocess_params
-from marrowscope.utils.image import ImageReadError, decode_image
+from marrowscope.utils.image import ImageReadError, decode_image, read_file_bytes
 from marrowscope.utils.io import atomic_write, atomic_write_json
+from marrowscope.utils.progress import make_progress
 
 CACHE_ENV = "MARROWSCOPE_CACHE"
 
@@ -72,43 +60,8 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class _RateColumn(ProgressColumn):
-    """Items per second."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(
-            "-- img/s" if speed is None else f"{speed:,.1f} img/s", style="progress.data.speed"
-        )
-
-
-def make_progress(*, enabled: bool = True, console: Console | None = None) -> Progress:
-    """A rich progress bar with count, percentage, rate and ETA (printed to stderr)."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def _file_sha256(path: Path) -> tuple[str, bytes]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found; check the path") from None
-    except IsADirectoryError:
-        raise ImageReadError(path, "is a folder, not an image file") from None
-    except OSError as e:
-        raise ImageReadError(
-            path, f"cannot read file ({e.strerror}); check its permissions"
-        ) from None
+    data = read_file_bytes(path)
     return hashlib.sha256(data).hexdigest(), data
 
 

@@ -186,19 +186,23 @@ def _cv2_decode(data: bytes) -> np.ndarray | None:
     return arr
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB, HWC, uint8.
-
-    Raises:
-        ImageReadError: missing, unreadable, empty, non-image, truncated, or too large.
-    """
+def read_file_bytes(path: str | Path) -> bytes:
+    """The bytes of an image file, or an :class:`ImageReadError` naming the file and the fix."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError:
         raise ImageReadError(p, "file not found; check the path") from None
     except IsADirectoryError:
         raise ImageReadError(p, "is a folder, not an image file") from None
     except OSError as e:
         raise ImageReadError(p, f"cannot read file ({e.strerror}); check its permissions") from None
-    return decode_image(data, p)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB, HWC, uint8.
+
+    Raises:
+        ImageReadError: missing, unreadable, empty, non-image, truncated, or too large.
+    """
+    return decode_image(read_file_bytes(path), Path(path))

@@ -55,12 +55,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
-    atomic_write_text(
-        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-    )
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars/arrays, paths, sets and tuples."""
     try:
         import numpy as np
 

@@ -18,7 +18,7 @@ from marrowscope.models.bundle import METADATA_NAME, WEIGHTS_NAME, BundleError, 
 from marrowscope.preprocess.ops import apply_preprocess, config_from_params
 from marrowscope.utils.image import ImageReadError, read_image
 
-CLASSES = ["AAA", "BBB", "CCC"]  # as in conftest.make_bundle
+CLASSES = ["AAA", "BBB", "CCC"]  # as in tests/conftest.py make_bundle
 
 
 def _fp32(bundle: Path, **kw) -> Predictor:  # type: ignore[no-untyped-def]
