@@ -102,7 +102,8 @@ def test_predict_onnx_backend_after_export_matches_torch(
 
 
 def test_predict_parquet(bundle: Path, cells: Path, tmp_path: Path) -> None:
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq  # a dev dependency: installed by make test
+
     out = tmp_path / "p.parquet"
     res = _invoke("predict", str(bundle), str(cells / "EOS"), "--out", str(out), "--no-progress")
     assert res.exit_code == 0, res.output

@@ -7,13 +7,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
-
-from marrowscope.export import onnx as onnx_export  # noqa: E402
+from marrowscope.export import onnx as onnx_export
 from marrowscope.export.onnx import ExportError, export_checkpoint, sample_images  # noqa: E402
 from marrowscope.inference import Predictor, PredictorError  # noqa: E402
 from marrowscope.models.bundle import load_bundle, save_bundle  # noqa: E402

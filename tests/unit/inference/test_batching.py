@@ -152,7 +152,8 @@ def test_write_csv_and_json(tmp_path: Path) -> None:
 
 
 def test_write_parquet(tmp_path: Path) -> None:
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq  # a dev dependency: installed by make test
+
     write_predictions(_records(), tmp_path / "p.parquet")
     table = pq.read_table(tmp_path / "p.parquet").to_pylist()
     assert table[0]["predicted"] == "Y" and table[1]["confidence"] is None

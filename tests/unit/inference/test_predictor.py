@@ -255,7 +255,6 @@ def test_onnx_backend_without_an_export_names_the_command(tiny_bundle: Path) -> 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_onnx_file_without_metadata_or_corrupt(tiny_bundle: Path, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
     model, _ = load_bundle(tiny_bundle)
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(
