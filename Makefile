@@ -30,9 +30,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 
+## Speed measurements behind docs/benchmarks.md (after `make demo`; ~15 min on 2 cores).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_models.py
-	$(BIN)/python benchmarks/bench_preprocess.py
+	bash benchmarks/run_all.sh
 
 clean:
 	rm -rf runs .pytest_cache
