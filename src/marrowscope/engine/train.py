@@ -260,8 +260,8 @@ def fit(
 
     seed_everything(cfg.seed)
     set_threads(cfg.train.threads)
-    # Tiny optimizer statistics become denormal floats late in training; on x86 CPUs those are
-    # many times slower. Flushing them to zero keeps epochs at full speed.
+    # Tiny optimizer statistics can become denormal floats late in training, which x86 CPUs
+    # handle slowly; flush them to zero (a negligible change to the numbers).
     torch.set_flush_denormal(True)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.channels_last)
@@ -276,17 +276,18 @@ def fit(
     save_config(cfg, run_dir / "config.yaml")
     save_split(data, run_dir / "split.csv")
     if data.skipped:
-        atomic_write_text(
-            run_dir / "skipped.csv",
-            "path,error\n" + "".join(f'"{p}","{m}"\n' for p, m in data.skipped),
-        )
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["path", "error"])
+        writer.writerows(data.skipped)
+        atomic_write_text(run_dir / "skipped.csv", buf.getvalue())
         console.print(
             f"[yellow]{len(data.skipped)} unreadable image(s) skipped; see {run_dir / 'skipped.csv'}"
         )
 
     classes = data.classes
     t = cfg.train
-    # On resume the weights come from the last bundle: do not fetch ImageNet weights again.
+    # On resume the weights come from state.pt: do not fetch ImageNet weights again.
     model = build_model(
         cfg.model,
         len(classes),
