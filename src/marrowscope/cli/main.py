@@ -15,7 +15,8 @@ from rich.logging import RichHandler
 
 app = typer.Typer(
     name="marrowscope",
-    help="Classify single-cell bone-marrow cytology images: data, train, evaluate, compare.",
+    help="Classify single-cell bone-marrow cytology images: train, evaluate and compare models; "
+    "predict, explain and count new samples.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
