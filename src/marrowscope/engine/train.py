@@ -133,30 +133,22 @@ def _loaders(
     val = data.splits["val"]
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     ds_train = CellDataset(train.images, train.labels, train_transform(cfg.augment, size))
+    sampler = None
     if t.imbalance == "sampler":
         counts = np.bincount(train.labels, minlength=len(data.classes)).astype(np.float64)
         weights = 1.0 / np.maximum(counts[np.asarray(train.labels)], 1.0)
         sampler = WeightedRandomSampler(
             torch.as_tensor(weights, dtype=torch.double), len(train), replacement=True, generator=g
         )
-        train_loader = DataLoader(
-            ds_train,
-            batch_size=t.batch_size,
-            sampler=sampler,
-            num_workers=t.num_workers,
-            drop_last=len(train) > t.batch_size,
-            generator=g,
-            persistent_workers=False,
-        )
-    else:
-        train_loader = DataLoader(
-            ds_train,
-            batch_size=t.batch_size,
-            shuffle=True,
-            num_workers=t.num_workers,
-            drop_last=len(train) > t.batch_size,
-            generator=g,
-        )
+    train_loader = DataLoader(
+        ds_train,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=t.num_workers,
+        drop_last=len(train) > t.batch_size,
+        generator=g,
+    )
     ds_val = CellDataset(val.images, val.labels, eval_transform(size))
     val_loader = DataLoader(ds_val, batch_size=max(t.batch_size, 64), shuffle=False, num_workers=0)
     return train_loader, val_loader
