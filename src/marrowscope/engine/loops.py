@@ -132,13 +132,6 @@ def predict_logits(
     return np.concatenate(outs), np.concatenate(labels).astype(np.int64)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of a logits array, numerically stable."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def cross_entropy(logits: np.ndarray, labels: Sequence[int]) -> float:
     """Mean cross-entropy (no smoothing, no weights) of logits against labels."""
     if len(labels) == 0:

@@ -37,14 +37,13 @@ from marrowscope.inference.predictor import (
     ONNX_OUTPUT,
     Predictor,
     default_metadata,
-    file_sha256,
     softmax,
 )
 from marrowscope.models.bundle import WEIGHTS_NAME, load_bundle
 from marrowscope.models.registry import Classifier, ModelError
 from marrowscope.preprocess.ops import apply_preprocess, config_from_params, resize
 from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, read_image
-from marrowscope.utils.io import atomic_write
+from marrowscope.utils.io import atomic_write, file_sha256
 
 __all__ = [
     "DEFAULT_TOLERANCE",

@@ -17,7 +17,6 @@ too) -> softmax.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +46,7 @@ from marrowscope.preprocess.ops import (
     resize,
 )
 from marrowscope.utils.image import decode_image, read_image, to_rgb_uint8
+from marrowscope.utils.io import file_sha256
 from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import Precision, resolve_device, resolve_precision
 
@@ -59,7 +59,6 @@ __all__ = [
     "PathPrediction",
     "Predictor",
     "PredictorError",
-    "file_sha256",
     "read_onnx_metadata",
     "softmax",
 ]
@@ -114,15 +113,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (identifies the weights an ONNX model was exported from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_metadata(meta: Any, source: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ when pretrained weights are asked for, loads them from the first source that app
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from marrowscope.config import ModelConfig
+from marrowscope.utils.io import file_sha256
 
 
 class ModelError(ValueError):
@@ -242,15 +242,6 @@ def _first_line(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------------------------
 # offline packages
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_offline_weights(backbone: nn.Module, base_name: str) -> str:

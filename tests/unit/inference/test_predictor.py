@@ -137,7 +137,8 @@ def test_predict_preprocessed_matches_the_training_validation_path(
     from torch.utils.data import DataLoader
 
     from marrowscope.data.dataset import CellDataset
-    from marrowscope.engine.loops import predict_logits, softmax
+    from marrowscope.engine.loops import predict_logits
+    from marrowscope.inference.predictor import softmax
     from marrowscope.transforms.augment import eval_transform
     from marrowscope.utils.runtime import resolve_precision
 
