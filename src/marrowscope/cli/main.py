@@ -161,7 +161,7 @@ def data_manifest(
 
     def body() -> None:
         from marrowscope.config import from_dict
-        from marrowscope.data.manifest import write_manifest
+        from marrowscope.data.manifest import class_names, write_manifest
         from marrowscope.engine.data import manifest_rows
 
         is_csv = source.lower().endswith(".csv")
@@ -183,8 +183,7 @@ def data_manifest(
         from collections import Counter
 
         per = Counter((r.label, r.split) for r in rows)
-        labels = list(dict.fromkeys(r.label for r in rows))
-        for c in labels:
+        for c in class_names(rows):
             console.print(
                 f"{c:>6}: " + ", ".join(f"{s} {per[(c, s)]}" for s in ("train", "val", "test"))
             )

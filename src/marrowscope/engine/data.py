@@ -10,7 +10,13 @@ import numpy as np
 
 from marrowscope.config import ExperimentConfig
 from marrowscope.data import DataError
-from marrowscope.data.manifest import ManifestRow, build_manifest, read_manifest, write_manifest
+from marrowscope.data.manifest import (
+    ManifestRow,
+    build_manifest,
+    class_names,
+    read_manifest,
+    write_manifest,
+)
 from marrowscope.data.sample import resolve_root
 from marrowscope.data.scan import scan_folder
 from marrowscope.data.split import assign_splits
@@ -91,12 +97,7 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[Manif
 
 def class_order(cfg: ExperimentConfig, rows: list[ManifestRow]) -> list[str]:
     """Class names in model index order: ``data.classes`` if given, else first appearance."""
-    if cfg.data.classes:
-        return list(cfg.data.classes)
-    seen: dict[str, None] = {}
-    for r in rows:
-        seen.setdefault(r.label, None)
-    return list(seen)
+    return list(cfg.data.classes) if cfg.data.classes else class_names(rows)
 
 
 def load_split_images(
