@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -60,7 +60,11 @@ __all__ = [
     "CountResult",
     "Evidence",
     "HacFlag",
+    "Tally",
+    "check_settings",
     "count_sample",
+    "select_evidence",
+    "tally",
     "write_count_outputs",
 ]
 
@@ -280,7 +284,12 @@ class CountResult:
 # ----------------------------------------------------------------------------------- counting
 
 
-def _check_settings(threshold: float, min_percent: float, min_count: int, evidence: int) -> None:
+def check_settings(threshold: float, min_percent: float, min_count: int, evidence: int) -> None:
+    """Check the count settings (threshold, HAC rules, evidence size).
+
+    Raises:
+        CountError: a setting out of range; the message names it and the default.
+    """
     if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
         raise CountError(
             f"threshold must be a probability between 0 and 1; got {threshold} (0.5 is the default)"
@@ -396,15 +405,82 @@ def _flag(
     )
 
 
+def select_evidence(
+    cells: Iterable[CellCall], hac: str, classes: Sequence[str], n: int
+) -> list[CellCall]:
+    """The ``n`` identified cells called ``hac`` with the highest ``hac`` probability.
+
+    Ties are broken by ``rel`` so the choice is stable.
+    """
+    idx = list(classes).index(hac)
+    return sorted(
+        (c for c in cells if c.identified and c.predicted == hac),
+        key=lambda c: (-float(c.probs[idx]), c.rel),
+    )[: max(0, n)]
+
+
+@dataclass(frozen=True)
+class Tally:
+    """A differential count and its hairy-cell flag (no evidence pictures).
+
+    Attributes:
+        counts: cells per class (every class of the model, zeros included, model order).
+        percents: ``counts`` as percentages of the counted cells (0 when none).
+        flag: the hairy-cell flag for these counts.
+    """
+
+    counts: dict[str, int]
+    percents: dict[str, float]
+    flag: HacFlag
+
+    @property
+    def total(self) -> int:
+        """Counted cells."""
+        return sum(self.counts.values())
+
+
+def tally(
+    labels: Iterable[str],
+    classes: Sequence[str],
+    *,
+    hac_class: str = HAC_CLASS,
+    hac_min_percent: float = DEFAULT_HAC_MIN_PERCENT,
+    hac_min_count: int = DEFAULT_HAC_MIN_COUNT,
+) -> Tally:
+    """Count the labels of the identified cells and apply the hairy-cell rules.
+
+    The one counting rule behind ``marrowscope count`` and the review app (model calls and
+    reviewed labels alike).
+
+    Args:
+        labels: one class name per counted cell.
+        classes: the model's classes, in index order (every one appears in ``counts``).
+        hac_class: the hairy-cell class name (matched case-insensitively).
+        hac_min_percent: flag when HAC cells are at least this % of the counted cells.
+        hac_min_count: flag when at least this many cells are HAC.
+
+    Raises:
+        CountError: a label that is not one of ``classes``.
+    """
+    counts = {str(c): 0 for c in classes}
+    for label in labels:
+        if label not in counts:
+            raise CountError(
+                f"label {label!r} is not a class of the model ({', '.join(counts)}); use one of them"
+            )
+        counts[label] += 1
+    n = sum(counts.values())
+    percents = {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()}
+    flag = _flag(counts, list(counts), hac_class, hac_min_percent, hac_min_count)
+    return Tally(counts=counts, percents=percents, flag=flag)
+
+
 def _evidence(
     predictor: Predictor, cells: Sequence[CellCall], hac: str, classes: Sequence[str], n: int
 ) -> tuple[tuple[Evidence, ...], str | None]:
     """The ``n`` identified HAC cells with the highest HAC probability, with Grad-CAM overlays."""
     idx = list(classes).index(hac)
-    chosen = sorted(
-        (c for c in cells if c.identified and c.predicted == hac),
-        key=lambda c: (-float(c.probs[idx]), c.rel),
-    )[:n]
+    chosen = select_evidence(cells, hac, classes, n)
     if not chosen:
         return (), None
     if getattr(predictor, "backend", "torch") != "torch":
@@ -457,7 +533,7 @@ def count_sample(
     Raises:
         CountError: a missing/empty sample folder or a setting out of range.
     """
-    _check_settings(threshold, hac_min_percent, hac_min_count, evidence)
+    check_settings(threshold, hac_min_percent, hac_min_count, evidence)
     folder = Path(sample_dir).expanduser()
     images, others = _sample_files(folder)
     classes = tuple(str(c) for c in predictor.classes_)
@@ -480,13 +556,14 @@ def count_sample(
                 probs=probs,
             )
         )
-    counts = {c: 0 for c in classes}
-    for c in cells:
-        if c.identified:
-            counts[c.predicted] += 1
-    n = sum(counts.values())
-    percents = {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()}
-    flag = _flag(counts, classes, hac_class, hac_min_percent, hac_min_count)
+    t = tally(
+        (c.predicted for c in cells if c.identified),
+        classes,
+        hac_class=hac_class,
+        hac_min_percent=hac_min_percent,
+        hac_min_count=hac_min_count,
+    )
+    counts, percents, flag = t.counts, t.percents, t.flag
     if flag.hac_class is not None and evidence > 0:
         ev, note = _evidence(predictor, cells, flag.hac_class, classes, evidence)
         flag = replace(flag, evidence=ev, evidence_note=note)
