@@ -22,9 +22,10 @@ demo: $(STAMP)
 	@echo
 	@echo "Demo report: $(CURDIR)/runs/demo/report.md"
 
-## The whole test suite (unit + integration), offline.
+## The whole test suite (unit + integration), offline. Where Debian's postgresql is installed, the
+## database tests also run on a throwaway PostgreSQL server (scripts/with-postgres.sh).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	bash scripts/with-postgres.sh $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

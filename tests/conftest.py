@@ -11,6 +11,9 @@ import pytest
 # Tests never touch the network; a hub download must fail at once, as it does offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# PostgreSQL, Chromium (Playwright) and live-server fixtures: tests/harness/plugin.py.
+pytest_plugins = ["harness.plugin"]
+
 COLOURS = {"AAA": (200, 40, 40), "BBB": (40, 160, 40), "CCC": (50, 60, 200)}
 
 
