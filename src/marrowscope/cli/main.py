@@ -647,6 +647,13 @@ def benchmark(
     _run(body)
 
 
+# ---- review app (issue 5): `serve` and `users` live in cli/serve.py
+from marrowscope.cli import serve as _serve  # noqa: E402
+
+app.command("serve")(_serve.serve)
+app.add_typer(_serve.users_app, name="users")
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     return app(args=argv)

@@ -1,0 +1,235 @@
+"""Request dependencies: database session, the model, the logged-in user, CSRF and roles.
+
+Use them through the ``Annotated`` aliases (``DB``, ``Viewer``, ``Editor``, ``Signer``,
+``Admin``, ``Model``, ``PredictorDep`` ...) so a test can swap any of them with
+``app.dependency_overrides``.
+
+Authentication: a bearer token (``Authorization: Bearer ...``, API tokens made by an admin or
+``marrowscope users token``) or the login cookie. The cookie is signed (itsdangerous, through
+Starlette's ``SessionMiddleware``, HttpOnly, SameSite=Lax) and carries only a random session id;
+the session lives in the database, so logout ends it for good. Every state-changing request
+made with the cookie must carry the session's CSRF token (form field ``csrf_token`` or header
+``X-CSRF-Token``); token requests need none (a browser never sends them by itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from marrowscope.service.db import Database
+from marrowscope.service.models import ApiToken, LoginSession, User, utcnow
+from marrowscope.service.security import digest, same_token
+from marrowscope.service.settings import Settings
+from marrowscope.service.storage import ImageStore
+from marrowscope.service.worker import ClassificationWorker, ModelHandle
+
+if TYPE_CHECKING:
+    from marrowscope.inference.predictor import Predictor
+
+__all__ = [
+    "CSRF_FIELD",
+    "CSRF_HEADER",
+    "DB",
+    "SAFE_METHODS",
+    "Admin",
+    "CsrfFailed",
+    "Editor",
+    "LoginRequired",
+    "Model",
+    "Principal",
+    "PredictorDep",
+    "SettingsDep",
+    "Signer",
+    "Store",
+    "Viewer",
+    "Worker",
+    "current_principal",
+    "get_db",
+    "get_model",
+    "get_predictor",
+    "get_settings",
+    "get_store",
+    "get_worker",
+]
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_KEY = "sid"
+
+
+class LoginRequired(Exception):
+    """No valid login: 401 for the API, a redirect to the login page for pages."""
+
+
+class CsrfFailed(Exception):
+    """A cookie-authenticated change without the right CSRF token: 403."""
+
+
+class RoleRequired(Exception):
+    """The user's role does not allow this: 403."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who makes the request.
+
+    Attributes:
+        user: the account.
+        via: ``session`` (login cookie) or ``token`` (bearer token).
+        csrf: the login session's CSRF token (``None`` for tokens).
+        session_id: the login session's key (``None`` for tokens).
+    """
+
+    user: User
+    via: str
+    csrf: str | None = None
+    session_id: str | None = None
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+def get_database(request: Request) -> Database:
+    """The app's database."""
+    return request.app.state.db
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    """A session for this request; read-only requests never take the SQLite write lock.
+
+    Endpoints commit explicitly before they answer; anything not committed is rolled back.
+    """
+    db: Database = request.app.state.db
+    session = db.session(write=request.method not in SAFE_METHODS)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_model(request: Request) -> ModelHandle:
+    """The model handle (the one predictor, its lock and info)."""
+    return request.app.state.model
+
+
+def get_predictor(request: Request) -> Predictor:
+    """The one :class:`~marrowscope.inference.predictor.Predictor` of the app."""
+    return request.app.state.model.predictor
+
+
+def get_store(request: Request) -> ImageStore:
+    """The content-addressed image store."""
+    return request.app.state.store
+
+
+def get_worker(request: Request) -> ClassificationWorker:
+    """The background classifier."""
+    return request.app.state.worker
+
+
+DB = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+Model = Annotated[ModelHandle, Depends(get_model)]
+PredictorDep = Annotated[Any, Depends(get_predictor)]
+"""The one Predictor (typed ``Any`` so FastAPI does not try to model it)."""
+Store = Annotated[ImageStore, Depends(get_store)]
+Worker = Annotated[ClassificationWorker, Depends(get_worker)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def current_principal(request: Request, db: DB) -> Principal:
+    """The logged-in user (bearer token or login cookie).
+
+    Raises:
+        LoginRequired: no valid token or login session.
+    """
+    token = _bearer(request)
+    if token is not None:
+        row = db.scalar(
+            select(ApiToken).where(
+                ApiToken.token_hash == digest(token), ApiToken.revoked_at.is_(None)
+            )
+        )
+        if row is None or not row.user.active:
+            raise LoginRequired("invalid or revoked API token")
+        return Principal(user=row.user, via="token")
+    sid = request.session.get(SESSION_KEY)
+    if isinstance(sid, str) and sid:
+        key = digest(sid)
+        row = db.get(LoginSession, key)
+        if (
+            row is not None
+            and row.ended_at is None
+            and row.expires_at > utcnow()
+            and row.user.active
+        ):
+            return Principal(user=row.user, via="session", csrf=row.csrf_token, session_id=key)
+    raise LoginRequired("login required")
+
+
+async def _submitted_csrf(request: Request) -> str | None:
+    header = request.headers.get(CSRF_HEADER)
+    if header:
+        return header
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        return value if isinstance(value, str) else None
+    return None
+
+
+async def checked_principal(
+    request: Request, principal: Annotated[Principal, Depends(current_principal)]
+) -> Principal:
+    """The logged-in user, with the CSRF token checked for a cookie-authenticated change.
+
+    Raises:
+        CsrfFailed: missing or wrong CSRF token.
+    """
+    if (
+        request.method not in SAFE_METHODS
+        and principal.via == "session"
+        and not same_token(await _submitted_csrf(request), principal.csrf)
+    ):
+        raise CsrfFailed(
+            "missing or wrong CSRF token; reload the page and try again (API clients: send "
+            f"the {CSRF_HEADER} header, or use a bearer token)"
+        )
+    return principal
+
+
+def _role(role: str):  # type: ignore[no-untyped-def]
+    def check(principal: Annotated[Principal, Depends(checked_principal)]) -> Principal:
+        if not principal.user.can(role):
+            raise RoleRequired(
+                f"{principal.user.username} is a {principal.user.role}; this needs the {role} role"
+            )
+        return principal
+
+    check.__name__ = f"require_{role}"
+    return check
+
+
+Viewer = Annotated[Principal, Depends(current_principal)]
+"""Any logged-in user (read-only requests)."""
+Editor = Annotated[Principal, Depends(checked_principal)]
+"""Any logged-in user making a change (CSRF checked for cookie logins)."""
+Signer = Annotated[Principal, Depends(_role("signer"))]
+Admin = Annotated[Principal, Depends(_role("admin"))]

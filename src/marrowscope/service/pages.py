@@ -1,0 +1,554 @@
+"""The HTML pages: login, samples, the review gallery, audit trail, report and user admin.
+
+Server-rendered Jinja2 (autoescaped) with one small script (``static/app.js``, no build step)
+for progress polling, keyboard re-classification and bulk selection; every action also works
+as a plain form post. Errors are shown as messages on the page, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from datetime import date, timedelta
+from importlib.resources import files
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+from sqlalchemy import select
+
+import marrowscope
+from marrowscope.reports.count_report import CELL_NAMES, DISCLAIMER, count_bar_chart_svg
+from marrowscope.service import review
+from marrowscope.service.accounts import create_user, issue_token
+from marrowscope.service.api import Id, audit_rows, report_csv
+from marrowscope.service.deps import (
+    DB,
+    SESSION_KEY,
+    Admin,
+    Editor,
+    Model,
+    Principal,
+    SettingsDep,
+    Store,
+    Viewer,
+    Worker,
+)
+from marrowscope.service.models import (
+    AGE_BANDS,
+    REFERRAL_QUESTIONS,
+    ROLES,
+    LoginSession,
+    User,
+    utcnow,
+)
+from marrowscope.service.security import digest, new_token, same_token, verify_password
+from marrowscope.service.uploads import validate_files
+
+__all__ = ["SHORTCUT_KEYS", "render", "router", "templates"]
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(files("marrowscope.service") / "templates"))
+templates.env.filters["pct"] = lambda v, d=1: f"{float(v):.{d}f}%"
+templates.env.filters["prob"] = lambda v: "—" if v is None else f"{int(float(v) * 100 + 1e-9)}%"
+templates.env.filters["dt"] = lambda v: "" if v is None else f"{v:%Y-%m-%d %H:%M} UTC"
+
+SHORTCUT_KEYS = "1234567890qwertyuiopasdfghlzxcvbnm"
+"""Keys that re-classify the selected cells, assigned to the classes in model order."""
+
+FLASH_MAX = 20
+LOGIN_CSRF = "login_csrf"
+
+
+def flash(request: Request, message: str, level: str = "info") -> None:
+    """Queue a message for the next page (kept short: the cookie is small)."""
+    items = list(request.session.get("flash", []))
+    items.append([level, message[:600]])
+    request.session["flash"] = items[-8:]
+
+
+def render(
+    request: Request, name: str, who: Principal | None, status_code: int = 200, **ctx: Any
+) -> HTMLResponse:
+    """Render a page with the user, CSRF token and queued messages."""
+    context = {
+        "user": who.user if who else None,
+        "csrf": who.csrf if who else None,
+        "messages": request.session.pop("flash", []),
+        "version": marrowscope.__version__,
+        "cell_names": CELL_NAMES,
+        **ctx,
+    }
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site paths (no scheme, no host, no //) are followed after login."""
+    if not target:
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    return target
+
+
+def _parse_date(value: str | None) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise review.Invalid(f"date {value!r} is not a date; use YYYY-MM-DD") from None
+
+
+def _clean(value: str | None) -> str | None:
+    if value is not None and ("\x00" in value or re.search(r"[\ud800-\udfff]", value)):
+        raise review.Invalid("text must not contain NUL characters or invalid Unicode")
+    return value
+
+
+# ------------------------------------------------------------------------------------- login
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/") -> HTMLResponse:
+    token = request.session.get(LOGIN_CSRF) or new_token(16)
+    request.session[LOGIN_CSRF] = token
+    return render(request, "login.html", None, login_csrf=token, next=_safe_next(next))
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    db: DB,
+    settings: SettingsDep,
+    username: Annotated[str, Form(max_length=200)] = "",
+    password: Annotated[str, Form(max_length=1000)] = "",
+    csrf_token: Annotated[str, Form(max_length=200)] = "",
+    next: Annotated[str, Form(max_length=2000)] = "/",
+) -> Response:
+    """Check the password, start a login session (audited), go to ``next``."""
+    if not same_token(csrf_token, request.session.get(LOGIN_CSRF)):
+        return Response("missing or wrong CSRF token; reload the login page", status_code=403)
+    clean = username.strip()
+    user = None
+    if clean and "\x00" not in clean:
+        user = db.scalar(select(User).where(User.username == clean))
+    ok = verify_password(user.password_hash if user else None, password)
+    if not ok or user is None or not user.active:
+        if user is not None:
+            review.audit(db, user, "login.failed")
+            db.commit()
+        token = new_token(16)
+        request.session[LOGIN_CSRF] = token
+        request.session["flash"] = [["error", "wrong user name or password"]]
+        return render(request, "login.html", None, 401, login_csrf=token, next=_safe_next(next))
+    sid = new_token()
+    now = utcnow()
+    db.add(
+        LoginSession(
+            id=digest(sid),
+            user_id=user.id,
+            csrf_token=new_token(),
+            created_at=now,
+            expires_at=now + timedelta(hours=settings.session_hours),
+        )
+    )
+    review.audit(db, user, "login")
+    db.commit()
+    request.session.clear()
+    request.session[SESSION_KEY] = sid
+    return _redirect(_safe_next(next))
+
+
+@router.post("/logout")
+def logout(request: Request, who: Editor, db: DB) -> RedirectResponse:
+    """End the login session (audited)."""
+    if who.session_id:
+        row = db.get(LoginSession, who.session_id)
+        if row is not None:
+            row.ended_at = utcnow()
+    review.audit(db, who.user, "logout")
+    db.commit()
+    request.session.clear()
+    return _redirect("/login")
+
+
+# ----------------------------------------------------------------------------------- samples
+
+
+@router.get("/", response_class=HTMLResponse)
+def samples_page(request: Request, who: Viewer, db: DB) -> HTMLResponse:
+    return render(
+        request,
+        "samples.html",
+        who,
+        samples=review.list_samples(db),
+        age_bands=AGE_BANDS,
+        referrals=REFERRAL_QUESTIONS,
+    )
+
+
+@router.post("/samples")
+def create_sample_form(
+    request: Request,
+    who: Editor,
+    db: DB,
+    code: Annotated[str, Form(max_length=200)] = "",
+    collected_on: Annotated[str, Form(max_length=40)] = "",
+    age_band: Annotated[str, Form(max_length=40)] = "unknown",
+    referral_question: Annotated[str, Form(max_length=200)] = "",
+    notes: Annotated[str, Form(max_length=10_000)] = "",
+) -> RedirectResponse:
+    try:
+        fields = review.SampleFields(
+            code=_clean(code.strip()),
+            collected_on=_parse_date(collected_on),
+            age_band=age_band,
+            referral_question=referral_question,
+            notes=_clean(notes),
+        )
+        sample = review.create_sample(db, who.user, fields)
+        db.commit()
+    except review.AppError as e:
+        db.rollback()
+        flash(request, str(e), "error")
+        return _redirect("/")
+    flash(request, f"sample {sample.code} created; now upload its cell images")
+    return _redirect(f"/samples/{sample.id}")
+
+
+def _groups(cells: list[Any], classes: tuple[str, ...], threshold: float) -> list[dict[str, Any]]:
+    by: dict[str, list[dict[str, Any]]] = {c: [] for c in classes}
+    extra: dict[str, list[dict[str, Any]]] = {"unidentified": [], "pending": [], "failed": []}
+    for cell in cells:
+        view = review.cell_view(cell, classes, threshold)
+        label = view["label"]
+        if label:
+            by[label].append(view)
+        elif cell.status == "pending":
+            extra["pending"].append(view)
+        elif cell.status == "error":
+            extra["failed"].append(view)
+        else:
+            extra["unidentified"].append(view)
+    groups = [
+        {
+            "key": "unidentified",
+            "title": f"Unidentified (top probability below {int(threshold * 100)}%)",
+            "cells": sorted(extra["unidentified"], key=lambda v: -(v["confidence"] or 0)),
+        }
+    ]
+    for c in classes:
+        groups.append(
+            {
+                "key": c,
+                "title": f"{c} · {CELL_NAMES.get(c, '')}".rstrip(" ·"),
+                "cells": sorted(by[c], key=lambda v: -(v["confidence"] or 0)),
+            }
+        )
+    groups.append({"key": "pending", "title": "Being classified", "cells": extra["pending"]})
+    groups.append({"key": "failed", "title": "Model could not read", "cells": extra["failed"]})
+    return groups
+
+
+@router.get("/samples/{sample_id}", response_class=HTMLResponse)
+def sample_page(
+    request: Request, sample_id: Id, who: Viewer, db: DB, model: Model, settings: SettingsDep
+) -> HTMLResponse:
+    sample = review.get_sample(db, sample_id)
+    cells = review.sample_cells(db, sample)
+    summary = review.summary(sample, cells, model.classes, settings)
+    keys = dict(zip(SHORTCUT_KEYS, model.classes, strict=False))
+    return render(
+        request,
+        "sample.html",
+        who,
+        sample=sample,
+        summary=summary,
+        groups=_groups(cells, model.classes, settings.threshold),
+        classes=model.classes,
+        keys=keys,
+        key_of={c: k for k, c in keys.items()},
+        blocking=review.blocking_message(sample, cells, settings.threshold),
+        age_bands=AGE_BANDS,
+        referrals=REFERRAL_QUESTIONS,
+        model=model.info,
+    )
+
+
+@router.post("/samples/{sample_id}/edit")
+def edit_sample_form(
+    request: Request,
+    sample_id: Id,
+    who: Editor,
+    db: DB,
+    collected_on: Annotated[str, Form(max_length=40)] = "",
+    age_band: Annotated[str, Form(max_length=40)] = "unknown",
+    referral_question: Annotated[str, Form(max_length=200)] = "",
+    notes: Annotated[str, Form(max_length=10_000)] = "",
+) -> RedirectResponse:
+    try:
+        sample = review.get_sample(db, sample_id, lock=True)
+        review.update_sample(
+            db,
+            who.user,
+            sample,
+            review.SampleFields(
+                collected_on=_parse_date(collected_on),
+                age_band=age_band,
+                referral_question=referral_question,
+                notes=_clean(notes),
+            ),
+        )
+        db.commit()
+        flash(request, "sample details saved")
+    except review.AppError as e:
+        db.rollback()
+        flash(request, str(e), "error")
+    return _redirect(f"/samples/{sample_id}")
+
+
+@router.post("/samples/{sample_id}/upload")
+def upload_form(
+    request: Request,
+    sample_id: Id,
+    who: Editor,
+    db: DB,
+    settings: SettingsDep,
+    store: Store,
+    worker: Worker,
+    files: Annotated[list[UploadFile], File()],
+) -> RedirectResponse:
+    try:
+        sample = review.get_sample(db, sample_id, lock=True)
+        review.ensure_editable(sample)
+        accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
+        added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
+        db.commit()
+    except review.AppError as e:
+        db.rollback()
+        flash(request, str(e), "error")
+        return _redirect(f"/samples/{sample_id}")
+    if added:
+        worker.notify()
+    refused = rejected + duplicates
+    flash(request, f"{len(added)} cell image(s) added; classification runs in the background")
+    for r in refused[:FLASH_MAX]:
+        flash(request, f"refused {r.message}", "error")
+    if len(refused) > FLASH_MAX:
+        flash(request, f"... and {len(refused) - FLASH_MAX} more refused file(s)", "error")
+    return _redirect(f"/samples/{sample_id}")
+
+
+@router.post("/samples/{sample_id}/reclassify")
+def reclassify_form(
+    request: Request,
+    sample_id: Id,
+    who: Editor,
+    db: DB,
+    model: Model,
+    cell_ids: Annotated[list[int], Form()],
+    label: Annotated[str, Form(max_length=32)] = "",
+) -> RedirectResponse:
+    try:
+        sample = review.get_sample(db, sample_id, lock=True)
+        n = review.reclassify(db, who.user, sample, cell_ids, label or None, model.classes)
+        db.commit()
+        flash(request, f"{n} cell(s) re-classified")
+    except review.AppError as e:
+        db.rollback()
+        flash(request, str(e), "error")
+    return _redirect(f"/samples/{sample_id}")
+
+
+@router.post("/samples/{sample_id}/signoff")
+def signoff_form(
+    request: Request, sample_id: Id, who: Editor, db: DB, settings: SettingsDep
+) -> RedirectResponse:
+    try:
+        sample = review.get_sample(db, sample_id, lock=True)
+        review.signoff(db, who.user, sample, settings.threshold)
+        db.commit()
+        flash(request, f"sample {sample.code} signed off; it is read-only now")
+    except review.AppError as e:
+        db.rollback()
+        flash(request, str(e), "error")
+    return _redirect(f"/samples/{sample_id}")
+
+
+# -------------------------------------------------------------------------------- cell views
+
+
+@router.get("/samples/{sample_id}/cells/{cell_id}/panel", response_class=HTMLResponse)
+def cell_panel(
+    request: Request,
+    sample_id: Id,
+    cell_id: Id,
+    who: Viewer,
+    db: DB,
+    model: Model,
+    settings: SettingsDep,
+) -> HTMLResponse:
+    sample = review.get_sample(db, sample_id)
+    cell = review.get_cell(db, sample, cell_id)
+    keys = dict(zip(SHORTCUT_KEYS, model.classes, strict=False))
+    return render(
+        request,
+        "cell_panel.html",
+        who,
+        sample=sample,
+        cell=review.cell_view(cell, model.classes, settings.threshold),
+        classes=model.classes,
+        key_of={c: k for k, c in keys.items()},
+        gradcam=model.info.backend == "torch",
+    )
+
+
+_MEDIA = {"jpg": "image/jpeg", "png": "image/png"}
+
+
+@router.get("/samples/{sample_id}/cells/{cell_id}/image")
+def cell_image(sample_id: Id, cell_id: Id, who: Viewer, db: DB, store: Store) -> Response:
+    """The uploaded image (TIFF/BMP are served as PNG, which every browser shows)."""
+    sample = review.get_sample(db, sample_id)
+    cell = review.get_cell(db, sample, cell_id)
+    path = store.path(cell.stored_path)
+    ext = path.suffix.lstrip(".")
+    headers = {"Cache-Control": "private, max-age=86400, immutable"}
+    if ext in _MEDIA:
+        return FileResponse(path, media_type=_MEDIA[ext], headers=headers)
+    cached = store.cache_path("display", f"{cell.sha256}.png")
+    if not cached.is_file():
+        from PIL import Image
+
+        from marrowscope.utils.image import read_image
+        from marrowscope.utils.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        Image.fromarray(read_image(path)).save(buf, format="PNG")
+        atomic_write_bytes(cached, buf.getvalue())
+    return FileResponse(cached, media_type="image/png", headers=headers)
+
+
+@router.get("/samples/{sample_id}/cells/{cell_id}/gradcam.png")
+def cell_gradcam(
+    sample_id: Id, cell_id: Id, who: Viewer, db: DB, store: Store, model: Model
+) -> Response:
+    """The Grad-CAM overlay for the model's predicted class (computed once, then cached)."""
+    sample = review.get_sample(db, sample_id)
+    cell = review.get_cell(db, sample, cell_id)
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", model.info.version)
+    cached = store.cache_path("gradcam", f"{cell.sha256}-{tag}.png")
+    if not cached.is_file():
+        from marrowscope.explain.gradcam import ExplainError
+        from marrowscope.utils.io import atomic_write_bytes
+
+        try:
+            png = model.gradcam_png(store.path(cell.stored_path))
+        except ExplainError as e:
+            raise review.Conflict(f"no Grad-CAM for this model: {e}") from None
+        atomic_write_bytes(cached, png)
+    return FileResponse(
+        cached, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
+    )
+
+
+# ------------------------------------------------------------------------- audit and report
+
+
+@router.get("/samples/{sample_id}/audit", response_class=HTMLResponse)
+def audit_page(request: Request, sample_id: Id, who: Viewer, db: DB) -> HTMLResponse:
+    sample = review.get_sample(db, sample_id)
+    return render(request, "audit.html", who, sample=sample, events=audit_rows(db, sample))
+
+
+@router.get("/samples/{sample_id}/report", response_class=HTMLResponse)
+def report_page(
+    request: Request, sample_id: Id, who: Viewer, db: DB, model: Model, settings: SettingsDep
+) -> HTMLResponse:
+    """The print-ready report of the signed count."""
+    sample = review.get_sample(db, sample_id)
+    data = review.report_data(db, sample, model.classes, settings, model.info.to_dict())
+    rows = [
+        {"class": r["class"], "count": r["reviewed_count"], "percent": r["reviewed_percent"]}
+        for r in data["differential"]
+    ]
+    chart = Markup(count_bar_chart_svg(rows, highlight=data["flag"]["hac_class"]))
+    return render(
+        request, "report.html", who, sample=sample, r=data, chart=chart, disclaimer=DISCLAIMER
+    )
+
+
+@router.get("/samples/{sample_id}/report.csv")
+def report_csv_page(
+    sample_id: Id, who: Viewer, db: DB, model: Model, settings: SettingsDep
+) -> Response:
+    sample = review.get_sample(db, sample_id)
+    data = review.report_data(db, sample, model.classes, settings, model.info.to_dict())
+    return Response(
+        report_csv(data),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{quote(sample.code)}-report.csv"'},
+    )
+
+
+# ------------------------------------------------------------------------------------- admin
+
+
+@router.get("/admin/users", response_class=HTMLResponse)
+def users_page(request: Request, who: Admin, db: DB) -> HTMLResponse:
+    users = db.scalars(select(User).order_by(User.username)).all()
+    return render(request, "admin.html", who, users=users, roles=ROLES, new_token=None)
+
+
+@router.post("/admin/users")
+def create_user_form(
+    request: Request,
+    who: Admin,
+    db: DB,
+    username: Annotated[str, Form(max_length=64)] = "",
+    role: Annotated[str, Form(max_length=16)] = "reviewer",
+    password: Annotated[str, Form(max_length=1000)] = "",
+) -> RedirectResponse:
+    try:
+        user = create_user(db, username, role, password)
+        review.audit(db, who.user, "user.create", new={"username": user.username, "role": role})
+        db.commit()
+        flash(request, f"user {user.username} ({role}) created")
+    except review.AppError as e:
+        db.rollback()
+        flash(request, str(e), "error")
+    return _redirect("/admin/users")
+
+
+@router.post("/admin/users/{user_id}/token", response_class=HTMLResponse)
+def create_token_form(
+    request: Request,
+    user_id: Id,
+    who: Admin,
+    db: DB,
+    name: Annotated[str, Form(max_length=100)] = "",
+) -> HTMLResponse:
+    user = db.get(User, user_id)
+    if user is None:
+        raise review.NotFound(f"user {user_id} does not exist")
+    token = issue_token(db, user, _clean(name) or "")
+    review.audit(db, who.user, "token.create", new={"username": user.username, "name": name})
+    db.commit()
+    users = db.scalars(select(User).order_by(User.username)).all()
+    return render(
+        request,
+        "admin.html",
+        who,
+        users=users,
+        roles=ROLES,
+        new_token={"user": user.username, "token": token},
+    )

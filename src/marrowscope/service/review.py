@@ -1,0 +1,666 @@
+"""What the app does, independent of HTTP: samples, uploads, re-classification, sign-off,
+the differential count and the audit trail.
+
+Every change writes an :class:`~marrowscope.service.models.AuditEvent` in the same transaction,
+so a change and its audit row are committed together or not at all. A signed sample refuses
+every change (:class:`Conflict`). The differential count and the hairy-cell flag come from
+:func:`marrowscope.engine.count.tally`, the same rule as ``marrowscope count``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from marrowscope.engine.count import CellCall, select_evidence, tally
+from marrowscope.reports.count_report import CELL_NAMES
+from marrowscope.service.models import (
+    AGE_BANDS,
+    CELL_DONE,
+    CELL_ERROR,
+    CELL_PENDING,
+    REFERRAL_QUESTIONS,
+    AuditEvent,
+    Cell,
+    Sample,
+    User,
+    utcnow,
+)
+from marrowscope.service.settings import Settings
+from marrowscope.service.storage import ImageStore
+from marrowscope.service.uploads import Accepted, Rejected
+
+__all__ = [
+    "AppError",
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "NotFound",
+    "SampleFields",
+    "add_cells",
+    "audit",
+    "blocking_message",
+    "cell_view",
+    "create_sample",
+    "current_label",
+    "delete_sample",
+    "ensure_editable",
+    "get_cell",
+    "get_sample",
+    "identified",
+    "list_samples",
+    "reclassify",
+    "report_data",
+    "sample_cells",
+    "signoff",
+    "summary",
+    "update_sample",
+]
+
+UNIDENTIFIED = "unidentified"
+_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AppError(Exception):
+    """A request that cannot be done as asked; ``str(err)`` is shown to the user."""
+
+    status = 400
+
+
+class NotFound(AppError):
+    status = 404
+
+
+class Forbidden(AppError):
+    status = 403
+
+
+class Conflict(AppError):
+    status = 409
+
+
+class Invalid(AppError):
+    status = 422
+
+
+def audit(
+    db: Session,
+    user: User | None,
+    action: str,
+    *,
+    sample_id: int | None = None,
+    cell_id: int | None = None,
+    old: Any = None,
+    new: Any = None,
+    username: str | None = None,
+) -> None:
+    """Add one audit event (committed with the caller's transaction)."""
+    db.add(
+        AuditEvent(
+            at=utcnow(),
+            user_id=None if user is None else user.id,
+            username=username or (user.username if user else "system"),
+            action=action,
+            sample_id=sample_id,
+            cell_id=cell_id,
+            old_value=old,
+            new_value=new,
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------ samples
+
+
+@dataclass(frozen=True)
+class SampleFields:
+    """The editable fields of a sample (``None`` = leave unchanged on update)."""
+
+    code: str | None = None
+    collected_on: date | None = None
+    age_band: str | None = None
+    referral_question: str | None = None
+    notes: str | None = None
+
+    def check(self) -> None:
+        """Raise :class:`Invalid` naming a bad value and what is accepted."""
+        if self.code is not None and not _CODE.match(self.code):
+            raise Invalid(
+                f"sample id {self.code!r} is not accepted: use 1-64 letters, digits, '.', '_' or "
+                "'-' (a pseudonymous id, never a patient name)"
+            )
+        if self.age_band is not None and self.age_band not in AGE_BANDS:
+            raise Invalid(f"age band {self.age_band!r} is not one of: {', '.join(AGE_BANDS)}")
+        if (
+            self.referral_question is not None
+            and self.referral_question != ""
+            and self.referral_question not in REFERRAL_QUESTIONS
+        ):
+            raise Invalid(
+                f"referral question {self.referral_question!r} is not one of: "
+                f"{', '.join(REFERRAL_QUESTIONS)}"
+            )
+        if self.notes is not None and len(self.notes) > 10_000:
+            raise Invalid(
+                f"clinical notes are {len(self.notes):,} characters; keep them under 10,000"
+            )
+
+
+def _sample_dict(sample: Sample) -> dict[str, Any]:
+    return {
+        "code": sample.code,
+        "collected_on": sample.collected_on.isoformat() if sample.collected_on else None,
+        "age_band": sample.age_band,
+        "referral_question": sample.referral_question,
+        "notes": sample.notes,
+    }
+
+
+def create_sample(db: Session, user: User, fields: SampleFields) -> Sample:
+    """Create a sample (``fields.code`` required).
+
+    Raises:
+        Invalid: a missing or bad field. Conflict: the sample id exists.
+    """
+    if not fields.code:
+        raise Invalid("a sample needs a sample id (pseudonymous, e.g. BM-2025-0001)")
+    fields.check()
+    if db.scalar(select(Sample.id).where(Sample.code == fields.code)) is not None:
+        raise Conflict(f"sample id {fields.code!r} exists already; choose another id")
+    sample = Sample(
+        code=fields.code,
+        collected_on=fields.collected_on,
+        age_band=fields.age_band or "unknown",
+        referral_question=fields.referral_question or None,
+        notes=fields.notes or "",
+        created_by_id=user.id,
+        created_at=utcnow(),
+    )
+    db.add(sample)
+    try:
+        db.flush()
+    except IntegrityError:
+        raise Conflict(f"sample id {fields.code!r} exists already; choose another id") from None
+    audit(db, user, "sample.create", sample_id=sample.id, new=_sample_dict(sample))
+    return sample
+
+
+def get_sample(db: Session, sample_id: int, *, lock: bool = False) -> Sample:
+    """The sample (not deleted); ``lock`` takes a row lock for a change (PostgreSQL).
+
+    Raises:
+        NotFound: no such sample.
+    """
+    q = select(Sample).where(Sample.id == sample_id, Sample.deleted_at.is_(None))
+    if lock:
+        q = q.with_for_update()
+    sample = db.scalar(q)
+    if sample is None:
+        raise NotFound(f"sample {sample_id} does not exist (or was deleted)")
+    return sample
+
+
+def list_samples(db: Session) -> list[tuple[Sample, int, int, int]]:
+    """Every sample (newest first) with its cell, pending and unreviewed counts."""
+    samples = db.scalars(
+        select(Sample).where(Sample.deleted_at.is_(None)).order_by(Sample.id.desc())
+    ).all()
+    stats: dict[int, tuple[int, int, int]] = {}
+    rows = db.execute(
+        select(
+            Cell.sample_id,
+            func.count(Cell.id),
+            func.count(Cell.id).filter(Cell.status == CELL_PENDING),
+            func.count(Cell.id).filter(Cell.reviewed_label.is_(None)),
+        ).group_by(Cell.sample_id)
+    ).all()
+    for sid, n, pending, unreviewed in rows:
+        stats[sid] = (n, pending, unreviewed)
+    return [(s, *stats.get(s.id, (0, 0, 0))) for s in samples]
+
+
+def ensure_editable(sample: Sample) -> None:
+    """Raise :class:`Conflict` when the sample is signed (read-only)."""
+    if sample.signed:
+        raise Conflict(
+            f"sample {sample.code} was signed off on {sample.signed_at:%Y-%m-%d %H:%M} UTC and is "
+            "read-only"
+        )
+
+
+def update_sample(db: Session, user: User, sample: Sample, fields: SampleFields) -> Sample:
+    """Change the given fields (audited with old and new values).
+
+    Raises:
+        Conflict: the sample is signed, or the new id exists. Invalid: a bad value.
+    """
+    ensure_editable(sample)
+    fields.check()
+    old = _sample_dict(sample)
+    if fields.code is not None and fields.code != sample.code:
+        if db.scalar(select(Sample.id).where(Sample.code == fields.code)) is not None:
+            raise Conflict(f"sample id {fields.code!r} exists already; choose another id")
+        sample.code = fields.code
+    if fields.collected_on is not None:
+        sample.collected_on = fields.collected_on
+    if fields.age_band is not None:
+        sample.age_band = fields.age_band
+    if fields.referral_question is not None:
+        sample.referral_question = fields.referral_question or None
+    if fields.notes is not None:
+        sample.notes = fields.notes
+    new = _sample_dict(sample)
+    changed = {k for k in new if new[k] != old[k]}
+    if changed:
+        audit(
+            db,
+            user,
+            "sample.update",
+            sample_id=sample.id,
+            old={k: old[k] for k in sorted(changed)},
+            new={k: new[k] for k in sorted(changed)},
+        )
+    return sample
+
+
+def delete_sample(db: Session, user: User, sample: Sample) -> None:
+    """Hide an unsigned sample (its rows and audit trail are kept).
+
+    Raises:
+        Conflict: the sample is signed.
+    """
+    ensure_editable(sample)
+    sample.deleted_at = utcnow()
+    audit(db, user, "sample.delete", sample_id=sample.id, old=_sample_dict(sample))
+
+
+# -------------------------------------------------------------------------------------- cells
+
+
+def add_cells(
+    db: Session, user: User, sample: Sample, images: Sequence[Accepted], store: ImageStore
+) -> tuple[list[Cell], list[Rejected]]:
+    """Store the accepted images and add them as pending cells.
+
+    An image already in this sample (same SHA-256) is not added twice; it comes back as a
+    :class:`Rejected` naming the earlier file.
+
+    Raises:
+        Conflict: the sample is signed.
+    """
+    ensure_editable(sample)
+    existing = {
+        sha: name
+        for sha, name in db.execute(
+            select(Cell.sha256, Cell.original_name).where(Cell.sample_id == sample.id)
+        ).all()
+    }
+    added: list[Cell] = []
+    duplicates: list[Rejected] = []
+    now = utcnow()
+    for img in images:
+        sha, rel = store.put(img.data, img.ext)
+        if sha in existing:
+            duplicates.append(
+                Rejected(img.name, f"the same image is already in this sample as {existing[sha]}")
+            )
+            continue
+        existing[sha] = img.name
+        cell = Cell(
+            sample_id=sample.id,
+            sha256=sha,
+            stored_path=rel,
+            original_name=img.name[-255:],
+            width=img.width,
+            height=img.height,
+            status=CELL_PENDING,
+            uploaded_by_id=user.id,
+            uploaded_at=now,
+        )
+        db.add(cell)
+        added.append(cell)
+    db.flush()
+    if added:
+        audit(
+            db,
+            user,
+            "cells.upload",
+            sample_id=sample.id,
+            new={
+                "count": len(added),
+                "files": [
+                    {"cell": c.id, "name": c.original_name, "sha256": c.sha256} for c in added
+                ],
+            },
+        )
+    return added, duplicates
+
+
+def sample_cells(db: Session, sample: Sample) -> list[Cell]:
+    """The sample's cells in upload order."""
+    return list(db.scalars(select(Cell).where(Cell.sample_id == sample.id).order_by(Cell.id)))
+
+
+def get_cell(db: Session, sample: Sample, cell_id: int) -> Cell:
+    """One cell of the sample.
+
+    Raises:
+        NotFound: no such cell in this sample.
+    """
+    cell = db.scalar(select(Cell).where(Cell.id == cell_id, Cell.sample_id == sample.id))
+    if cell is None:
+        raise NotFound(f"sample {sample.code} has no cell {cell_id}")
+    return cell
+
+
+def identified(cell: Cell, threshold: float) -> bool:
+    """True when the model's call is confident enough to be counted."""
+    return cell.status == CELL_DONE and (cell.confidence or 0.0) >= threshold
+
+
+def current_label(cell: Cell, threshold: float) -> str | None:
+    """The reviewed label, else the model's call when identified, else ``None``."""
+    if cell.reviewed_label:
+        return cell.reviewed_label
+    return cell.predicted_label if identified(cell, threshold) else None
+
+
+def reclassify(
+    db: Session,
+    user: User,
+    sample: Sample,
+    cell_ids: Iterable[int],
+    label: str | None,
+    classes: Sequence[str],
+) -> int:
+    """Set the reviewed label of cells (``label=None``: confirm each cell's current label,
+    i.e. its reviewed label if it has one, else the model's call).
+
+    Returns:
+        How many cells changed (each change is audited with the old and new label).
+
+    Raises:
+        Conflict: the sample is signed, or a cell is still being classified.
+        Invalid: an unknown label or no cells. NotFound: a cell not in this sample.
+    """
+    ensure_editable(sample)
+    ids = sorted({int(i) for i in cell_ids})
+    if not ids:
+        raise Invalid("no cells selected; select at least one cell")
+    if label is not None and label not in classes:
+        raise Invalid(f"{label!r} is not a class of the model; use one of: {', '.join(classes)}")
+    cells = {
+        c.id: c
+        for c in db.scalars(
+            select(Cell).where(Cell.sample_id == sample.id, Cell.id.in_(ids)).with_for_update()
+        )
+    }
+    missing = [i for i in ids if i not in cells]
+    if missing:
+        raise NotFound(
+            f"sample {sample.code} has no cell {', '.join(map(str, missing[:10]))}"
+            + (" ..." if len(missing) > 10 else "")
+        )
+    now = utcnow()
+    changed = 0
+    for i in ids:
+        cell = cells[i]
+        new = label
+        if new is None:
+            if cell.status == CELL_PENDING:
+                raise Conflict(
+                    f"cell {cell.id} ({cell.original_name}) is still being classified; wait for "
+                    "the model or choose a class"
+                )
+            if cell.predicted_label is None:
+                raise Invalid(
+                    f"cell {cell.id} ({cell.original_name}) has no model call to confirm; "
+                    "choose a class"
+                )
+            new = cell.reviewed_label or cell.predicted_label
+        if cell.reviewed_label == new:
+            continue
+        audit(
+            db,
+            user,
+            "cell.reclassify",
+            sample_id=sample.id,
+            cell_id=cell.id,
+            old={"label": cell.reviewed_label, "model": cell.predicted_label},
+            new={"label": new},
+        )
+        cell.reviewed_label = new
+        cell.reviewed_by_id = user.id
+        cell.reviewed_at = now
+        changed += 1
+    return changed
+
+
+# ---------------------------------------------------------------------------------- counting
+
+
+def _blocking(cells: Sequence[Cell], threshold: float) -> dict[str, int]:
+    unreviewed = [c for c in cells if not c.reviewed_label]
+    return {
+        "unreviewed": len(unreviewed),
+        "unidentified": sum(
+            1 for c in unreviewed if c.status == CELL_DONE and not identified(c, threshold)
+        ),
+        "pending": sum(1 for c in unreviewed if c.status == CELL_PENDING),
+        "failed": sum(1 for c in unreviewed if c.status == CELL_ERROR),
+    }
+
+
+def blocking_message(sample: Sample, cells: Sequence[Cell], threshold: float) -> str | None:
+    """Why the sample cannot be signed off yet, or ``None`` when it can."""
+    if not cells:
+        return f"sample {sample.code} has no cells yet; upload and review its cells first"
+    b = _blocking(cells, threshold)
+    if not b["unreviewed"]:
+        return None
+    parts = []
+    if b["unidentified"]:
+        parts.append(f"{b['unidentified']} unidentified")
+    if b["pending"]:
+        parts.append(f"{b['pending']} still being classified")
+    if b["failed"]:
+        parts.append(f"{b['failed']} that the model could not read")
+    detail = f" ({', '.join(parts)})" if parts else ""
+    n = b["unreviewed"]
+    return (
+        f"cannot sign off {sample.code}: {n} of {len(cells)} cell{'s' if len(cells) != 1 else ''} "
+        f"{'are' if n != 1 else 'is'} not reviewed yet{detail}; review every cell first"
+    )
+
+
+def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample:
+    """Sign the sample off (it is read-only afterwards).
+
+    Raises:
+        Forbidden: the user is not a signer. Conflict: signed already, or cells remain
+            unreviewed or unidentified (the message says how many).
+    """
+    if not user.can("signer"):
+        raise Forbidden(
+            f"{user.username} is a {user.role}; only a signer (hematologist) can sign off"
+        )
+    ensure_editable(sample)
+    cells = sample_cells(db, sample)
+    why = blocking_message(sample, cells, threshold)
+    if why:
+        raise Conflict(why)
+    sample.signed_at = utcnow()
+    sample.signed_by_id = user.id
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[c.reviewed_label or ""] = counts.get(c.reviewed_label or "", 0) + 1
+    audit(
+        db,
+        user,
+        "sample.signoff",
+        sample_id=sample.id,
+        old={"signed": False},
+        new={"signed": True, "cells": len(cells), "counts": dict(sorted(counts.items()))},
+    )
+    return sample
+
+
+def _probs(cell: Cell, k: int) -> np.ndarray:
+    p = cell.probabilities
+    return np.asarray(p if p and len(p) == k else np.zeros(k), dtype=np.float32)
+
+
+def cell_view(cell: Cell, classes: Sequence[str], threshold: float) -> dict[str, Any]:
+    """A cell as the page and the API show it (top-3 probabilities included)."""
+    probs = _probs(cell, len(classes))
+    top = (
+        [
+            {"class": classes[i], "probability": round(float(probs[i]), 6)}
+            for i in np.argsort(-probs)[:3]
+        ]
+        if cell.probabilities
+        else []
+    )
+    return {
+        "id": cell.id,
+        "name": cell.original_name,
+        "sha256": cell.sha256,
+        "width": cell.width,
+        "height": cell.height,
+        "status": cell.status,
+        "predicted": cell.predicted_label,
+        "confidence": cell.confidence,
+        "identified": identified(cell, threshold),
+        "top3": top,
+        "reviewed_label": cell.reviewed_label,
+        "reviewed_by": cell.reviewed_by.username if cell.reviewed_by else None,
+        "reviewed_at": cell.reviewed_at.isoformat() if cell.reviewed_at else None,
+        "label": current_label(cell, threshold),
+        "model_version": cell.model_version,
+        "error": cell.error,
+    }
+
+
+def summary(
+    sample: Sample, cells: Sequence[Cell], classes: Sequence[str], settings: Settings
+) -> dict[str, Any]:
+    """Progress, the model's and the reviewed differential, the hairy-cell flag and evidence.
+
+    The *model* count uses every identified model call; the *reviewed* count uses the reviewed
+    labels given so far (complete at sign-off). The flag is computed on the reviewed count once
+    any cell is reviewed, else on the model's; evidence = the current HAC cells with the highest
+    HAC probability.
+    """
+    thr = settings.threshold
+    rules = {"hac_min_percent": settings.hac_min_percent, "hac_min_count": settings.hac_min_count}
+    model = tally((c.predicted_label for c in cells if identified(c, thr)), classes, **rules)
+    reviewed = tally((c.reviewed_label for c in cells if c.reviewed_label), classes, **rules)
+    basis = "reviewed" if reviewed.total else "model"
+    flag = reviewed.flag if reviewed.total else model.flag
+    evidence: list[dict[str, Any]] = []
+    if flag.hac_class and settings.evidence:
+        calls = [
+            CellCall(
+                path=c.stored_path,
+                rel=f"{c.original_name}#{c.id}",
+                predicted=str(current_label(c, thr)),
+                confidence=float(c.confidence or 0.0),
+                identified=current_label(c, thr) is not None,
+                probs=_probs(c, len(classes)),
+            )
+            for c in cells
+            if c.probabilities
+        ]
+        idx = list(classes).index(flag.hac_class)
+        for call in select_evidence(calls, flag.hac_class, classes, settings.evidence):
+            name, _, cid = call.rel.rpartition("#")
+            evidence.append({"id": int(cid), "name": name, "probability": float(call.probs[idx])})
+    b = _blocking(cells, thr)
+    return {
+        "sample_id": sample.id,
+        "code": sample.code,
+        "signed": sample.signed,
+        "progress": {
+            "total": len(cells),
+            "pending": sum(1 for c in cells if c.status == CELL_PENDING),
+            "classified": sum(1 for c in cells if c.status == CELL_DONE),
+            "failed": sum(1 for c in cells if c.status == CELL_ERROR),
+            "reviewed": sum(1 for c in cells if c.reviewed_label),
+        },
+        "blocking": b,
+        "can_sign": bool(cells) and not b["unreviewed"] and not sample.signed,
+        "threshold": thr,
+        "differential": [
+            {
+                "class": c,
+                "name": CELL_NAMES.get(c, ""),
+                "model_count": model.counts[c],
+                "model_percent": round(model.percents[c], 2),
+                "reviewed_count": reviewed.counts[c],
+                "reviewed_percent": round(reviewed.percents[c], 2),
+            }
+            for c in classes
+        ],
+        "totals": {"model": model.total, "reviewed": reviewed.total},
+        "flag": {
+            "basis": basis,
+            "status": flag.status,
+            "message": flag.message,
+            "hac_class": flag.hac_class,
+            "count": flag.count,
+            "percent": round(flag.percent, 2),
+            "min_percent": flag.min_percent,
+            "min_count": flag.min_count,
+            "evidence": evidence,
+            "model_status": model.flag.status,
+        },
+    }
+
+
+def report_data(
+    db: Session, sample: Sample, classes: Sequence[str], settings: Settings, model: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything the signed report shows (HTML, CSV and JSON share it).
+
+    Raises:
+        Conflict: the sample is not signed off yet.
+    """
+    if not sample.signed:
+        raise Conflict(
+            f"sample {sample.code} is not signed off yet; the report is made from the signed count"
+        )
+    cells = sample_cells(db, sample)
+    s = summary(sample, cells, classes, settings)
+    reviewers = sorted({c.reviewed_by.username for c in cells if c.reviewed_by})
+    versions = sorted({c.model_version for c in cells if c.model_version})
+    return {
+        "sample": {
+            "id": sample.id,
+            **_sample_dict(sample),
+            "created_at": sample.created_at.isoformat(),
+        },
+        "signed_at": sample.signed_at.isoformat() if sample.signed_at else None,
+        "signed_by": sample.signed_by.username if sample.signed_by else None,
+        "reviewers": reviewers,
+        "model": {**model, "versions_used": versions},
+        "settings": {
+            "threshold": settings.threshold,
+            "hac_min_percent": settings.hac_min_percent,
+            "hac_min_count": settings.hac_min_count,
+        },
+        "cells": len(cells),
+        "differential": s["differential"],
+        "totals": s["totals"],
+        "flag": s["flag"],
+        "changed_by_review": sum(
+            1 for c in cells if c.reviewed_label and c.reviewed_label != c.predicted_label
+        ),
+    }

@@ -1,0 +1,281 @@
+"""The model inside the app: one :class:`ModelHandle` around the one ``Predictor``, and the
+background :class:`ClassificationWorker` that classifies uploaded cells.
+
+Every model call (background classification, ``/api/predict``, Grad-CAM) goes through the
+handle's lock: Grad-CAM attaches hooks to the network, so no other forward pass may run at the
+same time. The worker reads pending cells in one short transaction, runs the model outside any
+transaction and writes the results in another, so requests are never blocked by inference.
+After a crash the cells still ``pending`` are simply picked up again on the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import select
+
+from marrowscope.service.db import Database
+from marrowscope.service.models import CELL_DONE, CELL_ERROR, CELL_PENDING, AuditEvent, Cell
+from marrowscope.service.storage import ImageStore
+
+if TYPE_CHECKING:
+    from marrowscope.inference.predictor import Predictor
+
+__all__ = ["MODEL_USER", "ClassificationWorker", "ModelHandle", "ModelInfo"]
+
+log = logging.getLogger(__name__)
+
+MODEL_USER = "model"
+"""The user name audit events of the background classifier carry."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the app tells about its model (``/api/model``, reports, each cell's call).
+
+    Attributes:
+        name: the training config's name (or the architecture).
+        arch: the registry architecture name.
+        version: ``arch:<first 12 hex of the weights' SHA-256>``; stored with every call.
+        marrowscope_version: the marrowscope version that wrote the bundle.
+        classes: class names in index order.
+        input_size: pixels.
+        backend: ``torch`` or ``onnx``.
+        checkpoint: the bundle path (empty for an in-memory model).
+    """
+
+    name: str
+    arch: str
+    version: str
+    marrowscope_version: str
+    classes: tuple[str, ...]
+    input_size: int
+    backend: str
+    checkpoint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "version": self.version,
+            "marrowscope_version": self.marrowscope_version,
+            "classes": list(self.classes),
+            "input_size": self.input_size,
+            "backend": self.backend,
+            "checkpoint": self.checkpoint,
+        }
+
+
+def _weights_digest(predictor: Predictor) -> str:
+    from marrowscope.models.bundle import WEIGHTS_NAME
+    from marrowscope.utils.io import file_sha256
+
+    ckpt = getattr(predictor, "checkpoint", None)
+    if ckpt:
+        p = Path(ckpt)
+        for candidate in (p / WEIGHTS_NAME, getattr(predictor, "onnx_path_", None), p):
+            if candidate is not None and Path(candidate).is_file():
+                return file_sha256(candidate)
+    h = hashlib.sha256()
+    for key, tensor in sorted(predictor.model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ModelHandle:
+    """The app's one predictor, with a lock and its :class:`ModelInfo`.
+
+    Args:
+        predictor: a loaded :class:`~marrowscope.inference.predictor.Predictor`.
+    """
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.lock = threading.Lock()
+        meta = dict(getattr(predictor, "metadata", {}) or {})
+        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        arch = str(predictor.arch)
+        self.info = ModelInfo(
+            name=str((config or {}).get("name") or arch),
+            arch=arch,
+            version=f"{arch}:{_weights_digest(predictor)[:12]}",
+            marrowscope_version=str(meta.get("marrowscope_version") or ""),
+            classes=tuple(str(c) for c in predictor.classes_),
+            input_size=int(predictor.input_size),
+            backend=str(getattr(predictor, "backend", "torch")),
+            checkpoint=str(getattr(predictor, "checkpoint", "") or ""),
+        )
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in index order."""
+        return self.info.classes
+
+    def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
+        """``Predictor.predict_proba`` under the lock."""
+        with self.lock:
+            return self.predictor.predict_proba(list(images))
+
+    def gradcam_png(self, path: Path, target_class: str | None = None) -> bytes:
+        """The Grad-CAM overlay of one image as PNG bytes (explains the predicted class, or
+        ``target_class``).
+
+        Raises:
+            ExplainError: the model cannot be explained (ONNX backend, unknown class).
+            ImageReadError: the image cannot be read.
+        """
+        from PIL import Image
+
+        from marrowscope.explain.gradcam import gradcam
+
+        with self.lock:
+            (res,) = gradcam(self.predictor, [path], target_class=target_class)
+        buf = io.BytesIO()
+        Image.fromarray(res.overlay).save(buf, format="PNG")
+        return buf.getvalue()
+
+
+class ClassificationWorker:
+    """A daemon thread that classifies pending cells, oldest first, in batches.
+
+    Args:
+        db: the database.
+        store: the image store.
+        model: the model handle.
+        batch_size: cells per model call.
+    """
+
+    def __init__(
+        self, db: Database, store: ImageStore, model: ModelHandle, batch_size: int
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.model = model
+        self.batch_size = batch_size
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._idle = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (it first picks up cells left pending by an earlier run)."""
+        self._thread = threading.Thread(target=self._run, name="marrowscope-classify", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the thread to finish its batch and stop; wait up to ``timeout`` seconds."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def notify(self) -> None:
+        """New pending cells were committed: wake the thread."""
+        with self._cond:
+            self._generation += 1
+            self._idle = False
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no cell is pending (True) or ``timeout`` seconds passed (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._idle or self._stopping, timeout)
+
+    @property
+    def idle(self) -> bool:
+        """True when the thread found nothing left to classify."""
+        return self._idle
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                generation = self._generation
+            try:
+                worked = self.process_batch()
+            except Exception:  # keep serving: log, then retry after a pause
+                log.exception("background classification failed; retrying")
+                with self._cond:
+                    self._cond.wait(2.0)
+                continue
+            if worked:
+                continue
+            with self._cond:
+                if self._generation == generation and not self._stopping:
+                    self._idle = True
+                    self._cond.notify_all()
+                    self._cond.wait_for(
+                        lambda g=generation: self._generation != g or self._stopping
+                    )
+                if self._stopping:
+                    return
+                self._idle = False
+
+    def process_batch(self) -> bool:
+        """Classify up to ``batch_size`` pending cells; False when none was pending."""
+        with self.db.read() as s:
+            rows = s.execute(
+                select(Cell.id, Cell.stored_path, Cell.sample_id)
+                .where(Cell.status == CELL_PENDING)
+                .order_by(Cell.id)
+                .limit(self.batch_size)
+            ).all()
+        if not rows:
+            return False
+        results = self._classify([self.store.path(r.stored_path) for r in rows])
+        version = self.model.info.version
+        classes = self.model.classes
+        per_sample: dict[int, int] = {}
+        with self.db.write() as s:
+            for row, (probs, error) in zip(rows, results, strict=True):
+                cell = s.get(Cell, row.id)
+                if cell is None or cell.status != CELL_PENDING:
+                    continue
+                cell.model_version = version
+                if probs is None:
+                    cell.status = CELL_ERROR
+                    cell.error = error
+                else:
+                    top = int(np.argmax(probs))
+                    cell.status = CELL_DONE
+                    cell.predicted_label = classes[top]
+                    cell.confidence = float(probs[top])
+                    cell.probabilities = [round(float(p), 6) for p in probs]
+                per_sample[row.sample_id] = per_sample.get(row.sample_id, 0) + 1
+            for sample_id, n in per_sample.items():
+                s.add(
+                    AuditEvent(
+                        user_id=None,
+                        username=MODEL_USER,
+                        action="cells.classified",
+                        sample_id=sample_id,
+                        new_value={"cells": n, "model": version},
+                    )
+                )
+        return True
+
+    def _classify(self, paths: list[Path]) -> list[tuple[np.ndarray | None, str | None]]:
+        try:
+            probs = self.model.predict_proba(paths)
+            return [(p, None) for p in probs]
+        except Exception:  # one bad file: classify one by one to name it
+            out: list[tuple[np.ndarray | None, str | None]] = []
+            for p in paths:
+                try:
+                    out.append((self.model.predict_proba([p])[0], None))
+                except Exception as e:
+                    out.append((None, f"{type(e).__name__}: {e}"[:500]))
+            return out
