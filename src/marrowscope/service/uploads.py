@@ -138,8 +138,10 @@ def check_image(name: str, data: bytes, settings: Settings) -> Accepted | Reject
                 fmt, (w, h) = im.format, im.size
     except UnidentifiedImageError:
         return Rejected(name, f"not an image (unknown format); {_type_hint()}")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Rejected(name, "refused as a possible decompression bomb (too many pixels)")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return Rejected(
+            name, f"refused as a possible decompression bomb ({e}); upload single-cell crops"
+        )
     except Exception as e:  # Pillow raises many types for damaged headers
         return Rejected(name, f"damaged image header ({type(e).__name__}); re-export the file")
     if fmt not in FORMATS:

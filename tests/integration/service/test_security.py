@@ -1,0 +1,297 @@
+"""Security of the review app: logins, CSRF, roles, signed samples and hostile uploads."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.routing import APIRoute
+from PIL import Image
+from sqlalchemy import select
+
+from marrowscope.service.models import AuditEvent, LoginSession
+
+from .conftest import PASSWORD, Service, files_of, sample_images
+
+pytestmark = pytest.mark.integration
+
+PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/api/health")}
+
+
+def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    """Every APIRoute of the app, also inside included routers (FastAPI nests them lazily)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):  # fastapi.routing._IncludedRouter
+            yield from _api_routes(route.original_router.routes)
+
+
+def test_every_route_needs_a_login(service: Service) -> None:
+    """Walk the route table: 401 for the API, a redirect to the login page for pages."""
+    c = service.client
+    checked = 0
+    seen = set()
+    for route in _api_routes(service.app.routes):
+        seen.add(route.path)
+        for method in sorted(route.methods - {"HEAD"}):
+            if (method, route.path) in PUBLIC:
+                continue
+            url = re.sub(r"\{[^}]+\}", "1", route.path)
+            r = c.request(method, url, follow_redirects=False)
+            if route.path.startswith("/api/"):
+                assert r.status_code == 401, (method, route.path, r.status_code)
+                assert r.headers["www-authenticate"] == "Bearer"
+            else:
+                assert r.status_code == 303, (method, route.path, r.status_code)
+                assert r.headers["location"].startswith("/login?next="), (method, route.path)
+            checked += 1
+    assert checked >= 30
+    assert {"/api/samples/{sample_id}/signoff", "/samples/{sample_id}/report", "/logout"} <= seen
+    # a wrong or revoked token is no better than none
+    assert c.get("/api/samples", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c.get("/api/health").status_code == 200
+    assert c.get("/login").status_code == 200
+    assert c.get("/static/app.js").status_code == 200
+
+
+def test_cookie_login_needs_csrf_for_every_change(service: Service) -> None:
+    c = service.client
+    csrf = service.login("rev")
+    cookie = c.cookies.get("marrowscope_session")
+    assert cookie
+    # reads need no token
+    assert c.get("/api/samples").status_code == 200
+    # changes without the token, or with a wrong one, are refused: API and forms alike
+    assert c.post("/api/samples", json={"code": "S-1"}).status_code == 403
+    r = c.post("/api/samples", json={"code": "S-1"}, headers={"X-CSRF-Token": "wrong"})
+    assert r.status_code == 403 and "CSRF" in r.json()["detail"]
+    r = c.post("/samples", data={"code": "S-1"}, follow_redirects=False)
+    assert r.status_code == 403 and "CSRF" in r.text
+    r = c.post("/samples", data={"code": "S-1", "csrf_token": "wrong"}, follow_redirects=False)
+    assert r.status_code == 403
+    assert c.post("/logout", follow_redirects=False).status_code == 403
+    assert c.get("/api/samples").json() == []  # nothing was created
+    # with the token both work
+    r = c.post("/api/samples", json={"code": "S-1"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 201
+    r = c.post("/samples", data={"code": "S-2", "csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/samples/")
+    sid = r.headers["location"].rsplit("/", 1)[1]
+    page = c.get(f"/samples/{sid}")
+    assert page.status_code == 200 and f'value="{csrf}"' in page.text  # every form carries it
+    assert page.text.count('name="csrf_token"') >= 4
+    # bearer-token requests need no CSRF token (browsers never send them by themselves)
+    c.cookies.clear()
+    r = c.post("/api/samples", json={"code": "S-3"}, headers=service.auth("rev"))
+    assert r.status_code == 201
+
+
+def test_login_cookie_flags_failed_login_and_logout(service: Service) -> None:
+    c = service.client
+    page = c.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = c.post(
+        "/login", data={"username": "rev", "password": "wrong password!", "csrf_token": token}
+    )
+    assert r.status_code == 401 and "wrong user name or password" in r.text
+    r = c.post("/login", data={"username": "rev", "password": PASSWORD})  # no login CSRF token
+    assert r.status_code == 403
+    page = c.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = c.post(
+        "/login",
+        data={
+            "username": "rev",
+            "password": PASSWORD,
+            "csrf_token": token,
+            "next": "//evil.example/x",
+        },
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/"  # no open redirect
+    set_cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie and "samesite=lax" in set_cookie
+    stolen = c.cookies.get("marrowscope_session")
+    csrf = c.get("/api/me").json()["csrf_token"]
+    assert c.post("/logout", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+    # the old cookie is dead on the server side too
+    c.cookies.set("marrowscope_session", stolen)
+    assert c.get("/api/samples").status_code == 401
+    with service.app.state.db.read() as s:
+        actions = s.scalars(select(AuditEvent.action).where(AuditEvent.username == "rev")).all()
+        ended = s.scalars(select(LoginSession.ended_at)).all()
+    assert actions == ["login.failed", "login", "logout"]
+    assert len(ended) == 1 and ended[0] is not None
+
+
+def test_roles_reviewer_cannot_sign_or_manage_users(service: Service) -> None:
+    c = service.client
+    csrf = service.login("rev")
+    r = c.get("/admin/users")
+    assert r.status_code == 403 and "needs the admin role" in r.text
+    sid = service.new_sample(service.auth("sig"))
+    service.upload(sid, files_of(sample_images(1)), service.auth("sig"))
+    service.wait()
+    ids = [x["id"] for x in service.cells(sid, service.auth("sig"))]
+    c.post(
+        f"/api/samples/{sid}/cells/reclassify",
+        json={"cell_ids": ids},
+        headers={"X-CSRF-Token": csrf},
+    )
+    r = c.post(f"/api/samples/{sid}/signoff", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 403
+    r = c.post(f"/samples/{sid}/signoff", data={"csrf_token": csrf}, follow_redirects=True)
+    assert "only a signer" in r.text  # shown as a message on the sample page
+    assert not c.get(f"/api/samples/{sid}").json()["signed"]
+
+
+def test_html_escapes_file_names_and_notes(service: Service) -> None:
+    c = service.client
+    csrf = service.login("rev")
+    sid = service.new_sample(service.auth("rev"), notes="<script>alert(1)</script>")
+    data = sample_images(1)[0].read_bytes()
+    service.upload(
+        sid,
+        [("files", ("<img src=x onerror=alert(1)>.jpg", data, "image/jpeg"))],
+        service.auth("rev"),
+    )
+    page = c.get(f"/samples/{sid}").text
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    assert "<img src=x onerror" not in page
+    assert "script-src 'self'" in c.get(f"/samples/{sid}").headers["content-security-policy"]
+    assert csrf
+
+
+# ------------------------------------------------------------------------------ hostile uploads
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that claims w x h pixels (a decompression bomb's header) with next to no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _zip(members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as zf:
+        for name, body in members.items():
+            zf.writestr(name, body)
+    return buf.getvalue()
+
+
+def test_hostile_files_are_refused_by_name_and_the_rest_go_through(make_service) -> None:  # type: ignore[no-untyped-def]
+    svc = make_service(max_file_bytes=200_000, max_pixels=1_000_000, max_zip_members=20)
+    rev = svc.user("rev", "reviewer")
+    sid = svc.new_sample(rev)
+    good = sample_images(3)
+    g = [p.read_bytes() for p in good]
+    bomb_zip = _zip({"cells/zeros.png": b"\0" * 5_000_000})  # ~5000:1
+    many_zip = _zip({f"c{i}.jpg": g[0] for i in range(25)})
+    files = [
+        ("files", (good[0].name, g[0], "image/jpeg")),
+        ("files", ("../../etc/passwd.jpg", g[1], "image/jpeg")),
+        ("files", ("/abs/path.jpg", g[1], "image/jpeg")),
+        ("files", ("..\\win.jpg", g[1], "image/jpeg")),
+        ("files", ("notes.txt", b"clinical notes", "text/plain")),
+        ("files", ("fake.jpg", b"%PDF-1.4 not really an image", "image/jpeg")),
+        ("files", ("huge.png", _png(10, 10) + b"\0" * 250_000, "image/png")),
+        ("files", ("bomb.png", _png_header_only(50_000, 50_000), "image/png")),
+        ("files", ("big.png", _png(1200, 1000), "image/png")),
+        ("files", ("bomb.zip", bomb_zip, "application/zip")),
+        ("files", ("many.zip", many_zip, "application/zip")),
+        ("files", ("broken.zip", b"PK\x03\x04 nope", "application/zip")),
+        (
+            "files",
+            (
+                "cells.zip",
+                _zip(
+                    {
+                        "slide/" + good[1].name: g[1],
+                        "../escape.jpg": g[2],
+                        "inner.zip": _zip({"x.jpg": g[2]}),
+                        "__MACOSX/._junk.jpg": b"junk",
+                        "readme.md": b"hello",
+                    }
+                ),
+                "application/zip",
+            ),
+        ),
+        ("files", (good[2].name, g[2], "image/jpeg")),
+    ]
+    r = svc.client.post(f"/api/samples/{sid}/cells", files=files, headers=rev)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    accepted = sorted(a["name"] for a in body["accepted"])
+    assert accepted == sorted([good[0].name, good[2].name, f"cells.zip:slide/{good[1].name}"])
+    why = {x["name"]: x["reason"] for x in body["rejected"]}
+    assert "path traversal" in why["../../etc/passwd.jpg"]
+    assert "absolute path" in why["/abs/path.jpg"]
+    assert "Windows path" in why["..\\win.jpg"]
+    assert "not an accepted file type" in why["notes.txt"]
+    assert "not an image" in why["fake.jpg"]
+    assert "above the 200,000 bytes limit" in why["huge.png"]
+    assert "decompression bomb" in why["bomb.png"] and "2500000000 pixels" in why["bomb.png"]
+    assert "1,200,000 pixels, above the 1,000,000 limit" in why["big.png"]
+    assert "zip bomb" in why["bomb.zip"]
+    assert "25 entries, above the 20 limit" in why["many.zip"]
+    assert "not a valid zip file" in why["broken.zip"]
+    assert "path traversal" in why["cells.zip:../escape.jpg"]
+    assert "nested zip" in why["cells.zip:inner.zip"]
+    assert "only images" in why["cells.zip:readme.md"]
+    assert not any("__MACOSX" in n for n in why)
+    for item in body["rejected"]:
+        assert item["message"].startswith(item["name"] + ": ")
+    assert len(body["rejected"]) == 14
+    svc.wait()
+    assert len(svc.cells(sid, rev)) == 3
+    written = [p.name for p in (svc.app.state.settings.data_dir).rglob("*") if p.is_file()]
+    assert not any("passwd" in n or "escape" in n for n in written)
+
+
+def test_oversized_request_is_refused_before_reading(make_service) -> None:  # type: ignore[no-untyped-def]
+    svc = make_service(max_request_bytes=100_000)
+    rev = svc.user("rev", "reviewer")
+    sid = svc.new_sample(rev)
+    big = [("files", ("a.png", _png(10, 10) + b"\0" * 150_000, "image/png"))]
+    r = svc.client.post(f"/api/samples/{sid}/cells", files=big, headers=rev)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert svc.cells(sid, rev) == []
+
+
+def test_form_upload_reports_refused_files_on_the_page(service: Service) -> None:
+    c = service.client
+    csrf = service.login("rev")
+    sid = service.new_sample(service.auth("rev"))
+    files = files_of(sample_images(2)) + [
+        ("files", ("evil.exe", b"MZ", "application/octet-stream"))
+    ]
+    r = c.post(
+        f"/samples/{sid}/upload", data={"csrf_token": csrf}, files=files, follow_redirects=True
+    )
+    assert r.status_code == 200
+    assert "2 cell image(s) added" in r.text
+    assert "refused evil.exe: not an accepted file type" in r.text
