@@ -37,7 +37,6 @@ import numpy as np
 
 from marrowscope import __version__
 from marrowscope.data import DataError
-from marrowscope.explain.sheets import list_images
 from marrowscope.reports.count_report import write_count_report
 from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, read_image
 from marrowscope.utils.io import atomic_write, atomic_write_json
@@ -322,6 +321,8 @@ def _sample_files(sample_dir: Path) -> tuple[list[Path], list[Path]]:
         raise CountError(
             f"{sample_dir} is a file; pass the folder holding one sample's cell images"
         )
+    from marrowscope.explain.sheets import list_images  # torch: imported only when counting
+
     images, others = list_images(sample_dir)
     if not images:
         extra = f" (found {len(others)} other file(s))" if others else ""
