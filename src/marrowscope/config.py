@@ -86,6 +86,15 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.0
     hue: float = 0.0
+    stain: float = 0.0
+    """H&E/Romanowsky stain jitter in optical-density (HED) space: each stain channel is scaled by
+    ``1 +/- stain`` and shifted by ``+/- stain / 5`` (Tellez et al. 2018); 0 disables it."""
+    mixup_alpha: float = 0.0
+    """Beta(alpha, alpha) MixUp of whole batches (soft labels); 0 disables it."""
+    cutmix_alpha: float = 0.0
+    """Beta(alpha, alpha) CutMix of whole batches; 0 disables it. With both, one is picked per batch."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (when MixUp/CutMix is enabled)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,21 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads; 0 = leave torch's default (all cores)."""
     grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (timm ``ModelEmaV3``, with warm-up) and
+    validate/save it instead of the raw weights; ``None`` disables it. Typical: 0.998."""
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How the saved model predicts; stored in the checkpoint bundle, used by every command."""
+
+    tta: Literal["none", "flips", "d8"] = "none"
+    """Test-time augmentation: average the probabilities over the image and its flips
+    (``flips``: 4 views) or all 8 rotations/reflections (``d8``); costs that many forward passes."""
+    calibrate: bool = True
+    """Fit a softmax temperature on the validation split after training (minimum NLL) so that
+    confidences match accuracy; reported as expected calibration error before/after."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +176,7 @@ class ExperimentConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 

@@ -190,3 +190,58 @@ def _grouped(rows: list[ManifestRow], val: float, test: float, seed: int) -> lis
                     f"too unequal for a grouped split; {_FIX}, or change the seed"
                 )
     return [replace(r, split=SPLIT_NAMES[assignment[gi[r.group]]]) for r in rows]  # type: ignore[index]
+
+
+def assign_folds(
+    rows: Sequence[ManifestRow], *, folds: int, seed: int, grouped: bool = False
+) -> list[int]:
+    """A cross-validation fold (0..folds-1) for every row, stratified by class.
+
+    Image-level: each class's images are sorted by path, shuffled with the class's seeded
+    generator (as :func:`assign_splits`) and dealt to the folds in turn, so every fold holds
+    ``n // folds`` or ``n // folds + 1`` images of every class. Grouped: every row needs a
+    ``group``; groups (shuffled with the seed, then largest first) go to the fold with the
+    fewest images so far, so no group is in two folds.
+
+    Raises:
+        DataError: fewer than 2 folds, a class with fewer images (or groups) than folds, or a
+            row without a group when ``grouped``.
+    """
+    rows = list(rows)
+    if folds < 2:
+        raise DataError(f"cross-validation needs at least 2 folds, got {folds}")
+    out = [-1] * len(rows)
+    if grouped:
+        missing = next((r for r in rows if r.group is None), None)
+        if missing is not None:
+            raise DataError(
+                f"manifest row {missing.path} has no group; grouped cross-validation needs a group "
+                "on every row: fill in the column, or unset data.split.group_column"
+            )
+        members: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(rows):
+            members[str(r.group)].append(i)
+        names = sorted(members)
+        rng = np.random.default_rng([int(seed) % 2**63, zlib.crc32(b"grouped-folds")])
+        order = [names[j] for j in rng.permutation(len(names))]
+        order.sort(key=lambda g: -len(members[g]))  # stable: ties keep the shuffle
+        sizes = [0] * folds
+        for g in order:
+            f = int(np.argmin(sizes))
+            sizes[f] += len(members[g])
+            for i in members[g]:
+                out[i] = f
+    else:
+        for _label, idx in _by_class(rows).items():
+            order_ = sorted(idx, key=lambda i: rows[i].path)
+            perm = class_rng(seed, _label).permutation(len(order_))
+            for k, j in enumerate(perm):
+                out[order_[j]] = k % folds
+    for label, idx in _by_class(rows).items():
+        present = {out[i] for i in idx}
+        if len(present) < folds:
+            raise DataError(
+                f"class {label} has {len(idx)} image(s) in {len(present)} of {folds} folds: every "
+                f"class needs images in every fold; use fewer folds or drop the class"
+            )
+    return out

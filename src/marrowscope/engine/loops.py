@@ -42,8 +42,16 @@ def train_one_epoch(
     progress: Progress | None = None,
     task_name: str = "train",
     total: int | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """Run one epoch of training; step the scheduler every batch.
+
+    Args:
+        batch_transform: applied to each ``(images, labels)`` batch on the device (MixUp /
+            CutMix); it may return soft labels ``(N, K)``, which ``loss_fn`` must accept.
+        on_step: called after every optimizer step (e.g. to update an EMA of the weights).
 
     Returns:
         Mean loss and running accuracy over the epoch (on augmented images), and throughput.
@@ -59,12 +67,15 @@ def train_one_epoch(
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        target = y
+        if batch_transform is not None:
+            x, target = batch_transform(x, y)
         if precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast(device):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = loss_fn(logits.float(), target)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became {loss.item()} (diverged); lower train.lr or use precision=fp32"
@@ -83,6 +94,8 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if on_step is not None:
+            on_step()
         n = y.shape[0]
         total_loss += float(loss.detach()) * n
         correct += int((logits.detach().argmax(1) == y).sum())

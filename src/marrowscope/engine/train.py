@@ -6,7 +6,8 @@ Run folder layout::
     RUN_DIR/split.csv      the split manifest (reuse with data.manifest=RUN_DIR/split.csv)
     RUN_DIR/metrics.csv    one row per epoch
     RUN_DIR/curves.png     training curves (train vs validation accuracy and loss)
-    RUN_DIR/best/          checkpoint bundle with the best validation macro-F1
+    RUN_DIR/best/          checkpoint bundle with the best validation macro-F1 (with its
+                           softmax temperature fitted on the validation split and the TTA mode)
     RUN_DIR/last/          checkpoint bundle after the last finished epoch
     RUN_DIR/state.pt       optimizer/scheduler/history for --resume
     RUN_DIR/summary.json   final numbers
@@ -43,12 +44,18 @@ from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import read_manifest
 from marrowscope.engine.data import PreparedData, prepare_data, save_split
 from marrowscope.engine.loops import cross_entropy, predict_logits, train_one_epoch
-from marrowscope.metrics.classification import classification_metrics
-from marrowscope.models.bundle import save_bundle
+from marrowscope.inference.predictor import Predictor, softmax
+from marrowscope.metrics.classification import (
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from marrowscope.models.bundle import load_bundle, save_bundle
 from marrowscope.models.registry import Classifier, build_model
 from marrowscope.preprocess.ops import preprocess_params
 from marrowscope.reports.plots import plot_training_curves
-from marrowscope.transforms.augment import eval_transform, train_transform
+from marrowscope.transforms.augment import BatchMix, eval_transform, train_transform
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import (
@@ -71,6 +78,7 @@ HISTORY_FIELDS = (
     "val_accuracy",
     "val_balanced_accuracy",
     "val_macro_f1",
+    "val_macro_f1_raw",
     "train_images_per_second",
     "epoch_seconds",
 )
@@ -173,6 +181,7 @@ def _bundle_metadata(
         "epoch": epoch,
         "metrics": metrics,
         "train_counts": dict(zip(data.classes, data.class_counts("train").tolist(), strict=True)),
+        "inference": {"tta": cfg.inference.tta, "temperature": 1.0},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }
@@ -202,6 +211,70 @@ def _evaluate_split(
     m = classification_metrics(labels, logits.argmax(1), classes)
     m["loss"] = cross_entropy(logits, labels)
     return m
+
+
+def _make_ema(model: nn.Module, decay: float | None) -> Any:
+    """timm's ``ModelEmaV3`` of ``model`` (with warm-up: short runs start averaging at once), or
+    ``None`` when ``decay`` is ``None``."""
+    if decay is None:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in (0, 1) (e.g. 0.998), got {decay}")
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
+def finalize_inference(
+    bundle_dir: Path,
+    data: PreparedData,
+    cfg: ExperimentConfig,
+    *,
+    device: torch.device,
+    console: Console,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Set the bundle's inference rule: TTA mode and a temperature fitted on the validation split.
+
+    The validation images are predicted with the TTA views of ``cfg.inference.tta``; when
+    ``cfg.inference.calibrate``, the temperature minimising the validation NLL is fitted and
+    stored in ``metadata["inference"]``, and the bundle is rewritten (atomically). Validation
+    accuracy, macro-F1, NLL and ECE before (T = 1) and after are returned and stored too.
+    """
+    model, meta = load_bundle(bundle_dir, device="cpu")
+    val = data.splits["val"]
+    tta = cfg.inference.tta
+    predictor = Predictor.from_model(model, meta, device=device.type, tta=tta)
+    views = predictor.view_logits_preprocessed(val.images)
+    labels = np.asarray(val.labels, dtype=np.int64)
+    temperature = fit_temperature(views, labels) if cfg.inference.calibrate else 1.0
+
+    def scores(temp: float) -> dict[str, float]:
+        probs = softmax(views / temp).mean(axis=0)
+        m = classification_metrics(labels, probs.argmax(1), data.classes)
+        return {
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "nll": negative_log_likelihood(probs, labels),
+            "ece": expected_calibration_error(probs, labels),
+        }
+
+    report: dict[str, Any] = {
+        "tta": tta,
+        "temperature": temperature,
+        "val_images": len(labels),
+        "before": scores(1.0),
+        "after": scores(temperature),
+    }
+    meta["inference"] = {"tta": tta, "temperature": temperature, "calibration": report}
+    save_bundle(bundle_dir, model, meta)
+    b, a = report["before"], report["after"]
+    console.print(
+        f"inference: tta={tta}, temperature {temperature:.3f} (validation ECE "
+        f"{b['ece']:.3f} -> {a['ece']:.3f}, NLL {b['nll']:.3f} -> {a['nll']:.3f}; "
+        f"macro-F1 with TTA {a['macro_f1']:.3f})"
+    )
+    return report
 
 
 def fit(
@@ -305,6 +378,8 @@ def fit(
         lr_lambda_factory(steps * t.epochs, int(round(steps * t.warmup_epochs)), t.min_lr_ratio),
     )
     scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
+    mixer = BatchMix(cfg.augment, len(classes)) if BatchMix.enabled(cfg.augment) else None
+    ema = _make_ema(model, t.ema_decay)
 
     weights_source = state.get("weights_source") if state is not None else model.weights_source
     history: list[dict[str, Any]] = []
@@ -315,6 +390,13 @@ def fit(
     elapsed_before = 0.0
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise RuntimeError(
+                    f"cannot resume {run_dir} with train.ema_decay set: the run was started "
+                    "without EMA; resume without changing train.ema_decay"
+                )
+            ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
@@ -333,6 +415,14 @@ def fit(
         f"{torch.get_num_threads()} threads"
     )
     stopped_early = False
+    global_step = (start_epoch - 1) * steps
+
+    def ema_step() -> None:
+        nonlocal global_step
+        global_step += 1
+        assert ema is not None
+        ema.update(model, step=global_step)
+
     t0 = time.perf_counter()
     with make_progress(enabled=progress, console=console) as bar:
         epoch_task = bar.add_task(
@@ -360,8 +450,12 @@ def fit(
                 progress=bar if progress else None,
                 task_name=f"epoch {epoch}/{t.epochs} ({stage})",
                 total=len(train_loader.sampler) if t.imbalance == "sampler" else n_train,
+                batch_transform=mixer,
+                on_step=ema_step if ema is not None else None,
             )
-            val = _evaluate_split(model, val_loader, classes, device, precision)
+            val = val_raw = _evaluate_split(model, val_loader, classes, device, precision)
+            if ema is not None:
+                val = _evaluate_split(ema.module, val_loader, classes, device, precision)
             row = {
                 "epoch": epoch,
                 "stage": stage,
@@ -372,6 +466,7 @@ def fit(
                 "val_accuracy": val["accuracy"],
                 "val_balanced_accuracy": val["balanced_accuracy"],
                 "val_macro_f1": val["macro_f1"],
+                "val_macro_f1_raw": val_raw["macro_f1"],
                 "train_images_per_second": stats.images_per_second,
                 "epoch_seconds": time.perf_counter() - e0,
             }
@@ -385,18 +480,22 @@ def fit(
                 "val_per_class": val["per_class"],
             }
             meta = _bundle_metadata(cfg, data, epoch, val_summary, weights_source)
+            saved = ema.module if ema is not None else model
             if improved:
                 best_f1, best_epoch, bad_epochs = val["macro_f1"], epoch, 0
-                save_bundle(run_dir / "best", model, meta)
+                save_bundle(run_dir / "best", saved, meta)
             else:
                 bad_epochs += 1
-            save_bundle(run_dir / "last", model, meta)
+            save_bundle(run_dir / "last", saved, meta)
             _write_history(history, run_dir / "metrics.csv")
             _save_state(
                 state_path,
                 {
                     "epoch": epoch,
                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "ema": None
+                    if ema is None
+                    else {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "history": history,
@@ -426,6 +525,9 @@ def fit(
         raise RuntimeError(f"no best checkpoint was written in {run_dir}")
 
     plot_training_curves(history, run_dir / "curves.png")
+    calibration = finalize_inference(
+        run_dir / "best", data, cfg, device=device, console=console, progress=progress
+    )
     result = FitResult(
         run_dir=run_dir,
         best_dir=run_dir / "best",
@@ -451,6 +553,7 @@ def fit(
             "train_seconds": round(train_seconds, 1),
             "wall_seconds_this_session": round(time.perf_counter() - wall_start, 1),
             "stopped_early": stopped_early,
+            "calibration": calibration,
             "params": params,
             "device": device.type,
             "precision": precision.name,

@@ -11,7 +11,11 @@ comes from the checkpoint bundle, never from a folder listing or a default::
 Steps per image: :meth:`Predictor.load` (any file, array or PIL image -> RGB uint8) ->
 :meth:`Predictor.preprocess` (the bundle's resize / denoise / sharpen) -> batched network
 (the model normalises its [0, 1] input itself; in ONNX the normalisation is inside the graph
-too) -> softmax.
+too) -> softmax of ``logits / temperature``, averaged over the test-time-augmentation views.
+
+The bundle's ``metadata["inference"]`` says how it predicts: ``tta`` (``none``, ``flips`` = the
+image and its 3 flips, ``d8`` = all 8 rotations/reflections) and ``temperature`` (fitted on the
+validation split after training; 1.0 = uncalibrated). ``Predictor(tta=...)`` overrides the TTA.
 """
 
 from __future__ import annotations
@@ -61,9 +65,11 @@ __all__ = [
     "PredictorError",
     "read_onnx_metadata",
     "softmax",
+    "tta_views",
 ]
 
 BACKENDS = ("torch", "onnx")
+TTA_MODES = ("none", "flips", "d8")
 ONNX_NAME = "model.onnx"
 """File name of the exported model inside a bundle folder."""
 ONNX_METADATA_KEY = "marrowscope"
@@ -108,11 +114,31 @@ class PathPrediction:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise, numerically stable softmax; float32 out."""
+    """Numerically stable softmax over the last axis; float32 out."""
     z = np.asarray(logits, dtype=np.float32)
-    z = z - z.max(axis=1, keepdims=True)
+    z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
+    """The test-time-augmentation views of an ``(N, H, W, C)`` batch (contiguous copies).
+
+    ``none``: the batch; ``flips``: + horizontal, vertical and both flips; ``d8``: the 4
+    rotations by 90 degrees, each with and without a horizontal flip (the dihedral group).
+    """
+    if mode == "none":
+        return [batch]
+    if mode == "flips":
+        views = [batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1]]
+    elif mode == "d8":
+        views = []
+        for k in range(4):
+            r = np.rot90(batch, k, axes=(1, 2))
+            views += [r, r[:, :, ::-1]]
+    else:
+        raise ValueError(f"unknown test-time augmentation {mode!r}; use one of {TTA_MODES}")
+    return [np.ascontiguousarray(v) for v in views]
 
 
 def _check_metadata(meta: Any, source: str) -> dict[str, Any]:
@@ -227,6 +253,8 @@ class Predictor:
         batch_size: images per forward pass.
         precision: torch backend: ``auto`` (bf16 autocast + channels_last on CPUs with native
             bf16 and on CUDA, else fp32), ``fp32`` or ``bf16``. The onnx backend is fp32.
+        tta: test-time augmentation ``none``, ``flips`` or ``d8``; ``None`` = the bundle's
+            setting (``metadata["inference"]["tta"]``, else ``none``).
 
     Attributes:
         classes_: class names in index order (from the bundle).
@@ -234,6 +262,8 @@ class Predictor:
         precision_: the resolved precision (torch backend).
         device_: the resolved device.
         preprocess_config_: the bundle's preprocessing parameters.
+        tta_: the resolved test-time augmentation.
+        temperature_: softmax temperature from the bundle (1.0 when not calibrated).
     """
 
     def __init__(
@@ -244,17 +274,20 @@ class Predictor:
         backend: str = "torch",
         batch_size: int = 64,
         precision: str = "auto",
+        tta: str | None = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.device = device
         self.backend = backend
         self.batch_size = batch_size
         self.precision = precision
+        self.tta = tta
 
     def __repr__(self) -> str:
         return (
             f"Predictor(checkpoint={str(self.checkpoint)!r}, backend={self.backend!r}, "
-            f"device={self.device!r}, batch_size={self.batch_size}, precision={self.precision!r})"
+            f"device={self.device!r}, batch_size={self.batch_size}, precision={self.precision!r}, "
+            f"tta={self.tta!r})"
         )
 
     # ------------------------------------------------------------------------------ building
@@ -268,6 +301,7 @@ class Predictor:
         backend: str = "torch",
         batch_size: int = 64,
         precision: str = "auto",
+        tta: str | None = None,
     ) -> Predictor:
         """Load a predictor from a bundle folder (torch) or an exported ONNX model (onnx).
 
@@ -276,7 +310,14 @@ class Predictor:
                 files without metadata, stale exports and bad preprocessing parameters).
             ValueError: an unknown backend/precision or a bad batch size.
         """
-        self = cls(path, device=device, backend=backend, batch_size=batch_size, precision=precision)
+        self = cls(
+            path,
+            device=device,
+            backend=backend,
+            batch_size=batch_size,
+            precision=precision,
+            tta=tta,
+        )
         self._check_params()
         if backend == "torch":
             if Path(path).is_file() and Path(path).suffix.lower() == ".onnx":
@@ -298,6 +339,7 @@ class Predictor:
         device: str = "auto",
         batch_size: int = 64,
         precision: str = "auto",
+        tta: str | None = None,
     ) -> Predictor:
         """A torch predictor for an in-memory model (a copy; ``model`` itself is not changed).
 
@@ -306,7 +348,14 @@ class Predictor:
             metadata: bundle-style metadata; missing keys are filled from the model (classes
                 ``model.classes`` or ``class_0..``, preprocessing = resize to the input size).
         """
-        self = cls(None, device=device, backend="torch", batch_size=batch_size, precision=precision)
+        self = cls(
+            None,
+            device=device,
+            backend="torch",
+            batch_size=batch_size,
+            precision=precision,
+            tta=tta,
+        )
         self._check_params()
         meta = default_metadata(model)
         meta.update(dict(metadata or {}))
@@ -321,6 +370,8 @@ class Predictor:
             raise ValueError(f"batch size must be a positive integer, got {bs!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"unknown precision {self.precision!r}; use auto, fp32 or bf16")
+        if self.tta is not None and self.tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {self.tta!r}; use none, flips or d8")
 
     def _setup_common(self, meta: dict[str, Any], source: str) -> None:
         meta = _check_metadata(meta, source)
@@ -328,9 +379,27 @@ class Predictor:
             cfg = config_from_params(dict(meta["preprocess"]))
         except (ValueError, TypeError) as e:
             raise PredictorError(f"{source}: invalid preprocessing parameters: {e}") from None
+        inference = meta.get("inference") or {}
+        tta = self.tta if self.tta is not None else inference.get("tta", "none")
+        if tta not in TTA_MODES:
+            raise PredictorError(
+                f"{source}: unknown test-time augmentation {tta!r}; use none, flips or d8"
+            )
+        temperature = inference.get("temperature", 1.0)
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not np.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise PredictorError(
+                f"{source}: inference.temperature must be a positive number, got {temperature!r}"
+            )
         self.metadata = meta
         self.classes_ = [str(c) for c in meta["classes"]]
         self.preprocess_config_ = cfg
+        self.tta_ = str(tta)
+        self.temperature_ = float(temperature)
         self._size = int(meta["input_size"])
 
     def _setup_torch(self, model: Classifier, meta: dict[str, Any], source: str) -> None:
@@ -497,16 +566,48 @@ class Predictor:
             out = self._model(x)
         return out.float().cpu().numpy()
 
-    def _probs_uint8(self, batch: np.ndarray) -> np.ndarray:
-        """``(N, S, S, 3)`` uint8 -> ``(N, K)`` probabilities."""
+    def _logits_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, S, S, 3)`` uint8 -> ``(N, K)`` logits of one view."""
         if self._session is not None:
             x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
             x /= 255.0
-            return softmax(self._session.run([ONNX_OUTPUT], {self._input_name: x})[0])
+            return self._session.run([ONNX_OUTPUT], {self._input_name: x})[0]
         t = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device_)
         # NHWC memory viewed as NCHW is exactly channels_last; fp32 makes it contiguous.
         x = t.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        return softmax(self._torch_forward(x))
+        return self._torch_forward(x)
+
+    def _view_logits(self, batch: np.ndarray, tta: str | None = None) -> np.ndarray:
+        """``(V, N, K)`` logits of the test-time-augmentation views of a uint8 batch."""
+        return np.stack(
+            [self._logits_uint8(v) for v in tta_views(batch, tta if tta is not None else self.tta_)]
+        )
+
+    def _probs_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, S, S, 3)`` uint8 -> ``(N, K)`` probabilities (TTA-averaged, temperature-scaled)."""
+        views = self._view_logits(batch)
+        return softmax(views / self.temperature_).mean(axis=0, dtype=np.float32)
+
+    def view_logits_preprocessed(
+        self, arrays: Sequence[np.ndarray] | np.ndarray, *, tta: str | None = None
+    ) -> np.ndarray:
+        """Raw logits ``(V, N, K)`` of every test-time-augmentation view (no temperature).
+
+        Used to fit the softmax temperature: the probabilities of :meth:`predict_preprocessed`
+        are ``softmax(logits / temperature_)`` averaged over the ``V`` views.
+
+        Args:
+            arrays: preprocessed RGB HWC uint8 images.
+            tta: the views (``None``: :attr:`tta_`).
+        """
+        self._require_ready()
+        mode = tta if tta is not None else self.tta_
+        n_views = len(tta_views(np.zeros((1, 1, 1, 3), np.uint8), mode))
+        out = np.empty((n_views, len(arrays), len(self.classes_)), np.float32)
+        for start in range(0, len(arrays), self.batch_size):
+            batch = self._stack(arrays[start : start + self.batch_size], start)
+            out[:, start : start + len(batch)] = self._view_logits(batch, mode)
+        return out
 
     def _stack(self, arrays: Sequence[np.ndarray], offset: int = 0) -> np.ndarray:
         s = self._size

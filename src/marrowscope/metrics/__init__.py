@@ -6,7 +6,9 @@ from marrowscope.metrics.classification import (
     bootstrap_ci,
     classification_metrics,
     expected_calibration_error,
+    fit_temperature,
     focus_class_block,
+    negative_log_likelihood,
     top_k_accuracy,
 )
 
@@ -14,6 +16,8 @@ __all__ = [
     "bootstrap_ci",
     "classification_metrics",
     "expected_calibration_error",
+    "fit_temperature",
     "focus_class_block",
+    "negative_log_likelihood",
     "top_k_accuracy",
 ]

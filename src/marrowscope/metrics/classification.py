@@ -304,3 +304,53 @@ def top_k_accuracy(probs: ArrayLike, y_true: ArrayLike, k: int = 5) -> float:
     true_score = pr[np.arange(t.size), t]
     rank = (pr > true_score[:, None]).sum(axis=1)
     return float(np.mean(rank < k))
+
+
+def _view_probs(view_logits: NDArray, temperature: float) -> NDArray:
+    z = view_logits / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).mean(axis=0)
+
+
+def negative_log_likelihood(probs: ArrayLike, y_true: ArrayLike) -> float:
+    """Mean ``-log p(true class)`` (probabilities clipped at 1e-12)."""
+    pr, t = _probs(probs, y_true)
+    return float(-np.log(np.clip(pr[np.arange(t.size), t], 1e-12, None)).mean())
+
+
+def fit_temperature(
+    logits: ArrayLike, y_true: ArrayLike, *, bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
+    """The softmax temperature that minimises the negative log-likelihood (Guo et al. 2017).
+
+    Args:
+        logits: ``(n, k)`` logits, or ``(v, n, k)`` logits of ``v`` test-time-augmentation views
+            (the probabilities are then the mean over views of ``softmax(logits / T)``, the same
+            rule the Predictor applies).
+        y_true: true class indices, shape (n,).
+        bounds: the search interval for the temperature.
+
+    Returns:
+        The temperature ``T > 0`` (dividing the logits by it).
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim == 2:
+        z = z[None]
+    if z.ndim != 3:
+        raise ValueError(f"logits must have shape (n, k) or (v, n, k), got {z.shape}")
+    t = _labels(y_true, "y_true", z.shape[2])
+    if t.size != z.shape[1] or t.size == 0:
+        raise ValueError(f"logits have {z.shape[1]} rows but y_true has {t.size} labels")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+
+    def nll(log_t: float) -> float:
+        p = _view_probs(z, float(np.exp(log_t)))
+        return float(-np.log(np.clip(p[np.arange(t.size), t], 1e-12, None)).mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(lo), np.log(hi)), method="bounded")
+    return float(np.exp(res.x))

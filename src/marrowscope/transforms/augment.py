@@ -20,7 +20,14 @@ from torchvision.transforms import v2
 
 from marrowscope.config import AugmentConfig
 
-__all__ = ["RandomRot90", "eval_transform", "to_tensor_image", "train_transform"]
+__all__ = [
+    "BatchMix",
+    "RandomRot90",
+    "RandomStainJitter",
+    "eval_transform",
+    "to_tensor_image",
+    "train_transform",
+]
 
 
 def to_tensor_image(arr: np.ndarray) -> torch.Tensor:
@@ -49,6 +56,88 @@ class RandomRot90(v2.Transform):
             return inpt
         out = torch.rot90(inpt, params["k"], dims=(-2, -1))
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+# Ruifrok & Johnston colour deconvolution matrix (rows: haematoxylin, eosin, DAB optical-density
+# vectors), the one scikit-image's rgb2hed uses. Romanowsky-type stains (May-Gruenwald-Giemsa)
+# are also a blue/purple + pink pair, so jittering along these axes mimics stain variation.
+_RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
+)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+class RandomStainJitter(v2.Transform):
+    """Random stain variation in HED optical-density space (Tellez et al. 2018, "HED-light").
+
+    The image is converted to optical density ``-log(I / 255)``, projected on the three stain
+    vectors, each stain channel is multiplied by ``U(1 - strength, 1 + strength)`` and shifted by
+    ``U(-strength, strength)``, then converted back. ``uint8`` CHW in, ``uint8`` CHW out.
+
+    Args:
+        strength: jitter magnitude (0.05 is "light"); 0 returns the input unchanged.
+    """
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"augment.stain must be in [0, 1]; got {strength}")
+        self.strength = strength
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        s = self.strength
+        return {
+            "alpha": 1.0 + (torch.rand(3) * 2 - 1) * s,
+            "beta": (torch.rand(3) * 2 - 1) * s,
+        }
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor) or self.strength == 0:
+            return inpt
+        x = inpt.to(torch.float32).clamp_(min=1.0).div_(255.0)
+        od = -torch.log(x)  # (3, H, W)
+        hed = torch.einsum("chw,cd->dhw", od, _HED_FROM_RGB)
+        hed = hed * params["alpha"][:, None, None] + params["beta"][:, None, None]
+        od = torch.einsum("dhw,dc->chw", hed, _RGB_FROM_HED)
+        out = torch.exp(-od).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+class BatchMix:
+    """MixUp / CutMix on whole training batches (torchvision ``v2.MixUp`` / ``v2.CutMix``).
+
+    Called with a float image batch and integer labels, it returns the (possibly) mixed batch and
+    soft labels ``(N, K)``; with probability ``1 - mix_prob`` the batch passes unmixed (one-hot
+    labels). When both alphas are > 0, one of the two is picked per batch.
+    """
+
+    def __init__(self, aug: AugmentConfig, num_classes: int) -> None:
+        if aug.mixup_alpha < 0 or aug.cutmix_alpha < 0:
+            raise ValueError(
+                f"augment.mixup_alpha and augment.cutmix_alpha must be >= 0; got "
+                f"{aug.mixup_alpha}, {aug.cutmix_alpha}"
+            )
+        if not 0.0 <= aug.mix_prob <= 1.0:
+            raise ValueError(f"augment.mix_prob is a probability in [0, 1]; got {aug.mix_prob}")
+        ops: list[Any] = []
+        if aug.mixup_alpha > 0:
+            ops.append(v2.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
+        if aug.cutmix_alpha > 0:
+            ops.append(v2.CutMix(alpha=aug.cutmix_alpha, num_classes=num_classes))
+        if not ops:
+            raise ValueError("BatchMix needs augment.mixup_alpha or augment.cutmix_alpha > 0")
+        self.num_classes = num_classes
+        self.prob = aug.mix_prob
+        self.op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+    @staticmethod
+    def enabled(aug: AugmentConfig) -> bool:
+        return aug.mixup_alpha > 0 or aug.cutmix_alpha > 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(torch.rand(())) >= self.prob:
+            return x, torch.nn.functional.one_hot(y, self.num_classes).to(x.dtype)
+        return self.op(x, y)
 
 
 class _EnsureImage(v2.Transform):
@@ -87,6 +176,8 @@ def _check(aug: AugmentConfig) -> None:
             raise ValueError(f"augment.{name} must be >= 0; got {v}")
     if not 0.0 <= aug.hue <= 0.5:
         raise ValueError(f"augment.hue must be in [0, 0.5]; got {aug.hue}")
+    if not 0.0 <= aug.stain <= 1.0:
+        raise ValueError(f"augment.stain must be in [0, 1]; got {aug.stain}")
 
 
 def train_transform(aug: AugmentConfig, size: int) -> v2.Compose:
@@ -95,7 +186,8 @@ def train_transform(aug: AugmentConfig, size: int) -> v2.Compose:
     Steps (each only when enabled): horizontal/vertical flip, random rot90, random rotation
     (+/- ``aug.rotation`` degrees, bilinear, black corners), random resized crop (area
     ``aug.zoom``, aspect 0.9-1.1, antialiased; otherwise a resize to ``size`` if needed), colour
-    jitter, then float32 in [0, 1].
+    jitter, stain (HED) jitter, then float32 in [0, 1]. MixUp/CutMix act on
+    whole batches: see :class:`BatchMix`.
 
     Raises:
         ValueError: an out-of-range setting (named ``augment.<key>``).
@@ -125,6 +217,8 @@ def train_transform(aug: AugmentConfig, size: int) -> v2.Compose:
                 hue=aug.hue or None,
             )
         )
+    if aug.stain > 0:
+        steps.append(RandomStainJitter(aug.stain))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()]
     return v2.Compose(steps)
 

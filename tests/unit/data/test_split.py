@@ -120,3 +120,27 @@ def test_grouped_split_too_few_groups_names_class() -> None:
         assign_splits(rows, val=0.2, test=0.2, seed=0, grouped=True)
     msg = str(info.value)
     assert "class RAR" in msg and "2 group" in msg and "--min-per-class" in msg
+
+
+def test_assign_folds_is_stratified_deterministic_and_grouped() -> None:
+    from marrowscope.data.split import assign_folds
+
+    rows = [ManifestRow(f"/d/{c}/{i}.jpg", c) for c in "AB" for i in range(10 if c == "A" else 7)]
+    f = assign_folds(rows, folds=3, seed=1)
+    assert f == assign_folds(rows, folds=3, seed=1)
+    assert f != assign_folds(rows, folds=3, seed=2)
+    for c in "AB":
+        per = Counter(fi for r, fi in zip(rows, f, strict=True) if r.label == c)
+        assert max(per.values()) - min(per.values()) <= 1 and len(per) == 3
+    grouped = [
+        ManifestRow(r.path, r.label, group=f"p{i % 6}") for i, r in enumerate(rows)
+    ]
+    g = assign_folds(grouped, folds=3, seed=1, grouped=True)
+    by_group: dict[str, set[int]] = {}
+    for r, fi in zip(grouped, g, strict=True):
+        by_group.setdefault(str(r.group), set()).add(fi)
+    assert all(len(s) == 1 for s in by_group.values())
+    with pytest.raises(DataError, match="every fold"):
+        assign_folds(rows[:2] + rows[10:], folds=3, seed=1)
+    with pytest.raises(DataError, match="at least 2"):
+        assign_folds(rows, folds=1, seed=1)

@@ -271,3 +271,65 @@ def test_onnx_file_without_metadata_or_corrupt(tiny_bundle: Path, tmp_path: Path
         Predictor.from_checkpoint(broken, backend="onnx")
     with pytest.raises(ImageReadError):  # an image that cannot be read is raised by the API
         Predictor.from_checkpoint(tiny_bundle, precision="fp32").predict_proba([broken])
+
+
+# ------------------------------------------------------------- test-time augmentation, temperature
+
+
+def test_tta_views_are_the_dihedral_group_and_flips_are_a_subset() -> None:
+    from marrowscope.engine.cv import TTA_VIEWS
+    from marrowscope.inference.predictor import tta_views
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 255, (2, 5, 5, 3), dtype=np.uint8)
+    d8 = tta_views(batch, "d8")
+    assert len(d8) == 8 and len({v.tobytes() for v in d8}) == 8
+    flips = tta_views(batch, "flips")
+    for i, v in zip(TTA_VIEWS["flips"], flips, strict=True):
+        assert np.array_equal(d8[i], v)  # the CV summary relies on this index mapping
+    assert tta_views(batch, "none")[0] is batch
+    with pytest.raises(ValueError, match="unknown test-time"):
+        tta_views(batch, "d4")
+
+
+def _with_inference(bundle: Path, inference: dict) -> Path:  # type: ignore[type-arg]
+    meta_path = bundle / METADATA_NAME
+    meta = json.loads(meta_path.read_text())
+    meta["inference"] = inference
+    meta_path.write_text(json.dumps(meta))
+    return bundle
+
+
+def test_bundle_temperature_and_tta_shape_the_probabilities(tiny_bundle: Path) -> None:
+    rgb = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    plain = _fp32(tiny_bundle).predict_preprocessed([rgb])
+    _with_inference(tiny_bundle, {"tta": "none", "temperature": 4.0})
+    p = _fp32(tiny_bundle)
+    logits = p.view_logits_preprocessed([rgb])[0]
+    hot = p.predict_preprocessed([rgb])
+    z = logits / 4.0
+    np.testing.assert_allclose(hot, np.exp(z) / np.exp(z).sum(1, keepdims=True), atol=1e-6)
+    assert hot.max() < plain.max()  # a temperature > 1 softens the probabilities
+    _with_inference(tiny_bundle, {"tta": "d8", "temperature": 1.0})
+    d8 = _fp32(tiny_bundle)
+    assert d8.tta_ == "d8"
+    views = d8.view_logits_preprocessed([rgb])
+    e = np.exp(views - views.max(-1, keepdims=True))
+    np.testing.assert_allclose(
+        d8.predict_preprocessed([rgb]), (e / e.sum(-1, keepdims=True)).mean(0), atol=1e-6
+    )
+    assert _fp32(tiny_bundle, tta="none").tta_ == "none"  # the caller overrides the bundle
+
+
+@pytest.mark.parametrize(
+    ("inference", "match"),
+    [({"tta": "d4"}, "unknown test-time"), ({"temperature": 0}, "positive number")],
+)
+def test_bad_inference_settings_in_a_bundle_are_named(
+    tiny_bundle: Path, inference: dict, match: str  # type: ignore[type-arg]
+) -> None:
+    _with_inference(tiny_bundle, inference)
+    with pytest.raises(PredictorError, match=match):
+        _fp32(tiny_bundle)
+    with pytest.raises(ValueError, match="unknown test-time"):
+        Predictor.from_checkpoint(tiny_bundle, tta="sideways")

@@ -217,3 +217,25 @@ def test_top_k_accuracy_by_hand() -> None:
     assert top_k_accuracy(probs, y, k=3) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="k must"):
         top_k_accuracy(probs, y, k=0)
+
+
+def test_fit_temperature_recovers_the_scale_of_overconfident_logits() -> None:
+    from marrowscope.metrics.classification import fit_temperature, negative_log_likelihood
+
+    rng = np.random.default_rng(0)
+    n, k = 4000, 5
+    true_logits = rng.normal(0, 1.5, (n, k))
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(k, p=row) for row in p])
+    # a model 3x overconfident: its logits are the calibrated ones times 3
+    t = fit_temperature(true_logits * 3.0, labels)
+    assert t == pytest.approx(3.0, rel=0.1)
+    z = true_logits * 3.0
+    before = negative_log_likelihood(np.exp(z) / np.exp(z).sum(1, keepdims=True), labels)
+    zc = z / t
+    after = negative_log_likelihood(np.exp(zc) / np.exp(zc).sum(1, keepdims=True), labels)
+    assert after < before
+    # TTA views (v, n, k) are accepted; identical views give the same temperature
+    assert fit_temperature(np.stack([z, z]), labels) == pytest.approx(t, rel=1e-3)
+    with pytest.raises(ValueError, match="rows"):
+        fit_temperature(z, labels[:10])

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The recipe experiments behind docs/accuracy.md: 3-fold cross-validation of short (6-epoch)
+# variants of configs/bm-dev.yaml on ../shared/data/bm-cells-dev. Each variant takes about
+# 20 minutes on 2 CPU cores; run alone. Resumable (finished folds are reused).
+#   bash benchmarks/cv_experiments.sh [variant ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/cv}
+FOLDS=${FOLDS:-3}
+COMMON=(--set train.epochs=6 --set train.ema_decay=0.998)
+declare -A VARIANTS=(
+  [base]=""
+  [mix]="--set augment.mixup_alpha=0.2 --set augment.cutmix_alpha=1.0 --set augment.mix_prob=0.5"
+  [stain]="--set augment.stain=0.05"
+  [sampler]="--set train.imbalance=sampler"
+  [res256]="--set preprocess.size=256"
+)
+ORDER=(base mix stain sampler res256)
+[ $# -gt 0 ] && ORDER=("$@")
+for v in "${ORDER[@]}"; do
+  # shellcheck disable=SC2086
+  "$BIN/marrowscope" cv --config configs/bm-dev.yaml --folds "$FOLDS" --out "$OUT/$v" \
+    --no-progress "${COMMON[@]}" ${VARIANTS[$v]}
+  mkdir -p docs/results/cv
+  cp "$OUT/$v/cv_summary.json" "docs/results/cv/$v.json"
+done

@@ -1,0 +1,363 @@
+"""K-fold cross-validation of a training recipe: every image is validated once, by a model that
+never saw it.
+
+Output folder layout::
+
+    OUT/folds.csv          path, label, fold (the fold assignment; stratified by class)
+    OUT/fold-K/            a normal training run folder (``fit``) with fold K as validation
+    OUT/fold-K/oof.npz     that model's logits for fold K: every TTA view (d8), labels, paths
+    OUT/cv_summary.json    per-fold and pooled numbers (see :func:`summarize`)
+    OUT/cv_report.md       the same as tables
+
+Each fold's model is scored on its fold with no test-time augmentation, with 4 flips and with
+the 8 rotations/reflections (d8), all from one set of logits. Calibration is cross-fitted: the
+temperature applied to fold K is fitted on the out-of-fold logits of the *other* folds, so the
+reported expected calibration error is not measured on the data it was fitted on.
+
+The run is resumable: finished folds are reused, an interrupted fold is resumed after its last
+finished epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import time
+from dataclasses import replace as dc_replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import marrowscope
+from marrowscope.config import ExperimentConfig, to_dict
+from marrowscope.data.manifest import ManifestRow
+from marrowscope.data.split import assign_folds
+from marrowscope.engine.data import class_order, load_split_images, manifest_rows
+from marrowscope.engine.train import fit
+from marrowscope.inference.predictor import Predictor, softmax
+from marrowscope.metrics.classification import (
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
+
+__all__ = ["TTA_VIEWS", "cross_validate", "summarize"]
+
+TTA_VIEWS = {"none": [0], "flips": [0, 1, 5, 4], "d8": list(range(8))}
+"""Indices into the d8 view order of :func:`~marrowscope.inference.predictor.tta_views`
+(rot0, rot0+hflip, rot90, rot90+hflip, rot180 = both flips, rot180+hflip = vflip, ...);
+``flips`` lists them in the order of the ``flips`` mode: identity, hflip, vflip, both."""
+
+
+def _fold_rows(rows: list[ManifestRow], folds: list[int], k: int) -> list[ManifestRow]:
+    return [
+        dc_replace(r, split="val" if f == k else "train") for r, f in zip(rows, folds, strict=True)
+    ]
+
+
+def _write_folds(rows: list[ManifestRow], folds: list[int], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "fold"])
+    for r, f in zip(rows, folds, strict=True):
+        w.writerow([r.path, r.label, f])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _oof_logits(bundle_dir: Path, images: list[np.ndarray], device: str) -> np.ndarray:
+    """``(8, N, K)`` raw logits of the d8 views of ``images`` for the bundle's model."""
+    predictor = Predictor.from_checkpoint(bundle_dir, device=device, tta="d8")
+    return predictor.view_logits_preprocessed(images, tta="d8")
+
+
+def cross_validate(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    *,
+    folds: int = 5,
+    console: Console | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``cfg`` once per fold and score every image out of fold.
+
+    ``data.split`` fractions are ignored (the folds replace them); ``data.split.group_column``
+    makes the folds grouped (no patient/slide in two folds).
+
+    Args:
+        cfg: the recipe.
+        out_dir: the output folder (reused: finished folds are skipped, an interrupted fold is
+            resumed).
+        folds: number of folds (>= 2).
+        console: where progress lines and the summary go.
+        progress: show progress bars.
+
+    Returns:
+        The summary (also written to ``OUT/cv_summary.json``).
+    """
+    console = console or Console()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = out_dir / "cv_config.json"
+    if cfg_file.is_file():
+        saved = json.loads(cfg_file.read_text())
+        if saved != {"folds": folds, "config": to_dict(cfg)}:
+            raise FileExistsError(
+                f"{out_dir} holds a cross-validation with another config or fold count; choose a "
+                "new --out folder (or repeat the same command to resume it)"
+            )
+    else:
+        atomic_write_json(cfg_file, {"folds": folds, "config": to_dict(cfg)})
+
+    base = manifest_rows(cfg, progress=progress)
+    rows = [dc_replace(r, split=None) for r in base]
+    classes = class_order(cfg, rows)
+    assignment = assign_folds(
+        rows, folds=folds, seed=cfg.seed, grouped=cfg.data.split.group_column is not None
+    )
+    _write_folds(rows, assignment, out_dir / "folds.csv")
+
+    fold_records: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for k in range(folds):
+        fold_dir = out_dir / f"fold-{k}"
+        oof_path = fold_dir / "oof.npz"
+        if not oof_path.is_file():
+            data = load_split_images(
+                _fold_rows(rows, assignment, k), classes, cfg, progress=progress
+            )
+            console.rule(
+                f"fold {k + 1}/{folds}: train {len(data.splits['train'])}, "
+                f"validate {len(data.splits['val'])}"
+            )
+            resume = (fold_dir / "state.pt").is_file()
+            fit(cfg, fold_dir, resume=resume, data=data, console=console, progress=progress)
+            val = data.splits["val"]
+            logits = _oof_logits(fold_dir / "best", val.images, cfg.train.device)
+            arrays = {
+                "logits": logits,
+                "labels": np.asarray(val.labels),
+                "paths": np.asarray(val.paths),
+            }
+
+            def write_npz(p: Path, arrays: dict[str, np.ndarray] = arrays) -> None:
+                with p.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
+                    np.savez(f, **arrays)
+
+            atomic_write(oof_path, write_npz)
+        with np.load(oof_path) as z:
+            rec = {"logits": z["logits"], "labels": z["labels"], "paths": z["paths"].tolist()}
+        fit_summary = json.loads((fold_dir / "summary.json").read_text())
+        rec["fit"] = fit_summary
+        rec["history_last"] = _last_history(fold_dir / "metrics.csv")
+        fold_records.append(rec)
+
+    summary = summarize(fold_records, classes)
+    summary.update(
+        name=cfg.name,
+        model=cfg.model.name,
+        folds=folds,
+        seed=cfg.seed,
+        config=to_dict(cfg),
+        wall_seconds_this_session=round(time.perf_counter() - t_start, 1),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine=platform.processor() or platform.machine(),
+        marrowscope_version=marrowscope.__version__,
+    )
+    atomic_write_json(out_dir / "cv_summary.json", summary)
+    atomic_write_text(out_dir / "cv_report.md", render_markdown(summary))
+    print_summary(summary, console)
+    console.print(f"cross-validation summary: {out_dir / 'cv_summary.json'}")
+    return summary
+
+
+def _last_history(path: Path) -> dict[str, float]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    out: dict[str, float] = {}
+    for key in ("val_macro_f1", "val_macro_f1_raw", "train_accuracy", "val_accuracy"):
+        if last.get(key):
+            out[key] = float(last[key])
+    return out
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0}
+
+
+def summarize(fold_records: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """Per-fold and pooled out-of-fold scores for each TTA variant, with cross-fitted calibration.
+
+    Args:
+        fold_records: per fold ``{"logits": (8, N, K), "labels": (N,), "paths": [...],
+            "fit": summary.json dict, "history_last": last metrics row}``.
+        classes: class names in index order.
+
+    Returns:
+        ``{"variants": {tta: {"folds": [...], "mean_std": {...}, "pooled": {...}}}, "ema": ...,
+        "train_seconds": ...}``.
+    """
+    n_folds = len(fold_records)
+    variants: dict[str, Any] = {}
+    for tta, idx in TTA_VIEWS.items():
+        per_fold: list[dict[str, Any]] = []
+        pooled_probs: list[np.ndarray] = []
+        pooled_calibrated: list[np.ndarray] = []
+        pooled_labels: list[np.ndarray] = []
+        for k, rec in enumerate(fold_records):
+            views = rec["logits"][idx].astype(np.float64)
+            labels = rec["labels"].astype(np.int64)
+            others = [r for j, r in enumerate(fold_records) if j != k]
+            temperature = (
+                fit_temperature(
+                    np.concatenate([r["logits"][idx] for r in others], axis=1),
+                    np.concatenate([r["labels"] for r in others]),
+                )
+                if others
+                else 1.0
+            )
+            p1 = softmax(views).mean(axis=0)
+            pt = softmax(views / temperature).mean(axis=0)
+            m = classification_metrics(labels, p1.argmax(1), classes)
+            per_fold.append(
+                {
+                    "fold": k,
+                    "n": int(labels.size),
+                    "accuracy": m["accuracy"],
+                    "balanced_accuracy": m["balanced_accuracy"],
+                    "macro_f1": m["macro_f1"],
+                    "per_class_f1": {c: m["per_class"][c]["f1"] for c in classes},
+                    "ece": expected_calibration_error(p1, labels),
+                    "nll": negative_log_likelihood(p1, labels),
+                    "temperature": temperature,
+                    "ece_calibrated": expected_calibration_error(pt, labels),
+                    "nll_calibrated": negative_log_likelihood(pt, labels),
+                }
+            )
+            pooled_probs.append(p1)
+            pooled_calibrated.append(pt)
+            pooled_labels.append(labels)
+        probs = np.concatenate(pooled_probs)
+        calibrated = np.concatenate(pooled_calibrated)
+        labels = np.concatenate(pooled_labels)
+        pooled = classification_metrics(labels, probs.argmax(1), classes)
+        keys = (
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "ece",
+            "ece_calibrated",
+            "nll",
+            "nll_calibrated",
+        )
+        mean_std = {key: _mean_std([f[key] for f in per_fold]) for key in keys}
+        mean_std["per_class_f1"] = {
+            c: _mean_std([f["per_class_f1"][c] for f in per_fold]) for c in classes
+        }
+        variants[tta] = {
+            "folds": per_fold,
+            "mean_std": mean_std,
+            "pooled": {
+                "n": pooled["n"],
+                "accuracy": pooled["accuracy"],
+                "balanced_accuracy": pooled["balanced_accuracy"],
+                "macro_f1": pooled["macro_f1"],
+                "per_class": pooled["per_class"],
+                "confusion_matrix": pooled["confusion_matrix"],
+                "ece_calibrated": expected_calibration_error(calibrated, labels),
+            },
+        }
+    ema = [r["history_last"] for r in fold_records]
+    return {
+        "classes": classes,
+        "n_folds": n_folds,
+        "variants": variants,
+        "last_epoch": {
+            "val_macro_f1": _mean_std([h.get("val_macro_f1", np.nan) for h in ema]),
+            "val_macro_f1_raw_weights": _mean_std([h.get("val_macro_f1_raw", np.nan) for h in ema]),
+        },
+        "best_epochs": [int(r["fit"]["best_epoch"]) for r in fold_records],
+        "train_seconds": _mean_std([float(r["fit"]["train_seconds"]) for r in fold_records]),
+    }
+
+
+def _pm(ms: dict[str, float], digits: int = 3) -> str:
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The cross-validation summary as Markdown tables."""
+    classes = summary["classes"]
+    lines = [
+        f"# Cross-validation: {summary.get('name', '')} ({summary.get('model', '')})",
+        "",
+        f"{summary['n_folds']} folds, stratified by class; each image scored once by the model that "
+        "did not train on it. Mean ± standard deviation over folds; 'pooled' = all out-of-fold "
+        "predictions together. ECE with a temperature cross-fitted on the other folds.",
+        "",
+        "| TTA | accuracy | balanced acc. | macro-F1 | pooled macro-F1 | ECE (T=1) | ECE (calibrated) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for tta, v in summary["variants"].items():
+        ms = v["mean_std"]
+        lines.append(
+            f"| {tta} | {_pm(ms['accuracy'])} | {_pm(ms['balanced_accuracy'])} | "
+            f"{_pm(ms['macro_f1'])} | {v['pooled']['macro_f1']:.3f} | {_pm(ms['ece'])} | "
+            f"{_pm(ms['ece_calibrated'])} |"
+        )
+    best = max(summary["variants"], key=lambda t: summary["variants"][t]["pooled"]["macro_f1"])
+    v = summary["variants"][best]
+    lines += [
+        "",
+        f"Per-class F1 (TTA {best}):",
+        "",
+        "| class | F1 (mean ± std) | precision (pooled) | recall (pooled) | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c in classes:
+        pc = v["pooled"]["per_class"][c]
+        lines.append(
+            f"| {c} | {_pm(v['mean_std']['per_class_f1'][c])} | {pc['precision']:.3f} | "
+            f"{pc['recall']:.3f} | {pc['support']} |"
+        )
+    lines += ["", f"Pooled confusion matrix (TTA {best}; rows = true, columns = predicted):", ""]
+    lines.append("| true \\ pred | " + " | ".join(classes) + " |")
+    lines.append("|---|" + "---:|" * len(classes))
+    for c, row in zip(classes, v["pooled"]["confusion_matrix"], strict=True):
+        lines.append(f"| {c} | " + " | ".join(str(x) for x in row) + " |")
+    le = summary["last_epoch"]
+    lines += [
+        "",
+        f"Last epoch validation macro-F1: saved weights {_pm(le['val_macro_f1'])}, raw weights "
+        f"{_pm(le['val_macro_f1_raw_weights'])} (these differ only with train.ema_decay). Best "
+        f"epochs: {summary['best_epochs']}. Training time per fold: "
+        f"{_pm(summary['train_seconds'], 0)} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    """One table: each TTA variant's mean ± std over folds."""
+    table = Table(title=f"{summary['n_folds']}-fold cross-validation", show_header=True)
+    for col in ("TTA", "accuracy", "macro-F1", "pooled macro-F1", "ECE calibrated"):
+        table.add_column(col, justify="right" if col != "TTA" else "left")
+    for tta, v in summary["variants"].items():
+        ms = v["mean_std"]
+        table.add_row(
+            tta,
+            _pm(ms["accuracy"]),
+            _pm(ms["macro_f1"]),
+            f"{v['pooled']['macro_f1']:.3f}",
+            _pm(ms["ece_calibrated"]),
+        )
+    console.print(table)

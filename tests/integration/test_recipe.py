@@ -1,0 +1,124 @@
+"""The accuracy levers end to end: EMA, MixUp/CutMix, stain jitter, TTA + temperature in the
+bundle, resume with EMA, and k-fold cross-validation (resumable)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from marrowscope.config import from_dict
+from marrowscope.engine import train as train_mod
+from marrowscope.engine.cv import cross_validate
+from marrowscope.engine.train import fit
+from marrowscope.inference.predictor import Predictor
+
+from .test_train import tiny_config
+
+pytestmark = pytest.mark.integration
+
+LEVERS = {"ema_decay": 0.99}
+AUG = {"zoom": [0.9, 1.0], "stain": 0.05, "mixup_alpha": 0.2, "cutmix_alpha": 1.0}
+
+
+def test_fit_with_ema_mix_stain_tta_writes_calibrated_bundle(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(synthetic_tree, epochs=4, **LEVERS)
+    raw["augment"] = AUG
+    raw["inference"] = {"tta": "d8", "calibrate": True}
+    cfg = from_dict(raw)
+    fit(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    meta = json.loads((run / "best" / "metadata.json").read_text())
+    inf = meta["inference"]
+    assert inf["tta"] == "d8"
+    assert inf["temperature"] > 0 and inf["temperature"] != 1.0
+    cal = inf["calibration"]
+    # the fitted temperature minimises the validation NLL: never worse than T = 1
+    assert cal["after"]["nll"] <= cal["before"]["nll"] + 1e-9
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["calibration"]["temperature"] == pytest.approx(inf["temperature"])
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    # with EMA the saved weights and the raw weights are scored separately
+    assert all(r["val_macro_f1_raw"] != "" for r in rows)
+    # the predictor applies the bundle's TTA and temperature
+    p = Predictor.from_checkpoint(run / "best", device="cpu", precision="fp32")
+    assert p.tta_ == "d8" and p.temperature_ == pytest.approx(inf["temperature"])
+    imgs = [np.asarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3)), np.uint8)]
+    probs = p.predict_preprocessed(imgs)
+    views = p.view_logits_preprocessed(imgs)
+    assert views.shape == (8, 1, 3)
+    z = views / inf["temperature"]
+    expect = (np.exp(z) / np.exp(z).sum(-1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(probs, expect, atol=1e-5)
+    plain = Predictor.from_checkpoint(run / "best", device="cpu", precision="fp32", tta="none")
+    assert plain.view_logits_preprocessed(imgs).shape == (1, 1, 3)
+
+
+def test_resume_with_ema_matches_uninterrupted_run(
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=3, **LEVERS))
+    fit(cfg, tmp_path / "full", progress=False)
+    real = train_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_third_epoch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "crash", progress=False)
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    fit(cfg, tmp_path / "crash", resume=True, progress=False)
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crash" / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_cross_validation_scores_every_image_once_and_resumes(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=2))
+    out = tmp_path / "cv"
+    summary = cross_validate(cfg, out, folds=3, progress=False)
+    folds = list(csv.DictReader((out / "folds.csv").open()))
+    assert len(folds) == 36
+    assert {r["fold"] for r in folds} == {"0", "1", "2"}
+    seen: list[str] = []
+    for k in range(3):
+        with np.load(out / f"fold-{k}" / "oof.npz") as z:
+            assert z["logits"].shape[0] == 8 and z["logits"].shape[2] == 3
+            seen += z["paths"].tolist()
+        # no validation image of fold k was trained on in fold k
+        split = list(csv.DictReader((out / f"fold-{k}" / "split.csv").open()))
+        val = {r["path"] for r in split if r["split"] == "val"}
+        assert val == {r["path"] for r in folds if r["fold"] == str(k)}
+    assert sorted(seen) == sorted(r["path"] for r in folds)
+    for tta in ("none", "flips", "d8"):
+        v = summary["variants"][tta]
+        assert v["pooled"]["n"] == 36
+        assert len(v["folds"]) == 3
+        assert 0.0 <= v["mean_std"]["macro_f1"]["mean"] <= 1.0
+        assert np.sum(v["pooled"]["confusion_matrix"]) == 36
+    assert (out / "cv_report.md").read_text().startswith("# Cross-validation")
+    # a second call reuses the finished folds (no retraining)
+    stamp = os.path.getmtime(out / "fold-0" / "oof.npz")
+    again = cross_validate(cfg, out, folds=3, progress=False)
+    assert os.path.getmtime(out / "fold-0" / "oof.npz") == stamp
+    assert again["variants"]["none"]["pooled"] == summary["variants"]["none"]["pooled"]
+    # the same folder with another recipe is refused instead of mixing results
+    other = from_dict(tiny_config(synthetic_tree, epochs=3))
+    with pytest.raises(FileExistsError, match="another config"):
+        cross_validate(other, out, folds=3, progress=False)
