@@ -148,7 +148,8 @@
     document.getElementById("tot-reviewed").textContent = s.totals.reviewed;
     document.getElementById("flag-status").textContent = s.flag.status;
     document.getElementById("flag-message").textContent = s.flag.message;
-    document.getElementById("flag-basis").textContent = s.flag.basis;
+    const basis = document.getElementById("flag-basis");
+    if (basis) basis.textContent = s.flag.basis;
     const flag = document.getElementById("flag");
     flag.className = "card flag " + s.flag.status.replace(/ /g, "-");
     const blocking = document.getElementById("blocking");
