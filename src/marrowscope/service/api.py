@@ -268,9 +268,9 @@ def upload_cells(
     worker: Worker,
 ) -> dict[str, Any]:
     """Upload cell images (many files and/or zips); refused files are listed by name."""
-    sample = review.get_sample(db, sample_id, lock=True)
-    review.ensure_editable(sample)
+    # Judge the files before touching the database (no lock is held while images decode).
     accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
+    sample = review.get_sample(db, sample_id, lock=True)
     added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
     db.commit()
     if added:

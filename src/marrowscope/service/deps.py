@@ -153,33 +153,41 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
-def current_principal(request: Request, db: DB) -> Principal:
+def current_principal(request: Request) -> Principal:
     """The logged-in user (bearer token or login cookie).
+
+    The lookup runs in its own short read-only session, so the request's own session (and, on
+    SQLite, the write lock) starts only when the endpoint touches the database; the returned
+    user is detached with its columns loaded.
 
     Raises:
         LoginRequired: no valid token or login session.
     """
+    database: Database = request.app.state.db
     token = _bearer(request)
-    if token is not None:
-        row = db.scalar(
-            select(ApiToken).where(
-                ApiToken.token_hash == digest(token), ApiToken.revoked_at.is_(None)
+    with database.read() as db:
+        if token is not None:
+            row = db.scalar(
+                select(ApiToken).where(
+                    ApiToken.token_hash == digest(token), ApiToken.revoked_at.is_(None)
+                )
             )
-        )
-        if row is None or not row.user.active:
-            raise LoginRequired("invalid or revoked API token")
-        return Principal(user=row.user, via="token")
-    sid = request.session.get(SESSION_KEY)
-    if isinstance(sid, str) and sid:
-        key = digest(sid)
-        row = db.get(LoginSession, key)
-        if (
-            row is not None
-            and row.ended_at is None
-            and row.expires_at > utcnow()
-            and row.user.active
-        ):
-            return Principal(user=row.user, via="session", csrf=row.csrf_token, session_id=key)
+            if row is None or not row.user.active:
+                raise LoginRequired("invalid or revoked API token")
+            return Principal(user=row.user, via="token")
+        sid = request.session.get(SESSION_KEY)
+        if isinstance(sid, str) and sid:
+            key = digest(sid)
+            session = db.get(LoginSession, key)
+            if (
+                session is not None
+                and session.ended_at is None
+                and session.expires_at > utcnow()
+                and session.user.active
+            ):
+                return Principal(
+                    user=session.user, via="session", csrf=session.csrf_token, session_id=key
+                )
     raise LoginRequired("login required")
 
 

@@ -328,9 +328,8 @@ def upload_form(
     files: Annotated[list[UploadFile], File()],
 ) -> RedirectResponse:
     try:
-        sample = review.get_sample(db, sample_id, lock=True)
-        review.ensure_editable(sample)
         accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
+        sample = review.get_sample(db, sample_id, lock=True)
         added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
         db.commit()
     except review.AppError as e:

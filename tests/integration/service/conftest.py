@@ -134,7 +134,7 @@ class Service:
 
     def wait(self) -> None:
         """Block until the background classifier has nothing pending."""
-        assert self.app.state.worker.wait_idle(timeout=60), "classification did not finish"
+        assert self.app.state.worker.wait_idle(timeout=600), "classification did not finish"
 
     def cells(self, sample_id: int, headers: dict[str, str]) -> list[dict[str, Any]]:
         r = self.client.get(f"/api/samples/{sample_id}/cells", headers=headers)

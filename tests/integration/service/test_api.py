@@ -238,7 +238,9 @@ def test_sample_crud_and_validation(service: Service) -> None:
     assert c.get(f"/api/samples/{sid}", headers=rev).status_code == 404
     assert c.get("/api/samples", headers=rev).json() == []
     with service.app.state.db.read() as s:  # deleted = hidden; its audit trail is kept
-        kept = s.scalars(select(AuditEvent.action).where(AuditEvent.sample_id == sid)).all()
+        kept = s.scalars(
+            select(AuditEvent.action).where(AuditEvent.sample_id == sid).order_by(AuditEvent.id)
+        ).all()
     assert kept == ["sample.create", "sample.update", "sample.delete"]
 
 

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.integration
 def _cli(*args: str, stdin: str = "") -> str:
     r = subprocess.run(
         [sys.executable, "-m", "marrowscope", *args],
-        input=stdin, capture_output=True, text=True, timeout=120, check=False,
+        input=stdin, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
 
-def _wait_classified(client: httpx.Client, sid: int, total: int, timeout: float = 90) -> dict:
+def _wait_classified(client: httpx.Client, sid: int, total: int, timeout: float = 600) -> dict:
     """Poll the sample until ``total`` cells are classified (fails after ``timeout`` s)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -49,7 +49,7 @@ def test_committed_work_survives_sigkill(
     assert "created signer sig" in out
 
     server = app_server(hac_bundle, data_dir=data, **db_kw)
-    client = httpx.Client(base_url=server.base_url, timeout=30)
+    client = httpx.Client(base_url=server.base_url, timeout=300)
     page = client.get("/login")
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
     r = client.post("/login", data={"username": "sig", "password": PASSWORD, "csrf_token": token})
@@ -77,7 +77,7 @@ def test_committed_work_survives_sigkill(
     client.close()
 
     again = app_server(hac_bundle, data_dir=data, **db_kw)
-    client = httpx.Client(base_url=again.base_url, timeout=30, cookies=cookies)
+    client = httpx.Client(base_url=again.base_url, timeout=300, cookies=cookies)
     me = client.get("/api/me")  # the login survived: sessions live in the database
     assert me.status_code == 200 and me.json()["username"] == "sig"
     cells = {c["id"]: c for c in client.get(f"/api/samples/{sid}/cells").json()}

@@ -125,7 +125,9 @@ def test_login_cookie_flags_failed_login_and_logout(service: Service) -> None:
     c.cookies.set("marrowscope_session", stolen)
     assert c.get("/api/samples").status_code == 401
     with service.app.state.db.read() as s:
-        actions = s.scalars(select(AuditEvent.action).where(AuditEvent.username == "rev")).all()
+        actions = s.scalars(
+            select(AuditEvent.action).where(AuditEvent.username == "rev").order_by(AuditEvent.id)
+        ).all()
         ended = s.scalars(select(LoginSession.ended_at)).all()
     assert actions == ["login.failed", "login", "logout"]
     assert len(ended) == 1 and ended[0] is not None
