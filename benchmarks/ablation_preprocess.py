@@ -16,12 +16,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binomtest
 
 from marrowscope.config import load_config
 from marrowscope.engine.evaluate import evaluate_bundle
 from marrowscope.engine.train import fit
-from marrowscope.metrics.classification import classification_metrics
+from marrowscope.metrics.classification import paired_comparison
 
 PAPER_PRE = ["preprocess.denoise=true", "preprocess.sharpen=true"]
 PLAIN_PRE = ["preprocess.denoise=false", "preprocess.sharpen=false"]
@@ -38,17 +37,6 @@ def val_predictions(run: Path, out: Path) -> tuple[np.ndarray, np.ndarray, list[
     y = np.array([idx[rows[i]["label"]] for i in order])
     p = np.array([idx[rows[i]["predicted"]] for i in order])
     return y, p, classes, m
-
-
-def paired_bootstrap(y, pa, pb, classes, n_boot=2000, seed=0):  # type: ignore[no-untyped-def]
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        fa = classification_metrics(y[i], pa[i], classes)["macro_f1"]
-        fb = classification_metrics(y[i], pb[i], classes)["macro_f1"]
-        diffs.append(fb - fa)
-    return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
 
 
 def main() -> None:
@@ -71,9 +59,7 @@ def main() -> None:
     ya, pa, classes, ma = val_predictions(plain, args.out / "eval-plain")
     yb, pb, _, mb = val_predictions(paper, args.out / "eval-paper-pre")
     assert np.array_equal(ya, yb), "the two runs were not validated on the same images"
-    ca, cb = pa == ya, pb == yb
-    b, c = int((ca & ~cb).sum()), int((~ca & cb).sum())
-    p_mcnemar = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    paired = paired_comparison(ya, pa, pb, classes)
     result = {
         "n_val": len(ya),
         "plain": {
@@ -91,11 +77,11 @@ def main() -> None:
             "train_seconds": json.loads((paper / "summary.json").read_text())["train_seconds"],
         },
         "macro_f1_difference_paper_minus_plain": mb["macro_f1"] - ma["macro_f1"],
-        "difference_ci95_paired_bootstrap": paired_bootstrap(ya, pa, pb, classes),
+        "difference_ci95_paired_bootstrap": paired["difference_ci95"],
         "mcnemar": {
-            "plain_right_paper_wrong": b,
-            "paper_right_plain_wrong": c,
-            "p_value": p_mcnemar,
+            "plain_right_paper_wrong": paired["a_right_b_wrong"],
+            "paper_right_plain_wrong": paired["b_right_a_wrong"],
+            "p_value": paired["mcnemar_p"],
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)

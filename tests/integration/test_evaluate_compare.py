@@ -61,6 +61,15 @@ def test_evaluate_folder_writes_reports(
     assert sum(int(v) for row in cm[1:] for v in row[1:]) == 36
 
 
+def test_evaluate_uses_the_bundles_tta_unless_overridden(trained: Path) -> None:
+    m = evaluate_bundle(trained / "best", trained / "split.csv", progress=False, n_boot=20)
+    assert m["tta"] == "none" and m["temperature"] > 0
+    d8 = evaluate_bundle(
+        trained / "best", trained / "split.csv", progress=False, n_boot=20, tta="d8"
+    )
+    assert d8["tta"] == "d8" and d8["n"] == m["n"]
+
+
 def test_evaluate_on_split_manifest_uses_test_split(trained: Path) -> None:
     m = evaluate_bundle(trained / "best", trained / "split.csv", progress=False, n_boot=50)
     test_rows = [r for r in csv.DictReader((trained / "split.csv").open()) if r["split"] == "test"]

@@ -293,6 +293,10 @@ def evaluate(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    tta: Annotated[
+        str | None,
+        typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
+    ] = None,
 ) -> None:
     """Accuracy, balanced accuracy, macro/weighted F1, per-class table, confusion matrix, 95% CIs."""
 
@@ -311,6 +315,7 @@ def evaluate(
             focus=focus,
             batch_size=batch_size,
             device=device,
+            tta=tta,
             console=console,
         )
         ci = m["ci95"]
@@ -452,6 +457,10 @@ def count(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
+    tta: Annotated[
+        str | None,
+        typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
+    ] = None,
 ) -> None:
     """Differential count of one sample + hairy-cell flag: report.html, count.json, cells.csv.
 
@@ -465,7 +474,9 @@ def count(
         from marrowscope.engine.count import count_sample, write_count_outputs
         from marrowscope.inference import Predictor
 
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+        predictor = Predictor.from_checkpoint(
+            checkpoint, device=device, batch_size=batch_size, tta=tta
+        )
         res = count_sample(
             predictor,
             sample_dir,
@@ -526,6 +537,10 @@ def predict(
     backend: Annotated[str, typer.Option(help="torch or onnx (needs marrowscope export).")] = (
         "torch"
     ),
+    tta: Annotated[
+        str | None,
+        typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Classify images: one row per image with class, confidence, top-k and every probability."""
@@ -551,7 +566,7 @@ def predict(
         output_format(out)  # fail before the run: bad extension or no pyarrow
         paths = collect_image_paths(inputs)
         pred = Predictor.from_checkpoint(
-            checkpoint, device=device, backend=backend, batch_size=batch_size
+            checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
         )
         start = time.perf_counter()
         results = [

@@ -11,6 +11,8 @@ Runtime) it measures images/s and the per-batch latency (median, p95):
 Each measurement runs ``warmup`` batches first, then repeats until at least ``min_time`` seconds
 and ``min_iters`` batches have been timed. The per-step preprocessing cost (decode, resize,
 NL-means denoise, sharpen) is measured too, so a report says what denoising costs.
+Every number is for one view per image: a bundle that predicts with test-time augmentation
+(``inference.tta`` = ``flips`` / ``d8``) runs 4 / 8 forward passes per image, so divide by that.
 Speed is measured here, never asserted in tests.
 """
 
@@ -201,17 +203,19 @@ def _predictors(
     out: dict[str, Predictor | str] = {}
     for b in backends:
         if b == "torch-fp32":
-            out[b] = Predictor.from_model(model, meta, device="cpu", precision="fp32")
+            out[b] = Predictor.from_model(model, meta, device="cpu", precision="fp32", tta="none")
         elif b == "torch-bf16":
             if not cpu_has_native_bf16():
                 out[b] = "skipped: this CPU has no native bf16 (AVX512-BF16/AMX)"
             else:
-                out[b] = Predictor.from_model(model, meta, device="cpu", precision="bf16")
+                out[b] = Predictor.from_model(
+                    model, meta, device="cpu", precision="bf16", tta="none"
+                )
         elif b == "onnx":
             pred = None
             if bundle is not None and (bundle / ONNX_NAME).is_file():
                 try:
-                    pred = Predictor.from_checkpoint(bundle, backend="onnx")
+                    pred = Predictor.from_checkpoint(bundle, backend="onnx", tta="none")
                 except PredictorError as e:
                     console.print(f"[yellow]not using {bundle / ONNX_NAME}: {e}")
             if pred is None:
@@ -222,7 +226,7 @@ def _predictors(
                     f"  parity: max abs probability difference {rep.max_abs_diff:.2g} "
                     f"({rep.exporter} exporter, opset {rep.opset})"
                 )
-                pred = Predictor.from_checkpoint(onnx_file, backend="onnx")
+                pred = Predictor.from_checkpoint(onnx_file, backend="onnx", tta="none")
             out[b] = pred
         else:
             raise ValueError(f"unknown backend {b!r}; use {', '.join(BACKENDS)}")

@@ -133,6 +133,7 @@ def evaluate_bundle(
     focus: str | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    tta: str | None = None,
     n_boot: int = 1000,
     progress: bool = True,
     console: Console | None = None,
@@ -141,6 +142,7 @@ def evaluate_bundle(
 
     Class names of the data must be among the bundle's classes (after ``class_map``), otherwise a
     :class:`DataError` names the unknown classes and the fixes (``--map SRC=DST``, ``--drop-unknown``).
+    ``tta`` overrides the bundle's test-time augmentation (``None``: the bundle's setting).
     """
     console = console or Console()
     meta = read_metadata(bundle_dir)
@@ -173,11 +175,13 @@ def evaluate_bundle(
     labels = np.array([index[rows[i].label] for i in keep], dtype=np.int64)
     paths = [rows[i].path for i in keep]
 
-    predictor = Predictor.from_checkpoint(bundle_dir, device=device, batch_size=batch_size)
+    predictor = Predictor.from_checkpoint(bundle_dir, device=device, batch_size=batch_size, tta=tta)
     probs = predictor.predict_preprocessed(images, progress=progress)
     focus_cls = focus or (DEFAULT_FOCUS if DEFAULT_FOCUS in classes else None)
     metrics = score(probs, labels, classes, focus=focus_cls, n_boot=n_boot)
     metrics["checkpoint"] = str(bundle_dir)
+    metrics["tta"] = predictor.tta_
+    metrics["temperature"] = predictor.temperature_
     metrics["source"] = str(source)
     metrics["skipped"] = [{"path": p, "error": m} for p, m in failures]
     if out_dir is not None:

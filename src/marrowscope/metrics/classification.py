@@ -354,3 +354,61 @@ def fit_temperature(
 
     res = minimize_scalar(nll, bounds=(np.log(lo), np.log(hi)), method="bounded")
     return float(np.exp(res.x))
+
+
+def paired_comparison(
+    y_true: ArrayLike,
+    pred_a: ArrayLike,
+    pred_b: ArrayLike,
+    classes: Sequence[str],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compare two classifiers scored on the same images: is B's macro-F1 really different?
+
+    Args:
+        y_true: true class indices, shape (n,).
+        pred_a: predictions of A (class indices), shape (n,).
+        pred_b: predictions of B, shape (n,).
+        classes: class names in index order.
+        n_boot: paired bootstrap resamples (the same images for A and B in each resample).
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"n", "macro_f1_a", "macro_f1_b", "difference" (B - A), "difference_ci95" (paired
+        bootstrap percentile interval), "a_right_b_wrong", "b_right_a_wrong", "mcnemar_p" (exact
+        binomial McNemar test on per-image correctness)}``.
+    """
+    from scipy.stats import binomtest
+
+    y = _labels(y_true, "y_true", len(classes))
+    a = _labels(pred_a, "pred_a", len(classes))
+    b = _labels(pred_b, "pred_b", len(classes))
+    if not y.size == a.size == b.size:
+        raise ValueError(
+            f"y_true, pred_a and pred_b differ in length: {y.size}, {a.size}, {b.size}"
+        )
+    fa = classification_metrics(y, a, classes)["macro_f1"]
+    fb = classification_metrics(y, b, classes)["macro_f1"]
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(0, y.size, y.size)
+        diffs[i] = (
+            classification_metrics(y[idx], b[idx], classes)["macro_f1"]
+            - classification_metrics(y[idx], a[idx], classes)["macro_f1"]
+        )
+    ca, cb = a == y, b == y
+    only_a, only_b = int((ca & ~cb).sum()), int((~ca & cb).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {
+        "n": int(y.size),
+        "macro_f1_a": fa,
+        "macro_f1_b": fb,
+        "difference": fb - fa,
+        "difference_ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
+        "a_right_b_wrong": only_a,
+        "b_right_a_wrong": only_b,
+        "mcnemar_p": float(p),
+    }

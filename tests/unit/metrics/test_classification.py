@@ -239,3 +239,21 @@ def test_fit_temperature_recovers_the_scale_of_overconfident_logits() -> None:
     assert fit_temperature(np.stack([z, z]), labels) == pytest.approx(t, rel=1e-3)
     with pytest.raises(ValueError, match="rows"):
         fit_temperature(z, labels[:10])
+
+
+def test_paired_comparison_counts_discordant_images_and_brackets_the_difference() -> None:
+    from marrowscope.metrics.classification import paired_comparison
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    a = np.where(rng.random(300) < 0.6, y, (y + 1) % 3)  # ~60% right
+    b = np.where(rng.random(300) < 0.9, y, (y + 1) % 3)  # ~90% right
+    r = paired_comparison(y, a, b, ["x", "y", "z"], n_boot=300)
+    assert r["n"] == 300
+    assert r["a_right_b_wrong"] == int(((a == y) & (b != y)).sum())
+    assert r["b_right_a_wrong"] == int(((b == y) & (a != y)).sum())
+    lo, hi = r["difference_ci95"]
+    assert 0 < lo <= r["difference"] <= hi
+    assert r["mcnemar_p"] < 1e-6
+    same = paired_comparison(y, a, a, ["x", "y", "z"], n_boot=50)
+    assert same["difference"] == 0 and same["mcnemar_p"] == 1.0

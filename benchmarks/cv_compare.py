@@ -1,0 +1,89 @@
+"""Paired comparison of cross-validated recipe variants (the tables of docs/accuracy.md).
+
+Reads the out-of-fold logits that ``benchmarks/cv_experiments.sh`` left in ``runs/cv/<variant>/``
+(every variant uses the same folds, so each image is scored by one model per variant) and compares
+each variant with ``base`` on the pooled out-of-fold predictions: macro-F1 with and without 8-view
+TTA, the paired-bootstrap 95% interval of the difference, and McNemar's exact test. Also compares
+TTA (d8, flips) with no TTA within ``base``. Writes ``docs/results/cv/comparison.json`` and prints
+Markdown tables.
+
+    python benchmarks/cv_compare.py [--runs runs/cv] [--base base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from marrowscope.engine.cv import TTA_VIEWS
+from marrowscope.inference.predictor import softmax
+from marrowscope.metrics.classification import paired_comparison
+
+
+def pooled_predictions(run: Path, tta: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels, predictions and paths of every out-of-fold image (sorted by path)."""
+    labels, preds, paths = [], [], []
+    for fold in sorted(run.glob("fold-*")):
+        with np.load(fold / "oof.npz") as z:
+            probs = softmax(z["logits"][TTA_VIEWS[tta]]).mean(axis=0)
+            labels.append(z["labels"])
+            preds.append(probs.argmax(1))
+            paths += z["paths"].tolist()
+    order = np.argsort(paths)
+    return (
+        np.concatenate(labels)[order],
+        np.concatenate(preds)[order],
+        [paths[i] for i in order],
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=Path, default=Path("runs/cv"))
+    ap.add_argument("--base", default="base")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/cv/comparison.json"))
+    args = ap.parse_args()
+    summary = json.loads((args.runs / args.base / "cv_summary.json").read_text())
+    classes = summary["classes"]
+    complete = sorted(
+        p.parent.name for p in args.runs.glob("*/cv_summary.json") if p.parent.name != args.base
+    )
+    result: dict[str, dict] = {"tta_within_base": {}, "variants_vs_base": {}}
+    y0, p0, paths0 = pooled_predictions(args.runs / args.base, "none")
+    for tta in ("flips", "d8"):
+        y, p, paths = pooled_predictions(args.runs / args.base, tta)
+        result["tta_within_base"][tta] = paired_comparison(y0, p0, p, classes)
+    print(f"| TTA in {args.base} | macro-F1 none | with TTA | difference [95% CI] | McNemar p |")
+    print("|---|---:|---:|---:|---:|")
+    for tta, r in result["tta_within_base"].items():
+        lo, hi = r["difference_ci95"]
+        print(
+            f"| {tta} | {r['macro_f1_a']:.3f} | {r['macro_f1_b']:.3f} | "
+            f"{r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['mcnemar_p']:.3g} |"
+        )
+    print()
+    print(
+        f"| variant vs {args.base} (d8 TTA) | {args.base} | variant | difference [95% CI] | McNemar p |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    yb, pb, pathsb = pooled_predictions(args.runs / args.base, "d8")
+    for name in complete:
+        yv, pv, pathsv = pooled_predictions(args.runs / name, "d8")
+        if pathsv != pathsb:
+            raise SystemExit(f"{name} was not cross-validated on the same images as {args.base}")
+        r = paired_comparison(yb, pb, pv, classes)
+        result["variants_vs_base"][name] = r
+        lo, hi = r["difference_ci95"]
+        print(
+            f"| {name} | {r['macro_f1_a']:.3f} | {r['macro_f1_b']:.3f} | "
+            f"{r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['mcnemar_p']:.3g} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
