@@ -41,6 +41,7 @@ from marrowscope.service.models import (
     AGE_BANDS,
     REFERRAL_QUESTIONS,
     ROLES,
+    AuditEvent,
     LoginSession,
     User,
     utcnow,
@@ -506,6 +507,21 @@ def report_csv_page(
 def users_page(request: Request, who: Admin, db: DB) -> HTMLResponse:
     users = db.scalars(select(User).order_by(User.username)).all()
     return render(request, "admin.html", who, users=users, roles=ROLES, new_token=None)
+
+
+AUDIT_PAGE_LIMIT = 500
+
+
+@router.get("/admin/audit", response_class=HTMLResponse)
+def account_audit_page(request: Request, who: Admin, db: DB) -> HTMLResponse:
+    """Audit events not tied to a sample (logins, logouts, users, tokens), newest first."""
+    events = db.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.sample_id.is_(None))
+        .order_by(AuditEvent.id.desc())
+        .limit(AUDIT_PAGE_LIMIT)
+    ).all()
+    return render(request, "admin_audit.html", who, events=events, limit=AUDIT_PAGE_LIMIT)
 
 
 @router.post("/admin/users")

@@ -297,3 +297,14 @@ def test_form_upload_reports_refused_files_on_the_page(service: Service) -> None
     assert r.status_code == 200
     assert "2 cell image(s) added" in r.text
     assert "refused evil.exe: not an accepted file type" in r.text
+
+
+def test_account_audit_page_lists_logins_for_admins(service: Service) -> None:
+    c = service.client
+    service.login("admin")
+    page = c.get("/admin/audit")
+    assert page.status_code == 200
+    assert re.search(r"<td>admin</td><td>login</td>", page.text)
+    c.cookies.clear()
+    service.login("rev")
+    assert c.get("/admin/audit").status_code == 403
