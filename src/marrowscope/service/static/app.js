@@ -38,9 +38,11 @@
   }
 
   // ---------------------------------------------------------------- upload result after reload
-  const stored = sessionStorage.getItem("upload-result-" + sampleId);
+  // Kept through the reload that follows classification, so the refused files stay listed.
+  const uploadKey = "upload-result-" + sampleId;
+  const stored = sessionStorage.getItem(uploadKey);
   if (stored) {
-    sessionStorage.removeItem("upload-result-" + sampleId);
+    sessionStorage.removeItem(uploadKey);
     showUpload(JSON.parse(stored));
   }
   function showUpload(result) {
@@ -85,7 +87,10 @@
       progress.querySelector(".fill").style.width = (100 * p.classified / Math.max(1, p.total)) + "%";
       document.getElementById("progress-text").textContent = "Classifying: " + p.classified + " of " + p.total + " cells done";
       if (p.pending > 0) setTimeout(poll, 1000);
-      else location.reload();
+      else {
+        if (stored) sessionStorage.setItem(uploadKey, stored);
+        location.reload();
+      }
     } catch (e) { setTimeout(poll, 3000); }
   }
   if (progress && Number(body.dataset.pending) > 0) setTimeout(poll, 800);
