@@ -90,13 +90,17 @@ _BAR_HIGHLIGHT = "#c0392b"
 
 
 def count_bar_chart_svg(
-    differential: Sequence[Mapping[str, Any]], *, highlight: str | None = None
+    differential: Sequence[Mapping[str, Any]],
+    *,
+    highlight: str | None = None,
+    xlabel: str = "% of identified cells",
 ) -> str:
     """A horizontal bar chart of the differential (percent of identified cells) as SVG text.
 
     Args:
         differential: ``{class, count, percent}`` per class, in display order (top to bottom).
         highlight: a class drawn in red (the hairy-cell class).
+        xlabel: the axis title (what the percentages are of).
 
     Returns:
         An ``<svg ...>...</svg>`` element (no XML prolog), text kept as text.
@@ -119,7 +123,7 @@ def count_bar_chart_svg(
         top = max([*pct, 1.0])
         ax.set_xlim(0, top * 1.22)
         ax.set_yticks(y[: len(names)], names)
-        ax.set_xlabel("% of identified cells")
+        ax.set_xlabel(xlabel)
         for yy, p, c in zip(y, pct, counts, strict=False):
             ax.text(p + top * 0.015, yy, f"{p:.1f}% ({c})", va="center", fontsize=8, color="#333")
         for side in ("top", "right"):

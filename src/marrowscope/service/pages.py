@@ -481,7 +481,9 @@ def report_page(
         {"class": r["class"], "count": r["reviewed_count"], "percent": r["reviewed_percent"]}
         for r in data["differential"]
     ]
-    chart = Markup(count_bar_chart_svg(rows, highlight=data["flag"]["hac_class"]))
+    chart = Markup(
+        count_bar_chart_svg(rows, highlight=data["flag"]["hac_class"], xlabel="% of reviewed cells")
+    )
     return render(
         request, "report.html", who, sample=sample, r=data, chart=chart, disclaimer=DISCLAIMER
     )

@@ -112,7 +112,9 @@
     const panel = document.getElementById("panel");
     try {
       const res = await fetch("/samples/" + sampleId + "/cells/" + tile.dataset.id + "/panel", { credentials: "same-origin" });
-      panel.innerHTML = await res.text(); // server-rendered, autoescaped fragment
+      const html = await res.text();
+      if (tile !== focused) return; // another cell was opened meanwhile: its panel wins
+      panel.innerHTML = html; // server-rendered, autoescaped fragment
       for (const b of panel.querySelectorAll("button.cls")) {
         b.addEventListener("click", () => apply(b.dataset.label || null));
       }
