@@ -83,7 +83,7 @@ def test_login_to_signed_report_in_the_browser(  # type: ignore[no-untyped-def]
     data = tmp_path / "data"
     _create_user(data, SIGNER, "signer")
     _create_user(data, REVIEWER, "reviewer")
-    server = app_server(hac_bundle, data_dir=data)
+    server = app_server(hac_bundle, data_dir=data, startup_timeout=600)  # busy CI machines
     base = server.base_url
 
     # --- the signer logs in and creates a sample ---------------------------------------------
@@ -243,6 +243,7 @@ def test_login_to_signed_report_in_the_browser(  # type: ignore[no-untyped-def]
         expect(cells.nth(2)).to_have_text(count)
         expect(cells.nth(3)).to_have_text(pct)
     expect(report.locator("tfoot")).to_contain_text(str(N_CELLS))
+    expect(report.locator(".chart svg")).to_contain_text("% of reviewed cells")
 
     # --- download the CSV report -------------------------------------------------------------
     with page.expect_download() as info:
