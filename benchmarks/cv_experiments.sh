@@ -2,13 +2,18 @@
 # The recipe experiments behind docs/accuracy.md: 3-fold cross-validation of short (6-epoch)
 # variants of configs/bm-dev.yaml on ../shared/data/bm-cells-dev. Each variant takes about
 # 20 minutes on 2 CPU cores; run alone. Resumable (finished folds are reused).
+# "base" pins the recipe as it was before these experiments (no stain jitter, no TTA in the
+# bundle; every variant's out-of-fold logits hold all 8 TTA views anyway), so the variants stay
+# comparable after the winners became the defaults of configs/bm-dev.yaml.
+# Then: python benchmarks/cv_compare.py  (paired tests, docs/results/cv/comparison.json)
 #   bash benchmarks/cv_experiments.sh [variant ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/cv}
 FOLDS=${FOLDS:-3}
-COMMON=(--set train.epochs=6 --set train.ema_decay=0.998)
+COMMON=(--set train.epochs=6 --set train.ema_decay=0.998 --set augment.stain=0.0
+        --set inference.tta=none)
 declare -A VARIANTS=(
   [base]=""
   [mix]="--set augment.mixup_alpha=0.2 --set augment.cutmix_alpha=1.0 --set augment.mix_prob=0.5"
