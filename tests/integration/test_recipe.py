@@ -1,5 +1,5 @@
 """The accuracy levers end to end: EMA, MixUp/CutMix, stain jitter, TTA + temperature in the
-bundle, resume with EMA, and k-fold cross-validation (resumable)."""
+bundle, and k-fold cross-validation (resumable). Resume with EMA: tests/integration/test_train.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from marrowscope.config import from_dict
-from marrowscope.engine import train as train_mod
 from marrowscope.engine.cv import cross_validate
 from marrowscope.engine.train import fit
 from marrowscope.inference.predictor import Predictor
@@ -60,31 +57,6 @@ def test_fit_with_ema_mix_stain_tta_writes_calibrated_bundle(
     np.testing.assert_allclose(probs, expect, atol=1e-5)
     plain = Predictor.from_checkpoint(run / "best", device="cpu", precision="fp32", tta="none")
     assert plain.view_logits_preprocessed(imgs).shape == (1, 1, 3)
-
-
-def test_resume_with_ema_matches_uninterrupted_run(
-    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cfg = from_dict(tiny_config(synthetic_tree, epochs=3, **LEVERS))
-    fit(cfg, tmp_path / "full", progress=False)
-    real = train_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def crash_in_third_epoch(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "crash", progress=False)
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
-    fit(cfg, tmp_path / "crash", resume=True, progress=False)
-    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "crash" / "last" / "model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
 def test_cross_validation_scores_every_image_once_and_resumes(

@@ -87,10 +87,12 @@ def test_training_is_repeatable_on_cpu(synthetic_tree: Path, tmp_path: Path) -> 
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.99], ids=["plain", "ema"])
 def test_resume_after_interrupt_matches_uninterrupted_run(
-    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ema_decay: float | None
 ) -> None:
-    cfg = from_dict(tiny_config(synthetic_tree, epochs=3))
+    # with EMA the averaged weights (what the bundles hold) must survive the crash too
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=3, ema_decay=ema_decay))
     fit(cfg, tmp_path / "full", progress=False)
 
     real = train_mod.train_one_epoch
