@@ -232,7 +232,6 @@ def finalize_inference(
     *,
     device: torch.device,
     console: Console,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Set the bundle's inference rule: TTA mode and a temperature fitted on the validation split.
 
@@ -525,9 +524,7 @@ def fit(
         raise RuntimeError(f"no best checkpoint was written in {run_dir}")
 
     plot_training_curves(history, run_dir / "curves.png")
-    calibration = finalize_inference(
-        run_dir / "best", data, cfg, device=device, console=console, progress=progress
-    )
+    calibration = finalize_inference(run_dir / "best", data, cfg, device=device, console=console)
     result = FitResult(
         run_dir=run_dir,
         best_dir=run_dir / "best",
