@@ -9,15 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from harness.bundles import favoured_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
 from marrowscope.cli.main import app
-from marrowscope.config import ModelConfig, PreprocessConfig
-from marrowscope.models.bundle import save_bundle
-from marrowscope.models.registry import build_model
-from marrowscope.preprocess.ops import preprocess_params
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -26,19 +22,6 @@ SCRIPT_NAME = "<script>alert(1)<!--.jpg"
 
 def _invoke(*args: str):  # type: ignore[no-untyped-def]
     return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def _bundle(directory: Path, classes: list[str], favour: int | None = None) -> Path:
-    """A 32-px paper_cnn bundle; ``favour``: a class whose logit gets +10 (called for every cell)."""
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(name="paper_cnn", pretrained=False), len(classes), input_size=32
-    )
-    if favour is not None:
-        with torch.no_grad():
-            model.head.fc2.bias[favour] = 10.0
-    pre = preprocess_params(PreprocessConfig(size=32))
-    return save_bundle(directory, model, {"classes": classes, "preprocess": pre})
 
 
 @pytest.fixture
@@ -73,7 +56,7 @@ class _Page(HTMLParser):
 
 
 def test_count_flags_hac_and_writes_a_self_contained_report(sample: Path, tmp_path: Path) -> None:
-    ckpt = _bundle(tmp_path / "hac_model", ["BLA", "HAC", "LYT"], favour=1)
+    ckpt = favoured_bundle(tmp_path / "hac_model", ["BLA", "HAC", "LYT"], favour=1)
     out = tmp_path / "report"
     res = _invoke("count", str(ckpt), str(sample), "--out", str(out), "--workers", "1")
     assert res.exit_code == 0, res.output
@@ -112,7 +95,7 @@ def test_count_flags_hac_and_writes_a_self_contained_report(sample: Path, tmp_pa
 
 
 def test_count_threshold_and_model_without_hac(sample: Path, tmp_path: Path) -> None:
-    ckpt = _bundle(tmp_path / "plain", ["BLA", "LYT"])
+    ckpt = favoured_bundle(tmp_path / "plain", ["BLA", "LYT"])
     out = tmp_path / "r"
     res = _invoke(
         "count", str(ckpt), str(sample), "-o", str(out), "--threshold", "1.0", "--workers", "1"
@@ -126,7 +109,7 @@ def test_count_threshold_and_model_without_hac(sample: Path, tmp_path: Path) -> 
 
 
 def test_count_bad_inputs_are_one_clear_line(tmp_path: Path) -> None:
-    ckpt = _bundle(tmp_path / "m", ["BLA", "HAC"])
+    ckpt = favoured_bundle(tmp_path / "m", ["BLA", "HAC"])
     (tmp_path / "empty").mkdir()
     res = _invoke("count", str(ckpt), str(tmp_path / "empty"), "-o", str(tmp_path / "r"))
     assert res.exit_code == 2
@@ -138,7 +121,7 @@ def test_count_bad_inputs_are_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_explain_writes_overlays_and_contact_sheet(sample: Path, tmp_path: Path) -> None:
-    ckpt = _bundle(tmp_path / "m", ["BLA", "HAC", "LYT"])
+    ckpt = favoured_bundle(tmp_path / "m", ["BLA", "HAC", "LYT"])
     out = tmp_path / "cams"
     res = _invoke(
         "explain",
@@ -163,7 +146,7 @@ def test_explain_writes_overlays_and_contact_sheet(sample: Path, tmp_path: Path)
 
 
 def test_explain_class_option(sample: Path, tmp_path: Path) -> None:
-    ckpt = _bundle(tmp_path / "m", ["BLA", "HAC", "LYT"])
+    ckpt = favoured_bundle(tmp_path / "m", ["BLA", "HAC", "LYT"])
     res = _invoke("explain", str(ckpt), str(sample), "-o", str(tmp_path / "a"), "--class", "hac")
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((tmp_path / "a" / "explain.csv").open(encoding="utf-8")))

@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
+from harness.bundles import favoured_bundle
 
-from marrowscope.config import ModelConfig, PreprocessConfig
 from marrowscope.data.sample import SAMPLE_ROOT
 from marrowscope.inference.predictor import Predictor
-from marrowscope.models.bundle import save_bundle
-from marrowscope.models.registry import build_model
-from marrowscope.preprocess.ops import preprocess_params
 from marrowscope.service.accounts import create_user, issue_token
 from marrowscope.service.app import create_app
 from marrowscope.service.settings import Settings
@@ -34,15 +30,7 @@ PASSWORD = "correct horse battery"
 
 def build_bundle(directory: Path, favour: int | None, *, classes: list[str] = CLASSES) -> Path:
     """A 32-px paper_cnn bundle; ``favour``: a class whose logit gets +10 (called everywhere)."""
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(name="paper_cnn", pretrained=False), len(classes), input_size=32
-    )
-    if favour is not None:
-        with torch.no_grad():
-            model.head.fc2.bias[favour] = 10.0
-    pre = preprocess_params(PreprocessConfig(size=32))
-    return save_bundle(directory, model, {"classes": classes, "preprocess": pre})
+    return favoured_bundle(directory, classes, favour)
 
 
 @pytest.fixture(scope="session")
