@@ -1,0 +1,145 @@
+"""Could a runtime outside marrowscope make ConvNeXt-Tiny 5x faster than torch fp32 eager on CPU?
+
+Network alone, batch 64, 224 px, 8 classes, random weights, 2 threads: torch fp32 eager (the
+baseline of the inference issue), OpenVINO bf16, and OpenVINO static int8 from NNCF
+post-training quantisation (300 real bone-marrow cells as calibration data; ``transformer``
+preset, which keeps LayerNorm/GELU in float, and the default preset). Also reports how far the
+int8 model's probabilities move from torch fp32 on 64 real cells.
+
+OpenVINO and NNCF are not marrowscope dependencies; install them next to it to re-run this:
+
+    pip install openvino nncf
+    python benchmarks/openvino_int8.py [--model convnext_tiny] [--out docs/results/openvino_int8.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from marrowscope.config import ModelConfig
+from marrowscope.models.registry import build_model
+from marrowscope.preprocess.ops import resize
+
+DATA = Path("../shared/data/bm-cells-dev")
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "")
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    wanted = [f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni")]
+    return f"{name} ({', '.join(wanted) or 'no AVX512-BF16/VNNI/AMX'})"
+
+
+def images(n: int, step: int) -> np.ndarray:
+    paths = sorted(DATA.glob("*/*.jpg"))[::step][:n]
+    if len(paths) < n:
+        raise SystemExit(f"need {n} images under {DATA}; found {len(paths)}")
+    out = [resize(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), 224) for p in paths]
+    return np.stack(out).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+def rate(fn, x: np.ndarray, reps: int) -> float:
+    fn(x)  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return len(x) / float(np.median(times))
+
+
+def main() -> None:
+    import nncf
+    import openvino as ov
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="convnext_tiny")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model = build_model(ModelConfig(name=args.model, pretrained=False), 8, input_size=224).eval()
+    x = np.random.default_rng(0).random((64, 3, 224, 224), dtype=np.float32)
+    calib = images(300, 5)
+    real = images(64, 23)
+
+    results: dict[str, float] = {}
+    with torch.inference_mode():
+        results["torch fp32 eager"] = rate(lambda a: model(torch.from_numpy(a)), x, args.reps)
+        ref = model(torch.from_numpy(real)).softmax(-1).numpy()
+
+    ov_model = ov.convert_model(model, example_input=torch.from_numpy(x[:1]))
+    dataset = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))])
+    quantized = {
+        "transformer": nncf.quantize(
+            ov_model, dataset, subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER
+        ),
+        "default": nncf.quantize(ov_model, dataset, subset_size=len(calib)),
+    }
+    core = ov.Core()
+    base = {"INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY"}
+    agreement: dict[str, dict[str, float]] = {}
+
+    def run(label: str, m, precision: str) -> None:
+        compiled = core.compile_model(m, "CPU", {**base, "INFERENCE_PRECISION_HINT": precision})
+        request = compiled.create_infer_request()
+        results[label] = rate(lambda a: request.infer({0: a}), x, args.reps)
+        logits = next(iter(request.infer({0: real}).values()))
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        agreement[label] = {
+            "max_abs_prob_diff": float(np.abs(p - ref).max()),
+            "argmax_agreement": float((p.argmax(1) == ref.argmax(1)).mean()),
+        }
+
+    run("openvino bf16", ov_model, "bf16")
+    for preset, m in quantized.items():
+        run(f"openvino int8 ({preset}) + bf16", m, "bf16")
+        run(f"openvino int8 ({preset}) + fp32", m, "f32")
+
+    fp32 = results["torch fp32 eager"]
+    print(f"{args.model}, batch 64, network alone, 2 threads; {cpu_flags()}")
+    print("| runtime | images/s | x torch fp32 eager | max abs prob diff | argmax agreement |")
+    print("|---|---:|---:|---:|---:|")
+    for label, r in results.items():
+        a = agreement.get(label)
+        extra = f"{a['max_abs_prob_diff']:.4f} | {a['argmax_agreement']:.3f}" if a else "– | –"
+        print(f"| {label} | {r:.1f} | {r / fp32:.2f}x | {extra} |")
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "batch": 64,
+                    "threads": 2,
+                    "cpu": cpu_flags(),
+                    "openvino": ov.__version__,
+                    "nncf": nncf.__version__,
+                    "torch": torch.__version__,
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "images_per_s": {k: round(v, 2) for k, v in results.items()},
+                    "agreement_with_torch_fp32_on_64_real_cells": agreement,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
