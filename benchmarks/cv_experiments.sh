@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The recipe experiments behind docs/accuracy.md: 3-fold cross-validation of short (6-epoch)
 # variants of configs/bm-dev.yaml on ../shared/data/bm-cells-dev. Each variant takes about
-# 20 minutes on 2 CPU cores; run alone. Resumable (finished folds are reused).
-# "base" pins the recipe as it was before these experiments (no stain jitter, no TTA in the
-# bundle; every variant's out-of-fold logits hold all 8 TTA views anyway), so the variants stay
-# comparable after the winners became the defaults of configs/bm-dev.yaml.
+# 20-30 minutes on 2 CPU cores; run alone. Resumable (finished folds are reused).
+# "base" pins the recipe as it was before these experiments (EfficientNet-Lite0, no stain jitter,
+# no TTA in the bundle; every variant's out-of-fold logits hold all 8 TTA views anyway), so the
+# variants stay comparable after the winners became the defaults of configs/bm-dev.yaml.
 # Then: python benchmarks/cv_compare.py  (paired tests, docs/results/cv/comparison.json)
 #   bash benchmarks/cv_experiments.sh [variant ...]
 set -euo pipefail
@@ -12,16 +12,19 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/cv}
 FOLDS=${FOLDS:-3}
-COMMON=(--set train.epochs=6 --set train.ema_decay=0.998 --set augment.stain=0.0
-        --set inference.tta=none)
+COMMON=(--set model.name=tf_efficientnet_lite0 --set train.epochs=6 --set train.ema_decay=0.998
+        --set augment.stain=0.0 --set inference.tta=none)
 declare -A VARIANTS=(
   [base]=""
   [mix]="--set augment.mixup_alpha=0.2 --set augment.cutmix_alpha=1.0 --set augment.mix_prob=0.5"
   [stain]="--set augment.stain=0.05"
   [sampler]="--set train.imbalance=sampler"
   [res256]="--set preprocess.size=256"
+  # MobileNetV2 epochs take ~2/3 of a Lite0 epoch here: 11 of them cost ~1.2x the 6 of "stain"
+  [mnv2]="--set augment.stain=0.05 --set model.name=mobilenetv2_100 --set train.epochs=11"
+  [mnv2_sampler]="--set augment.stain=0.05 --set model.name=mobilenetv2_100 --set train.epochs=11 --set train.imbalance=sampler"
 )
-ORDER=(base mix stain sampler res256)
+ORDER=(base mix stain sampler res256 mnv2 mnv2_sampler)
 [ $# -gt 0 ] && ORDER=("$@")
 for v in "${ORDER[@]}"; do
   # shellcheck disable=SC2086
