@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recipe experiments behind docs/accuracy.md: 3-fold cross-validation of short (6-epoch)
+# The recipe experiments behind docs/accuracy.md: 3-fold cross-validation of short (6-epoch; 11 for MobileNetV2)
 # variants of configs/bm-dev.yaml on ../shared/data/bm-cells-dev. Each variant takes about
 # 20-30 minutes on 2 CPU cores; run alone. Resumable (finished folds are reused).
 # "base" pins the recipe as it was before these experiments (EfficientNet-Lite0, no stain jitter,
