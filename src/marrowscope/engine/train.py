@@ -367,7 +367,7 @@ def fit(
     weight = class_weights(train_counts).to(device) if t.imbalance == "weighted_loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
     optimizer = torch.optim.AdamW(
-        model.param_groups(t.lr, t.backbone_lr_scale, t.weight_decay),
+        model.param_groups(t.lr, t.backbone_lr_scale, t.weight_decay, t.layer_decay),
         lr=t.lr,
         weight_decay=t.weight_decay,
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from marrowscope.config import ModelConfig
@@ -213,21 +214,46 @@ class Classifier(nn.Module):
         return self
 
     def param_groups(
-        self, lr: float, backbone_lr_scale: float, weight_decay: float
+        self,
+        lr: float,
+        backbone_lr_scale: float,
+        weight_decay: float,
+        layer_decay: float | None = None,
     ) -> list[dict[str, Any]]:
         """Optimizer parameter groups: backbone (``lr * backbone_lr_scale``) then head (``lr``).
+
+        With ``layer_decay`` (layer-wise learning-rate decay, as in BEiT and timm's
+        ``param_groups_layer_decay``), the backbone is split into its layers by timm's
+        ``group_matcher`` (stem, then each block, in order), and the layer ``k`` places below the
+        head gets ``lr * backbone_lr_scale * layer_decay**k``: the last block learns almost as
+        fast as the head, the stem slowest.
 
         Biases and normalisation weights (every parameter with fewer than 2 dimensions) get no
         weight decay. Frozen parameters are included, so unfreezing later needs no new optimizer.
         Empty groups are left out; each group has a ``name`` key.
+
+        Raises:
+            ModelError: ``layer_decay`` outside (0, 1], or set for a model whose backbone has no
+                layer grouping (``paper_cnn``).
         """
+        backbone_parts: list[tuple[str, list[nn.Parameter], float]] = []
+        if self.backbone is not None:
+            if layer_decay is None:
+                backbone_parts.append(
+                    ("backbone", list(self.backbone.parameters()), lr * backbone_lr_scale)
+                )
+            else:
+                backbone_parts = self._layer_decay_parts(lr * backbone_lr_scale, layer_decay)
+        elif layer_decay is not None:
+            raise ModelError(
+                f"train.layer_decay needs a pretrained backbone split into layers; {self.arch} "
+                "trains from scratch as one network: remove train.layer_decay for it"
+            )
+        parts = [*backbone_parts, ("head", list(self.head.parameters()), lr)]
         groups: list[dict[str, Any]] = []
-        parts = [("backbone", self.backbone, lr * backbone_lr_scale), ("head", self.head, lr)]
-        for part, module, part_lr in parts:
-            if module is None:
-                continue
-            decay = [p for p in module.parameters() if p.ndim >= 2]
-            no_decay = [p for p in module.parameters() if p.ndim < 2]
+        for part, params_, part_lr in parts:
+            decay = [p for p in params_ if p.ndim >= 2]
+            no_decay = [p for p in params_ if p.ndim < 2]
             for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
                 if params:
                     groups.append(
@@ -239,6 +265,29 @@ class Classifier(nn.Module):
                         }
                     )
         return groups
+
+    def _layer_decay_parts(
+        self, lr: float, layer_decay: float
+    ) -> list[tuple[str, list[nn.Parameter], float]]:
+        """The backbone's parameters per layer (stem first) with their decayed learning rates."""
+        if not 0.0 < layer_decay <= 1.0:
+            raise ModelError(f"train.layer_decay must be in (0, 1] (e.g. 0.85), got {layer_decay}")
+        assert self.backbone is not None
+        matcher = getattr(self.backbone, "group_matcher", None)
+        if matcher is None:
+            raise ModelError(
+                f"train.layer_decay: the {self.arch} backbone has no timm group_matcher to split "
+                "it into layers; remove train.layer_decay (or use train.backbone_lr_scale)"
+            )
+        layer_of = group_parameters(self.backbone, matcher(coarse=False), reverse=True)
+        n_layers = max(layer_of.values(), default=0) + 1
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for name, param in self.backbone.named_parameters():
+            by_layer.setdefault(layer_of.get(name, n_layers - 1), []).append(param)
+        return [
+            (f"backbone_layer{i}", by_layer[i], lr * layer_decay ** (n_layers - i))
+            for i in sorted(by_layer)
+        ]
 
     def target_layer(self) -> nn.Module:
         """The module whose output is the last convolutional feature map (for Grad-CAM).

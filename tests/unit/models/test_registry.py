@@ -245,3 +245,40 @@ def test_param_groups_split_head_backbone_and_decay() -> None:
 def test_paper_cnn_param_groups_are_all_head(models) -> None:
     groups = models["paper_cnn"].param_groups(1e-3, 0.1, 0.0)
     assert [g["name"] for g in groups] == ["head_decay", "head_no_decay"]
+
+
+def test_layer_decay_gives_each_backbone_layer_a_geometric_lr() -> None:
+    model = build_model(ModelConfig(name="resnet18", pretrained=False), 3, input_size=32)
+    groups = model.param_groups(1e-3, 0.5, 0.05, layer_decay=0.5)
+    backbone = [g for g in groups if g["name"].startswith("backbone_layer")]
+    decay_groups = [g for g in backbone if not g["name"].endswith("no_decay")]
+    lrs = [g["lr"] for g in decay_groups]
+    n = len(decay_groups)
+    assert n >= 5  # stem + resnet18's blocks, not one group
+    # the layer k places below the head: lr * backbone_lr_scale * 0.5**k, the stem slowest
+    assert lrs == pytest.approx([1e-3 * 0.5 * 0.5 ** (n - i) for i in range(n)])
+    stem = {
+        id(p) for g in backbone if g["name"].startswith("backbone_layer0_") for p in g["params"]
+    }
+    assert stem == {
+        id(model.backbone.conv1.weight),
+        id(model.backbone.bn1.weight),
+        id(model.backbone.bn1.bias),
+    }
+    assert [g["lr"] for g in groups if g["name"].startswith("head")] == [1e-3, 1e-3]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.ndim < 2 for g in groups if g["name"].endswith("no_decay") for p in g["params"])
+    torch.optim.AdamW(groups, lr=1e-3)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5])
+def test_layer_decay_out_of_range_is_refused(bad: float) -> None:
+    model = build_model(ModelConfig(name="resnet18", pretrained=False), 3, input_size=32)
+    with pytest.raises(ModelError, match=r"train.layer_decay must be in \(0, 1\]"):
+        model.param_groups(1e-3, 1.0, 0.05, layer_decay=bad)
+
+
+def test_layer_decay_on_paper_cnn_is_refused(models) -> None:
+    with pytest.raises(ModelError, match="remove train.layer_decay"):
+        models["paper_cnn"].param_groups(1e-3, 1.0, 0.05, layer_decay=0.8)
