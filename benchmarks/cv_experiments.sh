@@ -19,7 +19,6 @@ declare -A VARIANTS=(
   [mix]="--set augment.mixup_alpha=0.2 --set augment.cutmix_alpha=1.0 --set augment.mix_prob=0.5"
   [stain]="--set augment.stain=0.05"
   [sampler]="--set train.imbalance=sampler"
-  [res256]="--set preprocess.size=256"
   # MobileNetV2 epochs take ~2/3 of a Lite0 epoch here: 11 of them cost ~1.2x the 6 of "stain"
   [mnv2]="--set augment.stain=0.05 --set model.name=mobilenetv2_100 --set train.epochs=11"
   [mnv2_sampler]="--set augment.stain=0.05 --set model.name=mobilenetv2_100 --set train.epochs=11 --set train.imbalance=sampler"
@@ -27,8 +26,9 @@ declare -A VARIANTS=(
   [mnv2_res250]="--set augment.stain=0.05 --set model.name=mobilenetv2_100 --set train.epochs=11 --set preprocess.size=250"
   # layer-wise lr decay 0.9 over MobileNetV2's 18 layers: the stem trains at 0.15x the head's lr
   [mnv2_llrd]="--set augment.stain=0.05 --set model.name=mobilenetv2_100 --set train.epochs=11 --set train.layer_decay=0.9"
+  [mnv2_res250_llrd]="--set augment.stain=0.05 --set model.name=mobilenetv2_100 --set train.epochs=11 --set preprocess.size=250 --set train.layer_decay=0.9"
 )
-ORDER=(base mix stain sampler res256 mnv2 mnv2_sampler mnv2_res250 mnv2_llrd)
+ORDER=(base mix stain sampler mnv2 mnv2_sampler mnv2_res250 mnv2_llrd mnv2_res250_llrd)
 [ $# -gt 0 ] && ORDER=("$@")
 for v in "${ORDER[@]}"; do
   # shellcheck disable=SC2086

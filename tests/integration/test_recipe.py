@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from marrowscope.config import from_dict
 from marrowscope.engine.cv import cross_validate
 from marrowscope.engine.train import fit
 from marrowscope.inference.predictor import Predictor
+from marrowscope.models.registry import ModelError
 
 from .test_train import tiny_config
 
@@ -94,3 +96,26 @@ def test_cross_validation_scores_every_image_once_and_resumes(
     other = from_dict(tiny_config(synthetic_tree, epochs=3))
     with pytest.raises(FileExistsError, match="another config"):
         cross_validate(other, out, folds=3, progress=False)
+
+
+def test_layer_decay_trains_each_backbone_layer_at_its_own_rate(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(synthetic_tree, epochs=1, layer_decay=0.5)
+    raw["model"] = {"name": "resnet18", "pretrained": False}
+    fit(from_dict(raw), tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "state.pt", map_location="cpu", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    peak = [g["initial_lr"] for g in groups if "no_decay" not in g.get("name", "")]
+    # stem ... last block, then the head: each layer twice the rate of the one below it
+    assert len(peak) >= 6
+    assert peak[-1] == pytest.approx(0.003)
+    assert np.allclose(np.array(peak[1:]) / np.array(peak[:-1]), 2.0)
+
+
+def test_layer_decay_on_a_model_without_layers_is_a_clear_error(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=1, layer_decay=0.8))
+    with pytest.raises(ModelError, match="paper_cnn trains from scratch"):
+        fit(cfg, tmp_path / "run", progress=False)
