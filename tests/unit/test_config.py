@@ -105,3 +105,20 @@ def test_paper_config_is_the_paper_protocol() -> None:
         "xception",
     ]
     assert cfg.compare.focus_class == "HAC"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "bm-dev.yaml", "pbc-dev.yaml"])
+def test_every_compared_model_of_a_shipped_config_gets_valid_optimizer_groups(name: str) -> None:
+    # e.g. bm-dev.yaml's layer-wise lr decay must be switched off for the from-scratch paper_cnn
+    from marrowscope.engine.compare import model_config
+    from marrowscope.models.registry import build_model
+
+    cfg = load_config(CONFIGS / name)
+    for model_name in cfg.compare.models or (cfg.model.name,):
+        mc = model_config(cfg, model_name)
+        model = build_model(
+            dataclasses.replace(mc.model, pretrained=False), 3, input_size=mc.preprocess.size
+        )
+        t = mc.train
+        groups = model.param_groups(t.lr, t.backbone_lr_scale, t.weight_decay, t.layer_decay)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -251,9 +251,9 @@ class Classifier(nn.Module):
             )
         parts = [*backbone_parts, ("head", list(self.head.parameters()), lr)]
         groups: list[dict[str, Any]] = []
-        for part, params_, part_lr in parts:
-            decay = [p for p in params_ if p.ndim >= 2]
-            no_decay = [p for p in params_ if p.ndim < 2]
+        for part, members, part_lr in parts:
+            decay = [p for p in members if p.ndim >= 2]
+            no_decay = [p for p in members if p.ndim < 2]
             for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
                 if params:
                     groups.append(
