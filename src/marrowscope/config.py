@@ -122,7 +122,7 @@ class TrainConfig:
     """Peak learning rate of the head; the backbone gets ``lr * backbone_lr_scale``."""
     backbone_lr_scale: float = 1.0
     layer_decay: float | None = None
-    """Layer-wise learning-rate decay (timm-style, e.g. 0.85): the backbone layer ``k`` places
+    """Layer-wise learning-rate decay (timm-style, e.g. 0.9): the backbone layer ``k`` places
     below the head trains at ``lr * backbone_lr_scale * layer_decay**k``. ``None``: one rate for
     the whole backbone."""
     weight_decay: float = 0.05

@@ -271,7 +271,7 @@ class Classifier(nn.Module):
     ) -> list[tuple[str, list[nn.Parameter], float]]:
         """The backbone's parameters per layer (stem first) with their decayed learning rates."""
         if not 0.0 < layer_decay <= 1.0:
-            raise ModelError(f"train.layer_decay must be in (0, 1] (e.g. 0.85), got {layer_decay}")
+            raise ModelError(f"train.layer_decay must be in (0, 1] (e.g. 0.9), got {layer_decay}")
         assert self.backbone is not None
         matcher = getattr(self.backbone, "group_matcher", None)
         if matcher is None:
