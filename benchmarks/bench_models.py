@@ -10,26 +10,15 @@ at 224x224, in fp32 and in bf16 autocast + channels_last. Prints a Markdown tabl
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import date
 
 import torch
 
 from marrowscope.config import ModelConfig
+from marrowscope.engine.benchmark import machine_info
 from marrowscope.models.registry import PAPER_MODELS, build_model
 from marrowscope.utils.runtime import cpu_has_native_bf16
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(
@@ -89,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     names = [m for m in args.models.split(",") if m] + [m for m in args.extra.split(",") if m]
     lines = [
-        f"Measured {date.today().isoformat()} on {cpu_name()}, {torch.get_num_threads()} threads, "
+        f"Measured {date.today().isoformat()} on {machine_info()['cpu']}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; native bf16: {cpu_has_native_bf16()}. Batch {args.batch}, "
         f"{args.size}x{args.size}, 7 classes; images/s (higher is better).",
         "",

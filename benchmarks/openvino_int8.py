@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from marrowscope.config import ModelConfig
+from marrowscope.engine.benchmark import machine_info
 from marrowscope.models.registry import build_model
 from marrowscope.preprocess.ops import resize
 from marrowscope.utils.image import read_image
@@ -36,16 +36,17 @@ DATA = Path("../shared/data/bm-cells-dev")
 
 
 def cpu_flags() -> str:
+    """The CPU's name with the instruction sets that decide int8/bf16 speed."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "")
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-    )
+        flags = next(
+            ln.split(":", 1)[1].split()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = []
     wanted = [f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni")]
-    return f"{name} ({', '.join(wanted) or 'no AVX512-BF16/VNNI/AMX'})"
+    return f"{machine_info()['cpu']} ({', '.join(wanted) or 'no AVX512-BF16/VNNI/AMX'})"
 
 
 def images(n: int, step: int) -> np.ndarray:
