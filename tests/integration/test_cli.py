@@ -150,6 +150,22 @@ def test_train_evaluate_compare_commands(synthetic_tree: Path, tmp_path: Path) -
     assert (tmp_path / "cmp" / "table1_accuracy.csv").is_file()
 
 
+def test_cv_command_fold_seed_and_train_fraction(synthetic_tree: Path, tmp_path: Path) -> None:
+    cfg = _write_cfg(tmp_path, synthetic_tree)
+    out = tmp_path / "cv"
+    args = ["cv", "--config", str(cfg), "--out", str(out), "--folds", "2", "--no-progress"]
+    res = _invoke(*args, "--fold-seed", "3", "--train-fraction", "0.5", "--set", "train.epochs=1")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["fold_seed"] == 3 and summary["train_fraction"] == 0.5
+    # 12 images per class, 6 per fold: each fold trains on 3 of the other fold's 6 per class
+    assert summary["n_train"] == [9, 9]
+    res = runner.invoke(app, [*args, "--train-fraction", "0", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2
+    assert "--train-fraction" in res.output and "not in (0, 1]" in res.output
+    assert "Traceback" not in res.output
+
+
 @pytest.mark.parametrize(
     ("over", "expected"),
     [

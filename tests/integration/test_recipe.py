@@ -86,6 +86,15 @@ def test_cross_validation_scores_every_image_once_and_resumes(
         assert len(v["folds"]) == 3
         assert 0.0 <= v["mean_std"]["macro_f1"]["mean"] <= 1.0
         assert np.sum(v["pooled"]["confusion_matrix"]) == 36
+        assert summary["last_checkpoint"][tta]["pooled"]["n"] == 36
+    assert summary["n_train"] == [24, 24, 24]
+    # the last epoch's weights are scored too: the same logits where the best epoch is the last
+    for k in range(3):
+        fit_summary = json.loads((out / f"fold-{k}" / "summary.json").read_text())
+        with np.load(out / f"fold-{k}" / "oof.npz") as z:
+            same = np.array_equal(z["logits"], z["logits_last"])
+        assert same == (fit_summary["best_epoch"] == fit_summary["epochs_run"])
+    assert "Last epoch's weights" in (out / "cv_report.md").read_text()
     assert (out / "cv_report.md").read_text().startswith("# Cross-validation")
     # a second call reuses the finished folds (no retraining)
     stamp = os.path.getmtime(out / "fold-0" / "oof.npz")
@@ -119,3 +128,45 @@ def test_layer_decay_on_a_model_without_layers_is_a_clear_error(
     cfg = from_dict(tiny_config(synthetic_tree, epochs=1, layer_decay=0.8))
     with pytest.raises(ModelError, match="paper_cnn trains from scratch"):
         fit(cfg, tmp_path / "run", progress=False)
+
+
+def test_cross_validation_fold_seed_and_train_fraction(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """Another training seed on the same folds; a learning-curve point trains on a stratified
+    half of each fold's training images and scores the same folds."""
+    reference = tmp_path / "ref"
+    cross_validate(
+        from_dict(tiny_config(synthetic_tree, epochs=1)), reference, folds=3, progress=False
+    )
+    raw = tiny_config(synthetic_tree, epochs=1)
+    raw["seed"] = 8
+    out = tmp_path / "half"
+    summary = cross_validate(
+        from_dict(raw), out, folds=3, fold_seed=7, train_fraction=0.5, progress=False
+    )
+    assert (out / "folds.csv").read_text() == (reference / "folds.csv").read_text()
+    assert summary["fold_seed"] == 7 and summary["train_fraction"] == 0.5
+    assert summary["n_train"] == [12, 12, 12]
+    for k in range(3):
+        split = list(csv.DictReader((out / f"fold-{k}" / "split.csv").open()))
+        train_labels = [r["label"] for r in split if r["split"] == "train"]
+        # 8 training images per class in a fold; half of each class is kept
+        assert sorted({train_labels.count(c) for c in set(train_labels)}) == [4]
+        ref_split = list(csv.DictReader((reference / f"fold-{k}" / "split.csv").open()))
+        assert {r["path"] for r in split if r["split"] == "val"} == {
+            r["path"] for r in ref_split if r["split"] == "val"
+        }
+        assert {r["path"] for r in split if r["split"] == "train"} < {
+            r["path"] for r in ref_split if r["split"] == "train"
+        }
+    assert summary["variants"]["d8"]["pooled"]["n"] == 36
+    # resuming with another fraction is refused, not mixed
+    with pytest.raises(FileExistsError, match="training fraction"):
+        cross_validate(
+            from_dict(raw), out, folds=3, fold_seed=7, train_fraction=0.25, progress=False
+        )
+    with pytest.raises(ValueError, match="train_fraction must be in"):
+        cross_validate(
+            from_dict(raw), tmp_path / "bad", folds=3, train_fraction=1.5, progress=False
+        )

@@ -245,6 +245,14 @@ def cv(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (reused to resume).")],
     folds: Annotated[int, typer.Option(help="Number of folds (stratified by class).")] = 5,
+    fold_seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the fold assignment (default: the config's seed)."),
+    ] = None,
+    train_fraction: Annotated[
+        float,
+        typer.Option(help="Train each fold on this fraction of its training images (0-1]."),
+    ] = 1.0,
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override a config key: key.sub=value.")
     ] = None,
@@ -252,7 +260,16 @@ def cv(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """K-fold cross-validation of a recipe: out-of-fold accuracy, macro-F1, per-class F1, TTA
-    variants and calibration (mean ± std over folds); resumable."""
+    variants and calibration (mean ± std over folds), for the best-epoch and the last-epoch
+    weights; resumable. --fold-seed keeps the folds fixed across training seeds;
+    --train-fraction gives a learning curve."""
+
+    if not 0.0 < train_fraction <= 1.0:
+        raise typer.BadParameter(
+            f"{train_fraction} is not in (0, 1]; use e.g. 0.5 for half of each fold's training "
+            "images",
+            param_hint="--train-fraction",
+        )
 
     def body() -> None:
         from marrowscope.config import load_config
@@ -262,7 +279,15 @@ def cv(
         if device:
             overrides.append(f"train.device={device}")
         cfg = load_config(config, overrides)
-        cross_validate(cfg, out, folds=folds, console=console, progress=not no_progress)
+        cross_validate(
+            cfg,
+            out,
+            folds=folds,
+            fold_seed=fold_seed,
+            train_fraction=train_fraction,
+            console=console,
+            progress=not no_progress,
+        )
 
     _run(body)
 

@@ -5,7 +5,9 @@ Output folder layout::
 
     OUT/folds.csv          path, label, fold (the fold assignment; stratified by class)
     OUT/fold-K/            a normal training run folder (``fit``) with fold K as validation
-    OUT/fold-K/oof.npz     that model's logits for fold K: every TTA view (d8), labels, paths
+    OUT/fold-K/oof.npz     that model's logits for fold K: every TTA view (d8), labels, paths;
+                           ``logits`` from the best-epoch checkpoint, ``logits_last`` from the
+                           last epoch's
     OUT/cv_summary.json    per-fold and pooled numbers (see :func:`summarize`)
     OUT/cv_report.md       the same as tables
 
@@ -13,6 +15,14 @@ Each fold's model is scored on its fold with no test-time augmentation, with 4 f
 the 8 rotations/reflections (d8), all from one set of logits. Calibration is cross-fitted: the
 temperature applied to fold K is fitted on the out-of-fold logits of the *other* folds, so the
 reported expected calibration error is not measured on the data it was fitted on.
+
+The best-epoch checkpoint of a fold is chosen on that fold's own images, which flatters its score
+a little; the last epoch's weights are chosen by nothing, so the summary scores them too
+(``last_checkpoint``): that is the estimate without any selection on the scored images.
+
+``fold_seed`` fixes the fold assignment independently of the training seed, so several training
+seeds (an ensemble) can be scored on the same folds; ``train_fraction`` trains each fold on a
+stratified subset of its training images (a learning curve) while scoring the same folds.
 
 The run is resumable: finished folds are reused, an interrupted fold is resumed after its last
 finished epoch.
@@ -25,6 +35,7 @@ import io
 import json
 import platform
 import time
+import zlib
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,10 +68,34 @@ TTA_VIEWS = {"none": [0], "flips": [0, 1, 5, 4], "d8": list(range(8))}
 ``flips`` lists them in the order of the ``flips`` mode: identity, hflip, vflip, both."""
 
 
-def _fold_rows(rows: list[ManifestRow], folds: list[int], k: int) -> list[ManifestRow]:
-    return [
+def _fold_rows(
+    rows: list[ManifestRow],
+    folds: list[int],
+    k: int,
+    *,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+) -> list[ManifestRow]:
+    """Fold ``k`` as validation, the other folds as training; with ``train_fraction`` < 1 only
+    that fraction of each class's training images (at least one, chosen with ``seed`` and ``k``)
+    is kept."""
+    out = [
         dc_replace(r, split="val" if f == k else "train") for r, f in zip(rows, folds, strict=True)
     ]
+    if train_fraction >= 1.0:
+        return out
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(out):
+        if r.split == "train":
+            by_class.setdefault(r.label, []).append(i)
+    drop: set[int] = set()
+    for label in sorted(by_class):
+        idx = sorted(by_class[label], key=lambda i: out[i].path)
+        rng = np.random.default_rng([int(seed) % 2**63, k, zlib.crc32(label.encode())])
+        order = rng.permutation(len(idx))
+        keep = max(1, round(len(idx) * train_fraction))
+        drop.update(idx[j] for j in order[keep:])
+    return [r for i, r in enumerate(out) if i not in drop]
 
 
 def _write_folds(rows: list[ManifestRow], folds: list[int], path: Path) -> None:
@@ -83,6 +118,8 @@ def cross_validate(
     out_dir: Path,
     *,
     folds: int = 5,
+    fold_seed: int | None = None,
+    train_fraction: float = 1.0,
     console: Console | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -96,6 +133,10 @@ def cross_validate(
         out_dir: the output folder (reused: finished folds are skipped, an interrupted fold is
             resumed).
         folds: number of folds (>= 2).
+        fold_seed: seed of the fold assignment (default ``cfg.seed``): keep it fixed to score
+            several training seeds on the same folds.
+        train_fraction: train each fold on this stratified fraction (0 < f <= 1) of its training
+            images; the scored folds stay the same (a learning curve).
         console: where progress lines and the summary go.
         progress: show progress bars.
 
@@ -103,24 +144,37 @@ def cross_validate(
         The summary (also written to ``OUT/cv_summary.json``).
     """
     console = console or Console()
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(
+            f"train_fraction must be in (0, 1], got {train_fraction}; use e.g. 0.5 for half of "
+            "each fold's training images"
+        )
+    fold_seed = cfg.seed if fold_seed is None else int(fold_seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    identity: dict[str, Any] = {"folds": folds, "config": to_dict(cfg)}
+    # only non-default values are recorded, so folders written before these options resume
+    if fold_seed != cfg.seed:
+        identity["fold_seed"] = fold_seed
+    if train_fraction != 1.0:
+        identity["train_fraction"] = train_fraction
     cfg_file = out_dir / "cv_config.json"
     if cfg_file.is_file():
         saved = json.loads(cfg_file.read_text())
-        if saved != {"folds": folds, "config": to_dict(cfg)}:
+        if saved != identity:
             raise FileExistsError(
-                f"{out_dir} holds a cross-validation with another config or fold count; choose a "
-                "new --out folder (or repeat the same command to resume it)"
+                f"{out_dir} holds a cross-validation with another config, fold count, fold seed "
+                "or training fraction; choose a new --out folder (or repeat the same command to "
+                "resume it)"
             )
     else:
-        atomic_write_json(cfg_file, {"folds": folds, "config": to_dict(cfg)})
+        atomic_write_json(cfg_file, identity)
 
     base = manifest_rows(cfg, progress=progress)
     rows = [dc_replace(r, split=None) for r in base]
     classes = class_order(cfg, rows)
     assignment = assign_folds(
-        rows, folds=folds, seed=cfg.seed, grouped=cfg.data.split.group_column is not None
+        rows, folds=folds, seed=fold_seed, grouped=cfg.data.split.group_column is not None
     )
     _write_folds(rows, assignment, out_dir / "folds.csv")
 
@@ -130,19 +184,29 @@ def cross_validate(
         fold_dir = out_dir / f"fold-{k}"
         oof_path = fold_dir / "oof.npz"
         if not oof_path.is_file():
-            data = load_split_images(
-                _fold_rows(rows, assignment, k), classes, cfg, progress=progress
+            fold_rows = _fold_rows(
+                rows, assignment, k, train_fraction=train_fraction, seed=fold_seed
             )
+            data = load_split_images(fold_rows, classes, cfg, progress=progress)
             console.rule(
                 f"fold {k + 1}/{folds}: train {len(data.splits['train'])}, "
                 f"validate {len(data.splits['val'])}"
             )
             resume = (fold_dir / "state.pt").is_file()
-            fit(cfg, fold_dir, resume=resume, data=data, console=console, progress=progress)
+            result = fit(
+                cfg, fold_dir, resume=resume, data=data, console=console, progress=progress
+            )
             val = data.splits["val"]
             logits = _oof_logits(fold_dir / "best", val.images, cfg.train.device)
+            last_epoch = result.history[-1]["epoch"]
+            logits_last = (
+                logits
+                if result.best_epoch == last_epoch
+                else _oof_logits(fold_dir / "last", val.images, cfg.train.device)
+            )
             arrays = {
                 "logits": logits,
+                "logits_last": logits_last,
                 "labels": np.asarray(val.labels),
                 "paths": np.asarray(val.paths),
             }
@@ -154,9 +218,12 @@ def cross_validate(
             atomic_write(oof_path, write_npz)
         with np.load(oof_path) as z:
             rec = {"logits": z["logits"], "labels": z["labels"], "paths": z["paths"].tolist()}
+            if "logits_last" in z.files:  # folders written before the last epoch was scored
+                rec["logits_last"] = z["logits_last"]
         fit_summary = json.loads((fold_dir / "summary.json").read_text())
         rec["fit"] = fit_summary
         rec["history_last"] = _last_history(fold_dir / "metrics.csv")
+        rec["n_train"] = _count_train(fold_dir / "split.csv")
         fold_records.append(rec)
 
     summary = summarize(fold_records, classes)
@@ -165,6 +232,8 @@ def cross_validate(
         model=cfg.model.name,
         folds=folds,
         seed=cfg.seed,
+        fold_seed=fold_seed,
+        train_fraction=train_fraction,
         config=to_dict(cfg),
         wall_seconds_this_session=round(time.perf_counter() - t_start, 1),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -189,6 +258,11 @@ def _last_history(path: Path) -> dict[str, float]:
     return out
 
 
+def _count_train(path: Path) -> int:
+    with path.open(newline="") as f:
+        return sum(1 for r in csv.DictReader(f) if r["split"] == "train")
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0}
@@ -199,14 +273,39 @@ def summarize(fold_records: list[dict[str, Any]], classes: list[str]) -> dict[st
 
     Args:
         fold_records: per fold ``{"logits": (8, N, K), "labels": (N,), "paths": [...],
-            "fit": summary.json dict, "history_last": last metrics row}``.
+            "fit": summary.json dict, "history_last": last metrics row}``, optionally
+            ``"logits_last"`` (the last epoch's weights; scored as ``last_checkpoint`` when every
+            fold has it).
         classes: class names in index order.
 
     Returns:
-        ``{"variants": {tta: {"folds": [...], "mean_std": {...}, "pooled": {...}}}, "ema": ...,
-        "train_seconds": ...}``.
+        ``{"variants": {tta: {"folds": [...], "mean_std": {...}, "pooled": {...}}},
+        "last_checkpoint": the same for the last epoch's weights (or None), "last_epoch": ...,
+        "best_epochs": ..., "train_seconds": ...}``.
     """
-    n_folds = len(fold_records)
+    has_last = all("logits_last" in r for r in fold_records)
+    ema = [r["history_last"] for r in fold_records]
+    return {
+        "classes": classes,
+        "n_folds": len(fold_records),
+        "n_train": [r.get("n_train") for r in fold_records],
+        "variants": _score_variants(fold_records, classes, "logits"),
+        "last_checkpoint": (
+            _score_variants(fold_records, classes, "logits_last") if has_last else None
+        ),
+        "last_epoch": {
+            "val_macro_f1": _mean_std([h.get("val_macro_f1", np.nan) for h in ema]),
+            "val_macro_f1_raw_weights": _mean_std([h.get("val_macro_f1_raw", np.nan) for h in ema]),
+        },
+        "best_epochs": [int(r["fit"]["best_epoch"]) for r in fold_records],
+        "train_seconds": _mean_std([float(r["fit"]["train_seconds"]) for r in fold_records]),
+    }
+
+
+def _score_variants(
+    fold_records: list[dict[str, Any]], classes: list[str], key: str
+) -> dict[str, Any]:
+    """Scores of the logits under ``key`` for each TTA variant (see :func:`summarize`)."""
     variants: dict[str, Any] = {}
     for tta, idx in TTA_VIEWS.items():
         per_fold: list[dict[str, Any]] = []
@@ -214,12 +313,12 @@ def summarize(fold_records: list[dict[str, Any]], classes: list[str]) -> dict[st
         pooled_calibrated: list[np.ndarray] = []
         pooled_labels: list[np.ndarray] = []
         for k, rec in enumerate(fold_records):
-            views = rec["logits"][idx].astype(np.float64)
+            views = rec[key][idx].astype(np.float64)
             labels = rec["labels"].astype(np.int64)
             others = [r for j, r in enumerate(fold_records) if j != k]
             temperature = (
                 fit_temperature(
-                    np.concatenate([r["logits"][idx] for r in others], axis=1),
+                    np.concatenate([r[key][idx] for r in others], axis=1),
                     np.concatenate([r["labels"] for r in others]),
                 )
                 if others
@@ -276,18 +375,7 @@ def summarize(fold_records: list[dict[str, Any]], classes: list[str]) -> dict[st
                 "ece_calibrated": expected_calibration_error(calibrated, labels),
             },
         }
-    ema = [r["history_last"] for r in fold_records]
-    return {
-        "classes": classes,
-        "n_folds": n_folds,
-        "variants": variants,
-        "last_epoch": {
-            "val_macro_f1": _mean_std([h.get("val_macro_f1", np.nan) for h in ema]),
-            "val_macro_f1_raw_weights": _mean_std([h.get("val_macro_f1_raw", np.nan) for h in ema]),
-        },
-        "best_epochs": [int(r["fit"]["best_epoch"]) for r in fold_records],
-        "train_seconds": _mean_std([float(r["fit"]["train_seconds"]) for r in fold_records]),
-    }
+    return variants
 
 
 def _pm(ms: dict[str, float], digits: int = 3) -> str:
@@ -334,6 +422,22 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines.append("|---|" + "---:|" * len(classes))
     for c, row in zip(classes, v["pooled"]["confusion_matrix"], strict=True):
         lines.append(f"| {c} | " + " | ".join(str(x) for x in row) + " |")
+    last = summary.get("last_checkpoint")
+    if last:
+        lines += [
+            "",
+            "Last epoch's weights (no epoch chosen on the scored fold; the best-epoch numbers "
+            "above are slightly flattered by that choice):",
+            "",
+            "| TTA | accuracy | macro-F1 | pooled macro-F1 |",
+            "|---|---:|---:|---:|",
+        ]
+        for tta, v in last.items():
+            ms = v["mean_std"]
+            lines.append(
+                f"| {tta} | {_pm(ms['accuracy'])} | {_pm(ms['macro_f1'])} | "
+                f"{v['pooled']['macro_f1']:.3f} |"
+            )
     le = summary["last_epoch"]
     lines += [
         "",
