@@ -28,8 +28,11 @@ declare -A VARIANTS=(
   # layer-wise lr decay 0.9 over MobileNetV2's 18 layers: the stem trains at 0.15x the head's lr
   [mnv2_llrd]="$MNV2 --set train.layer_decay=0.9"
   [mnv2_res250_llrd]="$MNV2 --set preprocess.size=250 --set train.layer_decay=0.9"
+  # stochastic weight averaging of the last 4 of the 11 epochs (the cosine schedule unchanged)
+  [mnv2_res250_llrd_swa]="$MNV2 --set preprocess.size=250 --set train.layer_decay=0.9 --set train.swa_epochs=4"
 )
-ORDER=(base mix stain sampler mnv2 mnv2_sampler mnv2_res250 mnv2_llrd mnv2_res250_llrd)
+ORDER=(base mix stain sampler mnv2 mnv2_sampler mnv2_res250 mnv2_llrd mnv2_res250_llrd
+       mnv2_res250_llrd_swa)
 [ $# -gt 0 ] && ORDER=("$@")
 for v in "${ORDER[@]}"; do
   # shellcheck disable=SC2086

@@ -145,6 +145,15 @@ class TrainConfig:
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights (timm ``ModelEmaV3``, with warm-up) and
     validate/save it instead of the raw weights; ``None`` disables it. Typical: 0.998."""
+    swa_epochs: int = 0
+    """Stochastic weight averaging (``torch.optim.swa_utils.AveragedModel``): average the weights
+    (and batch-norm statistics) at the end of each of the last ``swa_epochs`` epochs, and
+    validate/save the average instead of the raw weights from the first of them on. 0: off.
+    Not combined with ``ema_decay``."""
+    swa_lr: float | None = None
+    """With ``swa_epochs``: ``None`` keeps the learning-rate schedule running to its end; a
+    number ends the warm-up + cosine schedule where averaging starts and holds the learning rate
+    at ``swa_lr`` x each group's peak rate during the averaged epochs (classic SWA)."""
 
 
 @dataclass(frozen=True)

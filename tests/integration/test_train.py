@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from marrowscope.config import from_dict
+from marrowscope.config import ConfigError, from_dict
 from marrowscope.engine import train as train_mod
 from marrowscope.engine.train import fit
 
@@ -87,12 +87,14 @@ def test_training_is_repeatable_on_cpu(synthetic_tree: Path, tmp_path: Path) -> 
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.mark.parametrize("ema_decay", [None, 0.99], ids=["plain", "ema"])
+@pytest.mark.parametrize(
+    "averaging", [{}, {"ema_decay": 0.99}, {"swa_epochs": 2}], ids=["plain", "ema", "swa"]
+)
 def test_resume_after_interrupt_matches_uninterrupted_run(
-    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ema_decay: float | None
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, averaging: dict
 ) -> None:
-    # with EMA the averaged weights (what the bundles hold) must survive the crash too
-    cfg = from_dict(tiny_config(synthetic_tree, epochs=3, ema_decay=ema_decay))
+    # with EMA or SWA the averaged weights (what the bundles hold) must survive the crash too
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=3, **averaging))
     fit(cfg, tmp_path / "full", progress=False)
 
     real = train_mod.train_one_epoch
@@ -196,6 +198,54 @@ def test_class_weights_and_sampler_options(synthetic_tree: Path, tmp_path: Path)
     assert res.history[0]["train_loss"] > 0
 
 
+def test_swa_saves_the_average_of_the_last_epochs(
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshots: list[dict[str, torch.Tensor]] = []
+    real = train_mod.train_one_epoch
+
+    def record(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(model, *args, **kwargs)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", record)
+    raw = tiny_config(synthetic_tree, epochs=4, swa_epochs=2, swa_lr=0.1)
+    raw["model"] = {"name": "mobilenetv2_100", "pretrained": False}  # a network with batch norm
+    fit(from_dict(raw), tmp_path / "run", progress=False)
+    saved = _weights(tmp_path / "run" / "last")
+    assert len(snapshots) == 4
+    floats = [k for k, v in saved.items() if v.is_floating_point()]
+    assert any("running_mean" in k for k in floats)  # batch-norm statistics are averaged too
+    for k in floats:
+        expect = (snapshots[2][k] + snapshots[3][k]) / 2
+        assert torch.allclose(saved[k], expect, atol=1e-6), k
+    assert not torch.allclose(saved[floats[0]], snapshots[3][floats[0]])
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    # classic SWA: the cosine schedule ends after epoch 2, then the rate is held at 0.1 x peak
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[2] == pytest.approx(0.1 * 0.003) and lrs[3] == pytest.approx(0.1 * 0.003)
+    # before averaging starts, the saved weights are the trained ones
+    assert rows[0]["val_macro_f1"] == rows[0]["val_macro_f1_raw"]
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"swa_epochs": 5}, "between 1 and train.epochs"),
+        ({"swa_epochs": 2, "ema_decay": 0.99}, "set one of them"),
+        ({"swa_lr": 0.05}, "needs train.swa_epochs"),
+        ({"swa_epochs": 2, "swa_lr": 0.0}, "must be > 0"),
+    ],
+)
+def test_swa_settings_out_of_range_are_clear_errors(
+    synthetic_tree: Path, tmp_path: Path, train: dict, message: str
+) -> None:
+    cfg = from_dict(tiny_config(synthetic_tree, epochs=4, **train))
+    with pytest.raises(ConfigError, match=message):
+        fit(cfg, tmp_path / "run", progress=False)
+
+
 def test_lr_schedule_warmup_then_cosine() -> None:
     f = train_mod.lr_lambda_factory(total_steps=100, warmup_steps=10, min_ratio=0.01)
     assert f(0) == pytest.approx(0.1)
@@ -204,6 +254,11 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert f(55) == pytest.approx(0.01 + 0.99 * 0.5, abs=1e-6)
     assert f(100) == pytest.approx(0.01)
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
+    held = train_mod.lr_lambda_factory(
+        total_steps=50, warmup_steps=0, min_ratio=0.01, hold_ratio=0.2
+    )
+    assert held(49) == pytest.approx(0.01, abs=1e-3)  # the cosine part ends at step 50
+    assert held(50) == held(120) == 0.2
 
 
 def test_unreadable_images_are_skipped_not_fatal(synthetic_tree: Path, tmp_path: Path) -> None:

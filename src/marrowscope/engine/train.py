@@ -39,7 +39,13 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import marrowscope
-from marrowscope.config import ExperimentConfig, load_config, save_config, to_dict
+from marrowscope.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    save_config,
+    to_dict,
+)
 from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import read_manifest
 from marrowscope.engine.data import PreparedData, prepare_data, save_split
@@ -118,10 +124,15 @@ def class_weights(counts: np.ndarray) -> torch.Tensor:
     return torch.tensor(w / w.mean(), dtype=torch.float32)
 
 
-def lr_lambda_factory(total_steps: int, warmup_steps: int, min_ratio: float):  # type: ignore[no-untyped-def]
-    """Linear warm-up then cosine decay to ``min_ratio`` of the peak, per optimizer step."""
+def lr_lambda_factory(  # type: ignore[no-untyped-def]
+    total_steps: int, warmup_steps: int, min_ratio: float, hold_ratio: float | None = None
+):
+    """Linear warm-up then cosine decay to ``min_ratio`` of the peak, per optimizer step; after
+    ``total_steps``, ``hold_ratio`` of the peak if given (the constant rate of SWA epochs)."""
 
     def f(step: int) -> float:
+        if hold_ratio is not None and step >= total_steps:
+            return hold_ratio
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -223,6 +234,35 @@ def _make_ema(model: nn.Module, decay: float | None) -> Any:
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
+def _make_swa(model: nn.Module, t: Any) -> Any:
+    """``AveragedModel`` of ``model`` (weights and buffers) when ``t.swa_epochs`` > 0, else
+    ``None``.
+
+    Raises:
+        ConfigError: ``swa_epochs`` out of range, ``swa_lr`` not positive, or EMA asked for too.
+    """
+    if not t.swa_epochs:
+        if t.swa_lr is not None:
+            raise ConfigError(
+                f"train.swa_lr={t.swa_lr} needs train.swa_epochs > 0 (e.g. train.swa_epochs=4)"
+            )
+        return None
+    if not 0 < t.swa_epochs <= t.epochs:
+        raise ConfigError(
+            f"train.swa_epochs must be between 1 and train.epochs ({t.epochs}), got {t.swa_epochs}"
+        )
+    if t.swa_lr is not None and not t.swa_lr > 0:
+        raise ConfigError(f"train.swa_lr must be > 0 (e.g. 0.05), got {t.swa_lr}")
+    if t.ema_decay is not None:
+        raise ConfigError(
+            "train.swa_epochs and train.ema_decay both average the weights; set one of them "
+            "(e.g. train.ema_decay=null)"
+        )
+    from torch.optim.swa_utils import AveragedModel
+
+    return AveragedModel(model, use_buffers=True)
 
 
 def finalize_inference(
@@ -372,9 +412,18 @@ def fit(
         weight_decay=t.weight_decay,
     )
     steps = _steps_per_epoch(len(data.splits["train"]), t.batch_size)
+    swa = _make_swa(model, t)
+    swa_start = t.epochs - t.swa_epochs + 1  # first averaged epoch (> epochs: no SWA)
+    # classic SWA (swa_lr set): the cosine schedule ends where averaging starts
+    schedule_epochs = t.epochs if t.swa_lr is None else swa_start - 1
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lr_lambda_factory(steps * t.epochs, int(round(steps * t.warmup_epochs)), t.min_lr_ratio),
+        lr_lambda_factory(
+            steps * schedule_epochs,
+            int(round(steps * t.warmup_epochs)),
+            t.min_lr_ratio,
+            hold_ratio=t.swa_lr,
+        ),
     )
     scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
     mixer = BatchMix(cfg.augment, len(classes)) if BatchMix.enabled(cfg.augment) else None
@@ -396,6 +445,13 @@ def fit(
                     "without EMA; resume without changing train.ema_decay"
                 )
             ema.module.load_state_dict(state["ema"])
+        if swa is not None:
+            if state.get("swa") is None:
+                raise RuntimeError(
+                    f"cannot resume {run_dir} with train.swa_epochs set: the run was started "
+                    "without SWA; resume without changing train.swa_epochs"
+                )
+            swa.load_state_dict(state["swa"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
@@ -453,8 +509,12 @@ def fit(
                 on_step=ema_step if ema is not None else None,
             )
             val = val_raw = _evaluate_split(model, val_loader, classes, device, precision)
-            if ema is not None:
-                val = _evaluate_split(ema.module, val_loader, classes, device, precision)
+            averaged = ema.module if ema is not None else None
+            if swa is not None and epoch >= swa_start:
+                swa.update_parameters(model)
+                averaged = swa.module
+            if averaged is not None:
+                val = _evaluate_split(averaged, val_loader, classes, device, precision)
             row = {
                 "epoch": epoch,
                 "stage": stage,
@@ -479,7 +539,7 @@ def fit(
                 "val_per_class": val["per_class"],
             }
             meta = _bundle_metadata(cfg, data, epoch, val_summary, weights_source)
-            saved = ema.module if ema is not None else model
+            saved = averaged if averaged is not None else model
             if improved:
                 best_f1, best_epoch, bad_epochs = val["macro_f1"], epoch, 0
                 save_bundle(run_dir / "best", saved, meta)
@@ -495,6 +555,9 @@ def fit(
                     "ema": None
                     if ema is None
                     else {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()},
+                    "swa": None
+                    if swa is None
+                    else {k: v.detach().cpu().clone() for k, v in swa.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "history": history,
