@@ -3,7 +3,8 @@
 # variants of configs/bm-dev.yaml on ../shared/data/bm-cells-dev. Each variant takes about
 # 20-30 minutes on 2 CPU cores; run alone. Resumable (finished folds are reused).
 # "base" pins the recipe as it was before these experiments (EfficientNet-Lite0, no stain jitter,
-# no TTA in the bundle; every variant's out-of-fold logits hold all 8 TTA views anyway), so the
+# EMA 0.998 of the weights, no TTA in the bundle; every variant's out-of-fold logits hold all 8 TTA
+# views anyway; every variant keeps the EMA unless it says otherwise), so the
 # variants stay comparable after the winners became the defaults of configs/bm-dev.yaml.
 # Then: python benchmarks/cv_compare.py  (paired tests, docs/results/cv/comparison.json)
 #   bash benchmarks/cv_experiments.sh [variant ...]
@@ -29,7 +30,8 @@ declare -A VARIANTS=(
   [mnv2_llrd]="$MNV2 --set train.layer_decay=0.9"
   [mnv2_res250_llrd]="$MNV2 --set preprocess.size=250 --set train.layer_decay=0.9"
   # stochastic weight averaging of the last 4 of the 11 epochs (the cosine schedule unchanged)
-  [mnv2_res250_llrd_swa]="$MNV2 --set preprocess.size=250 --set train.layer_decay=0.9 --set train.swa_epochs=4"
+  # instead of the EMA that COMMON keeps
+  [mnv2_res250_llrd_swa]="$MNV2 --set preprocess.size=250 --set train.layer_decay=0.9 --set train.ema_decay=null --set train.swa_epochs=4"
 )
 ORDER=(base mix stain sampler mnv2 mnv2_sampler mnv2_res250 mnv2_llrd mnv2_res250_llrd
        mnv2_res250_llrd_swa)
