@@ -42,6 +42,7 @@ import marrowscope
 from marrowscope.config import (
     ConfigError,
     ExperimentConfig,
+    TrainConfig,
     load_config,
     save_config,
     to_dict,
@@ -236,7 +237,7 @@ def _make_ema(model: nn.Module, decay: float | None) -> Any:
     return ModelEmaV3(model, decay=decay, use_warmup=True)
 
 
-def _make_swa(model: nn.Module, t: Any) -> Any:
+def _make_swa(model: nn.Module, t: TrainConfig) -> Any:
     """``AveragedModel`` of ``model`` (weights and buffers) when ``t.swa_epochs`` > 0, else
     ``None``.
 
