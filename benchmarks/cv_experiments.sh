@@ -32,9 +32,11 @@ declare -A VARIANTS=(
   # stochastic weight averaging of the last 4 of the 11 epochs (the cosine schedule unchanged)
   # instead of the EMA that COMMON keeps
   [mnv2_res250_llrd_swa]="$MNV2 --set preprocess.size=250 --set train.layer_decay=0.9 --set train.ema_decay=null --set train.swa_epochs=4"
+  # no label smoothing (0.1 everywhere else)
+  [mnv2_res250_llrd_ls0]="$MNV2 --set preprocess.size=250 --set train.layer_decay=0.9 --set train.label_smoothing=0"
 )
 ORDER=(base mix stain sampler mnv2 mnv2_sampler mnv2_res250 mnv2_llrd mnv2_res250_llrd
-       mnv2_res250_llrd_swa)
+       mnv2_res250_llrd_swa mnv2_res250_llrd_ls0)
 [ $# -gt 0 ] && ORDER=("$@")
 for v in "${ORDER[@]}"; do
   # shellcheck disable=SC2086
