@@ -23,6 +23,7 @@ Writes ``--out`` (JSON) and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -102,8 +103,8 @@ def main() -> None:
         n_train = [
             sum(
                 1
-                for line in (run / f"fold-{f}" / "split.csv").read_text().splitlines()[1:]
-                if line.split(",")[2] == "train"
+                for r in csv.DictReader((run / f"fold-{f}" / "split.csv").open(newline=""))
+                if r["split"] == "train"
             )
             for f in which
         ]

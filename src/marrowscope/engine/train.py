@@ -208,6 +208,11 @@ def _write_history(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``module``'s state dict (for ``state.pt``)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
@@ -552,13 +557,9 @@ def fit(
                 state_path,
                 {
                     "epoch": epoch,
-                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                    "ema": None
-                    if ema is None
-                    else {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()},
-                    "swa": None
-                    if swa is None
-                    else {k: v.detach().cpu().clone() for k, v in swa.state_dict().items()},
+                    "model": _cpu_state(model),
+                    "ema": None if ema is None else _cpu_state(ema.module),
+                    "swa": None if swa is None else _cpu_state(swa),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "history": history,
