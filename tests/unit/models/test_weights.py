@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 import torchvision
-from torchvision.transforms.v2 import functional as tvf
 from safetensors.torch import save_file
+from torchvision.transforms.v2 import functional as tvf
 
 from marrowscope.config import ModelConfig
 from marrowscope.models import weights
