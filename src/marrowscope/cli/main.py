@@ -30,6 +30,14 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
+CheckpointArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8, pbc6; see "
+        "`marrowscope models`)."
+    ),
+]
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that carry a message meant for the user (shown without a traceback)."""
@@ -85,6 +93,41 @@ def version() -> None:
     import marrowscope
 
     console.print(marrowscope.__version__)
+
+
+@app.command()
+def models() -> None:
+    """List the trained models that ship with marrowscope: classes, input size, measured accuracy."""
+
+    def body() -> None:
+        from rich.table import Table
+
+        from marrowscope.models.bundle import PRETRAINED_DIR, pretrained_index, read_metadata
+
+        index = pretrained_index()
+        if not index:
+            console.print("no trained model ships with this installation")
+            return
+        table = Table(title="Shipped models (use the name wherever a checkpoint is expected)")
+        for col in ("name", "classes", "input", "architecture", "validation macro-F1", "size"):
+            table.add_column(col)
+        for name in index:
+            meta = read_metadata(PRETRAINED_DIR / name)
+            pre = meta.get("pretrained", {})
+            ev = pre.get("evaluation", {})
+            lo, hi = ev.get("ci95", {}).get("macro_f1", (float("nan"), float("nan")))
+            table.add_row(
+                name,
+                " ".join(meta["classes"]),
+                f"{meta['input_size']} px",
+                str(meta.get("arch")),
+                f"{ev.get('macro_f1', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] on {ev.get('n')} cells",
+                f"{pre.get('weights_mb', 0):.1f} MB",
+            )
+        console.print(table)
+        console.print(f"model cards: {PRETRAINED_DIR}/NAME/MODEL_CARD.md")
+
+    _run(body)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -297,7 +340,7 @@ def cv(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    checkpoint: CheckpointArg,
     data: Annotated[
         str, typer.Argument(help="Folder per class, builtin:bm-sample, or manifest CSV.")
     ],
@@ -405,7 +448,7 @@ def compare(
 
 @app.command()
 def explain(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    checkpoint: CheckpointArg,
     images: Annotated[
         list[str], typer.Argument(help="Image files, folders (recursive) or quoted glob patterns.")
     ],
@@ -461,7 +504,7 @@ def explain(
 
 @app.command()
 def count(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    checkpoint: CheckpointArg,
     sample_dir: Annotated[
         Path, typer.Argument(help="One patient sample: a folder of single-cell images.")
     ],
@@ -544,7 +587,8 @@ def predict(
     checkpoint: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint bundle folder (RUN_DIR/best); a .onnx file with --backend onnx."
+            help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8, pbc6; "
+            "see `marrowscope models`); a .onnx file with --backend onnx."
         ),
     ],
     inputs: Annotated[
@@ -622,7 +666,7 @@ def predict(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint bundle folder (RUN_DIR/best).")],
+    checkpoint: CheckpointArg,
     format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
     out: Annotated[
         Path | None,

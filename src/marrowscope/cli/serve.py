@@ -60,7 +60,7 @@ def _run(fn: Callable[[], T]) -> T:
 
 def serve(
     checkpoint: Annotated[
-        Path, typer.Option("--checkpoint", "-c", help="Checkpoint bundle folder (RUN_DIR/best).")
+        Path, typer.Option("--checkpoint", "-c", help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8).")
     ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,

@@ -45,7 +45,7 @@ from marrowscope.inference.predictor import (
     PredictorError,
     default_metadata,
 )
-from marrowscope.models.bundle import load_bundle
+from marrowscope.models.bundle import load_bundle, pretrained_bundle, pretrained_index
 from marrowscope.models.registry import Classifier, build_model
 from marrowscope.preprocess.cache import resolve_workers
 from marrowscope.preprocess.ops import config_from_params, denoise, resize, sharpen
@@ -144,7 +144,8 @@ def machine_info() -> dict[str, Any]:
 def load_target(
     target: str, *, num_classes: int = 8, input_size: int = 224
 ) -> tuple[Classifier, dict[str, Any], Path | None]:
-    """A checkpoint bundle folder, or a model name built with random weights.
+    """A checkpoint bundle folder, a shipped model's name, or a model name built with random
+    weights.
 
     Returns:
         ``(model, metadata, bundle folder or None)``.
@@ -154,6 +155,8 @@ def load_target(
         ModelError: an unknown model name.
     """
     path = Path(target).expanduser()
+    if not path.exists() and target in pretrained_index():
+        path = pretrained_bundle(target)
     if path.exists():
         model, meta = load_bundle(path, device="cpu")
         return model, meta, path

@@ -108,7 +108,9 @@ def parse_class_map(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _rows_from_source(source: Path, split: str | None) -> list[ManifestRow]:
+def labelled_rows(source: Path, split: str | None = None) -> list[ManifestRow]:
+    """Labelled images of a folder per class, or of a manifest CSV (its ``split`` rows; by
+    default the ``test`` rows when the manifest has splits)."""
     if source.is_file() and source.suffix.lower() == ".csv":
         rows = read_manifest(source)
         has_split = any(r.split for r in rows)
@@ -147,7 +149,7 @@ def evaluate_bundle(
     console = console or Console()
     meta = read_metadata(bundle_dir)
     classes: list[str] = list(meta["classes"])
-    rows = _rows_from_source(Path(source), split)
+    rows = labelled_rows(Path(source), split)
     cmap = dict(class_map or {})
     rows = [ManifestRow(r.path, cmap.get(r.label, r.label), r.split, r.group) for r in rows]
     unknown = sorted({r.label for r in rows} - set(classes))

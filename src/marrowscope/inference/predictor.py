@@ -40,6 +40,7 @@ from marrowscope.models.bundle import (
     WEIGHTS_NAME,
     BundleError,
     load_bundle,
+    pretrained_bundle,
 )
 from marrowscope.models.registry import Classifier
 from marrowscope.preprocess.cache import resolve_workers
@@ -329,6 +330,30 @@ class Predictor:
         else:
             self._setup_onnx(Path(path))
         return self
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        precision: str = "auto",
+        tta: str | None = None,
+    ) -> Predictor:
+        """Load a model that ships with marrowscope (``bm8``, ``pbc6``; ``marrowscope models``
+        lists them), its files checked by sha256.
+
+        Raises:
+            BundleError: an unknown name (the message lists the shipped ones), or a damaged file.
+        """
+        return cls.from_checkpoint(
+            pretrained_bundle(name),
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            tta=tta,
+        )
 
     @classmethod
     def from_model(

@@ -7,6 +7,11 @@ normalisation travel in ``metadata.json``; the weights in ``model.safetensors`` 
 Saving is atomic at the folder level: the new bundle is written into a temporary sibling folder,
 then the old bundle is renamed to ``DIR.old``, the new one renamed to ``DIR`` and ``DIR.old``
 deleted. If a crash leaves only ``DIR.old``, :func:`load_bundle` restores it.
+
+Trained bundles also ship inside the package (``marrowscope/pretrained/NAME``, listed with their
+sha256 in ``pretrained/index.json``): wherever a bundle folder is expected, a shipped model's name
+(``bm8``) works too, unless a folder of that name exists. Shipped weights may be stored in
+float16; they are loaded as float32.
 """
 
 from __future__ import annotations
@@ -25,14 +30,18 @@ from safetensors.torch import load_file, save_file
 from marrowscope import __version__
 from marrowscope.config import ConfigError, from_dict, to_dict
 from marrowscope.models.registry import Classifier, ModelError, build_model
-from marrowscope.utils.io import atomic_write_json, json_default
+from marrowscope.utils.io import atomic_write_json, file_sha256, json_default
 
 __all__ = [
     "BUNDLE_FORMAT",
     "METADATA_NAME",
     "WEIGHTS_NAME",
+    "INDEX_NAME",
+    "PRETRAINED_DIR",
     "BundleError",
     "load_bundle",
+    "pretrained_bundle",
+    "pretrained_index",
     "read_metadata",
     "save_bundle",
 ]
@@ -42,6 +51,11 @@ BUNDLE_FORMAT = 1
 
 WEIGHTS_NAME = "model.safetensors"
 METADATA_NAME = "metadata.json"
+
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+"""Where the shipped bundles live (package data), one folder per name, plus ``index.json``."""
+
+INDEX_NAME = "index.json"
 
 _REQUIRED = ("format", "architecture", "arch", "classes", "input_size", "mean", "std")
 
@@ -58,7 +72,13 @@ def _is_bundle(directory: Path) -> bool:
     return (directory / METADATA_NAME).is_file() or (directory / WEIGHTS_NAME).is_file()
 
 
-def save_bundle(directory: str | Path, model: Classifier, metadata: Mapping[str, Any]) -> Path:
+def save_bundle(
+    directory: str | Path,
+    model: Classifier,
+    metadata: Mapping[str, Any],
+    *,
+    weights_dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write ``model`` and ``metadata`` as a bundle folder, replacing an existing bundle atomically.
 
     The metadata gets ``format``, ``marrowscope_version``, ``architecture`` (the ModelConfig as a
@@ -71,6 +91,9 @@ def save_bundle(directory: str | Path, model: Classifier, metadata: Mapping[str,
         directory: the bundle folder (created or replaced).
         model: the classifier (any device/dtype/memory format; saved as contiguous CPU fp32).
         metadata: extra JSON-serialisable information.
+        weights_dtype: storage type of the floating-point tensors: ``torch.float32``, or
+            ``torch.float16`` for half the size (shipped models; recorded as
+            ``metadata["weights_dtype"]``, loaded back as float32).
 
     Returns:
         The bundle folder.
@@ -93,8 +116,13 @@ def save_bundle(directory: str | Path, model: Classifier, metadata: Mapping[str,
         raise ValueError(
             f"{len(classes)} class names for a model with {model.num_classes} outputs: {classes}"
         )
+    if weights_dtype not in (torch.float32, torch.float16):
+        raise ValueError(
+            f"weights_dtype must be torch.float32 or torch.float16, got {weights_dtype}"
+        )
     meta = dict(metadata)
     meta.update(
+        weights_dtype=str(weights_dtype).removeprefix("torch."),
         format=BUNDLE_FORMAT,
         marrowscope_version=__version__,
         architecture=to_dict(model.config),
@@ -121,7 +149,7 @@ def save_bundle(directory: str | Path, model: Classifier, metadata: Mapping[str,
         )
     tensors = {
         k: v.detach()
-        .to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+        .to("cpu", weights_dtype if v.is_floating_point() else v.dtype)
         .clone(memory_format=torch.contiguous_format)
         for k, v in model.state_dict().items()
     }
@@ -167,11 +195,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def pretrained_index(root: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The shipped models: ``{name: {"description": ..., "files": {file name: sha256}}}``.
+
+    Args:
+        root: the folder of shipped models (``None``: :data:`PRETRAINED_DIR`).
+    """
+    path = Path(PRETRAINED_DIR if root is None else root) / INDEX_NAME
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(
+            f"{path}: the list of shipped models cannot be read ({e}); reinstall marrowscope"
+        ) from None
+    if not isinstance(index, dict):
+        raise BundleError(f"{path}: expected a JSON object; reinstall marrowscope")
+    return index
+
+
+def pretrained_bundle(name: str) -> Path:
+    """The folder of the shipped model ``name``, after checking every file's sha256.
+
+    Raises:
+        BundleError: unknown name (the message lists the shipped ones), or a missing or
+            altered file.
+    """
+    index = pretrained_index()
+    if name not in index:
+        known = ", ".join(sorted(index)) or "none in this installation"
+        raise BundleError(
+            f"unknown pretrained model {name!r}; shipped models: {known} (`marrowscope models` "
+            "lists them), or pass a checkpoint bundle folder"
+        )
+    folder = PRETRAINED_DIR / name
+    for file, expected in index[name]["files"].items():
+        path = folder / file
+        if not path.is_file():
+            raise BundleError(
+                f"{path}: file of the shipped model {name!r} is missing; reinstall marrowscope"
+            )
+        digest = file_sha256(path)
+        if digest != expected:
+            raise BundleError(
+                f"{path}: sha256 {digest} does not match the expected {expected} of the shipped "
+                f"model {name!r} (damaged or replaced file); reinstall marrowscope"
+            )
+    return folder
+
+
 def _resolve(directory: str | Path) -> Path:
     """The bundle folder, restoring ``DIR.old`` if an interrupted save left only that."""
     d = Path(directory)
     if d.is_dir():
         return d
+    if not d.exists() and len(d.parts) == 1 and d.name in pretrained_index():
+        return pretrained_bundle(d.name)
     if d.exists():
         hint = (
             f"; pass the folder {d.parent} instead"
@@ -188,7 +268,8 @@ def _resolve(directory: str | Path) -> Path:
         return d
     raise BundleError(
         f"{d}: no checkpoint bundle here (expected a folder with {WEIGHTS_NAME} and "
-        f"{METADATA_NAME}, e.g. RUN_DIR/best); check the path"
+        f"{METADATA_NAME}, e.g. RUN_DIR/best) and no shipped model of that name "
+        f"({', '.join(sorted(pretrained_index())) or 'none installed'}); check the path"
     )
 
 
@@ -271,6 +352,8 @@ def load_bundle(
         )
     try:
         state = load_file(str(wpath), device="cpu")
+        # shipped bundles store float16 weights; the model computes in float32
+        state = {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
     except Exception as e:
         raise BundleError(
             f"{wpath}: corrupt weights file ({type(e).__name__}: {e}); re-save the checkpoint or "

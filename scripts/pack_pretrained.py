@@ -1,0 +1,58 @@
+"""Pack a trained run as a model that ships with marrowscope (``src/marrowscope/pretrained/NAME``).
+
+The run's last-epoch bundle (no checkpoint selection on the validation cells that score it) gets
+its softmax temperature fitted on the run's validation split, then
+:func:`marrowscope.engine.pretrained.pack_pretrained` evaluates it on that split, checks float16
+storage against float32, writes the fp16 bundle, its model card and the sha256 index. The card's
+prose is in ``scripts/pretrained/cards.yaml``.
+
+    python scripts/pack_pretrained.py bm8 runs/ship-bm8
+    python scripts/pack_pretrained.py pbc6 runs/ship-pbc6
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from marrowscope.config import load_config
+from marrowscope.data.manifest import read_manifest
+from marrowscope.engine.data import prepare_data
+from marrowscope.engine.pretrained import pack_pretrained
+from marrowscope.engine.train import finalize_inference
+from marrowscope.utils.runtime import resolve_device
+
+CARDS = Path(__file__).with_name("pretrained") / "cards.yaml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", help="shipped name, a key of scripts/pretrained/cards.yaml")
+    ap.add_argument("run_dir", type=Path, help="the training run folder")
+    ap.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    args = ap.parse_args()
+    console = Console()
+    card = yaml.safe_load(CARDS.read_text(encoding="utf-8"))[args.name]
+    run = args.run_dir
+    bundle = run / args.checkpoint
+    cfg = load_config(run / "config.yaml")
+    split = run / "split.csv"
+    if args.checkpoint == "last":  # `fit` calibrates only the best bundle
+        data = prepare_data(cfg, rows=read_manifest(split), progress=False)
+        finalize_inference(bundle, data, cfg, device=resolve_device("cpu"), console=console)
+    pack_pretrained(
+        bundle,
+        args.name,
+        val_source=split,
+        description=card.pop("description"),
+        card=card,
+        checkpoint_label=f"{args.checkpoint} epoch of {run.name}",
+        console=console,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Packing a trained bundle as a model that ships inside marrowscope (``bm8``, ``pbc6``, ...).
+
+:func:`pack_pretrained` takes a trained checkpoint bundle and the labelled validation cells it
+was never trained on, and writes ``marrowscope/pretrained/NAME``:
+
+1. the weights in float16 (half the size), after checking that the rounding changes no
+   prediction materially: the largest probability difference to the float32 weights over the
+   validation cells must be at most ``tolerance`` (1e-3), otherwise nothing is written;
+2. ``metadata.json`` with a ``pretrained`` block: name, description, the model card's prose, the
+   validation metrics (bootstrap CIs, per-class F1, calibration), the fp16 parity and the speed;
+3. ``MODEL_CARD.md`` rendered from that metadata;
+4. the sha256 of the weights and metadata in ``pretrained/index.json``, checked on every load.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from marrowscope.engine.benchmark import machine_info
+from marrowscope.engine.evaluate import evaluate_bundle, labelled_rows
+from marrowscope.inference.predictor import Predictor
+from marrowscope.models import bundle as bundle_mod
+from marrowscope.models.bundle import (
+    INDEX_NAME,
+    METADATA_NAME,
+    WEIGHTS_NAME,
+    load_bundle,
+    pretrained_index,
+    save_bundle,
+)
+from marrowscope.models.registry import Classifier
+from marrowscope.preprocess.cache import PreprocessCache
+from marrowscope.preprocess.ops import config_from_params
+from marrowscope.reports.model_card import render_model_card
+from marrowscope.utils.io import atomic_write_json, atomic_write_text, file_sha256
+
+__all__ = ["CARD_NAME", "fp16_copy", "pack_pretrained"]
+
+CARD_NAME = "MODEL_CARD.md"
+
+_EVAL_KEYS = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "weighted_f1",
+    "ece",
+    "ci95",
+    "per_class",
+    "confusion_matrix",
+    "tta",
+    "temperature",
+)
+
+
+def fp16_copy(model: Classifier) -> Classifier:
+    """A float32 copy of ``model`` whose floating-point weights are rounded to float16 and back:
+    exactly what a bundle saved with ``weights_dtype=torch.float16`` loads as."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in out.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return out
+
+
+def _speed(predictor: Predictor, images: Sequence[np.ndarray], n: int = 128) -> dict[str, Any]:
+    """Cells/s of the predictor on already decoded and preprocessed cells, TTA off and as bundled."""
+    sample = list(images[:n])
+    out: dict[str, Any] = {}
+    for key, tta in (("images_per_s_tta_none", "none"), ("images_per_s_tta_bundle", None)):
+        p = copy.copy(predictor)
+        p.tta_ = tta or predictor.tta_
+        p.predict_preprocessed(sample[:8])  # warm-up
+        t0 = time.perf_counter()
+        p.predict_preprocessed(sample)
+        out[key] = round(len(sample) / (time.perf_counter() - t0), 1)
+    info = machine_info()
+    out.update(
+        machine=info["cpu"], threads=info["torch_threads"], precision=predictor.precision_.name
+    )
+    return out
+
+
+def pack_pretrained(
+    bundle_dir: str | Path,
+    name: str,
+    *,
+    val_source: str | Path,
+    description: str,
+    card: Mapping[str, Any],
+    out_root: Path | None = None,
+    tolerance: float = 1e-3,
+    checkpoint_label: str = "last",
+    console: Console | None = None,
+) -> Path:
+    """Write ``out_root/name`` (fp16 weights, metadata, model card) and its index entry.
+
+    Args:
+        bundle_dir: the trained bundle (with its fitted temperature).
+        name: the shipped name (a plain word: ``bm8``).
+        val_source: the labelled validation cells: a split manifest (its ``val`` rows) or a
+            folder per class; never cells the model was trained on.
+        description: one line for ``marrowscope models``.
+        card: the model card's prose: ``intended_use``, ``data``, ``attribution``, ``limits``
+            (lists of sentences), ``license``, ``results_note``.
+        out_root: the folder of shipped models (``None``: the package's ``pretrained/``).
+        tolerance: largest allowed probability difference between float16 and float32 weights.
+        checkpoint_label: which checkpoint of the run this is (for the card).
+
+    Returns:
+        The written folder.
+
+    Raises:
+        ValueError: a bad name, or float16 storage changes the probabilities by more than
+            ``tolerance`` (nothing is written then).
+    """
+    console = console or Console()
+    if not name.isidentifier():
+        raise ValueError(f"a shipped model's name must be a plain word like bm8, got {name!r}")
+    bundle_dir = Path(bundle_dir)
+    model, meta = load_bundle(bundle_dir, device="cpu")
+
+    console.print(f"{name}: evaluating {bundle_dir} on the validation cells of {val_source}")
+    source = Path(val_source)
+    split = "val" if source.suffix.lower() == ".csv" else None
+    metrics = evaluate_bundle(bundle_dir, source, split=split, progress=False, console=console)
+    evaluation = {k: metrics[k] for k in _EVAL_KEYS if k in metrics}
+
+    # fp16 parity on the same cells, both computed in float32 so only the storage differs
+    pre = config_from_params(meta["preprocess"])
+    paths = [r.path for r in labelled_rows(source, split)]
+    arrays, _ = PreprocessCache(pre).load_many(paths, workers=pre.workers, progress=False)
+    images = [a for a in arrays if a is not None]
+    half = fp16_copy(model)
+    p32 = Predictor.from_model(model, meta, device="cpu", precision="fp32")
+    p16 = Predictor.from_model(half, meta, device="cpu", precision="fp32")
+    a, b = p32.predict_preprocessed(images), p16.predict_preprocessed(images)
+    parity = {
+        "images": len(images),
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        "tolerance": tolerance,
+    }
+    console.print(
+        f"{name}: float16 weights change probabilities by at most {parity['max_abs_diff']:.2e} "
+        f"over {len(images)} cells (top-1 agreement {parity['agreement']:.4f})"
+    )
+    if parity["max_abs_diff"] > tolerance:
+        raise ValueError(
+            f"{name}: float16 storage changes a probability by {parity['max_abs_diff']:.2e} "
+            f"> {tolerance:g}; keep this model in float32"
+        )
+    speed = _speed(Predictor.from_model(half, meta, device="cpu"), images)
+
+    root = Path(bundle_mod.PRETRAINED_DIR if out_root is None else out_root)
+    out = root / name
+    weight_bytes = sum(
+        t.numel() * (2 if t.is_floating_point() else t.element_size())
+        for t in half.state_dict().values()
+    )
+    meta = dict(meta)
+    meta["pretrained"] = {
+        "name": name,
+        "description": description,
+        "checkpoint": checkpoint_label,
+        "card": dict(card),
+        "evaluation": evaluation,
+        "fp16_parity": parity,
+        "speed": speed,
+        "weights_mb": round(weight_bytes / 1e6, 2),
+    }
+    save_bundle(out, half, meta, weights_dtype=torch.float16)
+
+    # what was written loads back to exactly the rounded model
+    check = Predictor.from_checkpoint(out, device="cpu", precision="fp32")
+    if not np.allclose(check.predict_preprocessed(images[:16]), b[:16], atol=1e-6):
+        raise RuntimeError(f"{out}: the written bundle does not reproduce the float16 model")
+    written = check.metadata
+    atomic_write_text(out / CARD_NAME, render_model_card(written))
+    index = pretrained_index(root)
+    index[name] = {
+        "description": description,
+        "files": {f: file_sha256(out / f) for f in (WEIGHTS_NAME, METADATA_NAME)},
+    }
+    atomic_write_json(root / INDEX_NAME, dict(sorted(index.items())))
+    console.print(
+        f"{name}: wrote {out} ({weight_bytes / 1e6:.1f} MB weights), validation macro-F1 "
+        f"{evaluation['macro_f1']:.3f} on {evaluation['n']} cells"
+    )
+    return out

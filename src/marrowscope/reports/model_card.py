@@ -1,0 +1,144 @@
+"""The model card of a shipped model (Hugging Face / MONAI style), rendered from its bundle metadata.
+
+Everything measured (validation metrics with bootstrap CIs, per-class F1, calibration, fp16
+parity, speed) comes from ``metadata.json``; the prose (data, licence, intended use, limits)
+from the ``pretrained.card`` block that the packer copies into the metadata. One source: the
+card is regenerated from the metadata, never edited by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["render_model_card"]
+
+
+def _f(value: Any, fmt: str = ".3f") -> str:
+    return "—" if value is None else format(float(value), fmt)
+
+
+def _ci(ci: Mapping[str, Any] | None, key: str) -> str:
+    if not ci or key not in ci:
+        return ""
+    lo, hi = ci[key]
+    return f" [{_f(lo)}, {_f(hi)}]"
+
+
+def _bullets(items: Any) -> list[str]:
+    if isinstance(items, str):
+        return [items]
+    return [f"- {item}" for item in items or []]
+
+
+def render_model_card(meta: Mapping[str, Any]) -> str:
+    """Markdown model card of a shipped bundle's ``metadata.json``.
+
+    Raises:
+        KeyError: the metadata has no ``pretrained`` block (not a packed model).
+    """
+    pre = meta["pretrained"]
+    card = pre.get("card", {})
+    ev = pre.get("evaluation", {})
+    ci = ev.get("ci95")
+    cfg = meta.get("config", {})
+    train = cfg.get("train", {})
+    inference = meta.get("inference", {})
+    cal = inference.get("calibration") or {}
+    parity = pre.get("fp16_parity", {})
+    speed = pre.get("speed", {})
+    classes = list(meta["classes"])
+    lines = [
+        "---",
+        f"name: {pre['name']}",
+        "library_name: marrowscope",
+        f"license: {card.get('license', 'see below')}",
+        f"architecture: {meta.get('arch')}",
+        f"classes: [{', '.join(classes)}]",
+        f"input_size: {meta.get('input_size')}",
+        "---",
+        "",
+        f"# {pre['name']}: {pre.get('description', '')}",
+        "",
+        "Use it wherever a checkpoint is expected: `marrowscope predict "
+        f"{pre['name']} cells/`, `marrowscope count {pre['name']} sample/`, "
+        f"`marrowscope serve --checkpoint {pre['name']}`, "
+        f'`Predictor.from_pretrained("{pre["name"]}")`.',
+        "",
+        "## Intended use",
+        "",
+        *_bullets(card.get("intended_use")),
+        "",
+        "## Training data",
+        "",
+        *_bullets(card.get("data")),
+        "- Cells per class used for training: "
+        + ", ".join(f"{c} {n}" for c, n in (meta.get("train_counts") or {}).items()),
+        "",
+        "## Licence and attribution",
+        "",
+        *_bullets(card.get("attribution")),
+        "",
+        "## Recipe",
+        "",
+        f"- {meta.get('arch')} ({meta.get('weights_source') or 'random initialisation'}), "
+        f"input {meta.get('input_size')} px, {train.get('epochs')} epochs, batch "
+        f"{train.get('batch_size')}, lr {train.get('lr')}, layer decay {train.get('layer_decay')}, "
+        f"label smoothing {train.get('label_smoothing')}, imbalance: {train.get('imbalance')}.",
+        f"- Trained with `{' '.join(str(card.get('train_command', '')).split())}`."
+        if card.get("train_command")
+        else "- Training command: see `config` in `metadata.json`.",
+        f"- Checkpoint: epoch {meta.get('epoch')} of {train.get('epochs')} "
+        f"({pre.get('checkpoint', 'last')}); resolved training config in `metadata.json` "
+        "(`config`).",
+        f"- Test-time augmentation `{inference.get('tta', 'none')}`, softmax temperature "
+        f"{_f(inference.get('temperature'))} (fitted on the validation split).",
+        "",
+        "## Measured results",
+        "",
+        f"On the validation split ({ev.get('n', '?')} cells of the same dataset, never trained "
+        "on; image-level split, bootstrap 95% CIs). " + str(card.get("results_note", "")),
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| accuracy | {_f(ev.get('accuracy'))}{_ci(ci, 'accuracy')} |",
+        f"| macro-F1 | {_f(ev.get('macro_f1'))}{_ci(ci, 'macro_f1')} |",
+        f"| balanced accuracy | {_f(ev.get('balanced_accuracy'))} |",
+        f"| ECE (calibrated) | {_f(ev.get('ece'))} |",
+        "",
+        "| class | precision | recall | F1 | cells |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for cls, row in (ev.get("per_class") or {}).items():
+        lines.append(
+            f"| {cls} | {_f(row['precision'])} | {_f(row['recall'])} | {_f(row['f1'])} | "
+            f"{row['support']} |"
+        )
+    lines += [
+        "",
+        "## Calibration",
+        "",
+        f"Expected calibration error on the validation split: {_f(cal.get('before', {}).get('ece'))} "
+        f"at T = 1, {_f(cal.get('after', {}).get('ece'))} with the fitted temperature "
+        f"T = {_f(inference.get('temperature'))} (NLL {_f(cal.get('before', {}).get('nll'))} → "
+        f"{_f(cal.get('after', {}).get('nll'))}). The temperature was fitted on the same cells "
+        "it is scored on, so these figures are optimistic.",
+        "",
+        "## Storage and speed",
+        "",
+        f"- Weights stored as {meta.get('weights_dtype', 'float32')} "
+        f"({_f(pre.get('weights_mb'), '.1f')} MB), computed in float32 or bf16: largest "
+        f"probability difference to the float32 weights {_f(parity.get('max_abs_diff'), '.1e')} "
+        f"over {parity.get('images', '?')} cells, top-1 agreement "
+        f"{_f(parity.get('agreement'), '.4f')}.",
+    ]
+    if speed:
+        lines.append(
+            f"- {speed.get('images_per_s_tta_none', 0):.0f} cells/s without test-time "
+            f"augmentation, {speed.get('images_per_s_tta_bundle', 0):.0f} cells/s with "
+            f"`{inference.get('tta', 'none')}` ({speed.get('machine', 'this machine')}, "
+            f"{speed.get('threads', '?')} threads, {speed.get('precision', '')}, network and "
+            "preprocessing of decoded cells)."
+        )
+    lines += ["", "## Known limits", "", *_bullets(card.get("limits")), ""]
+    return "\n".join(lines)
