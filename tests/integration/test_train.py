@@ -311,3 +311,60 @@ def test_early_stopping_on_validation_macro_f1(synthetic_tree: Path, tmp_path: P
     assert res.stopped_early
     assert len(res.history) == 3
     assert res.best_epoch == 1
+
+
+def test_progressive_resizing_schedule() -> None:
+    cfg = from_dict(
+        {
+            "preprocess": {"size": 250},
+            "model": {"name": "mobilenetv2_100"},
+            "train": {"epochs": 10, "progressive_size": 160, "progressive_epochs": 0.5},
+        }
+    )
+    sizes = [train_mod.train_size(cfg, e) for e in range(1, 11)]
+    # five ramp epochs from 160 px towards 250 px (multiples of 8), then the full size
+    assert sizes == [160, 176, 192, 216, 232, 250, 250, 250, 250, 250]
+    off = from_dict({"preprocess": {"size": 250}, "train": {"epochs": 10}})
+    assert {train_mod.train_size(off, e) for e in range(1, 11)} == {250}
+
+
+@pytest.mark.parametrize(
+    ("train", "model", "message"),
+    [
+        ({"progressive_size": 16}, "mobilenetv2_100", r"progressive_size must be between 32 and"),
+        ({"progressive_size": 64}, "mobilenetv2_100", r"progressive_size must be between 32 and"),
+        ({"progressive_size": 32, "progressive_epochs": 0.0}, "mobilenetv2_100", "fraction"),
+        ({"progressive_size": 32, "progressive_epochs": 1.5}, "mobilenetv2_100", "fraction"),
+        ({"progressive_size": 32}, "paper_cnn", "paper_cnn"),
+    ],
+)
+def test_progressive_settings_fail_before_any_data_is_read(
+    tmp_path: Path, train: dict, model: str, message: str
+) -> None:
+    # the data root does not exist: the config error must come first
+    cfg_dict = tiny_config(tmp_path / "no-such-folder", **train)
+    cfg_dict["model"] = {"name": model, "pretrained": False}
+    with pytest.raises(ConfigError, match=message):
+        fit(from_dict(cfg_dict), tmp_path / "run", progress=False)
+
+
+def test_progressive_resizing_trains_on_smaller_crops(
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real = train_mod.train_one_epoch
+
+    def spy(model, loader, *args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(int(next(iter(loader))[0].shape[-1]))
+        return real(model, loader, *args, **kw)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    cfg_dict = tiny_config(synthetic_tree, epochs=4, progressive_size=32, progressive_epochs=0.5)
+    cfg_dict["preprocess"]["size"] = 48
+    cfg_dict["model"] = {"name": "mobilenetv2_100", "pretrained": False}
+    fit(from_dict(cfg_dict), tmp_path / "run", progress=False)
+    assert seen == [32, 40, 48, 48]
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["train_size"]) for r in rows] == [32, 40, 48, 48]
+    meta = json.loads((tmp_path / "run" / "best" / "metadata.json").read_text())
+    assert meta["input_size"] == 48  # the model predicts at the full size

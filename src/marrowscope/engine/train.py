@@ -88,6 +88,7 @@ HISTORY_FIELDS = (
     "val_macro_f1_raw",
     "train_images_per_second",
     "epoch_seconds",
+    "train_size",
 )
 
 
@@ -143,6 +144,41 @@ def lr_lambda_factory(  # type: ignore[no-untyped-def]
     return f
 
 
+def check_progressive(cfg: ExperimentConfig) -> None:
+    """Raise :class:`ConfigError` for progressive-resizing settings that cannot work."""
+    t, full = cfg.train, cfg.preprocess.size
+    if t.progressive_size is None:
+        return
+    if not 32 <= t.progressive_size <= full:
+        raise ConfigError(
+            f"train.progressive_size must be between 32 and preprocess.size ({full}) px, got "
+            f"{t.progressive_size} (e.g. 176; null turns it off)"
+        )
+    if not 0.0 < t.progressive_epochs <= 1.0:
+        raise ConfigError(
+            f"train.progressive_epochs is a fraction of train.epochs in (0, 1], got "
+            f"{t.progressive_epochs}"
+        )
+    if cfg.model.name.strip() == "paper_cnn":
+        raise ConfigError(
+            "train.progressive_size does not work with paper_cnn (its dense layer fixes the input "
+            "size); set train.progressive_size=null"
+        )
+
+
+def train_size(cfg: ExperimentConfig, epoch: int) -> int:
+    """Input side of the training crops in ``epoch`` (1-based): ``preprocess.size``, or during
+    the progressive-resizing ramp a size growing linearly from ``train.progressive_size``."""
+    t, full = cfg.train, cfg.preprocess.size
+    if t.progressive_size is None:
+        return full
+    ramp = max(1, round(t.progressive_epochs * t.epochs))
+    if epoch > ramp:
+        return full
+    size = t.progressive_size + (full - t.progressive_size) * (epoch - 1) / ramp
+    return min(full, int(round(size / 8)) * 8)
+
+
 def _loaders(
     data: PreparedData, cfg: ExperimentConfig, epoch: int
 ) -> tuple[DataLoader, DataLoader]:
@@ -152,7 +188,9 @@ def _loaders(
     train = data.splits["train"]
     val = data.splits["val"]
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    ds_train = CellDataset(train.images, train.labels, train_transform(cfg.augment, size))
+    ds_train = CellDataset(
+        train.images, train.labels, train_transform(cfg.augment, train_size(cfg, epoch))
+    )
     sampler = None
     if t.imbalance == "sampler":
         counts = np.bincount(train.labels, minlength=len(data.classes)).astype(np.float64)
@@ -368,6 +406,7 @@ def fit(
         )
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    check_progressive(cfg)  # before any data is read
     seed_everything(cfg.seed)
     set_threads(cfg.train.threads)
     # Tiny optimizer statistics can become denormal floats late in training, which x86 CPUs
@@ -534,6 +573,7 @@ def fit(
                 "val_macro_f1_raw": val_raw["macro_f1"],
                 "train_images_per_second": stats.images_per_second,
                 "epoch_seconds": time.perf_counter() - e0,
+                "train_size": train_size(cfg, epoch),
             }
             history.append(row)
             improved = val["macro_f1"] > best_f1 + 1e-9
