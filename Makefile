@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.marrowscope-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-train test lint bench clean
 
 # Create the virtualenv if missing and install marrowscope (editable) with its pinned deps.
 $(STAMP): pyproject.toml
@@ -16,11 +16,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Train + evaluate + compare the demo models on the bundled real sample (2 CPU cores, < 10 min).
+## Classify and count the bundled real bone-marrow cells with the shipped model bm8 (no training; < 1 min).
 demo: $(STAMP)
-	$(BIN)/marrowscope compare --config configs/demo.yaml --out runs/demo
+	$(BIN)/marrowscope models
+	$(BIN)/marrowscope predict bm8 src/marrowscope/sample_data/bm --out runs/demo/predictions.csv
+	$(BIN)/marrowscope count bm8 src/marrowscope/sample_data/bm --out runs/demo/count
 	@echo
-	@echo "Demo report: $(CURDIR)/runs/demo/report.md"
+	@echo "Predictions: $(CURDIR)/runs/demo/predictions.csv"
+	@echo "Differential count report: $(CURDIR)/runs/demo/count/report.html"
+
+## The paper's experiment in small: train + evaluate + compare 2 models on the bundled cells (~5 min).
+demo-train: $(STAMP)
+	$(BIN)/marrowscope compare --config configs/demo.yaml --out runs/demo-train
+	@echo
+	@echo "Demo report: $(CURDIR)/runs/demo-train/report.md"
 
 ## The whole test suite (unit + integration), offline. Where Debian's postgresql is installed, the
 ## database tests also run on a throwaway PostgreSQL server (scripts/with-postgres.sh).

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every speed measurement behind docs/benchmarks.md, one after another (run on an idle machine).
 #   bash benchmarks/run_all.sh [CHECKPOINT] [OUT_DIR]
-# CHECKPOINT defaults to the EfficientNet-Lite0 bundle that `make demo` trains.
+# CHECKPOINT defaults to the shipped bone-marrow model bm8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CK=${1:-runs/demo/runs/tf_efficientnet_lite0/best}
+CK=${1:-bm8}
 OUT=${2:-runs/bench}
 BIN=.venv/bin
 mkdir -p "$OUT"
@@ -12,3 +12,4 @@ $BIN/python benchmarks/bench_preprocess.py --out "$OUT/preprocess.md"
 $BIN/marrowscope benchmark "$CK" --out "$OUT/infer_demo.md"
 $BIN/marrowscope benchmark convnext_tiny --out "$OUT/infer_convnext_tiny.md"
 $BIN/python benchmarks/bench_models.py --out "$OUT/models.md"
+$BIN/python benchmarks/train_throughput.py --config configs/bm-dev.yaml --out "$OUT/train_throughput.json"

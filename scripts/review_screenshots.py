@@ -4,7 +4,7 @@
 Starts ``marrowscope serve`` on the demo's EfficientNet-Lite0 bundle with a fresh data folder,
 creates a signer with ``marrowscope users create``, then in headless Debian Chromium (Playwright,
 the same launcher as the tests: ``tests/harness/browser.py``): logs in, creates a sample, uploads
-the demo's held-out test cells (``runs/demo/split.csv``, split ``test``: 5 per class, never seen
+the `make demo-train` run's held-out test cells (``runs/demo-train/split.csv``, split ``test``: 5 per class, never seen
 in training; renamed ``cell_001.jpg`` ... so the file names do not give the class away), waits
 for the classifier, reviews every cell (the "reviewer" gives each cell its Matek et al. label, by
 keyboard shortcut where the model was wrong or unsure, "Confirm all" elsewhere), signs off and
@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test harness: server and browser 
 from harness.appserver import start_app_server  # noqa: E402
 from harness.browser import launch  # noqa: E402
 
-DEFAULT_CHECKPOINT = ROOT / "runs/demo/runs/tf_efficientnet_lite0/best"
-DEFAULT_SPLIT = ROOT / "runs/demo/split.csv"
+DEFAULT_CHECKPOINT = ROOT / "runs/demo-train/runs/tf_efficientnet_lite0/best"
+DEFAULT_SPLIT = ROOT / "runs/demo-train/split.csv"
 USER, PASSWORD = "dr.lee", "screenshots only, not a real account"
 CODE = "BM-2025-0042"
 VIEWPORT = {"width": 1400, "height": 900}

@@ -9,7 +9,6 @@ files directly in ``root`` and non-image files are reported as ``ignored``.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +16,17 @@ from rich.table import Table
 
 from marrowscope.data import DataError
 from marrowscope.preprocess.cache import process_context, resolve_workers
-from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
+from marrowscope.utils.image import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    is_hidden,
+    list_image_files,
+    read_image,
+)
 from marrowscope.utils.progress import make_progress
 
 POOL_MIN_FILES = 64
 """Below this many files the image check runs in-process (a pool costs more than it saves)."""
-
-_SKIP_DIRS = {"__MACOSX"}
 
 
 @dataclass(frozen=True)
@@ -59,29 +62,11 @@ class ScanResult:
         return sum(self.counts.values())
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in _SKIP_DIRS
-
-
 def _layout_hint(root: Path) -> str:
     return (
         f"expected one sub-folder per class, e.g. {root / 'BLA' / 'BLA_00001.jpg'} "
         f"(images: {', '.join(IMAGE_EXTENSIONS)}; nested sub-folders allowed)"
     )
-
-
-def _list_class(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files and other files below ``folder`` (recursive, hidden entries skipped)."""
-    images: list[Path] = []
-    others: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        for name in filenames:
-            if _hidden(name):
-                continue
-            p = Path(dirpath) / name
-            (images if is_image_file(name) else others).append(p)
-    return sorted(images), sorted(others)
 
 
 def _check_file(path: str) -> tuple[str, tuple[int, int] | None, str | None]:
@@ -140,14 +125,14 @@ def scan_folder(
     if not root.is_dir():
         raise DataError(f"data root {root} is a file, not a folder; {_layout_hint(root)}")
     entries = sorted(root.iterdir(), key=lambda p: p.name)
-    class_dirs = [p for p in entries if p.is_dir() and not _hidden(p.name)]
+    class_dirs = [p for p in entries if p.is_dir() and not is_hidden(p.name)]
     if not class_dirs:
         raise DataError(f"data folder {root} has no class sub-folders; {_layout_hint(root)}")
-    ignored = [p for p in entries if not p.is_dir() and not _hidden(p.name)]
+    ignored = [p for p in entries if not p.is_dir() and not is_hidden(p.name)]
 
     found: dict[str, list[Path]] = {}
     for d in class_dirs:
-        images, others = _list_class(d)
+        images, others = list_image_files(d)
         found[d.name] = images
         ignored.extend(others)
 

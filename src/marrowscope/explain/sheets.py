@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from marrowscope.explain.gradcam import DEFAULT_BATCH, CamResult, class_index, gradcam_preprocessed
-from marrowscope.utils.image import ImageReadError, is_image_file
+from marrowscope.utils.image import ImageReadError, list_image_files
 from marrowscope.utils.io import atomic_write, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -50,28 +49,10 @@ SHEET_PAGE = 40
 THUMB = 160
 """Side of each picture on a contact sheet, in pixels."""
 
-_SKIP_DIRS = {"__MACOSX"}
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in _SKIP_DIRS
-
 
 def list_images(folder: str | Path) -> tuple[list[Path], list[Path]]:
-    """Image files below ``folder`` (recursive, sorted) and the other files found.
-
-    Hidden files and folders (and ``__MACOSX``) are skipped.
-    """
-    images: list[Path] = []
-    others: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        for name in sorted(filenames):
-            if _hidden(name):
-                continue
-            p = Path(dirpath) / name
-            (images if is_image_file(p) else others).append(p)
-    return images, others
+    """Image files below ``folder`` and the other files: :func:`~marrowscope.utils.image.list_image_files`."""
+    return list_image_files(folder)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -42,7 +42,7 @@ from marrowscope.inference.predictor import (
 from marrowscope.models.bundle import WEIGHTS_NAME, load_bundle
 from marrowscope.models.registry import Classifier, ModelError
 from marrowscope.preprocess.ops import apply_preprocess, config_from_params, resize
-from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, read_image
+from marrowscope.utils.image import ImageReadError, list_image_files, read_image
 from marrowscope.utils.io import atomic_write, file_sha256
 
 __all__ = [
@@ -97,8 +97,7 @@ def sample_images(
     if not root.is_dir():
         return out
     for cls_dir in sorted(d for d in root.iterdir() if d.is_dir()):
-        files = sorted(p for p in cls_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        for p in files[:per_class]:
+        for p in list_image_files(cls_dir)[0][:per_class]:
             try:
                 arr = apply_preprocess(read_image(p), cfg)
             except ImageReadError:

@@ -29,7 +29,14 @@ from marrowscope.config import PreprocessConfig
 from marrowscope.data import DataError
 from marrowscope.preprocess.cache import process_context, resolve_workers
 from marrowscope.preprocess.ops import apply_preprocess, resize
-from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
+from marrowscope.utils.image import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    is_hidden,
+    is_image_file,
+    list_image_files,
+    read_image,
+)
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -61,9 +68,7 @@ class InputError(DataError):
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return list_image_files(folder)[0]
 
 
 def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -96,6 +101,8 @@ def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
             found = []
             for m in map(Path, matches):
+                if is_hidden(m.name) or "__MACOSX" in m.parts:
+                    continue  # as a folder listing would
                 if m.is_dir():
                     found.extend(_images_under(m))
                 elif m.is_file() and is_image_file(m):

@@ -9,6 +9,7 @@ converted. Corrupt, truncated, empty and non-image files, and images above the p
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -34,6 +35,33 @@ class ImageReadError(ValueError):
 def is_image_file(path: str | Path) -> bool:
     """True if ``path`` has one of :data:`IMAGE_EXTENSIONS`."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+_SKIP_DIRS = frozenset({"__MACOSX"})
+"""Folders that archivers add beside the real files (macOS resource forks)."""
+
+
+def is_hidden(name: str) -> bool:
+    """True for a hidden file or folder name (``.x``, macOS ``._x.jpg``) or ``__MACOSX``."""
+    return name.startswith(".") or name in _SKIP_DIRS
+
+
+def list_image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """Image files below ``folder`` (recursive, sorted) and the other files found there.
+
+    The one way marrowscope lists a folder: hidden files and folders (``.x``, the ``._x.jpg``
+    copies macOS leaves on other file systems) and ``__MACOSX`` are skipped, so every command
+    sees the same cells.
+    """
+    images: list[Path] = []
+    others: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in filenames:
+            if not is_hidden(name):
+                p = Path(dirpath) / name
+                (images if is_image_file(name) else others).append(p)
+    return sorted(images), sorted(others)
 
 
 def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:

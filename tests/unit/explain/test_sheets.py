@@ -40,7 +40,8 @@ def test_list_images_recurses_and_skips_hidden(tmp_path: Path) -> None:
     for p in ("b.jpg", "a/c.PNG", "a/.hidden/d.jpg", "__MACOSX/e.jpg", ".f.jpg", "notes.txt"):
         (tmp_path / p).write_bytes(b"x")
     images, others = list_images(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["b.jpg", "a/c.PNG"]
+    # one rule for every command (utils.image.list_image_files): sorted by path
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["a/c.PNG", "b.jpg"]
     assert [p.name for p in others] == ["notes.txt"]
 
 

@@ -59,6 +59,22 @@ def test_collect_glob_recursive_and_missing_inputs(tmp_path: Path) -> None:
         collect_image_paths([])
 
 
+def test_collect_skips_hidden_files_and_macosx_like_count_does(tmp_path: Path) -> None:
+    """predict used to list ._x.jpg resource forks and __MACOSX copies that count skipped."""
+    from marrowscope.explain.sheets import list_images
+
+    real = _img(tmp_path / "s" / "cell.jpg")
+    fork = tmp_path / "s" / "._cell.jpg"
+    fork.write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork, not a JPEG")
+    _img(tmp_path / "s" / "__MACOSX" / "cell.jpg")
+    _img(tmp_path / "s" / ".thumbs" / "cell.jpg")
+    assert collect_image_paths([tmp_path / "s"]) == [real]
+    assert collect_image_paths([str(tmp_path / "s" / "**" / "*.jpg")]) == [real]
+    assert collect_image_paths([str(tmp_path / "s" / "*")]) == [real]
+    assert list_images(tmp_path / "s")[0] == [real]  # what `count` reads
+    assert collect_image_paths([fork]) == [fork]  # named explicitly: kept (then an error row)
+
+
 def test_collect_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "readme.txt").write_text("x")
