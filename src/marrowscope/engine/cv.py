@@ -51,12 +51,13 @@ from marrowscope.data.manifest import ManifestRow
 from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
 from marrowscope.engine.train import fit
-from marrowscope.inference.predictor import Predictor, softmax
+from marrowscope.inference.predictor import Predictor
 from marrowscope.metrics.classification import (
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    softmax,
 )
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 

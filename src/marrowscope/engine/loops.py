@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,12 +143,3 @@ def predict_logits(
     if not outs:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(outs), np.concatenate(labels).astype(np.int64)
-
-
-def cross_entropy(logits: np.ndarray, labels: Sequence[int]) -> float:
-    """Mean cross-entropy (no smoothing, no weights) of logits against labels."""
-    if len(labels) == 0:
-        return float("nan")
-    z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(labels)), np.asarray(labels)].mean())

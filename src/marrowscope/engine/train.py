@@ -50,13 +50,15 @@ from marrowscope.config import (
 from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import read_manifest
 from marrowscope.engine.data import PreparedData, prepare_data, save_split
-from marrowscope.engine.loops import cross_entropy, predict_logits, train_one_epoch
-from marrowscope.inference.predictor import Predictor, softmax
+from marrowscope.engine.loops import predict_logits, train_one_epoch
+from marrowscope.inference.predictor import Predictor
 from marrowscope.metrics.classification import (
     classification_metrics,
+    cross_entropy,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    softmax,
 )
 from marrowscope.models.bundle import load_bundle, save_bundle
 from marrowscope.models.registry import Classifier, build_model

@@ -34,6 +34,7 @@ import torch
 from marrowscope import __version__
 from marrowscope.config import PreprocessConfig
 from marrowscope.inference.batching import iter_loaded
+from marrowscope.metrics.classification import softmax
 from marrowscope.models.bundle import (
     BUNDLE_FORMAT,
     METADATA_NAME,
@@ -50,7 +51,7 @@ from marrowscope.preprocess.ops import (
     preprocess_params,
     resize,
 )
-from marrowscope.utils.image import decode_image, read_image, to_rgb_uint8
+from marrowscope.utils.image import decode_image, pil_to_rgb, read_image, to_rgb_uint8
 from marrowscope.utils.io import file_sha256
 from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import Precision, resolve_device, resolve_precision
@@ -112,14 +113,6 @@ class PathPrediction:
     def confidence(self) -> float | None:
         """Probability of the predicted class (``None`` for an unreadable file)."""
         return None if self.probs is None else float(np.max(self.probs))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis; float32 out."""
-    z = np.asarray(logits, dtype=np.float32)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
@@ -222,22 +215,6 @@ def _is_single_image(obj: Any) -> bool:
     if isinstance(obj, np.ndarray):
         return obj.ndim < 4
     return hasattr(obj, "getbands") and hasattr(obj, "mode")  # PIL.Image.Image
-
-
-def _pil_to_array(im: Any) -> np.ndarray:
-    mode = im.mode
-    if mode in ("P", "PA"):
-        im = im.convert("RGBA")
-    elif mode == "1":
-        im = im.convert("L")
-    elif mode not in ("RGB", "RGBA", "L", "LA", "I", "F") and not mode.startswith("I;16"):
-        im = im.convert("RGB")
-    arr = np.asarray(im)
-    if im.mode.startswith("I;16"):
-        arr = arr.astype(np.uint16)
-    elif im.mode == "I":
-        arr = arr.astype(np.int64)
-    return arr
 
 
 class Predictor:
@@ -551,7 +528,7 @@ class Predictor:
         except ImportError:  # pragma: no cover
             Image = None  # type: ignore[assignment]
         if Image is not None and isinstance(image, Image.Image):
-            return to_rgb_uint8(_pil_to_array(image))
+            return pil_to_rgb(image)
         raise TypeError(
             f"cannot read an image from {type(image).__name__}; pass a path, bytes, a numpy array "
             "or a PIL image"

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy import special
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 __all__ = [
@@ -306,11 +307,24 @@ def top_k_accuracy(probs: ArrayLike, y_true: ArrayLike, k: int = 5) -> float:
     return float(np.mean(rank < k))
 
 
+def softmax(logits: ArrayLike) -> NDArray[np.float32]:
+    """Numerically stable softmax over the last axis (scipy's), float32 out: the one softmax of
+    marrowscope's numpy code."""
+    return special.softmax(np.asarray(logits, dtype=np.float32), axis=-1)
+
+
+def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> float:
+    """Mean cross-entropy (no smoothing, no weights) of ``(N, K)`` logits against class indices;
+    NaN for no sample."""
+    y = np.asarray(labels, dtype=np.int64)
+    if y.size == 0:
+        return float("nan")
+    logp = special.log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+    return float(-logp[np.arange(y.size), y].mean())
+
+
 def _view_probs(view_logits: NDArray, temperature: float) -> NDArray:
-    z = view_logits / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).mean(axis=0)
+    return softmax(view_logits / temperature).mean(axis=0)
 
 
 def negative_log_likelihood(probs: ArrayLike, y_true: ArrayLike) -> float:

@@ -152,7 +152,7 @@ def decode_image(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
         ) from None
 
     try:
-        return _pil_to_rgb(im, data, high_depth=high_depth)
+        return pil_to_rgb(im, data, high_depth=high_depth)
     except ValueError as e:
         raise ImageReadError(name, f"cannot convert to RGB: {e}") from None
 
@@ -172,10 +172,18 @@ def _is_high_depth_colour(im) -> bool:  # type: ignore[no-untyped-def]
     return False
 
 
-def _pil_to_rgb(im, data: bytes, *, high_depth: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Convert a loaded PIL image to RGB uint8, keeping 16-bit precision where PIL would clip."""
+def pil_to_rgb(im, data: bytes | None = None, *, high_depth: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Convert a loaded PIL image (any mode: 1, L, LA, P, PA, I;16, I, F, RGB, RGBA, CMYK, ...) to
+    RGB uint8 (see module contract).
+
+    Args:
+        im: the PIL image.
+        data: the encoded bytes it came from, when known: a 16-bit-per-channel colour file
+            (``high_depth``) is then decoded again with OpenCV, since Pillow truncates it to 8 bits.
+        high_depth: whether the file was 16 bits per colour channel.
+    """
     mode = im.mode
-    if high_depth:
+    if high_depth and data is not None:
         # 16-bit-per-channel PNG/TIFF: Pillow drops the low byte (truncates); decode with
         # OpenCV, which keeps the full depth, so the scaling to 8 bit rounds correctly.
         arr = _cv2_decode(data)
