@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,7 +30,20 @@ app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
+P = ParamSpec("P")
 
+Device = Annotated[
+    str,
+    typer.Option(
+        help="Where the network runs: auto, cpu or cuda.",
+    ),
+]
+TrainDevice = Annotated[
+    str | None,
+    typer.Option(
+        help="Where training runs: auto, cpu or cuda (default: train.device of the config).",
+    ),
+]
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
@@ -76,6 +90,16 @@ def _run(fn: Callable[[], T]) -> T:
         raise typer.Exit(2) from None
 
 
+def _handled(fn: Callable[P, T]) -> Callable[P, T]:
+    """Decorator for a command: its user errors become one red line and exit code 2 (:func:`_run`)."""
+
+    @functools.wraps(fn)
+    def command(*args: P.args, **kwargs: P.kwargs) -> T:
+        return _run(lambda: fn(*args, **kwargs))
+
+    return command
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging.")] = False,
@@ -88,6 +112,7 @@ def _main(
 
 
 @app.command()
+@_handled
 def version() -> None:
     """Print the marrowscope version."""
     import marrowscope
@@ -96,44 +121,43 @@ def version() -> None:
 
 
 @app.command()
+@_handled
 def models() -> None:
     """List the trained models that ship with marrowscope: classes, input size, measured accuracy."""
 
-    def body() -> None:
-        from rich.table import Table
+    from rich.table import Table
 
-        from marrowscope.models.bundle import PRETRAINED_DIR, pretrained_index, read_metadata
+    from marrowscope.models.bundle import PRETRAINED_DIR, pretrained_index, read_metadata
 
-        index = pretrained_index()
-        if not index:
-            console.print("no trained model ships with this installation")
-            return
-        table = Table(title="Shipped models (use the name wherever a checkpoint is expected)")
-        for col in ("name", "classes", "input", "architecture", "validation macro-F1", "size"):
-            table.add_column(col)
-        for name in index:
-            meta = read_metadata(PRETRAINED_DIR / name)
-            pre = meta.get("pretrained", {})
-            ev = pre.get("evaluation", {})
-            lo, hi = ev.get("ci95", {}).get("macro_f1", (float("nan"), float("nan")))
-            table.add_row(
-                name,
-                " ".join(meta["classes"]),
-                f"{meta['input_size']} px",
-                str(meta.get("arch")),
-                f"{ev.get('macro_f1', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] on {ev.get('n')} cells",
-                f"{pre.get('weights_mb', 0):.1f} MB",
-            )
-        console.print(table)
-        console.print(f"model cards: {PRETRAINED_DIR}/NAME/MODEL_CARD.md")
-
-    _run(body)
+    index = pretrained_index()
+    if not index:
+        console.print("no trained model ships with this installation")
+        return
+    table = Table(title="Shipped models (use the name wherever a checkpoint is expected)")
+    for col in ("name", "classes", "input", "architecture", "validation macro-F1", "size"):
+        table.add_column(col)
+    for name in index:
+        meta = read_metadata(PRETRAINED_DIR / name)
+        pre = meta.get("pretrained", {})
+        ev = pre.get("evaluation", {})
+        lo, hi = ev.get("ci95", {}).get("macro_f1", (float("nan"), float("nan")))
+        table.add_row(
+            name,
+            " ".join(meta["classes"]),
+            f"{meta['input_size']} px",
+            str(meta.get("arch")),
+            f"{ev.get('macro_f1', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] on {ev.get('n')} cells",
+            f"{pre.get('weights_mb', 0):.1f} MB",
+        )
+    console.print(table)
+    console.print(f"model cards: {PRETRAINED_DIR}/NAME/MODEL_CARD.md")
 
 
 # ------------------------------------------------------------------------------------------ data
 
 
 @data_app.command("scan")
+@_handled
 def data_scan(
     root: Annotated[
         str, typer.Argument(help="Folder with one sub-folder per class (or builtin:bm-sample).")
@@ -148,41 +172,39 @@ def data_scan(
 ) -> None:
     """Per-class counts, image sizes and unreadable files of a folder-per-class tree."""
 
-    def body() -> None:
-        from marrowscope.data.sample import resolve_root
-        from marrowscope.data.scan import format_scan, scan_folder
-        from marrowscope.utils.io import atomic_write_json
+    from marrowscope.data.sample import resolve_root
+    from marrowscope.data.scan import format_scan, scan_folder
+    from marrowscope.utils.io import atomic_write_json
 
-        res = scan_folder(resolve_root(root), check_images=check, workers=workers)
-        console.print(format_scan(res))
-        sizes = ", ".join(
-            f"{w}x{h}: {n}" for (w, h), n in sorted(res.sizes.items(), key=lambda kv: -kv[1])
+    res = scan_folder(resolve_root(root), check_images=check, workers=workers)
+    console.print(format_scan(res))
+    sizes = ", ".join(
+        f"{w}x{h}: {n}" for (w, h), n in sorted(res.sizes.items(), key=lambda kv: -kv[1])
+    )
+    if sizes:
+        console.print(f"image sizes: {sizes}")
+    for p, why in res.unreadable:
+        console.print(f"[yellow]unreadable:[/] {why if str(p) in why else f'{p}: {why}'}")
+    if res.empty_classes:
+        console.print(f"[yellow]empty class folders:[/] {', '.join(res.empty_classes)}")
+    if res.ignored:
+        console.print(f"{len(res.ignored)} non-image file(s) ignored")
+    if json_out:
+        atomic_write_json(
+            json_out,
+            {
+                "root": str(res.root),
+                "counts": res.counts,
+                "sizes": {f"{w}x{h}": n for (w, h), n in res.sizes.items()},
+                "unreadable": [{"path": str(p), "error": m} for p, m in res.unreadable],
+                "empty_classes": res.empty_classes,
+                "ignored": [str(p) for p in res.ignored],
+            },
         )
-        if sizes:
-            console.print(f"image sizes: {sizes}")
-        for p, why in res.unreadable:
-            console.print(f"[yellow]unreadable:[/] {why if str(p) in why else f'{p}: {why}'}")
-        if res.empty_classes:
-            console.print(f"[yellow]empty class folders:[/] {', '.join(res.empty_classes)}")
-        if res.ignored:
-            console.print(f"{len(res.ignored)} non-image file(s) ignored")
-        if json_out:
-            atomic_write_json(
-                json_out,
-                {
-                    "root": str(res.root),
-                    "counts": res.counts,
-                    "sizes": {f"{w}x{h}": n for (w, h), n in res.sizes.items()},
-                    "unreadable": [{"path": str(p), "error": m} for p, m in res.unreadable],
-                    "empty_classes": res.empty_classes,
-                    "ignored": [str(p) for p in res.ignored],
-                },
-            )
-
-    _run(body)
 
 
 @data_app.command("manifest")
+@_handled
 def data_manifest(
     source: Annotated[
         str, typer.Argument(help="Folder per class, builtin:bm-sample, or a manifest CSV.")
@@ -202,43 +224,41 @@ def data_manifest(
 ) -> None:
     """Write a subset + stratified (or grouped) train/val/test split manifest (path,label,split,group)."""
 
-    def body() -> None:
-        from marrowscope.config import from_dict
-        from marrowscope.data.manifest import class_names, write_manifest
-        from marrowscope.engine.data import manifest_rows
+    from marrowscope.config import from_dict
+    from marrowscope.data.manifest import class_names, write_manifest
+    from marrowscope.engine.data import manifest_rows
 
-        is_csv = source.lower().endswith(".csv")
-        cfg = from_dict(
-            {
-                "seed": seed,
-                "data": {
-                    "root": None if is_csv else source,
-                    "manifest": source if is_csv else None,
-                    "classes": classes,
-                    "max_per_class": max_per_class,
-                    "min_per_class": min_per_class,
-                    "split": {"val": val, "test": test, "group_column": group_column},
-                },
-            }
+    is_csv = source.lower().endswith(".csv")
+    cfg = from_dict(
+        {
+            "seed": seed,
+            "data": {
+                "root": None if is_csv else source,
+                "manifest": source if is_csv else None,
+                "classes": classes,
+                "max_per_class": max_per_class,
+                "min_per_class": min_per_class,
+                "split": {"val": val, "test": test, "group_column": group_column},
+            },
+        }
+    )
+    rows = manifest_rows(cfg)
+    write_manifest(rows, out)
+    from collections import Counter
+
+    per = Counter((r.label, r.split) for r in rows)
+    for c in class_names(rows):
+        console.print(
+            f"{c:>6}: " + ", ".join(f"{s} {per[(c, s)]}" for s in ("train", "val", "test"))
         )
-        rows = manifest_rows(cfg)
-        write_manifest(rows, out)
-        from collections import Counter
-
-        per = Counter((r.label, r.split) for r in rows)
-        for c in class_names(rows):
-            console.print(
-                f"{c:>6}: " + ", ".join(f"{s} {per[(c, s)]}" for s in ("train", "val", "test"))
-            )
-        console.print(f"wrote {len(rows)} rows to {out}")
-
-    _run(body)
+    console.print(f"wrote {len(rows)} rows to {out}")
 
 
 # ----------------------------------------------------------------------------------------- train
 
 
 @app.command()
+@_handled
 def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML.")] = None,
     run_dir: Annotated[
@@ -250,40 +270,38 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run folder after its last epoch.")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    device: TrainDevice = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Train a model; writes config, split, metrics, curves and best/last checkpoint bundles."""
 
-    def body() -> None:
-        from marrowscope.config import load_config
-        from marrowscope.engine.train import fit, new_run_dir
+    from marrowscope.config import load_config
+    from marrowscope.engine.train import fit, new_run_dir
 
-        if resume is not None:
-            fit(
-                None,
-                resume,
-                resume=True,
-                overrides=list(set_ or []),
-                progress=not no_progress,
-                console=console,
-            )
-            return
-        if config is None:
-            raise FileNotFoundError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
-        overrides = list(set_ or [])
-        if device:
-            overrides.append(f"train.device={device}")
-        cfg = load_config(config, overrides)
-        fit(cfg, run_dir or new_run_dir(cfg.name), progress=not no_progress, console=console)
-
-    _run(body)
+    if resume is not None:
+        fit(
+            None,
+            resume,
+            resume=True,
+            overrides=list(set_ or []),
+            progress=not no_progress,
+            console=console,
+        )
+        return
+    if config is None:
+        raise FileNotFoundError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
+    overrides = list(set_ or [])
+    if device:
+        overrides.append(f"train.device={device}")
+    cfg = load_config(config, overrides)
+    fit(cfg, run_dir or new_run_dir(cfg.name), progress=not no_progress, console=console)
 
 
 # -------------------------------------------------------------------------------------------- cv
 
 
 @app.command()
+@_handled
 def cv(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (reused to resume).")],
@@ -299,7 +317,7 @@ def cv(
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override a config key: key.sub=value.")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    device: TrainDevice = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """K-fold cross-validation of a recipe: out-of-fold accuracy, macro-F1, per-class F1, TTA
@@ -314,31 +332,29 @@ def cv(
             param_hint="--train-fraction",
         )
 
-    def body() -> None:
-        from marrowscope.config import load_config
-        from marrowscope.engine.cv import cross_validate
+    from marrowscope.config import load_config
+    from marrowscope.engine.cv import cross_validate
 
-        overrides = list(set_ or [])
-        if device:
-            overrides.append(f"train.device={device}")
-        cfg = load_config(config, overrides)
-        cross_validate(
-            cfg,
-            out,
-            folds=folds,
-            fold_seed=fold_seed,
-            train_fraction=train_fraction,
-            console=console,
-            progress=not no_progress,
-        )
-
-    _run(body)
+    overrides = list(set_ or [])
+    if device:
+        overrides.append(f"train.device={device}")
+    cfg = load_config(config, overrides)
+    cross_validate(
+        cfg,
+        out,
+        folds=folds,
+        fold_seed=fold_seed,
+        train_fraction=train_fraction,
+        console=console,
+        progress=not no_progress,
+    )
 
 
 # -------------------------------------------------------------------------------------- evaluate
 
 
 @app.command()
+@_handled
 def evaluate(
     checkpoint: CheckpointArg,
     data: Annotated[
@@ -360,7 +376,7 @@ def evaluate(
         str | None, typer.Option(help="Class for the focus block (default HAC).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     tta: Annotated[
         str | None,
         typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
@@ -368,52 +384,50 @@ def evaluate(
 ) -> None:
     """Accuracy, balanced accuracy, macro/weighted F1, per-class table, confusion matrix, 95% CIs."""
 
-    def body() -> None:
-        from rich.table import Table
+    from rich.table import Table
 
-        from marrowscope.engine.evaluate import evaluate_bundle, parse_class_map
+    from marrowscope.engine.evaluate import evaluate_bundle, parse_class_map
 
-        m = evaluate_bundle(
-            checkpoint,
-            Path(data),
-            out_dir=out,
-            split=split,
-            class_map=parse_class_map(map_ or []),
-            drop_unknown=drop_unknown,
-            focus=focus,
-            batch_size=batch_size,
-            device=device,
-            tta=tta,
-            console=console,
+    m = evaluate_bundle(
+        checkpoint,
+        Path(data),
+        out_dir=out,
+        split=split,
+        class_map=parse_class_map(map_ or []),
+        drop_unknown=drop_unknown,
+        focus=focus,
+        batch_size=batch_size,
+        device=device,
+        tta=tta,
+        console=console,
+    )
+    ci = m["ci95"]
+    table = Table(title=f"{checkpoint} on {data} ({m['n']} images)")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for c, v in m["per_class"].items():
+        table.add_row(
+            c,
+            f"{v['precision']:.3f}",
+            f"{v['recall']:.3f}",
+            f"{v['f1']:.3f}",
+            str(v["support"]),
         )
-        ci = m["ci95"]
-        table = Table(title=f"{checkpoint} on {data} ({m['n']} images)")
-        for col in ("class", "precision", "recall", "F1", "support"):
-            table.add_column(col, justify="right" if col != "class" else "left")
-        for c, v in m["per_class"].items():
-            table.add_row(
-                c,
-                f"{v['precision']:.3f}",
-                f"{v['recall']:.3f}",
-                f"{v['f1']:.3f}",
-                str(v["support"]),
-            )
-        console.print(table)
-        console.print(
-            f"accuracy {m['accuracy']:.3f} [{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}]  "
-            f"macro-F1 {m['macro_f1']:.3f} [{ci['macro_f1'][0]:.3f}, {ci['macro_f1'][1]:.3f}]  "
-            f"balanced accuracy {m['balanced_accuracy']:.3f}  weighted F1 {m['weighted_f1']:.3f}"
-        )
-        if out:
-            console.print(f"report: {out / 'report.md'}")
-
-    _run(body)
+    console.print(table)
+    console.print(
+        f"accuracy {m['accuracy']:.3f} [{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}]  "
+        f"macro-F1 {m['macro_f1']:.3f} [{ci['macro_f1'][0]:.3f}, {ci['macro_f1'][1]:.3f}]  "
+        f"balanced accuracy {m['balanced_accuracy']:.3f}  weighted F1 {m['weighted_f1']:.3f}"
+    )
+    if out:
+        console.print(f"report: {out / 'report.md'}")
 
 
 # --------------------------------------------------------------------------------------- compare
 
 
 @app.command()
+@_handled
 def compare(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="Experiment YAML with compare.models.")
@@ -423,30 +437,28 @@ def compare(
         list[str] | None, typer.Option("--set", "-s", help="Override: key.sub=value.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Reuse finished model runs in --out.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    device: TrainDevice = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Train and evaluate every listed model on one split; write the paper's Tables 1-3 + charts."""
 
-    def body() -> None:
-        from marrowscope.config import load_config
-        from marrowscope.engine.compare import compare as run_compare
-        from marrowscope.engine.train import new_run_dir
+    from marrowscope.config import load_config
+    from marrowscope.engine.compare import compare as run_compare
+    from marrowscope.engine.train import new_run_dir
 
-        overrides = list(set_ or [])
-        if device:
-            overrides.append(f"train.device={device}")
-        cfg = load_config(config, overrides)
-        target = out or new_run_dir(f"compare-{cfg.name}")
-        run_compare(cfg, target, resume=resume, progress=not no_progress, console=console)
-
-    _run(body)
+    overrides = list(set_ or [])
+    if device:
+        overrides.append(f"train.device={device}")
+    cfg = load_config(config, overrides)
+    target = out or new_run_dir(f"compare-{cfg.name}")
+    run_compare(cfg, target, resume=resume, progress=not no_progress, console=console)
 
 
 # ---- explain / count commands (issue 4)
 
 
 @app.command()
+@_handled
 def explain(
     checkpoint: CheckpointArg,
     images: Annotated[
@@ -457,52 +469,50 @@ def explain(
         str | None,
         typer.Option("--class", help="Explain this class instead of each predicted class."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per Grad-CAM pass.")] = 16,
 ) -> None:
     """Grad-CAM: an overlay PNG per image and a contact sheet with label and confidence."""
 
-    def body() -> None:
-        from rich.markup import escape
+    from rich.markup import escape
 
-        from marrowscope.explain.gradcam import class_index
-        from marrowscope.explain.sheets import explain_to_folder
-        from marrowscope.inference import Predictor, collect_image_paths
-        from marrowscope.utils.progress import make_progress
+    from marrowscope.explain.gradcam import class_index
+    from marrowscope.explain.sheets import explain_to_folder
+    from marrowscope.inference import Predictor, collect_image_paths
+    from marrowscope.utils.progress import make_progress
 
-        if batch_size < 1:
-            raise typer.BadParameter(f"must be >= 1; got {batch_size}", param_hint="--batch-size")
-        predictor = Predictor.from_checkpoint(checkpoint, device=device)
-        if class_ is not None:
-            class_index(predictor.classes_, class_)  # unknown class: fail before any work
-        paths = collect_image_paths(images)
-        with make_progress(transient=True) as bar:
-            task = bar.add_task("Grad-CAM", total=len(paths), stats="")
-            summary = explain_to_folder(
-                predictor,
-                paths,
-                out,
-                target_class=class_,
-                batch_size=batch_size,
-                on_progress=lambda n: bar.advance(task, n),
-            )
-        for path, why in summary.failed:
-            msg = why if str(path) in why else f"{path}: {why}"
-            err_console.print(f"[yellow]skipped:[/] {escape(msg)}")
-        done = len(summary.overlays)
-        console.print(
-            f"{done} overlay(s) in {escape(str(out))}"
-            + (f", {len(summary.failed)} unreadable image(s) skipped" if summary.failed else "")
+    if batch_size < 1:
+        raise typer.BadParameter(f"must be >= 1; got {batch_size}", param_hint="--batch-size")
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    if class_ is not None:
+        class_index(predictor.classes_, class_)  # unknown class: fail before any work
+    paths = collect_image_paths(images)
+    with make_progress(transient=True) as bar:
+        task = bar.add_task("Grad-CAM", total=len(paths), stats="")
+        summary = explain_to_folder(
+            predictor,
+            paths,
+            out,
+            target_class=class_,
+            batch_size=batch_size,
+            on_progress=lambda n: bar.advance(task, n),
         )
-        for sheet in summary.sheets:
-            console.print(f"contact sheet: {escape(str(sheet))}")
-        if done == 0:
-            raise typer.Exit(1)
-
-    _run(body)
+    for path, why in summary.failed:
+        msg = why if str(path) in why else f"{path}: {why}"
+        err_console.print(f"[yellow]skipped:[/] {escape(msg)}")
+    done = len(summary.overlays)
+    console.print(
+        f"{done} overlay(s) in {escape(str(out))}"
+        + (f", {len(summary.failed)} unreadable image(s) skipped" if summary.failed else "")
+    )
+    for sheet in summary.sheets:
+        console.print(f"contact sheet: {escape(str(sheet))}")
+    if done == 0:
+        raise typer.Exit(1)
 
 
 @app.command()
+@_handled
 def count(
     checkpoint: CheckpointArg,
     sample_dir: Annotated[
@@ -522,7 +532,7 @@ def count(
     hac_count: Annotated[int, typer.Option(help="Flag when >= this many cells are HAC.")] = 5,
     evidence: Annotated[int, typer.Option(help="Top HAC cells shown with Grad-CAM.")] = 8,
     gallery: Annotated[int, typer.Option(help="Cells shown per class in the report.")] = 48,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
     tta: Annotated[
@@ -535,54 +545,48 @@ def count(
     The thresholds are research settings, not a clinical decision rule.
     """
 
-    def body() -> None:
-        from rich.markup import escape
-        from rich.table import Table
+    from rich.markup import escape
+    from rich.table import Table
 
-        from marrowscope.engine.count import count_sample, write_count_outputs
-        from marrowscope.inference import Predictor
+    from marrowscope.engine.count import count_sample, write_count_outputs
+    from marrowscope.inference import Predictor
 
-        predictor = Predictor.from_checkpoint(
-            checkpoint, device=device, batch_size=batch_size, tta=tta
-        )
-        res = count_sample(
-            predictor,
-            sample_dir,
-            threshold=threshold,
-            hac_min_percent=hac_percent,
-            hac_min_count=hac_count,
-            evidence=evidence,
-            workers=workers,
-        )
-        target = out or Path(f"count-{res.sample}")
-        paths = write_count_outputs(res, target, gallery=gallery)
-        totals = res.totals()
-        table = Table(title=f"{escape(res.sample)}: {totals['identified']} identified cells")
-        for col in ("class", "count", "%"):
-            table.add_column(col, justify="left" if col == "class" else "right")
-        for c in res.classes:
-            table.add_row(c, str(res.counts[c]), f"{res.percents[c]:.1f}")
-        console.print(table)
-        console.print(
-            f"unidentified (confidence < {threshold:g}): {totals['unidentified']}  "
-            f"unreadable: {totals['unreadable']}"
-        )
-        for path, why in res.unreadable:
-            msg = why if path in why else f"{path}: {why}"
-            err_console.print(f"[yellow]unreadable:[/] {escape(msg)}")
-        colour = {"flagged": "bold red", "not flagged": "green"}.get(res.flag.status, "yellow")
-        console.print(
-            f"[{colour}]hairy-cell flag: {res.flag.status}[/] - {escape(res.flag.message)}"
-        )
-        console.print(f"report: {escape(str(paths['report']))}")
-
-    _run(body)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, tta=tta)
+    res = count_sample(
+        predictor,
+        sample_dir,
+        threshold=threshold,
+        hac_min_percent=hac_percent,
+        hac_min_count=hac_count,
+        evidence=evidence,
+        workers=workers,
+    )
+    target = out or Path(f"count-{res.sample}")
+    paths = write_count_outputs(res, target, gallery=gallery)
+    totals = res.totals()
+    table = Table(title=f"{escape(res.sample)}: {totals['identified']} identified cells")
+    for col in ("class", "count", "%"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c in res.classes:
+        table.add_row(c, str(res.counts[c]), f"{res.percents[c]:.1f}")
+    console.print(table)
+    console.print(
+        f"unidentified (confidence < {threshold:g}): {totals['unidentified']}  "
+        f"unreadable: {totals['unreadable']}"
+    )
+    for path, why in res.unreadable:
+        msg = why if path in why else f"{path}: {why}"
+        err_console.print(f"[yellow]unreadable:[/] {escape(msg)}")
+    colour = {"flagged": "bold red", "not flagged": "green"}.get(res.flag.status, "yellow")
+    console.print(f"[{colour}]hairy-cell flag: {res.flag.status}[/] - {escape(res.flag.message)}")
+    console.print(f"report: {escape(str(paths['report']))}")
 
 
 # ------------------------------------------------------------- inference commands (issue 4)
 
 
 @app.command()
+@_handled
 def predict(
     checkpoint: Annotated[
         Path,
@@ -597,7 +601,7 @@ def predict(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Predictions file: .csv, .json or .parquet.")
     ],
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     topk: Annotated[int, typer.Option(help="Ranked classes per image (top1..topk).")] = 3,
     workers: Annotated[
@@ -614,57 +618,55 @@ def predict(
 ) -> None:
     """Classify images: one row per image with class, confidence, top-k and every probability."""
 
-    def body() -> None:
-        import time
+    import time
 
-        import marrowscope
-        from marrowscope.inference.batching import (
-            collect_image_paths,
-            output_format,
-            prediction_records,
-            write_predictions,
-        )
-        from marrowscope.inference.predictor import Predictor
+    import marrowscope
+    from marrowscope.inference.batching import (
+        collect_image_paths,
+        output_format,
+        prediction_records,
+        write_predictions,
+    )
+    from marrowscope.inference.predictor import Predictor
 
-        if topk < 1:
-            raise typer.BadParameter(f"--topk must be >= 1, got {topk}")
-        if batch_size < 1:
-            raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
-        if backend not in ("torch", "onnx"):
-            raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
-        output_format(out)  # fail before the run: bad extension or no pyarrow
-        paths = collect_image_paths(inputs)
-        pred = Predictor.from_checkpoint(
-            checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
-        )
-        start = time.perf_counter()
-        results = [
-            (r.path, r.probs, r.error)
-            for r in pred.predict_paths(paths, workers=workers, progress=not no_progress)
-        ]
-        seconds = time.perf_counter() - start
-        records = prediction_records(
-            results,
-            pred.classes_,
-            topk=topk,
-            extra={"model": pred.arch, "marrowscope_version": marrowscope.__version__},
-        )
-        write_predictions(records, out)
-        errors = [(p, e) for p, _, e in results if e]
-        for _, e in errors[:5]:
-            console.print(f"[yellow]unreadable:[/] {e}")
-        if len(errors) > 5:
-            console.print(f"[yellow]... {len(errors) - 5} more; see the error column of {out}")
-        n_ok = len(results) - len(errors)
-        console.print(
-            f"{len(results)} images, {len(errors)} error(s), {n_ok / max(seconds, 1e-9):.1f} "
-            f"images/s ({seconds:.1f} s, {pred.backend} backend); wrote {out}"
-        )
-
-    _run(body)
+    if topk < 1:
+        raise typer.BadParameter(f"--topk must be >= 1, got {topk}")
+    if batch_size < 1:
+        raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    if backend not in ("torch", "onnx"):
+        raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
+    output_format(out)  # fail before the run: bad extension or no pyarrow
+    paths = collect_image_paths(inputs)
+    pred = Predictor.from_checkpoint(
+        checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
+    )
+    start = time.perf_counter()
+    results = [
+        (r.path, r.probs, r.error)
+        for r in pred.predict_paths(paths, workers=workers, progress=not no_progress)
+    ]
+    seconds = time.perf_counter() - start
+    records = prediction_records(
+        results,
+        pred.classes_,
+        topk=topk,
+        extra={"model": pred.arch, "marrowscope_version": marrowscope.__version__},
+    )
+    write_predictions(records, out)
+    errors = [(p, e) for p, _, e in results if e]
+    for _, e in errors[:5]:
+        console.print(f"[yellow]unreadable:[/] {e}")
+    if len(errors) > 5:
+        console.print(f"[yellow]... {len(errors) - 5} more; see the error column of {out}")
+    n_ok = len(results) - len(errors)
+    console.print(
+        f"{len(results)} images, {len(errors)} error(s), {n_ok / max(seconds, 1e-9):.1f} "
+        f"images/s ({seconds:.1f} s, {pred.backend} backend); wrote {out}"
+    )
 
 
 @app.command()
+@_handled
 def export(
     checkpoint: CheckpointArg,
     format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
@@ -676,24 +678,22 @@ def export(
 ) -> None:
     """Export to ONNX (dynamic batch, metadata embedded) and check parity with PyTorch."""
 
-    def body() -> None:
-        from marrowscope.export.onnx import export_checkpoint
+    from marrowscope.export.onnx import export_checkpoint
 
-        if format_.lower() != "onnx":
-            raise typer.BadParameter(f"unknown format {format_!r}; only onnx is supported")
-        console.print(f"exporting {checkpoint} to ONNX and checking parity ...")
-        target, rep = export_checkpoint(checkpoint, out=out, opset=opset)
-        console.print(
-            f"parity ONNX Runtime vs PyTorch fp32 (max abs probability difference, tolerance "
-            f"{rep.tolerance:g}): random images {rep.random_max_abs_diff:.2e} (n={rep.n_random}), "
-            f"real images {rep.real_max_abs_diff:.2e} (n={rep.n_real})"
-        )
-        console.print(f"wrote {target} ({rep.exporter} exporter, opset {rep.opset})")
-
-    _run(body)
+    if format_.lower() != "onnx":
+        raise typer.BadParameter(f"unknown format {format_!r}; only onnx is supported")
+    console.print(f"exporting {checkpoint} to ONNX and checking parity ...")
+    target, rep = export_checkpoint(checkpoint, out=out, opset=opset)
+    console.print(
+        f"parity ONNX Runtime vs PyTorch fp32 (max abs probability difference, tolerance "
+        f"{rep.tolerance:g}): random images {rep.random_max_abs_diff:.2e} (n={rep.n_random}), "
+        f"real images {rep.real_max_abs_diff:.2e} (n={rep.n_real})"
+    )
+    console.print(f"wrote {target} ({rep.exporter} exporter, opset {rep.opset})")
 
 
 @app.command()
+@_handled
 def benchmark(
     target: Annotated[
         str, typer.Argument(help="Checkpoint bundle folder, or a model name (random weights).")
@@ -716,49 +716,46 @@ def benchmark(
 ) -> None:
     """Images/s and per-batch latency (median, p95) per batch size x backend."""
 
-    def body() -> None:
-        from marrowscope.engine.benchmark import (
-            BACKENDS,
-            format_table,
-            run_benchmark,
-            to_markdown,
-        )
-        from marrowscope.utils.io import atomic_write_text
+    from marrowscope.engine.benchmark import (
+        BACKENDS,
+        format_table,
+        run_benchmark,
+        to_markdown,
+    )
+    from marrowscope.utils.io import atomic_write_text
 
-        try:
-            sizes = [int(v) for v in batch_sizes.split(",") if v.strip()]
-        except ValueError:
-            raise typer.BadParameter(
-                f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}"
-            ) from None
-        names = [b.strip() for b in backends.split(",") if b.strip()]
-        unknown = [b for b in names if b not in BACKENDS]
-        if unknown or not names:
-            raise typer.BadParameter(
-                f"--backends: unknown {', '.join(unknown) or '(none given)'}; use a comma-separated "
-                f"subset of {','.join(BACKENDS)}"
-            )
-        if not sizes or min(sizes) < 1:
-            raise typer.BadParameter(f"--batch-sizes must be positive, got {batch_sizes!r}")
-        report = run_benchmark(
-            target,
-            batch_sizes=sizes,
-            backends=names,
-            images=images,
-            warmup=warmup,
-            min_time=min_time,
-            end_to_end=end_to_end,
-            workers=workers,
-            console=err_console,
+    try:
+        sizes = [int(v) for v in batch_sizes.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}"
+        ) from None
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise typer.BadParameter(
+            f"--backends: unknown {', '.join(unknown) or '(none given)'}; use a comma-separated "
+            f"subset of {','.join(BACKENDS)}"
         )
-        console.print(format_table(report))
-        for note in report.notes:
-            console.print(f"- {note}")
-        if out:
-            atomic_write_text(out, to_markdown(report))
-            console.print(f"wrote {out}")
-
-    _run(body)
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"--batch-sizes must be positive, got {batch_sizes!r}")
+    report = run_benchmark(
+        target,
+        batch_sizes=sizes,
+        backends=names,
+        images=images,
+        warmup=warmup,
+        min_time=min_time,
+        end_to_end=end_to_end,
+        workers=workers,
+        console=err_console,
+    )
+    console.print(format_table(report))
+    for note in report.notes:
+        console.print(f"- {note}")
+    if out:
+        atomic_write_text(out, to_markdown(report))
+        console.print(f"wrote {out}")
 
 
 # ---- review app (issue 5): `serve` and `users` live in cli/serve.py
