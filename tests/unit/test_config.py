@@ -16,6 +16,7 @@ from marrowscope.config import (
     save_config,
     to_dict,
 )
+from marrowscope.models.registry import PAPER_MODELS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -94,17 +95,9 @@ def test_paper_config_is_the_paper_protocol() -> None:
     assert cfg.data.classes == ("HAC", "BAS", "EOS", "LYT", "MON", "NGB", "NGS")
     assert cfg.data.max_per_class == 1000
     assert cfg.preprocess.denoise and cfg.preprocess.sharpen
-    assert list(cfg.compare.models) == [
-        "paper_cnn",
-        "convnext_small",
-        "convnext_tiny",
-        "densenet121",
-        "efficientnet_b5",
-        "resnet50",
-        "vgg16",
-        "xception",
-    ]
+    assert cfg.compare.models == PAPER_MODELS  # the registry's list, in the paper's order
     assert cfg.compare.focus_class == "HAC"
+    assert load_config(CONFIGS / "paper-recipe.yaml").compare.models == PAPER_MODELS
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "bm-dev.yaml", "pbc-dev.yaml"])

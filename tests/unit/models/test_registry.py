@@ -10,6 +10,7 @@ from torch import nn
 from marrowscope.config import ModelConfig
 from marrowscope.models.paper_cnn import PaperCNN, flatten_size
 from marrowscope.models.registry import (
+    ALIASES,
     PAPER_MODELS,
     Classifier,
     ModelError,
@@ -38,17 +39,11 @@ def batch() -> torch.Tensor:
     return torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
 
-def test_paper_models_listed_in_paper_order() -> None:
-    assert PAPER_MODELS == (
-        "paper_cnn",
-        "convnext_small",
-        "convnext_tiny",
-        "densenet121",
-        "efficientnet_b5",
-        "resnet50",
-        "vgg16",
-        "xception",
-    )
+def test_every_paper_transfer_model_maps_onto_a_timm_model() -> None:
+    transfer = [n for n in PAPER_MODELS if n != "paper_cnn"]
+    assert PAPER_MODELS[0] == "paper_cnn" and len(transfer) == 7  # the paper's CNN + 7 backbones
+    assert sorted(ALIASES) == sorted(transfer)
+    assert all(resolve_timm_name(n) in timm.list_models() for n in transfer)
 
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
