@@ -122,7 +122,7 @@ def take(checkpoint: Path, split_csv: Path, out: Path, work: Path) -> None:
             )
             expect(page.locator("#progress")).to_be_hidden()
 
-            cells = page.request.get(f"{base}/api/samples/{sample_id}/cells").json()
+            cells = page.request.get(f"{base}/api/samples/{sample_id}/cells?limit=1000").json()
             by_name = {c["name"]: c for c in cells}
             label_of = {by_name[p.name]["id"]: label for p, label in truth.items()}
             keys = json.loads(page.locator("body").get_attribute("data-keys"))
@@ -166,7 +166,7 @@ def take(checkpoint: Path, split_csv: Path, out: Path, work: Path) -> None:
 
             # Review the rest: the true label by keyboard where the model was wrong or unsure,
             # then "Confirm all" in each group for the model's correct calls.
-            for c in page.request.get(f"{base}/api/samples/{sample_id}/cells").json():
+            for c in page.request.get(f"{base}/api/samples/{sample_id}/cells?limit=1000").json():
                 if c["reviewed_label"] or (c["identified"] and c["predicted"] == label_of[c["id"]]):
                     continue
                 page.locator(f".cell[data-id='{c['id']}'] img").click()

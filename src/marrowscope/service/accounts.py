@@ -1,17 +1,34 @@
-"""Accounts: creating users and API tokens (shared by the admin page and the CLI)."""
+"""Accounts: users, API tokens and login sessions (shared by the pages, the API and the CLI)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from marrowscope.service.models import ROLES, ApiToken, User
-from marrowscope.service.review import Conflict, Invalid, NotFound
-from marrowscope.service.security import check_password_rules, digest, hash_password, new_token
+from marrowscope.service.models import ROLES, ApiToken, LoginSession, User, utcnow
+from marrowscope.service.review import Conflict, Invalid, NotFound, audit
+from marrowscope.service.security import (
+    check_password_rules,
+    digest,
+    hash_password,
+    new_token,
+    verify_password,
+)
 
-__all__ = ["create_user", "find_user", "issue_token"]
+__all__ = [
+    "authenticate",
+    "create_user",
+    "end_session",
+    "find_user",
+    "get_user",
+    "issue_token",
+    "list_users",
+    "start_session",
+]
 
 
 def create_user(db: Session, username: str, role: str, password: str) -> User:
@@ -57,3 +74,69 @@ def find_user(db: Session, username: str) -> User:
     if user is None:
         raise NotFound(f"no user {username!r}; create it with: marrowscope users create {username}")
     return user
+
+
+def get_user(db: Session, user_id: int) -> User:
+    """The user with id ``user_id``.
+
+    Raises:
+        NotFound: no such user.
+    """
+    user = db.get(User, user_id)
+    if user is None:
+        raise NotFound(f"user {user_id} does not exist")
+    return user
+
+
+def list_users(db: Session) -> Sequence[User]:
+    """Every account, by user name."""
+    return db.scalars(select(User).order_by(User.username)).all()
+
+
+def authenticate(db: Session, username: str, password: str) -> User | None:
+    """The active account called ``username`` when ``password`` is its password, else ``None``.
+
+    An unknown name takes as long as a wrong password (no guessing names by timing). A failed
+    try on an existing account is audited (``login.failed``) in the caller's transaction.
+    """
+    name = username.strip()
+    user = None
+    if name and "\x00" not in name:
+        user = db.scalar(select(User).where(User.username == name))
+    ok = verify_password(user.password_hash if user else None, password)
+    if user is not None and ok and user.active:
+        return user
+    if user is not None:
+        audit(db, user, "login.failed")
+    return None
+
+
+def start_session(db: Session, user: User, *, hours: float) -> str:
+    """Start a login session of ``hours`` for ``user`` (audited).
+
+    Returns:
+        The session's random id, for the login cookie; the database keeps only its digest.
+    """
+    sid = new_token()
+    now = utcnow()
+    db.add(
+        LoginSession(
+            id=digest(sid),
+            user_id=user.id,
+            csrf_token=new_token(),
+            created_at=now,
+            expires_at=now + timedelta(hours=hours),
+        )
+    )
+    audit(db, user, "login")
+    return sid
+
+
+def end_session(db: Session, user: User, session_key: str | None) -> None:
+    """End the login session stored under ``session_key`` (``None``: a token login, nothing to
+    end) and audit the logout."""
+    if session_key:
+        row = db.get(LoginSession, session_key)
+        if row is not None:
+            row.ended_at = utcnow()
+    audit(db, user, "logout")

@@ -217,11 +217,17 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
             schema = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": COOKIE},
-            }
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes.setdefault("bearer", {"type": "http", "scheme": "bearer"})
+            schemes["cookie"] = {"type": "apiKey", "in": "cookie", "name": COOKIE}
             schema["security"] = [{"bearer": []}, {"cookie": []}]
+            # A route that needs a login names the bearer token (deps.bearer_token); the login
+            # cookie works wherever the token does.
+            for item in schema["paths"].values():
+                for operation in item.values():
+                    security = operation.get("security", [])
+                    if {"bearer": []} in security and {"cookie": []} not in security:
+                        security.append({"cookie": []})
             schema["paths"]["/api/health"]["get"]["security"] = []
             app.openapi_schema = schema
         return app.openapi_schema

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -38,6 +39,7 @@ __all__ = [
     "DB",
     "SAFE_METHODS",
     "Admin",
+    "BearerToken",
     "CsrfFailed",
     "Editor",
     "LoginRequired",
@@ -49,6 +51,7 @@ __all__ = [
     "Store",
     "Viewer",
     "Worker",
+    "bearer_token",
     "current_principal",
     "get_db",
     "get_model",
@@ -145,15 +148,23 @@ Store = Annotated[ImageStore, Depends(get_store)]
 Worker = Annotated[ClassificationWorker, Depends(get_worker)]
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
+bearer_token = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="An API token (made by an admin, or `marrowscope users token NAME`).",
+)
+"""``Authorization: Bearer TOKEN`` (``None`` without one: another header, or none, means the
+login cookie is checked instead). The scheme's name is the one the OpenAPI schema declares."""
+
+BearerToken = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)]
 
 
-def current_principal(request: Request) -> Principal:
+def _active(user: User | None) -> User | None:
+    """``user`` when it exists (its row may have been deleted under a token) and is active."""
+    return user if user is not None and user.active else None
+
+
+def current_principal(request: Request, bearer: BearerToken) -> Principal:
     """The logged-in user (bearer token or login cookie).
 
     The lookup runs in its own short read-only session, so the request's own session (and, on
@@ -161,33 +172,32 @@ def current_principal(request: Request) -> Principal:
     user is detached with its columns loaded.
 
     Raises:
-        LoginRequired: no valid token or login session.
+        LoginRequired: no valid token or login session (also when the user's account is
+            deactivated or its row is gone).
     """
     database: Database = request.app.state.db
-    token = _bearer(request)
     with database.read() as db:
-        if token is not None:
+        if bearer is not None:
             row = db.scalar(
                 select(ApiToken).where(
-                    ApiToken.token_hash == digest(token), ApiToken.revoked_at.is_(None)
+                    ApiToken.token_hash == digest(bearer.credentials),
+                    ApiToken.revoked_at.is_(None),
                 )
             )
-            if row is None or not row.user.active:
+            user = _active(row.user if row is not None else None)
+            if user is None:
                 raise LoginRequired("invalid or revoked API token")
-            return Principal(user=row.user, via="token")
+            return Principal(user=user, via="token")
         sid = request.session.get(SESSION_KEY)
         if isinstance(sid, str) and sid:
             key = digest(sid)
             session = db.get(LoginSession, key)
-            if (
-                session is not None
-                and session.ended_at is None
-                and session.expires_at > utcnow()
-                and session.user.active
-            ):
-                return Principal(
-                    user=session.user, via="session", csrf=session.csrf_token, session_id=key
-                )
+            if session is not None and session.ended_at is None and session.expires_at > utcnow():
+                user = _active(session.user)
+                if user is not None:
+                    return Principal(
+                        user=user, via="session", csrf=session.csrf_token, session_id=key
+                    )
     raise LoginRequired("login required")
 
 

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import io
 import re
-from datetime import date, timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
 from importlib.resources import files
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 import marrowscope
 from marrowscope.reports.count_report import CELL_NAMES, DISCLAIMER, count_bar_chart_svg
-from marrowscope.service import review
-from marrowscope.service.accounts import create_user, issue_token
-from marrowscope.service.api import Id, audit_rows, report_csv
+from marrowscope.service import accounts, review
 from marrowscope.service.deps import (
     DB,
     SESSION_KEY,
@@ -37,17 +37,10 @@ from marrowscope.service.deps import (
     Viewer,
     Worker,
 )
-from marrowscope.service.models import (
-    AGE_BANDS,
-    REFERRAL_QUESTIONS,
-    ROLES,
-    AuditEvent,
-    LoginSession,
-    User,
-    utcnow,
-)
-from marrowscope.service.security import digest, new_token, same_token, verify_password
+from marrowscope.service.models import AGE_BANDS, REFERRAL_QUESTIONS, ROLES
+from marrowscope.service.security import new_token, same_token
 from marrowscope.service.uploads import validate_files
+from marrowscope.service.web import Id, report_download
 
 __all__ = ["SHORTCUT_KEYS", "render", "router", "templates"]
 
@@ -88,6 +81,25 @@ def render(
 
 def _redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
+
+
+@contextmanager
+def _shown_on_page(request: Request, db: Session) -> Iterator[None]:
+    """Turn a refused form change into a message on the next page instead of an error page.
+
+    An :class:`~marrowscope.service.review.AppError` raised in the block rolls the transaction
+    back, is flashed, and is swallowed, so the handler goes on after the ``with`` block, where it
+    redirects back to the form's page::
+
+        with _shown_on_page(request, db):
+            ...  # change through the review service, db.commit(), flash, maybe return
+        return _redirect(back)
+    """
+    try:
+        yield
+    except review.AppError as e:
+        db.rollback()
+        flash(request, str(e), "error")
 
 
 def _safe_next(target: str | None) -> str:
@@ -138,31 +150,14 @@ def login(
     """Check the password, start a login session (audited), go to ``next``."""
     if not same_token(csrf_token, request.session.get(LOGIN_CSRF)):
         return Response("missing or wrong CSRF token; reload the login page", status_code=403)
-    clean = username.strip()
-    user = None
-    if clean and "\x00" not in clean:
-        user = db.scalar(select(User).where(User.username == clean))
-    ok = verify_password(user.password_hash if user else None, password)
-    if not ok or user is None or not user.active:
-        if user is not None:
-            review.audit(db, user, "login.failed")
-            db.commit()
+    user = accounts.authenticate(db, username, password)
+    if user is None:
+        db.commit()  # the audited failed try, when the account exists
         token = new_token(16)
         request.session[LOGIN_CSRF] = token
         request.session["flash"] = [["error", "wrong user name or password"]]
         return render(request, "login.html", None, 401, login_csrf=token, next=_safe_next(next))
-    sid = new_token()
-    now = utcnow()
-    db.add(
-        LoginSession(
-            id=digest(sid),
-            user_id=user.id,
-            csrf_token=new_token(),
-            created_at=now,
-            expires_at=now + timedelta(hours=settings.session_hours),
-        )
-    )
-    review.audit(db, user, "login")
+    sid = accounts.start_session(db, user, hours=settings.session_hours)
     db.commit()
     request.session.clear()
     request.session[SESSION_KEY] = sid
@@ -172,11 +167,7 @@ def login(
 @router.post("/logout")
 def logout(request: Request, who: Editor, db: DB) -> RedirectResponse:
     """End the login session (audited)."""
-    if who.session_id:
-        row = db.get(LoginSession, who.session_id)
-        if row is not None:
-            row.ended_at = utcnow()
-    review.audit(db, who.user, "logout")
+    accounts.end_session(db, who.user, who.session_id)
     db.commit()
     request.session.clear()
     return _redirect("/login")
@@ -208,7 +199,7 @@ def create_sample_form(
     referral_question: Annotated[str, Form(max_length=200)] = "",
     notes: Annotated[str, Form(max_length=10_000)] = "",
 ) -> RedirectResponse:
-    try:
+    with _shown_on_page(request, db):
         fields = review.SampleFields(
             code=_clean(code.strip()),
             collected_on=_parse_date(collected_on),
@@ -218,12 +209,9 @@ def create_sample_form(
         )
         sample = review.create_sample(db, who.user, fields)
         db.commit()
-    except review.AppError as e:
-        db.rollback()
-        flash(request, str(e), "error")
-        return _redirect("/")
-    flash(request, f"sample {sample.code} created; now upload its cell images")
-    return _redirect(f"/samples/{sample.id}")
+        flash(request, f"sample {sample.code} created; now upload its cell images")
+        return _redirect(f"/samples/{sample.id}")
+    return _redirect("/")
 
 
 def _groups(cells: list[Any], classes: tuple[str, ...], threshold: float) -> list[dict[str, Any]]:
@@ -296,7 +284,7 @@ def edit_sample_form(
     referral_question: Annotated[str, Form(max_length=200)] = "",
     notes: Annotated[str, Form(max_length=10_000)] = "",
 ) -> RedirectResponse:
-    try:
+    with _shown_on_page(request, db):
         sample = review.get_sample(db, sample_id, lock=True)
         review.update_sample(
             db,
@@ -311,9 +299,6 @@ def edit_sample_form(
         )
         db.commit()
         flash(request, "sample details saved")
-    except review.AppError as e:
-        db.rollback()
-        flash(request, str(e), "error")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -328,23 +313,19 @@ def upload_form(
     worker: Worker,
     files: Annotated[list[UploadFile], File()],
 ) -> RedirectResponse:
-    try:
+    with _shown_on_page(request, db):
         accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
         sample = review.get_sample(db, sample_id, lock=True)
         added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
         db.commit()
-    except review.AppError as e:
-        db.rollback()
-        flash(request, str(e), "error")
-        return _redirect(f"/samples/{sample_id}")
-    if added:
-        worker.notify()
-    refused = rejected + duplicates
-    flash(request, f"{len(added)} cell image(s) added; classification runs in the background")
-    for r in refused[:FLASH_MAX]:
-        flash(request, f"refused {r.message}", "error")
-    if len(refused) > FLASH_MAX:
-        flash(request, f"... and {len(refused) - FLASH_MAX} more refused file(s)", "error")
+        if added:
+            worker.notify()
+        refused = rejected + duplicates
+        flash(request, f"{len(added)} cell image(s) added; classification runs in the background")
+        for r in refused[:FLASH_MAX]:
+            flash(request, f"refused {r.message}", "error")
+        if len(refused) > FLASH_MAX:
+            flash(request, f"... and {len(refused) - FLASH_MAX} more refused file(s)", "error")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -358,14 +339,11 @@ def reclassify_form(
     cell_ids: Annotated[list[int], Form()],
     label: Annotated[str, Form(max_length=32)] = "",
 ) -> RedirectResponse:
-    try:
+    with _shown_on_page(request, db):
         sample = review.get_sample(db, sample_id, lock=True)
         n = review.reclassify(db, who.user, sample, cell_ids, label or None, model.classes)
         db.commit()
         flash(request, f"{n} cell(s) re-classified")
-    except review.AppError as e:
-        db.rollback()
-        flash(request, str(e), "error")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -373,14 +351,11 @@ def reclassify_form(
 def signoff_form(
     request: Request, sample_id: Id, who: Editor, db: DB, settings: SettingsDep
 ) -> RedirectResponse:
-    try:
+    with _shown_on_page(request, db):
         sample = review.get_sample(db, sample_id, lock=True)
         review.signoff(db, who.user, sample, settings.threshold)
         db.commit()
         flash(request, f"sample {sample.code} signed off; it is read-only now")
-    except review.AppError as e:
-        db.rollback()
-        flash(request, str(e), "error")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -467,7 +442,7 @@ def cell_gradcam(
 @router.get("/samples/{sample_id}/audit", response_class=HTMLResponse)
 def audit_page(request: Request, sample_id: Id, who: Viewer, db: DB) -> HTMLResponse:
     sample = review.get_sample(db, sample_id)
-    return render(request, "audit.html", who, sample=sample, events=audit_rows(db, sample))
+    return render(request, "audit.html", who, sample=sample, events=review.audit_trail(db, sample))
 
 
 @router.get("/samples/{sample_id}/report", response_class=HTMLResponse)
@@ -493,12 +468,10 @@ def report_page(
 def report_csv_page(
     sample_id: Id, who: Viewer, db: DB, model: Model, settings: SettingsDep
 ) -> Response:
+    """The signed report as a CSV download (the same file as ``/api/...report?format=csv``)."""
     sample = review.get_sample(db, sample_id)
-    data = review.report_data(db, sample, model.classes, settings, model.info.to_dict())
-    return Response(
-        report_csv(data),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{quote(sample.code)}-report.csv"'},
+    return report_download(
+        review.report_data(db, sample, model.classes, settings, model.info.to_dict())
     )
 
 
@@ -507,7 +480,7 @@ def report_csv_page(
 
 @router.get("/admin/users", response_class=HTMLResponse)
 def users_page(request: Request, who: Admin, db: DB) -> HTMLResponse:
-    users = db.scalars(select(User).order_by(User.username)).all()
+    users = accounts.list_users(db)
     return render(request, "admin.html", who, users=users, roles=ROLES, new_token=None)
 
 
@@ -517,12 +490,7 @@ AUDIT_PAGE_LIMIT = 500
 @router.get("/admin/audit", response_class=HTMLResponse)
 def account_audit_page(request: Request, who: Admin, db: DB) -> HTMLResponse:
     """Audit events not tied to a sample (logins, logouts, users, tokens), newest first."""
-    events = db.scalars(
-        select(AuditEvent)
-        .where(AuditEvent.sample_id.is_(None))
-        .order_by(AuditEvent.id.desc())
-        .limit(AUDIT_PAGE_LIMIT)
-    ).all()
+    events = review.account_events(db, limit=AUDIT_PAGE_LIMIT)
     return render(request, "admin_audit.html", who, events=events, limit=AUDIT_PAGE_LIMIT)
 
 
@@ -535,14 +503,11 @@ def create_user_form(
     role: Annotated[str, Form(max_length=16)] = "reviewer",
     password: Annotated[str, Form(max_length=1000)] = "",
 ) -> RedirectResponse:
-    try:
-        user = create_user(db, username, role, password)
+    with _shown_on_page(request, db):
+        user = accounts.create_user(db, username, role, password)
         review.audit(db, who.user, "user.create", new={"username": user.username, "role": role})
         db.commit()
         flash(request, f"user {user.username} ({role}) created")
-    except review.AppError as e:
-        db.rollback()
-        flash(request, str(e), "error")
     return _redirect("/admin/users")
 
 
@@ -554,18 +519,15 @@ def create_token_form(
     db: DB,
     name: Annotated[str, Form(max_length=100)] = "",
 ) -> HTMLResponse:
-    user = db.get(User, user_id)
-    if user is None:
-        raise review.NotFound(f"user {user_id} does not exist")
-    token = issue_token(db, user, _clean(name) or "")
+    user = accounts.get_user(db, user_id)
+    token = accounts.issue_token(db, user, _clean(name) or "")
     review.audit(db, who.user, "token.create", new={"username": user.username, "name": name})
     db.commit()
-    users = db.scalars(select(User).order_by(User.username)).all()
     return render(
         request,
         "admin.html",
         who,
-        users=users,
+        users=accounts.list_users(db),
         roles=ROLES,
         new_token={"user": user.username, "token": token},
     )

@@ -1,5 +1,6 @@
 """What the app does, independent of HTTP: samples, uploads, re-classification, sign-off,
-the differential count and the audit trail.
+the differential count (and its report CSV) and the audit trail. The pages and the API both go
+through these functions; list functions take ``skip``/``limit``, applied in SQL.
 
 Every change writes an :class:`~marrowscope.service.models.AuditEvent` in the same transaction,
 so a change and its audit row are committed together or not at all. A signed sample refuses
@@ -9,6 +10,8 @@ every change (:class:`Conflict`). The differential count and the hairy-cell flag
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from datetime import date
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,9 +47,12 @@ __all__ = [
     "Forbidden",
     "Invalid",
     "NotFound",
+    "REPORT_COLUMNS",
     "SampleFields",
+    "account_events",
     "add_cells",
     "audit",
+    "audit_trail",
     "blocking_message",
     "cell_view",
     "create_sample",
@@ -58,6 +64,7 @@ __all__ = [
     "identified",
     "list_samples",
     "reclassify",
+    "report_csv",
     "report_data",
     "sample_cells",
     "signoff",
@@ -113,6 +120,60 @@ def audit(
             cell_id=cell_id,
             old_value=old,
             new_value=new,
+        )
+    )
+
+
+def _page(query: Select[Any], skip: int, limit: int | None) -> Select[Any]:
+    """``query`` with ``OFFSET skip`` and ``LIMIT limit`` (``None``: no limit), in SQL."""
+    if skip:
+        query = query.offset(skip)
+    if limit is not None:
+        query = query.limit(limit)
+    return query
+
+
+def audit_trail(
+    db: Session, sample: Sample, *, skip: int = 0, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The sample's audit trail, oldest first, as the page and the API show it.
+
+    Args:
+        db: the session.
+        sample: whose trail.
+        skip: events to leave out at the start.
+        limit: at most this many events (``None``: all).
+    """
+    events = db.scalars(
+        _page(
+            select(AuditEvent).where(AuditEvent.sample_id == sample.id).order_by(AuditEvent.id),
+            skip,
+            limit,
+        )
+    )
+    return [
+        {
+            "id": e.id,
+            "at": e.at.isoformat(),
+            "user": e.username,
+            "action": e.action,
+            "cell_id": e.cell_id,
+            "old": e.old_value,
+            "new": e.new_value,
+        }
+        for e in events
+    ]
+
+
+def account_events(db: Session, *, limit: int) -> list[AuditEvent]:
+    """The latest ``limit`` audit events not tied to a sample (logins, logouts, users, tokens),
+    newest first."""
+    return list(
+        db.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.sample_id.is_(None))
+            .order_by(AuditEvent.id.desc())
+            .limit(limit)
         )
     )
 
@@ -208,23 +269,32 @@ def get_sample(db: Session, sample_id: int, *, lock: bool = False) -> Sample:
     return sample
 
 
-def list_samples(db: Session) -> list[tuple[Sample, int, int, int]]:
-    """Every sample (newest first) with its cell, pending and unreviewed counts."""
-    samples = db.scalars(
-        select(Sample).where(Sample.deleted_at.is_(None)).order_by(Sample.id.desc())
-    ).all()
-    stats: dict[int, tuple[int, int, int]] = {}
-    rows = db.execute(
+def list_samples(
+    db: Session, *, skip: int = 0, limit: int | None = None
+) -> list[tuple[Sample, int, int, int]]:
+    """The samples (newest first) with their cell, pending and unreviewed counts (one query).
+
+    Args:
+        db: the session.
+        skip: samples to leave out at the start.
+        limit: at most this many samples (``None``: all).
+    """
+    query = (
         select(
-            Cell.sample_id,
+            Sample,
             func.count(Cell.id),
             func.count(Cell.id).filter(Cell.status == CELL_PENDING),
             func.count(Cell.id).filter(Cell.reviewed_label.is_(None)),
-        ).group_by(Cell.sample_id)
-    ).all()
-    for sid, n, pending, unreviewed in rows:
-        stats[sid] = (n, pending, unreviewed)
-    return [(s, *stats.get(s.id, (0, 0, 0))) for s in samples]
+        )
+        .outerjoin(Cell, Cell.sample_id == Sample.id)
+        .where(Sample.deleted_at.is_(None))
+        .group_by(Sample.id)
+        .order_by(Sample.id.desc())
+    )
+    return [
+        (s, n, pending, unreviewed)
+        for s, n, pending, unreviewed in db.execute(_page(query, skip, limit))
+    ]
 
 
 def ensure_editable(sample: Sample) -> None:
@@ -344,9 +414,19 @@ def add_cells(
     return added, duplicates
 
 
-def sample_cells(db: Session, sample: Sample) -> list[Cell]:
-    """The sample's cells in upload order."""
-    return list(db.scalars(select(Cell).where(Cell.sample_id == sample.id).order_by(Cell.id)))
+def sample_cells(
+    db: Session, sample: Sample, *, skip: int = 0, limit: int | None = None
+) -> list[Cell]:
+    """The sample's cells in upload order.
+
+    Args:
+        db: the session.
+        sample: whose cells.
+        skip: cells to leave out at the start.
+        limit: at most this many cells (``None``: all).
+    """
+    query = select(Cell).where(Cell.sample_id == sample.id).order_by(Cell.id)
+    return list(db.scalars(_page(query, skip, limit)))
 
 
 def get_cell(db: Session, sample: Sample, cell_id: int) -> Cell:
@@ -664,3 +744,46 @@ def report_data(
             1 for c in cells if c.reviewed_label and c.reviewed_label != c.predicted_label
         ),
     }
+
+
+REPORT_COLUMNS = [
+    "sample_id", "collected_on", "age_band", "referral_question", "class", "cell_type",
+    "count", "percent", "model_count", "model_percent", "hac_flag", "hac_flag_message",
+    "model", "model_version", "reviewers", "signed_by", "signed_at",
+]  # fmt: skip
+"""The columns of the report CSV, in order."""
+
+
+def report_csv(data: dict[str, Any]) -> str:
+    """The signed differential count as CSV: one row per class, sample fields on every row.
+
+    Args:
+        data: the report, as :func:`report_data` returns it.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(REPORT_COLUMNS)
+    s, m, f = data["sample"], data["model"], data["flag"]
+    for row in data["differential"]:
+        w.writerow(
+            [
+                s["code"],
+                s["collected_on"] or "",
+                s["age_band"],
+                s["referral_question"] or "",
+                row["class"],
+                CELL_NAMES.get(row["class"], ""),
+                row["reviewed_count"],
+                f"{row['reviewed_percent']:.2f}",
+                row["model_count"],
+                f"{row['model_percent']:.2f}",
+                f["status"],
+                f["message"],
+                m["name"],
+                m["version"],
+                ";".join(data["reviewers"]),
+                data["signed_by"],
+                data["signed_at"],
+            ]  # fmt: skip
+        )
+    return buf.getvalue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import sqlite3
 import struct
 import zipfile
 import zlib
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import select, text
 
-from marrowscope.service.models import AuditEvent, LoginSession
+from marrowscope.service.models import AuditEvent, LoginSession, User
 
 from .conftest import PASSWORD, Service, files_of, sample_images
 
@@ -308,3 +310,76 @@ def test_account_audit_page_lists_logins_for_admins(service: Service) -> None:
     c.cookies.clear()
     service.login("rev")
     assert c.get("/admin/audit").status_code == 403
+
+
+# ----------------------------------------------------------------------- tokens and deleted users
+
+
+def _delete_user_row(service: Service, username: str) -> None:
+    """Delete a user's row behind the app's back (as a database administrator might), leaving
+    its API tokens and login sessions pointing at nobody: the foreign keys are bypassed."""
+    engine = service.app.state.db.engine
+    if engine.dialect.name == "sqlite":
+        raw = sqlite3.connect(engine.url.database)  # foreign keys are off on a plain connection
+        try:
+            with raw:
+                raw.execute("DELETE FROM users WHERE username = ?", (username,))
+        finally:
+            raw.close()
+        return
+    with engine.begin() as conn:
+        inspector = sa_inspect(conn)
+        for table in inspector.get_table_names():
+            for fk in inspector.get_foreign_keys(table):
+                if fk["referred_table"] == "users":
+                    conn.execute(text(f'ALTER TABLE "{table}" DROP CONSTRAINT "{fk["name"]}"'))
+        conn.execute(text("DELETE FROM users WHERE username = :u"), {"u": username})
+
+
+def test_token_or_login_of_a_deleted_user_is_a_401_not_a_crash(service: Service) -> None:
+    c = service.client
+    gone = service.user("gone", "reviewer")
+    service.login("gone")
+    assert c.get("/api/me", headers=gone).json()["username"] == "gone"
+    assert c.get("/api/me").json()["via"] == "session"
+    _delete_user_row(service, "gone")
+    with service.app.state.db.read() as s:
+        assert s.scalar(select(User).where(User.username == "gone")) is None
+    r = c.get("/api/samples", headers=gone)  # the token
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["detail"].startswith("invalid or revoked API token: ")
+    r = c.get("/api/samples")  # the login cookie
+    assert r.status_code == 401 and r.json()["detail"].startswith("login required: ")
+    r = c.get("/", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
+
+
+def test_only_a_bearer_authorization_header_is_read_as_a_token(service: Service) -> None:
+    c = service.client
+    rev = service.auth("rev")
+    token = rev["Authorization"].split(" ", 1)[1]
+    assert c.get("/api/me", headers={"Authorization": f"bearer   {token}  "}).status_code == 200
+    for header in ["Basic cmV2OnB3", "Bearer ", "Bearer", token]:  # not a bearer token
+        r = c.get("/api/me", headers={"Authorization": header})
+        assert r.status_code == 401, header
+        assert r.json()["detail"].startswith("login required: ")  # as if no header was sent
+    csrf = service.login("sig")  # ... so the login cookie still counts next to such a header
+    r = c.get("/api/me", headers={"Authorization": "Basic cmV2OnB3"})
+    assert r.status_code == 200 and r.json() == {
+        "username": "sig", "role": "signer", "via": "session", "csrf_token": csrf,
+    }  # fmt: skip
+    r = c.get("/api/me", headers={"Authorization": "Bearer wrong"})  # a bearer token wins
+    assert r.status_code == 401 and r.json()["detail"].startswith("invalid or revoked API token")
+
+
+def test_openapi_schema_offers_the_bearer_token_or_the_login_cookie(service: Service) -> None:
+    schema = service.client.get("/api/openapi.json", headers=service.auth("rev")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert (schemes["bearer"]["type"], schemes["bearer"]["scheme"]) == ("http", "bearer")
+    assert schemes["cookie"]["in"] == "cookie"
+    assert schema["paths"]["/api/health"]["get"]["security"] == []
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            if path != "/api/health":
+                security = op.get("security", schema["security"])
+                assert security == [{"bearer": []}, {"cookie": []}], (method, path)

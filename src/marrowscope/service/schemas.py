@@ -1,0 +1,382 @@
+"""The JSON shapes of the API: request bodies and the named response models of every route.
+
+Response models mirror the dicts :mod:`.review` builds (:func:`~.review.cell_view`,
+:func:`~.review.summary`, :func:`~.review.report_data`...) field for field, so the OpenAPI schema
+describes exactly what the routes answer; a field a class name would clash with (``class``) is
+declared under an alias. Timestamps built by the review service stay ISO 8601 strings.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from marrowscope.service.models import AGE_BANDS, REFERRAL_QUESTIONS
+from marrowscope.service.web import MAX_ID
+
+__all__ = [
+    "AuditEventPublic",
+    "Blocking",
+    "CellPublic",
+    "ClassProbability",
+    "DifferentialRow",
+    "Evidence",
+    "FlagPublic",
+    "Health",
+    "Me",
+    "ModelInfoPublic",
+    "ModelPublic",
+    "Prediction",
+    "Problem",
+    "Progress",
+    "Reclassify",
+    "ReclassifyResult",
+    "RefusedFile",
+    "Relabel",
+    "ReportModel",
+    "ReportPublic",
+    "ReportSample",
+    "ReportSettings",
+    "SampleIn",
+    "SamplePublic",
+    "SampleUpdate",
+    "SummaryPublic",
+    "Totals",
+    "UploadResult",
+    "UploadedCell",
+]
+
+
+# ------------------------------------------------------------------------------ request bodies
+
+
+def _clean_text(value: str | None) -> str | None:
+    """Refuse NUL and other control characters (except tab/newline) and unencodable text."""
+    if value is None:
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    if any((ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127 for c in value):
+        raise ValueError("text must not contain control characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_clean_text)]
+SampleCode = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+AgeBand = Literal[AGE_BANDS]  # type: ignore[valid-type]
+Referral = Literal[REFERRAL_QUESTIONS]  # type: ignore[valid-type]
+Day = Annotated[date, Field(ge=date(1900, 1, 1), le=date(2999, 12, 31))]
+Label = Annotated[str, Field(max_length=32)]
+
+
+class SampleIn(BaseModel):
+    """A new sample: a pseudonymous id, never a patient name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: SampleCode = Field(description="Pseudonymous sample id, e.g. BM-2025-0001.")
+    collected_on: Day | None = None
+    age_band: AgeBand = "unknown"
+    referral_question: Referral | None = None
+    notes: Annotated[Text, Field(max_length=10_000)] = ""
+
+
+class SampleUpdate(BaseModel):
+    """Fields to change (omitted = unchanged)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: SampleCode | None = None
+    collected_on: Day | None = None
+    age_band: AgeBand | None = None
+    referral_question: Referral | None = None
+    notes: Annotated[Text, Field(max_length=10_000)] | None = None
+
+
+class Reclassify(BaseModel):
+    """Set the reviewed label of cells; ``label: null`` confirms each cell's current label
+    (the reviewed one, else the model's call)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cell_ids: Annotated[
+        list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(min_length=1, max_length=10_000)
+    ]
+    label: Label | None = None
+
+
+class Relabel(BaseModel):
+    """The reviewed label of one cell (``null`` confirms its current label)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: Label | None = None
+
+
+# ----------------------------------------------------------------------------------- responses
+
+
+class Problem(BaseModel):
+    """An error: what went wrong and what to do."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    """The service and its database answer."""
+
+    status: str
+
+
+class ModelInfoPublic(BaseModel):
+    """The model the app classifies with."""
+
+    name: str = Field(description="The training config's name (or the architecture).")
+    arch: str
+    version: str = Field(description="arch:<first 12 hex of the weights' SHA-256>.")
+    marrowscope_version: str = Field(description="The marrowscope version that wrote the bundle.")
+    classes: list[str] = Field(description="Class names in index order.")
+    input_size: int
+    backend: str
+    checkpoint: str
+
+
+class ModelPublic(ModelInfoPublic):
+    """The model, the unidentified threshold and the app's version."""
+
+    threshold: float = Field(description="Below this top probability a cell is unidentified.")
+    app_version: str
+
+
+class Me(BaseModel):
+    """The logged-in user and how they logged in."""
+
+    username: str
+    role: str
+    via: Literal["session", "token"]
+    csrf_token: str | None = Field(
+        default=None,
+        description="Login cookie only (absent for tokens): send it as X-CSRF-Token on changes.",
+    )
+
+
+class ClassProbability(BaseModel):
+    """One class and its probability."""
+
+    class_: str = Field(alias="class")
+    probability: float
+
+
+class Progress(BaseModel):
+    """How many cells are in each state."""
+
+    total: int
+    pending: int
+    classified: int
+    failed: int
+    reviewed: int
+
+
+class Blocking(BaseModel):
+    """The unreviewed cells that stop a sign-off, by why they are not counted yet."""
+
+    unreviewed: int
+    unidentified: int
+    pending: int
+    failed: int
+
+
+class DifferentialRow(BaseModel):
+    """One class of the differential count: the model's and the reviewed count."""
+
+    class_: str = Field(alias="class")
+    name: str = Field(description="The cell type's name ('' when unknown).")
+    model_count: int
+    model_percent: float
+    reviewed_count: int
+    reviewed_percent: float
+
+
+class Totals(BaseModel):
+    """How many cells each count is made of."""
+
+    model: int
+    reviewed: int
+
+
+class Evidence(BaseModel):
+    """A cell behind the hairy-cell flag."""
+
+    id: int
+    name: str
+    probability: float
+
+
+class FlagPublic(BaseModel):
+    """The hairy-cell flag, on the reviewed count once any cell is reviewed, else the model's."""
+
+    basis: Literal["model", "reviewed"]
+    status: str
+    message: str
+    hac_class: str | None
+    count: int
+    percent: float
+    min_percent: float
+    min_count: int
+    evidence: list[Evidence]
+    model_status: str
+
+
+class SummaryPublic(BaseModel):
+    """A sample's progress, differential counts and hairy-cell flag."""
+
+    sample_id: int
+    code: str
+    signed: bool
+    progress: Progress
+    blocking: Blocking
+    can_sign: bool
+    threshold: float
+    differential: list[DifferentialRow]
+    totals: Totals
+    flag: FlagPublic
+
+
+class SamplePublic(BaseModel):
+    """A sample; the counts when the route gives them, the summary for one sample."""
+
+    id: int
+    code: str
+    collected_on: date | None
+    age_band: str
+    referral_question: str | None
+    notes: str
+    created_at: datetime
+    created_by: str
+    signed: bool
+    signed_at: datetime | None
+    signed_by: str | None
+    cells: int | None = None
+    pending: int | None = None
+    unreviewed: int | None = None
+    summary: SummaryPublic | None = None
+
+
+class CellPublic(BaseModel):
+    """A cell: the model's call, its top-3 probabilities and the reviewed label."""
+
+    id: int
+    name: str = Field(description="The uploaded file's name.")
+    sha256: str
+    width: int
+    height: int
+    status: str = Field(description="pending, done or error.")
+    predicted: str | None
+    confidence: float | None
+    identified: bool
+    top3: list[ClassProbability]
+    reviewed_label: str | None
+    reviewed_by: str | None
+    reviewed_at: str | None
+    label: str | None = Field(description="The reviewed label, else the identified model call.")
+    model_version: str | None
+    error: str | None
+
+
+class UploadedCell(BaseModel):
+    """An accepted image, now a cell."""
+
+    id: int
+    name: str
+
+
+class RefusedFile(BaseModel):
+    """A file that was not added, and why."""
+
+    name: str
+    reason: str
+    message: str
+
+
+class UploadResult(BaseModel):
+    """What an upload did: the accepted cells and each refused file with its reason."""
+
+    accepted: list[UploadedCell]
+    rejected: list[RefusedFile]
+
+
+class ReclassifyResult(BaseModel):
+    """How many cells changed and the sample's new counts."""
+
+    changed: int
+    summary: SummaryPublic
+
+
+class AuditEventPublic(BaseModel):
+    """One recorded change of a sample."""
+
+    id: int
+    at: str
+    user: str
+    action: str
+    cell_id: int | None
+    old: Any = Field(description="The value before (JSON; null when none).")
+    new: Any = Field(description="The value after (JSON; null when none).")
+
+
+class ReportSample(BaseModel):
+    """The sample fields a report shows."""
+
+    id: int
+    code: str
+    collected_on: str | None
+    age_band: str
+    referral_question: str | None
+    notes: str
+    created_at: str
+
+
+class ReportModel(ModelInfoPublic):
+    """The model, and every model version whose calls the sample's cells carry."""
+
+    versions_used: list[str]
+
+
+class ReportSettings(BaseModel):
+    """The thresholds the report was made with."""
+
+    threshold: float
+    hac_min_percent: float
+    hac_min_count: int
+
+
+class ReportPublic(BaseModel):
+    """The signed differential count."""
+
+    sample: ReportSample
+    signed_at: str | None
+    signed_by: str | None
+    reviewers: list[str]
+    model: ReportModel
+    settings: ReportSettings
+    cells: int
+    differential: list[DifferentialRow]
+    totals: Totals
+    flag: FlagPublic
+    changed_by_review: int = Field(description="Cells whose reviewed label is not the model's.")
+
+
+class Prediction(BaseModel):
+    """One image's class probabilities (nothing is stored)."""
+
+    name: str
+    model: str = Field(description="The model version.")
+    predicted: str
+    confidence: float
+    identified: bool
+    probabilities: dict[str, float]
+    top3: list[ClassProbability]

@@ -1,0 +1,92 @@
+"""The download header and the report CSV shared by the API and the pages."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from marrowscope.service.review import REPORT_COLUMNS, report_csv
+from marrowscope.service.web import attachment, report_download
+
+
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [
+        ("BM-2025-0001-report.csv", 'attachment; filename="BM-2025-0001-report.csv"'),
+        ("BM 7, left.csv", 'attachment; filename="BM 7, left.csv"'),  # a quoted-string holds both
+        (
+            'BM "7".csv',
+            r"""attachment; filename="BM \"7\".csv"; filename*=UTF-8''BM%20%227%22.csv""",
+        ),
+        ("a\\b.csv", r"""attachment; filename="a\\b.csv"; filename*=UTF-8''a%5Cb.csv"""),
+        (
+            "Zürich-€.csv",
+            "attachment; filename=\"Z_rich-_.csv\"; filename*=UTF-8''Z%C3%BCrich-%E2%82%AC.csv",
+        ),
+        ("100%.csv", "attachment; filename=\"100_.csv\"; filename*=UTF-8''100%25.csv"),
+        (
+            "x\r\nSet-Cookie: a=b.csv",
+            'attachment; filename="x__Set-Cookie: a=b.csv"; '
+            "filename*=UTF-8''x%0D%0ASet-Cookie%3A%20a%3Db.csv",
+        ),
+    ],
+)
+def test_attachment_header_follows_rfc_6266(name: str, header: str) -> None:
+    """Plain names stay a plain quoted ``filename``; anything a browser could misread gets an
+    ASCII fallback plus the exact name in ``filename*`` (UTF-8, percent-encoded)."""
+    value = attachment(name)
+    assert value == header
+    assert value.isascii() and "\r" not in value and "\n" not in value
+
+
+def _report(code: str) -> dict:  # type: ignore[type-arg]
+    """The smallest report :func:`review.report_csv` reads."""
+    return {
+        "sample": {
+            "code": code,
+            "collected_on": "2025-03-01",
+            "age_band": "60-79",
+            "referral_question": None,
+        },
+        "model": {"name": "m", "version": "m:abc"},
+        "flag": {"status": "flagged", "message": 'HAC, "high"'},
+        "reviewers": ["a", "b"],
+        "signed_by": "sig",
+        "signed_at": "2025-03-02T10:00:00+00:00",
+        "differential": [
+            {
+                "class": "HAC",
+                "reviewed_count": 3,
+                "reviewed_percent": 75.0,
+                "model_count": 4,
+                "model_percent": 100.0,
+            },
+            {
+                "class": "XYZ",
+                "reviewed_count": 1,
+                "reviewed_percent": 25.0,
+                "model_count": 0,
+                "model_percent": 0.0,
+            },
+        ],
+    }
+
+
+def test_report_csv_has_one_row_per_class_with_the_sample_on_every_row() -> None:
+    rows = list(csv.reader(io.StringIO(report_csv(_report("BM-1")))))
+    assert rows[0] == REPORT_COLUMNS
+    assert rows[1] == [
+        "BM-1", "2025-03-01", "60-79", "", "HAC", "Hairy cell", "3", "75.00", "4", "100.00",
+        "flagged", 'HAC, "high"', "m", "m:abc", "a;b", "sig", "2025-03-02T10:00:00+00:00",
+    ]  # fmt: skip
+    assert rows[2][4:6] == ["XYZ", ""]  # a class without a cell-type name
+
+
+def test_report_download_is_the_csv_named_after_the_sample() -> None:
+    data = _report("BM-1")
+    response = report_download(data)
+    assert response.body.decode("utf-8") == report_csv(data)
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
+    assert response.headers["content-disposition"] == attachment("BM-1-report.csv")
