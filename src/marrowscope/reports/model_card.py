@@ -97,7 +97,9 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         "## Measured results",
         "",
         f"On the validation split ({ev.get('n', '?')} cells of the same dataset, never trained "
-        "on; image-level split, bootstrap 95% CIs). " + str(card.get("results_note", "")),
+        f"on; image-level split), predicted as the model predicts by default (test-time "
+        f"augmentation `{ev.get('tta', inference.get('tta', 'none'))}`, the fitted temperature), "
+        "with bootstrap 95% CIs. " + str(card.get("results_note", "")),
         "",
         "| metric | value |",
         "|---|---:|",

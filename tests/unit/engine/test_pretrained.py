@@ -52,7 +52,7 @@ def packed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]
 def test_pack_writes_fp16_weights_card_and_index(packed: tuple[Path, Path]) -> None:
     src, out = packed
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     assert "torch.float16" in {str(d) for d in dtypes}
     assert "torch.float32" not in {str(d) for d in dtypes}
     meta = read_metadata(out)
