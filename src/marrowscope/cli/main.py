@@ -14,6 +14,14 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from marrowscope.metrics.counting import (
+    DEFAULT_EVIDENCE,
+    DEFAULT_GALLERY,
+    DEFAULT_HAC_MIN_COUNT,
+    DEFAULT_HAC_MIN_PERCENT,
+    DEFAULT_THRESHOLD,
+)
+
 app = typer.Typer(
     name="marrowscope",
     help="Classify single-cell bone-marrow cytology images: train, evaluate and compare models; "
@@ -70,6 +78,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("marrowscope.models.registry", ("ModelError",)),
         ("marrowscope.models.weights", ("PretrainedWeightsError",)),
         ("marrowscope.models.bundle", ("BundleError",)),
+        ("marrowscope.metrics.counting", ("CountError",)),
     ):
         module = importlib.import_module(mod)
         errors.extend(getattr(module, n) for n in names)
@@ -525,13 +534,19 @@ def count(
     threshold: Annotated[
         float,
         typer.Option(help="Top probability below which a cell is unidentified (not counted)."),
-    ] = 0.5,
+    ] = DEFAULT_THRESHOLD,
     hac_percent: Annotated[
         float, typer.Option(help="Flag when HAC cells are >= this % of identified cells.")
-    ] = 2.0,
-    hac_count: Annotated[int, typer.Option(help="Flag when >= this many cells are HAC.")] = 5,
-    evidence: Annotated[int, typer.Option(help="Top HAC cells shown with Grad-CAM.")] = 8,
-    gallery: Annotated[int, typer.Option(help="Cells shown per class in the report.")] = 48,
+    ] = DEFAULT_HAC_MIN_PERCENT,
+    hac_count: Annotated[
+        int, typer.Option(help="Flag when >= this many cells are HAC.")
+    ] = DEFAULT_HAC_MIN_COUNT,
+    evidence: Annotated[
+        int, typer.Option(help="Top HAC cells shown with Grad-CAM.")
+    ] = DEFAULT_EVIDENCE,
+    gallery: Annotated[
+        int, typer.Option(help="Cells shown per class in the report.")
+    ] = DEFAULT_GALLERY,
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,

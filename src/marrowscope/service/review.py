@@ -5,7 +5,7 @@ through these functions; list functions take ``skip``/``limit``, applied in SQL.
 Every change writes an :class:`~marrowscope.service.models.AuditEvent` in the same transaction,
 so a change and its audit row are committed together or not at all. A signed sample refuses
 every change (:class:`Conflict`). The differential count and the hairy-cell flag come from
-:func:`marrowscope.engine.count.tally`, the same rule as ``marrowscope count``.
+:func:`marrowscope.metrics.counting.tally`, the same rule as ``marrowscope count``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from marrowscope.engine.count import CellCall, select_evidence, tally
+from marrowscope.metrics.counting import Call, select_evidence, tally
 from marrowscope.reports.count_report import CELL_NAMES
 from marrowscope.service.models import (
     AGE_BANDS,
@@ -637,7 +637,7 @@ def summary(
     The *model* count uses every identified model call; the *reviewed* count uses the reviewed
     labels given so far (complete at sign-off). The flag is computed on the reviewed count once
     any cell is reviewed, else on the model's; evidence = the current HAC cells with the highest
-    HAC probability.
+    HAC probability (ties break on the rule's key, here the cell id: the earliest upload first).
     """
     thr = settings.threshold
     rules = {"hac_min_percent": settings.hac_min_percent, "hac_min_count": settings.hac_min_count}
@@ -648,21 +648,21 @@ def summary(
     evidence: list[dict[str, Any]] = []
     if flag.hac_class and settings.evidence:
         calls = [
-            CellCall(
-                path=c.stored_path,
-                rel=f"{c.original_name}#{c.id}",
+            Call(
+                key=c.id,
                 predicted=str(current_label(c, thr)),
-                confidence=float(c.confidence or 0.0),
                 identified=current_label(c, thr) is not None,
                 probs=_probs(c, len(classes)),
             )
             for c in cells
             if c.probabilities
         ]
+        names = {c.id: c.original_name for c in cells}
         idx = list(classes).index(flag.hac_class)
         for call in select_evidence(calls, flag.hac_class, classes, settings.evidence):
-            name, _, cid = call.rel.rpartition("#")
-            evidence.append({"id": int(cid), "name": name, "probability": float(call.probs[idx])})
+            evidence.append(
+                {"id": call.key, "name": names[call.key], "probability": float(call.probs[idx])}
+            )
     b = _blocking(cells, thr)
     return {
         "sample_id": sample.id,

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from marrowscope.engine.count import (
+from marrowscope.metrics.counting import (
     DEFAULT_EVIDENCE,
     DEFAULT_HAC_MIN_COUNT,
     DEFAULT_HAC_MIN_PERCENT,

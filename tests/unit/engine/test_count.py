@@ -13,16 +13,11 @@ import torch
 from PIL import Image
 
 from marrowscope.config import ModelConfig
-from marrowscope.engine.count import (
-    FLAGGED,
-    NOT_AVAILABLE,
-    NOT_FLAGGED,
-    CountError,
-    count_sample,
-    write_count_outputs,
-)
+from marrowscope.engine.count import count_sample
 from marrowscope.inference.predictor import PathPrediction, Predictor
+from marrowscope.metrics.counting import FLAGGED, NOT_AVAILABLE, NOT_FLAGGED, CountError
 from marrowscope.models.registry import build_model
+from marrowscope.reports.count_files import write_count_outputs
 
 CLASSES = ["BLA", "HAC", "LYT", "MON"]
 
@@ -217,3 +212,18 @@ def test_write_count_outputs(tmp_path: Path) -> None:
     (tmp_path / "other" / "cells").mkdir(parents=True)
     with pytest.raises(CountError, match="was not written by 'marrowscope count'"):
         write_count_outputs(res, tmp_path / "other")
+
+
+def test_engine_count_keeps_its_entry_points() -> None:
+    """The CLI imports count_sample and write_count_outputs from engine.count; one error class."""
+    import marrowscope.engine.count as engine_count
+    from marrowscope.config import ConfigError
+
+    assert engine_count.write_count_outputs is write_count_outputs
+    assert engine_count.CountError is CountError and issubclass(CountError, ConfigError)
+    assert set(engine_count.__all__) == {
+        "CountError",
+        "CountResult",
+        "count_sample",
+        "write_count_outputs",
+    }

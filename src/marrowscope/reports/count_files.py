@@ -1,0 +1,357 @@
+"""The files of a per-sample count: the records they are made from, ``count.json``, ``cells.csv``,
+``report.html`` and the report's pictures under ``cells/``.
+
+:class:`CountResult` is a count of one sample folder (made by
+:func:`marrowscope.engine.count.count_sample`); :meth:`CountResult.to_dict` is the content of
+``count.json``. :func:`write_count_outputs` writes every file of the report folder (the page itself
+is rendered by :mod:`marrowscope.reports.count_report`). The numbers come from the counting rule,
+:mod:`marrowscope.metrics.counting`. No torch here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marrowscope import __version__
+from marrowscope.metrics.counting import DEFAULT_GALLERY, HAC_CLASS, CountError, HacFlag
+from marrowscope.reports.count_report import write_count_report
+from marrowscope.utils.image import ImageReadError, read_image
+from marrowscope.utils.io import atomic_write, atomic_write_json
+
+__all__ = ["CELLS_DIR", "CellCall", "CountResult", "write_count_outputs"]
+
+CELLS_DIR = "cells"
+"""The report's picture folder, inside the report folder."""
+
+_MARKER = ".marrowscope-count"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+@dataclass(frozen=True)
+class CellCall:
+    """One classified cell image of a sample folder.
+
+    Attributes:
+        path: the image file.
+        rel: its path relative to the sample folder (POSIX separators).
+        predicted: the most likely class.
+        confidence: its probability.
+        identified: ``confidence >= threshold`` (counted); else in the unidentified bin.
+        probs: every class's probability, in the model's class order.
+    """
+
+    path: str
+    rel: str
+    predicted: str
+    confidence: float
+    identified: bool
+    probs: np.ndarray = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        """``rel``: the cell's key for the counting rule (ties in the evidence break on it)."""
+        return self.rel
+
+
+@dataclass(frozen=True)
+class CountResult:
+    """The differential count of one sample.
+
+    Attributes:
+        sample: the sample's name (its folder name).
+        sample_dir: the sample folder.
+        created: when the count was made (ISO 8601, local time with offset).
+        classes: the model's classes, in index order.
+        threshold: the unidentified threshold.
+        cells: every classified cell, in file order.
+        counts: identified cells per class (every class, zeros included).
+        percents: ``counts`` as percentages of the identified cells (0 when none).
+        unreadable: ``(path, message)`` per file that could not be used.
+        ignored: non-image files found in the folder.
+        flag: the hairy-cell flag (its evidence cells are :class:`CellCall` records).
+        model: what the report says about the model (arch, name, version, checkpoint ...).
+    """
+
+    sample: str
+    sample_dir: str
+    created: str
+    classes: tuple[str, ...]
+    threshold: float
+    cells: tuple[CellCall, ...]
+    counts: dict[str, int]
+    percents: dict[str, float]
+    unreadable: tuple[tuple[str, str], ...]
+    ignored: tuple[str, ...]
+    flag: HacFlag
+    model: dict[str, Any]
+
+    @property
+    def identified(self) -> list[CellCall]:
+        """The counted cells."""
+        return [c for c in self.cells if c.identified]
+
+    @property
+    def unidentified(self) -> list[CellCall]:
+        """The cells below the threshold (not counted)."""
+        return [c for c in self.cells if not c.identified]
+
+    @property
+    def n_images(self) -> int:
+        """Image files found (classified + unreadable)."""
+        return len(self.cells) + len(self.unreadable)
+
+    def totals(self) -> dict[str, int]:
+        """Images found, identified, unidentified, unreadable and ignored files."""
+        n_id = sum(self.counts.values())
+        return {
+            "images": self.n_images,
+            "identified": n_id,
+            "unidentified": len(self.cells) - n_id,
+            "unreadable": len(self.unreadable),
+            "ignored": len(self.ignored),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number of the count as JSON-ready data (the content of ``count.json``)."""
+        f = self.flag
+        return {
+            "sample": self.sample,
+            "sample_dir": self.sample_dir,
+            "created": self.created,
+            "marrowscope_version": __version__,
+            "model": dict(self.model),
+            "settings": {
+                "threshold": self.threshold,
+                "hac_class": f.hac_class or HAC_CLASS,
+                "hac_min_percent": f.min_percent,
+                "hac_min_count": f.min_count,
+            },
+            "totals": self.totals(),
+            "differential": [
+                {"class": c, "count": self.counts[c], "percent": round(self.percents[c], 4)}
+                for c in self.classes
+            ],
+            "flag": {
+                "status": f.status,
+                "message": f.message,
+                "hac_class": f.hac_class,
+                "count": f.count,
+                "percent": round(f.percent, 4),
+                "min_percent": f.min_percent,
+                "min_count": f.min_count,
+                "by_percent": f.by_percent,
+                "by_count": f.by_count,
+                "evidence": [
+                    {"path": e.cell.path, "file": e.cell.rel, "probability": e.probability}
+                    for e in f.evidence
+                ],
+                "evidence_note": f.evidence_note,
+            },
+            "unidentified": [
+                {
+                    "path": c.path,
+                    "file": c.rel,
+                    "predicted": c.predicted,
+                    "confidence": c.confidence,
+                }
+                for c in self.unidentified
+            ],
+            "unreadable": [{"path": p, "error": e} for p, e in self.unreadable],
+            "ignored": list(self.ignored),
+        }
+
+
+def _encode_jpeg(rgb: np.ndarray, side: int | None = None) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
+    if side is not None and max(im.size) > side:
+        im.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _safe(name: str) -> str:
+    return _UNSAFE.sub("_", name).strip("._")[:60] or "x"
+
+
+class _Pictures:
+    """Writes the report's pictures into a fresh ``cells/`` folder (swapped in at the end)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.final = out_dir / CELLS_DIR
+        if self.final.exists() and not (self.final / _MARKER).exists():
+            raise CountError(
+                f"{self.final} exists and was not written by 'marrowscope count'; choose another "
+                "--out folder (the report keeps its pictures in DIR/cells)"
+            )
+        for stale in out_dir.glob(f".{CELLS_DIR}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = out_dir / f".{CELLS_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
+        (self.tmp / _MARKER).write_text("pictures of a marrowscope count report\n")
+        self.n = 0
+
+    def add(self, folder: str, stem: str, data: bytes) -> str:
+        """Write one JPEG as ``cells/<folder>/<n>_<stem>.jpg``; returns that relative path."""
+        self.n += 1
+        rel = f"{folder}/{self.n:05d}_{_safe(stem)}.jpg"
+        target = self.tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return f"{CELLS_DIR}/{rel}"
+
+    def thumb(self, folder: str, cell: CellCall, side: int = 160) -> str | None:
+        try:
+            rgb = read_image(cell.path)
+        except ImageReadError:
+            return None
+        return self.add(folder, Path(cell.rel).stem, _encode_jpeg(rgb, side))
+
+    def commit(self) -> None:
+        old = self.final.with_name(f".{CELLS_DIR}.old-{uuid.uuid4().hex[:8]}")
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _cells_csv(result: CountResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        ["file", "path", "predicted", "confidence", "bin", *(f"p_{c}" for c in result.classes)]
+        + ["error"]
+    )
+    for c in result.cells:
+        w.writerow(
+            [
+                c.rel,
+                c.path,
+                c.predicted,
+                f"{c.confidence:.6f}",
+                "counted" if c.identified else "unidentified",
+                *(f"{float(p):.6f}" for p in c.probs),
+                "",
+            ]
+        )
+    for path, err in result.unreadable:
+        w.writerow(["", path, "", "", "unreadable", *([""] * len(result.classes)), err])
+    return buf.getvalue()
+
+
+def write_count_outputs(
+    result: CountResult, out_dir: str | Path, *, gallery: int = DEFAULT_GALLERY
+) -> dict[str, Path]:
+    """Write ``report.html``, ``count.json``, ``cells.csv`` and the pictures under ``cells/``.
+
+    The pictures (thumbnails of up to ``gallery`` cells per class and of the unidentified bin,
+    the evidence cells and their Grad-CAM) are written to a new folder that replaces ``cells/``
+    only when complete; every file is written atomically.
+
+    Args:
+        result: the count.
+        out_dir: the report folder (created).
+        gallery: cells shown per class (highest confidence first); ``cells.csv`` lists all.
+
+    Returns:
+        ``{"report": ..., "json": ..., "csv": ..., "cells": ...}`` paths.
+
+    Raises:
+        CountError: ``gallery`` is negative, ``out_dir`` is a file, or ``out_dir/cells`` exists
+            and was not written by a count.
+    """
+    if gallery < 0:
+        raise CountError(f"gallery must be >= 0 cells per class; got {gallery}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CountError(f"{out} is a file; --out names a folder for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    data = result.to_dict()
+    pics = _Pictures(out)
+    try:
+        for item, e in zip(data["flag"]["evidence"], result.flag.evidence, strict=True):
+            item["name"] = e.cell.rel
+            stem = Path(e.cell.rel).stem
+            if e.rgb is not None:
+                item["cell_image"] = pics.add("evidence", f"{stem}_cell", _encode_jpeg(e.rgb))
+            else:
+                item["cell_image"] = pics.thumb("evidence", e.cell, side=256)
+            item["cam_image"] = (
+                None
+                if e.overlay is None
+                else pics.add("evidence", f"{stem}_gradcam", _encode_jpeg(e.overlay))
+            )
+        groups = []
+        for k, cls in enumerate(result.classes):
+            members = sorted(
+                (c for c in result.cells if c.identified and c.predicted == cls),
+                key=lambda c: (-c.confidence, c.rel),
+            )
+            shown = []
+            for c in members[:gallery]:
+                src = pics.thumb(f"{k:02d}_{_safe(cls)}", c)
+                if src:
+                    shown.append({"name": c.rel, "confidence": c.confidence, "image": src})
+            if members:
+                groups.append(
+                    {"class": cls, "count": len(members), "shown": len(shown), "cells": shown}
+                )
+        unid = sorted(result.unidentified, key=lambda c: (-c.confidence, c.rel))
+        unid_shown = []
+        for c in unid[:gallery]:
+            src = pics.thumb("unidentified", c)
+            if src:
+                unid_shown.append(
+                    {
+                        "name": c.rel,
+                        "predicted": c.predicted,
+                        "confidence": c.confidence,
+                        "image": src,
+                    }
+                )
+        report_data = dict(data)
+        report_data["gallery"] = groups
+        report_data["unidentified"] = {
+            "count": len(unid),
+            "shown": len(unid_shown),
+            "cells": unid_shown,
+        }
+        pics.commit()
+    except BaseException:
+        pics.abort()
+        raise
+    json_data = dict(data)
+    json_data["outputs"] = {"report": "report.html", "cells_csv": "cells.csv"}
+    json_path = out / "count.json"
+    atomic_write_json(json_path, _finite(json_data))
+    csv_path = out / "cells.csv"
+    atomic_write(csv_path, lambda p: p.write_text(_cells_csv(result), encoding="utf-8", newline=""))
+    report = write_count_report(report_data, out / "report.html")
+    return {"report": report, "json": json_path, "csv": csv_path, "cells": out / CELLS_DIR}
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN/inf (never expected) by None so count.json stays valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
