@@ -48,7 +48,7 @@ from marrowscope.inference.predictor import (
 from marrowscope.models.bundle import load_bundle, pretrained_bundle, pretrained_index
 from marrowscope.models.registry import Classifier, build_model
 from marrowscope.preprocess.cache import resolve_workers
-from marrowscope.preprocess.ops import config_from_params, denoise, resize, sharpen
+from marrowscope.preprocess.ops import config_from_params, preprocess_steps
 from marrowscope.utils.image import read_image
 from marrowscope.utils.runtime import cpu_has_native_bf16
 
@@ -240,30 +240,16 @@ def _preprocess_cost(
     files: Sequence[Path], params: dict[str, Any], n: int = 24
 ) -> dict[str, float]:
     """Mean ms per image of each preprocessing step that the bundle uses, in one process."""
-    cfg = config_from_params(params)
-    steps: dict[str, list[float]] = {"decode": []}
+    chain = preprocess_steps(config_from_params(params))
+    steps: dict[str, list[float]] = {"decode": [], **{name: [] for name, _ in chain}}
     for p in files[:n]:
         t0 = time.perf_counter()
         img = read_image(p)
         steps["decode"].append(time.perf_counter() - t0)
-        if cfg.resize:
+        for name, step in chain:
             t0 = time.perf_counter()
-            img = resize(img, cfg.size)
-            steps.setdefault("resize", []).append(time.perf_counter() - t0)
-        if cfg.denoise:
-            t0 = time.perf_counter()
-            img = denoise(
-                img,
-                h=cfg.denoise_h,
-                h_color=cfg.denoise_h_color,
-                template_window=cfg.denoise_template_window,
-                search_window=cfg.denoise_search_window,
-            )
-            steps.setdefault("denoise", []).append(time.perf_counter() - t0)
-        if cfg.sharpen:
-            t0 = time.perf_counter()
-            img = sharpen(img)
-            steps.setdefault("sharpen", []).append(time.perf_counter() - t0)
+            img = step(img)
+            steps[name].append(time.perf_counter() - t0)
     return {k: 1000.0 * float(np.mean(v)) for k, v in steps.items() if v}
 
 

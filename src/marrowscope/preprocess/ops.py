@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -123,6 +124,33 @@ def sharpen(img: np.ndarray) -> np.ndarray:
     return cv2.filter2D(img, -1, PAPER_SHARPEN_KERNEL, borderType=cv2.BORDER_REFLECT_101)
 
 
+def preprocess_steps(cfg: PreprocessConfig) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """The configured steps in the paper's order (resize -> denoise -> sharpen), named: the one
+    definition of the chain, which :func:`apply_preprocess` runs and benchmarks time step by step.
+
+    Each step takes and returns RGB HWC uint8.
+    """
+    steps: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
+    if cfg.resize:
+        steps.append(("resize", lambda img: resize(img, cfg.size)))
+    if cfg.denoise:
+        steps.append(
+            (
+                "denoise",
+                lambda img: denoise(
+                    img,
+                    h=cfg.denoise_h,
+                    h_color=cfg.denoise_h_color,
+                    template_window=cfg.denoise_template_window,
+                    search_window=cfg.denoise_search_window,
+                ),
+            )
+        )
+    if cfg.sharpen:
+        steps.append(("sharpen", sharpen))
+    return steps
+
+
 def apply_preprocess(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Run the configured steps in the paper's order: resize -> denoise -> sharpen.
 
@@ -137,18 +165,8 @@ def apply_preprocess(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         ValueError: ``img`` breaks the array contract or a parameter is invalid.
     """
     out = check_image(img)
-    if cfg.resize:
-        out = resize(out, cfg.size)
-    if cfg.denoise:
-        out = denoise(
-            out,
-            h=cfg.denoise_h,
-            h_color=cfg.denoise_h_color,
-            template_window=cfg.denoise_template_window,
-            search_window=cfg.denoise_search_window,
-        )
-    if cfg.sharpen:
-        out = sharpen(out)
+    for _, step in preprocess_steps(cfg):
+        out = step(out)
     if out is img:
         out = img.copy()
     return np.ascontiguousarray(out)
