@@ -59,6 +59,7 @@ from marrowscope.metrics.classification import (
     negative_log_likelihood,
     softmax,
 )
+from marrowscope.reports.cv_report import cv_report, mean_std
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = ["TTA_VIEWS", "cross_validate", "summarize"]
@@ -242,7 +243,7 @@ def cross_validate(
         marrowscope_version=marrowscope.__version__,
     )
     atomic_write_json(out_dir / "cv_summary.json", summary)
-    atomic_write_text(out_dir / "cv_report.md", render_markdown(summary))
+    atomic_write_text(out_dir / "cv_report.md", cv_report(summary))
     print_summary(summary, console)
     console.print(f"cross-validation summary: {out_dir / 'cv_summary.json'}")
     return summary
@@ -379,78 +380,6 @@ def _score_variants(
     return variants
 
 
-def _pm(ms: dict[str, float], digits: int = 3) -> str:
-    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
-
-
-def render_markdown(summary: dict[str, Any]) -> str:
-    """The cross-validation summary as Markdown tables."""
-    classes = summary["classes"]
-    lines = [
-        f"# Cross-validation: {summary.get('name', '')} ({summary.get('model', '')})",
-        "",
-        f"{summary['n_folds']} folds, stratified by class; each image scored once by the model that "
-        "did not train on it. Mean ± standard deviation over folds; 'pooled' = all out-of-fold "
-        "predictions together. ECE with a temperature cross-fitted on the other folds.",
-        "",
-        "| TTA | accuracy | balanced acc. | macro-F1 | pooled macro-F1 | ECE (T=1) | ECE (calibrated) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for tta, v in summary["variants"].items():
-        ms = v["mean_std"]
-        lines.append(
-            f"| {tta} | {_pm(ms['accuracy'])} | {_pm(ms['balanced_accuracy'])} | "
-            f"{_pm(ms['macro_f1'])} | {v['pooled']['macro_f1']:.3f} | {_pm(ms['ece'])} | "
-            f"{_pm(ms['ece_calibrated'])} |"
-        )
-    best = max(summary["variants"], key=lambda t: summary["variants"][t]["pooled"]["macro_f1"])
-    v = summary["variants"][best]
-    lines += [
-        "",
-        f"Per-class F1 (TTA {best}):",
-        "",
-        "| class | F1 (mean ± std) | precision (pooled) | recall (pooled) | support |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for c in classes:
-        pc = v["pooled"]["per_class"][c]
-        lines.append(
-            f"| {c} | {_pm(v['mean_std']['per_class_f1'][c])} | {pc['precision']:.3f} | "
-            f"{pc['recall']:.3f} | {pc['support']} |"
-        )
-    lines += ["", f"Pooled confusion matrix (TTA {best}; rows = true, columns = predicted):", ""]
-    lines.append("| true \\ pred | " + " | ".join(classes) + " |")
-    lines.append("|---|" + "---:|" * len(classes))
-    for c, row in zip(classes, v["pooled"]["confusion_matrix"], strict=True):
-        lines.append(f"| {c} | " + " | ".join(str(x) for x in row) + " |")
-    last = summary.get("last_checkpoint")
-    if last:
-        lines += [
-            "",
-            "Last epoch's weights (no epoch chosen on the scored fold; the best-epoch numbers "
-            "above are slightly flattered by that choice):",
-            "",
-            "| TTA | accuracy | macro-F1 | pooled macro-F1 |",
-            "|---|---:|---:|---:|",
-        ]
-        for tta, v in last.items():
-            ms = v["mean_std"]
-            lines.append(
-                f"| {tta} | {_pm(ms['accuracy'])} | {_pm(ms['macro_f1'])} | "
-                f"{v['pooled']['macro_f1']:.3f} |"
-            )
-    le = summary["last_epoch"]
-    lines += [
-        "",
-        f"Last epoch validation macro-F1: saved weights {_pm(le['val_macro_f1'])}, raw weights "
-        f"{_pm(le['val_macro_f1_raw_weights'])} (these differ only with train.ema_decay). Best "
-        f"epochs: {summary['best_epochs']}. Training time per fold: "
-        f"{_pm(summary['train_seconds'], 0)} s.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     """One table: each TTA variant's mean ± std over folds."""
     table = Table(title=f"{summary['n_folds']}-fold cross-validation", show_header=True)
@@ -460,9 +389,9 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         ms = v["mean_std"]
         table.add_row(
             tta,
-            _pm(ms["accuracy"]),
-            _pm(ms["macro_f1"]),
+            mean_std(ms["accuracy"]),
+            mean_std(ms["macro_f1"]),
             f"{v['pooled']['macro_f1']:.3f}",
-            _pm(ms["ece_calibrated"]),
+            mean_std(ms["ece_calibrated"]),
         )
     console.print(table)

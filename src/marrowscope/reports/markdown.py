@@ -19,7 +19,7 @@ from marrowscope.reports.tables import (
     to_markdown,
 )
 
-__all__ = ["comparison_report", "evaluation_report"]
+__all__ = ["comparison_report", "confusion_table", "evaluation_report"]
 
 _HEADLINE = (
     ("accuracy", "Accuracy"),
@@ -79,9 +79,9 @@ def _focus_section(focus: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _confusion_table(metrics: Mapping[str, Any]) -> str:
-    classes = [str(c) for c in metrics["classes"]]
-    cm = metrics["confusion_matrix"]
+def confusion_table(classes: Sequence[Any], cm: Sequence[Sequence[Any]]) -> str:
+    """A confusion matrix (rows = true class, columns = predicted) as a Markdown table."""
+    classes = [str(c) for c in classes]
     lines = [
         "| true \\ predicted | " + " | ".join(_esc(c) for c in classes) + " |",
         "|---|" + "---:|" * len(classes),
@@ -162,7 +162,7 @@ def evaluation_report(
         "",
         "Rows: true class; columns: predicted class.",
         "",
-        _confusion_table(metrics),
+        confusion_table(metrics["classes"], metrics["confusion_matrix"]),
     ]
     return "\n".join(out).rstrip("\n") + "\n"
 
