@@ -23,6 +23,7 @@ from marrowscope.data.manifest import read_manifest
 from marrowscope.engine.data import prepare_data
 from marrowscope.engine.pretrained import pack_pretrained
 from marrowscope.engine.train import finalize_inference
+from marrowscope.models.bundle import read_metadata
 from marrowscope.utils.runtime import resolve_device
 
 CARDS = Path(__file__).with_name("pretrained") / "cards.yaml"
@@ -40,7 +41,8 @@ def main() -> None:
     bundle = run / args.checkpoint
     cfg = load_config(run / "config.yaml")
     split = run / "split.csv"
-    if args.checkpoint == "last":  # `fit` calibrates only the best bundle
+    calibrated = (read_metadata(bundle).get("inference") or {}).get("calibration")
+    if args.checkpoint == "last" and not calibrated:  # `fit` calibrates only the best bundle
         data = prepare_data(cfg, rows=read_manifest(split), progress=False)
         finalize_inference(bundle, data, cfg, device=resolve_device("cpu"), console=console)
     pack_pretrained(

@@ -3,9 +3,9 @@
 :func:`pack_pretrained` takes a trained checkpoint bundle and the labelled validation cells it
 was never trained on, and writes ``marrowscope/pretrained/NAME``:
 
-1. the weights in float16 (half the size), after checking that the rounding changes no
-   prediction materially: the largest probability difference to the float32 weights over the
-   validation cells must be at most ``tolerance`` (1e-3), otherwise nothing is written;
+1. the weights in float16 (half the size) when the rounding changes no prediction materially:
+   the largest probability difference to the float32 weights over the validation cells must be
+   at most ``tolerance`` (1e-3); otherwise in float32;
 2. ``metadata.json`` with a ``pretrained`` block: name, description, the model card's prose, the
    validation metrics (bootstrap CIs, per-class F1, calibration), the fp16 parity and the speed;
 3. ``MODEL_CARD.md`` rendered from that metadata;
@@ -100,6 +100,7 @@ def pack_pretrained(
     out_root: Path | None = None,
     tolerance: float = 1e-3,
     checkpoint_label: str = "last",
+    allow_float32: bool = True,
     console: Console | None = None,
 ) -> Path:
     """Write ``out_root/name`` (fp16 weights, metadata, model card) and its index entry.
@@ -114,14 +115,15 @@ def pack_pretrained(
             (lists of sentences), ``license``, ``results_note``.
         out_root: the folder of shipped models (``None``: the package's ``pretrained/``).
         tolerance: largest allowed probability difference between float16 and float32 weights.
+        allow_float32: store float32 weights when float16 exceeds ``tolerance`` (else refuse).
         checkpoint_label: which checkpoint of the run this is (for the card).
 
     Returns:
         The written folder.
 
     Raises:
-        ValueError: a bad name, or float16 storage changes the probabilities by more than
-            ``tolerance`` (nothing is written then).
+        ValueError: a bad name, or (``allow_float32=False``) float16 storage changes the
+            probabilities by more than ``tolerance`` (nothing is written then).
     """
     console = console or Console()
     if not name.isidentifier():
@@ -135,37 +137,43 @@ def pack_pretrained(
     metrics = evaluate_bundle(bundle_dir, source, split=split, progress=False, console=console)
     evaluation = {k: metrics[k] for k in _EVAL_KEYS if k in metrics}
 
-    # fp16 parity on the same cells, both computed in float32 so only the storage differs
+    # float16 storage, if it changes no probability by more than `tolerance` on these cells
+    # (one view each, both computed in float32, so only the storage differs); else float32
     pre = config_from_params(meta["preprocess"])
     paths = [r.path for r in labelled_rows(source, split)]
     arrays, _ = PreprocessCache(pre).load_many(paths, workers=pre.workers, progress=False)
     images = [a for a in arrays if a is not None]
     half = fp16_copy(model)
-    p32 = Predictor.from_model(model, meta, device="cpu", precision="fp32")
-    p16 = Predictor.from_model(half, meta, device="cpu", precision="fp32")
+    p32 = Predictor.from_model(model, meta, device="cpu", precision="fp32", tta="none")
+    p16 = Predictor.from_model(half, meta, device="cpu", precision="fp32", tta="none")
     a, b = p32.predict_preprocessed(images), p16.predict_preprocessed(images)
     parity = {
         "images": len(images),
+        "views": "none",
         "max_abs_diff": float(np.abs(a - b).max()),
         "agreement": float((a.argmax(1) == b.argmax(1)).mean()),
         "tolerance": tolerance,
     }
+    fp16 = parity["max_abs_diff"] <= tolerance
+    parity["stored_as"] = "float16" if fp16 else "float32"
     console.print(
         f"{name}: float16 weights change probabilities by at most {parity['max_abs_diff']:.2e} "
-        f"over {len(images)} cells (top-1 agreement {parity['agreement']:.4f})"
+        f"over {len(images)} cells (top-1 agreement {parity['agreement']:.4f}): stored as "
+        f"{parity['stored_as']}" + ("" if fp16 else f" (float16 only within {tolerance:g})")
     )
-    if parity["max_abs_diff"] > tolerance:
+    if not fp16 and not allow_float32:
         raise ValueError(
             f"{name}: float16 storage changes a probability by {parity['max_abs_diff']:.2e} "
             f"> {tolerance:g}; keep this model in float32"
         )
-    speed = _speed(Predictor.from_model(half, meta, device="cpu"), images)
+    shipped = half if fp16 else model
+    speed = _speed(Predictor.from_model(shipped, meta, device="cpu"), images)
 
     root = Path(bundle_mod.PRETRAINED_DIR if out_root is None else out_root)
     out = root / name
     weight_bytes = sum(
-        t.numel() * (2 if t.is_floating_point() else t.element_size())
-        for t in half.state_dict().values()
+        t.numel() * (2 if fp16 and t.is_floating_point() else t.element_size())
+        for t in shipped.state_dict().values()
     )
     meta = dict(meta)
     meta["pretrained"] = {
@@ -178,12 +186,12 @@ def pack_pretrained(
         "speed": speed,
         "weights_mb": round(weight_bytes / 1e6, 2),
     }
-    save_bundle(out, half, meta, weights_dtype=torch.float16)
+    save_bundle(out, shipped, meta, weights_dtype=torch.float16 if fp16 else torch.float32)
 
     # what was written loads back to exactly the rounded model
-    check = Predictor.from_checkpoint(out, device="cpu", precision="fp32")
-    if not np.allclose(check.predict_preprocessed(images[:16]), b[:16], atol=1e-6):
-        raise RuntimeError(f"{out}: the written bundle does not reproduce the float16 model")
+    check = Predictor.from_checkpoint(out, device="cpu", precision="fp32", tta="none")
+    if not np.allclose(check.predict_preprocessed(images[:16]), (b if fp16 else a)[:16], atol=1e-6):
+        raise RuntimeError(f"{out}: the written bundle does not reproduce the packed model")
     written = check.metadata
     atomic_write_text(out / CARD_NAME, render_model_card(written))
     index = pretrained_index(root)

@@ -116,7 +116,7 @@ def test_a_local_folder_wins_over_a_shipped_name(
     assert Predictor.from_checkpoint("tiny", device="cpu").metadata["input_size"] == 40
 
 
-def test_pack_refuses_fp16_when_it_changes_probabilities(
+def test_fp16_that_changes_probabilities_ships_float32_or_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "pretrained"
@@ -124,15 +124,20 @@ def test_pack_refuses_fp16_when_it_changes_probabilities(
     val = write_synthetic_tree(tmp_path / "val", per_class=2, size=40)
     for old, new in zip(sorted(p.name for p in val.iterdir()), BUNDLE_CLASSES, strict=True):
         (val / old).rename(val / new)
+    src = make_bundle(tmp_path / "bundle")
+    kw = dict(val_source=val, description="x", card=CARD, out_root=root, tolerance=0.0)
     with pytest.raises(ValueError, match="keep this model in float32"):
-        pack_pretrained(
-            make_bundle(tmp_path / "bundle"),
-            "tiny",
-            val_source=val,
-            description="x",
-            card=CARD,
-            out_root=root,
-            tolerance=0.0,
-            console=Console(quiet=True),
-        )
+        pack_pretrained(src, "tiny", allow_float32=False, console=Console(quiet=True), **kw)
     assert not (root / "tiny").exists() and not (root / "index.json").exists()
+
+    out = pack_pretrained(src, "tiny", console=Console(quiet=True), **kw)
+    meta = read_metadata(out)
+    assert meta["weights_dtype"] == "float32"
+    assert meta["pretrained"]["fp16_parity"]["stored_as"] == "float32"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} >= {"torch.float32"}  # noqa: SIM118
+    cells = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8) for i in range(4)]
+    a = Predictor.from_checkpoint(src, device="cpu", precision="fp32").predict_proba(cells)
+    b = Predictor.from_checkpoint(out, device="cpu", precision="fp32").predict_proba(cells)
+    np.testing.assert_array_equal(a, b)  # float32 storage: exactly the trained model
+    assert "ship in float32" in (out / CARD_NAME).read_text()
