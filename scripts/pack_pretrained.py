@@ -21,7 +21,7 @@ from rich.console import Console
 from marrowscope.config import load_config
 from marrowscope.data.manifest import read_manifest
 from marrowscope.engine.data import prepare_data
-from marrowscope.engine.pretrained import pack_pretrained
+from marrowscope.engine.pretrained import pack_pretrained, update_card
 from marrowscope.engine.train import finalize_inference
 from marrowscope.models.bundle import read_metadata
 from marrowscope.utils.runtime import resolve_device
@@ -34,9 +34,17 @@ def main() -> None:
     ap.add_argument("name", help="shipped name, a key of scripts/pretrained/cards.yaml")
     ap.add_argument("run_dir", type=Path, help="the training run folder")
     ap.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    ap.add_argument(
+        "--card-only",
+        action="store_true",
+        help="only replace the packed model's card prose from cards.yaml (no re-evaluation)",
+    )
     args = ap.parse_args()
     console = Console()
     card = yaml.safe_load(CARDS.read_text(encoding="utf-8"))[args.name]
+    if args.card_only:
+        update_card(args.name, description=card.pop("description"), card=card)
+        return
     run = args.run_dir
     bundle = run / args.checkpoint
     cfg = load_config(run / "config.yaml")

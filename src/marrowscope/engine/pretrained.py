@@ -34,6 +34,7 @@ from marrowscope.models.bundle import (
     WEIGHTS_NAME,
     load_bundle,
     pretrained_index,
+    read_metadata,
     save_bundle,
 )
 from marrowscope.models.registry import Classifier
@@ -42,7 +43,7 @@ from marrowscope.preprocess.ops import config_from_params
 from marrowscope.reports.model_card import render_model_card
 from marrowscope.utils.io import atomic_write_json, atomic_write_text, file_sha256
 
-__all__ = ["CARD_NAME", "fp16_copy", "pack_pretrained"]
+__all__ = ["CARD_NAME", "fp16_copy", "pack_pretrained", "update_card"]
 
 CARD_NAME = "MODEL_CARD.md"
 
@@ -204,4 +205,33 @@ def pack_pretrained(
         f"{name}: wrote {out} ({weight_bytes / 1e6:.1f} MB weights), validation macro-F1 "
         f"{evaluation['macro_f1']:.3f} on {evaluation['n']} cells"
     )
+    return out
+
+
+def update_card(
+    name: str,
+    *,
+    description: str,
+    card: Mapping[str, Any],
+    out_root: Path | None = None,
+) -> Path:
+    """Replace the prose of a packed model's card (its weights and measurements stay), re-render
+    ``MODEL_CARD.md`` and update the sha256 index.
+
+    Raises:
+        BundleError: ``name`` is not a packed model under ``out_root``.
+    """
+    root = Path(bundle_mod.PRETRAINED_DIR if out_root is None else out_root)
+    out = root / name
+    model, meta = load_bundle(out, device="cpu")
+    meta["pretrained"] = {**meta["pretrained"], "description": description, "card": dict(card)}
+    dtype = torch.float16 if meta.get("weights_dtype") == "float16" else torch.float32
+    save_bundle(out, model, meta, weights_dtype=dtype)
+    atomic_write_text(out / CARD_NAME, render_model_card(read_metadata(out)))
+    index = pretrained_index(root)
+    index[name] = {
+        "description": description,
+        "files": {f: file_sha256(out / f) for f in (WEIGHTS_NAME, METADATA_NAME)},
+    }
+    atomic_write_json(root / INDEX_NAME, dict(sorted(index.items())))
     return out

@@ -12,7 +12,7 @@ from conftest import BUNDLE_CLASSES, make_bundle, write_synthetic_tree
 from rich.console import Console
 from safetensors import safe_open
 
-from marrowscope.engine.pretrained import CARD_NAME, pack_pretrained
+from marrowscope.engine.pretrained import CARD_NAME, pack_pretrained, update_card
 from marrowscope.inference.predictor import Predictor
 from marrowscope.models import bundle as bundle_mod
 from marrowscope.models.bundle import BundleError, load_bundle, pretrained_bundle, read_metadata
@@ -141,3 +141,24 @@ def test_fp16_that_changes_probabilities_ships_float32_or_is_refused(
     b = Predictor.from_checkpoint(out, device="cpu", precision="fp32").predict_proba(cells)
     np.testing.assert_array_equal(a, b)  # float32 storage: exactly the trained model
     assert "ship in float32" in (out / CARD_NAME).read_text()
+
+
+def test_update_card_replaces_the_prose_and_keeps_weights_and_numbers(
+    packed: tuple[Path, Path],
+) -> None:
+    _, out = packed
+    before = read_metadata(out)
+    weights = (out / "model.safetensors").read_bytes()
+    update_card(
+        "tiny",
+        description="a renamed tiny model",
+        card={**CARD, "limits": ["Only synthetic cells."]},
+        out_root=out.parent,
+    )
+    after = read_metadata("tiny")  # resolves through the index: the new sha256 must match
+    assert after["pretrained"]["evaluation"] == before["pretrained"]["evaluation"]
+    assert after["pretrained"]["card"]["limits"] == ["Only synthetic cells."]
+    card = (out / CARD_NAME).read_text()
+    assert "Only synthetic cells." in card and "No hairy cells." not in card
+    assert "# tiny: a renamed tiny model" in card
+    assert (out / "model.safetensors").read_bytes() == weights
