@@ -73,22 +73,34 @@ def fp16_copy(model: Classifier) -> Classifier:
     return out
 
 
-def _speed(predictor: Predictor, images: Sequence[np.ndarray], n: int = 128) -> dict[str, Any]:
-    """Cells/s of the predictor on already decoded and preprocessed cells, TTA off and as bundled."""
-    sample = list(images[:n])
+def _speed(
+    model: Classifier, meta: Mapping[str, Any], images: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    """Cells/s of ``model`` on up to 128 decoded, preprocessed cells, with no test-time
+    augmentation and with the bundle's, as a user's predictor runs it (precision ``auto``)."""
+    sample = list(images[:128])
     out: dict[str, Any] = {}
     for key, tta in (("images_per_s_tta_none", "none"), ("images_per_s_tta_bundle", None)):
-        p = copy.copy(predictor)
-        p.tta_ = tta or predictor.tta_
+        p = Predictor.from_model(model, meta, device="cpu", tta=tta)
         p.predict_preprocessed(sample[:8])  # warm-up
         t0 = time.perf_counter()
         p.predict_preprocessed(sample)
         out[key] = round(len(sample) / (time.perf_counter() - t0), 1)
     info = machine_info()
-    out.update(
-        machine=info["cpu"], threads=info["torch_threads"], precision=predictor.precision_.name
-    )
+    out.update(machine=info["cpu"], threads=info["torch_threads"], precision=p.precision_.name)
     return out
+
+
+def _publish(root: Path, name: str, description: str) -> None:
+    """Render ``root/name``'s model card from its metadata and record its files' sha256."""
+    out = root / name
+    atomic_write_text(out / CARD_NAME, render_model_card(read_metadata(out)))
+    index = pretrained_index(root)
+    index[name] = {
+        "description": description,
+        "files": {f: file_sha256(out / f) for f in (WEIGHTS_NAME, METADATA_NAME)},
+    }
+    atomic_write_json(root / INDEX_NAME, dict(sorted(index.items())))
 
 
 def pack_pretrained(
@@ -168,7 +180,7 @@ def pack_pretrained(
             f"> {tolerance:g}; keep this model in float32"
         )
     shipped = half if fp16 else model
-    speed = _speed(Predictor.from_model(shipped, meta, device="cpu"), images)
+    speed = _speed(shipped, meta, images)
 
     root = Path(bundle_mod.PRETRAINED_DIR if out_root is None else out_root)
     out = root / name
@@ -193,14 +205,7 @@ def pack_pretrained(
     check = Predictor.from_checkpoint(out, device="cpu", precision="fp32", tta="none")
     if not np.allclose(check.predict_preprocessed(images[:16]), (b if fp16 else a)[:16], atol=1e-6):
         raise RuntimeError(f"{out}: the written bundle does not reproduce the packed model")
-    written = check.metadata
-    atomic_write_text(out / CARD_NAME, render_model_card(written))
-    index = pretrained_index(root)
-    index[name] = {
-        "description": description,
-        "files": {f: file_sha256(out / f) for f in (WEIGHTS_NAME, METADATA_NAME)},
-    }
-    atomic_write_json(root / INDEX_NAME, dict(sorted(index.items())))
+    _publish(root, name, description)
     console.print(
         f"{name}: wrote {out} ({weight_bytes / 1e6:.1f} MB weights), validation macro-F1 "
         f"{evaluation['macro_f1']:.3f} on {evaluation['n']} cells"
@@ -227,11 +232,5 @@ def update_card(
     meta["pretrained"] = {**meta["pretrained"], "description": description, "card": dict(card)}
     dtype = torch.float16 if meta.get("weights_dtype") == "float16" else torch.float32
     save_bundle(out, model, meta, weights_dtype=dtype)
-    atomic_write_text(out / CARD_NAME, render_model_card(read_metadata(out)))
-    index = pretrained_index(root)
-    index[name] = {
-        "description": description,
-        "files": {f: file_sha256(out / f) for f in (WEIGHTS_NAME, METADATA_NAME)},
-    }
-    atomic_write_json(root / INDEX_NAME, dict(sorted(index.items())))
+    _publish(root, name, description)
     return out
