@@ -33,9 +33,7 @@ def packed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]
     """A tiny bundle packed as the shipped model ``tiny`` in a temporary model folder."""
     root = tmp_path / "pretrained"
     monkeypatch.setattr(bundle_mod, "PRETRAINED_DIR", root)
-    val = write_synthetic_tree(tmp_path / "val", per_class=4, size=40)
-    for old, new in zip(sorted(p.name for p in val.iterdir()), BUNDLE_CLASSES, strict=True):
-        (val / old).rename(val / new)
+    val = write_synthetic_tree(tmp_path / "val", per_class=4, size=40)  # classes AAA, BBB, CCC
     src = make_bundle(tmp_path / "bundle")
     out = pack_pretrained(
         src,
@@ -122,8 +120,6 @@ def test_fp16_that_changes_probabilities_ships_float32_or_is_refused(
     root = tmp_path / "pretrained"
     monkeypatch.setattr(bundle_mod, "PRETRAINED_DIR", root)
     val = write_synthetic_tree(tmp_path / "val", per_class=2, size=40)
-    for old, new in zip(sorted(p.name for p in val.iterdir()), BUNDLE_CLASSES, strict=True):
-        (val / old).rename(val / new)
     src = make_bundle(tmp_path / "bundle")
     kw = dict(val_source=val, description="x", card=CARD, out_root=root, tolerance=0.0)
     with pytest.raises(ValueError, match="keep this model in float32"):
