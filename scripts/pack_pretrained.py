@@ -49,7 +49,7 @@ def main() -> None:
     bundle = run / args.checkpoint
     cfg = load_config(run / "config.yaml")
     split = run / "split.csv"
-    calibrated = (read_metadata(bundle).get("inference") or {}).get("calibration")
+    calibrated = read_metadata(bundle).inference.calibration
     if args.checkpoint == "last" and not calibrated:  # `fit` calibrates only the best bundle
         data = prepare_data(cfg, rows=read_manifest(split), progress=False)
         finalize_inference(bundle, data, cfg, device=resolve_device("cpu"), console=console)

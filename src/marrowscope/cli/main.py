@@ -147,14 +147,14 @@ def models() -> None:
         table.add_column(col)
     for name in index:
         meta = read_metadata(PRETRAINED_DIR / name)
-        pre = meta.get("pretrained", {})
+        pre = meta.pretrained or {}
         ev = pre.get("evaluation", {})
         lo, hi = ev.get("ci95", {}).get("macro_f1", (float("nan"), float("nan")))
         table.add_row(
             name,
-            " ".join(meta["classes"]),
-            f"{meta['input_size']} px",
-            str(meta.get("arch")),
+            " ".join(meta.classes),
+            f"{meta.input_size} px",
+            meta.arch,
             f"{ev.get('macro_f1', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] on {ev.get('n')} cells",
             f"{pre.get('weights_mb', 0):.1f} MB",
         )

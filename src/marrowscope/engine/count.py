@@ -68,18 +68,16 @@ def _sample_files(sample_dir: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _model_info(predictor: Predictor) -> dict[str, Any]:
-    meta = dict(getattr(predictor, "metadata", {}) or {})
-    config = meta.get("config") or {}
-    pre = meta.get("preprocess") or {}
+    meta = predictor.bundle_metadata_
     return {
-        "arch": meta.get("arch") or (meta.get("architecture") or {}).get("name"),
-        "name": config.get("name") if isinstance(config, dict) else None,
+        "arch": meta.arch,
+        "name": (meta.config or {}).get("name"),
         "classes": list(predictor.classes_),
-        "bundle_version": meta.get("marrowscope_version"),
-        "checkpoint": str(getattr(predictor, "checkpoint", "") or ""),
-        "backend": getattr(predictor, "backend", "torch"),
-        "input_size": int(meta.get("input_size") or predictor.input_size),
-        "denoise": bool(pre.get("denoise", False)),
+        "bundle_version": meta.marrowscope_version,
+        "checkpoint": str(predictor.checkpoint or ""),
+        "backend": predictor.backend,
+        "input_size": meta.input_size,
+        "denoise": bool((meta.preprocess or {}).get("denoise", False)),
     }
 
 

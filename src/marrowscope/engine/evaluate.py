@@ -148,7 +148,7 @@ def evaluate_bundle(
     """
     console = console or Console()
     meta = read_metadata(bundle_dir)
-    classes: list[str] = list(meta["classes"])
+    classes = list(meta.classes)
     rows = labelled_rows(Path(source), split)
     cmap = dict(class_map or {})
     rows = [ManifestRow(r.path, cmap.get(r.label, r.label), r.split, r.group) for r in rows]
@@ -165,7 +165,7 @@ def evaluate_bundle(
     if not rows:
         raise DataError(f"no labelled image to evaluate in {source}")
 
-    pre = config_from_params(meta["preprocess"])  # exactly what the Predictor applies
+    pre = config_from_params(meta.preprocess or {})  # exactly what the Predictor applies
     arrays, failures = PreprocessCache(pre).load_many(
         [r.path for r in rows], workers=pre.workers, progress=progress
     )

@@ -27,11 +27,13 @@ from rich.console import Console
 from marrowscope.engine.benchmark import machine_info
 from marrowscope.engine.evaluate import evaluate_bundle, labelled_rows
 from marrowscope.inference.predictor import Predictor
+from marrowscope.metadata import BundleMetadata
 from marrowscope.models import bundle as bundle_mod
 from marrowscope.models.bundle import (
     INDEX_NAME,
     METADATA_NAME,
     WEIGHTS_NAME,
+    BundleError,
     load_bundle,
     pretrained_index,
     read_metadata,
@@ -73,9 +75,7 @@ def fp16_copy(model: Classifier) -> Classifier:
     return out
 
 
-def _speed(
-    model: Classifier, meta: Mapping[str, Any], images: Sequence[np.ndarray]
-) -> dict[str, Any]:
+def _speed(model: Classifier, meta: BundleMetadata, images: Sequence[np.ndarray]) -> dict[str, Any]:
     """Cells/s of ``model`` on up to 128 decoded, preprocessed cells, with no test-time
     augmentation and with the bundle's, as a user's predictor runs it (precision ``auto``)."""
     sample = list(images[:128])
@@ -152,7 +152,7 @@ def pack_pretrained(
 
     # float16 storage, if it changes no probability by more than `tolerance` on these cells
     # (one view each, both computed in float32, so only the storage differs); else float32
-    pre = config_from_params(meta["preprocess"])
+    pre = config_from_params(meta.preprocess or {})
     paths = [r.path for r in labelled_rows(source, split)]
     arrays, _ = PreprocessCache(pre).load_many(paths, workers=pre.workers, progress=False)
     images = [a for a in arrays if a is not None]
@@ -188,8 +188,7 @@ def pack_pretrained(
         t.numel() * (2 if fp16 and t.is_floating_point() else t.element_size())
         for t in shipped.state_dict().values()
     )
-    meta = dict(meta)
-    meta["pretrained"] = {
+    pretrained = {
         "name": name,
         "description": description,
         "checkpoint": checkpoint_label,
@@ -199,7 +198,12 @@ def pack_pretrained(
         "speed": speed,
         "weights_mb": round(weight_bytes / 1e6, 2),
     }
-    save_bundle(out, shipped, meta, weights_dtype=torch.float16 if fp16 else torch.float32)
+    save_bundle(
+        out,
+        shipped,
+        meta.replace(pretrained=pretrained),
+        weights_dtype=torch.float16 if fp16 else torch.float32,
+    )
 
     # what was written loads back to exactly the rounded model
     check = Predictor.from_checkpoint(out, device="cpu", precision="fp32", tta="none")
@@ -229,8 +233,10 @@ def update_card(
     root = Path(bundle_mod.PRETRAINED_DIR if out_root is None else out_root)
     out = root / name
     model, meta = load_bundle(out, device="cpu")
-    meta["pretrained"] = {**meta["pretrained"], "description": description, "card": dict(card)}
-    dtype = torch.float16 if meta.get("weights_dtype") == "float16" else torch.float32
-    save_bundle(out, model, meta, weights_dtype=dtype)
+    if meta.pretrained is None:
+        raise BundleError(f"{out}: not a packed model (no 'pretrained' section in its metadata)")
+    pretrained = {**meta.pretrained, "description": description, "card": dict(card)}
+    dtype = torch.float16 if meta.weights_dtype == "float16" else torch.float32
+    save_bundle(out, model, meta.replace(pretrained=pretrained), weights_dtype=dtype)
     _publish(root, name, description)
     return out

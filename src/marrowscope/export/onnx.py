@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 import warnings
@@ -39,6 +38,7 @@ from marrowscope.inference.predictor import (
     default_metadata,
     softmax,
 )
+from marrowscope.metadata import BundleMetadata
 from marrowscope.models.bundle import WEIGHTS_NAME, load_bundle
 from marrowscope.models.registry import Classifier, ModelError
 from marrowscope.preprocess.ops import apply_preprocess, config_from_params, resize
@@ -159,21 +159,21 @@ def _torch_export(model: Classifier, path: Path, *, opset: int | None) -> str:
     )
 
 
-def _embed_metadata(path: Path, meta: Mapping[str, Any]) -> int | None:
+def _embed_metadata(path: Path, meta: BundleMetadata) -> int | None:
     """Write ``meta`` into the model's ``metadata_props``; returns the default-domain opset."""
     import onnx
 
     m = onnx.load(str(path))
     props = {p.key: p.value for p in m.metadata_props}
-    props[ONNX_METADATA_KEY] = json.dumps(meta, default=str)
+    props[ONNX_METADATA_KEY] = meta.to_json()
     del m.metadata_props[:]
     for k, v in props.items():
         m.metadata_props.add(key=k, value=v)
     m.producer_name = "marrowscope"
     m.doc_string = (
-        f"marrowscope {meta.get('arch')} classifier: input '{ONNX_INPUT}' float32 NCHW RGB in "
+        f"marrowscope {meta.arch} classifier: input '{ONNX_INPUT}' float32 NCHW RGB in "
         f"[0, 1] (normalised inside), output '{ONNX_OUTPUT}' over classes "
-        f"{', '.join(map(str, meta.get('classes', [])))}"
+        f"{', '.join(meta.classes)}"
     )
     onnx.save(m, str(path))
     return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -226,7 +226,7 @@ def check_parity(
 def export_onnx(
     model: Classifier,
     out: str | os.PathLike[str],
-    metadata: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | BundleMetadata | None = None,
     *,
     opset: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -257,12 +257,13 @@ def export_onnx(
     """
     ref = copy.deepcopy(getattr(model, "_orig_mod", model)).to("cpu", torch.float32)
     ref = ref.to(memory_format=torch.contiguous_format).eval()
-    meta = default_metadata(ref)
-    meta.update(dict(metadata or {}))
-    size = int(meta["input_size"])
+    meta = default_metadata(ref, metadata)
+    size = meta.input_size
     if size != ref.input_size:
         raise ExportError(f"metadata input size {size} differs from the model's {ref.input_size}")
-    real = list(real_images) if real_images is not None else sample_images(meta["preprocess"], size)
+    real = (
+        list(real_images) if real_images is not None else sample_images(meta.preprocess or {}, size)
+    )
     out = Path(out)
     result: dict[str, ParityReport] = {}
 
@@ -277,8 +278,8 @@ def export_onnx(
             "output": ONNX_OUTPUT,
             "dynamic_batch": True,
         }
-        meta["onnx"] = info
-        info["opset"] = _embed_metadata(tmp, meta)
+        embedded = meta.replace(onnx=info)  # info is completed below and embedded again
+        info["opset"] = _embed_metadata(tmp, embedded)
         report = check_parity(
             ref,
             tmp,
@@ -297,7 +298,7 @@ def export_onnx(
                 "file was written; try another --opset or report the model name"
             )
         info["parity"] = asdict(report)
-        _embed_metadata(tmp, meta)
+        _embed_metadata(tmp, embedded)
 
     atomic_write(out, write)
     return result["report"]

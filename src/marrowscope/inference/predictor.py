@@ -21,7 +21,6 @@ validation split after training; 1.0 = uncalibrated). ``Predictor(tta=...)`` ove
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,11 +31,11 @@ import numpy as np
 import torch
 
 from marrowscope import __version__
-from marrowscope.config import PreprocessConfig
+from marrowscope.config import PreprocessConfig, to_dict
 from marrowscope.inference.batching import iter_loaded
+from marrowscope.metadata import BUNDLE_FORMAT, TTA_MODES, BundleMetadata, MetadataError
 from marrowscope.metrics.classification import softmax
 from marrowscope.models.bundle import (
-    BUNDLE_FORMAT,
     METADATA_NAME,
     WEIGHTS_NAME,
     BundleError,
@@ -71,7 +70,6 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "onnx")
-TTA_MODES = ("none", "flips", "d8")
 ONNX_NAME = "model.onnx"
 """File name of the exported model inside a bundle folder."""
 ONNX_METADATA_KEY = "marrowscope"
@@ -135,32 +133,7 @@ def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
     return [np.ascontiguousarray(v) for v in views]
 
 
-def _check_metadata(meta: Any, source: str) -> dict[str, Any]:
-    """Check the keys prediction needs; returns ``meta``."""
-    if not isinstance(meta, dict):
-        raise PredictorError(f"{source}: metadata is not a JSON object; {_EXPORT_HINT}")
-    fmt = meta.get("format", BUNDLE_FORMAT)
-    if not isinstance(fmt, int) or isinstance(fmt, bool):
-        raise PredictorError(f"{source}: invalid metadata 'format' {fmt!r}; {_EXPORT_HINT}")
-    if fmt > BUNDLE_FORMAT:
-        raise PredictorError(
-            f"{source}: written by marrowscope {meta.get('marrowscope_version', '?')} (bundle "
-            f"format {fmt}); this marrowscope {__version__} reads format {BUNDLE_FORMAT} at most; "
-            "upgrade: pip install -U marrowscope"
-        )
-    missing = [k for k in ("classes", "input_size", "preprocess") if k not in meta]
-    if missing:
-        raise PredictorError(
-            f"{source}: metadata lacks {', '.join(missing)}; re-save the checkpoint with a "
-            "current marrowscope"
-        )
-    classes = meta["classes"]
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise PredictorError(f"{source}: 'classes' must list at least 2 class names")
-    return meta
-
-
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_onnx_metadata(path: str | os.PathLike[str]) -> BundleMetadata:
     """The bundle metadata embedded in an exported ONNX model (``metadata_props['marrowscope']``).
 
     Raises:
@@ -192,7 +165,7 @@ def _onnx_session(path: Path, *, threads: int) -> Any:
         ) from None
 
 
-def _session_metadata(sess: Any, path: Path) -> dict[str, Any]:
+def _session_metadata(sess: Any, path: Path) -> BundleMetadata:
     text = sess.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
     if not text:
         raise PredictorError(
@@ -200,12 +173,9 @@ def _session_metadata(sess: Any, path: Path) -> dict[str, Any]:
             f"preprocessing), so its outputs cannot be named; {_EXPORT_HINT}"
         )
     try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PredictorError(
-            f"{path}: the embedded marrowscope metadata is corrupt JSON ({e}); {_EXPORT_HINT}"
-        ) from None
-    return _check_metadata(meta, str(path))
+        return BundleMetadata.from_json(text, f"{path} (embedded metadata)")
+    except MetadataError as e:
+        raise PredictorError(f"{e}; or {_EXPORT_HINT}") from None
 
 
 def _is_single_image(obj: Any) -> bool:
@@ -236,7 +206,10 @@ class Predictor:
 
     Attributes:
         classes_: class names in index order (from the bundle).
-        metadata: the bundle's ``metadata.json`` (or the copy embedded in the ONNX model).
+        bundle_metadata_: the bundle's typed ``metadata.json``
+            (:class:`~marrowscope.metadata.BundleMetadata`; for the onnx backend the copy
+            embedded in the ONNX model).
+        metadata: the same as the JSON object (a dict).
         precision_: the resolved precision (torch backend).
         device_: the resolved device.
         preprocess_config_: the bundle's preprocessing parameters.
@@ -336,7 +309,7 @@ class Predictor:
     def from_model(
         cls,
         model: Classifier,
-        metadata: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | BundleMetadata | None = None,
         *,
         device: str = "auto",
         batch_size: int = 64,
@@ -347,7 +320,8 @@ class Predictor:
 
         Args:
             model: the classifier.
-            metadata: bundle-style metadata; missing keys are filled from the model (classes
+            metadata: the bundle's metadata, or a dict of some of its keys; missing keys are
+                filled from the model (classes
                 ``model.classes`` or ``class_0..``, preprocessing = resize to the input size).
         """
         self = cls(
@@ -359,8 +333,7 @@ class Predictor:
             tta=tta,
         )
         self._check_params()
-        meta = default_metadata(model)
-        meta.update(dict(metadata or {}))
+        meta = default_metadata(model, metadata)
         self._setup_torch(copy.deepcopy(model), meta, f"<model {model.arch}>")
         return self
 
@@ -375,36 +348,25 @@ class Predictor:
         if self.tta is not None and self.tta not in TTA_MODES:
             raise ValueError(f"unknown test-time augmentation {self.tta!r}; use none, flips or d8")
 
-    def _setup_common(self, meta: dict[str, Any], source: str) -> None:
-        meta = _check_metadata(meta, source)
+    def _setup_common(self, meta: BundleMetadata, source: str) -> None:
+        if meta.preprocess is None:
+            raise PredictorError(
+                f"{source}: the metadata lacks 'preprocess' (the preprocessing the model was "
+                "trained with), so images cannot be prepared for it; re-save the checkpoint with "
+                "a current marrowscope"
+            )
         try:
-            cfg = config_from_params(dict(meta["preprocess"]))
+            cfg = config_from_params(dict(meta.preprocess))
         except (ValueError, TypeError) as e:
             raise PredictorError(f"{source}: invalid preprocessing parameters: {e}") from None
-        inference = meta.get("inference") or {}
-        tta = self.tta if self.tta is not None else inference.get("tta", "none")
-        if tta not in TTA_MODES:
-            raise PredictorError(
-                f"{source}: unknown test-time augmentation {tta!r}; use none, flips or d8"
-            )
-        temperature = inference.get("temperature", 1.0)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not np.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise PredictorError(
-                f"{source}: inference.temperature must be a positive number, got {temperature!r}"
-            )
-        self.metadata = meta
-        self.classes_ = [str(c) for c in meta["classes"]]
+        self.bundle_metadata_ = meta
+        self.classes_ = list(meta.classes)
         self.preprocess_config_ = cfg
-        self.tta_ = str(tta)
-        self.temperature_ = float(temperature)
-        self._size = int(meta["input_size"])
+        self.tta_ = self.tta if self.tta is not None else meta.inference.tta
+        self.temperature_ = meta.inference.temperature
+        self._size = meta.input_size
 
-    def _setup_torch(self, model: Classifier, meta: dict[str, Any], source: str) -> None:
+    def _setup_torch(self, model: Classifier, meta: BundleMetadata, source: str) -> None:
         self._setup_common(meta, source)
         if model.num_classes != len(self.classes_):
             raise PredictorError(
@@ -445,7 +407,7 @@ class Predictor:
         sess = _onnx_session(onnx_file, threads=torch.get_num_threads())
         meta = _session_metadata(sess, onnx_file)
         weights = onnx_file.parent / WEIGHTS_NAME
-        want = (meta.get("onnx") or {}).get("weights_sha256")
+        want = (meta.onnx or {}).get("weights_sha256")
         if path.is_dir() and want and weights.is_file() and file_sha256(weights) != want:
             raise PredictorError(
                 f"{onnx_file} was exported from other weights than {weights} (the checkpoint "
@@ -480,6 +442,12 @@ class Predictor:
         return self._model
 
     @property
+    def metadata(self) -> dict[str, Any]:
+        """The bundle's metadata as the JSON object of ``metadata.json``."""
+        self._require_ready()
+        return self.bundle_metadata_.to_dict()
+
+    @property
     def input_size(self) -> int:
         """Side of the square image the network takes."""
         self._require_ready()
@@ -489,10 +457,10 @@ class Predictor:
     def arch(self) -> str:
         """The model's registry name (e.g. ``tf_efficientnet_lite0``)."""
         self._require_ready()
-        return str(self.metadata.get("arch") or self.metadata.get("architecture", {}).get("name"))
+        return self.bundle_metadata_.arch
 
     def _require_ready(self) -> None:
-        if not hasattr(self, "metadata"):
+        if not hasattr(self, "bundle_metadata_"):
             raise RuntimeError(
                 "this Predictor is not loaded; build it with Predictor.from_checkpoint(path)"
             )
@@ -763,18 +731,33 @@ class Predictor:
             yield from batch
 
 
-def default_metadata(model: Classifier) -> dict[str, Any]:
-    """Bundle-style metadata for a bare model: its classes (or ``class_0..``), size, mean/std,
-    and preprocessing = resize to the input size only."""
+def default_metadata(
+    model: Classifier, metadata: Mapping[str, Any] | BundleMetadata | None = None
+) -> BundleMetadata:
+    """The metadata of a bare model: its classes (or ``class_0..``), size, mean/std, and
+    preprocessing = resize to the input size only; keys of ``metadata`` (a dict) replace these,
+    a :class:`BundleMetadata` is returned as it is.
+
+    Raises:
+        PredictorError: a value of the wrong type in ``metadata``.
+    """
+    if isinstance(metadata, BundleMetadata):
+        return metadata
     classes = list(model.classes or [f"class_{i}" for i in range(model.num_classes)])
     pre = PreprocessConfig(size=model.input_size, resize=True, denoise=False, sharpen=False)
-    return {
+    meta = {
         "format": BUNDLE_FORMAT,
         "marrowscope_version": __version__,
+        "architecture": to_dict(model.config),
         "arch": model.arch,
         "classes": classes,
         "input_size": model.input_size,
         "mean": list(model.mean),
         "std": list(model.std),
         "preprocess": preprocess_params(pre),
+        **dict(metadata or {}),
     }
+    try:
+        return BundleMetadata.from_dict(meta, f"<metadata of model {model.arch}>")
+    except MetadataError as e:
+        raise PredictorError(str(e)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from marrowscope.models.bundle import (
     BUNDLE_FORMAT,
     BundleError,
+    BundleMetadata,
     load_bundle,
     read_metadata,
     save_bundle,
@@ -26,6 +27,7 @@ __all__ = [
     "OFFLINE_WEIGHTS",
     "PAPER_MODELS",
     "BundleError",
+    "BundleMetadata",
     "Classifier",
     "ModelError",
     "PretrainedWeightsError",

@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from marrowscope import __version__
-from marrowscope.config import ConfigError, from_dict, to_dict
+from marrowscope.config import to_dict
+from marrowscope.metadata import BUNDLE_FORMAT, BundleMetadata, MetadataError
 from marrowscope.models.registry import Classifier, ModelError, build_model
-from marrowscope.utils.io import atomic_write_json, file_sha256, json_default
+from marrowscope.utils.io import file_sha256
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -39,15 +40,13 @@ __all__ = [
     "INDEX_NAME",
     "PRETRAINED_DIR",
     "BundleError",
+    "BundleMetadata",
     "load_bundle",
     "pretrained_bundle",
     "pretrained_index",
     "read_metadata",
     "save_bundle",
 ]
-
-BUNDLE_FORMAT = 1
-"""Version of the bundle layout written by this package; newer bundles are refused."""
 
 WEIGHTS_NAME = "model.safetensors"
 METADATA_NAME = "metadata.json"
@@ -56,8 +55,6 @@ PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 """Where the shipped bundles live (package data), one folder per name, plus ``index.json``."""
 
 INDEX_NAME = "index.json"
-
-_REQUIRED = ("format", "architecture", "arch", "classes", "input_size", "mean", "std")
 
 
 class BundleError(ValueError):
@@ -75,37 +72,40 @@ def _is_bundle(directory: Path) -> bool:
 def save_bundle(
     directory: str | Path,
     model: Classifier,
-    metadata: Mapping[str, Any],
+    metadata: Mapping[str, Any] | BundleMetadata,
     *,
     weights_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write ``model`` and ``metadata`` as a bundle folder, replacing an existing bundle atomically.
 
-    The metadata gets ``format``, ``marrowscope_version``, ``architecture`` (the ModelConfig as a
-    dict), ``arch``, ``classes``, ``input_size``, ``mean``, ``std`` (these keys are always taken
-    from the model), plus every key of ``metadata`` (preprocess params, resolved config, metrics,
-    epoch...). ``classes`` comes from ``metadata["classes"]`` or else ``model.classes``;
+    The metadata (:class:`~marrowscope.metadata.BundleMetadata`) takes ``architecture``, ``arch``,
+    ``input_size``, ``mean``, ``std``, ``format``, ``marrowscope_version`` and
+    ``weights_dtype`` from the model and this call; everything else from ``metadata`` (a
+    :class:`BundleMetadata`, or a dict of its keys: preprocess params, resolved config, metrics,
+    epoch...). ``classes`` comes from ``metadata`` or else ``model.classes``;
     ``weights_source`` from ``metadata`` or else ``model.weights_source``.
 
     Args:
         directory: the bundle folder (created or replaced).
         model: the classifier (any device/dtype/memory format; saved as contiguous CPU fp32).
-        metadata: extra JSON-serialisable information.
+        metadata: the bundle's metadata, or a dict of extra information (JSON-serialisable).
         weights_dtype: storage type of the floating-point tensors: ``torch.float32``, or
             ``torch.float16`` for half the size (shipped models; recorded as
-            ``metadata["weights_dtype"]``, loaded back as float32).
+            ``weights_dtype``, loaded back as float32).
 
     Returns:
         The bundle folder.
 
     Raises:
-        ValueError: no class names, or their number differs from ``model.num_classes``.
+        ValueError: no class names, or their number differs from ``model.num_classes``; a
+            metadata value of the wrong type (:class:`~marrowscope.metadata.MetadataError`).
         BundleError: ``directory`` exists and is not a bundle (it is never replaced then).
         TypeError: metadata that JSON cannot represent.
     """
     directory = Path(directory)
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    classes = metadata.get("classes", model.classes)
+    extra = metadata.to_dict() if isinstance(metadata, BundleMetadata) else dict(metadata)
+    classes = extra.get("classes", model.classes)
     if classes is None:
         raise ValueError(
             "save_bundle needs the class names in index order: pass metadata['classes'] "
@@ -120,8 +120,7 @@ def save_bundle(
         raise ValueError(
             f"weights_dtype must be torch.float32 or torch.float16, got {weights_dtype}"
         )
-    meta = dict(metadata)
-    meta.update(
+    extra.update(
         weights_dtype=str(weights_dtype).removeprefix("torch."),
         format=BUNDLE_FORMAT,
         marrowscope_version=__version__,
@@ -132,10 +131,11 @@ def save_bundle(
         mean=list(model.mean),
         std=list(model.std),
     )
-    meta.setdefault("weights_source", model.weights_source)
+    extra.setdefault("weights_source", model.weights_source)
+    meta = BundleMetadata.from_dict(extra, source=f"metadata for {directory}")
     try:
-        json.dumps(meta, default=json_default)  # fail before touching the disk
-    except TypeError as e:
+        meta.to_json()  # fail before touching the disk
+    except (TypeError, ValueError) as e:
         raise TypeError(f"bundle metadata is not JSON serialisable: {e}") from None
 
     if directory.exists() and not directory.is_dir():
@@ -163,7 +163,7 @@ def save_bundle(
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _fsync(tmp / WEIGHTS_NAME)
-        atomic_write_json(tmp / METADATA_NAME, meta)
+        meta.write(tmp / METADATA_NAME)
         if directory.exists():
             if old.exists():
                 shutil.rmtree(old)
@@ -273,48 +273,23 @@ def _resolve(directory: str | Path) -> Path:
     )
 
 
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """Read and check a bundle's ``metadata.json``.
+def read_metadata(directory: str | Path) -> BundleMetadata:
+    """Read and check a bundle's ``metadata.json`` (a folder, or a shipped model's name).
 
     Raises:
-        BundleError: missing folder or file, invalid JSON, missing keys, or a newer format.
+        BundleError: missing folder or file, invalid JSON, missing keys or wrong values, or a
+            newer format.
     """
     d = _resolve(directory)
-    path = d / METADATA_NAME
-    fix = "re-save the checkpoint or use another one (e.g. RUN_DIR/last)"
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing; the bundle is incomplete; {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: cannot read ({e}); {fix}") from None
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path}: corrupt JSON ({e}); {fix}") from None
-    if not isinstance(meta, dict):
-        raise BundleError(f"{path}: expected a JSON object; {fix}")
-    fmt = meta.get("format")
-    if not isinstance(fmt, int) or isinstance(fmt, bool):
-        raise BundleError(f"{path}: no valid 'format' number; not a marrowscope bundle? {fix}")
-    if fmt > BUNDLE_FORMAT:
-        raise BundleError(
-            f"{d}: bundle format {fmt} was written by marrowscope "
-            f"{meta.get('marrowscope_version', '?')}; this marrowscope {__version__} reads format "
-            f"{BUNDLE_FORMAT} at most; upgrade: pip install -U marrowscope"
-        )
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise BundleError(f"{path}: missing key(s) {', '.join(missing)}; {fix}")
-    classes = meta["classes"]
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise BundleError(f"{path}: 'classes' must list at least 2 class names; {fix}")
-    return meta
+        return BundleMetadata.read(d / METADATA_NAME)
+    except MetadataError as e:
+        raise BundleError(str(e)) from None
 
 
 def load_bundle(
     directory: str | Path, *, device: str | torch.device = "cpu"
-) -> tuple[Classifier, dict[str, Any]]:
+) -> tuple[Classifier, BundleMetadata]:
     """Rebuild the model saved in a bundle (no pretrained download) and load its weights strictly.
 
     Args:
@@ -329,18 +304,12 @@ def load_bundle(
     """
     d = _resolve(directory)
     meta = read_metadata(d)
-    try:
-        cfg = from_dict({"model": meta["architecture"]}).model
-    except (ConfigError, TypeError) as e:
-        raise BundleError(
-            f"{d / METADATA_NAME}: invalid 'architecture' ({e}); the bundle may come from another "
-            "marrowscope version: pip install -U marrowscope"
-        ) from None
+    cfg = meta.architecture
     try:
         model = build_model(
-            cfg, len(meta["classes"]), input_size=int(meta["input_size"]), load_pretrained=False
+            cfg, meta.num_classes, input_size=meta.input_size, load_pretrained=False
         )
-        model.set_normalization(tuple(meta["mean"]), tuple(meta["std"]))
+        model.set_normalization(meta.mean, meta.std)
     except (ModelError, TypeError, ValueError) as e:
         raise BundleError(f"{d}: cannot rebuild architecture {cfg.name!r}: {e}") from None
 
@@ -371,11 +340,11 @@ def load_bundle(
         )
         raise BundleError(
             f"{wpath}: weights do not match architecture {cfg.name!r} with "
-            f"{len(meta['classes'])} classes ({detail}); metadata.json and model.safetensors "
+            f"{meta.num_classes} classes ({detail}); metadata.json and model.safetensors "
             "come from different models; re-save the checkpoint"
         )
     model.load_state_dict(state, strict=True)
-    model.classes = tuple(str(c) for c in meta["classes"])
+    model.classes = meta.classes
     model.eval()
     model.to(device)
     return model, meta

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from marrowscope.metadata import BundleMetadata
+
 __all__ = ["render_model_card"]
 
 
@@ -31,31 +33,35 @@ def _bullets(items: Any) -> list[str]:
     return [f"- {item}" for item in items or []]
 
 
-def render_model_card(meta: Mapping[str, Any]) -> str:
-    """Markdown model card of a shipped bundle's ``metadata.json``.
+def render_model_card(meta: BundleMetadata) -> str:
+    """Markdown model card of a shipped bundle, from its metadata.
 
     Raises:
-        KeyError: the metadata has no ``pretrained`` block (not a packed model).
+        ValueError: the metadata has no ``pretrained`` section (not a packed model).
     """
-    pre = meta["pretrained"]
+    if meta.pretrained is None:
+        raise ValueError(
+            "no model card without the 'pretrained' section of a packed model's metadata; pack "
+            "the model with scripts/pack_pretrained.py"
+        )
+    pre = meta.pretrained
     card = pre.get("card", {})
     ev = pre.get("evaluation", {})
     ci = ev.get("ci95")
-    cfg = meta.get("config", {})
-    train = cfg.get("train", {})
-    inference = meta.get("inference", {})
-    cal = inference.get("calibration") or {}
+    train = (meta.config or {}).get("train", {})
+    inference = meta.inference
+    cal = inference.calibration or {}
     parity = pre.get("fp16_parity", {})
     speed = pre.get("speed", {})
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     lines = [
         "---",
         f"name: {pre['name']}",
         "library_name: marrowscope",
         f"license: {card.get('license', 'see below')}",
-        f"architecture: {meta.get('arch')}",
+        f"architecture: {meta.arch}",
         f"classes: [{', '.join(classes)}]",
-        f"input_size: {meta.get('input_size')}",
+        f"input_size: {meta.input_size}",
         "---",
         "",
         f"# {pre['name']}: {pre.get('description', '')}",
@@ -73,7 +79,7 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         "",
         *_bullets(card.get("data")),
         "- Cells per class used for training: "
-        + ", ".join(f"{c} {n}" for c, n in (meta.get("train_counts") or {}).items()),
+        + ", ".join(f"{c} {n}" for c, n in (meta.train_counts or {}).items()),
         "",
         "## Licence and attribution",
         "",
@@ -81,24 +87,24 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         "",
         "## Recipe",
         "",
-        f"- {meta.get('arch')} ({meta.get('weights_source') or 'random initialisation'}), "
-        f"input {meta.get('input_size')} px, {train.get('epochs')} epochs, batch "
+        f"- {meta.arch} ({meta.weights_source or 'random initialisation'}), "
+        f"input {meta.input_size} px, {train.get('epochs')} epochs, batch "
         f"{train.get('batch_size')}, lr {train.get('lr')}, layer decay {train.get('layer_decay')}, "
         f"label smoothing {train.get('label_smoothing')}, imbalance: {train.get('imbalance')}.",
         f"- Trained with `{' '.join(str(card.get('train_command', '')).split())}`."
         if card.get("train_command")
         else "- Training command: see `config` in `metadata.json`.",
-        f"- Checkpoint: epoch {meta.get('epoch')} of {train.get('epochs')} "
+        f"- Checkpoint: epoch {meta.epoch} of {train.get('epochs')} "
         f"({pre.get('checkpoint', 'last')}); resolved training config in `metadata.json` "
         "(`config`).",
-        f"- Test-time augmentation `{inference.get('tta', 'none')}`, softmax temperature "
-        f"{_f(inference.get('temperature'))} (fitted on the validation split).",
+        f"- Test-time augmentation `{inference.tta}`, softmax temperature "
+        f"{_f(inference.temperature)} (fitted on the validation split).",
         "",
         "## Measured results",
         "",
         f"On the validation split ({ev.get('n', '?')} cells of the same dataset, never trained "
         f"on; image-level split), predicted as the model predicts by default (test-time "
-        f"augmentation `{ev.get('tta', inference.get('tta', 'none'))}`, the fitted temperature), "
+        f"augmentation `{ev.get('tta', inference.tta)}`, the fitted temperature), "
         "with bootstrap 95% CIs. " + str(card.get("results_note", "")),
         "",
         "| metric | value |",
@@ -122,20 +128,20 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         "",
         f"Expected calibration error on the validation split: {_f(cal.get('before', {}).get('ece'))} "
         f"at T = 1, {_f(cal.get('after', {}).get('ece'))} with the fitted temperature "
-        f"T = {_f(inference.get('temperature'))} (NLL {_f(cal.get('before', {}).get('nll'))} → "
+        f"T = {_f(inference.temperature)} (NLL {_f(cal.get('before', {}).get('nll'))} → "
         f"{_f(cal.get('after', {}).get('nll'))}). The temperature was fitted on the same cells "
         "it is scored on, so these figures are optimistic.",
         "",
         "## Storage and speed",
         "",
-        f"- Weights stored as {meta.get('weights_dtype', 'float32')} "
+        f"- Weights stored as {meta.weights_dtype} "
         f"({_f(pre.get('weights_mb'), '.1f')} MB), computed in float32 or bf16. Float16 storage "
         f"was measured on {parity.get('images', '?')} validation cells (one view each): it "
         f"changes a probability by at most {_f(parity.get('max_abs_diff'), '.1e')} (top-1 "
         f"agreement {_f(parity.get('agreement'), '.4f')}), "
         + (
             "within the 1e-3 allowed, so the weights ship in float16."
-            if meta.get("weights_dtype") == "float16"
+            if meta.weights_dtype == "float16"
             else f"more than the {parity.get('tolerance', 1e-3):g} allowed, so they ship in "
             "float32."
         ),
@@ -144,7 +150,7 @@ def render_model_card(meta: Mapping[str, Any]) -> str:
         lines.append(
             f"- {speed.get('images_per_s_tta_none', 0):.0f} cells/s without test-time "
             f"augmentation, {speed.get('images_per_s_tta_bundle', 0):.0f} cells/s with "
-            f"`{inference.get('tta', 'none')}` ({speed.get('machine', 'this machine')}, "
+            f"`{inference.tta}` ({speed.get('machine', 'this machine')}, "
             f"{speed.get('threads', '?')} threads, {speed.get('precision', '')}, network and "
             "preprocessing of decoded cells)."
         )

@@ -54,8 +54,8 @@ def test_pack_writes_fp16_weights_card_and_index(packed: tuple[Path, Path]) -> N
     assert "torch.float16" in {str(d) for d in dtypes}
     assert "torch.float32" not in {str(d) for d in dtypes}
     meta = read_metadata(out)
-    assert meta["weights_dtype"] == "float16"
-    pre = meta["pretrained"]
+    assert meta.weights_dtype == "float16"
+    pre = meta.pretrained
     assert pre["name"] == "tiny" and pre["evaluation"]["n"] == 12
     assert 0 <= pre["fp16_parity"]["max_abs_diff"] <= 1e-3
     assert pre["fp16_parity"]["images"] == 12
@@ -82,7 +82,7 @@ def test_a_shipped_name_works_wherever_a_checkpoint_does(packed: tuple[Path, Pat
     p = Predictor.from_pretrained("tiny", device="cpu")
     assert p.classes_ == BUNDLE_CLASSES
     assert Predictor.from_checkpoint("tiny", device="cpu").classes_ == BUNDLE_CLASSES
-    assert read_metadata("tiny")["pretrained"]["name"] == "tiny"
+    assert read_metadata("tiny").pretrained["name"] == "tiny"
     assert pretrained_bundle("tiny") == out
 
 
@@ -128,8 +128,8 @@ def test_fp16_that_changes_probabilities_ships_float32_or_is_refused(
 
     out = pack_pretrained(src, "tiny", console=Console(quiet=True), **kw)
     meta = read_metadata(out)
-    assert meta["weights_dtype"] == "float32"
-    assert meta["pretrained"]["fp16_parity"]["stored_as"] == "float32"
+    assert meta.weights_dtype == "float32"
+    assert meta.pretrained["fp16_parity"]["stored_as"] == "float32"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} >= {"torch.float32"}  # noqa: SIM118
     cells = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8) for i in range(4)]
@@ -152,8 +152,8 @@ def test_update_card_replaces_the_prose_and_keeps_weights_and_numbers(
         out_root=out.parent,
     )
     after = read_metadata("tiny")  # resolves through the index: the new sha256 must match
-    assert after["pretrained"]["evaluation"] == before["pretrained"]["evaluation"]
-    assert after["pretrained"]["card"]["limits"] == ["Only synthetic cells."]
+    assert after.pretrained["evaluation"] == before.pretrained["evaluation"]
+    assert after.pretrained["card"]["limits"] == ["Only synthetic cells."]
     card = (out / CARD_NAME).read_text()
     assert "Only synthetic cells." in card and "No hairy cells." not in card
     assert "# tiny: a renamed tiny model" in card

@@ -28,7 +28,7 @@ def _fp32(bundle: Path, **kw) -> Predictor:  # type: ignore[no-untyped-def]
 def _reference(bundle: Path, rgb: np.ndarray) -> np.ndarray:
     """Probabilities computed by hand: bundle preprocessing, /255, model, softmax."""
     model, meta = load_bundle(bundle)
-    arr = apply_preprocess(rgb, config_from_params(meta["preprocess"]))
+    arr = apply_preprocess(rgb, config_from_params(meta.preprocess))
     x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255.0
     with torch.no_grad():
         return torch.softmax(model(x), 1)[0].numpy()
@@ -323,13 +323,16 @@ def test_bundle_temperature_and_tta_shape_the_probabilities(tiny_bundle: Path) -
 
 @pytest.mark.parametrize(
     ("inference", "match"),
-    [({"tta": "d4"}, "unknown test-time"), ({"temperature": 0}, "positive number")],
+    [
+        ({"tta": "d4"}, r"metadata.json: inference.tta must be one of none, flips, d8, got 'd4'"),
+        ({"temperature": 0}, r"metadata.json: inference.temperature must be a positive number"),
+    ],
 )
 def test_bad_inference_settings_in_a_bundle_are_named(
     tiny_bundle: Path, inference: dict, match: str  # type: ignore[type-arg]
 ) -> None:
     _with_inference(tiny_bundle, inference)
-    with pytest.raises(PredictorError, match=match):
+    with pytest.raises(BundleError, match=match):
         _fp32(tiny_bundle)
     with pytest.raises(ValueError, match="unknown test-time"):
         Predictor.from_checkpoint(tiny_bundle, tta="sideways")

@@ -56,13 +56,15 @@ def test_round_trip_gives_identical_outputs(tmp_path: Path, name: str) -> None:
         torch.testing.assert_close(loaded(_x()), model(_x()), rtol=0, atol=0)
     assert not loaded.training and loaded.classes == tuple(CLASSES)
     assert loaded.arch == name and loaded.mean == model.mean and loaded.std == model.std
-    assert meta["format"] == BUNDLE_FORMAT
-    assert meta["marrowscope_version"] == marrowscope.__version__
-    assert meta["architecture"]["name"] == name and meta["arch"] == name
-    assert meta["classes"] == CLASSES and meta["input_size"] == 32
-    assert meta["mean"] == list(model.mean) and meta["epoch"] == 3
-    assert meta["metrics"] == {"f1": 0.5} and meta["preprocess"] == {"size": 32}
+    assert meta.format == BUNDLE_FORMAT
+    assert meta.marrowscope_version == marrowscope.__version__
+    assert meta.architecture.name == name and meta.arch == name
+    assert meta.classes == tuple(CLASSES) and meta.input_size == 32
+    assert meta.mean == model.mean and meta.epoch == 3 and meta.weights_dtype == "float32"
+    assert meta.metrics == {"f1": 0.5} and meta.preprocess == {"size": 32}
     assert read_metadata(out) == meta
+    on_disk = json.loads((out / "metadata.json").read_text())
+    assert on_disk["architecture"]["name"] == name and on_disk["classes"] == CLASSES
     assert not list(tmp_path.glob(".best.tmp-*")) and not (tmp_path / "best.old").exists()
 
 
@@ -83,7 +85,7 @@ def test_classes_from_the_model_and_count_checked(tmp_path: Path) -> None:
         save_bundle(tmp_path / "b", model, {"classes": CLASSES[:2]})
     model.classes = tuple(CLASSES)
     save_bundle(tmp_path / "b", model, {})
-    assert read_metadata(tmp_path / "b")["classes"] == CLASSES
+    assert read_metadata(tmp_path / "b").classes == tuple(CLASSES)
 
 
 def test_save_replaces_an_existing_bundle(tmp_path: Path) -> None:
@@ -91,7 +93,7 @@ def test_save_replaces_an_existing_bundle(tmp_path: Path) -> None:
     second = _model(seed=1)
     save_bundle(tmp_path / "last", second, {"classes": CLASSES, "epoch": 2})
     loaded, meta = load_bundle(tmp_path / "last")
-    assert meta["epoch"] == 2
+    assert meta.epoch == 2
     with torch.no_grad():
         torch.testing.assert_close(loaded(_x()), second(_x()), rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]

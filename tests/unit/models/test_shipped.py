@@ -41,9 +41,9 @@ def test_shipped_files_match_their_sha256_and_classes(name: str) -> None:
     for file, expected in pretrained_index()[name]["files"].items():
         assert file_sha256(folder / file) == expected
     meta = read_metadata(name)
-    assert meta["classes"] == SHIPPED[name]
-    assert meta["input_size"] == 250 and meta["arch"] == "mobilenetv2_100"
-    assert meta["pretrained"]["name"] == name
+    assert list(meta.classes) == SHIPPED[name]
+    assert meta.input_size == 250 and meta.arch == "mobilenetv2_100"
+    assert meta.pretrained["name"] == name
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -53,9 +53,9 @@ def test_shipped_weights_are_small_and_float16_only_where_it_changes_nothing(nam
     with safe_open(str(path), framework="pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     meta = read_metadata(name)
-    parity = meta["pretrained"]["fp16_parity"]  # measured by the packer on every validation cell
+    parity = meta.pretrained["fp16_parity"]  # measured by the packer on every validation cell
     assert parity["images"] >= 300
-    dtype = meta["weights_dtype"]
+    dtype = meta.weights_dtype
     assert {str(v.dtype) for v in stored.values() if v.is_floating_point()} == {f"torch.{dtype}"}
     if dtype == "float16":
         assert parity["max_abs_diff"] <= 1e-3 and parity["agreement"] >= 0.995
@@ -73,7 +73,7 @@ def test_shipped_weights_are_small_and_float16_only_where_it_changes_nothing(nam
 def test_model_card_has_the_measured_numbers_and_the_limits(name: str) -> None:
     card = (PRETRAINED_DIR / name / "MODEL_CARD.md").read_text(encoding="utf-8")
     meta = read_metadata(name)
-    ev = meta["pretrained"]["evaluation"]
+    ev = meta.pretrained["evaluation"]
     assert f"| macro-F1 | {ev['macro_f1']:.3f}" in card
     for cls in SHIPPED[name]:
         assert f"| {cls} |" in card
@@ -100,5 +100,5 @@ def test_models_command_lists_the_shipped_models() -> None:
     for name, classes in SHIPPED.items():
         assert name in result.output
         assert all(c in result.output for c in classes)
-    macro_f1 = read_metadata("bm8")["pretrained"]["evaluation"]["macro_f1"]
+    macro_f1 = read_metadata("bm8").pretrained["evaluation"]["macro_f1"]
     assert f"{macro_f1:.3f}" in result.output
