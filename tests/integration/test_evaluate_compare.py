@@ -147,6 +147,30 @@ def test_compare_writes_the_paper_tables(synthetic_tree: Path, tmp_path: Path) -
     assert (out / "runs" / "paper_cnn" / "best" / "model.safetensors").stat().st_mtime == mtime
 
 
+def test_a_bad_model_override_fails_before_any_data_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import marrowscope.engine.compare as compare_mod
+    from marrowscope.config import ConfigError
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("data was read before the overrides were checked")
+
+    monkeypatch.setattr(compare_mod, "prepare_data", no_data)
+    cfg = from_dict(
+        _cfg(
+            tmp_path / "no-such-folder",
+            compare={
+                "models": ["paper_cnn", "mobilenetv2_100"],
+                "model_overrides": {"mobilenetv2_100": {"train.swa_lr": -1}},
+            },
+        )
+    )
+    with pytest.raises(ConfigError, match=r"train.swa_lr: must be > 0, got -1"):
+        compare(cfg, tmp_path / "cmp", progress=False)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_transfer_learning_on_the_bundled_real_sample(tmp_path: Path) -> None:
     """Real Matek cells + offline ImageNet EfficientNet-Lite0: one short epoch must beat chance."""
     cfg = from_dict(

@@ -97,7 +97,7 @@ def _model_row(
         "train_seconds": summary["train_seconds"],
         "params": summary["params"],
         "metrics": metrics,
-        "val_metrics": predictor.metadata.get("metrics"),
+        "val_metrics": predictor.bundle_metadata_.metrics,
     }
 
 
@@ -116,6 +116,8 @@ def compare(
     """
     console = console or Console()
     models = list(cfg.compare.models) or [cfg.model.name]
+    # every model's config is checked (its overrides included) before any data is read
+    configs = {name: model_config(cfg, name) for name in models}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, progress=progress)
@@ -124,7 +126,7 @@ def compare(
     rows = []
     for i, name in enumerate(models, 1):
         console.rule(f"[bold]model {i}/{len(models)}: {name}")
-        mcfg = model_config(cfg, name)
+        mcfg = configs[name]
         run_dir = out / "runs" / name
         finished = (run_dir / "summary.json").is_file() and (run_dir / "best").is_dir()
         if resume and finished:

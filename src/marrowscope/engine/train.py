@@ -40,12 +40,12 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import marrowscope
 from marrowscope.config import (
-    ConfigError,
     ExperimentConfig,
     TrainConfig,
     load_config,
     save_config,
     to_dict,
+    validate,
 )
 from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import read_manifest
@@ -144,28 +144,6 @@ def lr_lambda_factory(  # type: ignore[no-untyped-def]
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def check_progressive(cfg: ExperimentConfig) -> None:
-    """Raise :class:`ConfigError` for progressive-resizing settings that cannot work."""
-    t, full = cfg.train, cfg.preprocess.size
-    if t.progressive_size is None:
-        return
-    if not 32 <= t.progressive_size <= full:
-        raise ConfigError(
-            f"train.progressive_size must be between 32 and preprocess.size ({full}) px, got "
-            f"{t.progressive_size} (e.g. 176; null turns it off)"
-        )
-    if not 0.0 < t.progressive_epochs <= 1.0:
-        raise ConfigError(
-            f"train.progressive_epochs is a fraction of train.epochs in (0, 1], got "
-            f"{t.progressive_epochs}"
-        )
-    if cfg.model.name.strip() == "paper_cnn":
-        raise ConfigError(
-            "train.progressive_size does not work with paper_cnn (its dense layer fixes the input "
-            "size); set train.progressive_size=null"
-        )
 
 
 def train_size(cfg: ExperimentConfig, epoch: int) -> int:
@@ -275,8 +253,6 @@ def _make_ema(model: nn.Module, decay: float | None) -> Any:
     ``None`` when ``decay`` is ``None``."""
     if decay is None:
         return None
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"train.ema_decay must be in (0, 1) (e.g. 0.998), got {decay}")
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=decay, use_warmup=True)
@@ -284,28 +260,9 @@ def _make_ema(model: nn.Module, decay: float | None) -> Any:
 
 def _make_swa(model: nn.Module, t: TrainConfig) -> Any:
     """``AveragedModel`` of ``model`` (weights and buffers) when ``t.swa_epochs`` > 0, else
-    ``None``.
-
-    Raises:
-        ConfigError: ``swa_epochs`` out of range, ``swa_lr`` not positive, or EMA asked for too.
-    """
+    ``None``. The SWA settings were checked with the config (:class:`TrainConfig`)."""
     if not t.swa_epochs:
-        if t.swa_lr is not None:
-            raise ConfigError(
-                f"train.swa_lr={t.swa_lr} needs train.swa_epochs > 0 (e.g. train.swa_epochs=4)"
-            )
         return None
-    if not 0 < t.swa_epochs <= t.epochs:
-        raise ConfigError(
-            f"train.swa_epochs must be between 1 and train.epochs ({t.epochs}), got {t.swa_epochs}"
-        )
-    if t.swa_lr is not None and not t.swa_lr > 0:
-        raise ConfigError(f"train.swa_lr must be > 0 (e.g. 0.05), got {t.swa_lr}")
-    if t.ema_decay is not None:
-        raise ConfigError(
-            "train.swa_epochs and train.ema_decay both average the weights; set one of them "
-            "(e.g. train.ema_decay=null)"
-        )
     from torch.optim.swa_utils import AveragedModel
 
     return AveragedModel(model, use_buffers=True)
@@ -351,8 +308,8 @@ def finalize_inference(
         "before": scores(1.0),
         "after": scores(temperature),
     }
-    meta["inference"] = {"tta": tta, "temperature": temperature, "calibration": report}
-    save_bundle(bundle_dir, model, meta)
+    inference = {"tta": tta, "temperature": temperature, "calibration": report}
+    save_bundle(bundle_dir, model, meta.replace(inference=inference))
     b, a = report["before"], report["after"]
     console.print(
         f"inference: tta={tta}, temperature {temperature:.3f} (validation ECE "
@@ -383,6 +340,9 @@ def fit(
         data: already prepared data (``compare`` shares one split between models).
         console: where the summary is printed.
         progress: show progress bars.
+
+    Raises:
+        ConfigError: a config value or rule is broken (before any data is read).
     """
     console = console or Console()
     wall_start = time.perf_counter()
@@ -406,9 +366,11 @@ def fit(
             f"{run_dir} already holds a training run; pass --resume to continue it or choose a new "
             "--run-dir"
         )
+    # before any data is read (and before the run folder is made): every config value and rule;
+    # from_dict checked them already, this catches a config built in code (dataclasses.replace)
+    validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    check_progressive(cfg)  # before any data is read
     seed_everything(cfg.seed)
     set_threads(cfg.train.threads)
     # Tiny optimizer statistics can become denormal floats late in training, which x86 CPUs

@@ -22,7 +22,7 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from marrowscope.config import ModelConfig
+from marrowscope.config import ModelConfig, validate
 from marrowscope.models.paper_cnn import PaperCNN
 from marrowscope.models.weights import (
     ModelError,
@@ -335,6 +335,7 @@ def build_model(
             loader passes ``False`` (its weights come from the bundle).
 
     Raises:
+        ConfigError: a ``cfg`` value out of range (see :class:`~marrowscope.config.ModelConfig`).
         ModelError: unknown name, bad settings, or pretrained weights for paper_cnn.
         PretrainedWeightsError: pretrained weights were asked for and cannot be loaded.
     """
@@ -342,10 +343,7 @@ def build_model(
         raise ModelError(f"a classifier needs at least 2 classes; got num_classes={num_classes}")
     if input_size < 32:
         raise ModelError(f"input size {input_size} px is too small; use at least 32 (224 is usual)")
-    if not 0.0 <= cfg.head_dropout < 1.0:
-        raise ModelError(f"model.head_dropout must be in [0, 1); got {cfg.head_dropout}")
-    if cfg.head_hidden < 1:
-        raise ModelError(f"model.head_hidden must be a positive integer; got {cfg.head_hidden}")
+    validate(cfg)  # ModelConfig's ranges (head_hidden, dropout rates): cfg may be built in code
     if load_pretrained is None and cfg.weights_file and not cfg.pretrained:
         raise ModelError(
             f"model.weights_file={cfg.weights_file} is set but model.pretrained=false; set "

@@ -18,7 +18,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from marrowscope.config import AugmentConfig
+from marrowscope.config import AugmentConfig, validate
 
 __all__ = [
     "BatchMix",
@@ -112,13 +112,7 @@ class BatchMix:
     """
 
     def __init__(self, aug: AugmentConfig, num_classes: int) -> None:
-        if aug.mixup_alpha < 0 or aug.cutmix_alpha < 0:
-            raise ValueError(
-                f"augment.mixup_alpha and augment.cutmix_alpha must be >= 0; got "
-                f"{aug.mixup_alpha}, {aug.cutmix_alpha}"
-            )
-        if not 0.0 <= aug.mix_prob <= 1.0:
-            raise ValueError(f"augment.mix_prob is a probability in [0, 1]; got {aug.mix_prob}")
+        validate(aug)  # the alphas and mix_prob are checked with the config (AugmentConfig)
         ops: list[Any] = []
         if aug.mixup_alpha > 0:
             ops.append(v2.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
@@ -157,29 +151,6 @@ class _EnsureImage(v2.Transform):
         raise TypeError(f"expected a numpy array or a torch tensor, got {type(inpt).__name__}")
 
 
-def _check(aug: AugmentConfig) -> None:
-    for name in ("hflip", "vflip"):
-        v = getattr(aug, name)
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"augment.{name} is a probability in [0, 1]; got {v}")
-    if aug.rotation < 0 or aug.rotation > 180:
-        raise ValueError(f"augment.rotation is +/- degrees in [0, 180]; got {aug.rotation}")
-    lo, hi = aug.zoom
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(
-            f"augment.zoom is an area scale range 0 < low <= high <= 1; got {aug.zoom} "
-            "(use [1.0, 1.0] to disable zoom)"
-        )
-    for name in ("brightness", "contrast", "saturation"):
-        v = getattr(aug, name)
-        if v < 0:
-            raise ValueError(f"augment.{name} must be >= 0; got {v}")
-    if not 0.0 <= aug.hue <= 0.5:
-        raise ValueError(f"augment.hue must be in [0, 0.5]; got {aug.hue}")
-    if not 0.0 <= aug.stain <= 1.0:
-        raise ValueError(f"augment.stain must be in [0, 1]; got {aug.stain}")
-
-
 def train_transform(aug: AugmentConfig, size: int) -> v2.Compose:
     """Random augmentation for training, with magnitudes from ``aug``.
 
@@ -190,9 +161,11 @@ def train_transform(aug: AugmentConfig, size: int) -> v2.Compose:
     whole batches: see :class:`BatchMix`.
 
     Raises:
-        ValueError: an out-of-range setting (named ``augment.<key>``).
+        ConfigError: an out-of-range setting (named ``augment.<key>``; the ranges are those of
+            :class:`~marrowscope.config.AugmentConfig`, checked here too for a config built in
+            code).
     """
-    _check(aug)
+    validate(aug)
     steps: list[Any] = [_EnsureImage()]
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
