@@ -25,14 +25,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table as RichTable
 
 from marrowscope import __version__
 from marrowscope.config import ModelConfig
@@ -45,10 +45,13 @@ from marrowscope.inference.predictor import (
     PredictorError,
     default_metadata,
 )
+from marrowscope.metadata import BundleMetadata
 from marrowscope.models.bundle import load_bundle, pretrained_bundle, pretrained_index
 from marrowscope.models.registry import Classifier, build_model
 from marrowscope.preprocess.cache import resolve_workers
 from marrowscope.preprocess.ops import config_from_params, preprocess_steps
+from marrowscope.reports.benchmark_report import BENCH_FORMATS, benchmark_markdown, benchmark_rows
+from marrowscope.reports.tables import to_rich
 from marrowscope.utils.image import read_image
 from marrowscope.utils.runtime import cpu_has_native_bf16
 
@@ -143,7 +146,7 @@ def machine_info() -> dict[str, Any]:
 
 def load_target(
     target: str, *, num_classes: int = 8, input_size: int = 224
-) -> tuple[Classifier, dict[str, Any], Path | None]:
+) -> tuple[Classifier, BundleMetadata, Path | None]:
     """A checkpoint bundle folder, a shipped model's name, or a model name built with random
     weights.
 
@@ -196,7 +199,7 @@ def _row(backend: str, mode: str, bs: int, times: Sequence[float], images: int) 
 
 def _predictors(
     model: Classifier,
-    meta: dict[str, Any],
+    meta: BundleMetadata,
     bundle: Path | None,
     backends: Sequence[str],
     tmp: Path,
@@ -299,12 +302,13 @@ def run_benchmark(
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     model, meta, bundle = load_target(target, num_classes=num_classes, input_size=input_size)
-    size = int(meta["input_size"])
+    size = meta.input_size
+    pre = meta.preprocess or {}
     img_root = resolve_root(images) if images is not None else SAMPLE_ROOT
     files = collect_image_paths([img_root])
     report = BenchReport(
         target=str(target),
-        arch=str(meta.get("arch", target)),
+        arch=meta.arch,
         input_size=size,
         machine=machine_info(),
         settings={
@@ -317,9 +321,9 @@ def run_benchmark(
             "workers": resolve_workers(workers),
             "random_weights": bundle is None,
         },
-        denoise=bool(meta["preprocess"].get("denoise")),
+        denoise=bool(pre.get("denoise")),
     )
-    report.preprocess_ms = _preprocess_cost(files, dict(meta["preprocess"]))
+    report.preprocess_ms = _preprocess_cost(files, dict(pre))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="marrowscope-bench-") as tmp:
         preds = _predictors(model, meta, bundle, backends, Path(tmp), console)
@@ -441,61 +445,17 @@ def _add_notes(report: BenchReport, batch_sizes: Sequence[int]) -> None:
 # ------------------------------------------------------------------------------------- output
 
 
-def _fmt(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:,.{digits}f}"
-
-
-def format_table(report: BenchReport) -> Table:
+def format_table(report: BenchReport) -> RichTable:
     """A rich table of the measurements."""
-    t = Table(
+    return to_rich(
+        benchmark_rows(asdict(report)),
         title=f"{report.arch} ({report.input_size} px) on {report.machine['cpu']}, "
-        f"{report.machine['torch_threads']} threads"
+        f"{report.machine['torch_threads']} threads",
+        colfmt=BENCH_FORMATS,
+        wrap=("note",),
     )
-    for col in ("backend", "mode", "batch", "images/s", "median ms", "p95 ms", "batches", "note"):
-        left = col in ("backend", "mode", "note")
-        t.add_column(col, justify="left" if left else "right", no_wrap=col != "note")
-    for r in report.rows:
-        t.add_row(
-            r.backend,
-            r.mode,
-            str(r.batch_size),
-            _fmt(r.images_per_s),
-            _fmt(r.median_ms, 2),
-            _fmt(r.p95_ms, 2),
-            str(r.batches),
-            r.note,
-        )
-    return t
 
 
 def to_markdown(report: BenchReport) -> str:
-    """The report as Markdown: machine, settings, results, preprocessing cost, notes."""
-    m, s = report.machine, report.settings
-    lines = [
-        f"## Inference benchmark: {report.arch}",
-        "",
-        f"- target: `{report.target}`"
-        + (" (random weights)" if s.get("random_weights") else " (checkpoint bundle)"),
-        f"- date: {m['date']}",
-        f"- CPU: {m['cpu']} ({m['cores']} cores usable, {m['torch_threads']} torch threads, "
-        f"native bf16: {'yes' if m['native_bf16'] else 'no'})",
-        f"- versions: marrowscope {m['marrowscope']}, torch {m['torch']}, onnxruntime "
-        f"{m['onnxruntime']}, Python {m['python']}",
-        f"- input {report.input_size} px; warm-up {s['warmup']} batches; at least "
-        f"{s['min_time_s']} s per measurement; end to end on {s['n_images']} files from "
-        f"`{s['images']}` with {s['workers']} decoding worker(s)",
-        "",
-        "| backend | mode | batch | images/s | median ms/batch | p95 ms/batch | note |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
-    for r in report.rows:
-        lines.append(
-            f"| {r.backend} | {r.mode} | {r.batch_size} | {_fmt(r.images_per_s)} | "
-            f"{_fmt(r.median_ms, 2)} | {_fmt(r.p95_ms, 2)} | {r.note} |"
-        )
-    if report.preprocess_ms:
-        lines += ["", "| preprocessing step | ms/image (one process) |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in report.preprocess_ms.items()]
-    if report.notes:
-        lines += ["", *[f"- {n}" for n in report.notes]]
-    return "\n".join(lines) + "\n"
+    """The report as Markdown (:func:`marrowscope.reports.benchmark_report.benchmark_markdown`)."""
+    return benchmark_markdown(asdict(report))

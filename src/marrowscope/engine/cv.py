@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 import marrowscope
 from marrowscope.config import ExperimentConfig, to_dict
@@ -60,6 +59,7 @@ from marrowscope.metrics.classification import (
     softmax,
 )
 from marrowscope.reports.cv_report import cv_report, mean_std
+from marrowscope.reports.tables import to_rich
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = ["TTA_VIEWS", "cross_validate", "summarize"]
@@ -382,16 +382,14 @@ def _score_variants(
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     """One table: each TTA variant's mean ± std over folds."""
-    table = Table(title=f"{summary['n_folds']}-fold cross-validation", show_header=True)
-    for col in ("TTA", "accuracy", "macro-F1", "pooled macro-F1", "ECE calibrated"):
-        table.add_column(col, justify="right" if col != "TTA" else "left")
-    for tta, v in summary["variants"].items():
-        ms = v["mean_std"]
-        table.add_row(
-            tta,
-            mean_std(ms["accuracy"]),
-            mean_std(ms["macro_f1"]),
-            f"{v['pooled']['macro_f1']:.3f}",
-            mean_std(ms["ece_calibrated"]),
-        )
-    console.print(table)
+    rows = [
+        {
+            "TTA": tta,
+            "accuracy": mean_std(v["mean_std"]["accuracy"]),
+            "macro-F1": mean_std(v["mean_std"]["macro_f1"]),
+            "pooled macro-F1": v["pooled"]["macro_f1"],
+            "ECE calibrated": mean_std(v["mean_std"]["ece_calibrated"]),
+        }
+        for tta, v in summary["variants"].items()
+    ]
+    console.print(to_rich(rows, title=f"{summary['n_folds']}-fold cross-validation"))

@@ -24,6 +24,8 @@ from marrowscope.utils.io import atomic_write
 __all__ = [
     "DPI",
     "confusion_matrix_figure",
+    "model_comparison_figure",
+    "per_class_f1_figure",
     "training_curves_figure",
     "plot_confusion_matrix",
     "plot_model_comparison",
@@ -261,6 +263,17 @@ def plot_model_comparison(
     """
     if not rows:
         raise ValueError(f"no model to compare, nothing to plot into {path}")
+    return _save(model_comparison_figure(rows, metrics=metrics), path)
+
+
+def model_comparison_figure(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    metrics: Sequence[str] = ("val_accuracy", "test_accuracy", "test_macro_f1"),
+) -> Figure:
+    """The figure of :func:`plot_model_comparison` (for tests and notebooks)."""
+    if not rows:
+        raise ValueError("no model to compare")
     if not metrics:
         raise ValueError("metrics is empty: name at least one row key to draw")
     models = [str(r["model"]) for r in rows]
@@ -281,7 +294,7 @@ def plot_model_comparison(
     )
     if len(models) > 4:
         ax.tick_params(axis="x", labelrotation=30)
-    return _save(fig, path)
+    return fig
 
 
 def plot_per_class_f1(per_model: Mapping[str, Mapping[str, float]], path: Path) -> Path:
@@ -297,6 +310,13 @@ def plot_per_class_f1(per_model: Mapping[str, Mapping[str, float]], path: Path) 
     """
     if not per_model:
         raise ValueError(f"no model given, nothing to plot into {path}")
+    return _save(per_class_f1_figure(per_model), path)
+
+
+def per_class_f1_figure(per_model: Mapping[str, Mapping[str, float]]) -> Figure:
+    """The figure of :func:`plot_per_class_f1` (for tests and notebooks)."""
+    if not per_model:
+        raise ValueError("no model given")
     classes: list[str] = []
     for scores in per_model.values():
         classes.extend(c for c in scores if c not in classes)
@@ -312,4 +332,4 @@ def plot_per_class_f1(per_model: Mapping[str, Mapping[str, float]], path: Path) 
     ax.set_title("Per-class F1")
     ax.tick_params(axis="x", labelrotation=90 if len(classes) > 8 else 0)
     ax.legend(fontsize=8, ncols=min(len(series), 4), loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    return _save(fig, path)
+    return fig

@@ -14,9 +14,12 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from marrowscope.utils.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from rich.table import Table as RichTable
 
 __all__ = [
     "TABLE1_COLUMNS",
@@ -27,6 +30,7 @@ __all__ = [
     "table2_focus",
     "table3_per_class",
     "to_markdown",
+    "to_rich",
     "write_csv",
 ]
 
@@ -180,6 +184,34 @@ def to_markdown(
         for r in table
     ]
     return "\n".join([header, rule, *body]) + "\n"
+
+
+def to_rich(
+    table: Sequence[Mapping[str, Any]],
+    title: str | None = None,
+    floatfmt: str = ".3f",
+    *,
+    colfmt: Mapping[str, str] | None = None,
+    wrap: Sequence[str] = (),
+) -> RichTable:
+    """The same table for the terminal (a :class:`rich.table.Table`): the columns and cell
+    formats of :func:`to_markdown`, numeric columns right-aligned, cells not wrapped except in
+    the ``wrap`` columns."""
+    from rich.table import Table as _Rich
+
+    colfmt = dict(colfmt or {})
+    cols = _columns(table) if table else []
+    out = _Rich(title=title)
+    for c in cols:
+        numeric = all(
+            isinstance(r.get(c), int | float) and not isinstance(r.get(c), bool)
+            for r in table
+            if r.get(c) is not None
+        )
+        out.add_column(c, justify="right" if numeric else "left", no_wrap=c not in wrap)
+    for r in table:
+        out.add_row(*(_cell(r.get(c), colfmt.get(c, floatfmt)) for c in cols))
+    return out
 
 
 def write_csv(

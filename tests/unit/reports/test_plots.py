@@ -11,6 +11,8 @@ import pytest
 from marrowscope.reports.plots import (
     DPI,
     confusion_matrix_figure,
+    model_comparison_figure,
+    per_class_f1_figure,
     plot_confusion_matrix,
     plot_model_comparison,
     plot_per_class_f1,
@@ -120,3 +122,36 @@ def test_per_class_f1_png(tmp_path: Path, rows) -> None:
     }
     out = plot_per_class_f1(per_model, tmp_path / "per_class_f1.png")
     assert_png(out, 6.0 * DPI, 4.0 * DPI)
+
+
+def _bars(ax) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    """Bar heights per legend label, in x order."""
+    out: dict[str, list[float]] = {}
+    for container in ax.containers:
+        out[container.get_label()] = [b.get_height() for b in container]
+    return out
+
+
+def test_model_comparison_content(rows) -> None:  # type: ignore[no-untyped-def]
+    rows[1]["val_accuracy"] = None
+    ax = model_comparison_figure(rows).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["resnet50", "vit_small"]
+    bars = _bars(ax)
+    assert list(bars) == ["Validation accuracy", "Test accuracy", "Test macro-F1"]
+    np.testing.assert_allclose(bars["Validation accuracy"], [0.85, 0.0])  # missing: no bar
+    np.testing.assert_allclose(bars["Test accuracy"], [r["test_accuracy"] for r in rows])
+    np.testing.assert_allclose(bars["Test macro-F1"], [r["test_macro_f1"] for r in rows])
+    labels = {t.get_text() for t in ax.texts}
+    assert "0.850" in labels and f"{rows[0]['test_macro_f1']:.3f}" in labels
+    assert ax.get_ylim() == (0.0, 1.1)
+
+
+def test_per_class_f1_content_keeps_first_seen_class_order() -> None:
+    per_model = {"a": {"HAC": 0.9, "LYT": 0.5}, "b": {"LYT": 0.7, "NGS": 0.2}}
+    ax = per_class_f1_figure(per_model).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["HAC", "LYT", "NGS"]
+    bars = _bars(ax)
+    np.testing.assert_allclose(bars["a"], [0.9, 0.5, 0.0])  # NGS missing for a: no bar
+    np.testing.assert_allclose(bars["b"], [0.0, 0.7, 0.2])
+    with pytest.raises(ValueError, match="no model"):
+        per_class_f1_figure({})
