@@ -18,7 +18,9 @@ __all__ = ["serve", "users_app"]
 T = TypeVar("T")
 
 users_app = typer.Typer(
-    help="Accounts of the review app: create users, issue API tokens.", no_args_is_help=True
+    help="Accounts of the review app: create, list, disable and enable users; issue and revoke "
+    "API tokens.",
+    no_args_is_help=True,
 )
 
 DataDir = Annotated[
@@ -39,6 +41,9 @@ DatabaseUrl = Annotated[
     ),
 ]
 DEFAULT_DATA_DIR = Path("marrowscope-data")
+MAX_ID = 2**31 - 1
+"""The largest id the database holds (as ``marrowscope.service.web.MAX_ID``; not imported from
+there so ``--help`` stays instant)."""
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -60,7 +65,12 @@ def _run(fn: Callable[[], T]) -> T:
 
 def serve(
     checkpoint: Annotated[
-        Path, typer.Option("--checkpoint", "-c", help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8).")
+        Path,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8).",
+        ),
     ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -182,5 +192,171 @@ def users_token(
         finally:
             db.dispose()
         typer.echo(token)
+
+    _run(body)
+
+
+def _when(value: object) -> str:
+    """A stored timestamp as ``YYYY-MM-DD HH:MM UTC``."""
+    return f"{value:%Y-%m-%d %H:%M} UTC"
+
+
+@users_app.command("list")
+def users_list(data_dir: DataDir = DEFAULT_DATA_DIR, database_url: DatabaseUrl = None) -> None:
+    """List the accounts (name, role, active or disabled) and their API tokens (id, label,
+    created, revoked). Never prints a password, token or token hash."""
+
+    def body() -> None:
+        from marrowscope.service.accounts import list_users, user_tokens
+
+        lines: list[str] = []
+        db = _database(data_dir, database_url)
+        try:
+            with db.read() as s:
+                users = list_users(s)
+                width = max((len(u.username) for u in users), default=0)
+                for user in users:
+                    state = "active" if user.active else "disabled"
+                    lines.append(
+                        f"{user.username:<{width}}  {user.role:<8}  {state:<8}  "
+                        f"created {_when(user.created_at)}"
+                    )
+                    tokens = user_tokens(s, user)
+                    if not tokens:
+                        lines.append("  no API tokens")
+                    for t in tokens:
+                        revoked = (
+                            f"revoked {_when(t.revoked_at)}"
+                            if t.revoked_at
+                            else "active"
+                            if user.active
+                            else "not revoked (refused while the account is disabled)"
+                        )
+                        lines.append(
+                            f"  token {t.id} {t.name!r}  created {_when(t.created_at)}, {revoked}"
+                        )
+        finally:
+            db.dispose()
+        if not lines:
+            lines.append(
+                "no users yet; create the first with: marrowscope users create NAME --role admin"
+            )
+        typer.echo("\n".join(lines))
+
+    _run(body)
+
+
+@users_app.command("disable")
+def users_disable(
+    username: Annotated[str, typer.Argument(help="The user to disable.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Disable a user at once: its password and API tokens are refused from the next request
+    on and its open login sessions are ended (``users enable`` lets it log in again)."""
+
+    def body() -> None:
+        from marrowscope.service import review
+        from marrowscope.service.accounts import disable_user, find_user
+
+        db = _database(data_dir, database_url)
+        try:
+            with db.write() as s:
+                user = find_user(s, username)
+                role = user.role
+                ended = disable_user(s, user)
+                if ended is not None:
+                    review.audit(
+                        s, None, "user.disable",
+                        new={"username": user.username, "sessions_ended": ended}, username="cli",
+                    )  # fmt: skip
+        finally:
+            db.dispose()
+        if ended is None:
+            typer.echo(f"{role} {username} was disabled already")
+        else:
+            typer.echo(
+                f"disabled {role} {username}: {ended} login session(s) ended; its password and "
+                f"API tokens are refused until: marrowscope users enable {username}"
+            )
+
+    _run(body)
+
+
+@users_app.command("enable")
+def users_enable(
+    username: Annotated[str, typer.Argument(help="The user to enable again.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enable a disabled user again: its password and its unrevoked API tokens work again (the
+    login sessions ended by ``users disable`` stay ended)."""
+
+    def body() -> None:
+        from marrowscope.service import review
+        from marrowscope.service.accounts import enable_user, find_user
+
+        db = _database(data_dir, database_url)
+        try:
+            with db.write() as s:
+                user = find_user(s, username)
+                role = user.role
+                changed = enable_user(s, user)
+                if changed:
+                    review.audit(
+                        s, None, "user.enable", new={"username": user.username}, username="cli"
+                    )
+        finally:
+            db.dispose()
+        typer.echo(
+            f"enabled {role} {username}" if changed else f"{role} {username} is active already"
+        )
+
+    _run(body)
+
+
+@users_app.command("revoke-token")
+def users_revoke_token(
+    username: Annotated[str, typer.Argument(help="The user whose API tokens to revoke.")],
+    token_id: Annotated[
+        int | None,
+        typer.Option(
+            "--token-id",
+            min=1,
+            max=MAX_ID,
+            help="Revoke only this token (its id, as `marrowscope users list` shows).",
+        ),
+    ] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Revoke every API token of a user, or only the one given with --token-id. A revoked token
+    is refused from the next request on, for good (issue a new one with ``users token``)."""
+
+    def body() -> None:
+        from marrowscope.service import review
+        from marrowscope.service.accounts import find_user, revoke_tokens
+
+        db = _database(data_dir, database_url)
+        try:
+            with db.write() as s:
+                user = find_user(s, username)
+                revoked = revoke_tokens(s, user, token_id)
+                for t in revoked:
+                    review.audit(
+                        s, None, "token.revoke",
+                        new={"username": user.username, "token_id": t.id, "name": t.name},
+                        username="cli",
+                    )  # fmt: skip
+                done = [f"{t.id} ({t.name!r})" for t in revoked]
+        finally:
+            db.dispose()
+        if not done:
+            typer.echo(f"{username} has no active API token; nothing to revoke")
+        else:
+            n = len(done)
+            typer.echo(
+                f"revoked {n} API token{'s' if n != 1 else ''} of {username}: {', '.join(done)}"
+            )
 
     _run(body)

@@ -1,4 +1,9 @@
-"""Accounts: users, API tokens and login sessions (shared by the pages, the API and the CLI)."""
+"""Accounts: users, API tokens and login sessions (shared by the pages, the API and the CLI).
+
+Every request checks, in the database, that its login session is open and unexpired or its API
+token is not revoked, and that the account is active (:func:`.deps.current_principal`), so
+:func:`disable_user` and :func:`revoke_tokens` take effect on the very next request.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +27,16 @@ from marrowscope.service.security import (
 __all__ = [
     "authenticate",
     "create_user",
+    "disable_user",
+    "enable_user",
     "end_session",
     "find_user",
     "get_user",
     "issue_token",
     "list_users",
+    "revoke_tokens",
     "start_session",
+    "user_tokens",
 ]
 
 
@@ -140,3 +149,77 @@ def end_session(db: Session, user: User, session_key: str | None) -> None:
         if row is not None:
             row.ended_at = utcnow()
     audit(db, user, "logout")
+
+
+def disable_user(db: Session, user: User) -> int | None:
+    """Disable ``user``: its password, API tokens and login sessions are refused from the next
+    request on. Its open login sessions are also ended for good (enabling the account again
+    does not revive them); its tokens are only suspended (:func:`enable_user` restores them;
+    :func:`revoke_tokens` ends them for good).
+
+    Returns:
+        How many open login sessions were ended; ``None`` when the account was disabled already
+        (nothing changes).
+    """
+    if not user.active:
+        return None
+    user.active = False
+    now = utcnow()
+    sessions = db.scalars(
+        select(LoginSession).where(LoginSession.user_id == user.id, LoginSession.ended_at.is_(None))
+    ).all()
+    for row in sessions:
+        row.ended_at = now
+    db.flush()
+    return len(sessions)
+
+
+def enable_user(db: Session, user: User) -> bool:
+    """Enable ``user`` again (password and unrevoked tokens work again); False when it was
+    active already."""
+    if user.active:
+        return False
+    user.active = True
+    db.flush()
+    return True
+
+
+def user_tokens(db: Session, user: User) -> Sequence[ApiToken]:
+    """The user's API tokens, oldest first (revoked ones included)."""
+    return db.scalars(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
+    ).all()
+
+
+def revoke_tokens(db: Session, user: User, token_id: int | None = None) -> list[ApiToken]:
+    """Revoke the user's API token ``token_id``, or (``None``) every token of the user not
+    revoked yet. A revoked token is refused from the next request on, for good.
+
+    Returns:
+        The tokens revoked now (empty when the user had no active token).
+
+    Raises:
+        NotFound: ``token_id`` is not a token of this user. Conflict: it is revoked already.
+    """
+    now = utcnow()
+    if token_id is not None:
+        token = db.scalar(
+            select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user.id)
+        )
+        if token is None:
+            raise NotFound(
+                f"user {user.username!r} has no API token {token_id}; see its tokens with: "
+                "marrowscope users list"
+            )
+        if token.revoked_at is not None:
+            raise Conflict(
+                f"API token {token_id} of {user.username!r} was revoked already, on "
+                f"{token.revoked_at:%Y-%m-%d %H:%M} UTC"
+            )
+        tokens = [token]
+    else:
+        tokens = [t for t in user_tokens(db, user) if t.revoked_at is None]
+    for token in tokens:
+        token.revoked_at = now
+    db.flush()
+    return tokens

@@ -164,7 +164,8 @@ def update_sample(sample_id: Id, body: SampleUpdate, who: Editor, db: DB) -> Sam
 
 @router.delete("/samples/{sample_id}", status_code=204, responses=ERRORS)
 def delete_sample(sample_id: Id, who: Editor, db: DB) -> Response:
-    """Delete an unsigned sample (hidden; its records and audit trail are kept)."""
+    """Delete an unsigned sample (its creator or an admin only; 403 otherwise). It is hidden,
+    its records and audit trail are kept, and its sample id may be given to a new sample."""
     sample = review.get_sample(db, sample_id, lock=True)
     review.delete_sample(db, who.user, sample)
     db.commit()

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -150,13 +151,31 @@ class LoginSession(Base):
     user: Mapped[User] = relationship()
 
 
+LIVE_SAMPLE = "deleted_at IS NULL"
+"""The rows of samples that are not deleted (the predicate of the partial unique index)."""
+
+
 class Sample(Base):
-    """One patient sample (pseudonymous id; no names or birth dates)."""
+    """One patient sample (pseudonymous id; no names or birth dates).
+
+    The sample id (``code``) is unique among the samples not deleted: a deleted sample keeps
+    its row, code and audit trail, and its code may be given to a new sample (a partial unique
+    index, so the database itself refuses two live samples with one code).
+    """
 
     __tablename__ = "samples"
+    __table_args__ = (
+        Index(
+            "uq_samples_code_live",
+            "code",
+            unique=True,
+            sqlite_where=text(LIVE_SAMPLE),
+            postgresql_where=text(LIVE_SAMPLE),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    code: Mapped[str] = mapped_column(String(64), unique=True)
+    code: Mapped[str] = mapped_column(String(64))
     collected_on: Mapped[date | None] = mapped_column(Date, nullable=True)
     age_band: Mapped[str] = mapped_column(String(16), default="unknown")
     referral_question: Mapped[str | None] = mapped_column(String(64), nullable=True)

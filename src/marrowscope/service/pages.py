@@ -3,6 +3,11 @@
 Server-rendered Jinja2 (autoescaped) with one small script (``static/app.js``, no build step)
 for progress polling, keyboard re-classification and bulk selection; every action also works
 as a plain form post. Errors are shown as messages on the page, never as a traceback.
+
+The forms that change a sample or its cells are judged by the very pydantic models the JSON API
+uses (:mod:`.schemas`: ``SampleIn``, ``SampleUpdate``, ``Reclassify``), so a form accepts
+exactly what the API accepts; a refused form is a message on the page naming each bad field
+with the API's own wording (see :func:`form_model`).
 """
 
 from __future__ import annotations
@@ -11,15 +16,15 @@ import io
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date
 from importlib.resources import files
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 import marrowscope
@@ -38,11 +43,12 @@ from marrowscope.service.deps import (
     Worker,
 )
 from marrowscope.service.models import AGE_BANDS, REFERRAL_QUESTIONS, ROLES
+from marrowscope.service.schemas import Reclassify, SampleIn, SampleUpdate
 from marrowscope.service.security import new_token, same_token
 from marrowscope.service.uploads import validate_files
 from marrowscope.service.web import Id, report_download
 
-__all__ = ["SHORTCUT_KEYS", "render", "router", "templates"]
+__all__ = ["SHORTCUT_KEYS", "form_model", "invalid_form_message", "render", "router", "templates"]
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(files("marrowscope.service") / "templates"))
@@ -112,13 +118,37 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def _parse_date(value: str | None) -> date | None:
-    if not value:
-        return None
+M = TypeVar("M", bound=BaseModel)
+
+_MAX_PROBLEMS = 5
+
+
+def invalid_form_message(err: ValidationError) -> str:
+    """A refused form as one line: each bad field (``collected on``, ``cell ids (item 2)``)
+    with the message the API gives for it in its 422 answer."""
+    problems = []
+    for e in err.errors():
+        loc = e.get("loc") or ()
+        field = str(loc[0]).replace("_", " ") if loc else "form"
+        if len(loc) > 1 and isinstance(loc[1], int):
+            field += f" (item {loc[1] + 1})"
+        problems.append(f"{field}: {str(e['msg']).removeprefix('Value error, ')}")
+    more = len(problems) - _MAX_PROBLEMS
+    text = "; ".join(problems[:_MAX_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
+    return f"not saved: {text}"
+
+
+def form_model(model: type[M], data: dict[str, Any]) -> M:
+    """``data`` (a form's fields) judged by ``model``, the API's request model.
+
+    Raises:
+        Invalid: a field the API would refuse (422); the message names each bad field, and
+            :func:`_shown_on_page` shows it on the form's page.
+    """
     try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise review.Invalid(f"date {value!r} is not a date; use YYYY-MM-DD") from None
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise review.Invalid(invalid_form_message(e)) from None
 
 
 def _clean(value: str | None) -> str | None:
@@ -193,21 +223,26 @@ def create_sample_form(
     request: Request,
     who: Editor,
     db: DB,
-    code: Annotated[str, Form(max_length=200)] = "",
-    collected_on: Annotated[str, Form(max_length=40)] = "",
-    age_band: Annotated[str, Form(max_length=40)] = "unknown",
-    referral_question: Annotated[str, Form(max_length=200)] = "",
-    notes: Annotated[str, Form(max_length=10_000)] = "",
+    code: Annotated[str, Form()] = "",
+    collected_on: Annotated[str, Form()] = "",
+    age_band: Annotated[str, Form()] = "unknown",
+    referral_question: Annotated[str, Form()] = "",
+    notes: Annotated[str, Form()] = "",
 ) -> RedirectResponse:
+    """Create a sample; the fields are judged by the API's ``SampleIn`` (an empty date or
+    referral question = none)."""
     with _shown_on_page(request, db):
-        fields = review.SampleFields(
-            code=_clean(code.strip()),
-            collected_on=_parse_date(collected_on),
-            age_band=age_band,
-            referral_question=referral_question,
-            notes=_clean(notes),
+        body = form_model(
+            SampleIn,
+            {
+                "code": code.strip(),
+                "collected_on": collected_on or None,
+                "age_band": age_band,
+                "referral_question": referral_question or None,
+                "notes": notes,
+            },
         )
-        sample = review.create_sample(db, who.user, fields)
+        sample = review.create_sample(db, who.user, review.SampleFields(**body.model_dump()))
         db.commit()
         flash(request, f"sample {sample.code} created; now upload its cell images")
         return _redirect(f"/samples/{sample.id}")
@@ -279,22 +314,33 @@ def edit_sample_form(
     sample_id: Id,
     who: Editor,
     db: DB,
-    collected_on: Annotated[str, Form(max_length=40)] = "",
-    age_band: Annotated[str, Form(max_length=40)] = "unknown",
-    referral_question: Annotated[str, Form(max_length=200)] = "",
-    notes: Annotated[str, Form(max_length=10_000)] = "",
+    collected_on: Annotated[str, Form()] = "",
+    age_band: Annotated[str, Form()] = "unknown",
+    referral_question: Annotated[str, Form()] = "",
+    notes: Annotated[str, Form()] = "",
 ) -> RedirectResponse:
+    """Change the sample's details; the fields are judged by the API's ``SampleUpdate`` (an
+    empty date leaves the date alone, an empty referral question clears it)."""
     with _shown_on_page(request, db):
+        body = form_model(
+            SampleUpdate,
+            {
+                "collected_on": collected_on or None,
+                "age_band": age_band,
+                "referral_question": referral_question or None,
+                "notes": notes,
+            },
+        )
         sample = review.get_sample(db, sample_id, lock=True)
         review.update_sample(
             db,
             who.user,
             sample,
             review.SampleFields(
-                collected_on=_parse_date(collected_on),
-                age_band=age_band,
-                referral_question=referral_question,
-                notes=_clean(notes),
+                collected_on=body.collected_on,
+                age_band=body.age_band,
+                referral_question=body.referral_question or "",
+                notes=body.notes,
             ),
         )
         db.commit()
@@ -336,12 +382,15 @@ def reclassify_form(
     who: Editor,
     db: DB,
     model: Model,
-    cell_ids: Annotated[list[int], Form()],
-    label: Annotated[str, Form(max_length=32)] = "",
+    cell_ids: Annotated[list[str] | None, Form()] = None,
+    label: Annotated[str, Form()] = "",
 ) -> RedirectResponse:
+    """Re-classify the ticked cells; judged by the API's ``Reclassify`` (an empty label =
+    confirm each cell's current label)."""
     with _shown_on_page(request, db):
+        body = form_model(Reclassify, {"cell_ids": cell_ids or [], "label": label or None})
         sample = review.get_sample(db, sample_id, lock=True)
-        n = review.reclassify(db, who.user, sample, cell_ids, label or None, model.classes)
+        n = review.reclassify(db, who.user, sample, body.cell_ids, body.label, model.classes)
         db.commit()
         flash(request, f"{n} cell(s) re-classified")
     return _redirect(f"/samples/{sample_id}")

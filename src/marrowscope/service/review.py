@@ -225,8 +225,15 @@ def _sample_dict(sample: Sample) -> dict[str, Any]:
     }
 
 
+def _live_code_taken(db: Session, code: str) -> bool:
+    """True when a sample that is not deleted has the id ``code`` (a deleted sample's id may be
+    reused; the partial unique index ``uq_samples_code_live`` enforces the same rule)."""
+    query = select(Sample.id).where(Sample.code == code, Sample.deleted_at.is_(None))
+    return db.scalar(query) is not None
+
+
 def create_sample(db: Session, user: User, fields: SampleFields) -> Sample:
-    """Create a sample (``fields.code`` required).
+    """Create a sample (``fields.code`` required; the id of a deleted sample may be reused).
 
     Raises:
         Invalid: a missing or bad field. Conflict: the sample id exists.
@@ -234,7 +241,7 @@ def create_sample(db: Session, user: User, fields: SampleFields) -> Sample:
     if not fields.code:
         raise Invalid("a sample needs a sample id (pseudonymous, e.g. BM-2025-0001)")
     fields.check()
-    if db.scalar(select(Sample.id).where(Sample.code == fields.code)) is not None:
+    if _live_code_taken(db, fields.code):
         raise Conflict(f"sample id {fields.code!r} exists already; choose another id")
     sample = Sample(
         code=fields.code,
@@ -316,7 +323,7 @@ def update_sample(db: Session, user: User, sample: Sample, fields: SampleFields)
     fields.check()
     old = _sample_dict(sample)
     if fields.code is not None and fields.code != sample.code:
-        if db.scalar(select(Sample.id).where(Sample.code == fields.code)) is not None:
+        if _live_code_taken(db, fields.code):
             raise Conflict(f"sample id {fields.code!r} exists already; choose another id")
         sample.code = fields.code
     if fields.collected_on is not None:
@@ -342,11 +349,19 @@ def update_sample(db: Session, user: User, sample: Sample, fields: SampleFields)
 
 
 def delete_sample(db: Session, user: User, sample: Sample) -> None:
-    """Hide an unsigned sample (its rows and audit trail are kept).
+    """Hide an unsigned sample (its rows and audit trail are kept; its id may be reused).
+
+    Only the user who created the sample or an admin may delete it.
 
     Raises:
-        Conflict: the sample is signed.
+        Forbidden: the user neither created the sample nor is an admin. Conflict: the sample
+            is signed.
     """
+    if sample.created_by_id != user.id and not user.can("admin"):
+        raise Forbidden(
+            f"{user.username} is a {user.role}; only its creator ({sample.created_by.username}) "
+            f"or an admin can delete sample {sample.code}"
+        )
     ensure_editable(sample)
     sample.deleted_at = utcnow()
     audit(db, user, "sample.delete", sample_id=sample.id, old=_sample_dict(sample))
@@ -528,45 +543,66 @@ def reclassify(
 
 
 def _blocking(cells: Sequence[Cell], threshold: float) -> dict[str, int]:
+    """What stops a sign-off: the unreviewed cells (and, of them, the unidentified and the
+    failed ones) and every cell still being classified, reviewed or not (a reviewed label given
+    while the model runs does not make the cell final: the model's call is still to come)."""
     unreviewed = [c for c in cells if not c.reviewed_label]
     return {
         "unreviewed": len(unreviewed),
         "unidentified": sum(
             1 for c in unreviewed if c.status == CELL_DONE and not identified(c, threshold)
         ),
-        "pending": sum(1 for c in unreviewed if c.status == CELL_PENDING),
+        "pending": sum(1 for c in cells if c.status == CELL_PENDING),
         "failed": sum(1 for c in unreviewed if c.status == CELL_ERROR),
     }
 
 
+def _of(n: int, total: int) -> str:
+    """``"2 of 3 cells are"`` / ``"1 of 3 cells is"``."""
+    return f"{n} of {total} cell{'s' if total != 1 else ''} {'are' if n != 1 else 'is'}"
+
+
 def blocking_message(sample: Sample, cells: Sequence[Cell], threshold: float) -> str | None:
-    """Why the sample cannot be signed off yet, or ``None`` when it can."""
+    """Why the sample cannot be signed off yet, or ``None`` when it can.
+
+    Every cell must be classified by the model (none still pending, even when a reviewer
+    already labelled it) and reviewed.
+    """
     if not cells:
         return f"sample {sample.code} has no cells yet; upload and review its cells first"
     b = _blocking(cells, threshold)
-    if not b["unreviewed"]:
+    if not b["unreviewed"] and not b["pending"]:
         return None
-    parts = []
-    if b["unidentified"]:
-        parts.append(f"{b['unidentified']} unidentified")
+    problems = []
     if b["pending"]:
-        parts.append(f"{b['pending']} still being classified")
-    if b["failed"]:
-        parts.append(f"{b['failed']} that the model could not read")
-    detail = f" ({', '.join(parts)})" if parts else ""
-    n = b["unreviewed"]
-    return (
-        f"cannot sign off {sample.code}: {n} of {len(cells)} cell{'s' if len(cells) != 1 else ''} "
-        f"{'are' if n != 1 else 'is'} not reviewed yet{detail}; review every cell first"
+        problems.append(f"{_of(b['pending'], len(cells))} still being classified")
+    if b["unreviewed"]:
+        parts = []
+        if b["unidentified"]:
+            parts.append(f"{b['unidentified']} unidentified")
+        if b["failed"]:
+            parts.append(f"{b['failed']} that the model could not read")
+        detail = f" ({', '.join(parts)})" if parts else ""
+        problems.append(f"{_of(b['unreviewed'], len(cells))} not reviewed yet{detail}")
+    advice = (
+        "wait until the model has classified every cell, then review every cell"
+        if b["pending"]
+        else "review every cell first"
     )
+    return f"cannot sign off {sample.code}: {'; '.join(problems)}; {advice}"
 
 
 def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample:
     """Sign the sample off (it is read-only afterwards).
 
+    The caller passes ``sample`` loaded with ``lock=True`` (:func:`get_sample`) in the session
+    that commits the sign-off: the cells are read under that lock, in the same transaction, so
+    no upload and no classifier result can land between the check and the signature (the
+    classifier takes the same lock before it writes, see :mod:`.worker`).
+
     Raises:
         Forbidden: the user is not a signer. Conflict: signed already, or cells remain
-            unreviewed or unidentified (the message says how many).
+            unreviewed, unidentified or still being classified (the message says how many).
     """
     if not user.can("signer"):
         raise Forbidden(
@@ -676,7 +712,7 @@ def summary(
             "reviewed": sum(1 for c in cells if c.reviewed_label),
         },
         "blocking": b,
-        "can_sign": bool(cells) and not b["unreviewed"] and not sample.signed,
+        "can_sign": bool(cells) and not b["unreviewed"] and not b["pending"] and not sample.signed,
         "threshold": thr,
         "differential": [
             {

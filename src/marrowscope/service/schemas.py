@@ -182,12 +182,13 @@ class Progress(BaseModel):
 
 
 class Blocking(BaseModel):
-    """The unreviewed cells that stop a sign-off, by why they are not counted yet."""
+    """What stops a sign-off: the unreviewed cells, by why they are not counted yet, and the
+    cells the model is still classifying (reviewed or not)."""
 
     unreviewed: int
-    unidentified: int
-    pending: int
-    failed: int
+    unidentified: int = Field(description="Unreviewed cells below the threshold.")
+    pending: int = Field(description="Cells still being classified, reviewed or not.")
+    failed: int = Field(description="Unreviewed cells the model could not read.")
 
 
 class DifferentialRow(BaseModel):

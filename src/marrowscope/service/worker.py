@@ -6,6 +6,10 @@ handle's lock: Grad-CAM attaches hooks to the network, so no other forward pass 
 same time. The worker reads pending cells in one short transaction, runs the model outside any
 transaction and writes the results in another, so requests are never blocked by inference.
 After a crash the cells still ``pending`` are simply picked up again on the next start.
+
+A signed sample is never written to: the write transaction locks the rows of the batch's
+samples (the lock a sign-off takes) and drops, with a warning in the log, the results of any
+sample that was signed off while the model ran; cells of signed samples are not read as work.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ import numpy as np
 from sqlalchemy import select
 
 from marrowscope.service.db import Database
-from marrowscope.service.models import CELL_DONE, CELL_ERROR, CELL_PENDING, AuditEvent, Cell
+from marrowscope.service.models import (
+    CELL_DONE,
+    CELL_ERROR,
+    CELL_PENDING,
+    AuditEvent,
+    Cell,
+    Sample,
+)
 from marrowscope.service.storage import ImageStore
 
 if TYPE_CHECKING:
@@ -102,14 +113,13 @@ class ModelHandle:
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.lock = threading.Lock()
-        meta = dict(getattr(predictor, "metadata", {}) or {})
-        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        arch = str(predictor.arch)
+        meta = predictor.bundle_metadata_
+        arch = meta.arch
         self.info = ModelInfo(
-            name=str((config or {}).get("name") or arch),
+            name=str((meta.config or {}).get("name") or arch),
             arch=arch,
             version=f"{arch}:{_weights_digest(predictor)[:12]}",
-            marrowscope_version=str(meta.get("marrowscope_version") or ""),
+            marrowscope_version=meta.marrowscope_version,
             classes=tuple(str(c) for c in predictor.classes_),
             input_size=int(predictor.input_size),
             backend=str(getattr(predictor, "backend", "torch")),
@@ -225,22 +235,57 @@ class ClassificationWorker:
                 self._idle = False
 
     def process_batch(self) -> bool:
-        """Classify up to ``batch_size`` pending cells; False when none was pending."""
+        """Classify up to ``batch_size`` pending cells of unsigned samples; False when none was
+        pending."""
         with self.db.read() as s:
             rows = s.execute(
                 select(Cell.id, Cell.stored_path, Cell.sample_id)
-                .where(Cell.status == CELL_PENDING)
+                .join(Sample, Sample.id == Cell.sample_id)
+                .where(Cell.status == CELL_PENDING, Sample.signed_at.is_(None))
                 .order_by(Cell.id)
                 .limit(self.batch_size)
             ).all()
         if not rows:
             return False
         results = self._classify([self.store.path(r.stored_path) for r in rows])
+        self.save_results(rows, results)
+        return True
+
+    def save_results(
+        self, rows: Sequence[Any], results: Sequence[tuple[np.ndarray | None, str | None]]
+    ) -> int:
+        """Write the model's results for ``rows`` (``id``, ``sample_id``) in one transaction.
+
+        The rows of the batch's samples are locked first (``SELECT ... FOR UPDATE`` on
+        PostgreSQL; SQLite's write transaction holds the database lock), the lock a sign-off
+        holds while it checks the cells, so a sample is either signed off before this write
+        (its results are then dropped and logged: a signed record never changes) or after it
+        (the sign-off then sees the cells classified). A cell no longer pending is skipped.
+
+        Returns:
+            How many cells were written.
+        """
         version = self.model.info.version
         classes = self.model.classes
         per_sample: dict[int, int] = {}
         with self.db.write() as s:
+            samples = {
+                sample.id: sample
+                for sample in s.scalars(
+                    select(Sample)
+                    .where(Sample.id.in_(sorted({r.sample_id for r in rows})))
+                    .order_by(Sample.id)
+                    .with_for_update()
+                )
+            }
+            dropped: dict[int, int] = {}
             for row, (probs, error) in zip(rows, results, strict=True):
+                sample = samples.get(row.sample_id)
+                if sample is None:
+                    continue
+                if sample.signed:
+                    dropped[sample.id] = dropped.get(sample.id, 0) + 1
+                    continue
                 cell = s.get(Cell, row.id)
                 if cell is None or cell.status != CELL_PENDING:
                     continue
@@ -265,7 +310,18 @@ class ClassificationWorker:
                         new_value={"cells": n, "model": version},
                     )
                 )
-        return True
+            for sample_id, n in dropped.items():
+                sample = samples[sample_id]
+                log.warning(
+                    "dropped the model's results for %d cell(s) of sample %s: it was signed off "
+                    "(%s UTC, by user id %s) while they were being classified, and a signed "
+                    "sample is never changed",
+                    n,
+                    sample.code,
+                    f"{sample.signed_at:%Y-%m-%d %H:%M:%S}",
+                    sample.signed_by_id,
+                )
+        return sum(per_sample.values())
 
     def _classify(self, paths: list[Path]) -> list[tuple[np.ndarray | None, str | None]]:
         try:
