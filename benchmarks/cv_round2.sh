@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Round two of the recipe experiments (docs/accuracy.md, "Round two"): 3-fold cross-validation
+# of configs/bm-dev.yaml as it is (10 epochs, MobileNetV2, 250 px) on the 4,350-cell
+# ../shared/data/bm-cells-dev, and variants that cost about the same training time, all on the
+# same folds (fold seed 42), so benchmarks/cv_compare.py can pair them cell by cell.
+# Each variant takes about an hour on 2 CPU cores; run alone. Resumable (finished folds are reused).
+#   bash benchmarks/cv_round2.sh [variant ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/cv2}
+FOLDS=${FOLDS:-3}
+declare -A VARIANTS=(
+  [default]=""
+  # progressive resizing: 13 epochs, the first 8 ramping from 160 px to 250 px (a 160 px step costs
+  # ~0.4x a 250 px one here), about the training time of the default's 10 epochs at 250 px
+  [prog160_13ep]="--set train.epochs=13 --set train.progressive_size=160 --set train.progressive_epochs=0.6"
+  # the learning curve: the default on a quarter of each fold's training cells
+  [frac25]="--train-fraction 0.25"
+)
+ORDER=(default prog160_13ep frac25)
+[ $# -gt 0 ] && ORDER=("$@")
+for v in "${ORDER[@]}"; do
+  # shellcheck disable=SC2086
+  "$BIN/marrowscope" cv --config configs/bm-dev.yaml --folds "$FOLDS" --fold-seed 42 \
+    --out "$OUT/$v" --no-progress ${VARIANTS[$v]}
+  mkdir -p docs/results/cv2
+  cp "$OUT/$v/cv_summary.json" "docs/results/cv2/$v.json"
+done
