@@ -132,9 +132,7 @@ def test_assign_folds_is_stratified_deterministic_and_grouped() -> None:
     for c in "AB":
         per = Counter(fi for r, fi in zip(rows, f, strict=True) if r.label == c)
         assert max(per.values()) - min(per.values()) <= 1 and len(per) == 3
-    grouped = [
-        ManifestRow(r.path, r.label, group=f"p{i % 6}") for i, r in enumerate(rows)
-    ]
+    grouped = [ManifestRow(r.path, r.label, group=f"p{i % 6}") for i, r in enumerate(rows)]
     g = assign_folds(grouped, folds=3, seed=1, grouped=True)
     by_group: dict[str, set[int]] = {}
     for r, fi in zip(grouped, g, strict=True):

@@ -329,7 +329,9 @@ def test_bundle_temperature_and_tta_shape_the_probabilities(tiny_bundle: Path) -
     ],
 )
 def test_bad_inference_settings_in_a_bundle_are_named(
-    tiny_bundle: Path, inference: dict, match: str  # type: ignore[type-arg]
+    tiny_bundle: Path,
+    inference: dict,
+    match: str,  # type: ignore[type-arg]
 ) -> None:
     _with_inference(tiny_bundle, inference)
     with pytest.raises(BundleError, match=match):

@@ -17,11 +17,25 @@ def _report() -> dict[str, Any]:
         "target": "bm8",
         "arch": "mobilenetv2_100",
         "input_size": 250,
-        "machine": {"date": "2026-11-29 08:00 UTC", "cpu": "AMD EPYC", "cores": 2,
-                    "torch_threads": 2, "native_bf16": False, "marrowscope": "0.1.0",
-                    "torch": "2.14.1", "onnxruntime": "1.20", "python": "3.11.9"},  # fmt: skip
-        "settings": {"random_weights": False, "warmup": 3, "min_time_s": 2.0, "n_images": 59,
-                     "images": "sample", "workers": 2},  # fmt: skip
+        "machine": {
+            "date": "2026-11-29 08:00 UTC",
+            "cpu": "AMD EPYC",
+            "cores": 2,
+            "torch_threads": 2,
+            "native_bf16": False,
+            "marrowscope": "0.1.0",
+            "torch": "2.14.1",
+            "onnxruntime": "1.20",
+            "python": "3.11.9",
+        },  # fmt: skip
+        "settings": {
+            "random_weights": False,
+            "warmup": 3,
+            "min_time_s": 2.0,
+            "n_images": 59,
+            "images": "sample",
+            "workers": 2,
+        },  # fmt: skip
         "rows": [row, skipped],
         "preprocess_ms": {"decode": 1.234, "denoise": 40.5},
         "notes": ["onnx is fastest at batch 32"],
