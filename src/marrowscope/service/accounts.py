@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from marrowscope.service.db import Database
 from marrowscope.service.models import ROLES, ApiToken, LoginSession, User, utcnow
 from marrowscope.service.review import Conflict, Invalid, NotFound, audit
 from marrowscope.service.security import (
@@ -25,7 +27,6 @@ from marrowscope.service.security import (
 )
 
 __all__ = [
-    "authenticate",
     "create_user",
     "disable_user",
     "enable_user",
@@ -34,6 +35,9 @@ __all__ = [
     "get_user",
     "issue_token",
     "list_users",
+    "log_in",
+    "login_candidate",
+    "record_throttled",
     "revoke_tokens",
     "start_session",
     "user_tokens",
@@ -42,6 +46,9 @@ __all__ = [
 
 def create_user(db: Session, username: str, role: str, password: str) -> User:
     """Create an account (shared by the admin page and ``marrowscope users create``).
+
+    The password is hashed before the first query, so a caller that has not touched ``db`` yet
+    does not hold the database's write lock during the (slow) argon2 hash.
 
     Raises:
         Invalid: a bad user name, role or password. Conflict: the user exists.
@@ -57,9 +64,10 @@ def create_user(db: Session, username: str, role: str, password: str) -> User:
         check_password_rules(password)
     except ValueError as e:
         raise Invalid(str(e)) from None
+    hashed = hash_password(password)  # the slow part, before this transaction's first query
     if db.scalar(select(User.id).where(User.username == name)) is not None:
         raise Conflict(f"user {name!r} exists already")
-    user = User(username=name, password_hash=hash_password(password), role=role, active=True)
+    user = User(username=name, password_hash=hashed, role=role, active=True)
     db.add(user)
     db.flush()
     return user
@@ -102,22 +110,54 @@ def list_users(db: Session) -> Sequence[User]:
     return db.scalars(select(User).order_by(User.username)).all()
 
 
-def authenticate(db: Session, username: str, password: str) -> User | None:
-    """The active account called ``username`` when ``password`` is its password, else ``None``.
-
-    An unknown name takes as long as a wrong password (no guessing names by timing). A failed
-    try on an existing account is audited (``login.failed``) in the caller's transaction.
-    """
+def login_candidate(db: Session, username: str) -> User | None:
+    """The account a login form names (``None``: an empty name, a NUL, no such user); reads only."""
     name = username.strip()
-    user = None
-    if name and "\x00" not in name:
-        user = db.scalar(select(User).where(User.username == name))
+    if not name or "\x00" in name:
+        return None
+    return db.scalar(select(User).where(User.username == name))
+
+
+def log_in(
+    database: Database, username: str, password: str, *, hours: float, address: str = ""
+) -> str | None:
+    """Check ``password`` and, when it is right, start a login session of ``hours`` (audited).
+
+    Three steps, so no database lock is held during the slow argon2 check: the account is read
+    in a short read-only transaction; the password is checked outside any transaction (an
+    unknown name takes as long as a wrong password: no guessing names by timing); then one short
+    write transaction starts the session (checking the account is still active) or, for an
+    existing account, records the failed try (``login.failed``, with the client ``address``).
+
+    Returns:
+        The new session's random id for the login cookie, or ``None`` (wrong name or password,
+        or the account is disabled).
+    """
+    with database.read() as db:
+        user = login_candidate(db, username)
     ok = verify_password(user.password_hash if user else None, password)
-    if user is not None and ok and user.active:
-        return user
-    if user is not None:
-        audit(db, user, "login.failed")
+    if user is None:
+        return None
+    with database.write() as db:
+        active = db.scalar(select(User.active).where(User.id == user.id))  # as of now
+        if active is None:  # the account's row was deleted meanwhile
+            return None
+        if ok and active:
+            return start_session(db, user, hours=hours)
+        audit(db, user, "login.failed", new={"address": address})
     return None
+
+
+def record_throttled(database: Database, username: str, **details: Any) -> None:
+    """Audit a burst of refused logins (``login.throttled``) once, under the account it aimed at
+    (``anonymous`` when no such account exists); ``details`` are stored with it."""
+    name = username.strip()[:200]
+    with database.write() as db:
+        user = login_candidate(db, name)
+        audit(
+            db, user, "login.throttled", new={"username": name, **details},
+            username=None if user else "anonymous",
+        )  # fmt: skip
 
 
 def start_session(db: Session, user: User, *, hours: float) -> str:

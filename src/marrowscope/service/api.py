@@ -1,5 +1,8 @@
 """The JSON API under ``/api`` (OpenAPI schema at ``/api/openapi.json``, login required).
 
+Every change route makes its change, builds its answer, then commits, so a committed change is
+never answered with an error (see :mod:`.db`).
+
 Same rules as the pages: every route except ``/api/health`` needs a login (bearer token or the
 login cookie plus its CSRF token for changes); a signed sample refuses every change (409); only
 a signer signs off (403). Every JSON route answers a named model of :mod:`.schemas`; the list
@@ -135,8 +138,9 @@ def list_samples(who: Viewer, db: DB, skip: Skip = 0, limit: Limit = 100) -> lis
 def create_sample(body: SampleIn, who: Editor, db: DB) -> SamplePublic:
     """Create a sample."""
     sample = review.create_sample(db, who.user, review.SampleFields(**body.model_dump()))
+    answer = sample_public(sample, (0, 0, 0))
     db.commit()
-    return sample_public(sample, (0, 0, 0))
+    return answer
 
 
 @router.get("/samples/{sample_id}", response_model=SamplePublic, responses=ERRORS)
@@ -158,8 +162,9 @@ def update_sample(sample_id: Id, body: SampleUpdate, who: Editor, db: DB) -> Sam
     review.update_sample(
         db, who.user, sample, review.SampleFields(**body.model_dump(exclude_unset=True))
     )
+    answer = sample_public(sample)
     db.commit()
-    return sample_public(sample)
+    return answer
 
 
 @router.delete("/samples/{sample_id}", status_code=204, responses=ERRORS)
@@ -223,10 +228,11 @@ def upload_cells(
     accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
     sample = review.get_sample(db, sample_id, lock=True)
     added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
+    answer = upload_result(added, rejected + duplicates)
     db.commit()
     if added:
         worker.notify()
-    return upload_result(added, rejected + duplicates)
+    return answer
 
 
 @router.get("/samples/{sample_id}/cells/{cell_id}", response_model=CellPublic, responses=ERRORS)
@@ -252,9 +258,10 @@ def relabel_cell(
     """Re-classify one cell (``label: null`` confirms its current label)."""
     sample = review.get_sample(db, sample_id, lock=True)
     review.reclassify(db, who.user, sample, [cell_id], body.label, model.classes)
-    db.commit()
     cell = review.get_cell(db, sample, cell_id)
-    return CellPublic.model_validate(review.cell_view(cell, model.classes, settings.threshold))
+    answer = CellPublic.model_validate(review.cell_view(cell, model.classes, settings.threshold))
+    db.commit()  # the answer is built first: nothing after a commit can turn it into an error
+    return answer
 
 
 @router.post(
@@ -266,11 +273,12 @@ def reclassify_cells(
     """Re-classify many cells at once; returns how many changed and the new counts."""
     sample = review.get_sample(db, sample_id, lock=True)
     changed = review.reclassify(db, who.user, sample, body.cell_ids, body.label, model.classes)
-    db.commit()
     cells = review.sample_cells(db, sample)
-    return ReclassifyResult.model_validate(
+    answer = ReclassifyResult.model_validate(
         {"changed": changed, "summary": review.summary(sample, cells, model.classes, settings)}
     )
+    db.commit()  # the answer is built first: nothing after a commit can turn it into an error
+    return answer
 
 
 # ------------------------------------------------------------------------- sign-off and audit
@@ -281,8 +289,9 @@ def signoff(sample_id: Id, who: Editor, db: DB, settings: SettingsDep) -> Sample
     """Sign the sample off (signer or admin; every cell reviewed). Read-only afterwards."""
     sample = review.get_sample(db, sample_id, lock=True)
     review.signoff(db, who.user, sample, settings.threshold)
+    answer = sample_public(sample)
     db.commit()
-    return sample_public(sample)
+    return answer
 
 
 @router.get("/samples/{sample_id}/audit", response_model=list[AuditEventPublic], responses=ERRORS)

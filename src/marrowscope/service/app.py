@@ -8,7 +8,7 @@ which first picks up any cells a previous run left pending. Routes: :mod:`.pages
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -17,7 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.security.utils import get_authorization_scheme_param
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,10 +30,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import marrowscope
 from marrowscope.service import api, pages
 from marrowscope.service.db import Database, migrate
-from marrowscope.service.deps import CsrfFailed, LoginRequired, RoleRequired
+from marrowscope.service.deps import (
+    SAFE_METHODS,
+    SESSION_KEY,
+    CsrfFailed,
+    LoginRequired,
+    RoleRequired,
+    find_principal,
+)
 from marrowscope.service.review import AppError
 from marrowscope.service.settings import Settings
 from marrowscope.service.storage import ImageStore
+from marrowscope.service.throttle import LoginThrottle
+from marrowscope.service.web import FlashStore
 from marrowscope.service.worker import ClassificationWorker, ModelHandle
 
 if TYPE_CHECKING:
@@ -46,56 +60,115 @@ _CSP = (
 )
 
 
-class _Guard:
-    """Pure ASGI middleware: refuses bodies over the limit (413) and adds security headers."""
+_UPLOAD_ROUTES = re.compile(r"^/api/samples/[^/]+/cells$|^/samples/[^/]+/upload$|^/api/predict$")
+"""The routes that take files (``POST``): only they accept bodies up to ``max_request_bytes``."""
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+
+class _Guard:
+    """Pure ASGI middleware: request body limits per route (413) and security headers.
+
+    The limit of a request is chosen before its body is read (the middleware sits inside the
+    session middleware, so it sees the login cookie's session id):
+
+    - ``POST`` to an upload route: ``max_request_bytes`` (1 GiB by default);
+    - any other route: ``max_form_body`` (1 MiB by default; the login form: the anonymous limit);
+    - no valid login (no bearer token or login session, or one the database does not know):
+      ``max_anonymous_body`` (16 KiB by default). The login is looked up (one short read) only
+      when the body may be larger than that, before a byte of it is read.
+
+    A body whose declared ``Content-Length`` is over the limit is refused at once, unread. A body
+    without a length (chunked) is counted as it arrives; at the first byte over the limit
+    reading stops and the request is answered 413 naming the limit (JSON for the API, an error
+    page for pages), as for a declared length.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.max_body = max_body
+        self.max_upload = settings.max_request_bytes
+        self.max_form = min(settings.max_form_body, self.max_upload)
+        self.max_anonymous = min(settings.max_anonymous_body, self.max_form)
+
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        """The body limit of the request's route (for a logged-in client) and its advice."""
+        method, path = scope["method"], scope["path"]
+        if method == "POST" and _UPLOAD_ROUTES.match(path):
+            return self.max_upload, "upload fewer or smaller files at a time"
+        if method == "POST" and path == "/login":
+            return self.max_anonymous, "this is far more than a login form holds"
+        if method in SAFE_METHODS:
+            return self.max_anonymous, "send no body with this method"
+        return self.max_form, "send less at a time"
+
+    async def _logged_in(self, scope: Scope) -> bool:
+        """Whether the request carries a bearer token or login session the database knows."""
+        headers = Headers(scope=scope)
+        scheme, token = get_authorization_scheme_param(headers.get("authorization"))
+        bearer = token if scheme.lower() == "bearer" and token else None
+        sid = scope.get("session", {}).get(SESSION_KEY)
+        if bearer is None and not sid:
+            return False
+        database = scope["app"].state.db
+        return await run_in_threadpool(find_principal, database, bearer, sid) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            body = json.dumps(
-                {"detail": f"request body above the {self.max_body:,}-byte limit; upload fewer "
-                 "or smaller files at a time"}
-            ).encode()  # fmt: skip
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 413,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
-        seen = 0
 
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def secured(message: Message) -> None:
-            if message["type"] == "http.response.start":
+        async def secured(message_out: Message) -> None:
+            if message_out["type"] == "http.response.start":
                 extra = [
                     (b"x-content-type-options", b"nosniff"),
                     (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"same-origin"),
                     (b"content-security-policy", _CSP.encode()),
                 ]
-                message["headers"] = list(message.get("headers", [])) + extra
-            await send(message)
+                message_out["headers"] = list(message_out.get("headers", [])) + extra
+            await send(message_out)
+
+        limit, advice = self._limit(scope)
+        declared = Headers(scope=scope).get("content-length")
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        if declared is not None and length is None:
+            length = limit + 1  # a malformed length: refused like one over the limit
+        whose = ""
+        may_be_large = length is None or length > self.max_anonymous
+        if limit > self.max_anonymous and may_be_large and not await self._logged_in(scope):
+            limit, whose = self.max_anonymous, " for requests without a login"
+            advice = "log in first (a valid bearer token or the login cookie)"
+        message = f"request body above the {limit:,}-byte limit{whose}; {advice}"
+        if length is not None and length > limit:
+            await JSONResponse({"detail": message}, status_code=413)(scope, receive, secured)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message_in = await receive()
+            if message_in["type"] == "http.request":
+                seen += len(message_in.get("body", b""))
+                if seen > limit:
+                    # Raised into the body parser: FastAPI passes an HTTPException on as it is,
+                    # and the app's handler answers it (JSON or an error page).
+                    raise StarletteHTTPException(413, message)
+            return message_in
 
         await self.app(scope, counted, secured)
+
+
+BUSY_RETRY_AFTER = 5
+"""Seconds a client is asked to wait (``Retry-After``) when the database is busy (503)."""
+
+_BUSY_SQLSTATES = {"55P03", "40001", "40P01"}
+"""PostgreSQL: lock not available (lock_timeout), serialization failure, deadlock."""
+
+
+def _is_busy(exc: OperationalError) -> bool:
+    """True for a lock that was not granted in time (SQLite's "database is locked", PostgreSQL's
+    lock timeout, a deadlock): the transaction was rolled back and a retry may succeed."""
+    if getattr(exc.orig, "sqlstate", None) in _BUSY_SQLSTATES:
+        return True
+    return "database is locked" in str(exc.orig) or "database table is locked" in str(exc.orig)
 
 
 def _is_api(request: Request) -> bool:
@@ -138,6 +211,19 @@ def _install_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
         return _page_error(request, exc.status, str(exc))
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _busy(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, OperationalError) and not _is_busy(exc):
+            raise exc  # a real database failure: a 500, logged with its traceback
+        message = "the database is busy; nothing was changed, try again in a few seconds"
+        headers = {"Retry-After": str(BUSY_RETRY_AFTER)}
+        if _is_api(request):
+            return JSONResponse({"detail": message}, status_code=503, headers=headers)
+        response = _page_error(request, 503, message)
+        response.headers.update(headers)
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
@@ -176,7 +262,11 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.url)
+        db = Database(
+            settings.url,
+            lock_timeout=settings.db_lock_timeout,
+            connections=settings.db_connections,
+        )
         try:
             if settings.migrate:
                 migrate(db)
@@ -211,6 +301,12 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.flash = FlashStore()
+    app.state.login_throttle = LoginThrottle(
+        window=settings.login_window_seconds,
+        per_account=settings.login_failures_per_account,
+        per_address=settings.login_failures_per_address,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -233,6 +329,8 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    # Added first, so it runs inside the session middleware and sees the login cookie's session.
+    app.add_middleware(_Guard, settings=settings)
     app.add_middleware(
         SessionMiddleware,
         secret_key=settings.secret_key or "",
@@ -241,7 +339,6 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
         same_site="lax",
         https_only=settings.secure_cookies,
     )
-    app.add_middleware(_Guard, max_body=settings.max_request_bytes)
     app.mount("/static", StaticFiles(packages=[("marrowscope.service", "static")]), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)

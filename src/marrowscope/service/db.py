@@ -5,6 +5,16 @@ foreign keys on, set on every new connection. Transactions that write start with
 ``BEGIN IMMEDIATE`` so two writers queue for the lock instead of failing half-way; read-only
 requests use a plain deferred transaction and never block. PostgreSQL (``postgresql+psycopg://``)
 needs nothing special. :func:`migrate` runs ``alembic upgrade head`` programmatically.
+
+Rules that keep the SQLite write lock short (and PostgreSQL row locks with it):
+
+- a write transaction starts at the first query of a write session, so do slow work (password
+  checks, image decoding) before it, or in a separate read session;
+- after a write session commits, whatever it reads next runs in a read-only (deferred)
+  transaction (:meth:`Database.session`), so building a response after the commit can never
+  wait for the write lock and turn a committed change into an error;
+- the connection pool holds :data:`DEFAULT_CONNECTIONS` connections, more than the server's
+  request threads (40) plus the background classifier, so no request waits for a connection.
 """
 
 from __future__ import annotations
@@ -22,13 +32,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from marrowscope.service.settings import ServiceError
 
-__all__ = ["Database", "alembic_config", "make_engine", "migrate"]
+__all__ = ["DEFAULT_CONNECTIONS", "Database", "alembic_config", "make_engine", "migrate"]
 
 _BEGIN_OPTION = "marrowscope_sqlite_begin"
 
+DEFAULT_CONNECTIONS = 60
+"""Most database connections one app opens: the server runs up to 40 requests at a time (its
+thread pool), each holding at most one connection, plus the background classifier and spare."""
 
-def make_engine(url: str) -> Engine:
+_POOL_KEPT = 10
+"""Connections the pool keeps open when idle (the rest up to the limit are closed after use)."""
+
+
+def make_engine(
+    url: str, *, lock_timeout: float = 30.0, connections: int = DEFAULT_CONNECTIONS
+) -> Engine:
     """An engine for ``url``, with the SQLite pragmas and locking described in the module doc.
+
+    Args:
+        url: the SQLAlchemy database URL.
+        lock_timeout: seconds a statement waits for a lock (SQLite's write lock, a PostgreSQL
+            row lock) before it fails.
+        connections: most connections open at once (the pool keeps up to 10 of them idle).
 
     Raises:
         ServiceError: a malformed URL or a database driver that is not installed.
@@ -42,12 +67,17 @@ def make_engine(url: str) -> Engine:
         ) from None
     kwargs: dict[str, Any] = {}
     sqlite = parsed.get_backend_name() == "sqlite"
+    if not (sqlite and parsed.database in (None, "", ":memory:")):
+        kept = min(_POOL_KEPT, connections)
+        kwargs.update(pool_size=kept, max_overflow=connections - kept, pool_timeout=30)
     if sqlite:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": lock_timeout}
     else:
         kwargs["pool_pre_ping"] = True
+        if parsed.get_backend_name() == "postgresql" and "options" not in parsed.query:
+            kwargs["connect_args"] = {"options": f"-c lock_timeout={int(lock_timeout * 1000)}"}
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as e:
@@ -56,11 +86,11 @@ def make_engine(url: str) -> Engine:
             "postgresql+psycopg:// (pip install 'psycopg[binary]')"
         ) from None
     if sqlite:
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, lock_timeout)
     return engine
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, lock_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
@@ -69,7 +99,7 @@ def _sqlite_setup(engine: Engine) -> None:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
         finally:
             cur.close()
 
@@ -79,22 +109,48 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+class _WriteSession(Session):
+    """A session whose transactions write (``BEGIN IMMEDIATE`` on SQLite) until it commits;
+    after a commit it reads through ``reader`` (a deferred transaction that never waits for the
+    SQLite write lock), so nothing done after a successful commit can fail on that lock."""
+
+    def __init__(self, *args: Any, reader: Engine, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reader = reader
+
+    def commit(self) -> None:
+        super().commit()
+        self.bind = self._reader
+
+
 class Database:
     """The engine and two session factories: ``write()`` (locks on SQLite) and ``read()``.
 
     Args:
         url: the SQLAlchemy database URL.
+        lock_timeout: seconds a write waits for a lock before it fails (see :func:`make_engine`).
+        connections: most connections open at once.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, lock_timeout: float = 30.0, connections: int = DEFAULT_CONNECTIONS
+    ) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, lock_timeout=lock_timeout, connections=connections)
         reader = self.engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
-        self._write = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            self.engine, class_=_WriteSession, expire_on_commit=False, reader=reader
+        )
         self._read = sessionmaker(reader, expire_on_commit=False)
 
     def session(self, *, write: bool = True) -> Session:
-        """A new session (the caller closes it)."""
+        """A new session (the caller closes it).
+
+        A write session writes until its first :meth:`~sqlalchemy.orm.Session.commit`; what it
+        reads after that (a lazy-loaded relationship, a list for the answer) runs in a read
+        transaction, which cannot wait for (or fail on) the SQLite write lock. Make every change
+        of a request before its one commit.
+        """
         return self._write() if write else self._read()
 
     @contextmanager

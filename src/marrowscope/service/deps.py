@@ -28,6 +28,7 @@ from marrowscope.service.models import ApiToken, LoginSession, User, utcnow
 from marrowscope.service.security import digest, same_token
 from marrowscope.service.settings import Settings
 from marrowscope.service.storage import ImageStore
+from marrowscope.service.throttle import LoginThrottle
 from marrowscope.service.worker import ClassificationWorker, ModelHandle
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ __all__ = [
     "CSRF_HEADER",
     "DB",
     "SAFE_METHODS",
+    "DatabaseDep",
+    "LoginThrottleDep",
     "Admin",
     "BearerToken",
     "CsrfFailed",
@@ -53,6 +56,7 @@ __all__ = [
     "Worker",
     "bearer_token",
     "current_principal",
+    "find_principal",
     "get_db",
     "get_model",
     "get_predictor",
@@ -109,7 +113,10 @@ def get_database(request: Request) -> Database:
 def get_db(request: Request) -> Iterator[Session]:
     """A session for this request; read-only requests never take the SQLite write lock.
 
-    Endpoints commit explicitly before they answer; anything not committed is rolled back.
+    Endpoints make their changes, build what they answer, then commit once; anything not
+    committed is rolled back. For a change request the write transaction (the SQLite write
+    lock) starts at the first query, so slow work goes before it; reads after the commit run
+    in a read-only transaction (:meth:`.db.Database.session`).
     """
     db: Database = request.app.state.db
     session = db.session(write=request.method not in SAFE_METHODS)
@@ -117,6 +124,11 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
     finally:
         session.close()
+
+
+def get_login_throttle(request: Request) -> LoginThrottle:
+    """The app's failed-login throttle."""
+    return request.app.state.login_throttle
 
 
 def get_model(request: Request) -> ModelHandle:
@@ -140,6 +152,9 @@ def get_worker(request: Request) -> ClassificationWorker:
 
 
 DB = Annotated[Session, Depends(get_db)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+"""The app's :class:`~.db.Database`, for a handler that opens its own short transactions."""
+LoginThrottleDep = Annotated[LoginThrottle, Depends(get_login_throttle)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 Model = Annotated[ModelHandle, Depends(get_model)]
 PredictorDep = Annotated[Any, Depends(get_predictor)]
@@ -164,31 +179,23 @@ def _active(user: User | None) -> User | None:
     return user if user is not None and user.active else None
 
 
-def current_principal(request: Request, bearer: BearerToken) -> Principal:
-    """The logged-in user (bearer token or login cookie).
+def find_principal(database: Database, token: str | None, sid: str | None) -> Principal | None:
+    """Who a bearer ``token`` or a login cookie's session id ``sid`` belongs to, or ``None``.
 
-    The lookup runs in its own short read-only session, so the request's own session (and, on
-    SQLite, the write lock) starts only when the endpoint touches the database; the returned
-    user is detached with its columns loaded.
-
-    Raises:
-        LoginRequired: no valid token or login session (also when the user's account is
-            deactivated or its row is gone).
+    A token is checked alone (a wrong token is no login, whatever the cookie says). Both are
+    looked up in one short read-only session; the returned user is detached with its columns
+    loaded. ``None``: the token is unknown or revoked, the session is unknown, ended or
+    expired, or the account is disabled or its row is gone.
     """
-    database: Database = request.app.state.db
     with database.read() as db:
-        if bearer is not None:
+        if token is not None:
             row = db.scalar(
                 select(ApiToken).where(
-                    ApiToken.token_hash == digest(bearer.credentials),
-                    ApiToken.revoked_at.is_(None),
+                    ApiToken.token_hash == digest(token), ApiToken.revoked_at.is_(None)
                 )
             )
             user = _active(row.user if row is not None else None)
-            if user is None:
-                raise LoginRequired("invalid or revoked API token")
-            return Principal(user=user, via="token")
-        sid = request.session.get(SESSION_KEY)
+            return Principal(user=user, via="token") if user is not None else None
         if isinstance(sid, str) and sid:
             key = digest(sid)
             session = db.get(LoginSession, key)
@@ -198,7 +205,25 @@ def current_principal(request: Request, bearer: BearerToken) -> Principal:
                     return Principal(
                         user=user, via="session", csrf=session.csrf_token, session_id=key
                     )
-    raise LoginRequired("login required")
+    return None
+
+
+def current_principal(request: Request, bearer: BearerToken) -> Principal:
+    """The logged-in user (bearer token or login cookie).
+
+    The lookup runs in its own short read-only session (:func:`find_principal`), so the
+    request's own session (and, on SQLite, the write lock) starts only when the endpoint touches
+    the database.
+
+    Raises:
+        LoginRequired: no valid token or login session (also when the user's account is
+            deactivated or its row is gone).
+    """
+    token = bearer.credentials if bearer is not None else None
+    principal = find_principal(request.app.state.db, token, request.session.get(SESSION_KEY))
+    if principal is None:
+        raise LoginRequired("invalid or revoked API token" if token else "login required")
+    return principal
 
 
 async def _submitted_csrf(request: Request) -> str | None:

@@ -34,7 +34,9 @@ from marrowscope.service.deps import (
     DB,
     SESSION_KEY,
     Admin,
+    DatabaseDep,
     Editor,
+    LoginThrottleDep,
     Model,
     Principal,
     SettingsDep,
@@ -45,6 +47,7 @@ from marrowscope.service.deps import (
 from marrowscope.service.models import AGE_BANDS, REFERRAL_QUESTIONS, ROLES
 from marrowscope.service.schemas import Reclassify, SampleIn, SampleUpdate
 from marrowscope.service.security import new_token, same_token
+from marrowscope.service.throttle import Refusal
 from marrowscope.service.uploads import validate_files
 from marrowscope.service.web import Id, report_download
 
@@ -59,15 +62,39 @@ templates.env.filters["dt"] = lambda v: "" if v is None else f"{v:%Y-%m-%d %H:%M
 SHORTCUT_KEYS = "1234567890qwertyuiopasdfghlzxcvbnm"
 """Keys that re-classify the selected cells, assigned to the classes in model order."""
 
-FLASH_MAX = 20
+FLASH_MAX = 50
+"""Refused files named one by one on the page after a form upload (the rest are counted)."""
+COOKIE_FLASH_MAX = 3
+COOKIE_FLASH_CHARS = 200
 LOGIN_CSRF = "login_csrf"
 
 
-def flash(request: Request, message: str, level: str = "info") -> None:
-    """Queue a message for the next page (kept short: the cookie is small)."""
+def flash(request: Request, who: Principal | None, message: str, level: str = "info") -> None:
+    """Queue a message for the user's next page.
+
+    With a login session the messages stay on the server (:class:`.web.FlashStore`, keyed by
+    the session), so the cookie never grows. Without one (a bearer token on a page) at most
+    :data:`COOKIE_FLASH_MAX` short messages go in the cookie and the rest are only counted.
+    """
+    if who is not None and who.session_id:
+        request.app.state.flash.add(who.session_id, message, level)
+        return
     items = list(request.session.get("flash", []))
-    items.append([level, message[:600]])
-    request.session["flash"] = items[-8:]
+    if len(items) < COOKIE_FLASH_MAX:
+        request.session["flash"] = [*items, [level, message[:COOKIE_FLASH_CHARS]]]
+    else:
+        request.session["flash_more"] = int(request.session.get("flash_more", 0)) + 1
+
+
+def _messages(request: Request, who: Principal | None) -> list[list[str]]:
+    """The queued messages for this page (taken: each is shown once)."""
+    messages = list(request.session.pop("flash", []))
+    more = request.session.pop("flash_more", 0)
+    if more:
+        messages.append(["error", f"... and {more} more message(s)"])
+    if who is not None and who.session_id:
+        messages += request.app.state.flash.pop(who.session_id)
+    return messages
 
 
 def render(
@@ -77,11 +104,12 @@ def render(
     context = {
         "user": who.user if who else None,
         "csrf": who.csrf if who else None,
-        "messages": request.session.pop("flash", []),
         "version": marrowscope.__version__,
         "cell_names": CELL_NAMES,
         **ctx,
     }
+    if "messages" not in context:
+        context["messages"] = _messages(request, who)
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
@@ -90,14 +118,14 @@ def _redirect(url: str) -> RedirectResponse:
 
 
 @contextmanager
-def _shown_on_page(request: Request, db: Session) -> Iterator[None]:
+def _shown_on_page(request: Request, db: Session, who: Principal) -> Iterator[None]:
     """Turn a refused form change into a message on the next page instead of an error page.
 
     An :class:`~marrowscope.service.review.AppError` raised in the block rolls the transaction
     back, is flashed, and is swallowed, so the handler goes on after the ``with`` block, where it
     redirects back to the form's page::
 
-        with _shown_on_page(request, db):
+        with _shown_on_page(request, db, who):
             ...  # change through the review service, db.commit(), flash, maybe return
         return _redirect(back)
     """
@@ -105,7 +133,7 @@ def _shown_on_page(request: Request, db: Session) -> Iterator[None]:
         yield
     except review.AppError as e:
         db.rollback()
-        flash(request, str(e), "error")
+        flash(request, who, str(e), "error")
 
 
 def _safe_next(target: str | None) -> str:
@@ -167,28 +195,58 @@ def login_page(request: Request, next: str = "/") -> HTMLResponse:
     return render(request, "login.html", None, login_csrf=token, next=_safe_next(next))
 
 
+def client_address(request: Request) -> str:
+    """The client's IP address as the server sees it (behind a proxy: the proxy's)."""
+    return request.client.host if request.client else "unknown"
+
+
 @router.post("/login", response_class=HTMLResponse)
 def login(
     request: Request,
-    db: DB,
+    database: DatabaseDep,
     settings: SettingsDep,
+    throttle: LoginThrottleDep,
     username: Annotated[str, Form(max_length=200)] = "",
     password: Annotated[str, Form(max_length=1000)] = "",
     csrf_token: Annotated[str, Form(max_length=200)] = "",
     next: Annotated[str, Form(max_length=2000)] = "/",
 ) -> Response:
-    """Check the password, start a login session (audited), go to ``next``."""
+    """Check the password, start a login session (audited), go to ``next``.
+
+    Too many failed logins for the account name or from the client address within the window
+    (:class:`.throttle.LoginThrottle`) are answered 429 with ``Retry-After`` before any password
+    check; the first refusal of a burst is audited (``login.throttled``). No database
+    transaction is open while the password is checked (:func:`.accounts.log_in`).
+    """
     if not same_token(csrf_token, request.session.get(LOGIN_CSRF)):
         return Response("missing or wrong CSRF token; reload the login page", status_code=403)
-    user = accounts.authenticate(db, username, password)
-    if user is None:
-        db.commit()  # the audited failed try, when the account exists
-        token = new_token(16)
-        request.session[LOGIN_CSRF] = token
-        request.session["flash"] = [["error", "wrong user name or password"]]
-        return render(request, "login.html", None, 401, login_csrf=token, next=_safe_next(next))
-    sid = accounts.start_session(db, user, hours=settings.session_hours)
-    db.commit()
+    address = client_address(request)
+    token = new_token(16)
+    request.session[LOGIN_CSRF] = token
+    attempt = throttle.attempt(username.strip(), address)
+    if isinstance(attempt, Refusal):
+        if attempt.first:
+            accounts.record_throttled(
+                database, username, scope=attempt.scope, address=address,
+                failures=attempt.failures, retry_after=attempt.retry_after,
+            )  # fmt: skip
+        whose = "this account" if attempt.scope == "account" else "your address"
+        message = f"too many failed logins for {whose}; try again in {attempt.retry_after} seconds"
+        page = render(
+            request, "login.html", None, 429, login_csrf=token, next=_safe_next(next),
+            messages=[["error", message]],
+        )  # fmt: skip
+        page.headers["Retry-After"] = str(attempt.retry_after)
+        return page
+    sid = accounts.log_in(
+        database, username, password, hours=settings.session_hours, address=address
+    )
+    if sid is None:
+        return render(
+            request, "login.html", None, 401, login_csrf=token, next=_safe_next(next),
+            messages=[["error", "wrong user name or password"]],
+        )  # fmt: skip
+    throttle.succeeded(attempt)
     request.session.clear()
     request.session[SESSION_KEY] = sid
     return _redirect(_safe_next(next))
@@ -199,6 +257,8 @@ def logout(request: Request, who: Editor, db: DB) -> RedirectResponse:
     """End the login session (audited)."""
     accounts.end_session(db, who.user, who.session_id)
     db.commit()
+    if who.session_id:
+        request.app.state.flash.pop(who.session_id)  # messages never shown are dropped
     request.session.clear()
     return _redirect("/login")
 
@@ -231,7 +291,7 @@ def create_sample_form(
 ) -> RedirectResponse:
     """Create a sample; the fields are judged by the API's ``SampleIn`` (an empty date or
     referral question = none)."""
-    with _shown_on_page(request, db):
+    with _shown_on_page(request, db, who):
         body = form_model(
             SampleIn,
             {
@@ -244,7 +304,7 @@ def create_sample_form(
         )
         sample = review.create_sample(db, who.user, review.SampleFields(**body.model_dump()))
         db.commit()
-        flash(request, f"sample {sample.code} created; now upload its cell images")
+        flash(request, who, f"sample {sample.code} created; now upload its cell images")
         return _redirect(f"/samples/{sample.id}")
     return _redirect("/")
 
@@ -321,7 +381,7 @@ def edit_sample_form(
 ) -> RedirectResponse:
     """Change the sample's details; the fields are judged by the API's ``SampleUpdate`` (an
     empty date leaves the date alone, an empty referral question clears it)."""
-    with _shown_on_page(request, db):
+    with _shown_on_page(request, db, who):
         body = form_model(
             SampleUpdate,
             {
@@ -344,7 +404,7 @@ def edit_sample_form(
             ),
         )
         db.commit()
-        flash(request, "sample details saved")
+        flash(request, who, "sample details saved")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -359,7 +419,7 @@ def upload_form(
     worker: Worker,
     files: Annotated[list[UploadFile], File()],
 ) -> RedirectResponse:
-    with _shown_on_page(request, db):
+    with _shown_on_page(request, db, who):
         accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
         sample = review.get_sample(db, sample_id, lock=True)
         added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
@@ -367,11 +427,13 @@ def upload_form(
         if added:
             worker.notify()
         refused = rejected + duplicates
-        flash(request, f"{len(added)} cell image(s) added; classification runs in the background")
+        flash(
+            request, who, f"{len(added)} cell image(s) added; classification runs in the background"
+        )
         for r in refused[:FLASH_MAX]:
-            flash(request, f"refused {r.message}", "error")
+            flash(request, who, f"refused {r.message}", "error")
         if len(refused) > FLASH_MAX:
-            flash(request, f"... and {len(refused) - FLASH_MAX} more refused file(s)", "error")
+            flash(request, who, f"... and {len(refused) - FLASH_MAX} more refused file(s)", "error")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -387,12 +449,12 @@ def reclassify_form(
 ) -> RedirectResponse:
     """Re-classify the ticked cells; judged by the API's ``Reclassify`` (an empty label =
     confirm each cell's current label)."""
-    with _shown_on_page(request, db):
+    with _shown_on_page(request, db, who):
         body = form_model(Reclassify, {"cell_ids": cell_ids or [], "label": label or None})
         sample = review.get_sample(db, sample_id, lock=True)
         n = review.reclassify(db, who.user, sample, body.cell_ids, body.label, model.classes)
         db.commit()
-        flash(request, f"{n} cell(s) re-classified")
+        flash(request, who, f"{n} cell(s) re-classified")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -400,11 +462,11 @@ def reclassify_form(
 def signoff_form(
     request: Request, sample_id: Id, who: Editor, db: DB, settings: SettingsDep
 ) -> RedirectResponse:
-    with _shown_on_page(request, db):
+    with _shown_on_page(request, db, who):
         sample = review.get_sample(db, sample_id, lock=True)
         review.signoff(db, who.user, sample, settings.threshold)
         db.commit()
-        flash(request, f"sample {sample.code} signed off; it is read-only now")
+        flash(request, who, f"sample {sample.code} signed off; it is read-only now")
     return _redirect(f"/samples/{sample_id}")
 
 
@@ -552,11 +614,11 @@ def create_user_form(
     role: Annotated[str, Form(max_length=16)] = "reviewer",
     password: Annotated[str, Form(max_length=1000)] = "",
 ) -> RedirectResponse:
-    with _shown_on_page(request, db):
+    with _shown_on_page(request, db, who):
         user = accounts.create_user(db, username, role, password)
         review.audit(db, who.user, "user.create", new={"username": user.username, "role": role})
         db.commit()
-        flash(request, f"user {user.username} ({role}) created")
+        flash(request, who, f"user {user.username} ({role}) created")
     return _redirect("/admin/users")
 
 
@@ -571,12 +633,13 @@ def create_token_form(
     user = accounts.get_user(db, user_id)
     token = accounts.issue_token(db, user, _clean(name) or "")
     review.audit(db, who.user, "token.create", new={"username": user.username, "name": name})
+    users = accounts.list_users(db)
     db.commit()
     return render(
         request,
         "admin.html",
         who,
-        users=accounts.list_users(db),
+        users=users,
         roles=ROLES,
         new_token={"user": user.username, "token": token},
     )

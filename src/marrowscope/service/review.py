@@ -536,6 +536,10 @@ def reclassify(
         cell.reviewed_by_id = user.id
         cell.reviewed_at = now
         changed += 1
+    if changed:
+        db.flush()
+        for cell in cells.values():
+            db.expire(cell, ["reviewed_by"])  # reloaded from the new reviewed_by_id when read
     return changed
 
 
@@ -615,6 +619,8 @@ def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample
         raise Conflict(why)
     sample.signed_at = utcnow()
     sample.signed_by_id = user.id
+    db.flush()
+    db.expire(sample, ["signed_by"])  # reloaded from the new signed_by_id when read
     counts: dict[str, int] = {}
     for c in cells:
         counts[c.reviewed_label or ""] = counts.get(c.reviewed_label or "", 0) + 1

@@ -52,7 +52,12 @@ class Settings:
         evidence: HAC cells shown as evidence for the flag.
         max_file_bytes: largest accepted image file (also per zip member).
         max_pixels: largest accepted image (width x height).
-        max_request_bytes: largest accepted request body (all files of one upload).
+        max_request_bytes: largest accepted request body of an upload route (all files of one
+            upload), from a logged-in client.
+        max_form_body: largest accepted request body of any other route (JSON, forms), from a
+            logged-in client.
+        max_anonymous_body: largest accepted request body without a valid login (the login
+            form included); a larger one is refused before it is read.
         max_files: most images in one upload (zip members included).
         max_zip_members: most entries in one zip file.
         max_zip_total_bytes: largest total uncompressed size of one zip file.
@@ -60,6 +65,16 @@ class Settings:
         session_hours: how long a login lasts.
         secure_cookies: send the session cookie over HTTPS only (behind a TLS proxy).
         migrate: run the Alembic migrations (``upgrade head``) on start.
+        db_lock_timeout: seconds a database write waits for a lock (the SQLite write lock, a
+            PostgreSQL row lock) before the request fails.
+        db_connections: most database connections the app opens (more than the server's 40
+            request threads plus the background classifier, so no request waits for one).
+        login_window_seconds: how long a failed login counts against its account name and its
+            client address.
+        login_failures_per_account: most failed logins for one account name within the window;
+            further tries are answered 429 without checking the password.
+        login_failures_per_address: most failed logins from one client address within the
+            window (all names together).
     """
 
     checkpoint: Path | None = None
@@ -75,6 +90,8 @@ class Settings:
     max_file_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 25_000_000
     max_request_bytes: int = 1024 * 1024 * 1024
+    max_form_body: int = 1024 * 1024
+    max_anonymous_body: int = 16 * 1024
     max_files: int = 5000
     max_zip_members: int = 5000
     max_zip_total_bytes: int = 2 * 1024 * 1024 * 1024
@@ -82,6 +99,11 @@ class Settings:
     session_hours: float = 12.0
     secure_cookies: bool = False
     migrate: bool = True
+    db_lock_timeout: float = 30.0
+    db_connections: int = 60
+    login_window_seconds: float = 300.0
+    login_failures_per_account: int = 5
+    login_failures_per_address: int = 30
 
     def __post_init__(self) -> None:
         check_settings(self.threshold, self.hac_min_percent, self.hac_min_count, self.evidence)
@@ -90,15 +112,26 @@ class Settings:
             "max_file_bytes",
             "max_pixels",
             "max_request_bytes",
+            "max_form_body",
+            "max_anonymous_body",
             "max_files",
             "max_zip_members",
             "max_zip_total_bytes",
+            "db_connections",
+            "login_failures_per_account",
+            "login_failures_per_address",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServiceError(f"setting {name} must be a positive whole number; got {value!r}")
         if not self.max_zip_ratio > 1:
             raise ServiceError(f"setting max_zip_ratio must be > 1; got {self.max_zip_ratio!r}")
+        if not self.login_window_seconds > 0:
+            raise ServiceError(
+                f"setting login_window_seconds must be > 0; got {self.login_window_seconds!r}"
+            )
+        if not self.db_lock_timeout > 0:
+            raise ServiceError(f"setting db_lock_timeout must be > 0; got {self.db_lock_timeout!r}")
         if not self.session_hours > 0:
             raise ServiceError(f"setting session_hours must be > 0; got {self.session_hours!r}")
 

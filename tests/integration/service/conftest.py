@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from harness.bundles import favoured_bundle
 
@@ -165,3 +169,63 @@ def service(make_service: Callable[..., Service]) -> Service:
     svc.user("sig", "signer")
     svc.user("rev", "reviewer")
     return svc
+
+
+@dataclass
+class LiveService:
+    """The app served by a real uvicorn server on 127.0.0.1 (in a thread of this process)."""
+
+    app: Any
+    base_url: str
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def user(self, name: str, role: str) -> dict[str, str]:
+        """Create a user; returns bearer headers for it."""
+        with self.app.state.db.write() as s:
+            u = create_user(s, name, role, PASSWORD)
+            self.tokens[name] = issue_token(s, u, "test")
+        return {"Authorization": f"Bearer {self.tokens[name]}"}
+
+
+@pytest.fixture
+def live_service(
+    tmp_path: Path, database_url: str, hac_predictor: Predictor
+) -> Iterator[Callable[..., LiveService]]:
+    """``live_service(**settings)``: the app on ``database_url`` behind a real uvicorn server
+    (real sockets, HTTP parsing and thread pool) listening on a free loopback port; stopped at
+    teardown. Its log goes to pytest's captured output."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**overrides: Any) -> LiveService:
+        settings = Settings(
+            data_dir=tmp_path / f"live-data-{len(servers)}",
+            database_url=database_url,
+            secret_key="test-secret-key-" + "x" * 32,
+            **overrides,
+        )
+        app = create_app(settings, predictor=hac_predictor)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))  # bound here: no race for a free port
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        )
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="live-uvicorn", daemon=True
+        )
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 120
+        while not server.started:
+            assert thread.is_alive(), "the live server exited at start (see the captured log)"
+            assert time.monotonic() < deadline, "the live server did not start in 120 s"
+            time.sleep(0.05)
+        return LiveService(app, f"http://127.0.0.1:{port}")
+
+    try:
+        yield start
+    finally:
+        for server, thread in reversed(servers):
+            server.should_exit = True
+            thread.join(timeout=30)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import re
+import socket
 import sqlite3
 import struct
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute
 from PIL import Image
@@ -286,6 +289,143 @@ def test_oversized_request_is_refused_before_reading(make_service) -> None:  # t
     assert svc.cells(sid, rev) == []
 
 
+def _chunked(body: bytes, size: int = 16_384) -> Iterator[bytes]:
+    """``body`` as a stream without a length: httpx sends it chunked, no Content-Length."""
+    for i in range(0, len(body), size):
+        yield body[i : i + size]
+
+
+def test_chunked_body_over_the_limit_is_a_413_naming_the_limit(make_service) -> None:  # type: ignore[no-untyped-def]
+    svc = make_service(max_request_bytes=100_000)
+    rev = svc.user("rev", "reviewer")
+    sid = svc.new_sample(rev)
+    big = [("files", ("a.png", _png(10, 10) + b"\0" * 150_000, "image/png"))]
+    encoded = httpx.Request("POST", "http://x/", files=big)
+    body, ctype = encoded.read(), encoded.headers["content-type"]
+    r = svc.client.post(
+        f"/api/samples/{sid}/cells",
+        content=_chunked(body),
+        headers={**rev, "Content-Type": ctype},
+    )
+    assert "content-length" not in r.request.headers
+    assert r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"].startswith("request body above the 100,000-byte limit")
+    r = svc.client.post(  # a JSON route: the same answer
+        "/api/samples",
+        content=_chunked(b'{"code": "S-1", "notes": "' + b"x" * 120_000 + b'"}'),
+        headers={**rev, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 413 and "100,000-byte limit" in r.json()["detail"]
+    csrf = svc.login("rev")  # the page's form upload: an error page naming the limit
+    r = svc.client.post(
+        f"/samples/{sid}/upload",
+        content=_chunked(body.replace(b"--" + ctype.split("boundary=")[1].encode(), b"--B")),
+        headers={"Content-Type": "multipart/form-data; boundary=B", "X-CSRF-Token": csrf},
+    )
+    assert r.status_code == 413 and "100,000-byte limit" in r.text
+    assert svc.cells(sid, rev) == []
+    assert [x["code"] for x in svc.client.get("/api/samples", headers=rev).json()] == ["BM-0001"]
+
+
+def test_chunked_body_over_the_limit_is_a_413_on_a_real_server(live_service) -> None:  # type: ignore[no-untyped-def]
+    srv = live_service(max_request_bytes=100_000)
+    rev = srv.user("rev", "reviewer")
+    with httpx.Client(base_url=srv.base_url, timeout=60, headers=rev) as c:
+        sid = c.post("/api/samples", json={"code": "S-1"}).json()["id"]
+        for size in (150_000, 3_000_000):
+            encoded = httpx.Request("POST", "http://x/", files=[("files", ("a.png", b"\0" * size))])
+            r = c.post(
+                f"/api/samples/{sid}/cells",
+                content=_chunked(encoded.read()),
+                headers={"Content-Type": encoded.headers["content-type"]},
+            )
+            assert r.status_code == 413, r.text
+            assert r.json()["detail"].startswith("request body above the 100,000-byte limit")
+        assert c.get(f"/api/samples/{sid}/cells").json() == []
+
+
+def test_bodies_are_limited_per_route_and_tiny_without_a_login(make_service) -> None:  # type: ignore[no-untyped-def]
+    """Without a valid login a body over 16 KiB is refused (413) before it is read; with one, a
+    JSON or form route takes at most 1 MiB and only the upload routes take large bodies."""
+    svc = make_service()
+    rev = svc.user("rev", "reviewer")
+    sid = svc.new_sample(rev)
+    c = svc.client
+    json_type = {"Content-Type": "application/json"}
+    big_json = b'{"code": "S-2",' + b" " * 20_000 + b'"notes": "n"}'  # 20 kB, valid
+    for headers in [{}, {"Authorization": "Bearer made-up"}, {"Authorization": "Basic cmV2"}]:
+        r = c.post("/api/samples", content=big_json, headers={**json_type, **headers})
+        assert r.status_code == 413, (headers, r.text)
+        detail = r.json()["detail"]
+        assert "16,384-byte limit for requests without a login" in detail, detail
+    r = c.post("/api/samples", content=b'{"code": "S-2"}', headers=json_type)
+    assert r.status_code == 401  # a small anonymous body gets the ordinary answer
+    token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
+    r = c.post(
+        "/login",
+        data={
+            "username": "rev",
+            "password": "p" * 1000,
+            "csrf_token": token,
+            "next": "/" + "n" * 20_000,
+        },
+    )
+    assert r.status_code == 413 and "16,384-byte limit" in r.json()["detail"]
+    # logged in: a JSON route takes up to 1 MiB ...
+    r = c.post("/api/samples", content=big_json, headers={**json_type, **rev})
+    assert r.status_code == 201, r.text
+    huge = b'{"code": "S-3",' + b" " * 1_100_000 + b'"notes": "n"}'
+    r = c.post("/api/samples", content=huge, headers={**json_type, **rev})
+    assert r.status_code == 413 and "1,048,576-byte limit" in r.json()["detail"]
+    # ... and an upload route far more
+    image = sample_images(1)[0].read_bytes()
+    padded = [("files", ("a.jpg", image, "image/jpeg")), ("files", ("pad.txt", b"x" * 2_000_000))]
+    r = c.post(f"/api/samples/{sid}/cells", files=padded, headers=rev)
+    assert r.status_code == 201 and len(r.json()["accepted"]) == 1
+    assert [x["code"] for x in c.get("/api/samples", headers=rev).json()] == ["S-2", "BM-0001"]
+
+
+def _first_answer(base_url: str, request: bytes, timeout: float = 15) -> bytes:
+    """Send ``request`` (head and part of a body), never the rest, and return the start of what
+    the server answers (an answer before the body is complete means it was not read)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        answer = b""
+        while True:
+            block = s.recv(65536)
+            answer += block
+            head, sep, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if not block or (sep and len(body) >= int(length.group(1) if length else 0)):
+                return answer
+
+
+def test_an_anonymous_large_body_is_refused_before_it_is_sent(live_service) -> None:  # type: ignore[no-untyped-def]
+    """On a real server: an anonymous upload declaring 500 MB, and an anonymous chunked body
+    past 16 KiB, are answered 413 while the client has not even sent the rest; the server
+    cannot have read or buffered it."""
+    srv = live_service()
+    srv.user("rev", "reviewer")
+    head = (
+        b"POST /api/samples/1/cells HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 500000000\r\n\r\n"
+    )
+    t0 = time.monotonic()
+    answer = _first_answer(srv.base_url, head + b"--B\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"16,384-byte limit for requests without a login" in answer
+    chunk = b"x" * 20_000
+    head = (
+        b"POST /api/samples HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer made-up\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    answer = _first_answer(srv.base_url, head + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert time.monotonic() - t0 < 10
+
+
 def test_form_upload_reports_refused_files_on_the_page(service: Service) -> None:
     c = service.client
     csrf = service.login("rev")
@@ -299,6 +439,36 @@ def test_form_upload_reports_refused_files_on_the_page(service: Service) -> None
     assert r.status_code == 200
     assert "2 cell image(s) added" in r.text
     assert "refused evil.exe: not an accepted file type" in r.text
+
+
+def test_many_refused_files_keep_the_cookie_small_and_are_shown(service: Service) -> None:
+    """50 refused files with long names on the no-JavaScript upload path: the messages stay on
+    the server (keyed by the login session), the cookie stays far under the 4,096 bytes a
+    browser keeps, and the next page still lists every refused file."""
+    c = service.client
+    csrf = service.login("rev")
+    sid = service.new_sample(service.auth("rev"))
+    names = [f"{i:02d}-{'long-scanner-export-name-' * 9}.txt" for i in range(50)]
+    assert all(230 < len(n) < 256 for n in names)
+    files = files_of(sample_images(1)) + [
+        ("files", (name, b"not an image", "text/plain")) for name in names
+    ]
+    r = c.post(
+        f"/samples/{sid}/upload", data={"csrf_token": csrf}, files=files, follow_redirects=False
+    )
+    assert r.status_code == 303
+    for header in r.headers.get_list("set-cookie"):
+        assert len(header) < 1024, len(header)
+    page = c.get(r.headers["location"])
+    assert page.status_code == 200
+    assert "1 cell image(s) added" in page.text
+    for name in names:
+        assert f"refused {name}: not an accepted file type" in page.text
+    # shown once: the next page has no messages left, and another user never sees them
+    assert "refused" not in c.get(r.headers["location"]).text
+    c.cookies.clear()
+    service.login("sig")
+    assert "refused" not in c.get(r.headers["location"]).text
 
 
 def test_account_audit_page_lists_logins_for_admins(service: Service) -> None:

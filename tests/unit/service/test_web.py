@@ -8,7 +8,7 @@ import io
 import pytest
 
 from marrowscope.service.review import REPORT_COLUMNS, report_csv
-from marrowscope.service.web import attachment, report_download
+from marrowscope.service.web import FlashStore, attachment, report_download
 
 
 @pytest.mark.parametrize(
@@ -90,3 +90,22 @@ def test_report_download_is_the_csv_named_after_the_sample() -> None:
     assert response.body.decode("utf-8") == report_csv(data)
     assert response.headers["content-type"] == "text/csv; charset=utf-8"
     assert response.headers["content-disposition"] == attachment("BM-1-report.csv")
+
+
+def test_flash_store_is_per_session_shown_once_and_bounded() -> None:
+    now = [0.0]
+    store = FlashStore(max_sessions=2, max_messages=3, max_chars=10, ttl=60, clock=lambda: now[0])
+    for i in range(5):
+        store.add("a", f"message number {i}", "error")
+    store.add("b", "for b")
+    assert store.pop("a") == [
+        ["error", "message nu"], ["error", "message nu"], ["error", "message nu"],
+        ["error", "... and 2 more message(s)"],
+    ]  # fmt: skip
+    assert store.pop("a") == []  # shown once
+    store.add("c", "for c")
+    store.add("d", "for d")  # a third session: the least recently used (b) is dropped
+    assert store.pop("b") == []
+    assert store.pop("c") == [["info", "for c"]]
+    now[0] = 61  # not shown within the ttl: dropped
+    assert store.pop("d") == []
