@@ -1,7 +1,8 @@
 """The app factory: ``create_app(settings)`` builds the FastAPI app of the review service.
 
 The lifespan opens the database (running the Alembic migrations), loads the Predictor once
-(unless one is passed in: tests inject a tiny model), and starts the background classifier,
+(unless one is passed in: tests inject a tiny model), removes what interrupted uploads left in
+the image store (:meth:`~.storage.ImageStore.sweep`), and starts the background classifier,
 which first picks up any cells a previous run left pending. Routes: :mod:`.pages` (HTML) and
 :mod:`.api` (JSON under ``/api``).
 """
@@ -9,6 +10,7 @@ which first picks up any cells a previous run left pending. Routes: :mod:`.pages
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security.utils import get_authorization_scheme_param
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
@@ -38,9 +41,10 @@ from marrowscope.service.deps import (
     RoleRequired,
     find_principal,
 )
+from marrowscope.service.models import Cell
 from marrowscope.service.review import AppError
 from marrowscope.service.settings import Settings
-from marrowscope.service.storage import ImageStore
+from marrowscope.service.storage import SWEEP_GRACE_SECONDS, ImageStore
 from marrowscope.service.throttle import LoginThrottle
 from marrowscope.service.web import FlashStore
 from marrowscope.service.worker import ClassificationWorker, ModelHandle
@@ -243,6 +247,14 @@ def _install_handlers(app: FastAPI) -> None:
         return _page_error(request, exc.status_code, str(exc.detail))
 
 
+def _sweep(db: Database, store: ImageStore, started: float) -> None:
+    """The startup sweep: remove the files interrupted uploads left in the image store (never
+    one a cell refers to, nor one modified in the grace period before the start)."""
+    with db.read() as s:
+        referenced = set(s.scalars(select(Cell.stored_path)))
+    store.sweep(referenced, before=started - SWEEP_GRACE_SECONDS)
+
+
 def create_app(settings: Settings, *, predictor: Predictor | None = None) -> FastAPI:
     """Build the review app.
 
@@ -262,6 +274,7 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.time()
         db = Database(
             settings.url,
             lock_timeout=settings.db_lock_timeout,
@@ -280,6 +293,7 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
                 )
             model = ModelHandle(pred)
             store = ImageStore(settings.data_dir)
+            _sweep(db, store, started)
             worker = ClassificationWorker(db, store, model, settings.batch_size)
             app.state.db, app.state.model, app.state.store = db, model, store
             app.state.worker = worker

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
+import os
 import re
 import socket
 import sqlite3
 import struct
+import tempfile
+import threading
 import time
 import zipfile
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -343,6 +349,96 @@ def test_chunked_body_over_the_limit_is_a_413_on_a_real_server(live_service) -> 
             assert r.status_code == 413, r.text
             assert r.json()["detail"].startswith("request body above the 100,000-byte limit")
         assert c.get(f"/api/samples/{sid}/cells").json() == []
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (``VmRSS`` of ``/proc/self/status``)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def _bytes_on_disk(*folders: Path) -> int:
+    """Bytes of the files under ``folders``, plus those of files this process holds open there
+    (anonymous temporaries, unlinked at creation, are counted through ``/proc/self/fd``)."""
+    total = 0
+    for folder in folders:
+        total += sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file())
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            inside = any(target.startswith(f"{folder}/") for folder in folders)
+            if inside and (" (deleted)" in target or not Path(target).exists()):
+                total += os.stat(f"/proc/self/fd/{fd}").st_size
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+def test_a_logged_in_oversized_chunked_upload_is_bounded_in_memory_and_disk(  # type: ignore[no-untyped-def]
+    live_service, tmp_path, monkeypatch
+) -> None:
+    """On a real server (in a thread of this process): a logged-in upload of 24 MiB sent
+    chunked against a 2 MiB limit is answered 413; sampled every few milliseconds while it is
+    sent, the server's temporary files (the framework's spooled upload files, redirected to a
+    test folder) and the image store never hold more than the limit plus one chunk, nothing is
+    left behind, and the process's memory grows by less than a few times the limit."""
+    limit, chunk, total = 2 * 1024 * 1024, 64 * 1024, 24 * 1024 * 1024
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))  # where starlette spools file parts
+    srv = live_service(max_request_bytes=limit)
+    rev = srv.user("rev", "reviewer")
+    store = srv.app.state.store.root
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for _ in range(total // chunk):
+            yield b"\0" * chunk
+        yield b"\r\n--B--\r\n"
+
+    peak_disk, peak_rss, stop = [0], [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak_disk[0] = max(peak_disk[0], _bytes_on_disk(spool, store))
+            peak_rss[0] = max(peak_rss[0], _rss_bytes())
+            time.sleep(0.002)
+
+    with httpx.Client(base_url=srv.base_url, timeout=60, headers=rev) as c:
+        sid = c.post("/api/samples", json={"code": "S-1"}).json()["id"]
+        gc.collect()
+        rss_before = _rss_bytes()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        try:
+            r = c.post(
+                f"/api/samples/{sid}/cells",
+                content=body(),
+                headers={"Content-Type": "multipart/form-data; boundary=B"},
+            )
+        finally:
+            elapsed = time.monotonic() - t0
+            stop.set()
+            sampler.join()
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"].startswith("request body above the 2,097,152-byte limit")
+        assert c.get(f"/api/samples/{sid}/cells").json() == []
+    print(
+        f"peak disk {peak_disk[0]:,} B, RSS growth {peak_rss[0] - rss_before:,} B, {elapsed:.2f} s"
+    )
+    assert elapsed < 10
+    assert 0 < peak_disk[0] <= limit + chunk, peak_disk[0]  # the sampler saw the spool file
+    assert peak_rss[0] - rss_before < 3 * limit, peak_rss[0] - rss_before
+    deadline = time.monotonic() + 5
+    while _bytes_on_disk(spool, store) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert _bytes_on_disk(spool, store) == 0  # no spooled or .upload-* file left
+    assert not list(store.rglob(".upload-*"))
 
 
 def test_bodies_are_limited_per_route_and_tiny_without_a_login(make_service) -> None:  # type: ignore[no-untyped-def]
