@@ -84,6 +84,12 @@ class _Guard:
     without a length (chunked) is counted as it arrives; at the first byte over the limit
     reading stops and the request is answered 413 naming the limit (JSON for the API, an error
     page for pages), as for a declared length.
+
+    At most ``max_uploads_in_flight`` logged-in uploads are received and processed at once,
+    server-wide (this app): one more is answered 503 with ``Retry-After`` at once, before its
+    body is read. Its slot is taken when it passes the checks above and given back when the app
+    is done with it (answered, failed, or the client went away). The count is a plain integer:
+    the middleware runs in the event loop, and nothing awaits between its check and its update.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
@@ -91,6 +97,8 @@ class _Guard:
         self.max_upload = settings.max_request_bytes
         self.max_form = min(settings.max_form_body, self.max_upload)
         self.max_anonymous = min(settings.max_anonymous_body, self.max_form)
+        self.max_in_flight = settings.max_uploads_in_flight
+        self.in_flight = 0
 
     def _limit(self, scope: Scope) -> tuple[int, str]:
         """The body limit of the request's route (for a logged-in client) and its advice."""
@@ -136,13 +144,23 @@ class _Guard:
         if declared is not None and length is None:
             length = limit + 1  # a malformed length: refused like one over the limit
         whose = ""
+        is_upload = scope["method"] == "POST" and bool(_UPLOAD_ROUTES.match(scope["path"]))
         may_be_large = length is None or length > self.max_anonymous
-        if limit > self.max_anonymous and may_be_large and not await self._logged_in(scope):
+        # an upload's login is always looked up: only logged-in uploads take a slot
+        if (
+            limit > self.max_anonymous
+            and (may_be_large or is_upload)
+            and not await self._logged_in(scope)
+        ):
             limit, whose = self.max_anonymous, " for requests without a login"
             advice = "log in first (a valid bearer token or the login cookie)"
+            is_upload = False
         message = f"request body above the {limit:,}-byte limit{whose}; {advice}"
         if length is not None and length > limit:
             await JSONResponse({"detail": message}, status_code=413)(scope, receive, secured)
+            return
+        if is_upload and self.in_flight >= self.max_in_flight:
+            await _too_many_uploads(self.max_in_flight, scope)(scope, receive, secured)
             return
         seen = 0
 
@@ -157,7 +175,33 @@ class _Guard:
                     raise StarletteHTTPException(413, message)
             return message_in
 
-        await self.app(scope, counted, secured)
+        if not is_upload:
+            await self.app(scope, counted, secured)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, counted, secured)
+        finally:
+            self.in_flight -= 1
+
+
+UPLOAD_RETRY_AFTER = 5
+"""Seconds a client is asked to wait (``Retry-After``) when too many uploads are in flight (503)."""
+
+
+def _too_many_uploads(cap: int, scope: Scope) -> Response:
+    """The 503 for one upload over ``max_uploads_in_flight``: JSON for the API, else a page."""
+    uploads = "upload is" if cap == 1 else "uploads are"
+    message = (
+        f"{cap} {uploads} already in progress on this server; try again in {UPLOAD_RETRY_AFTER} s"
+    )
+    headers = {"Retry-After": str(UPLOAD_RETRY_AFTER)}
+    request = Request(scope)
+    if _is_api(request):
+        return JSONResponse({"detail": message}, status_code=503, headers=headers)
+    response = _page_error(request, 503, message)
+    response.headers.update(headers)
+    return response
 
 
 BUSY_RETRY_AFTER = 5

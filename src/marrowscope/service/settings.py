@@ -58,6 +58,9 @@ class Settings:
             logged-in client.
         max_anonymous_body: largest accepted request body without a valid login (the login
             form included); a larger one is refused before it is read.
+        max_uploads_in_flight: most logged-in uploads (requests to an upload route) the server
+            receives and processes at once; a further one is answered 503 with ``Retry-After``
+            before its body is read.
         max_files: most images in one upload (zip members included).
         max_zip_members: most entries in one zip file.
         max_zip_total_bytes: largest total uncompressed size of one zip file.
@@ -92,6 +95,7 @@ class Settings:
     max_request_bytes: int = 1024 * 1024 * 1024
     max_form_body: int = 1024 * 1024
     max_anonymous_body: int = 16 * 1024
+    max_uploads_in_flight: int = 4
     max_files: int = 5000
     max_zip_members: int = 5000
     max_zip_total_bytes: int = 2 * 1024 * 1024 * 1024
@@ -114,6 +118,7 @@ class Settings:
             "max_request_bytes",
             "max_form_body",
             "max_anonymous_body",
+            "max_uploads_in_flight",
             "max_files",
             "max_zip_members",
             "max_zip_total_bytes",

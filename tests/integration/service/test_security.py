@@ -526,6 +526,66 @@ def test_an_anonymous_large_body_is_refused_before_it_is_sent(live_service) -> N
     assert time.monotonic() - t0 < 10
 
 
+def test_uploads_in_flight_are_capped_server_wide(live_service) -> None:  # type: ignore[no-untyped-def]
+    """On a real server with ``max_uploads_in_flight=2``: while two logged-in uploads are still
+    sending their (chunked) bodies, a third upload, API or page, is answered 503 at once with
+    ``Retry-After`` and a message naming the cap, before its body is read; a read route still
+    answers; once the two finish, an upload is accepted again."""
+    srv = live_service(max_uploads_in_flight=2)
+    rev = srv.user("rev", "reviewer")
+    image = sample_images(1)[0]
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n"
+    )
+    ctype = {"Content-Type": "multipart/form-data; boundary=B"}
+    release = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield head
+        release.wait(10)  # the body stays unfinished until the test lets it go
+        yield image.read_bytes() + b"\r\n--B--\r\n"
+
+    with httpx.Client(base_url=srv.base_url, timeout=30, headers=rev) as c:
+        sid = c.post("/api/samples", json={"code": "S-1"}).json()["id"]
+        answers: list[int] = []
+
+        def upload() -> None:
+            with httpx.Client(base_url=srv.base_url, timeout=30, headers=rev) as own:
+                r = own.post(f"/api/samples/{sid}/cells", content=slow_body(), headers=ctype)
+                answers.append(r.status_code)
+
+        threads = [threading.Thread(target=upload, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 3
+            while True:  # until the server has taken both slow uploads in
+                r = c.post(f"/api/samples/{sid}/cells", content=head, headers=ctype)
+                if r.status_code == 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            assert r.status_code == 503, r.text
+            assert r.headers["Retry-After"] == "5"
+            assert r.json()["detail"] == (
+                "2 uploads are already in progress on this server; try again in 5 s"
+            )
+            page = c.post(f"/samples/{sid}/upload", content=head, headers=ctype)
+            assert page.status_code == 503 and page.headers["Retry-After"] == "5"
+            assert "text/html" in page.headers["content-type"]
+            assert "2 uploads are already in progress on this server" in page.text
+            assert c.get("/api/health").status_code == 200
+            assert c.get(f"/api/samples/{sid}/cells").status_code == 200
+        finally:
+            release.set()
+            for t in threads:
+                t.join(10)
+        assert answers == [201, 201]
+        files = [("files", (image.name, image.read_bytes(), "image/jpeg"))]
+        r = c.post(f"/api/samples/{sid}/cells", files=files)
+        assert r.status_code == 201, r.text
+
+
 def test_form_upload_reports_refused_files_on_the_page(service: Service) -> None:
     c = service.client
     csrf = service.login("rev")

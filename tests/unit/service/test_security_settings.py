@@ -58,3 +58,11 @@ def test_image_store_is_content_addressed_and_never_overwrites(tmp_path: Path) -
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp files left
     with pytest.raises(ValueError, match="not inside the image store"):
         store.path("../secret_key")
+
+
+def test_uploads_in_flight_setting_is_validated() -> None:
+    assert Settings().max_uploads_in_flight == 4
+    assert Settings(max_uploads_in_flight=1).max_uploads_in_flight == 1
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ServiceError, match="max_uploads_in_flight must be a positive"):
+            Settings(max_uploads_in_flight=bad)  # type: ignore[arg-type]
