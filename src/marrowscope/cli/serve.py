@@ -6,6 +6,7 @@ Registered by :mod:`marrowscope.cli.main`; the web stack is imported inside the 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -119,7 +120,9 @@ def serve(
     _run(body)
 
 
+@contextlib.contextmanager
 def _database(data_dir: Path, database_url: str | None):  # type: ignore[no-untyped-def]
+    """The review app's database, migrated; disposed of when the block ends."""
     from marrowscope.service.db import Database, migrate
     from marrowscope.service.settings import Settings
 
@@ -127,8 +130,11 @@ def _database(data_dir: Path, database_url: str | None):  # type: ignore[no-unty
     if database_url is None:
         settings = settings.resolved()
     db = Database(settings.url)
-    migrate(db)
-    return db
+    try:
+        migrate(db)
+        yield db
+    finally:
+        db.dispose()
 
 
 @users_app.command("create")
@@ -152,16 +158,12 @@ def users_create(
             password = sys.stdin.readline().rstrip("\r\n")
         else:
             password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-        db = _database(data_dir, database_url)
-        try:
-            with db.write() as s:
-                user = create_user(s, username, role, password)
-                review.audit(
-                    s, None, "user.create", new={"username": user.username, "role": role},
-                    username="cli",
-                )  # fmt: skip
-        finally:
-            db.dispose()
+        with _database(data_dir, database_url) as db, db.write() as s:
+            user = create_user(s, username, role, password)
+            review.audit(
+                s, None, "user.create", new={"username": user.username, "role": role},
+                username="cli",
+            )  # fmt: skip
         console.print(f"created {role} {username}")
 
     _run(body)
@@ -180,17 +182,13 @@ def users_token(
         from marrowscope.service import review
         from marrowscope.service.accounts import find_user, issue_token
 
-        db = _database(data_dir, database_url)
-        try:
-            with db.write() as s:
-                user = find_user(s, username)
-                token = issue_token(s, user, name)
-                review.audit(
-                    s, None, "token.create", new={"username": username, "name": name},
-                    username="cli",
-                )  # fmt: skip
-        finally:
-            db.dispose()
+        with _database(data_dir, database_url) as db, db.write() as s:
+            user = find_user(s, username)
+            token = issue_token(s, user, name)
+            review.audit(
+                s, None, "token.create", new={"username": username, "name": name},
+                username="cli",
+            )  # fmt: skip
         typer.echo(token)
 
     _run(body)
@@ -210,33 +208,29 @@ def users_list(data_dir: DataDir = DEFAULT_DATA_DIR, database_url: DatabaseUrl =
         from marrowscope.service.accounts import list_users, user_tokens
 
         lines: list[str] = []
-        db = _database(data_dir, database_url)
-        try:
-            with db.read() as s:
-                users = list_users(s)
-                width = max((len(u.username) for u in users), default=0)
-                for user in users:
-                    state = "active" if user.active else "disabled"
-                    lines.append(
-                        f"{user.username:<{width}}  {user.role:<8}  {state:<8}  "
-                        f"created {_when(user.created_at)}"
+        with _database(data_dir, database_url) as db, db.read() as s:
+            users = list_users(s)
+            width = max((len(u.username) for u in users), default=0)
+            for user in users:
+                state = "active" if user.active else "disabled"
+                lines.append(
+                    f"{user.username:<{width}}  {user.role:<8}  {state:<8}  "
+                    f"created {_when(user.created_at)}"
+                )
+                tokens = user_tokens(s, user)
+                if not tokens:
+                    lines.append("  no API tokens")
+                for t in tokens:
+                    revoked = (
+                        f"revoked {_when(t.revoked_at)}"
+                        if t.revoked_at
+                        else "active"
+                        if user.active
+                        else "not revoked (refused while the account is disabled)"
                     )
-                    tokens = user_tokens(s, user)
-                    if not tokens:
-                        lines.append("  no API tokens")
-                    for t in tokens:
-                        revoked = (
-                            f"revoked {_when(t.revoked_at)}"
-                            if t.revoked_at
-                            else "active"
-                            if user.active
-                            else "not revoked (refused while the account is disabled)"
-                        )
-                        lines.append(
-                            f"  token {t.id} {t.name!r}  created {_when(t.created_at)}, {revoked}"
-                        )
-        finally:
-            db.dispose()
+                    lines.append(
+                        f"  token {t.id} {t.name!r}  created {_when(t.created_at)}, {revoked}"
+                    )
         if not lines:
             lines.append(
                 "no users yet; create the first with: marrowscope users create NAME --role admin"
@@ -259,19 +253,15 @@ def users_disable(
         from marrowscope.service import review
         from marrowscope.service.accounts import disable_user, find_user
 
-        db = _database(data_dir, database_url)
-        try:
-            with db.write() as s:
-                user = find_user(s, username)
-                role = user.role
-                ended = disable_user(s, user)
-                if ended is not None:
-                    review.audit(
-                        s, None, "user.disable",
-                        new={"username": user.username, "sessions_ended": ended}, username="cli",
-                    )  # fmt: skip
-        finally:
-            db.dispose()
+        with _database(data_dir, database_url) as db, db.write() as s:
+            user = find_user(s, username)
+            role = user.role
+            ended = disable_user(s, user)
+            if ended is not None:
+                review.audit(
+                    s, None, "user.disable",
+                    new={"username": user.username, "sessions_ended": ended}, username="cli",
+                )  # fmt: skip
         if ended is None:
             typer.echo(f"{role} {username} was disabled already")
         else:
@@ -296,18 +286,14 @@ def users_enable(
         from marrowscope.service import review
         from marrowscope.service.accounts import enable_user, find_user
 
-        db = _database(data_dir, database_url)
-        try:
-            with db.write() as s:
-                user = find_user(s, username)
-                role = user.role
-                changed = enable_user(s, user)
-                if changed:
-                    review.audit(
-                        s, None, "user.enable", new={"username": user.username}, username="cli"
-                    )
-        finally:
-            db.dispose()
+        with _database(data_dir, database_url) as db, db.write() as s:
+            user = find_user(s, username)
+            role = user.role
+            changed = enable_user(s, user)
+            if changed:
+                review.audit(
+                    s, None, "user.enable", new={"username": user.username}, username="cli"
+                )
         typer.echo(
             f"enabled {role} {username}" if changed else f"{role} {username} is active already"
         )
@@ -337,20 +323,16 @@ def users_revoke_token(
         from marrowscope.service import review
         from marrowscope.service.accounts import find_user, revoke_tokens
 
-        db = _database(data_dir, database_url)
-        try:
-            with db.write() as s:
-                user = find_user(s, username)
-                revoked = revoke_tokens(s, user, token_id)
-                for t in revoked:
-                    review.audit(
-                        s, None, "token.revoke",
-                        new={"username": user.username, "token_id": t.id, "name": t.name},
-                        username="cli",
-                    )  # fmt: skip
-                done = [f"{t.id} ({t.name!r})" for t in revoked]
-        finally:
-            db.dispose()
+        with _database(data_dir, database_url) as db, db.write() as s:
+            user = find_user(s, username)
+            revoked = revoke_tokens(s, user, token_id)
+            for t in revoked:
+                review.audit(
+                    s, None, "token.revoke",
+                    new={"username": user.username, "token_id": t.id, "name": t.name},
+                    username="cli",
+                )  # fmt: skip
+            done = [f"{t.id} ({t.name!r})" for t in revoked]
         if not done:
             typer.echo(f"{username} has no active API token; nothing to revoke")
         else:
