@@ -446,11 +446,17 @@ def _actor_plan(
     return n, res
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str, address: str | None) -> None:
     if out.lower().endswith((".csv", ".json")):
         raise RayEngineError(
             f"{out}: the ray engine writes a folder of Parquet files; use --out NAME.parquet/ "
             "(or --engine local for CSV/JSON)"
+        )
+    if address is not None and address.startswith("ray://") and not is_uri(out):
+        raise RayEngineError(
+            f"{out}: with Ray Client (--address {address}) the cluster writes the output, not "
+            "this machine; give --out as object storage (s3://bucket/preds/) or as file:///PATH "
+            "on a file system the cluster's nodes share"
         )
     if not is_uri(out):
         p = Path(out)
@@ -509,7 +515,7 @@ def predict_with_ray(
         )
     ray = import_ray()
     out_str = str(out)
-    _check_out(out_str)
+    _check_out(out_str, address)
     # the same checks and the same preprocessing parameters as --engine local, on the driver
     predictor = Predictor.from_checkpoint(
         checkpoint, device="cpu", backend=backend, batch_size=batch_size, tta=tta
@@ -577,18 +583,30 @@ def predict_with_ray(
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
+        # the path and error columns, read back where the output is (through Ray for a client)
+        if address is not None and address.startswith("ray://"):
+            written = ray.data.read_parquet(out_str, columns=["path", "error"]).to_arrow_refs()
+            table = _concat(ray.get(written))
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(out_str, columns=["path", "error"])
     finally:
         if owned:
             ray.shutdown()
-    return _summarize(out_str, len(paths), seconds, n_actors, resources)
+    return _summarize(table, out_str, len(paths), seconds, n_actors, resources)
+
+
+def _concat(tables: list[Any]) -> Any:
+    """One Arrow table from several (the blocks Ray read)."""
+    import pyarrow as pa
+
+    return pa.concat_tables(tables) if tables else pa.table({"path": [], "error": []})
 
 
 def _summarize(
-    out: str, expected: int, seconds: float, actors: int, resources: dict[str, float]
+    table: Any, out: str, expected: int, seconds: float, actors: int, resources: dict[str, float]
 ) -> RayPredictionSummary:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(out, columns=["path", "error"])
     if table.num_rows != expected:
         raise RuntimeError(
             f"{out}: {table.num_rows} rows written for {expected} inputs; the Ray job lost "

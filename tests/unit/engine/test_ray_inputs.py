@@ -78,12 +78,16 @@ def test_decode_stage_turns_bad_files_into_error_rows(
 
 def test_ray_engine_output_must_be_a_new_parquet_folder(tmp_path: Path) -> None:
     with pytest.raises(RayEngineError, match="folder of Parquet files"):
-        ray_predict._check_out(str(tmp_path / "p.csv"))
+        ray_predict._check_out(str(tmp_path / "p.csv"), None)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(RayEngineError, match="already exists"):
-        ray_predict._check_out(str(tmp_path / "full"))
-    ray_predict._check_out(str(tmp_path / "new.parquet"))
+        ray_predict._check_out(str(tmp_path / "full"), None)
+    ray_predict._check_out(str(tmp_path / "new.parquet"), None)
+    # through Ray Client the cluster writes: a local path of this machine would be wrong
+    with pytest.raises(RayEngineError, match="Ray Client"):
+        ray_predict._check_out(str(tmp_path / "new.parquet"), "ray://head:10001")
+    ray_predict._check_out("s3://bucket/preds/", "ray://head:10001")
 
 
 def test_without_ray_the_engine_says_how_to_install_it(
