@@ -218,8 +218,14 @@ class TrainConfig:
 
     epochs: Annotated[Int, Ge(1)] = 10
     batch_size: Annotated[Int, Ge(1)] = 32
+    """The global batch: images per optimizer step over all processes. Under torchrun with N
+    processes each takes ``batch_size / N`` of it (N must divide it), so the steps per epoch, the
+    schedule and the meaning of ``lr`` do not change with the number of processes."""
     lr: NonNegative = 1e-3
-    """Peak learning rate of the head; the backbone gets ``lr * backbone_lr_scale``."""
+    """Peak learning rate of the head, for the global ``batch_size``; the backbone gets
+    ``lr * backbone_lr_scale``. Adding processes does not change it; raising ``batch_size``
+    (e.g. to fill more GPUs) calls for a higher rate, not applied automatically: about linear in
+    the batch for SGD-like training, about its square root for AdamW, after a short check."""
     backbone_lr_scale: NonNegative = 1.0
     layer_decay: Annotated[Float, Interval(gt=0, le=1), _Hint("e.g. 0.9")] | None = None
     """Layer-wise learning-rate decay (timm-style, e.g. 0.9): the backbone layer ``k`` places
@@ -256,6 +262,11 @@ class TrainConfig:
         Float, Interval(gt=0, le=1), _Hint("a fraction of train.epochs")
     ] = 0.5
     """With ``progressive_size``: the fraction of ``epochs`` over which the size ramps up."""
+    sync_batchnorm: Bool = False
+    """Under torchrun on CUDA GPUs: batch-norm statistics over the global batch
+    (``torch.nn.SyncBatchNorm``) instead of each process's share. Costs one all-reduce per
+    batch-norm layer; worth it when the per-GPU batch is small (below ~16). CUDA only: a
+    multi-process CPU run with it set is an error; one process ignores it."""
     swa_epochs: Annotated[Int, Ge(0)] = 0
     """Stochastic weight averaging (``torch.optim.swa_utils.AveragedModel``): average the weights
     (and batch-norm statistics) at the end of each of the last ``swa_epochs`` epochs, and

@@ -65,6 +65,7 @@ _TYPED_KEYS = (
     "train_counts",
     "pretrained",
     "onnx",
+    "int8",
 )
 
 
@@ -127,6 +128,9 @@ class BundleMetadata:
     """For a model that ships with marrowscope: its description, card prose and measurements."""
     onnx: dict[str, Any] | None = None
     """For the copy embedded in an exported ONNX model: the export's parity check and source."""
+    int8: dict[str, Any] | None = None
+    """For an int8 export (``marrowscope export --format int8``): the runtime and its versions,
+    the calibration images, the source weights' SHA-256 and the accuracy guard's numbers."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other keys (``created``, ``torch_version``, ...), kept as they are."""
 
@@ -248,6 +252,7 @@ class BundleMetadata:
             train_counts=check.optional(data, "train_counts", dict),
             pretrained=check.optional(data, "pretrained", dict),
             onnx=check.optional(data, "onnx", dict),
+            int8=check.optional(data, "int8", dict),
             extra={k: v for k, v in data.items() if k not in _TYPED_KEYS},
         )
 

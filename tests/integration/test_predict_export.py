@@ -139,11 +139,13 @@ def test_benchmark_tiny_run(bundle: Path, cells: Path, tmp_path: Path) -> None:
         str(bundle), batch_sizes=(2,), images=cells / "ART", warmup=1, min_time=0.05, min_iters=2
     )
     assert {(r.backend, r.mode) for r in rep.rows} == {
-        (b, m) for b in ("torch-fp32", "torch-bf16", "onnx") for m in ("network", "end-to-end")
+        (b, m)
+        for b in ("torch-fp32", "torch-bf16", "onnx", "int8")
+        for m in ("network", "end-to-end")
     }
     for r in rep.rows:
-        if r.note:  # bf16 on a CPU without native support
-            assert r.backend == "torch-bf16" and r.images_per_s is None
+        if r.note:  # bf16 on a CPU without native support; int8 without marrowscope[int8]
+            assert r.backend in ("torch-bf16", "int8") and r.images_per_s is None
         else:
             assert r.images_per_s > 0 and r.median_ms > 0 and r.p95_ms >= r.median_ms
     assert rep.settings["n_images"] == 3 and "decode" in rep.preprocess_ms
@@ -163,3 +165,42 @@ def test_benchmark_cli_model_name_writes_markdown(tmp_path: Path, cells: Path) -
     assert "random weights" in text and "| torch-fp32 | end-to-end | 2 |" in text
     res = _invoke("benchmark", "paper_cnn", "--backends", "tensorrt")
     assert res.exit_code == 2 and "tensorrt" in res.output
+
+
+def test_export_int8_then_predict_with_the_int8_backend(
+    bundle: Path, cells: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    guard = tmp_path / "guard"
+    shutil.copytree(cells, guard, ignore=shutil.ignore_patterns("broken.jpg", "*.txt"))
+    res = _invoke(
+        "export", str(bundle), "--format", "int8", "--calibrate", str(guard),
+        "--guard-data", str(guard), "--guard-tta", "none", "--max-f1-drop", "-1",
+    )  # fmt: skip
+    # an impossible threshold (macro-F1 must rise by 1): the guard refuses, names the numbers, writes nothing
+    assert res.exit_code == 3 and "int8 accuracy guard failed" in res.output
+    assert "top-1 agreement" in res.output and not (bundle / "int8").exists()
+    res = _invoke(
+        "export", str(bundle), "--format", "int8", "--calibrate", str(guard),
+        "--guard-data", str(guard), "--guard-tta", "none", "--max-f1-drop", "-1", "--force",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (
+        "written anyway because of --force" in res.output
+        and (bundle / "int8" / "model.xml").is_file()
+    )
+    out = tmp_path / "int8.json"
+    res = _invoke(
+        "predict", str(bundle), str(cells), "--out", str(out), "--backend", "int8", "--no-progress"
+    )
+    assert res.exit_code == 0, res.output
+    assert "int8 backend" in res.output
+    rows = json.loads(out.read_text())
+    assert len(rows) == 10 and sum(1 for r in rows if r["error"]) == 1
+    rep = run_benchmark(
+        str(bundle), batch_sizes=(2,), backends=("int8",), images=cells / "ART", warmup=1,
+        min_time=0.05, min_iters=2,
+    )  # fmt: skip
+    assert all(r.images_per_s for r in rep.rows)
+    assert any("accuracy guard FAILED (written with --force)" in n for n in rep.notes)

@@ -52,6 +52,32 @@ TrainDevice = Annotated[
         help="Where training runs: auto, cpu or cuda (default: train.device of the config).",
     ),
 ]
+Nproc = Annotated[
+    str | None,
+    typer.Option(
+        help="Train data-parallel in N processes on this machine (auto: one per GPU, 1 without "
+        "GPUs), launched through torch.distributed.run; for several machines run torchrun "
+        "yourself (docs/scale-out.md).",
+    ),
+]
+Backend = Annotated[
+    str,
+    typer.Option(
+        help="torch, onnx (needs `marrowscope export CK`) or int8 (OpenVINO; needs "
+        "`marrowscope export CK --format int8` and marrowscope[int8]).",
+    ),
+]
+BACKEND_NAMES = ("torch", "onnx", "int8", "openvino")
+"""Accepted --backend values (openvino is another name for int8)."""
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKEND_NAMES:
+        raise typer.BadParameter(
+            f"--backend must be torch, onnx or int8 (alias openvino), got {backend!r}"
+        )
+
+
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
@@ -79,10 +105,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("marrowscope.models.weights", ("PretrainedWeightsError",)),
         ("marrowscope.models.bundle", ("BundleError",)),
         ("marrowscope.metrics.counting", ("CountError",)),
+        ("marrowscope.engine.distributed", ("DistributedError",)),
+        ("marrowscope.inference.fields", ("FieldError",)),
     ):
         module = importlib.import_module(mod)
         errors.extend(getattr(module, n) for n in names)
     return tuple(errors)
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` in a process of a multi-process torchrun job, else nothing."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK")
+    return f"[rank {rank}] " if rank is not None and world not in ("", "0", "1") else ""
+
+
+def _record_for_torchrun(e: BaseException) -> None:
+    """In a torchrun worker, write the error where the launcher reads it (so its failure report
+    names this process's exception, as ``torch.distributed.elastic``'s ``@record`` does)."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    handler = get_error_handler()
+    handler.initialize()
+    handler.record_exception(e)
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -90,13 +136,50 @@ def _run(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/]")
+        err_console.print(f"{_rank_prefix()}interrupted", style="red", markup=False)
         raise typer.Exit(130) from None
     except Exception as e:
+        _record_for_torchrun(e)
         if os.environ.get("MARROWSCOPE_DEBUG") or not isinstance(e, _user_errors()):
             raise
-        err_console.print(f"[bold red]error:[/] {e}")
+        from rich.markup import escape
+
+        # escaped: a message may hold brackets (pip install 'marrowscope[ray]', [rank 1])
+        err_console.print(f"[bold red]{escape(_rank_prefix())}error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
+
+
+def _launched(nproc: str | None, command: str, options: list[tuple[str, Any]]) -> bool:
+    """With ``--nproc`` above 1: run ``marrowscope COMMAND OPTIONS`` in that many processes
+    (``torchrun --standalone``) and return True once they all finished; else False (run here).
+
+    ``options``: ``(flag, value)``; ``None``/``False`` are left out, ``True`` is the bare flag,
+    a list repeats the flag.
+    """
+    if nproc is None:
+        return False
+    from marrowscope.engine.distributed import launch, resolve_nproc
+
+    n = resolve_nproc(nproc)
+    if n == 1:
+        return False
+    args = [command]
+    for flag, value in options:
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                args += [flag, str(v)]
+        else:
+            args += [flag, str(value)]
+    err_console.print(
+        f"launching {n} processes: torchrun --standalone --nproc-per-node {n} -m marrowscope "
+        + " ".join(args)
+    )
+    launch(n, args)
+    return True
 
 
 def _handled(fn: Callable[P, T]) -> Callable[P, T]:
@@ -160,6 +243,24 @@ def models() -> None:
         )
     console.print(table)
     console.print(f"model cards: {PRETRAINED_DIR}/NAME/MODEL_CARD.md")
+    from marrowscope.models.detector import detector_index, read_detector_metadata
+
+    detectors = detector_index()
+    if detectors:
+        dt = Table(title="Shipped white-cell detectors (marrowscope detect --detector NAME)")
+        for col in ("name", "description", "val recall / precision (IoU 0.5, worst origin)"):
+            dt.add_column(col)
+        for name, entry in detectors.items():
+            meta = read_detector_metadata(PRETRAINED_DIR / name)
+            per = (meta.extra.get("evaluation") or {}).get("iou_0.5", {})
+            origins = [v for k, v in per.items() if k != "all"]
+            worst = (
+                f"{min(v['recall'] for v in origins):.3f} / {min(v['precision'] for v in origins):.3f}"
+                if origins
+                else "not measured"
+            )
+            dt.add_row(name, str(entry.get("description", "")), worst)
+        console.print(dt)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -281,8 +382,25 @@ def train(
     ] = None,
     device: TrainDevice = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    nproc: Nproc = None,
 ) -> None:
-    """Train a model; writes config, split, metrics, curves and best/last checkpoint bundles."""
+    """Train a model; writes config, split, metrics, curves and best/last checkpoint bundles.
+
+    Data-parallel on several GPUs/processes: --nproc N, or torchrun ... -m marrowscope train."""
+
+    if _launched(
+        nproc,
+        "train",
+        [
+            ("--config", config),
+            ("--run-dir", run_dir),
+            ("--set", list(set_ or [])),
+            ("--resume", resume),
+            ("--device", device),
+            ("--no-progress", no_progress),
+        ],
+    ):
+        return
 
     from marrowscope.config import load_config
     from marrowscope.engine.train import fit, new_run_dir
@@ -328,6 +446,7 @@ def cv(
     ] = None,
     device: TrainDevice = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    nproc: Nproc = None,
 ) -> None:
     """K-fold cross-validation of a recipe: out-of-fold accuracy, macro-F1, per-class F1, TTA
     variants and calibration (mean ± std over folds), for the best-epoch and the last-epoch
@@ -340,6 +459,22 @@ def cv(
             "images",
             param_hint="--train-fraction",
         )
+
+    if _launched(
+        nproc,
+        "cv",
+        [
+            ("--config", config),
+            ("--out", out),
+            ("--folds", folds),
+            ("--fold-seed", fold_seed),
+            ("--train-fraction", train_fraction),
+            ("--set", list(set_ or [])),
+            ("--device", device),
+            ("--no-progress", no_progress),
+        ],
+    ):
+        return
 
     from marrowscope.config import load_config
     from marrowscope.engine.cv import cross_validate
@@ -448,8 +583,23 @@ def compare(
     resume: Annotated[bool, typer.Option(help="Reuse finished model runs in --out.")] = False,
     device: TrainDevice = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    nproc: Nproc = None,
 ) -> None:
     """Train and evaluate every listed model on one split; write the paper's Tables 1-3 + charts."""
+
+    if _launched(
+        nproc,
+        "compare",
+        [
+            ("--config", config),
+            ("--out", out),
+            ("--set", list(set_ or [])),
+            ("--resume", resume),
+            ("--device", device),
+            ("--no-progress", no_progress),
+        ],
+    ):
+        return
 
     from marrowscope.config import load_config
     from marrowscope.engine.compare import compare as run_compare
@@ -461,6 +611,177 @@ def compare(
     cfg = load_config(config, overrides)
     target = out or new_run_dir(f"compare-{cfg.name}")
     run_compare(cfg, target, resume=resume, progress=not no_progress, console=console)
+
+
+# ---- whole fields of view (issue 14)
+
+DEFAULT_DETECTOR_NAME = "wbc1"
+DetectorOpt = Annotated[
+    str,
+    typer.Option(
+        "--detector",
+        help="White-cell detector: a shipped name (wbc1), 'classical' (stain thresholding, no "
+        "model) or a detector bundle folder.",
+    ),
+]
+UmPerPxOpt = Annotated[
+    str,
+    typer.Option(
+        "--um-per-px",
+        help="The fields' scale in micrometres per pixel; 'auto' measures it on each field's red "
+        "cells (7.5 um across), 'model' assumes the classifier's training scale.",
+    ),
+]
+MinScoreOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Keep white cells scoring at least this (default: the detector's fitted value)."
+    ),
+]
+
+
+def _load_detector(name: str, min_score: float | None) -> Any:
+    from marrowscope.inference.fields import FieldDetector
+
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise typer.BadParameter(
+            f"must be between 0 and 1, got {min_score}", param_hint="--min-score"
+        )
+    return FieldDetector.load(name, min_score=min_score)
+
+
+def _parse_um_per_px(value: str, predictor: Any) -> float | None:
+    """``auto`` -> None (measure), ``model`` -> the classifier's training scale, else a number."""
+    from marrowscope.inference.fields import crop_spec
+
+    text = value.strip().lower()
+    if text == "auto":
+        return None
+    if text == "model":
+        if predictor is None:
+            raise typer.BadParameter("'model' needs a classifier", param_hint="--um-per-px")
+        return crop_spec(predictor).um_per_px
+    try:
+        number = float(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a number, 'auto' or 'model'", param_hint="--um-per-px"
+        ) from None
+    if not 0.01 <= number <= 2.0:
+        raise typer.BadParameter(
+            f"{number} um/px is not a plausible microscope scale (about 0.05-0.1 at 100x oil)",
+            param_hint="--um-per-px",
+        )
+    return number
+
+
+def _warn_field_like(res: Any, detector: str, check: Callable[..., list[tuple[str, int]]]) -> None:
+    """Warn when images counted as single cells look like whole fields."""
+    from rich.markup import escape
+
+    from marrowscope.inference.fields import FieldDetector
+    from marrowscope.models.bundle import BundleError
+
+    try:
+        det = FieldDetector.load(detector)
+    except BundleError:
+        return  # no detector installed: nothing to check with
+    odd = check([c.path for c in res.cells], det)
+    if odd:
+        shown = ", ".join(f"{escape(Path(p).name)} ({n} white cells)" for p, n in odd[:3])
+        err_console.print(
+            f"[yellow]warning:[/] {len(odd)} of the images checked look like whole fields, not "
+            f"single-cell crops: {shown}; count fields with --fields"
+        )
+
+
+@app.command()
+@_handled
+def detect(
+    checkpoint: Annotated[
+        str,
+        typer.Argument(
+            help="Classifier for the cells found: a bundle folder or a shipped name (bm8, pbc6); "
+            "'none' for boxes only."
+        ),
+    ],
+    fields: Annotated[
+        list[str], typer.Argument(help="Field images, folders (recursive) or quoted glob patterns.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    detector: DetectorOpt = DEFAULT_DETECTOR_NAME,
+    um_per_px: UmPerPxOpt = "auto",
+    min_score: MinScoreOpt = None,
+    overlays: Annotated[bool, typer.Option(help="Draw an overlay PNG per field.")] = True,
+    device: Device = "auto",
+    backend: Backend = "torch",
+    tta: Annotated[
+        str | None,
+        typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Find the white cells of whole fields of view (and classify them): detections.csv (one row
+    per cell: field, box, score, class, confidence), fields.csv (one row per field: cells found,
+    scale used, error), detections.json and overlays/*.png."""
+
+    from rich.markup import escape
+
+    from marrowscope.engine.detect import detect_fields
+    from marrowscope.inference import Predictor, collect_image_paths
+
+    _check_backend(backend)
+    det = _load_detector(detector, min_score)
+    predictor = None
+    if checkpoint.strip().lower() not in ("none", "-"):
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, backend=backend, tta=tta)
+    text = um_per_px.strip().lower()
+    scale = None if text == "model" else _parse_um_per_px(um_per_px, predictor)
+    if text == "model" and predictor is None:
+        raise typer.BadParameter("'model' needs a classifier", param_hint="--um-per-px")
+    paths = collect_image_paths(fields)
+
+    def report(o: Any) -> None:
+        for w in o.warnings:
+            err_console.print(f"[yellow]warning:[/] {escape(o.path)}: {escape(w)}")
+        if o.error:
+            err_console.print(f"[yellow]skipped:[/] {escape(o.error)}")
+
+    run = detect_fields(
+        paths,
+        det,
+        out,
+        predictor=predictor,
+        um_per_px=scale,
+        use_model_scale=text == "model",
+        overlays=overlays,
+        progress=not no_progress,
+        on_field=report,
+    )
+    empty = [o for o in run.outcomes if o.error is None and not o.cells]
+    errors = [o for o in run.outcomes if o.error]
+    n = len(run.outcomes)
+    console.print(
+        f"{n} field(s): {run.cells} white cell(s) found"
+        + (f"; {len(empty)} field(s) with no white cell (count 0)" if empty else "")
+        + (f"; {len(errors)} field(s) could not be used (see fields.csv)" if errors else "")
+        + f" - {n / max(run.seconds, 1e-9):.1f} fields/s ({det.name_}"
+        + (f" + {escape(str(checkpoint))}" if predictor is not None else "")
+        + ")"
+    )
+    if predictor is not None and run.cells:
+        from collections import Counter
+
+        per = Counter(c.label for o in run.outcomes for c in o.cells)
+        console.print(
+            "classes: " + ", ".join(f"{k} {per[k]}" for k in predictor.classes_ if per[k])
+        )
+    console.print(
+        f"wrote {escape(str(run.files['detections']))}, {escape(str(run.files['fields']))}"
+        + (f", {escape(str(Path(out) / 'overlays'))}/" if overlays else "")
+    )
+    if n and len(errors) == n:
+        raise typer.Exit(1)
 
 
 # ---- explain / count commands (issue 4)
@@ -554,31 +875,79 @@ def count(
         str | None,
         typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
     ] = None,
+    backend: Backend = "torch",
+    fields: Annotated[
+        bool,
+        typer.Option(
+            "--fields",
+            help="The images are whole fields of view: find the white cells in each, crop them at "
+            "the classifier's scale and count them (writes detections.csv, fields.csv, overlays/).",
+        ),
+    ] = False,
+    detector: DetectorOpt = DEFAULT_DETECTOR_NAME,
+    um_per_px: UmPerPxOpt = "auto",
+    min_score: MinScoreOpt = None,
 ) -> None:
     """Differential count of one sample + hairy-cell flag: report.html, count.json, cells.csv.
 
-    The thresholds are research settings, not a clinical decision rule.
+    A sample is a folder of single-cell images, or with --fields a folder of whole fields of
+    view. The thresholds are research settings, not a clinical decision rule.
     """
 
     from rich.markup import escape
     from rich.table import Table
 
-    from marrowscope.engine.count import count_sample, write_count_outputs
+    from marrowscope.engine.count import (
+        count_fields,
+        count_sample,
+        field_like_images,
+        write_count_outputs,
+    )
     from marrowscope.inference import Predictor
 
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, tta=tta)
-    res = count_sample(
-        predictor,
-        sample_dir,
-        threshold=threshold,
-        hac_min_percent=hac_percent,
-        hac_min_count=hac_count,
-        evidence=evidence,
-        workers=workers,
+    _check_backend(backend)
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
     )
+    if fields:
+        det = _load_detector(detector, min_score)
+        scale = _parse_um_per_px(um_per_px, predictor)
+        res = count_fields(
+            predictor,
+            sample_dir,
+            det,
+            um_per_px=scale,
+            threshold=threshold,
+            hac_min_percent=hac_percent,
+            hac_min_count=hac_count,
+            evidence=evidence,
+        )
+    else:
+        res = count_sample(
+            predictor,
+            sample_dir,
+            threshold=threshold,
+            hac_min_percent=hac_percent,
+            hac_min_count=hac_count,
+            evidence=evidence,
+            workers=workers,
+        )
+        _warn_field_like(res, detector, field_like_images)
     target = out or Path(f"count-{res.sample}")
     paths = write_count_outputs(res, target, gallery=gallery)
     totals = res.totals()
+    if fields:
+        console.print(
+            f"{totals['fields']} field(s), {totals['cells_found']} white cell(s) found"
+            + (
+                f"; {totals['fields_without_cells']} field(s) with no white cell (count 0)"
+                if totals["fields_without_cells"]
+                else ""
+            )
+        )
+        for f in res.fields:
+            for w in f.warnings:
+                err_console.print(f"[yellow]warning:[/] {escape(f.path)}: {escape(w)}")
     table = Table(title=f"{escape(res.sample)}: {totals['identified']} identified cells")
     for col in ("class", "count", "%"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -592,6 +961,10 @@ def count(
     for path, why in res.unreadable:
         msg = why if path in why else f"{path}: {why}"
         err_console.print(f"[yellow]unreadable:[/] {escape(msg)}")
+    if fields:
+        console.print(
+            f"boxes: {escape(str(paths['detections']))}; overlays: {escape(str(target / 'overlays'))}"
+        )
     colour = {"flagged": "bold red", "not flagged": "green"}.get(res.flag.status, "yellow")
     console.print(f"[{colour}]hairy-cell flag: {res.flag.status}[/] - {escape(res.flag.message)}")
     console.print(f"report: {escape(str(paths['report']))}")
@@ -607,29 +980,62 @@ def predict(
         Path,
         typer.Argument(
             help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8, pbc6; "
-            "see `marrowscope models`); a .onnx file with --backend onnx."
+            "see `marrowscope models`); a .onnx file with --backend onnx, an int8 export folder "
+            "with --backend int8."
         ),
     ],
     inputs: Annotated[
-        list[str], typer.Argument(help="Image files, folders (recursive) and glob patterns.")
+        list[str],
+        typer.Argument(
+            help="Image files, folders (recursive) and glob patterns; with --engine ray also "
+            "manifests (.csv/.parquet with a path column) and object-storage URIs (s3://...)."
+        ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Predictions file: .csv, .json or .parquet.")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Predictions file: .csv, .json or .parquet (--engine ray: a Parquet folder).",
+        ),
     ],
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     topk: Annotated[int, typer.Option(help="Ranked classes per image (top1..topk).")] = 3,
     workers: Annotated[
-        int, typer.Option(help="Decoding/preprocessing processes (0 = one per CPU core).")
+        int,
+        typer.Option(
+            help="local: decoding/preprocessing processes (0 = one per CPU core); ray: predictor "
+            "actors (0 = one per --gpus-per-worker GPUs, else one per two CPUs)."
+        ),
     ] = 0,
-    backend: Annotated[str, typer.Option(help="torch or onnx (needs marrowscope export).")] = (
-        "torch"
-    ),
+    backend: Backend = "torch",
     tta: Annotated[
         str | None,
         typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (this machine's processes) or ray (Ray Data tasks + an actor pool on a "
+            "Ray cluster; pip install 'marrowscope[ray]'; docs/scale-out.md)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="--engine ray: auto (the cluster `ray start` made), ray://HOST:10001 (Ray "
+            "Client); default: start Ray on this machine."
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float, typer.Option(help="--engine ray: GPUs per predictor actor (0 = CPU actors).")
+    ] = 0.0,
+    cpus_per_worker: Annotated[
+        float,
+        typer.Option(help="--engine ray: CPUs (torch threads) per predictor actor (e.g. 0.5)."),
+    ] = 1.0,
 ) -> None:
     """Classify images: one row per image with class, confidence, top-k and every probability."""
 
@@ -648,8 +1054,34 @@ def predict(
         raise typer.BadParameter(f"--topk must be >= 1, got {topk}")
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
-    if backend not in ("torch", "onnx"):
-        raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
+    _check_backend(backend)
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (address is not None or gpus_per_worker or cpus_per_worker != 1.0):
+        raise typer.BadParameter(
+            "--address, --gpus-per-worker and --cpus-per-worker need --engine ray"
+        )
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise typer.BadParameter(
+            "--gpus-per-worker must be >= 0 and --cpus-per-worker > 0, got "
+            f"{gpus_per_worker:g} and {cpus_per_worker:g}"
+        )
+    if engine == "ray":
+        _predict_ray(
+            checkpoint,
+            inputs,
+            out,
+            address=address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+            batch_size=batch_size,
+            topk=topk,
+            backend=backend,
+            tta=tta,
+            progress=not no_progress,
+        )
+        return
     output_format(out)  # fail before the run: bad extension or no pyarrow
     paths = collect_image_paths(inputs)
     pred = Predictor.from_checkpoint(
@@ -680,31 +1112,168 @@ def predict(
     )
 
 
+def _predict_ray(
+    checkpoint: Path,
+    inputs: list[str],
+    out: Path,
+    *,
+    address: str | None,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    batch_size: int,
+    topk: int,
+    backend: str,
+    tta: str | None,
+    progress: bool,
+) -> None:
+    """``predict --engine ray``: the same rows on a Ray cluster (engine/ray_predict.py)."""
+    from rich.markup import escape
+
+    from marrowscope.engine.ray_predict import predict_with_ray
+
+    res = predict_with_ray(
+        checkpoint,
+        inputs,
+        out,
+        address=address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        batch_size=batch_size,
+        topk=topk,
+        tta=tta,
+        backend=backend,
+        progress=progress,
+    )
+    for _, e in res.errors[:5]:
+        console.print(f"[yellow]unreadable:[/] {escape(e)}")
+    if len(res.errors) > 5:
+        console.print(f"[yellow]... {len(res.errors) - 5} more; see the error column of {out}")
+    cluster = ", ".join(f"{v:g} {k}" for k, v in res.cluster.items())
+    console.print(
+        f"{res.images} images, {len(res.errors)} error(s), {res.images_per_second:.1f} images/s "
+        f"({res.seconds:.1f} s, ray engine, {res.actors} predictor actor(s) on {cluster}); "
+        f"wrote {escape(res.out)}"
+    )
+
+
 @app.command()
 @_handled
 def export(
     checkpoint: CheckpointArg,
-    format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    format_: Annotated[
+        str, typer.Option("--format", help="onnx (fp32, parity check) or int8 (OpenVINO).")
+    ] = "onnx",
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output file (default CHECKPOINT/model.onnx)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output: a .onnx file (default CHECKPOINT/model.onnx), or for int8 a folder "
+            "(default CHECKPOINT/int8; for a shipped model ~/.cache/marrowscope/int8/NAME).",
+        ),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    calibrate: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: calibrate on the cells under this folder (default: a stratified draw "
+            "from the bundle's training split)."
+        ),
+    ] = None,
+    calibration_size: Annotated[int, typer.Option(help="int8: calibration images to draw.")] = 300,
+    guard_data: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: labelled cells for the accuracy guard, a folder per class (default: "
+            "the bundle's validation split)."
+        ),
+    ] = None,
+    guard_tta: Annotated[
+        str | None,
+        typer.Option(help="int8: test-time augmentation of the guard (default: the bundle's)."),
+    ] = None,
+    max_f1_drop: Annotated[
+        float, typer.Option(help="int8: fail when macro-F1 drops by more than this.")
+    ] = 0.005,
+    min_agreement: Annotated[
+        float, typer.Option(help="int8: fail when top-1 agreement with fp32 is below this.")
+    ] = 0.99,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="int8: write the model even if the accuracy guard fails."),
+    ] = False,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
 ) -> None:
-    """Export to ONNX (dynamic batch, metadata embedded) and check parity with PyTorch."""
+    """Export to ONNX (fp32, parity check with PyTorch) or to int8 (OpenVINO static
+    quantisation, with an accuracy guard against fp32 on held-out labelled cells)."""
 
-    from marrowscope.export.onnx import export_checkpoint
+    fmt = format_.lower()
+    if fmt not in ("onnx", "int8", "openvino"):
+        raise typer.BadParameter(f"unknown format {format_!r}; use onnx or int8")
+    if fmt == "onnx":
+        from marrowscope.export.onnx import export_checkpoint
 
-    if format_.lower() != "onnx":
-        raise typer.BadParameter(f"unknown format {format_!r}; only onnx is supported")
-    console.print(f"exporting {checkpoint} to ONNX and checking parity ...")
-    target, rep = export_checkpoint(checkpoint, out=out, opset=opset)
+        console.print(f"exporting {checkpoint} to ONNX and checking parity ...")
+        target, rep = export_checkpoint(checkpoint, out=out, opset=opset)
+        console.print(
+            f"parity ONNX Runtime vs PyTorch fp32 (max abs probability difference, tolerance "
+            f"{rep.tolerance:g}): random images {rep.random_max_abs_diff:.2e} (n={rep.n_random}), "
+            f"real images {rep.real_max_abs_diff:.2e} (n={rep.n_real})"
+        )
+        console.print(f"wrote {target} ({rep.exporter} exporter, opset {rep.opset})")
+        return
+    if calibration_size < 1:
+        raise typer.BadParameter(
+            f"must be >= 1, got {calibration_size}", param_hint="--calibration-size"
+        )
+    if not 0.0 <= min_agreement <= 1.0:
+        raise typer.BadParameter(
+            f"must be in [0, 1], got {min_agreement}", param_hint="--min-agreement"
+        )
+    if guard_tta is not None and guard_tta not in ("none", "flips", "d8"):
+        raise typer.BadParameter(
+            f"use none, flips or d8, got {guard_tta!r}", param_hint="--guard-tta"
+        )
+
+    from marrowscope.export.int8 import GuardFailedError, export_int8_checkpoint
+
     console.print(
-        f"parity ONNX Runtime vs PyTorch fp32 (max abs probability difference, tolerance "
-        f"{rep.tolerance:g}): random images {rep.random_max_abs_diff:.2e} (n={rep.n_random}), "
-        f"real images {rep.real_max_abs_diff:.2e} (n={rep.n_real})"
+        f"exporting {checkpoint} to int8 (OpenVINO + NNCF): calibrating on "
+        f"{calibrate or 'the training split'}, then checking against fp32 on "
+        f"{guard_data or 'the validation split'} ..."
     )
-    console.print(f"wrote {target} ({rep.exporter} exporter, opset {rep.opset})")
+    try:
+        res = export_int8_checkpoint(
+            checkpoint,
+            out=out,
+            calibrate=calibrate,
+            calibration_size=calibration_size,
+            guard_data=guard_data,
+            guard_tta=guard_tta,
+            max_f1_drop=max_f1_drop,
+            min_agreement=min_agreement,
+            force=force,
+            workers=workers,
+        )
+    except GuardFailedError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(3) from None
+    g, one = res.guard, res.guard_single_view
+    console.print(
+        f"calibration: {res.calibration['n_used']} images of the {res.calibration['source']}"
+    )
+    console.print(
+        f"guard ({res.guard_data}, test-time augmentation {res.guard_tta}): {g.summary()}"
+    )
+    console.print(f"guard, single view: {one.summary()}")
+    if res.forced:
+        err_console.print(
+            f"[bold yellow]warning:[/] the guard failed ({'; '.join(g.failures)}); written anyway "
+            "because of --force (recorded in its metadata)"
+        )
+    console.print(f"wrote {res.path} (use it with --backend int8)")
 
 
 @app.command()
@@ -715,8 +1284,8 @@ def benchmark(
     ],
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16,64",
     backends: Annotated[
-        str, typer.Option(help="Comma-separated: torch-fp32, torch-bf16, onnx.")
-    ] = "torch-fp32,torch-bf16,onnx",
+        str, typer.Option(help="Comma-separated: torch-fp32, torch-bf16, onnx, int8.")
+    ] = "torch-fp32,torch-bf16,onnx,int8",
     images: Annotated[
         str | None,
         typer.Option(help="Folder of images for the end-to-end runs (default: bundled sample)."),

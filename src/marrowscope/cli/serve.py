@@ -78,6 +78,13 @@ def serve(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     database_url: DatabaseUrl = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch, onnx (after `marrowscope export CK`) or int8 (after `marrowscope "
+            "export CK --format int8`; needs marrowscope[int8]). Grad-CAM needs torch."
+        ),
+    ] = "torch",
     threshold: Annotated[
         float, typer.Option(help="Top probability below which a cell is unidentified.")
     ] = 0.5,
@@ -101,11 +108,14 @@ def serve(
             data_dir=data_dir,
             database_url=database_url,
             device=device,
+            backend=backend,
             threshold=threshold,
             batch_size=batch_size,
             secure_cookies=secure_cookies,
         )
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+        predictor = Predictor.from_checkpoint(
+            checkpoint, device=device, backend=backend, batch_size=batch_size
+        )
         app = create_app(settings, predictor=predictor)
         console.print(
             f"marrowscope review on http://{host}:{port}  (model {predictor.arch}, classes "

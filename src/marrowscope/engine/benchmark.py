@@ -1,7 +1,7 @@
 """Inference speed of a checkpoint bundle or a bare model name, like timm's benchmark script.
 
 For every batch size x backend (torch fp32 eager, torch bf16 autocast + channels_last, ONNX
-Runtime) it measures images/s and the per-batch latency (median, p95):
+Runtime fp32, OpenVINO int8) it measures images/s and the per-batch latency (median, p95):
 
 * **network alone**: the forward pass on pre-made float tensors;
 * **end to end**: decode -> preprocess -> infer through :meth:`Predictor.predict_path_batches`
@@ -11,7 +11,10 @@ Runtime) it measures images/s and the per-batch latency (median, p95):
 Each measurement runs ``warmup`` batches first, then repeats until at least ``min_time`` seconds
 and ``min_iters`` batches have been timed. The per-step preprocessing cost (decode, resize,
 NL-means denoise, sharpen) is measured too, so a report says what denoising costs.
-Every number is for one view per image: a bundle that predicts with test-time augmentation
+The int8 backend uses the checkpoint's int8 export (``marrowscope export CK --format int8``) when
+there is one, and reports its accuracy guard (agreement, macro-F1 drop with its CI, largest
+probability difference); otherwise it quantises a temporary copy calibrated on the benchmark's
+images, without a guard (speed only). Every number is for one view per image: a bundle that predicts with test-time augmentation
 (``inference.tta`` = ``flips`` / ``d8``) runs 4 / 8 forward passes per image, so divide by that.
 Speed is measured here, never asserted in tests.
 """
@@ -37,8 +40,10 @@ from rich.table import Table as RichTable
 from marrowscope import __version__
 from marrowscope.config import ModelConfig
 from marrowscope.data.sample import SAMPLE_ROOT, resolve_root
+from marrowscope.export.int8 import quantize_openvino, save_int8
 from marrowscope.export.onnx import export_onnx
-from marrowscope.inference.batching import collect_image_paths
+from marrowscope.inference.batching import collect_image_paths, iter_loaded
+from marrowscope.inference.openvino_runtime import RuntimeMissingError
 from marrowscope.inference.predictor import (
     ONNX_NAME,
     Predictor,
@@ -46,7 +51,7 @@ from marrowscope.inference.predictor import (
     default_metadata,
 )
 from marrowscope.metadata import BundleMetadata
-from marrowscope.models.bundle import load_bundle, pretrained_bundle, pretrained_index
+from marrowscope.models.bundle import BundleError, load_bundle, pretrained_bundle, pretrained_index
 from marrowscope.models.registry import Classifier, build_model
 from marrowscope.preprocess.cache import resolve_workers
 from marrowscope.preprocess.ops import config_from_params, preprocess_steps
@@ -66,7 +71,7 @@ __all__ = [
     "to_markdown",
 ]
 
-BACKENDS = ("torch-fp32", "torch-bf16", "onnx")
+BACKENDS = ("torch-fp32", "torch-bf16", "onnx", "int8")
 """Backends that can be benchmarked."""
 
 MODES = ("network", "end-to-end")
@@ -100,6 +105,9 @@ class BenchReport:
     """Mean milliseconds per image of each preprocessing step (one process)."""
     denoise: bool = False
     notes: list[str] = field(default_factory=list)
+    int8: dict[str, Any] | None = None
+    """The int8 model's record: its export's ``int8`` metadata (calibration, accuracy guard), or
+    how the temporary copy was made."""
 
     def row(self, backend: str, mode: str, batch_size: int) -> BenchRow | None:
         """The row of one measurement, if it exists."""
@@ -130,6 +138,12 @@ def machine_info() -> dict[str, Any]:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
+    try:
+        import openvino
+
+        ov_version = openvino.__version__.split("-")[0]
+    except ImportError:
+        ov_version = "not installed"
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
@@ -139,6 +153,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": ort_version,
+        "openvino": ov_version,
         "marrowscope": __version__,
         "platform": platform.platform(),
     }
@@ -197,6 +212,47 @@ def _row(backend: str, mode: str, bs: int, times: Sequence[float], images: int) 
     )
 
 
+def _int8_predictor(
+    target: str,
+    model: Classifier,
+    meta: BundleMetadata,
+    files: Sequence[Path],
+    tmp: Path,
+    console: Console,
+    report: BenchReport,
+) -> Predictor | str:
+    """The int8 export of ``target`` if it has one, else a temporary copy calibrated on (up to
+    64 of) the benchmark's images; a string when OpenVINO is missing."""
+    try:
+        pred = Predictor.from_checkpoint(target, backend="int8", tta="none")
+        report.int8 = {"export": str(pred.int8_path_.parent), **(pred.bundle_metadata_.int8 or {})}
+        report.int8.pop("calibration", None)  # the file list is long; the export keeps it
+        return pred
+    except RuntimeMissingError as e:
+        return f"skipped: {e}"
+    except (PredictorError, BundleError) as e:
+        console.print(f"no usable int8 export ({e}); quantising a temporary copy ...")
+    calib_files = [str(f) for f in files[:: max(1, len(files) // 64)][:64]]
+    cfg = config_from_params(dict(meta.preprocess or {}))
+    arrays = [a for a, _ in iter_loaded(calib_files, cfg, meta.input_size) if a is not None]
+    try:
+        quantized = quantize_openvino(model, np.stack(arrays))
+    except RuntimeMissingError as e:
+        return f"skipped: {e}"
+    info = {
+        "runtime": "openvino",
+        "temporary": True,
+        "calibration": {
+            "source": f"{len(arrays)} images of the benchmark's folder",
+            "n": len(arrays),
+        },
+        "guard": None,
+    }
+    save_int8(quantized, meta.replace(int8=info), tmp / "int8")
+    report.int8 = info
+    return Predictor.from_checkpoint(tmp / "int8", backend="int8", tta="none")
+
+
 def _predictors(
     model: Classifier,
     meta: BundleMetadata,
@@ -204,6 +260,10 @@ def _predictors(
     backends: Sequence[str],
     tmp: Path,
     console: Console,
+    *,
+    target: str = "",
+    files: Sequence[Path] = (),
+    report: BenchReport | None = None,
 ) -> dict[str, Predictor | str]:
     """A predictor per backend, or a string saying why that backend is skipped."""
     out: dict[str, Predictor | str] = {}
@@ -234,6 +294,9 @@ def _predictors(
                 )
                 pred = Predictor.from_checkpoint(onnx_file, backend="onnx", tta="none")
             out[b] = pred
+        elif b == "int8":
+            assert report is not None
+            out[b] = _int8_predictor(target, model, meta, files, tmp, console, report)
         else:
             raise ValueError(f"unknown backend {b!r}; use {', '.join(BACKENDS)}")
     return out
@@ -326,7 +389,17 @@ def run_benchmark(
     report.preprocess_ms = _preprocess_cost(files, dict(pre))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="marrowscope-bench-") as tmp:
-        preds = _predictors(model, meta, bundle, backends, Path(tmp), console)
+        preds = _predictors(
+            model,
+            meta,
+            bundle,
+            backends,
+            Path(tmp),
+            console,
+            target=target,
+            files=files,
+            report=report,
+        )
         for backend, pred in preds.items():
             for bs in batch_sizes:
                 if isinstance(pred, str):
@@ -337,7 +410,7 @@ def run_benchmark(
                 console.print(f"{backend:>10}  batch {bs:>3}  network alone ...")
                 x_np = rng.random((bs, 3, size, size), dtype=np.float32)
                 x: Any = x_np
-                if pred.backend == "torch":
+                if pred.backend == "torch":  # pre-made tensors in the layout the model runs
                     x = torch.from_numpy(x_np)
                     if pred.precision_.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -417,6 +490,7 @@ def _add_notes(report: BenchReport, batch_sizes: Sequence[int]) -> None:
                 f"{r.backend}, batch {bs}: end to end = {100 * r.images_per_s / n.images_per_s:.0f}% "
                 "of the network-alone rate"
             )
+    _int8_note(report)
     pre = report.preprocess_ms
     if pre:
         total_pre = sum(pre.values())
@@ -440,6 +514,33 @@ def _add_notes(report: BenchReport, batch_sizes: Sequence[int]) -> None:
                 f"preprocessing (decode + {', '.join(k for k in pre if k != 'decode') or 'nothing'}"
                 f") costs {total_pre:.2f} ms of CPU time per image; the bundle does not denoise"
             )
+
+
+def _int8_note(report: BenchReport) -> None:
+    """A line on where the int8 model came from and what its accuracy guard measured."""
+    info = report.int8
+    if not info:
+        return
+    if info.get("temporary"):
+        report.notes.append(
+            f"int8: a temporary copy quantised for this benchmark ({info['calibration']['source']}"
+            "), no accuracy guard: speed only; `marrowscope export CK --format int8` makes the "
+            "checked one"
+        )
+        return
+    g = info.get("guard") or {}
+    if not g:
+        report.notes.append(f"int8: export {info.get('export')} (no guard recorded)")
+        return
+    lo, hi = g["macro_f1_drop_ci95"]
+    verdict = "passed" if g.get("passed") else "FAILED (written with --force)"
+    report.notes.append(
+        f"int8 export {info.get('export')}: accuracy guard {verdict} on {g['n']} cells of the "
+        f"{g.get('data', '?')} (test-time augmentation {g.get('tta', '?')}): top-1 agreement "
+        f"with fp32 {g['agreement']:.4f}, macro-F1 {g['macro_f1_reference']:.4f} -> "
+        f"{g['macro_f1_candidate']:.4f} (drop {g['macro_f1_drop']:+.4f}, paired 95% CI "
+        f"[{lo:+.4f}, {hi:+.4f}]), max probability difference {g['max_prob_diff']:.4f}"
+    )
 
 
 # ------------------------------------------------------------------------------------- output

@@ -12,6 +12,9 @@ Report folder layout::
     OUT/split.csv                 the one split every model used
     OUT/runs/<model>/             each model's run folder (bundles, metrics.csv, ...)
     OUT/eval/<model>/             each model's test-split evaluation (metrics.json, report.md, ...)
+
+Under torchrun every model trains data-parallel (:func:`~marrowscope.engine.train.fit`); rank 0
+evaluates the test split and writes the report.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import numpy as np
 from rich.console import Console
 
 from marrowscope.config import ExperimentConfig, replace, to_dict
-from marrowscope.engine.data import PreparedData, prepare_data, save_split
+from marrowscope.engine.data import PreparedData, manifest_rows, prepare_data, save_split
+from marrowscope.engine.distributed import setup as setup_distributed
 from marrowscope.engine.evaluate import score, write_evaluation
 from marrowscope.engine.train import fit
 from marrowscope.inference.predictor import Predictor
@@ -114,36 +118,69 @@ def compare(
     With ``resume=True`` models whose run already finished are not trained again, and an
     interrupted model run continues from its last epoch.
     """
-    console = console or Console()
+    ctx = setup_distributed()
+    console = ctx.console(console or Console())
+    progress = progress and ctx.is_main
     models = list(cfg.compare.models) or [cfg.model.name]
     # every model's config is checked (its overrides included) before any data is read
     configs = {name: model_config(cfg, name) for name in models}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(cfg, progress=progress)
-    save_split(data, out / "split.csv")
+    ctx.main_only(lambda: out.mkdir(parents=True, exist_ok=True))
+    # rank 0 scans and splits (None in one process: prepare_data does it)
+    split_rows = (
+        ctx.main_only(lambda: manifest_rows(cfg, progress=progress)) if ctx.distributed else None
+    )
+    data = prepare_data(cfg, rows=split_rows, progress=progress, ctx=ctx)
+    ctx.main_only(lambda: save_split(data, out / "split.csv"))
     focus = cfg.compare.focus_class
     rows = []
     for i, name in enumerate(models, 1):
         console.rule(f"[bold]model {i}/{len(models)}: {name}")
         mcfg = configs[name]
         run_dir = out / "runs" / name
-        finished = (run_dir / "summary.json").is_file() and (run_dir / "best").is_dir()
+        finished, interrupted = ctx.main_only(lambda: _run_state(run_dir))  # noqa: B023
         if resume and finished:
             console.print(f"{name}: already trained in {run_dir}, reusing it")
         else:
-            if run_dir.exists() and not resume:
-                shutil.rmtree(run_dir)
+            if not resume:
+                ctx.main_only(lambda: _remove(run_dir))  # noqa: B023
             fit(
                 mcfg,
                 run_dir,
-                resume=resume and (run_dir / "state.pt").is_file(),
+                resume=resume and interrupted,
                 data=data,
                 console=console,
                 progress=progress,
             )
-        rows.append(_model_row(name, mcfg, run_dir, data, out, focus, console, progress))
+        rows.append(
+            ctx.main_only(
+                lambda: _model_row(name, mcfg, run_dir, data, out, focus, console, progress)  # noqa: B023
+            )
+        )
+    ctx.main_only(lambda: _write_report(cfg, rows, data, out, focus))
+    console.print(f"[bold green]Report:[/] {out / 'report.md'}")
+    return rows
 
+
+def _remove(run_dir: Path) -> None:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+
+
+def _run_state(run_dir: Path) -> tuple[bool, bool]:
+    """(finished, interrupted) of a model's run folder."""
+    finished = (run_dir / "summary.json").is_file() and (run_dir / "best").is_dir()
+    return finished, (run_dir / "state.pt").is_file()
+
+
+def _write_report(
+    cfg: ExperimentConfig,
+    rows: list[dict[str, Any]],
+    data: PreparedData,
+    out: Path,
+    focus: str,
+) -> None:
+    """Tables 1-3, charts, report.md and results.json of a comparison."""
     t1, t2, t3 = table1_accuracy(rows), table2_focus(rows, focus), table3_per_class(rows)
     write_csv(t1, out / "table1_accuracy.csv")
     write_csv(t2, out / f"table2_{focus}.csv", columns=TABLE2_COLUMNS)
@@ -177,5 +214,3 @@ def compare(
         out / "results.json",
         [{k: v for k, v in r.items() if k not in ("val_metrics",)} for r in rows],
     )
-    console.print(f"[bold green]Report:[/] {out / 'report.md'}")
-    return rows

@@ -43,9 +43,17 @@ from marrowscope.reports.count_files import CellCall, CountResult, write_count_o
 from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError
 
 if TYPE_CHECKING:
+    from marrowscope.inference.fields import FieldDetector
     from marrowscope.inference.predictor import Predictor
 
-__all__ = ["CountError", "CountResult", "count_sample", "write_count_outputs"]
+__all__ = [
+    "CountError",
+    "CountResult",
+    "count_fields",
+    "count_sample",
+    "field_like_images",
+    "write_count_outputs",
+]
 
 
 def _sample_files(sample_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -100,7 +108,7 @@ def _evidence(
     arrays, kept = [], []
     for c in chosen:
         try:
-            arrays.append(predictor.preprocess(predictor.load(c.path)))
+            arrays.append(predictor.preprocess(_cell_image(predictor, c)))
             kept.append(c)
         except (ImageReadError, ValueError):
             continue  # changed on disk since it was classified
@@ -109,6 +117,18 @@ def _evidence(
         Evidence(c, float(c.probs[idx]), rgb=r.rgb, overlay=r.overlay)
         for c, r in zip(kept, results, strict=True)
     ), None
+
+
+def _cell_image(predictor: Predictor, cell: CellCall) -> np.ndarray:
+    """The image the model classified: the file, or the cell's crop from its field."""
+    if cell.box is None:
+        return predictor.load(cell.path)
+    from marrowscope.inference.fields import cell_crop, crop_spec, load_field
+    from marrowscope.preprocess.fields import FieldScale
+
+    rgb = load_field(cell.path)
+    scale = FieldScale(um_per_px=float(cell.um_per_px or 0.0), source="recorded")
+    return cell_crop(rgb, cell.box, scale, crop_spec(predictor))
 
 
 def count_sample(
@@ -187,3 +207,140 @@ def count_sample(
         flag=flag,
         model=_model_info(predictor),
     )
+
+
+def count_fields(
+    predictor: Predictor,
+    sample_dir: str | Path,
+    detector: FieldDetector,
+    *,
+    um_per_px: float | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    hac_min_percent: float = DEFAULT_HAC_MIN_PERCENT,
+    hac_min_count: int = DEFAULT_HAC_MIN_COUNT,
+    evidence: int = DEFAULT_EVIDENCE,
+    hac_class: str = HAC_CLASS,
+    progress: bool = True,
+) -> CountResult:
+    """The differential count of one sample given as whole fields of view.
+
+    Every image below ``sample_dir`` is a field: its white cells are found by ``detector``, cut
+    out at the classifier's scale and classified through ``predictor`` (TTA, calibration), then
+    counted with the same rule, unidentified bin and hairy-cell flag as :func:`count_sample`.
+    Each cell keeps its field and box (``CellCall.field_rel``, ``CellCall.box``); the result's
+    ``fields`` lists every readable field, those without a white cell included.
+
+    Args:
+        predictor: the classifier.
+        sample_dir: the sample folder (fields found recursively).
+        detector: the white-cell detector.
+        um_per_px: the fields' scale, if known (else measured on each field's red cells).
+        threshold, hac_min_percent, hac_min_count, evidence, hac_class: as :func:`count_sample`.
+        progress: show a progress bar.
+
+    Raises:
+        CountError: a missing/empty sample folder or a setting out of range.
+    """
+    from marrowscope.engine.detect import outcome_of
+    from marrowscope.inference.fields import FieldError, analyze_field, crop_spec
+    from marrowscope.utils.progress import make_progress
+
+    check_settings(threshold, hac_min_percent, hac_min_count, evidence)
+    folder = Path(sample_dir).expanduser()
+    images, others = _sample_files(folder)
+    classes = tuple(str(c) for c in predictor.classes_)
+    spec = crop_spec(predictor)
+    cells: list[CellCall] = []
+    fields = []
+    unreadable: list[tuple[str, str]] = []
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task("Fields", total=len(images))
+        for path in images:
+            rel_field = Path(os.path.relpath(path, folder)).as_posix()
+            try:
+                res = analyze_field(path, detector, predictor, um_per_px=um_per_px, spec=spec)
+            except FieldError as e:
+                unreadable.append((str(path), str(e)))
+                bar.advance(task)
+                continue
+            fields.append(outcome_of(str(path), res))
+            for c in res.cells:
+                cells.append(
+                    CellCall(
+                        path=str(path),
+                        rel=f"{rel_field}#{c.index + 1}",
+                        predicted=c.predicted,
+                        confidence=c.confidence,
+                        identified=c.confidence >= threshold,
+                        probs=c.probs,
+                        field_rel=rel_field,
+                        box=c.box,
+                        um_per_px=res.detections.scale.um_per_px,
+                    )
+                )
+            bar.advance(task)
+    t = tally(
+        (c.predicted for c in cells if c.identified),
+        classes,
+        hac_class=hac_class,
+        hac_min_percent=hac_min_percent,
+        hac_min_count=hac_min_count,
+    )
+    flag = t.flag
+    if flag.hac_class is not None and evidence > 0:
+        ev, note = _evidence(predictor, cells, flag.hac_class, classes, evidence)
+        flag = replace(flag, evidence=ev, evidence_note=note)
+    return CountResult(
+        sample=folder.resolve().name or str(folder),
+        sample_dir=str(folder),
+        created=datetime.now().astimezone().isoformat(timespec="seconds"),
+        classes=classes,
+        threshold=float(threshold),
+        cells=tuple(cells),
+        counts=t.counts,
+        percents=t.percents,
+        unreadable=tuple(unreadable),
+        ignored=tuple(str(p) for p in others),
+        flag=flag,
+        model=_model_info(predictor),
+        fields=tuple(fields),
+        detector={
+            "name": getattr(detector, "name_", None),
+            "min_score": getattr(detector, "min_score_", None),
+            "um_per_px": um_per_px,
+            "crop": {"um_per_px": spec.um_per_px, "side_px": spec.side_px, "source": spec.source},
+        },
+    )
+
+
+def field_like_images(
+    paths: Sequence[str | Path], detector: FieldDetector, *, limit: int = 16
+) -> list[tuple[str, int]]:
+    """Which of (up to ``limit``, evenly spread) single-cell images look like whole fields.
+
+    An image looks like a field when the detector finds two or more white cells in it, or one
+    that is small for the frame (its box side below 30% of the image's shorter side): a crop
+    shows one cell that fills much of it.
+
+    Returns:
+        ``(path, white cells found)`` per field-like image.
+    """
+    from marrowscope.inference.fields import FieldError
+
+    if not paths:
+        return []
+    step = max(1, len(paths) // limit)
+    out = []
+    for p in list(paths)[::step][:limit]:
+        try:
+            d = detector.detect(p)
+        except (FieldError, ImageReadError):
+            continue
+        if len(d) >= 2:
+            out.append((str(p), len(d)))
+        elif len(d) == 1:
+            b = d.boxes[0]
+            side = max(b[2] - b[0], b[3] - b[1])
+            if side < 0.3 * min(d.width, d.height):
+                out.append((str(p), 1))
+    return out

@@ -26,6 +26,9 @@ stratified subset of its training images (a learning curve) while scoring the sa
 
 The run is resumable: finished folds are reused, an interrupted fold is resumed after its last
 finished epoch.
+
+Under torchrun every fold trains data-parallel (:func:`~marrowscope.engine.train.fit`); rank 0
+writes the folder, scores the out-of-fold images and writes the summary.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from marrowscope.config import ExperimentConfig, to_dict
 from marrowscope.data.manifest import ManifestRow
 from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
+from marrowscope.engine.distributed import setup as setup_distributed
 from marrowscope.engine.train import fit
 from marrowscope.inference.predictor import Predictor
 from marrowscope.metrics.classification import (
@@ -145,7 +149,9 @@ def cross_validate(
     Returns:
         The summary (also written to ``OUT/cv_summary.json``).
     """
-    console = console or Console()
+    ctx = setup_distributed()
+    console = ctx.console(console or Console())
+    progress = progress and ctx.is_main
     if not 0.0 < train_fraction <= 1.0:
         raise ValueError(
             f"train_fraction must be in (0, 1], got {train_fraction}; use e.g. 0.5 for half of "
@@ -153,16 +159,61 @@ def cross_validate(
         )
     fold_seed = cfg.seed if fold_seed is None else int(fold_seed)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     identity: dict[str, Any] = {"folds": folds, "config": to_dict(cfg)}
     # only non-default values are recorded, so folders written before these options resume
     if fold_seed != cfg.seed:
         identity["fold_seed"] = fold_seed
     if train_fraction != 1.0:
         identity["train_fraction"] = train_fraction
+    ctx.main_only(lambda: _check_identity(out_dir, identity))
+
+    # rank 0 scans and splits; every rank gets the same rows
+    base = ctx.main_only(lambda: manifest_rows(cfg, progress=progress))
+    rows = [dc_replace(r, split=None) for r in base]
+    classes = class_order(cfg, rows)
+    assignment = assign_folds(
+        rows, folds=folds, seed=fold_seed, grouped=cfg.data.split.group_column is not None
+    )
+    ctx.main_only(lambda: _write_folds(rows, assignment, out_dir / "folds.csv"))
+
+    t_start = time.perf_counter()
+    for k in range(folds):
+        fold_dir = out_dir / f"fold-{k}"
+        oof_path = fold_dir / "oof.npz"
+        if not ctx.main_only(oof_path.is_file):
+            fold_rows = _fold_rows(
+                rows, assignment, k, train_fraction=train_fraction, seed=fold_seed
+            )
+            data = load_split_images(fold_rows, classes, cfg, progress=progress, ctx=ctx)
+            console.rule(
+                f"fold {k + 1}/{folds}: train {len(data.splits['train'])}, "
+                f"validate {len(data.splits['val'])}"
+            )
+            resume = ctx.main_only((fold_dir / "state.pt").is_file)
+            result = fit(
+                cfg, fold_dir, resume=resume, data=data, console=console, progress=progress
+            )
+            val = data.splits["val"]
+            same = result.best_epoch == result.history[-1]["epoch"]
+            ctx.main_only(lambda: _write_oof(oof_path, fold_dir, val, cfg.train.device, same))  # noqa: B023
+
+    summary = ctx.main_only(
+        lambda: _summarize_folder(out_dir, cfg, classes, folds, fold_seed, train_fraction, t_start)
+    )
+    print_summary(summary, console)
+    console.print(f"cross-validation summary: {out_dir / 'cv_summary.json'}")
+    return summary
+
+
+def _check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Create ``out_dir`` or check that it holds this cross-validation (to resume it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = out_dir / "cv_config.json"
     if cfg_file.is_file():
         saved = json.loads(cfg_file.read_text())
+        if isinstance(saved.get("config"), dict):
+            # a config key added to marrowscope since the folder was written has its default
+            saved["config"] = _with_defaults(to_dict(ExperimentConfig()), saved["config"])
         if saved != identity:
             raise FileExistsError(
                 f"{out_dir} holds a cross-validation with another config, fold count, fold seed "
@@ -172,52 +223,50 @@ def cross_validate(
     else:
         atomic_write_json(cfg_file, identity)
 
-    base = manifest_rows(cfg, progress=progress)
-    rows = [dc_replace(r, split=None) for r in base]
-    classes = class_order(cfg, rows)
-    assignment = assign_folds(
-        rows, folds=folds, seed=fold_seed, grouped=cfg.data.split.group_column is not None
-    )
-    _write_folds(rows, assignment, out_dir / "folds.csv")
 
+def _with_defaults(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys it lacks taken from ``defaults`` (recursively, per section)."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict) and value:
+            out[key] = _with_defaults(value, out[key])
+    return out
+
+
+def _write_oof(oof_path: Path, fold_dir: Path, val: Any, device: str, best_is_last: bool) -> None:
+    """The fold's out-of-fold logits (d8 views) of its best and last checkpoints."""
+    logits = _oof_logits(fold_dir / "best", val.images, device)
+    logits_last = logits if best_is_last else _oof_logits(fold_dir / "last", val.images, device)
+    arrays = {
+        "logits": logits,
+        "logits_last": logits_last,
+        "labels": np.asarray(val.labels),
+        "paths": np.asarray(val.paths),
+    }
+
+    def write_npz(p: Path) -> None:
+        with p.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
+    atomic_write(oof_path, write_npz)
+
+
+def _summarize_folder(
+    out_dir: Path,
+    cfg: ExperimentConfig,
+    classes: list[str],
+    folds: int,
+    fold_seed: int,
+    train_fraction: float,
+    t_start: float,
+) -> dict[str, Any]:
+    """Read every fold's out-of-fold logits and run summary; write the summary and report."""
     fold_records: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
     for k in range(folds):
         fold_dir = out_dir / f"fold-{k}"
         oof_path = fold_dir / "oof.npz"
-        if not oof_path.is_file():
-            fold_rows = _fold_rows(
-                rows, assignment, k, train_fraction=train_fraction, seed=fold_seed
-            )
-            data = load_split_images(fold_rows, classes, cfg, progress=progress)
-            console.rule(
-                f"fold {k + 1}/{folds}: train {len(data.splits['train'])}, "
-                f"validate {len(data.splits['val'])}"
-            )
-            resume = (fold_dir / "state.pt").is_file()
-            result = fit(
-                cfg, fold_dir, resume=resume, data=data, console=console, progress=progress
-            )
-            val = data.splits["val"]
-            logits = _oof_logits(fold_dir / "best", val.images, cfg.train.device)
-            last_epoch = result.history[-1]["epoch"]
-            logits_last = (
-                logits
-                if result.best_epoch == last_epoch
-                else _oof_logits(fold_dir / "last", val.images, cfg.train.device)
-            )
-            arrays = {
-                "logits": logits,
-                "logits_last": logits_last,
-                "labels": np.asarray(val.labels),
-                "paths": np.asarray(val.paths),
-            }
-
-            def write_npz(p: Path, arrays: dict[str, np.ndarray] = arrays) -> None:
-                with p.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
-                    np.savez(f, **arrays)
-
-            atomic_write(oof_path, write_npz)
         with np.load(oof_path) as z:
             rec = {"logits": z["logits"], "labels": z["labels"], "paths": z["paths"].tolist()}
             if "logits_last" in z.files:  # folders written before the last epoch was scored
@@ -244,8 +293,6 @@ def cross_validate(
     )
     atomic_write_json(out_dir / "cv_summary.json", summary)
     atomic_write_text(out_dir / "cv_report.md", cv_report(summary))
-    print_summary(summary, console)
-    console.print(f"cross-validation summary: {out_dir / 'cv_summary.json'}")
     return summary
 
 

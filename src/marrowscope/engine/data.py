@@ -5,22 +5,29 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from marrowscope.config import ExperimentConfig
 from marrowscope.data import DataError
-from marrowscope.data.manifest import (
-    ManifestRow,
-    build_manifest,
-    class_names,
-    read_manifest,
-    write_manifest,
-)
-from marrowscope.data.sample import resolve_root
-from marrowscope.data.scan import scan_folder
-from marrowscope.data.split import assign_splits
-from marrowscope.preprocess.cache import PreprocessCache
+from marrowscope.data.manifest import ManifestRow, class_names, write_manifest
+from marrowscope.data.recorded import manifest_rows
+from marrowscope.preprocess.cache import PreprocessCache, resolve_workers
+
+if TYPE_CHECKING:
+    from marrowscope.engine.distributed import DistContext
+
+__all__ = [
+    "SPLITS",
+    "PreparedData",
+    "SplitData",
+    "class_order",
+    "load_split_images",
+    "manifest_rows",
+    "prepare_data",
+    "save_split",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,49 +62,24 @@ class PreparedData:
         )
 
 
-def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[ManifestRow]:
-    """The split manifest for ``cfg``: read from ``data.manifest`` or built by scanning ``data.root``."""
-    d = cfg.data
-    if d.manifest:
-        rows = read_manifest(Path(d.manifest), group_column=d.split.group_column)
-        if d.classes:
-            wanted = set(d.classes)
-            missing = [c for c in d.classes if c not in {r.label for r in rows}]
-            if missing:
-                raise DataError(
-                    f"class {missing[0]} is in data.classes but not in manifest {d.manifest}; "
-                    "remove it from data.classes"
-                )
-            rows = [r for r in rows if r.label in wanted]
-            order = {c: i for i, c in enumerate(d.classes)}
-            rows.sort(key=lambda r: (order[r.label], r.path))
-    elif d.root:
-        scan = scan_folder(resolve_root(d.root), check_images=False, progress=progress)
-        rows = build_manifest(
-            scan,
-            classes=d.classes,
-            max_per_class=d.max_per_class,
-            min_per_class=d.min_per_class,
-            seed=cfg.seed,
-        )
-    else:
-        raise DataError(
-            "the config names no data: set data.root (a folder per class) or data.manifest"
-        )
-    if all(r.split is not None for r in rows):
-        return rows
-    return assign_splits(
-        rows,
-        val=d.split.val,
-        test=d.split.test,
-        seed=cfg.seed,
-        grouped=d.split.group_column is not None,
-    )
-
-
 def class_order(cfg: ExperimentConfig, rows: list[ManifestRow]) -> list[str]:
     """Class names in model index order: ``data.classes`` if given, else first appearance."""
     return list(cfg.data.classes) if cfg.data.classes else class_names(rows)
+
+
+def _fill_cache_share(
+    cache: PreprocessCache, paths: list[str], cfg: ExperimentConfig, ctx: DistContext
+) -> None:
+    """Several processes on one machine: each preprocesses its share of ``paths`` into the cache
+    (with its share of the worker processes), then all wait for each other; the full load that
+    follows finds every image cached instead of computing each one once per process."""
+    workers = max(1, resolve_workers(cfg.preprocess.workers) // ctx.local_world_size)
+    cache.load_many(
+        paths[ctx.local_rank :: ctx.local_world_size],
+        workers=workers,
+        progress=False,
+    )
+    ctx.barrier()
 
 
 def load_split_images(
@@ -106,19 +88,23 @@ def load_split_images(
     cfg: ExperimentConfig,
     *,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> PreparedData:
     """Preprocess (through the on-disk cache) every image of ``rows`` and group them by split.
 
     Unreadable images are skipped with a warning and reported in :attr:`PreparedData.skipped`.
+    Under torchrun (``ctx``) the processes of a machine share the preprocessing work, and each
+    then holds every image in memory.
     """
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({r.label for r in rows} - set(index))
     if unknown:
         raise DataError(f"manifest label {unknown[0]!r} is not among the classes {classes}")
     cache = PreprocessCache(cfg.preprocess)
-    arrays, failures = cache.load_many(
-        [r.path for r in rows], workers=cfg.preprocess.workers, progress=progress
-    )
+    paths = [r.path for r in rows]
+    if ctx is not None and ctx.distributed:
+        _fill_cache_share(cache, paths, cfg, ctx)
+    arrays, failures = cache.load_many(paths, workers=cfg.preprocess.workers, progress=progress)
     for path, msg in failures:
         log.warning("skipping unreadable image %s", msg if path in msg else f"{path}: {msg}")
     splits = {s: SplitData() for s in SPLITS}
@@ -151,12 +137,14 @@ def prepare_data(
     *,
     rows: list[ManifestRow] | None = None,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> PreparedData:
-    """Resolve, split and preprocess the data of ``cfg`` (or of given split ``rows``)."""
+    """Resolve, split and preprocess the data of ``cfg`` (or of given split ``rows``); ``ctx``:
+    see :func:`load_split_images`."""
     if rows is None:
         rows = manifest_rows(cfg, progress=progress)
     classes = class_order(cfg, rows)
-    return load_split_images(rows, classes, cfg, progress=progress)
+    return load_split_images(rows, classes, cfg, progress=progress, ctx=ctx)
 
 
 def save_split(data: PreparedData, path: Path) -> None:

@@ -16,11 +16,18 @@ Run folder layout::
 Every file is written atomically after each epoch; ``state.pt`` (weights, optimizer, scheduler,
 history) is written last and is the commit point, so ``kill -9`` loses at most the epoch in
 progress, and ``fit(..., resume=True)`` continues from the last committed epoch.
+
+Under ``torchrun`` (several processes, one per GPU or per share of the CPU cores) the same
+function trains data-parallel: ``train.batch_size`` is the global batch, each process takes its
+share of it and of each epoch's shuffled samples, gradients are averaged by
+``DistributedDataParallel``, validation is sharded and its counts summed, and only rank 0 writes
+the run folder and prints. The plumbing is in :mod:`marrowscope.engine.distributed`.
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import logging
 import math
@@ -36,7 +43,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 
 import marrowscope
 from marrowscope.config import (
@@ -49,11 +56,15 @@ from marrowscope.config import (
 )
 from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import read_manifest
-from marrowscope.engine.data import PreparedData, prepare_data, save_split
+from marrowscope.engine.data import PreparedData, manifest_rows, prepare_data, save_split
+from marrowscope.engine.distributed import RANK_SEED_STRIDE, DistContext
+from marrowscope.engine.distributed import setup as setup_distributed
 from marrowscope.engine.loops import predict_logits, train_one_epoch
 from marrowscope.inference.predictor import Predictor
 from marrowscope.metrics.classification import (
     classification_metrics,
+    classification_metrics_from_confusion,
+    confusion_counts,
     cross_entropy,
     expected_calibration_error,
     fit_temperature,
@@ -61,7 +72,7 @@ from marrowscope.metrics.classification import (
     softmax,
 )
 from marrowscope.models.bundle import load_bundle, save_bundle
-from marrowscope.models.registry import Classifier, build_model
+from marrowscope.models.registry import build_model
 from marrowscope.preprocess.ops import preprocess_params
 from marrowscope.reports.plots import plot_training_curves
 from marrowscope.transforms.augment import BatchMix, eval_transform, train_transform
@@ -69,7 +80,6 @@ from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_t
 from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import (
     Precision,
-    resolve_device,
     resolve_precision,
     seed_everything,
     set_threads,
@@ -111,14 +121,19 @@ class FitResult:
 
 
 def new_run_dir(name: str, root: Path = Path("runs")) -> Path:
-    """A fresh timestamped folder ``runs/<name>-YYYYmmdd-HHMMSS``."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = root / f"{name}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{stamp}-{n}"
-    return path
+    """A fresh timestamped folder ``runs/<name>-YYYYmmdd-HHMMSS`` (not created); under torchrun
+    rank 0 picks it and every process gets the same name."""
+
+    def pick() -> Path:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = root / f"{name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = root / f"{name}-{stamp}-{n}"
+        return path
+
+    return setup_distributed().main_only(pick)
 
 
 def class_weights(counts: np.ndarray) -> torch.Tensor:
@@ -160,9 +175,15 @@ def train_size(cfg: ExperimentConfig, epoch: int) -> int:
 
 
 def _loaders(
-    data: PreparedData, cfg: ExperimentConfig, epoch: int
+    data: PreparedData, cfg: ExperimentConfig, epoch: int, ctx: DistContext | None = None
 ) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders; the train order is seeded by (seed, epoch)."""
+    """Train and validation loaders; the train order is seeded by (seed, epoch).
+
+    With several processes (``ctx``), each takes its share of the epoch's shuffled (or
+    class-balanced) training samples in batches of ``batch_size / world_size``, and a contiguous
+    share of the validation images, without padding.
+    """
+    ctx = ctx or DistContext()
     t = cfg.train
     size = cfg.preprocess.size
     train = data.splits["train"]
@@ -171,23 +192,32 @@ def _loaders(
     ds_train = CellDataset(
         train.images, train.labels, train_transform(cfg.augment, train_size(cfg, epoch))
     )
-    sampler = None
+    weights = None
     if t.imbalance == "sampler":
         counts = np.bincount(train.labels, minlength=len(data.classes)).astype(np.float64)
         weights = 1.0 / np.maximum(counts[np.asarray(train.labels)], 1.0)
+    sampler: Any = None
+    if ctx.distributed:
+        # every rank draws from one generator seeded by seed * 1000 + epoch and takes its share
+        sampler = ctx.train_sampler(ds_train, seed=cfg.seed * 1000, epoch=epoch, weights=weights)
+    elif weights is not None:
         sampler = WeightedRandomSampler(
             torch.as_tensor(weights, dtype=torch.double), len(train), replacement=True, generator=g
         )
+    batch = ctx.per_rank_batch(t.batch_size)
+    n_rank = len(sampler) if sampler is not None else len(train)
     train_loader = DataLoader(
         ds_train,
-        batch_size=t.batch_size,
+        batch_size=batch,
         sampler=sampler,
         shuffle=sampler is None,
         num_workers=t.num_workers,
-        drop_last=len(train) > t.batch_size,
+        drop_last=n_rank > batch,
         generator=g,
     )
-    ds_val = CellDataset(val.images, val.labels, eval_transform(size))
+    ds_val: Any = CellDataset(val.images, val.labels, eval_transform(size))
+    if ctx.distributed:
+        ds_val = Subset(ds_val, ctx.shard(len(ds_val)))
     val_loader = DataLoader(ds_val, batch_size=max(t.batch_size, 64), shuffle=False, num_workers=0)
     return train_loader, val_loader
 
@@ -236,15 +266,27 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def _evaluate_split(
-    model: Classifier,
+    model: nn.Module,
     loader: DataLoader,
     classes: list[str],
     device: torch.device,
     precision: Precision,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
+    """Classification metrics and mean cross-entropy (``loss``) of ``model`` on ``loader``.
+
+    With several processes each scores its shard of the images; the confusion counts and the
+    summed loss are added over the ranks, so every rank gets the numbers one process scoring
+    every image would get (:func:`classification_metrics_from_confusion`).
+    """
+    ctx = ctx or DistContext()
     logits, labels = predict_logits(model, loader, device=device, precision=precision)
-    m = classification_metrics(labels, logits.argmax(1), classes)
-    m["loss"] = cross_entropy(logits, labels)
+    k = len(classes)
+    preds = logits.argmax(1) if labels.size else np.zeros(0, np.int64)
+    loss_sum = cross_entropy(logits, labels) * labels.size if labels.size else 0.0
+    total = ctx.all_sum(np.append(confusion_counts(labels, preds, k).ravel(), loss_sum))
+    m = classification_metrics_from_confusion(total[:-1].reshape(k, k), classes)
+    m["loss"] = float(total[-1] / m["n"])
     return m
 
 
@@ -319,6 +361,45 @@ def finalize_inference(
     return report
 
 
+def _read_resume(
+    run_dir: Path, overrides: list[str] | tuple[str, ...], console: Console
+) -> tuple[ExperimentConfig, dict[str, Any] | None, list[Any] | None]:
+    """The saved config (with ``overrides``), ``state.pt`` (or ``None`` before the first finished
+    epoch) and the split manifest rows (or ``None``) of the run folder to resume."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"cannot resume: {run_dir} has no config.yaml (is it a marrowscope run folder?)"
+        )
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    state = None
+    state_path = run_dir / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    else:
+        console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
+    split = run_dir / "split.csv"
+    rows = read_manifest(split) if split.is_file() else None
+    return cfg, state, rows
+
+
+def _write_run_inputs(
+    cfg: ExperimentConfig, data: PreparedData, run_dir: Path, console: Console
+) -> None:
+    """The resolved config, the split and the list of skipped images, into the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    save_split(data, run_dir / "split.csv")
+    if data.skipped:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["path", "error"])
+        writer.writerows(data.skipped)
+        atomic_write_text(run_dir / "skipped.csv", buf.getvalue())
+        console.print(
+            f"[yellow]{len(data.skipped)} unreadable image(s) skipped; see {run_dir / 'skipped.csv'}"
+        )
+
+
 def fit(
     cfg: ExperimentConfig | None,
     run_dir: Path,
@@ -330,6 +411,9 @@ def fit(
     progress: bool = True,
 ) -> FitResult:
     """Train ``cfg`` into ``run_dir`` (or continue an interrupted run with ``resume=True``).
+
+    Under torchrun every process calls this with the same arguments; they train data-parallel
+    and rank 0 writes ``run_dir`` (see the module docstring).
 
     Args:
         cfg: the experiment; ignored on resume (the run folder's ``config.yaml`` is used).
@@ -344,24 +428,20 @@ def fit(
     Raises:
         ConfigError: a config value or rule is broken (before any data is read).
     """
-    console = console or Console()
+    ctx = setup_distributed()
+    console = ctx.console(console or Console())
+    progress = progress and ctx.is_main
     wall_start = time.perf_counter()
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
     state: dict[str, Any] | None = None
+    rows = None
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(
-                f"cannot resume: {run_dir} has no config.yaml (is it a marrowscope run folder?)"
-            )
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        if state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        else:
-            console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
+        # rank 0 reads the run folder; every rank gets its config, state and split
+        cfg, state, rows = ctx.main_only(lambda: _read_resume(run_dir, overrides, console))
     elif cfg is None:
         raise ValueError("fit() needs a config unless resume=True")
-    elif (run_dir / "state.pt").exists():
+    elif ctx.main_only(state_path.exists):
         raise FileExistsError(
             f"{run_dir} already holds a training run; pass --resume to continue it or choose a new "
             "--run-dir"
@@ -369,34 +449,23 @@ def fit(
     # before any data is read (and before the run folder is made): every config value and rule;
     # from_dict checked them already, this catches a config built in code (dataclasses.replace)
     validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.per_rank_batch(cfg.train.batch_size)
+    ctx.main_only(lambda: run_dir.mkdir(parents=True, exist_ok=True))
 
     seed_everything(cfg.seed)
     set_threads(cfg.train.threads)
     # Tiny optimizer statistics can become denormal floats late in training, which x86 CPUs
     # handle slowly; flush them to zero (a negligible change to the numbers).
     torch.set_flush_denormal(True)
-    device = resolve_device(cfg.train.device)
+    device = ctx.device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.channels_last)
+    ctx.check_sync_batchnorm(cfg.train.sync_batchnorm, device)
 
     if data is None:
-        rows = (
-            read_manifest(run_dir / "split.csv")
-            if resume and (run_dir / "split.csv").is_file()
-            else None
-        )
-        data = prepare_data(cfg, rows=rows, progress=progress)
-    save_config(cfg, run_dir / "config.yaml")
-    save_split(data, run_dir / "split.csv")
-    if data.skipped:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["path", "error"])
-        writer.writerows(data.skipped)
-        atomic_write_text(run_dir / "skipped.csv", buf.getvalue())
-        console.print(
-            f"[yellow]{len(data.skipped)} unreadable image(s) skipped; see {run_dir / 'skipped.csv'}"
-        )
+        if rows is None and ctx.distributed:  # one scan and split, the same on every rank
+            rows = ctx.main_only(lambda: manifest_rows(cfg, progress=progress))
+        data = prepare_data(cfg, rows=rows, progress=progress, ctx=ctx)
+    ctx.main_only(lambda: _write_run_inputs(cfg, data, run_dir, console))
 
     classes = data.classes
     t = cfg.train
@@ -411,16 +480,20 @@ def fit(
     model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = ctx.prepare_model(model, sync_batchnorm=t.sync_batchnorm)
 
     train_counts = data.class_counts("train")
     weight = class_weights(train_counts).to(device) if t.imbalance == "weighted_loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
+    # parameter groups, EMA and SWA are built on the unwrapped model (DDP only wraps the
+    # training forward/backward, below)
     optimizer = torch.optim.AdamW(
         model.param_groups(t.lr, t.backbone_lr_scale, t.weight_decay, t.layer_decay),
         lr=t.lr,
         weight_decay=t.weight_decay,
     )
-    steps = _steps_per_epoch(len(data.splits["train"]), t.batch_size)
+    n_train = len(data.splits["train"])
+    steps = _steps_per_epoch(ctx.samples_per_rank(n_train), ctx.per_rank_batch(t.batch_size))
     swa = _make_swa(model, t)
     swa_start = t.epochs - t.swa_epochs + 1  # first averaged epoch (> epochs: no SWA)
     # classic SWA (swa_lr set): the cosine schedule ends where averaging starts
@@ -445,7 +518,7 @@ def fit(
     best_epoch = 0
     bad_epochs = 0
     elapsed_before = 0.0
-    if state is not None:
+    if state is not None:  # on every rank: weights, EMA/SWA, optimizer, scheduler, counters
         model.load_state_dict(state["model"])
         if ema is not None:
             if state.get("ema") is None:
@@ -471,12 +544,14 @@ def fit(
         elapsed_before = state.get("train_seconds", 0.0)
         console.print(f"Resuming {run_dir} after epoch {state['epoch']} (best epoch {best_epoch})")
 
-    n_train = len(data.splits["train"])
+    processes = (
+        f", {ctx.world_size} processes (global batch {t.batch_size})" if ctx.distributed else ""
+    )
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.model.name} on {len(classes)} classes, "
         f"train {n_train} / val {len(data.splits['val'])} / test {len(data.splits['test'])} images, "
         f"{device.type} {precision.name}{' channels_last' if precision.channels_last else ''}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads{processes}"
     )
     stopped_early = False
     global_step = (start_epoch - 1) * steps
@@ -487,7 +562,35 @@ def fit(
         assert ema is not None
         ema.update(model, step=global_step)
 
+    def commit(
+        epoch: int, saved: nn.Module, meta: dict[str, Any], improved: bool, seconds: float
+    ) -> None:
+        """Rank 0: the epoch's bundles, metrics and (last, the commit point) state.pt."""
+        if improved:
+            save_bundle(run_dir / "best", saved, meta)
+        save_bundle(run_dir / "last", saved, meta)
+        _write_history(history, run_dir / "metrics.csv")
+        _save_state(
+            state_path,
+            {
+                "epoch": epoch,
+                "model": _cpu_state(model),
+                "ema": None if ema is None else _cpu_state(ema.module),
+                "swa": None if swa is None else _cpu_state(swa),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "best_val_macro_f1": best_f1,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "train_seconds": seconds,
+                "weights_source": weights_source,
+            },
+        )
+
     t0 = time.perf_counter()
+    trainer: nn.Module = model
+    wrapped_stage: str | None = None
     with make_progress(enabled=progress, console=console) as bar:
         epoch_task = bar.add_task(
             "epochs", total=t.epochs, completed=start_epoch - 1, stats="", unit="epoch"
@@ -498,11 +601,15 @@ def fit(
                 break
             stage = "head" if epoch <= t.freeze_epochs else "full"
             model.freeze_backbone(stage == "head")
-            torch.manual_seed(cfg.seed * 1000 + epoch)
-            train_loader, val_loader = _loaders(data, cfg, epoch)
+            if stage != wrapped_stage:  # DDP averages what is trainable when it is built
+                trainer = model  # drop the previous wrapper and its gradient hooks first
+                gc.collect()
+                trainer, wrapped_stage = ctx.wrap(model, device), stage
+            torch.manual_seed(cfg.seed * 1000 + epoch + ctx.rank * RANK_SEED_STRIDE)
+            train_loader, val_loader = _loaders(data, cfg, epoch, ctx)
             e0 = time.perf_counter()
             stats = train_one_epoch(
-                model,
+                trainer,
                 train_loader,
                 optimizer,
                 loss_fn=loss_fn,
@@ -513,17 +620,19 @@ def fit(
                 grad_clip=t.grad_clip,
                 progress=bar if progress else None,
                 task_name=f"epoch {epoch}/{t.epochs} ({stage})",
-                total=len(train_loader.sampler) if t.imbalance == "sampler" else n_train,
+                total=len(train_loader.sampler),  # type: ignore[arg-type]
                 batch_transform=mixer,
                 on_step=ema_step if ema is not None else None,
             )
-            val = val_raw = _evaluate_split(model, val_loader, classes, device, precision)
+            stats = ctx.reduce_stats(stats)
+            ctx.sync_buffers(model, None if ema is None else ema.module)
+            val = val_raw = _evaluate_split(model, val_loader, classes, device, precision, ctx)
             averaged = ema.module if ema is not None else None
             if swa is not None and epoch >= swa_start:
                 swa.update_parameters(model)
                 averaged = swa.module
             if averaged is not None:
-                val = _evaluate_split(averaged, val_loader, classes, device, precision)
+                val = _evaluate_split(averaged, val_loader, classes, device, precision, ctx)
             row = {
                 "epoch": epoch,
                 "stage": stage,
@@ -552,28 +661,11 @@ def fit(
             saved = averaged if averaged is not None else model
             if improved:
                 best_f1, best_epoch, bad_epochs = val["macro_f1"], epoch, 0
-                save_bundle(run_dir / "best", saved, meta)
             else:
                 bad_epochs += 1
-            save_bundle(run_dir / "last", saved, meta)
-            _write_history(history, run_dir / "metrics.csv")
-            _save_state(
-                state_path,
-                {
-                    "epoch": epoch,
-                    "model": _cpu_state(model),
-                    "ema": None if ema is None else _cpu_state(ema.module),
-                    "swa": None if swa is None else _cpu_state(swa),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "best_val_macro_f1": best_f1,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "train_seconds": elapsed_before + time.perf_counter() - t0,
-                    "weights_source": weights_source,
-                },
-            )
+            seconds = elapsed_before + time.perf_counter() - t0
+            # every rank scored the same numbers; rank 0 writes, then all go on together
+            ctx.main_only(lambda: commit(epoch, saved, meta, improved, seconds))  # noqa: B023
             bar.update(
                 epoch_task,
                 advance=1,
@@ -589,11 +681,15 @@ def fit(
     train_seconds = elapsed_before + time.perf_counter() - t0
     if not history:
         raise RuntimeError(f"no epoch was trained in {run_dir} (train.epochs={t.epochs})")
-    if history and not (run_dir / "best").exists():
-        raise RuntimeError(f"no best checkpoint was written in {run_dir}")
 
-    plot_training_curves(history, run_dir / "curves.png")
-    calibration = finalize_inference(run_dir / "best", data, cfg, device=device, console=console)
+    def finish() -> dict[str, Any]:
+        """Rank 0: curves, the inference rule of the best bundle (temperature, TTA)."""
+        if not (run_dir / "best").exists():
+            raise RuntimeError(f"no best checkpoint was written in {run_dir}")
+        plot_training_curves(history, run_dir / "curves.png")
+        return finalize_inference(run_dir / "best", data, cfg, device=device, console=console)
+
+    calibration = ctx.main_only(finish)
     result = FitResult(
         run_dir=run_dir,
         best_dir=run_dir / "best",
@@ -607,26 +703,25 @@ def fit(
         params=params,
     )
     best_row = next(r for r in history if r["epoch"] == best_epoch)
-    atomic_write_json(
-        run_dir / "summary.json",
-        {
-            "name": cfg.name,
-            "model": cfg.model.name,
-            "classes": classes,
-            "epochs_run": len(history),
-            "best_epoch": best_epoch,
-            "best": best_row,
-            "train_seconds": round(train_seconds, 1),
-            "wall_seconds_this_session": round(time.perf_counter() - wall_start, 1),
-            "stopped_early": stopped_early,
-            "calibration": calibration,
-            "params": params,
-            "device": device.type,
-            "precision": precision.name,
-            "machine": platform.processor() or platform.machine(),
-            "marrowscope_version": marrowscope.__version__,
-        },
-    )
+    summary = {
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "classes": classes,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "best": best_row,
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds_this_session": round(time.perf_counter() - wall_start, 1),
+        "stopped_early": stopped_early,
+        "calibration": calibration,
+        "params": params,
+        "device": device.type,
+        "precision": precision.name,
+        "processes": ctx.world_size,
+        "machine": platform.processor() or platform.machine(),
+        "marrowscope_version": marrowscope.__version__,
+    }
+    ctx.main_only(lambda: atomic_write_json(run_dir / "summary.json", summary))
     print_summary(result, console)
     return result
 

@@ -18,10 +18,10 @@ import glob
 import io
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,12 +32,16 @@ from marrowscope.preprocess.ops import apply_preprocess, resize
 from marrowscope.utils.image import (
     IMAGE_EXTENSIONS,
     ImageReadError,
+    decode_image,
     is_hidden,
     is_image_file,
     list_image_files,
     read_image,
 )
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -48,6 +52,7 @@ __all__ = [
     "load_and_preprocess",
     "output_format",
     "prediction_records",
+    "prediction_schema",
     "write_predictions",
 ]
 
@@ -123,19 +128,28 @@ def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 # ------------------------------------------------------------------------ decode + preprocess
 
 
-def load_and_preprocess(path: str | os.PathLike[str], cfg: PreprocessConfig, size: int) -> Loaded:
+def load_and_preprocess(
+    path: str | os.PathLike[str],
+    cfg: PreprocessConfig,
+    size: int,
+    *,
+    read: Callable[[str], bytes] | None = None,
+) -> Loaded:
     """Read one file and apply the bundle's preprocessing; never raises for a bad file.
 
     Args:
         path: image file.
         cfg: preprocessing parameters (from the checkpoint bundle).
         size: the model's input size; an image not at ``size`` after ``cfg`` is resized.
+        read: how to get the file's bytes when it is not a local file (e.g. from object storage
+            through ``pyarrow.fs``); it raises :class:`ImageReadError` for a file it cannot read.
 
     Returns:
         ``(array, None)`` or ``(None, message)`` where the message names the file.
     """
     try:
-        arr = apply_preprocess(read_image(path), cfg)
+        rgb = read_image(path) if read is None else decode_image(read(str(path)), str(path))
+        arr = apply_preprocess(rgb, cfg)
         if arr.shape[:2] != (size, size):
             arr = resize(arr, size)
         return arr, None
@@ -331,6 +345,21 @@ def prediction_records(
     return out
 
 
+def prediction_schema(columns: Sequence[str]) -> pa.Schema:
+    """The Parquet schema of prediction records with these columns (the keys of a
+    :func:`prediction_records` record, in order): ``confidence`` and the ``p_*`` probabilities
+    are float64, every other column a string (null for what an unreadable image lacks), so that
+    every file of a prediction run, and a run with only unreadable images, has the same types."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            (c, pa.float64() if c == "confidence" or c.startswith("p_") else pa.string())
+            for c in columns
+        ]
+    )
+
+
 def _csv_text(records: Sequence[Mapping[str, Any]]) -> str:
     buf = io.StringIO()
     if not records:
@@ -366,6 +395,8 @@ def write_predictions(records: Sequence[Mapping[str, Any]], path: str | os.PathL
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist([dict(r) for r in records])
+        rows = [dict(r) for r in records]
+        schema = prediction_schema(list(rows[0])) if rows else None
+        table = pa.Table.from_pylist(rows, schema=schema)
         atomic_write(out, lambda tmp: pq.write_table(table, str(tmp)))
     return fmt

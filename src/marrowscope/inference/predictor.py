@@ -5,6 +5,7 @@ comes from the checkpoint bundle, never from a folder listing or a default::
 
     p = Predictor.from_checkpoint("runs/x/best")            # PyTorch
     p = Predictor.from_checkpoint("runs/x/best", backend="onnx")  # ONNX Runtime (model.onnx)
+    p = Predictor.from_checkpoint("runs/x/best", backend="int8")  # OpenVINO int8 (x/best/int8)
     p.predict_proba(["cell.jpg", rgb_array, pil_image])     # (N, K) float32
     p.classes_
 
@@ -33,6 +34,12 @@ import torch
 from marrowscope import __version__
 from marrowscope.config import PreprocessConfig, to_dict
 from marrowscope.inference.batching import iter_loaded
+from marrowscope.inference.openvino_runtime import (
+    INT8_BIN,
+    INT8_XML,
+    OpenVINORunner,
+    default_int8_dir,
+)
 from marrowscope.metadata import BUNDLE_FORMAT, TTA_MODES, BundleMetadata, MetadataError
 from marrowscope.metrics.classification import softmax
 from marrowscope.models.bundle import (
@@ -41,6 +48,7 @@ from marrowscope.models.bundle import (
     BundleError,
     load_bundle,
     pretrained_bundle,
+    pretrained_index,
 )
 from marrowscope.models.registry import Classifier
 from marrowscope.preprocess.cache import resolve_workers
@@ -56,6 +64,7 @@ from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import Precision, resolve_device, resolve_precision
 
 __all__ = [
+    "BACKEND_ALIASES",
     "BACKENDS",
     "ONNX_INPUT",
     "ONNX_METADATA_KEY",
@@ -69,7 +78,10 @@ __all__ = [
     "tta_views",
 ]
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "int8")
+"""Prediction backends: PyTorch (fp32/bf16), ONNX Runtime (fp32), OpenVINO int8."""
+BACKEND_ALIASES = {"openvino": "int8"}
+"""Other names accepted for a backend (the runtime's own name)."""
 ONNX_NAME = "model.onnx"
 """File name of the exported model inside a bundle folder."""
 ONNX_METADATA_KEY = "marrowscope"
@@ -78,6 +90,7 @@ ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
 
 _EXPORT_HINT = "re-export it with: marrowscope export CHECKPOINT --format onnx"
+_INT8_HINT = "marrowscope export CHECKPOINT --format int8"
 
 
 class PredictorError(BundleError):
@@ -195,12 +208,15 @@ class Predictor:
 
     Args:
         checkpoint: bundle folder, or (``backend="onnx"``) a folder with ``model.onnx`` or an
-            ``.onnx`` file exported by ``marrowscope export``.
-        device: ``auto``, ``cpu`` or ``cuda`` (the onnx backend runs on the CPU).
-        backend: ``torch`` or ``onnx``.
+            ``.onnx`` file exported by ``marrowscope export``, or (``backend="int8"``) a bundle
+            folder with an ``int8`` export, the export folder itself, or a shipped model's name.
+        device: ``auto``, ``cpu`` or ``cuda`` (the onnx and int8 backends run on the CPU).
+        backend: ``torch``, ``onnx`` or ``int8`` (alias ``openvino``: the OpenVINO model of
+            ``marrowscope export CHECKPOINT --format int8``; needs ``marrowscope[int8]``).
         batch_size: images per forward pass.
         precision: torch backend: ``auto`` (bf16 autocast + channels_last on CPUs with native
-            bf16 and on CUDA, else fp32), ``fp32`` or ``bf16``. The onnx backend is fp32.
+            bf16 and on CUDA, else fp32), ``fp32`` or ``bf16``. The onnx backend is fp32,
+            the int8 backend int8 (with fp32 for the layers the quantiser left in float).
         tta: test-time augmentation ``none``, ``flips`` or ``d8``; ``None`` = the bundle's
             setting (``metadata["inference"]["tta"]``, else ``none``).
 
@@ -254,7 +270,8 @@ class Predictor:
         precision: str = "auto",
         tta: str | None = None,
     ) -> Predictor:
-        """Load a predictor from a bundle folder (torch) or an exported ONNX model (onnx).
+        """Load a predictor from a bundle folder (torch), an exported ONNX model (onnx) or an
+        int8 export (int8).
 
         Raises:
             BundleError: missing, corrupt or newer-format bundle (``PredictorError`` for ONNX
@@ -275,8 +292,14 @@ class Predictor:
                 raise PredictorError(
                     f"{path} is an ONNX model; load it with backend='onnx' (--backend onnx)"
                 )
+            if (Path(path) / INT8_XML).is_file():
+                raise PredictorError(
+                    f"{path} is an int8 export; load it with backend='int8' (--backend int8)"
+                )
             model, meta = load_bundle(path, device="cpu")
             self._setup_torch(model, meta, str(Path(path) / METADATA_NAME))
+        elif self.backend == "int8":
+            self._setup_int8(path)
         else:
             self._setup_onnx(Path(path))
         return self
@@ -287,6 +310,7 @@ class Predictor:
         name: str,
         *,
         device: str = "auto",
+        backend: str = "torch",
         batch_size: int = 64,
         precision: str = "auto",
         tta: str | None = None,
@@ -294,12 +318,17 @@ class Predictor:
         """Load a model that ships with marrowscope (``bm8``, ``pbc6``; ``marrowscope models``
         lists them), its files checked by sha256.
 
+        ``backend="int8"`` runs its int8 export, made once with
+        ``marrowscope export NAME --format int8`` (kept in ``$MARROWSCOPE_CACHE/int8/NAME``).
+
         Raises:
             BundleError: an unknown name (the message lists the shipped ones), or a damaged file.
         """
+        bundle = pretrained_bundle(name)
         return cls.from_checkpoint(
-            pretrained_bundle(name),
+            name if BACKEND_ALIASES.get(backend, backend) == "int8" else bundle,
             device=device,
+            backend=backend,
             batch_size=batch_size,
             precision=precision,
             tta=tta,
@@ -338,8 +367,11 @@ class Predictor:
         return self
 
     def _check_params(self) -> None:
+        self.backend = BACKEND_ALIASES.get(self.backend, self.backend)
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; use torch or onnx")
+            raise ValueError(
+                f"unknown backend {self.backend!r}; use torch, onnx or int8 (alias openvino)"
+            )
         bs = self.batch_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             raise ValueError(f"batch size must be a positive integer, got {bs!r}")
@@ -382,6 +414,7 @@ class Predictor:
             model = model.to(memory_format=torch.channels_last)
         self._model: Classifier | None = model
         self._session: Any = None
+        self._runner: Any = None
         self.device_ = dev
         self.precision_ = prec
 
@@ -423,10 +456,81 @@ class Predictor:
             )
         self._session = sess
         self._input_name = inp.name
+        self._runner = lambda x: sess.run([ONNX_OUTPUT], {inp.name: x})[0]
         self._model = None
         self.device_ = torch.device("cpu")
         self.precision_ = Precision(dtype=None, channels_last=False)
         self.onnx_path_ = onnx_file
+
+    def _int8_folder(self, path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+        """The int8 export folder for ``path``, and the bundle folder whose weights it must
+        come from (``None`` when unknown)."""
+        p = Path(path).expanduser()
+        if p.is_file() and p.name == INT8_XML:
+            p = p.parent
+        if (p / INT8_XML).is_file():
+            parent = p.parent
+            return p, parent if (parent / WEIGHTS_NAME).is_file() else None
+        shipped = not p.exists() and len(p.parts) == 1 and p.name in pretrained_index()
+        folder = default_int8_dir(p)
+        if (folder / INT8_XML).is_file():
+            return folder, pretrained_bundle(p.name) if shipped else p
+        if p.is_dir() or shipped:
+            raise PredictorError(
+                f"{path}: no int8 export at {folder}; create it with: "
+                f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
+            )
+        raise PredictorError(
+            f"{path}: no such int8 export folder, checkpoint folder or shipped model; check the "
+            "path"
+        )
+
+    def _setup_int8(self, path: str | os.PathLike[str]) -> None:
+        if self.device not in ("auto", "cpu"):
+            raise PredictorError(
+                f"the int8 backend runs on the CPU; use --device cpu (or --backend torch for "
+                f"{self.device})"
+            )
+        if self.precision not in ("auto", "fp32"):
+            raise PredictorError(
+                "the int8 backend runs the int8 model as exported; use precision='auto'"
+            )
+        folder, bundle = self._int8_folder(path)
+        meta_file = folder / METADATA_NAME
+        try:
+            meta = BundleMetadata.read(meta_file)
+        except MetadataError as e:
+            raise PredictorError(
+                f"{e}; or export again with: {_INT8_HINT.replace('CHECKPOINT', str(path))}"
+            ) from None
+        if not meta.int8:
+            raise PredictorError(
+                f"{meta_file}: no 'int8' section, so this is not an int8 export; export one with: "
+                f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
+            )
+        want = meta.int8.get("weights_sha256")
+        weights = bundle / WEIGHTS_NAME if bundle is not None else None
+        if want and weights is not None and weights.is_file() and file_sha256(weights) != want:
+            raise PredictorError(
+                f"{folder} was exported from other weights than {weights} (the checkpoint "
+                f"changed since); export it again with: "
+                f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
+            )
+        self._setup_common(meta, str(meta_file))
+        runner = OpenVINORunner(folder / INT8_XML, threads=torch.get_num_threads())
+        shape = runner.input_shape
+        if len(shape) != 4 or shape[2:] != [self._size, self._size]:
+            raise PredictorError(
+                f"{folder / INT8_XML}: model input shape {shape} does not match the metadata "
+                f"input size {self._size}; export it again with: "
+                f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
+            )
+        self._runner = runner
+        self._session = None
+        self._model = None
+        self.device_ = torch.device("cpu")
+        self.precision_ = Precision(dtype=None, channels_last=False)
+        self.int8_path_ = folder / INT8_BIN
 
     # -------------------------------------------------------------------------- properties
 
@@ -436,8 +540,8 @@ class Predictor:
         self._require_ready()
         if self._model is None:
             raise PredictorError(
-                "this predictor runs an ONNX model and has no torch model; load it with "
-                "backend='torch' (e.g. for Grad-CAM)"
+                f"this predictor runs the {self.backend} backend and has no torch model; load it "
+                "with backend='torch' (e.g. for Grad-CAM)"
             )
         return self._model
 
@@ -518,10 +622,9 @@ class Predictor:
     def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Raw network outputs for a float batch ``(N, 3, S, S)`` in [0, 1] -> ``(N, K)`` float32."""
         self._require_ready()
-        if self._session is not None:
+        if self._runner is not None:
             arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            return self._session.run([ONNX_OUTPUT], {self._input_name: arr})[0]
+            return self._runner(np.ascontiguousarray(arr, dtype=np.float32))
         t = torch.as_tensor(x).to(self.device_, torch.float32)
         return self._torch_forward(t)
 
@@ -538,10 +641,10 @@ class Predictor:
 
     def _logits_uint8(self, batch: np.ndarray) -> np.ndarray:
         """``(N, S, S, 3)`` uint8 -> ``(N, K)`` logits of one view."""
-        if self._session is not None:
+        if self._runner is not None:
             x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
             x /= 255.0
-            return self._session.run([ONNX_OUTPUT], {self._input_name: x})[0]
+            return self._runner(x)
         t = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device_)
         # NHWC memory viewed as NCHW is exactly channels_last; fp32 makes it contiguous.
         x = t.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from marrowscope import __version__
 from marrowscope.config import to_dict
 from marrowscope.metadata import BUNDLE_FORMAT, BundleMetadata, MetadataError
 from marrowscope.models.registry import Classifier, ModelError, build_model
-from marrowscope.utils.io import file_sha256
+from marrowscope.utils.io import atomic_folder, file_sha256, old_folder
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -59,10 +57,6 @@ INDEX_NAME = "index.json"
 
 class BundleError(ValueError):
     """A checkpoint bundle is missing, damaged or incompatible; the message names path and fix."""
-
-
-def _old_path(directory: Path) -> Path:
-    return directory.with_name(f"{directory.name}.old")
 
 
 def _is_bundle(directory: Path) -> bool:
@@ -153,46 +147,13 @@ def save_bundle(
         .clone(memory_format=torch.contiguous_format)
         for k, v in model.state_dict().items()
     }
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{directory.name}.tmp-*"):  # left by a crashed save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old = _old_path(directory)
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_NAME)
         meta.write(tmp / METADATA_NAME)
-        if directory.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+    atomic_folder(directory, write)
     return directory
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def pretrained_index(root: str | Path | None = None) -> dict[str, dict[str, Any]]:
@@ -259,7 +220,7 @@ def _resolve(directory: str | Path) -> Path:
             else ""
         )
         raise BundleError(f"{d} is a file, not a checkpoint bundle folder{hint}")
-    old = _old_path(d)
+    old = old_folder(d)
     if (old / METADATA_NAME).is_file() and (old / WEIGHTS_NAME).is_file():
         try:
             os.replace(old, d)  # an interrupted save: the previous bundle is complete

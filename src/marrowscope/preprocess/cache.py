@@ -44,8 +44,41 @@ def process_context() -> multiprocessing.context.BaseContext:
     unguarded script), start fast, and only run numpy/OpenCV/Pillow code, never torch or CUDA.
     """
     if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+        _quiet_opencv_at_fork()
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()
+
+
+_OPENCV_FORK_GUARD: list[int] = []
+
+
+def _quiet_opencv_at_fork() -> None:
+    """Stop OpenCV's thread pool around every fork of this process (registered once).
+
+    OpenCV's pool is not fork-safe: a child forked while the parent's pool threads exist
+    inherits the pool's state without its threads, and its first ``cv2.setNumThreads`` or
+    parallel call can wait forever (seen after the field detector ran OpenCV in the parent).
+    Before a fork the parent goes down to one thread, which joins the pool; afterwards it gets
+    its thread count back.
+    """
+    if _OPENCV_FORK_GUARD:
+        return
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - a hard dependency
+        return
+    saved: list[int] = []
+
+    def before() -> None:
+        saved.append(cv2.getNumThreads())
+        cv2.setNumThreads(1)
+
+    def after_in_parent() -> None:
+        if saved:
+            cv2.setNumThreads(saved.pop())
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent)
+    _OPENCV_FORK_GUARD.append(1)
 
 
 def resolve_workers(workers: int) -> int:

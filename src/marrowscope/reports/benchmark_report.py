@@ -44,7 +44,7 @@ def benchmark_markdown(report: Mapping[str, Any]) -> str:
         f"- CPU: {m['cpu']} ({m['cores']} cores usable, {m['torch_threads']} torch threads, "
         f"native bf16: {'yes' if m['native_bf16'] else 'no'})",
         f"- versions: marrowscope {m['marrowscope']}, torch {m['torch']}, onnxruntime "
-        f"{m['onnxruntime']}, Python {m['python']}",
+        f"{m['onnxruntime']}, openvino {m.get('openvino', 'not recorded')}, Python {m['python']}",
         f"- input {report['input_size']} px; warm-up {s['warmup']} batches; at least "
         f"{s['min_time_s']} s per measurement; end to end on {s['n_images']} files from "
         f"`{s['images']}` with {s['workers']} decoding worker(s)",

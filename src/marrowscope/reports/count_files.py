@@ -26,6 +26,13 @@ import numpy as np
 from marrowscope import __version__
 from marrowscope.metrics.counting import DEFAULT_GALLERY, HAC_CLASS, CountError, HacFlag
 from marrowscope.reports.count_report import write_count_report
+from marrowscope.reports.detect_files import (
+    FieldOutcome,
+    draw_overlay,
+    overlay_name,
+    write_detect_outputs,
+    write_overlay,
+)
 from marrowscope.utils.image import ImageReadError, read_image
 from marrowscope.utils.io import atomic_write, atomic_write_json
 
@@ -49,6 +56,10 @@ class CellCall:
         confidence: its probability.
         identified: ``confidence >= threshold`` (counted); else in the unidentified bin.
         probs: every class's probability, in the model's class order.
+        field_rel: for a cell found in a field of view (``count --fields``): the field's path
+            relative to the sample folder; ``None`` for a single-cell image.
+        box: its box in the field, ``(x_min, y_min, x_max, y_max)`` pixels.
+        um_per_px: the field's scale used to crop it.
     """
 
     path: str
@@ -57,6 +68,9 @@ class CellCall:
     confidence: float
     identified: bool
     probs: np.ndarray = field(repr=False)
+    field_rel: str | None = None
+    box: tuple[float, float, float, float] | None = None
+    um_per_px: float | None = None
 
     @property
     def key(self) -> str:
@@ -81,6 +95,9 @@ class CountResult:
         ignored: non-image files found in the folder.
         flag: the hairy-cell flag (its evidence cells are :class:`CellCall` records).
         model: what the report says about the model (arch, name, version, checkpoint ...).
+        fields: for a count of whole fields (``count --fields``): one record per readable field
+            (cells found, scale used, warnings); empty for a count of single-cell images.
+        detector: the detector's settings (fields only).
     """
 
     sample: str
@@ -95,6 +112,8 @@ class CountResult:
     ignored: tuple[str, ...]
     flag: HacFlag
     model: dict[str, Any]
+    fields: tuple[FieldOutcome, ...] = ()
+    detector: dict[str, Any] | None = None
 
     @property
     def identified(self) -> list[CellCall]:
@@ -108,19 +127,27 @@ class CountResult:
 
     @property
     def n_images(self) -> int:
-        """Image files found (classified + unreadable)."""
+        """Image files found (classified + unreadable; fields + unreadable for a field count)."""
+        if self.fields:
+            return len(self.fields) + len(self.unreadable)
         return len(self.cells) + len(self.unreadable)
 
     def totals(self) -> dict[str, int]:
-        """Images found, identified, unidentified, unreadable and ignored files."""
+        """Images found, identified, unidentified, unreadable and ignored files (and, for a
+        count of fields, the fields, the cells found and the fields without a white cell)."""
         n_id = sum(self.counts.values())
-        return {
+        out = {
             "images": self.n_images,
             "identified": n_id,
             "unidentified": len(self.cells) - n_id,
             "unreadable": len(self.unreadable),
             "ignored": len(self.ignored),
         }
+        if self.fields:
+            out["fields"] = len(self.fields)
+            out["cells_found"] = len(self.cells)
+            out["fields_without_cells"] = sum(not f.cells for f in self.fields)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Every number of the count as JSON-ready data (the content of ``count.json``)."""
@@ -169,6 +196,14 @@ class CountResult:
             ],
             "unreadable": [{"path": p, "error": e} for p, e in self.unreadable],
             "ignored": list(self.ignored),
+            **(
+                {
+                    "detector": dict(self.detector or {}),
+                    "fields": [f.to_dict() for f in self.fields],
+                }
+                if self.fields
+                else {}
+            ),
         }
 
 
@@ -181,6 +216,25 @@ def _encode_jpeg(rgb: np.ndarray, side: int | None = None) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def _box_view(cell: CellCall, margin: float = 0.25) -> np.ndarray:
+    """The part of a cell's field around its box (square, ``margin`` of its side each way)."""
+    from marrowscope.preprocess.fields import MAX_FIELD_PIXELS
+    from marrowscope.utils.image import decode_image, read_file_bytes
+
+    data = read_file_bytes(cell.path)
+    rgb = decode_image(data, cell.path, max_pixels=MAX_FIELD_PIXELS, what="field")
+    assert cell.box is not None
+    x0, y0, x1, y1 = cell.box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    h, w = rgb.shape[:2]
+    a, b = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
+    c, d = min(w, round(cx + side / 2)), min(h, round(cy + side / 2))
+    if c <= a or d <= b:
+        return rgb
+    return np.ascontiguousarray(rgb[b:d, a:c])
 
 
 def _safe(name: str) -> str:
@@ -215,7 +269,7 @@ class _Pictures:
 
     def thumb(self, folder: str, cell: CellCall, side: int = 160) -> str | None:
         try:
-            rgb = read_image(cell.path)
+            rgb = read_image(cell.path) if cell.box is None else _box_view(cell)
         except ImageReadError:
             return None
         return self.add(folder, Path(cell.rel).stem, _encode_jpeg(rgb, side))
@@ -234,15 +288,27 @@ class _Pictures:
 def _cells_csv(result: CountResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
+    boxes = bool(result.fields)
+    where = ["field", "x_min", "y_min", "x_max", "y_max", "um_per_px"] if boxes else []
     w.writerow(
-        ["file", "path", "predicted", "confidence", "bin", *(f"p_{c}" for c in result.classes)]
+        ["file", "path", *where, "predicted", "confidence", "bin"]
+        + [f"p_{c}" for c in result.classes]
         + ["error"]
     )
     for c in result.cells:
+        at = []
+        if boxes:
+            b = c.box or (math.nan,) * 4
+            at = [
+                c.field_rel or "",
+                *(f"{v:.1f}" for v in b),
+                "" if c.um_per_px is None else f"{c.um_per_px:.5f}",
+            ]
         w.writerow(
             [
                 c.rel,
                 c.path,
+                *at,
                 c.predicted,
                 f"{c.confidence:.6f}",
                 "counted" if c.identified else "unidentified",
@@ -251,7 +317,8 @@ def _cells_csv(result: CountResult) -> str:
             ]
         )
     for path, err in result.unreadable:
-        w.writerow(["", path, "", "", "unreadable", *([""] * len(result.classes)), err])
+        blank = [""] * len(where)
+        w.writerow(["", path, *blank, "", "", "unreadable", *([""] * len(result.classes)), err])
     return buf.getvalue()
 
 
@@ -336,14 +403,53 @@ def write_count_outputs(
     except BaseException:
         pics.abort()
         raise
+    paths: dict[str, Path] = {}
+    if result.fields:
+        fields = _field_files(result, out)
+        report_data["fields"] = [f.to_dict() for f in fields]
+        data["fields"] = report_data["fields"]
+        paths.update(
+            write_detect_outputs(fields, out, classes=result.classes, settings=result.detector)
+        )
     json_data = dict(data)
     json_data["outputs"] = {"report": "report.html", "cells_csv": "cells.csv"}
+    if result.fields:
+        json_data["outputs"].update(
+            {
+                "detections_csv": "detections.csv",
+                "fields_csv": "fields.csv",
+                "overlays": "overlays/",
+            }
+        )
     json_path = out / "count.json"
     atomic_write_json(json_path, _finite(json_data))
     csv_path = out / "cells.csv"
     atomic_write(csv_path, lambda p: p.write_text(_cells_csv(result), encoding="utf-8", newline=""))
     report = write_count_report(report_data, out / "report.html")
-    return {"report": report, "json": json_path, "csv": csv_path, "cells": out / CELLS_DIR}
+    return {"report": report, "json": json_path, "csv": csv_path, "cells": out / CELLS_DIR, **paths}
+
+
+def _field_files(result: CountResult, out: Path) -> list[FieldOutcome]:
+    """Draw each field's overlay (boxes with class and confidence); the fields with its path."""
+    from dataclasses import replace
+
+    from marrowscope.preprocess.fields import MAX_FIELD_PIXELS
+    from marrowscope.utils.image import decode_image, read_file_bytes
+
+    done = []
+    for n, f in enumerate(result.fields):
+        rel = overlay_name(n, f.path)
+        try:
+            rgb = decode_image(
+                read_file_bytes(f.path), f.path, max_pixels=MAX_FIELD_PIXELS, what="field"
+            )
+        except ImageReadError:
+            done.append(f)  # changed on disk since it was counted
+            continue
+        note = None if f.cells else "no white cell found"
+        write_overlay(out / rel, draw_overlay(rgb, f.cells, classes=result.classes, note=note))
+        done.append(replace(f, overlay=rel))
+    return done
 
 
 def _finite(obj: Any) -> Any:

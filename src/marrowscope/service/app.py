@@ -333,7 +333,10 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
 
                 assert settings.checkpoint is not None
                 pred = Predictor.from_checkpoint(
-                    settings.checkpoint, device=settings.device, batch_size=settings.batch_size
+                    settings.checkpoint,
+                    device=settings.device,
+                    backend=settings.backend,
+                    batch_size=settings.batch_size,
                 )
             model = ModelHandle(pred)
             store = ImageStore(settings.data_dir)

@@ -45,6 +45,8 @@ class Settings:
             ``postgresql+psycopg://user:pass@host/db``.
         secret_key: cookie-signing key; default read from (or created in) ``data_dir``.
         device: ``auto``, ``cpu`` or ``cuda`` for the model.
+        backend: ``torch``, ``onnx`` or ``int8`` (the model's exported copy; Grad-CAM needs
+            ``torch``).
         batch_size: images per forward pass of the background classifier.
         threshold: top probability below which a cell goes to the unidentified bin.
         hac_min_percent: hairy-cell flag percentage rule (as ``marrowscope count``).
@@ -85,6 +87,7 @@ class Settings:
     database_url: str | None = None
     secret_key: str | None = field(default=None, repr=False)
     device: str = "auto"
+    backend: str = "torch"
     batch_size: int = 32
     threshold: float = DEFAULT_THRESHOLD
     hac_min_percent: float = DEFAULT_HAC_MIN_PERCENT

@@ -59,7 +59,7 @@ class ModelInfo:
         marrowscope_version: the marrowscope version that wrote the bundle.
         classes: class names in index order.
         input_size: pixels.
-        backend: ``torch`` or ``onnx``.
+        backend: ``torch``, ``onnx`` or ``int8``.
         checkpoint: the bundle path (empty for an in-memory model).
     """
 
@@ -93,7 +93,13 @@ def _weights_digest(predictor: Predictor) -> str:
     ckpt = getattr(predictor, "checkpoint", None)
     if ckpt:
         p = Path(ckpt)
-        for candidate in (p / WEIGHTS_NAME, getattr(predictor, "onnx_path_", None), p):
+        candidates = (
+            p / WEIGHTS_NAME,
+            getattr(predictor, "onnx_path_", None),
+            getattr(predictor, "int8_path_", None),
+            p,
+        )
+        for candidate in candidates:
             if candidate is not None and Path(candidate).is_file():
                 return file_sha256(candidate)
     h = hashlib.sha256()
@@ -141,7 +147,7 @@ class ModelHandle:
         ``target_class``).
 
         Raises:
-            ExplainError: the model cannot be explained (ONNX backend, unknown class).
+            ExplainError: the model cannot be explained (ONNX or int8 backend, unknown class).
             ImageReadError: the image cannot be read.
         """
         from PIL import Image

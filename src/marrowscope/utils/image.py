@@ -112,14 +112,28 @@ def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def decode_image(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
+def decode_image(
+    data: bytes,
+    name: str | Path = "<bytes>",
+    *,
+    max_pixels: int | None = None,
+    what: str = "image",
+) -> np.ndarray:
     """Decode encoded image bytes to RGB uint8 (see module contract).
+
+    Args:
+        data: the encoded bytes.
+        name: the file (for messages).
+        max_pixels: largest accepted width x height (``None``: :data:`MAX_PIXELS`).
+        what: ``"image"`` (a cell crop) or ``"field"`` (a whole field of view): the advice given
+            for an oversized one differs.
 
     Raises:
         ImageReadError: empty, not an image, truncated/corrupt, or too many pixels.
     """
     from PIL import Image, UnidentifiedImageError
 
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if len(data) == 0:
         raise ImageReadError(
             name, "file is empty (0 bytes); remove it or replace it with the image"
@@ -129,11 +143,16 @@ def decode_image(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             w, h = im.size
-            if w * h > MAX_PIXELS:
+            if w * h > limit:
+                advice = (
+                    "cut it into smaller fields first"
+                    if what == "field"
+                    else "crop single cells before classifying"
+                )
                 raise ImageReadError(
                     name,
-                    f"image is {w}x{h} = {w * h:,} pixels, above the {MAX_PIXELS:,} limit "
-                    "(possible decompression bomb); crop single cells before classifying",
+                    f"{what} is {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
+                    f"(possible decompression bomb); {advice}",
                 )
             high_depth = _is_high_depth_colour(im)
             im.load()  # full decode: raises on truncated data

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,72 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def old_folder(directory: Path) -> Path:
+    """Where :func:`atomic_folder` parks the previous version of ``directory`` (``DIR.old``)
+    while it renames the new one in; a crash in between leaves only this folder."""
+    return directory.with_name(f"{directory.name}.old")
+
+
+def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_folder)``, then put ``tmp_folder`` in place of ``directory``.
+
+    The new folder is filled in a hidden sibling (``.DIR.tmp-XXXXXXXX``); then an existing
+    ``directory`` is renamed to ``DIR.old``, the new folder renamed to ``directory`` and
+    ``DIR.old`` deleted. A crash therefore leaves the old folder, the new one, or only
+    ``DIR.old`` (a reader may restore it: see ``marrowscope.models.bundle``), never a folder
+    with some new and some old files. Temp folders left by a crashed earlier call are removed.
+
+    Args:
+        directory: the folder to create or replace (its parent is created).
+        writer: writes every file of the new folder into the folder it is given.
+
+    Returns:
+        ``directory``.
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{directory.name}.tmp-*"):  # left by a crashed write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    old = old_folder(directory)
+    try:
+        writer(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        if directory.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -543,7 +543,7 @@ def test_uploads_in_flight_are_capped_server_wide(live_service) -> None:  # type
 
     def slow_body() -> Iterator[bytes]:
         yield head
-        release.wait(10)  # the body stays unfinished until the test lets it go
+        release.wait(30)  # the body stays unfinished until the test lets it go
         yield image.read_bytes() + b"\r\n--B--\r\n"
 
     with httpx.Client(base_url=srv.base_url, timeout=30, headers=rev) as c:
@@ -559,7 +559,7 @@ def test_uploads_in_flight_are_capped_server_wide(live_service) -> None:  # type
         for t in threads:
             t.start()
         try:
-            deadline = time.monotonic() + 3
+            deadline = time.monotonic() + 20  # generous: a loaded 2-core machine is slow to start
             while True:  # until the server has taken both slow uploads in
                 r = c.post(f"/api/samples/{sid}/cells", content=head, headers=ctype)
                 if r.status_code == 503 or time.monotonic() > deadline:
@@ -579,7 +579,7 @@ def test_uploads_in_flight_are_capped_server_wide(live_service) -> None:  # type
         finally:
             release.set()
             for t in threads:
-                t.join(10)
+                t.join(30)
         assert answers == [201, 201]
         files = [("files", (image.name, image.read_bytes(), "image/jpeg"))]
         r = c.post(f"/api/samples/{sid}/cells", files=files)

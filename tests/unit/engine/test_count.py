@@ -215,7 +215,9 @@ def test_write_count_outputs(tmp_path: Path) -> None:
 
 
 def test_engine_count_keeps_its_entry_points() -> None:
-    """The CLI imports count_sample and write_count_outputs from engine.count; one error class."""
+    """The CLI imports count_sample, count_fields (``count --fields``), field_like_images (the
+    check that single-cell images are not whole fields) and write_count_outputs from
+    engine.count; one error class."""
     import marrowscope.engine.count as engine_count
 
     assert engine_count.write_count_outputs is write_count_outputs
@@ -223,6 +225,8 @@ def test_engine_count_keeps_its_entry_points() -> None:
     assert set(engine_count.__all__) == {
         "CountError",
         "CountResult",
+        "count_fields",
         "count_sample",
+        "field_like_images",
         "write_count_outputs",
     }

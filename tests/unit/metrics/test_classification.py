@@ -257,3 +257,31 @@ def test_paired_comparison_counts_discordant_images_and_brackets_the_difference(
     assert r["mcnemar_p"] < 1e-6
     same = paired_comparison(y, a, a, ["x", "y", "z"], n_boot=50)
     assert same["difference"] == 0 and same["mcnemar_p"] == 1.0
+
+
+def test_paired_comparison_shortcut_matches_resampling_the_images() -> None:
+    """The multinomial draw of joint (true, A, B) tables has the distribution of the naive
+    paired bootstrap (resample images, score A and B on the same resample)."""
+    from marrowscope.metrics.classification import paired_comparison
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 200)
+    a = np.where(rng.random(200) < 0.7, y, (y + 1) % 3)
+    b = np.where(rng.random(200) < 0.8, y, (y + 2) % 3)
+    classes = ["x", "y", "z"]
+
+    def macro_f1(t: np.ndarray, p: np.ndarray) -> float:  # as classification_metrics
+        return float(_accuracy_macro_f1(np.bincount(t * 3 + p, minlength=9).reshape(3, 3))[1])
+
+    naive = np.empty(3000)
+    for i in range(naive.size):
+        idx = rng.integers(0, y.size, y.size)
+        naive[i] = macro_f1(y[idx], b[idx]) - macro_f1(y[idx], a[idx])
+    fast = paired_comparison(y, a, b, classes, n_boot=3000)
+    lo, hi = fast["difference_ci95"]
+    assert lo == pytest.approx(np.percentile(naive, 2.5), abs=0.012)
+    assert hi == pytest.approx(np.percentile(naive, 97.5), abs=0.012)
+    assert fast["difference"] == pytest.approx(
+        classification_metrics(y, b, classes)["macro_f1"]
+        - classification_metrics(y, a, classes)["macro_f1"]
+    )

@@ -1,0 +1,207 @@
+"""A config's split manifest, and the training/validation split a checkpoint bundle was made from.
+
+:func:`manifest_rows` turns an experiment config into its split manifest (read from
+``data.manifest`` or built by scanning ``data.root``; deterministic given the seed), as training
+does. :func:`recorded_split` finds the split of a trained bundle, for the int8 export's
+calibration (training images) and accuracy guard (validation images):
+
+1. ``RUN_DIR/split.csv``, which training writes next to ``RUN_DIR/best`` and ``RUN_DIR/last``;
+2. else the split re-derived from the resolved config stored in the bundle (``config.data``:
+   root or manifest, classes, caps, split fractions, seed), checked against the per-class counts
+   the bundle recorded at training time (``train_counts``, ``metrics.val_per_class``), so a data
+   folder that changed since training is refused instead of silently mixing training images
+   into the validation set. The shipped models take this path (they record no ``split.csv``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from marrowscope.config import ConfigError, ExperimentConfig, from_dict
+from marrowscope.data import DataError
+from marrowscope.data.manifest import ManifestRow, build_manifest, class_rng, read_manifest
+from marrowscope.data.sample import resolve_root
+from marrowscope.data.scan import scan_folder
+from marrowscope.data.split import assign_splits
+from marrowscope.metadata import BundleMetadata
+
+__all__ = ["SPLIT_FILE", "RecordedSplit", "manifest_rows", "recorded_split", "stratified_subset"]
+
+SPLIT_FILE = "split.csv"
+"""The split manifest training writes into the run folder (the bundle's parent folder)."""
+
+_FIX = "pass labelled cells explicitly (--calibrate DIR for calibration, --guard-data DIR for the guard)"
+
+
+def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[ManifestRow]:
+    """The split manifest for ``cfg``: read from ``data.manifest`` or built by scanning ``data.root``."""
+    d = cfg.data
+    if d.manifest:
+        rows = read_manifest(Path(d.manifest), group_column=d.split.group_column)
+        if d.classes:
+            wanted = set(d.classes)
+            missing = [c for c in d.classes if c not in {r.label for r in rows}]
+            if missing:
+                raise DataError(
+                    f"class {missing[0]} is in data.classes but not in manifest {d.manifest}; "
+                    "remove it from data.classes"
+                )
+            rows = [r for r in rows if r.label in wanted]
+            order = {c: i for i, c in enumerate(d.classes)}
+            rows.sort(key=lambda r: (order[r.label], r.path))
+    elif d.root:
+        scan = scan_folder(resolve_root(d.root), check_images=False, progress=progress)
+        rows = build_manifest(
+            scan,
+            classes=d.classes,
+            max_per_class=d.max_per_class,
+            min_per_class=d.min_per_class,
+            seed=cfg.seed,
+        )
+    else:
+        raise DataError(
+            "the config names no data: set data.root (a folder per class) or data.manifest"
+        )
+    if all(r.split is not None for r in rows):
+        return rows
+    return assign_splits(
+        rows,
+        val=d.split.val,
+        test=d.split.test,
+        seed=cfg.seed,
+        grouped=d.split.group_column is not None,
+    )
+
+
+@dataclass(frozen=True)
+class RecordedSplit:
+    """The images a bundle was trained and validated on.
+
+    Attributes:
+        rows: manifest rows (absolute path, label, split) of the bundle's classes.
+        source: where the split came from, in words (a file, or the re-derived config data).
+    """
+
+    rows: list[ManifestRow]
+    source: str
+
+    def split(self, name: str) -> list[ManifestRow]:
+        """The rows of one split (``train``, ``val`` or ``test``)."""
+        return [r for r in self.rows if r.split == name]
+
+
+def _expected_counts(meta: BundleMetadata) -> dict[str, dict[str, int]]:
+    """Per-class image counts the bundle recorded at training time, per split."""
+    out: dict[str, dict[str, int]] = {}
+    if meta.train_counts:
+        out["train"] = {str(k): int(v) for k, v in meta.train_counts.items()}
+    per_class: Any = (meta.metrics or {}).get("val_per_class")
+    if isinstance(per_class, dict):
+        val = {
+            str(c): int(v["support"])
+            for c, v in per_class.items()
+            if isinstance(v, dict) and isinstance(v.get("support"), int)
+        }
+        if val:
+            out["val"] = val
+    return out
+
+
+def _check_counts(rows: list[ManifestRow], meta: BundleMetadata, where: str) -> None:
+    for split, want in _expected_counts(meta).items():
+        got = Counter(r.label for r in rows if r.split == split)
+        diff = {c: (got.get(c, 0), n) for c, n in want.items() if got.get(c, 0) != n}
+        if diff:
+            detail = ", ".join(f"{c} {g} (recorded {n})" for c, (g, n) in sorted(diff.items()))
+            raise DataError(
+                f"the {split} split re-derived from {where} differs from what the bundle recorded "
+                f"at training time: {detail}; the data changed since training, so its validation "
+                f"images may have been trained on; {_FIX}"
+            )
+
+
+def recorded_split(bundle_dir: Path | None, meta: BundleMetadata) -> RecordedSplit:
+    """The training/validation split of a bundle (see the module docstring for the order).
+
+    Args:
+        bundle_dir: the bundle folder (``None``: a model without one; only the config is used).
+        meta: the bundle's metadata.
+
+    Raises:
+        DataError: no split can be found, its data folder is missing, or the re-derived split
+            does not match the counts recorded at training time; the message names the files and
+            the fix (pass ``--calibrate`` / ``--guard-data``).
+    """
+    classes = set(meta.classes)
+    if bundle_dir is not None:
+        split_csv = Path(bundle_dir).parent / SPLIT_FILE
+        if split_csv.is_file():
+            cfg_split = ((meta.config or {}).get("data") or {}).get("split") or {}
+            rows = read_manifest(split_csv, group_column=cfg_split.get("group_column"))
+            rows = [r for r in rows if r.label in classes]
+            return RecordedSplit(rows=rows, source=str(split_csv))
+    data = (meta.config or {}).get("data") or {}
+    if not (data.get("root") or data.get("manifest")):
+        raise DataError(
+            f"{bundle_dir or 'the model'} records no training split (no {SPLIT_FILE} next to it, "
+            f"no data.root or data.manifest in its config); {_FIX}"
+        )
+    try:
+        cfg = from_dict(dict(meta.config or {}))
+    except ConfigError as e:
+        raise DataError(f"the config stored in {bundle_dir} cannot be read ({e}); {_FIX}") from None
+    where = (
+        f"data.manifest {cfg.data.manifest}" if cfg.data.manifest else f"data.root {cfg.data.root}"
+    )
+    target = cfg.data.manifest or cfg.data.root
+    if target and not str(target).startswith("builtin:") and not Path(target).expanduser().exists():
+        raise DataError(
+            f"the bundle was trained on {where}, which does not exist here (relative paths are "
+            f"taken from the current folder, {Path.cwd()}); run from the folder training ran in, "
+            f"or {_FIX}"
+        )
+    rows = manifest_rows(cfg, progress=False)
+    rows = [r for r in rows if r.label in classes]
+    _check_counts(rows, meta, where)
+    seed = cfg.seed
+    return RecordedSplit(
+        rows=rows,
+        source=f"{where}, split re-derived from the bundle's config (seed {seed}, val "
+        f"{cfg.data.split.val:g}) and checked against the counts recorded at training time",
+    )
+
+
+def stratified_subset(rows: list[ManifestRow], n: int, *, seed: int = 0) -> list[ManifestRow]:
+    """At most ``n`` rows, each class represented in proportion to its size (at least one image
+    per class while ``n`` allows), drawn with a per-class seeded generator; input order kept.
+
+    Proportional allocation by largest remainder: class ``c`` with ``n_c`` of ``N`` rows gets
+    ``floor(n * n_c / N)`` rows, and the classes with the largest fractional parts get one more
+    until ``n`` are taken.
+    """
+    if n >= len(rows):
+        return list(rows)
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_class.setdefault(r.label, []).append(i)
+    total = len(rows)
+    exact = {c: n * len(idx) / total for c, idx in by_class.items()}
+    quota = {c: max(1 if n >= len(by_class) else 0, int(q)) for c, q in exact.items()}
+    rest = sorted(by_class, key=lambda c: (-(exact[c] - int(exact[c])), c))
+    i = 0
+    while sum(quota.values()) < n and rest:
+        c = rest[i % len(rest)]
+        if quota[c] < len(by_class[c]):
+            quota[c] += 1
+        i += 1
+    while sum(quota.values()) > n:  # the at-least-one rule overshot: trim the largest
+        c = max(quota, key=lambda k: (quota[k], k))
+        quota[c] -= 1
+    keep: list[int] = []
+    for c, idx in by_class.items():
+        pick = class_rng(seed, c).permutation(len(idx))[: quota[c]]
+        keep.extend(idx[j] for j in pick)
+    return [rows[i] for i in sorted(keep)]

@@ -1,0 +1,119 @@
+"""The int8 backend's runtime: an OpenVINO model exported by ``marrowscope export --format int8``.
+
+An int8 export is a folder (default ``CHECKPOINT/int8``; for a shipped model
+``$MARROWSCOPE_CACHE/int8/NAME``, since the package folder may be read-only) holding
+``model.xml`` + ``model.bin`` (the OpenVINO IR of the statically quantised network: input
+``images``, float32 NCHW RGB in [0, 1] with a dynamic batch axis, normalisation inside; output
+``logits``) and ``metadata.json`` (the bundle's metadata plus an ``int8`` section: runtime
+versions, calibration images, the accuracy guard's numbers and the SHA-256 of the weights it was
+made from).
+
+OpenVINO is an optional dependency (``pip install 'marrowscope[int8]'``); importing this module
+does not need it, running a model does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marrowscope.models.bundle import BundleError, pretrained_index
+from marrowscope.preprocess.cache import default_cache_root
+
+__all__ = [
+    "INSTALL_HINT",
+    "INT8_DIR",
+    "INT8_XML",
+    "INT8_BIN",
+    "OpenVINORunner",
+    "default_int8_dir",
+    "import_openvino",
+]
+
+INT8_DIR = "int8"
+"""Name of the int8 export folder inside a checkpoint bundle folder."""
+INT8_XML = "model.xml"
+INT8_BIN = "model.bin"
+INSTALL_HINT = "pip install 'marrowscope[int8]'"
+"""How to get the optional int8 runtime (OpenVINO) and quantiser (NNCF)."""
+
+
+class RuntimeMissingError(BundleError):
+    """The optional int8 runtime is not installed; the message says how to install it."""
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module.
+
+    Raises:
+        RuntimeMissingError: OpenVINO is not installed (names the install command).
+    """
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeMissingError(
+            f"the int8 backend runs on OpenVINO, which is not installed: {INSTALL_HINT} "
+            "(or use --backend torch / onnx)"
+        ) from None
+    return openvino
+
+
+def default_int8_dir(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where ``marrowscope export CHECKPOINT --format int8`` writes by default, and where the
+    int8 backend looks: ``CHECKPOINT/int8`` for a bundle folder, ``$MARROWSCOPE_CACHE/int8/NAME``
+    (default ``~/.cache/marrowscope/int8/NAME``) for a shipped model's name."""
+    p = Path(checkpoint).expanduser()
+    if not p.exists() and len(p.parts) == 1 and p.name in pretrained_index():
+        return default_cache_root() / INT8_DIR / p.name
+    return p / INT8_DIR
+
+
+class OpenVINORunner:
+    """Runs an OpenVINO model on the CPU: ``(N, 3, S, S)`` float32 in [0, 1] -> ``(N, K)`` logits.
+
+    The model is compiled for latency (one stream, ``threads`` threads, fp32 for the layers
+    left in float), which for the batch sizes of ``predict`` (16-64) is what measured fastest
+    (docs/benchmarks.md).
+
+    Args:
+        xml: the ``model.xml`` file (``model.bin`` next to it).
+        threads: inference threads.
+
+    Raises:
+        RuntimeMissingError: OpenVINO is not installed.
+        BundleError: the files cannot be read or compiled (names the file and the fix).
+    """
+
+    def __init__(self, xml: Path, *, threads: int) -> None:
+        ov = import_openvino()
+        core = ov.Core()
+        try:
+            model = core.read_model(str(xml))
+            self._compiled = core.compile_model(
+                model,
+                "CPU",
+                {
+                    "INFERENCE_NUM_THREADS": max(1, int(threads)),
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "NUM_STREAMS": 1,
+                    "INFERENCE_PRECISION_HINT": "f32",
+                },
+            )
+        except Exception as e:
+            raise BundleError(
+                f"{xml}: cannot load the OpenVINO model ({type(e).__name__}: {str(e)[:300]}); "
+                "the export is damaged or from another OpenVINO version; export it again with: "
+                "marrowscope export CHECKPOINT --format int8"
+            ) from None
+        self._request = self._compiled.create_infer_request()
+        self.input_shape: list[int] = [
+            -1 if d.is_dynamic else d.get_length() for d in self._compiled.input(0).partial_shape
+        ]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``(N, K)`` float32 (a copy: the next call reuses the runtime's buffers)."""
+        out = self._request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(out[self._compiled.output(0)], dtype=np.float32, copy=True)

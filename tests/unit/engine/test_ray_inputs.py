@@ -1,0 +1,117 @@
+"""The Ray engine's inputs, decode stage and error messages, without starting Ray."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from marrowscope.cli.main import app
+from marrowscope.config import PreprocessConfig
+from marrowscope.engine import ray_predict
+from marrowscope.engine.ray_predict import RayEngineError, decode_batch, expand_inputs
+
+runner = CliRunner()
+
+
+def test_folders_globs_manifests_and_uris_expand_to_images(
+    cell_files: list[Path], tmp_path: Path
+) -> None:
+    folder = cell_files[0].parent
+    (tmp_path / "m").mkdir()
+    csv = tmp_path / "m" / "list.csv"
+    csv.write_text("path,label\n../cell_files/cell_0.jpg,AAA\n" + f"{cell_files[1]},BBB\n")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    parquet = tmp_path / "m" / "list.parquet"
+    pq.write_table(pa.table({"path": [str(cell_files[2])]}), parquet)
+    got = expand_inputs([str(csv), str(parquet), str(folder / "*_3.*"), folder.as_uri()])
+    local = [str(p) for p in cell_files]
+    uris = sorted(p.absolute().as_uri() for p in cell_files)
+    # relative manifest paths are relative to the manifest's folder
+    assert got[0] == str((tmp_path / "m" / ".." / "cell_files" / "cell_0.jpg").absolute())
+    assert got[1:4] == [local[1], local[2], local[3]]
+    assert got[4:] == uris  # every image below the file:// folder, through pyarrow.fs
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("path\n", "lists no path"), ("file,label\nx.jpg,A\n", "needs a 'path' column")],
+)
+def test_bad_manifests_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(RayEngineError, match=message):
+        expand_inputs([str(manifest)])
+
+
+def test_bad_uris_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(RayEngineError, match="pyarrow.fs cannot open"):
+        expand_inputs(["nosuch://bucket/cells"])
+    with pytest.raises(RayEngineError, match="no such file or folder"):
+        expand_inputs([(tmp_path / "missing").as_uri()])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RayEngineError, match="no image files"):
+        expand_inputs([(tmp_path / "empty").as_uri()])
+
+
+def test_decode_stage_turns_bad_files_into_error_rows(
+    cell_files: list[Path], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 nope")
+    paths = [str(cell_files[0]), str(bad), (tmp_path / "gone.png").as_uri(), cell_files[1].as_uri()]
+    out = decode_batch(
+        {"path": np.asarray(paths, dtype=object)}, cfg=PreprocessConfig(size=16), size=16
+    )
+    assert out["image"].shape == (4, 16, 16, 3) and out["image"].dtype == np.uint8
+    errors = list(out["error"])
+    assert errors[0] == "" and errors[3] == ""
+    assert "bad.jpg" in errors[1] and "gone.png: file not found" in errors[2]
+    assert not out["image"][1].any() and out["image"][3].any()
+
+
+def test_ray_engine_output_must_be_a_new_parquet_folder(tmp_path: Path) -> None:
+    with pytest.raises(RayEngineError, match="folder of Parquet files"):
+        ray_predict._check_out(str(tmp_path / "p.csv"), None)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(RayEngineError, match="already exists"):
+        ray_predict._check_out(str(tmp_path / "full"), None)
+    ray_predict._check_out(str(tmp_path / "new.parquet"), None)
+    # through Ray Client the cluster writes: a local path of this machine would be wrong
+    with pytest.raises(RayEngineError, match="Ray Client"):
+        ray_predict._check_out(str(tmp_path / "new.parquet"), "ray://head:10001")
+    ray_predict._check_out("s3://bucket/preds/", "ray://head:10001")
+
+
+def test_without_ray_the_engine_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path, cell_files: list[Path], tmp_path: Path
+) -> None:
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    res = runner.invoke(
+        app,
+        ["predict", str(tiny_bundle), str(cell_files[0].parent), "--engine", "ray"]
+        + ["--out", str(tmp_path / "p")],
+    )
+    assert res.exit_code == 2
+    assert "pip install 'marrowscope[ray]'" in res.output
+    bad = runner.invoke(
+        app, ["predict", str(tiny_bundle), str(cell_files[0]), "--address", "auto", "-o", "x.csv"]
+    )
+    words = " ".join(bad.output.replace("│", " ").split())  # the usage box wraps the message
+    assert bad.exit_code == 2 and "need --engine ray" in words

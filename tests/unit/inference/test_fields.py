@@ -1,0 +1,156 @@
+"""Whole fields through the shipped detector (wbc1): real field-dev fields, every input kind,
+an empty field, huge and tiled fields, crops given as fields, and classification at scale."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from field_samples import ANNOTATED, BCCD, EMPTY, PBC, field
+from PIL import Image
+
+from marrowscope.inference import fields as fields_mod
+from marrowscope.inference.fields import (
+    FieldDetector,
+    FieldError,
+    analyze_field,
+    cell_crop,
+    crop_spec,
+    load_field,
+)
+from marrowscope.utils.boxes import box_iou
+
+MATEK = Path(__file__).resolve().parents[3] / "src" / "marrowscope" / "sample_data" / "bm"
+
+
+@pytest.fixture(scope="module")
+def detector() -> FieldDetector:
+    return FieldDetector.from_pretrained()
+
+
+@pytest.mark.parametrize("path", ANNOTATED, ids=lambda p: p.name[:8])
+def test_every_white_cell_is_found_and_nothing_else(detector: FieldDetector, path: Path) -> None:
+    rgb, boxes, _ = field(path)
+    found = detector.detect(rgb)
+    assert len(found) == len(boxes[0])
+    assert (box_iou(found.boxes, boxes[0]).max(axis=0) >= 0.5).all()
+    assert found.scale.source == "ruler" and found.method == "wbc1" and found.warnings == ()
+    assert ((found.scores >= detector.min_score_) & (found.scores <= 1)).all()
+    assert (found.boxes[:, [0, 1]] >= 0).all()
+    assert (found.boxes[:, 2] <= found.width).all() and (found.boxes[:, 3] <= found.height).all()
+
+
+def test_a_field_without_white_cells_gives_zero(detector: FieldDetector) -> None:
+    found = detector.detect(EMPTY)
+    assert len(found) == 0 and found.boxes.shape == (0, 4) and found.warnings == ()
+
+
+def test_every_input_kind_gives_the_same_cells(detector: FieldDetector) -> None:
+    path = ANNOTATED[-1]
+    rgb = load_field(path)
+    want = detector.detect(rgb).boxes
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    deep = rgb.astype(np.uint16) * 257  # 16-bit
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    for image in (path, str(path), buf.getvalue(), Image.fromarray(rgb), rgba, deep):
+        np.testing.assert_allclose(detector.detect(image).boxes, want, atol=1e-6)
+
+
+def test_a_grayscale_field_is_processed_with_a_warning(detector: FieldDetector) -> None:
+    gray = np.asarray(Image.open(ANNOTATED[0]).convert("L"))
+    found = detector.detect(gray)
+    assert found.width == gray.shape[1] and any("grayscale" in w for w in found.warnings)
+
+
+def test_a_given_scale_is_used_and_recorded(detector: FieldDetector) -> None:
+    rgb, boxes, _ = field(ANNOTATED[0])
+    measured = detector.detect(rgb).scale.um_per_px
+    found = detector.detect(rgb, um_per_px=measured)
+    assert found.scale.source == "given" and found.scale.um_per_px == measured
+    assert (box_iou(found.boxes, boxes[0]).max(axis=0) >= 0.5).all()
+    with pytest.raises(FieldError, match="plausible"):
+        detector.detect(rgb, um_per_px=50.0)
+
+
+def test_a_huge_field_is_refused_with_the_limit_named(
+    detector: FieldDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    array = load_field(ANNOTATED[0])  # 360 x 363 = 130,680 pixels
+    monkeypatch.setattr(fields_mod, "MAX_FIELD_PIXELS", 100_000)
+    with pytest.raises(FieldError, match=r"130,680 pixels, above the 100,000 limit.*cut it into"):
+        detector.detect(ANNOTATED[0])  # a file: refused before it is decoded
+    with pytest.raises(FieldError, match=r"130,680 pixels, above the limit of 100,000 pixels"):
+        detector.detect(array)
+
+
+def test_a_large_field_is_cut_into_tiles_and_merged(
+    detector: FieldDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rgb, boxes, _ = field(BCCD)  # one white cell near the centre
+    h, w = rgb.shape[:2]
+    mosaic = np.vstack([np.hstack([rgb, rgb]), np.hstack([rgb, rgb])])
+    truth = np.vstack([boxes[0] + [dx, dy, dx, dy] for dy in (0, h) for dx in (0, w)])
+    whole = detector.detect(mosaic)
+    monkeypatch.setattr(fields_mod, "TILE_SIDE", 256)
+    monkeypatch.setattr(fields_mod, "TILE_OVERLAP", 96)
+    tiled = detector.detect(mosaic)
+    assert whole.tiles == 1 and tiled.tiles > 1
+    for found in (whole, tiled):
+        assert len(found) == 4
+        assert (box_iou(found.boxes, truth).max(axis=0) >= 0.5).all()
+
+
+def test_a_single_cell_crop_given_as_a_field_is_flagged(detector: FieldDetector) -> None:
+    crops = sorted((MATEK / "LYT").glob("*.jpg"))[:3]
+    flagged = [any("single-cell crop" in w for w in detector.detect(p).warnings) for p in crops]
+    assert any(flagged)
+
+
+def test_the_classical_detector_has_the_same_interface() -> None:
+    det = FieldDetector.load("classical")
+    rgb, boxes, _ = field(BCCD)
+    found = det.detect(rgb)
+    assert found.method == "classical" and len(found) == 1
+    assert box_iou(found.boxes, boxes[0]).max() >= 0.5
+
+
+def test_cells_are_cut_at_the_classifiers_scale_and_classified() -> None:
+    from marrowscope.inference.predictor import Predictor
+
+    pred = Predictor.from_pretrained("pbc6", device="cpu", tta="none")
+    spec = crop_spec(pred)
+    assert (spec.side_px, spec.um_per_px) == (360, pytest.approx(0.088))
+    pbc = PBC
+    result = analyze_field(pbc, FieldDetector.from_pretrained(), pred)
+    assert len(result.cells) == 1 and result.crop == spec
+    cell = result.cells[0]
+    assert cell.predicted in pred.classes_ and cell.probs.shape == (6,)
+    assert cell.confidence == pytest.approx(float(cell.probs.max()))
+    # a PBC field is at the classifier's own scale, so its crop is (nearly) the field itself
+    rgb = load_field(pbc)
+    crop = cell_crop(rgb, result.detections.boxes[0], result.detections.scale, spec)
+    assert crop.shape == (360, 360, 3)
+    assert 0.8 < result.detections.scale.um_per_px / spec.um_per_px < 1.25
+
+
+def test_unknown_or_altered_detectors_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from marrowscope.models import detector as detector_mod
+    from marrowscope.models.bundle import PRETRAINED_DIR, BundleError
+
+    with pytest.raises(BundleError, match=r"unknown detector 'nope'.*wbc1.*classical"):
+        FieldDetector.load("nope")
+    copy = tmp_path / "pretrained"
+    shutil.copytree(PRETRAINED_DIR / "wbc1", copy / "wbc1")
+    shutil.copyfile(PRETRAINED_DIR / "detectors.json", copy / "detectors.json")
+    with (copy / "wbc1" / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    monkeypatch.setattr(detector_mod, "PRETRAINED_DIR", copy)
+    with pytest.raises(BundleError, match=r"sha256 .* does not match"):
+        FieldDetector.from_pretrained("wbc1")
