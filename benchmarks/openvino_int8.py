@@ -8,9 +8,10 @@ model also run as two parallel streams of 32 images (throughput hint), and ONNX 
 int8 (QDQ, per-channel weights, same calibration images). Also reports how far each model's
 probabilities move from torch fp32 on 64 real cells.
 
-OpenVINO and NNCF are not marrowscope dependencies; install them next to it to re-run this:
+OpenVINO and NNCF are the optional extra ``marrowscope[int8]`` (issue 17 made them the int8
+backend); install them to re-run this:
 
-    pip install openvino nncf
+    pip install 'marrowscope[int8]'
     python benchmarks/openvino_int8.py [--model convnext_tiny] [--out docs/results/openvino_int8.json]
 """
 

@@ -13,3 +13,7 @@ $BIN/marrowscope benchmark "$CK" --out "$OUT/infer_demo.md"
 $BIN/marrowscope benchmark convnext_tiny --out "$OUT/infer_convnext_tiny.md"
 $BIN/python benchmarks/bench_models.py --out "$OUT/models.md"
 $BIN/python benchmarks/train_throughput.py --config configs/bm-dev.yaml --out "$OUT/train_throughput.json"
+# int8 (needs marrowscope[int8]); the Keras/TF comparison needs a separate Python with TensorFlow:
+#   $BIN/marrowscope export "$CK" --format int8
+#   $BIN/python benchmarks/keras_vs_marrowscope.py --tf-python /path/to/tfvenv/bin/python \
+#       --out "$OUT/keras_vs_marrowscope.json"

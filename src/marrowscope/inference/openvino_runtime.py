@@ -72,11 +72,14 @@ def default_int8_dir(checkpoint: str | os.PathLike[str]) -> Path:
 
 
 class OpenVINORunner:
-    """Runs an OpenVINO model on the CPU: ``(N, 3, S, S)`` float32 in [0, 1] -> ``(N, K)`` logits.
+    """Runs an OpenVINO model on the CPU: ``(N, 3, S, S)`` float32 in [0, 1] -> ``(N, K)`` logits,
+    or (:meth:`infer_uint8`) ``(N, S, S, 3)`` uint8 RGB -> logits.
 
     The model is compiled for latency (one stream, ``threads`` threads, fp32 for the layers
-    left in float), which for the batch sizes of ``predict`` (16-64) is what measured fastest
-    (docs/benchmarks.md).
+    left in float), which for the batch sizes of ``predict`` (16-64) measured as fast as two
+    streams (docs/benchmarks.md). The uint8 path converts, scales (1/255) and transposes inside
+    OpenVINO (its pre-processing step, fused with the first layer), so the decoded images go
+    to the network without a float copy on the Python side.
 
     Args:
         xml: the ``model.xml`` file (``model.bin`` next to it).
@@ -88,32 +91,59 @@ class OpenVINORunner:
     """
 
     def __init__(self, xml: Path, *, threads: int) -> None:
-        ov = import_openvino()
-        core = ov.Core()
+        self._ov = ov = import_openvino()
+        self._xml = xml
+        self._core = ov.Core()
+        self._config = {
+            "INFERENCE_NUM_THREADS": max(1, int(threads)),
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        self._float: Any = None
         try:
-            model = core.read_model(str(xml))
-            self._compiled = core.compile_model(
-                model,
-                "CPU",
-                {
-                    "INFERENCE_NUM_THREADS": max(1, int(threads)),
-                    "PERFORMANCE_HINT": "LATENCY",
-                    "NUM_STREAMS": 1,
-                    "INFERENCE_PRECISION_HINT": "f32",
-                },
-            )
+            model = self._core.read_model(str(xml))
+            self.input_shape: list[int] = [
+                -1 if d.is_dynamic else d.get_length() for d in model.input(0).partial_shape
+            ]
+            self._uint8 = self._compile(self._uint8_model(model))
         except Exception as e:
-            raise BundleError(
-                f"{xml}: cannot load the OpenVINO model ({type(e).__name__}: {str(e)[:300]}); "
-                "the export is damaged or from another OpenVINO version; export it again with: "
-                "marrowscope export CHECKPOINT --format int8"
-            ) from None
-        self._request = self._compiled.create_infer_request()
-        self.input_shape: list[int] = [
-            -1 if d.is_dynamic else d.get_length() for d in self._compiled.input(0).partial_shape
-        ]
+            raise self._load_error(e) from None
+        self._uint8_request = self._uint8.create_infer_request()
+
+    def _load_error(self, e: Exception) -> BundleError:
+        return BundleError(
+            f"{self._xml}: cannot load the OpenVINO model ({type(e).__name__}: {str(e)[:300]}); "
+            "the export is damaged or from another OpenVINO version; export it again with: "
+            "marrowscope export CHECKPOINT --format int8"
+        )
+
+    def _compile(self, model: Any) -> Any:
+        return self._core.compile_model(model, "CPU", self._config)
+
+    def _uint8_model(self, model: Any) -> Any:
+        """``model`` taking uint8 NHWC RGB: convert to f32, divide by 255, NHWC -> NCHW."""
+        ov = self._ov
+        from openvino.preprocess import PrePostProcessor
+
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).scale(255.0)
+        return ppp.build()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``(N, K)`` float32 (a copy: the next call reuses the runtime's buffers)."""
-        out = self._request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.array(out[self._compiled.output(0)], dtype=np.float32, copy=True)
+        """Logits ``(N, K)`` float32 for float NCHW input (a copy: buffers are reused)."""
+        if self._float is None:  # compiled on first use: predict only needs the uint8 path
+            try:
+                self._float = self._compile(self._core.read_model(str(self._xml)))
+            except Exception as e:
+                raise self._load_error(e) from None
+            self._float_request = self._float.create_infer_request()
+        out = self._float_request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(out[self._float.output(0)], dtype=np.float32, copy=True)
+
+    def infer_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``(N, K)`` float32 for ``(N, S, S, 3)`` uint8 RGB images."""
+        out = self._uint8_request.infer({0: np.ascontiguousarray(batch, dtype=np.uint8)})
+        return np.array(out[self._uint8.output(0)], dtype=np.float32, copy=True)

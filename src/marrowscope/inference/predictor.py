@@ -641,6 +641,8 @@ class Predictor:
 
     def _logits_uint8(self, batch: np.ndarray) -> np.ndarray:
         """``(N, S, S, 3)`` uint8 -> ``(N, K)`` logits of one view."""
+        if isinstance(self._runner, OpenVINORunner):  # uint8 in: scaled inside the graph
+            return self._runner.infer_uint8(batch)
         if self._runner is not None:
             x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
             x /= 255.0
