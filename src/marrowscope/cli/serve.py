@@ -92,6 +92,13 @@ def serve(
     secure_cookies: Annotated[
         bool, typer.Option(help="Send the login cookie over HTTPS only (behind a TLS proxy).")
     ] = False,
+    detector: Annotated[
+        str,
+        typer.Option(
+            help="Field detector for samples uploaded as whole fields of view: wbc1 (shipped), "
+            "classical, or a detector bundle folder."
+        ),
+    ] = "wbc1",
 ) -> None:
     """Start the clinician review app (web pages + JSON API) on the given checkpoint."""
 
@@ -99,11 +106,19 @@ def serve(
         import uvicorn
 
         from marrowscope.cli.main import console
+        from marrowscope.inference.fields import FieldDetector
         from marrowscope.inference.predictor import Predictor
         from marrowscope.service.app import create_app
-        from marrowscope.service.settings import Settings
+        from marrowscope.service.settings import ServiceError, Settings
 
+        try:  # checked now (it loads in a fraction of a second), not at the first field
+            FieldDetector.load(detector)
+        except Exception as e:
+            raise ServiceError(
+                f"--detector {detector}: {e}; use wbc1, classical or a detector bundle folder"
+            ) from None
         settings = Settings(
+            detector=detector,
             checkpoint=checkpoint,
             data_dir=data_dir,
             database_url=database_url,

@@ -20,14 +20,25 @@ from sqlalchemy import text
 
 import marrowscope
 from marrowscope.service import review
-from marrowscope.service.deps import DB, Editor, Model, SettingsDep, Store, Viewer, Worker
+from marrowscope.service.deps import (
+    DB,
+    DatabaseDep,
+    Editor,
+    Model,
+    SettingsDep,
+    Store,
+    Viewer,
+    Worker,
+)
 from marrowscope.service.models import Cell, Sample
 from marrowscope.service.schemas import (
     AuditEventPublic,
     CellPublic,
+    FieldPublic,
     Health,
     Me,
     ModelPublic,
+    Point,
     Prediction,
     Problem,
     Reclassify,
@@ -57,7 +68,7 @@ Limit = Annotated[
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Login required"},
     403: {"model": Problem, "description": "Not allowed (role or CSRF token)"},
-    404: {"model": Problem, "description": "No such sample or cell"},
+    404: {"model": Problem, "description": "No such sample, cell or field"},
     409: {"model": Problem, "description": "Conflict (signed sample, not ready)"},
 }
 
@@ -150,7 +161,8 @@ def get_sample(
     """One sample with its progress, differential counts and hairy-cell flag."""
     sample = review.get_sample(db, sample_id)
     cells = review.sample_cells(db, sample)
-    s = review.summary(sample, cells, model.classes, settings)
+    fields = review.sample_fields(db, sample)
+    s = review.summary(sample, cells, model.classes, settings, fields=fields)
     p = s["progress"]
     return sample_public(sample, (p["total"], p["pending"], p["total"] - p["reviewed"]), summary=s)
 
@@ -278,6 +290,122 @@ def reclassify_cells(
         {"changed": changed, "summary": review.summary(sample, cells, model.classes, settings)}
     )
     db.commit()  # the answer is built first: nothing after a commit can turn it into an error
+    return answer
+
+
+# -------------------------------------------------------------------------------------- fields
+
+
+@router.post(
+    "/samples/{sample_id}/fields", status_code=201, response_model=UploadResult, responses=ERRORS
+)
+def upload_fields(
+    sample_id: Id,
+    files: Annotated[
+        list[UploadFile], File(description="Whole fields of view and/or zip files of them.")
+    ],
+    who: Editor,
+    db: DB,
+    settings: SettingsDep,
+    store: Store,
+    worker: Worker,
+) -> UploadResult:
+    """Upload whole fields of view: the detector finds their white cells in the background and
+    each one is classified and enters review (``accepted`` lists the fields)."""
+    accepted, rejected = validate_files(
+        ((f.filename or "", f.file) for f in files), settings, fields=True
+    )
+    sample = review.get_sample(db, sample_id, lock=True)
+    added, duplicates = review.add_fields(db, who.user, sample, accepted, store)
+    answer = UploadResult.model_validate(
+        {
+            "accepted": [{"id": f.id, "name": f.original_name} for f in added],
+            "rejected": [
+                {"name": r.name, "reason": r.reason, "message": r.message}
+                for r in rejected + duplicates
+            ],
+        }
+    )
+    db.commit()
+    if added:
+        worker.notify()
+    return answer
+
+
+@router.get("/samples/{sample_id}/fields", response_model=list[FieldPublic], responses=ERRORS)
+def list_fields(sample_id: Id, who: Viewer, db: DB) -> list[FieldPublic]:
+    """The sample's fields in upload order, each with its cells' boxes."""
+    sample = review.get_sample(db, sample_id)
+    return [
+        FieldPublic.model_validate(review.field_view(f, review.field_cells(db, f)))
+        for f in review.sample_fields(db, sample)
+    ]
+
+
+@router.get("/samples/{sample_id}/fields/{field_id}", response_model=FieldPublic, responses=ERRORS)
+def get_field(sample_id: Id, field_id: Id, who: Viewer, db: DB) -> FieldPublic:
+    """One field: scale, detector, warnings and its cells' boxes (rejected ones flagged)."""
+    sample = review.get_sample(db, sample_id)
+    field = review.get_field(db, sample, field_id)
+    return FieldPublic.model_validate(review.field_view(field, review.field_cells(db, field)))
+
+
+@router.post(
+    "/samples/{sample_id}/fields/{field_id}/cells",
+    status_code=201,
+    response_model=CellPublic,
+    responses={**ERRORS, 422: {"model": Problem, "description": "A point outside the field"}},
+)
+def add_field_cell(
+    sample_id: Id,
+    field_id: Id,
+    body: Point,
+    who: Editor,
+    database: DatabaseDep,
+    db: DB,
+    model: Model,
+    settings: SettingsDep,
+    store: Store,
+    worker: Worker,
+) -> CellPublic:
+    """Add a cell the detector missed: the point (field pixels) is the cell's centre. Its crop
+    is cut at the field's scale, classified in the background, and it enters review (audited as
+    ``cell.add``)."""
+    cell = review.add_cell_at_point(
+        database, db, who.user, sample_id, field_id, (body.x, body.y), store, worker.crop_spec()
+    )
+    answer = CellPublic.model_validate(review.cell_view(cell, model.classes, settings.threshold))
+    db.commit()
+    worker.notify()
+    return answer
+
+
+@router.post(
+    "/samples/{sample_id}/cells/{cell_id}/reject", response_model=CellPublic, responses=ERRORS
+)
+def reject_cell(
+    sample_id: Id, cell_id: Id, who: Editor, db: DB, model: Model, settings: SettingsDep
+) -> CellPublic:
+    """Reject a field's cell as "not a white cell": it leaves the count (audited; undo with
+    ``restore``). Uploaded crops cannot be rejected (422)."""
+    sample = review.get_sample(db, sample_id, lock=True)
+    cell = review.reject_cell(db, who.user, sample, cell_id, rejected=True)
+    answer = CellPublic.model_validate(review.cell_view(cell, model.classes, settings.threshold))
+    db.commit()
+    return answer
+
+
+@router.post(
+    "/samples/{sample_id}/cells/{cell_id}/restore", response_model=CellPublic, responses=ERRORS
+)
+def restore_cell(
+    sample_id: Id, cell_id: Id, who: Editor, db: DB, model: Model, settings: SettingsDep
+) -> CellPublic:
+    """Take back a rejection: the cell counts again (audited)."""
+    sample = review.get_sample(db, sample_id, lock=True)
+    cell = review.reject_cell(db, who.user, sample, cell_id, rejected=False)
+    answer = CellPublic.model_validate(review.cell_view(cell, model.classes, settings.threshold))
+    db.commit()
     return answer
 
 

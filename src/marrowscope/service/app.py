@@ -41,7 +41,7 @@ from marrowscope.service.deps import (
     RoleRequired,
     find_principal,
 )
-from marrowscope.service.models import Cell
+from marrowscope.service.models import Cell, Field
 from marrowscope.service.review import AppError
 from marrowscope.service.settings import Settings
 from marrowscope.service.storage import SWEEP_GRACE_SECONDS, ImageStore
@@ -64,7 +64,9 @@ _CSP = (
 )
 
 
-_UPLOAD_ROUTES = re.compile(r"^/api/samples/[^/]+/cells$|^/samples/[^/]+/upload$|^/api/predict$")
+_UPLOAD_ROUTES = re.compile(
+    r"^/api/samples/[^/]+/(cells|fields)$|^/samples/[^/]+/upload$|^/api/predict$"
+)
 """The routes that take files (``POST``): only they accept bodies up to ``max_request_bytes``."""
 
 
@@ -293,9 +295,10 @@ def _install_handlers(app: FastAPI) -> None:
 
 def _sweep(db: Database, store: ImageStore, started: float) -> None:
     """The startup sweep: remove the files interrupted uploads left in the image store (never
-    one a cell refers to, nor one modified in the grace period before the start)."""
+    one a cell or a field refers to, nor one modified in the grace period before the start)."""
     with db.read() as s:
         referenced = set(s.scalars(select(Cell.stored_path)))
+        referenced |= set(s.scalars(select(Field.stored_path)))
     store.sweep(referenced, before=started - SWEEP_GRACE_SECONDS)
 
 
@@ -341,7 +344,9 @@ def create_app(settings: Settings, *, predictor: Predictor | None = None) -> Fas
             model = ModelHandle(pred)
             store = ImageStore(settings.data_dir)
             _sweep(db, store, started)
-            worker = ClassificationWorker(db, store, model, settings.batch_size)
+            worker = ClassificationWorker(
+                db, store, model, settings.batch_size, detector=settings.detector
+            )
             app.state.db, app.state.model, app.state.store = db, model, store
             app.state.worker = worker
             worker.start()

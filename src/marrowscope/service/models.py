@@ -37,6 +37,7 @@ __all__ = [
     "AuditEvent",
     "Base",
     "Cell",
+    "Field",
     "LoginSession",
     "Sample",
     "User",
@@ -64,6 +65,11 @@ REFERRAL_QUESTIONS = (
 CELL_PENDING = "pending"
 CELL_DONE = "done"
 CELL_ERROR = "error"
+
+ORIGIN_DETECTED = "detected"
+"""A cell found by the field detector."""
+ORIGIN_ADDED = "added"
+"""A cell a reviewer added by clicking on its field (the detector missed it)."""
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -195,8 +201,42 @@ class Sample(Base):
         return self.signed_at is not None
 
 
+class Field(Base):
+    """One uploaded whole field of view of a sample: the detector finds its white cells, each
+    of which becomes a :class:`Cell` (its crop cut at the classifier's scale).
+
+    ``status`` is ``pending`` until the detector ran (``done``) or could not (``error``, with
+    ``error`` saying why); ``found`` is how many white cells it found (0: none, said so).
+    """
+
+    __tablename__ = "fields"
+    __table_args__ = (UniqueConstraint("sample_id", "sha256", name="uq_fields_sample_id_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    stored_path: Mapped[str] = mapped_column(String(300))
+    original_name: Mapped[str] = mapped_column(String(255))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=CELL_PENDING, index=True)
+    um_per_px: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scale_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    detector: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    found: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    warnings: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    uploaded_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Cell(Base):
-    """One uploaded single-cell image of a sample, its model call and its reviewed label."""
+    """One single-cell image of a sample, its model call and its reviewed label.
+
+    A cell is an uploaded crop, or (``field_id`` set) a crop cut from a field around a box the
+    detector found (``origin`` ``detected``) or a reviewer added (``added``). A field's cell can
+    be rejected as "not a white cell" (``rejected_at``): it then leaves the count.
+    """
 
     __tablename__ = "cells"
     __table_args__ = (
@@ -222,8 +262,30 @@ class Cell(Base):
     reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     uploaded_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    field_id: Mapped[int | None] = mapped_column(ForeignKey("fields.id"), nullable=True, index=True)
+    box_x0: Mapped[float | None] = mapped_column(Float, nullable=True)
+    box_y0: Mapped[float | None] = mapped_column(Float, nullable=True)
+    box_x1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    box_y1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    detection_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    origin: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    rejected_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rejected_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
 
     reviewed_by: Mapped[User | None] = relationship(foreign_keys=[reviewed_by_id])
+
+    @property
+    def rejected(self) -> bool:
+        """True when a reviewer rejected it as not a white cell (it is not counted)."""
+        return self.rejected_at is not None
+
+    @property
+    def box(self) -> tuple[float, float, float, float] | None:
+        """``(x_min, y_min, x_max, y_max)`` in its field's pixels (``None``: not from a field)."""
+        x0, y0, x1, y1 = self.box_x0, self.box_y0, self.box_x1, self.box_y1
+        if x0 is None or y0 is None or x1 is None or y1 is None:
+            return None
+        return (x0, y0, x1, y1)
 
 
 class AuditEvent(Base):

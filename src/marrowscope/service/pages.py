@@ -1,4 +1,5 @@
-"""The HTML pages: login, samples, the review gallery, audit trail, report and user admin.
+"""The HTML pages: login, samples, the review gallery, a field of view (its cells' boxes drawn;
+reject a detection, click to add a missed cell), audit trail, report and user admin.
 
 Server-rendered Jinja2 (autoescaped) with one small script (``static/app.js``, no build step)
 for progress polling, keyboard re-classification and bulk selection; every action also works
@@ -45,8 +46,9 @@ from marrowscope.service.deps import (
     Worker,
 )
 from marrowscope.service.models import AGE_BANDS, REFERRAL_QUESTIONS, ROLES
-from marrowscope.service.schemas import Reclassify, SampleIn, SampleUpdate
+from marrowscope.service.schemas import Point, Reclassify, SampleIn, SampleUpdate
 from marrowscope.service.security import new_token, same_token
+from marrowscope.service.storage import ImageStore
 from marrowscope.service.throttle import Refusal
 from marrowscope.service.uploads import validate_files
 from marrowscope.service.web import Id, report_download
@@ -311,11 +313,18 @@ def create_sample_form(
 
 def _groups(cells: list[Any], classes: tuple[str, ...], threshold: float) -> list[dict[str, Any]]:
     by: dict[str, list[dict[str, Any]]] = {c: [] for c in classes}
-    extra: dict[str, list[dict[str, Any]]] = {"unidentified": [], "pending": [], "failed": []}
+    extra: dict[str, list[dict[str, Any]]] = {
+        "unidentified": [],
+        "pending": [],
+        "failed": [],
+        "rejected": [],
+    }
     for cell in cells:
         view = review.cell_view(cell, classes, threshold)
         label = view["label"]
-        if label:
+        if view["rejected"]:
+            extra["rejected"].append(view)
+        elif label:
             by[label].append(view)
         elif cell.status == "pending":
             extra["pending"].append(view)
@@ -340,6 +349,13 @@ def _groups(cells: list[Any], classes: tuple[str, ...], threshold: float) -> lis
         )
     groups.append({"key": "pending", "title": "Being classified", "cells": extra["pending"]})
     groups.append({"key": "failed", "title": "Model could not read", "cells": extra["failed"]})
+    groups.append(
+        {
+            "key": "rejected",
+            "title": "Rejected: not a white cell (not counted)",
+            "cells": extra["rejected"],
+        }
+    )
     return groups
 
 
@@ -349,8 +365,13 @@ def sample_page(
 ) -> HTMLResponse:
     sample = review.get_sample(db, sample_id)
     cells = review.sample_cells(db, sample)
-    summary = review.summary(sample, cells, model.classes, settings)
+    fields = review.sample_fields(db, sample)
+    summary = review.summary(sample, cells, model.classes, settings, fields=fields)
     keys = dict(zip(SHORTCUT_KEYS, model.classes, strict=False))
+    of_field: dict[int, list[Any]] = {}
+    for c in cells:
+        if c.field_id is not None:
+            of_field.setdefault(c.field_id, []).append(c)
     return render(
         request,
         "sample.html",
@@ -358,10 +379,16 @@ def sample_page(
         sample=sample,
         summary=summary,
         groups=_groups(cells, model.classes, settings.threshold),
+        fields=[review.field_view(f, of_field.get(f.id, [])) for f in fields],
         classes=model.classes,
         keys=keys,
         key_of={c: k for k, c in keys.items()},
-        blocking=review.blocking_message(sample, cells, settings.threshold),
+        blocking=review.blocking_message(
+            sample,
+            cells,
+            settings.threshold,
+            fields_pending=summary["progress"]["fields_pending"],
+        ),
         age_bands=AGE_BANDS,
         referrals=REFERRAL_QUESTIONS,
         model=model.info,
@@ -418,18 +445,34 @@ def upload_form(
     store: Store,
     worker: Worker,
     files: Annotated[list[UploadFile], File()],
+    kind: Annotated[str, Form(max_length=16)] = "cells",
 ) -> RedirectResponse:
+    """Upload cell images, or (``kind=fields``) whole fields of view whose white cells the
+    detector finds in the background."""
     with _shown_on_page(request, db, who):
-        accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
+        if kind not in ("cells", "fields"):
+            raise review.Invalid(f"upload kind {kind!r} is not cells or fields")
+        fields = kind == "fields"
+        accepted, rejected = validate_files(
+            ((f.filename or "", f.file) for f in files), settings, fields=fields
+        )
         sample = review.get_sample(db, sample_id, lock=True)
-        added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
+        added: list[Any]
+        if fields:
+            added, duplicates = review.add_fields(db, who.user, sample, accepted, store)
+        else:
+            added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
         db.commit()
         if added:
             worker.notify()
         refused = rejected + duplicates
-        flash(
-            request, who, f"{len(added)} cell image(s) added; classification runs in the background"
+        done = (
+            f"{len(added)} field(s) added; their white cells are found and classified in the "
+            "background"
+            if fields
+            else f"{len(added)} cell image(s) added; classification runs in the background"
         )
+        flash(request, who, done)
         for r in refused[:FLASH_MAX]:
             flash(request, who, f"refused {r.message}", "error")
         if len(refused) > FLASH_MAX:
@@ -506,12 +549,18 @@ def cell_image(sample_id: Id, cell_id: Id, who: Viewer, db: DB, store: Store) ->
     """The uploaded image (TIFF/BMP are served as PNG, which every browser shows)."""
     sample = review.get_sample(db, sample_id)
     cell = review.get_cell(db, sample, cell_id)
-    path = store.path(cell.stored_path)
+    return _image_response(store, cell.stored_path, cell.sha256)
+
+
+def _image_response(store: ImageStore, stored_path: str, sha256: str) -> Response:
+    """A stored image as the browser shows it: JPEG and PNG as they are, TIFF and BMP converted
+    once to PNG and cached."""
+    path = store.path(stored_path)
     ext = path.suffix.lstrip(".")
     headers = {"Cache-Control": "private, max-age=86400, immutable"}
     if ext in _MEDIA:
         return FileResponse(path, media_type=_MEDIA[ext], headers=headers)
-    cached = store.cache_path("display", f"{cell.sha256}.png")
+    cached = store.cache_path("display", f"{sha256}.png")
     if not cached.is_file():
         from PIL import Image
 
@@ -545,6 +594,106 @@ def cell_gradcam(
     return FileResponse(
         cached, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
     )
+
+
+# ------------------------------------------------------------------------------------ fields
+
+
+@router.get("/samples/{sample_id}/fields/{field_id}", response_class=HTMLResponse)
+def field_page(
+    request: Request, sample_id: Id, field_id: Id, who: Viewer, db: DB, model: Model
+) -> HTMLResponse:
+    """A field with every cell's box drawn (rejected ones struck out); a reviewer rejects a
+    detection as not a white cell, or clicks on a missed cell to add it."""
+    sample = review.get_sample(db, sample_id)
+    field = review.get_field(db, sample, field_id)
+    cells = review.field_cells(db, field)
+    return render(
+        request,
+        "field.html",
+        who,
+        sample=sample,
+        field=review.field_view(field, cells),
+        classes=model.classes,
+    )
+
+
+@router.get("/samples/{sample_id}/fields/{field_id}/image")
+def field_image(sample_id: Id, field_id: Id, who: Viewer, db: DB, store: Store) -> Response:
+    """The uploaded field (TIFF/BMP are served as PNG, which every browser shows)."""
+    sample = review.get_sample(db, sample_id)
+    field = review.get_field(db, sample, field_id)
+    return _image_response(store, field.stored_path, field.sha256)
+
+
+@router.post("/samples/{sample_id}/fields/{field_id}/add")
+def add_cell_form(
+    request: Request,
+    sample_id: Id,
+    field_id: Id,
+    who: Editor,
+    database: DatabaseDep,
+    db: DB,
+    store: Store,
+    worker: Worker,
+    x: Annotated[str, Form(max_length=32)] = "",
+    y: Annotated[str, Form(max_length=32)] = "",
+) -> RedirectResponse:
+    """Add the cell centred on the point (x, y) of the field (judged by the API's ``Point``)."""
+    with _shown_on_page(request, db, who):
+        point = form_model(Point, {"x": x or None, "y": y or None})
+        cell = review.add_cell_at_point(
+            database, db, who.user, sample_id, field_id, (point.x, point.y), store,
+            worker.crop_spec(),
+        )  # fmt: skip
+        db.commit()
+        worker.notify()
+        flash(request, who, f"cell {cell.id} added; it is classified in the background")
+    return _redirect(f"/samples/{sample_id}/fields/{field_id}")
+
+
+def _back(sample_id: int, field_id: str) -> str:
+    return (
+        f"/samples/{sample_id}/fields/{int(field_id)}"
+        if field_id.isdigit() and len(field_id) < 12
+        else f"/samples/{sample_id}"
+    )
+
+
+@router.post("/samples/{sample_id}/cells/{cell_id}/reject")
+def reject_form(
+    request: Request,
+    sample_id: Id,
+    cell_id: Id,
+    who: Editor,
+    db: DB,
+    field: Annotated[str, Form(max_length=16)] = "",
+) -> RedirectResponse:
+    """Reject a field's cell as not a white cell (back to its field page, or the sample)."""
+    with _shown_on_page(request, db, who):
+        sample = review.get_sample(db, sample_id, lock=True)
+        review.reject_cell(db, who.user, sample, cell_id, rejected=True)
+        db.commit()
+        flash(request, who, f"cell {cell_id} rejected as not a white cell; it is not counted")
+    return _redirect(_back(sample_id, field))
+
+
+@router.post("/samples/{sample_id}/cells/{cell_id}/restore")
+def restore_form(
+    request: Request,
+    sample_id: Id,
+    cell_id: Id,
+    who: Editor,
+    db: DB,
+    field: Annotated[str, Form(max_length=16)] = "",
+) -> RedirectResponse:
+    """Take a rejection back: the cell counts again."""
+    with _shown_on_page(request, db, who):
+        sample = review.get_sample(db, sample_id, lock=True)
+        review.reject_cell(db, who.user, sample, cell_id, rejected=False)
+        db.commit()
+        flash(request, who, f"cell {cell_id} restored; it counts again")
+    return _redirect(_back(sample_id, field))
 
 
 # ------------------------------------------------------------------------- audit and report

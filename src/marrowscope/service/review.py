@@ -1,5 +1,7 @@
 """What the app does, independent of HTTP: samples, uploads, re-classification, sign-off,
-the differential count (and its report CSV) and the audit trail. The pages and the API both go
+the differential count (and its report CSV) and the audit trail; whole fields of view (their
+detected cells, cells a reviewer adds on a field, and detections rejected as "not a white
+cell", which leave the count). The pages and the API both go
 through these functions; list functions take ``skip``/``limit``, applied in SQL.
 
 Every change writes an :class:`~marrowscope.service.models.AuditEvent` in the same transaction,
@@ -16,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import Select, func, select
@@ -25,14 +27,17 @@ from sqlalchemy.orm import Session
 
 from marrowscope.metrics.counting import Call, select_evidence, tally
 from marrowscope.reports.count_report import CELL_NAMES
+from marrowscope.service.db import Database
 from marrowscope.service.models import (
     AGE_BANDS,
     CELL_DONE,
     CELL_ERROR,
     CELL_PENDING,
+    ORIGIN_ADDED,
     REFERRAL_QUESTIONS,
     AuditEvent,
     Cell,
+    Field,
     Sample,
     User,
     utcnow,
@@ -40,6 +45,9 @@ from marrowscope.service.models import (
 from marrowscope.service.settings import Settings
 from marrowscope.service.storage import ImageStore
 from marrowscope.service.uploads import Accepted, Rejected
+
+if TYPE_CHECKING:
+    from marrowscope.inference.fields import CropSpec
 
 __all__ = [
     "AppError",
@@ -50,23 +58,33 @@ __all__ = [
     "REPORT_COLUMNS",
     "SampleFields",
     "account_events",
+    "add_cell_at_point",
     "add_cells",
+    "add_field_cell",
+    "add_fields",
     "audit",
     "audit_trail",
     "blocking_message",
     "cell_view",
+    "counted",
     "create_sample",
     "current_label",
     "delete_sample",
     "ensure_editable",
+    "field_cells",
+    "field_message",
+    "field_view",
     "get_cell",
+    "get_field",
     "get_sample",
     "identified",
     "list_samples",
     "reclassify",
+    "reject_cell",
     "report_csv",
     "report_data",
     "sample_cells",
+    "sample_fields",
     "signoff",
     "summary",
     "update_sample",
@@ -291,7 +309,7 @@ def list_samples(
             Sample,
             func.count(Cell.id),
             func.count(Cell.id).filter(Cell.status == CELL_PENDING),
-            func.count(Cell.id).filter(Cell.reviewed_label.is_(None)),
+            func.count(Cell.id).filter(Cell.reviewed_label.is_(None), Cell.rejected_at.is_(None)),
         )
         .outerjoin(Cell, Cell.sample_id == Sample.id)
         .where(Sample.deleted_at.is_(None))
@@ -456,6 +474,304 @@ def get_cell(db: Session, sample: Sample, cell_id: int) -> Cell:
     return cell
 
 
+# ------------------------------------------------------------------------------------- fields
+
+
+def counted(cells: Iterable[Cell]) -> list[Cell]:
+    """The cells that count: all but those rejected as not a white cell."""
+    return [c for c in cells if c.rejected_at is None]
+
+
+def add_fields(
+    db: Session, user: User, sample: Sample, images: Sequence[Accepted], store: ImageStore
+) -> tuple[list[Field], list[Rejected]]:
+    """Store the accepted images as whole fields of view, waiting for the detector.
+
+    The background worker finds each field's white cells, adds them as cells and classifies
+    them. A field already in this sample (same SHA-256) is not added twice.
+
+    Raises:
+        Conflict: the sample is signed.
+    """
+    ensure_editable(sample)
+    existing = {
+        sha: name
+        for sha, name in db.execute(
+            select(Field.sha256, Field.original_name).where(Field.sample_id == sample.id)
+        ).all()
+    }
+    added: list[Field] = []
+    duplicates: list[Rejected] = []
+    now = utcnow()
+    for img in images:
+        sha, rel = store.put(img.data, img.ext)
+        if sha in existing:
+            duplicates.append(
+                Rejected(img.name, f"the same field is already in this sample as {existing[sha]}")
+            )
+            continue
+        existing[sha] = img.name
+        field = Field(
+            sample_id=sample.id,
+            sha256=sha,
+            stored_path=rel,
+            original_name=img.name[-255:],
+            width=img.width,
+            height=img.height,
+            status=CELL_PENDING,
+            uploaded_by_id=user.id,
+            uploaded_at=now,
+        )
+        db.add(field)
+        added.append(field)
+    db.flush()
+    if added:
+        audit(
+            db,
+            user,
+            "fields.upload",
+            sample_id=sample.id,
+            new={
+                "count": len(added),
+                "files": [
+                    {"field": f.id, "name": f.original_name, "sha256": f.sha256} for f in added
+                ],
+            },
+        )
+    return added, duplicates
+
+
+def sample_fields(db: Session, sample: Sample) -> list[Field]:
+    """The sample's fields in upload order."""
+    return list(db.scalars(select(Field).where(Field.sample_id == sample.id).order_by(Field.id)))
+
+
+def get_field(db: Session, sample: Sample, field_id: int) -> Field:
+    """One field of the sample.
+
+    Raises:
+        NotFound: no such field in this sample.
+    """
+    field = db.scalar(select(Field).where(Field.id == field_id, Field.sample_id == sample.id))
+    if field is None:
+        raise NotFound(f"sample {sample.code} has no field {field_id}")
+    return field
+
+
+def field_message(field: Field, cells: Sequence[Cell] = ()) -> str:
+    """One sentence on where the field stands (what the field page and the API show)."""
+    if field.status == CELL_PENDING:
+        return "searching the field for white cells"
+    if field.status == CELL_ERROR:
+        return f"the field could not be searched: {field.error}"
+    found = field.found or 0
+    if found == 0 and not cells:
+        return (
+            "no white cell was found in this field: it adds 0 cells to the count (click on a "
+            "missed cell to add it)"
+        )
+    rejected = sum(1 for c in cells if c.rejected_at is not None)
+    added = sum(1 for c in cells if c.origin == ORIGIN_ADDED)
+    parts = [f"{found} white cell{'s' if found != 1 else ''} found"]
+    if added:
+        parts.append(f"{added} added by a reviewer")
+    if rejected:
+        parts.append(f"{rejected} rejected as not a white cell")
+    n = len(cells) - rejected
+    return f"{', '.join(parts)}; {n} counted"
+
+
+def field_view(field: Field, cells: Sequence[Cell] = ()) -> dict[str, Any]:
+    """A field as the page and the API show it (its cells' boxes, when given)."""
+    return {
+        "id": field.id,
+        "name": field.original_name,
+        "sha256": field.sha256,
+        "width": field.width,
+        "height": field.height,
+        "status": field.status,
+        "um_per_px": field.um_per_px,
+        "scale_source": field.scale_source,
+        "detector": field.detector,
+        "found": field.found,
+        "warnings": list(field.warnings or []),
+        "error": field.error,
+        "message": field_message(field, cells),
+        "cells": [
+            {
+                "id": c.id,
+                "box": list(c.box) if c.box else None,
+                "score": c.detection_score,
+                "origin": c.origin,
+                "rejected": c.rejected_at is not None,
+                "label": c.reviewed_label or c.predicted_label,
+                "reviewed": c.reviewed_label is not None,
+            }
+            for c in cells
+        ],
+    }
+
+
+def field_cells(db: Session, field: Field) -> list[Cell]:
+    """The cells found in (or added to) a field, in order."""
+    return list(db.scalars(select(Cell).where(Cell.field_id == field.id).order_by(Cell.id)))
+
+
+def add_field_cell(
+    db: Session,
+    user: User,
+    sample: Sample,
+    field: Field,
+    *,
+    sha256: str,
+    stored_path: str,
+    side: int,
+    box: tuple[float, float, float, float],
+    point: tuple[float, float],
+) -> Cell:
+    """Add a cell a reviewer found on a field (its crop is stored already); it is classified in
+    the background and enters review like any cell (audited as ``cell.add``).
+
+    Raises:
+        Conflict: the sample is signed; the field has not been searched yet; the same crop is
+            in the sample already (a click on the same point).
+    """
+    ensure_editable(sample)
+    if field.status != "done":
+        raise Conflict(
+            f"field {field.original_name} "
+            + ("is still being searched; wait for the detector" if field.status == CELL_PENDING
+               else f"could not be searched ({field.error}); no cell can be added to it")
+            + ", then add the missed cell"
+        )  # fmt: skip
+    same = db.scalar(select(Cell).where(Cell.sample_id == sample.id, Cell.sha256 == sha256))
+    if same is not None:
+        raise Conflict(f"this cell is in the sample already (cell {same.id}, {same.original_name})")
+    n = db.scalar(select(func.count(Cell.id)).where(Cell.field_id == field.id)) or 0
+    cell = Cell(
+        sample_id=sample.id,
+        sha256=sha256,
+        stored_path=stored_path,
+        original_name=f"{field.original_name} · added {n + 1}"[-255:],
+        width=side,
+        height=side,
+        status=CELL_PENDING,
+        uploaded_by_id=user.id,
+        uploaded_at=utcnow(),
+        field_id=field.id,
+        box_x0=box[0],
+        box_y0=box[1],
+        box_x1=box[2],
+        box_y1=box[3],
+        origin=ORIGIN_ADDED,
+    )
+    db.add(cell)
+    db.flush()
+    audit(
+        db,
+        user,
+        "cell.add",
+        sample_id=sample.id,
+        cell_id=cell.id,
+        new={
+            "field": field.id,
+            "field_name": field.original_name,
+            "point": [round(point[0], 1), round(point[1], 1)],
+            "box": [round(v, 1) for v in box],
+        },
+    )
+    return cell
+
+
+def add_cell_at_point(
+    database: Database,
+    db: Session,
+    user: User,
+    sample_id: int,
+    field_id: int,
+    point: tuple[float, float],
+    store: ImageStore,
+    spec: CropSpec,
+) -> Cell:
+    """Cut the cell centred on ``point`` (field pixels) out of the field at the field's scale,
+    store the crop and add it (:func:`add_field_cell`) in ``db``, the caller's write session.
+
+    The field is read in a short read transaction of its own and the crop cut outside any, so
+    the write lock (taken by ``db``'s first query) is held only to record the cell.
+
+    Raises:
+        AppError: no such sample or field, a signed sample, a field not searched yet, a point
+            outside the field (:class:`Invalid`), or the same cell added twice.
+    """
+    from marrowscope.inference.fields import FieldError
+    from marrowscope.service.fields import cut_cell_at
+
+    with database.read() as s:
+        sample = get_sample(s, sample_id)
+        ensure_editable(sample)
+        field = get_field(s, sample, field_id)
+        stored, scale, source = field.stored_path, field.um_per_px, field.scale_source
+        status, error, name = field.status, field.error, field.original_name
+    if status != CELL_DONE or scale is None:
+        raise Conflict(
+            f"field {name} "
+            + ("is still being searched; wait for the detector" if status == CELL_PENDING
+               else f"could not be searched ({error}); no cell can be added to it")
+        )  # fmt: skip
+    try:
+        cut = cut_cell_at(
+            store.path(stored), point[0], point[1], um_per_px=scale,
+            scale_source=source or "", spec=spec,
+        )  # fmt: skip
+    except FieldError as e:
+        raise Invalid(str(e)) from None
+    sha, rel = store.put(cut.png, "png")
+    sample = get_sample(db, sample_id, lock=True)
+    field = get_field(db, sample, field_id)
+    return add_field_cell(
+        db, user, sample, field, sha256=sha, stored_path=rel, side=spec.side_px, box=cut.box,
+        point=point,
+    )  # fmt: skip
+
+
+def reject_cell(db: Session, user: User, sample: Sample, cell_id: int, *, rejected: bool) -> Cell:
+    """Reject a field's cell as "not a white cell" (it leaves the count), or take the rejection
+    back (``rejected=False``); audited as ``cell.reject`` / ``cell.restore``.
+
+    Raises:
+        Conflict: the sample is signed. NotFound: no such cell. Invalid: an uploaded crop (only
+            cells found in or added to a field can be rejected).
+    """
+    ensure_editable(sample)
+    cell = db.scalar(
+        select(Cell).where(Cell.id == cell_id, Cell.sample_id == sample.id).with_for_update()
+    )
+    if cell is None:
+        raise NotFound(f"sample {sample.code} has no cell {cell_id}")
+    if cell.field_id is None:
+        raise Invalid(
+            f"cell {cell.id} ({cell.original_name}) is an uploaded single-cell image, not a "
+            "detection in a field; re-classify it instead"
+        )
+    if (cell.rejected_at is not None) == rejected:
+        return cell
+    audit(
+        db,
+        user,
+        "cell.reject" if rejected else "cell.restore",
+        sample_id=sample.id,
+        cell_id=cell.id,
+        old={"rejected": not rejected, "label": cell.reviewed_label, "model": cell.predicted_label},
+        new={"rejected": rejected, "reason": "not a white cell"}
+        if rejected
+        else {"rejected": False},
+    )
+    cell.rejected_at = utcnow() if rejected else None
+    cell.rejected_by_id = user.id if rejected else None
+    db.flush()
+    return cell
+
+
 def identified(cell: Cell, threshold: float) -> bool:
     """True when the model's call is confident enough to be counted."""
     return cell.status == CELL_DONE and (cell.confidence or 0.0) >= threshold
@@ -508,6 +824,11 @@ def reclassify(
     changed = 0
     for i in ids:
         cell = cells[i]
+        if cell.rejected_at is not None:
+            raise Conflict(
+                f"cell {cell.id} ({cell.original_name}) was rejected as not a white cell; "
+                "restore it first to classify it"
+            )
         new = label
         if new is None:
             if cell.status == CELL_PENDING:
@@ -566,12 +887,21 @@ def _of(n: int, total: int) -> str:
     return f"{n} of {total} cell{'s' if total != 1 else ''} {'are' if n != 1 else 'is'}"
 
 
-def blocking_message(sample: Sample, cells: Sequence[Cell], threshold: float) -> str | None:
+def blocking_message(
+    sample: Sample, cells: Sequence[Cell], threshold: float, *, fields_pending: int = 0
+) -> str | None:
     """Why the sample cannot be signed off yet, or ``None`` when it can.
 
-    Every cell must be classified by the model (none still pending, even when a reviewer
-    already labelled it) and reviewed.
+    Every field must be searched for cells, and every counted cell (rejected ones leave the
+    count) classified by the model (none still pending, even when a reviewer already labelled
+    it) and reviewed.
     """
+    if fields_pending:
+        return (
+            f"cannot sign off {sample.code}: {fields_pending} field(s) still being searched for "
+            "white cells; wait for the detector, then review every cell"
+        )
+    cells = counted(cells)
     if not cells:
         return f"sample {sample.code} has no cells yet; upload and review its cells first"
     b = _blocking(cells, threshold)
@@ -613,10 +943,16 @@ def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample
             f"{user.username} is a {user.role}; only a signer (hematologist) can sign off"
         )
     ensure_editable(sample)
-    cells = sample_cells(db, sample)
-    why = blocking_message(sample, cells, threshold)
+    all_cells = sample_cells(db, sample)
+    fields_pending = db.scalar(
+        select(func.count(Field.id)).where(
+            Field.sample_id == sample.id, Field.status == CELL_PENDING
+        )
+    )
+    why = blocking_message(sample, all_cells, threshold, fields_pending=fields_pending or 0)
     if why:
         raise Conflict(why)
+    cells = counted(all_cells)
     sample.signed_at = utcnow()
     sample.signed_by_id = user.id
     db.flush()
@@ -630,7 +966,12 @@ def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample
         "sample.signoff",
         sample_id=sample.id,
         old={"signed": False},
-        new={"signed": True, "cells": len(cells), "counts": dict(sorted(counts.items()))},
+        new={
+            "signed": True,
+            "cells": len(cells),
+            "rejected": len(all_cells) - len(cells),
+            "counts": dict(sorted(counts.items())),
+        },
     )
     return sample
 
@@ -668,13 +1009,26 @@ def cell_view(cell: Cell, classes: Sequence[str], threshold: float) -> dict[str,
         "label": current_label(cell, threshold),
         "model_version": cell.model_version,
         "error": cell.error,
+        "field_id": cell.field_id,
+        "box": list(cell.box) if cell.box else None,
+        "detection_score": cell.detection_score,
+        "origin": cell.origin,
+        "rejected": cell.rejected_at is not None,
     }
 
 
 def summary(
-    sample: Sample, cells: Sequence[Cell], classes: Sequence[str], settings: Settings
+    sample: Sample,
+    cells: Sequence[Cell],
+    classes: Sequence[str],
+    settings: Settings,
+    *,
+    fields: Sequence[Field] = (),
 ) -> dict[str, Any]:
     """Progress, the model's and the reviewed differential, the hairy-cell flag and evidence.
+
+    Cells rejected as not a white cell are left out of everything but ``progress.rejected``;
+    ``fields`` (the sample's fields) give ``progress.fields`` and ``fields_pending``.
 
     The *model* count uses every identified model call; the *reviewed* count uses the reviewed
     labels given so far (complete at sign-off). The flag is computed on the reviewed count once
@@ -682,6 +1036,9 @@ def summary(
     HAC probability (ties break on the rule's key, here the cell id: the earliest upload first).
     """
     thr = settings.threshold
+    rejected = len(cells) - len(counted(cells))
+    cells = counted(cells)
+    fields_pending = sum(1 for f in fields if f.status == CELL_PENDING)
     rules = {"hac_min_percent": settings.hac_min_percent, "hac_min_count": settings.hac_min_count}
     model = tally((c.predicted_label for c in cells if identified(c, thr)), classes, **rules)
     reviewed = tally((c.reviewed_label for c in cells if c.reviewed_label), classes, **rules)
@@ -716,9 +1073,16 @@ def summary(
             "classified": sum(1 for c in cells if c.status == CELL_DONE),
             "failed": sum(1 for c in cells if c.status == CELL_ERROR),
             "reviewed": sum(1 for c in cells if c.reviewed_label),
+            "rejected": rejected,
+            "fields": len(fields),
+            "fields_pending": fields_pending,
         },
         "blocking": b,
-        "can_sign": bool(cells) and not b["unreviewed"] and not b["pending"] and not sample.signed,
+        "can_sign": bool(cells)
+        and not b["unreviewed"]
+        and not b["pending"]
+        and not fields_pending
+        and not sample.signed,
         "threshold": thr,
         "differential": [
             {
@@ -759,7 +1123,8 @@ def report_data(
         raise Conflict(
             f"sample {sample.code} is not signed off yet; the report is made from the signed count"
         )
-    cells = sample_cells(db, sample)
+    all_cells = sample_cells(db, sample)
+    cells = counted(all_cells)
     s = summary(sample, cells, classes, settings)
     reviewers = sorted({c.reviewed_by.username for c in cells if c.reviewed_by})
     versions = sorted({c.model_version for c in cells if c.model_version})

@@ -23,11 +23,14 @@ __all__ = [
     "ClassProbability",
     "DifferentialRow",
     "Evidence",
+    "FieldCell",
+    "FieldPublic",
     "FlagPublic",
     "Health",
     "Me",
     "ModelInfoPublic",
     "ModelPublic",
+    "Point",
     "Prediction",
     "Problem",
     "Progress",
@@ -120,6 +123,15 @@ class Relabel(BaseModel):
 # ----------------------------------------------------------------------------------- responses
 
 
+class Point(BaseModel):
+    """A point of a field, in its pixels (``x`` right, ``y`` down from the top-left corner)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: float = Field(ge=0, le=1_000_000)
+    y: float = Field(ge=0, le=1_000_000)
+
+
 class Problem(BaseModel):
     """An error: what went wrong and what to do."""
 
@@ -179,6 +191,9 @@ class Progress(BaseModel):
     classified: int
     failed: int
     reviewed: int
+    rejected: int = Field(0, description="Field cells rejected as not a white cell (not counted).")
+    fields: int = Field(0, description="Whole fields of view uploaded.")
+    fields_pending: int = Field(0, description="Fields still being searched for white cells.")
 
 
 class Blocking(BaseModel):
@@ -286,10 +301,50 @@ class CellPublic(BaseModel):
     label: str | None = Field(description="The reviewed label, else the identified model call.")
     model_version: str | None
     error: str | None
+    field_id: int | None = Field(None, description="The field it was cut from (None: a crop).")
+    box: list[float] | None = Field(
+        None, description="x_min, y_min, x_max, y_max in the field's pixels."
+    )
+    detection_score: float | None = None
+    origin: Literal["detected", "added"] | None = Field(
+        None, description="Found by the detector, or added by a reviewer (None: a crop)."
+    )
+    rejected: bool = Field(False, description="Rejected as not a white cell: not counted.")
+
+
+class FieldCell(BaseModel):
+    """A cell of a field: its box and where it stands."""
+
+    id: int
+    box: list[float] | None
+    score: float | None
+    origin: str | None
+    rejected: bool
+    label: str | None = Field(description="The reviewed label, else the model's call.")
+    reviewed: bool
+
+
+class FieldPublic(BaseModel):
+    """A whole field of view: its scale, the detector's findings and its cells' boxes."""
+
+    id: int
+    name: str
+    sha256: str
+    width: int
+    height: int
+    status: str = Field(description="pending (being searched), done or error.")
+    um_per_px: float | None
+    scale_source: str | None = Field(description="ruler, given or default.")
+    detector: str | None
+    found: int | None = Field(description="White cells the detector found (0: none).")
+    warnings: list[str]
+    error: str | None
+    message: str = Field(description="Where the field stands, in one sentence.")
+    cells: list[FieldCell]
 
 
 class UploadedCell(BaseModel):
-    """An accepted image, now a cell."""
+    """An accepted image, now a cell (or a field, for a field upload)."""
 
     id: int
     name: str
@@ -304,7 +359,8 @@ class RefusedFile(BaseModel):
 
 
 class UploadResult(BaseModel):
-    """What an upload did: the accepted cells and each refused file with its reason."""
+    """What an upload did: the accepted cells (or fields) and each refused file with its
+    reason."""
 
     accepted: list[UploadedCell]
     rejected: list[RefusedFile]

@@ -20,6 +20,10 @@ __all__ = ["DB_NAME", "SECRET_NAME", "ServiceError", "Settings", "default_databa
 DB_NAME = "marrowscope.db"
 """The SQLite file inside the data folder (used when no --database-url is given)."""
 
+MAX_FIELD_PIXELS = 50_000_000
+"""The detector's own field limit (:data:`marrowscope.preprocess.fields.MAX_FIELD_PIXELS`,
+repeated here so that settings import no image code; a unit test keeps the two equal)."""
+
 SECRET_NAME = "secret_key"
 """File inside the data folder holding the cookie-signing key (created on first start, 0600)."""
 
@@ -54,6 +58,11 @@ class Settings:
         evidence: HAC cells shown as evidence for the flag.
         max_file_bytes: largest accepted image file (also per zip member).
         max_pixels: largest accepted image (width x height).
+        max_field_pixels: largest accepted whole field of view (width x height); at most the
+            detector's own limit, 50,000,000 pixels. Larger fields are refused with the limit
+            named (the detector processes big fields in overlapping tiles).
+        detector: the field detector: ``wbc1`` (the shipped learned one), ``classical`` or a
+            detector bundle folder.
         max_request_bytes: largest accepted request body of an upload route (all files of one
             upload), from a logged-in client.
         max_form_body: largest accepted request body of any other route (JSON, forms), from a
@@ -95,6 +104,8 @@ class Settings:
     evidence: int = DEFAULT_EVIDENCE
     max_file_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 25_000_000
+    max_field_pixels: int = MAX_FIELD_PIXELS
+    detector: str = "wbc1"
     max_request_bytes: int = 1024 * 1024 * 1024
     max_form_body: int = 1024 * 1024
     max_anonymous_body: int = 16 * 1024
@@ -118,6 +129,7 @@ class Settings:
             "batch_size",
             "max_file_bytes",
             "max_pixels",
+            "max_field_pixels",
             "max_request_bytes",
             "max_form_body",
             "max_anonymous_body",
@@ -132,6 +144,11 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServiceError(f"setting {name} must be a positive whole number; got {value!r}")
+        if self.max_field_pixels > MAX_FIELD_PIXELS:
+            raise ServiceError(
+                f"setting max_field_pixels must be at most {MAX_FIELD_PIXELS:,} (the detector's "
+                f"limit); got {self.max_field_pixels!r}"
+            )
         if not self.max_zip_ratio > 1:
             raise ServiceError(f"setting max_zip_ratio must be > 1; got {self.max_zip_ratio!r}")
         if not self.login_window_seconds > 0:

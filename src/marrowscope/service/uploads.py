@@ -121,9 +121,21 @@ def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n:,} bytes"
 
 
-def check_image(name: str, data: bytes, settings: Settings) -> Accepted | Rejected:
-    """Judge one image file's bytes (type, size, pixel count, full decode)."""
+def check_image(
+    name: str, data: bytes, settings: Settings, *, field: bool = False
+) -> Accepted | Rejected:
+    """Judge one image file's bytes (type, size, pixel count, full decode).
+
+    Args:
+        name: the file's name (for messages).
+        data: its bytes.
+        settings: the limits.
+        field: a whole field of view (limit ``settings.max_field_pixels``), not a cell crop.
+    """
     from PIL import Image, UnidentifiedImageError
+
+    max_pixels = settings.max_field_pixels if field else settings.max_pixels
+    advice = "cut it into smaller fields" if field else "upload single-cell crops"
 
     if len(data) > settings.max_file_bytes:
         return Rejected(
@@ -139,28 +151,33 @@ def check_image(name: str, data: bytes, settings: Settings) -> Accepted | Reject
     except UnidentifiedImageError:
         return Rejected(name, f"not an image (unknown format); {_type_hint()}")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return Rejected(
-            name, f"refused as a possible decompression bomb ({e}); upload single-cell crops"
-        )
+        return Rejected(name, f"refused as a possible decompression bomb ({e}); {advice}")
     except Exception as e:  # Pillow raises many types for damaged headers
         return Rejected(name, f"damaged image header ({type(e).__name__}); re-export the file")
     if fmt not in FORMATS:
         return Rejected(name, f"{fmt} images are not accepted; {_type_hint()}")
-    if w * h > settings.max_pixels:
+    if w * h > max_pixels:
         return Rejected(
             name,
-            f"image is {w}x{h} = {w * h:,} pixels, above the {settings.max_pixels:,} limit "
-            "(possible decompression bomb); upload single-cell crops",
+            f"image is {w}x{h} = {w * h:,} pixels, above the "
+            + (
+                f"{max_pixels:,}-pixel limit of a field"
+                if field
+                else f"{max_pixels:,} limit (possible decompression bomb)"
+            )
+            + f"; {advice}",
         )
     try:
-        decode_image(data, name)
+        decode_image(data, name, max_pixels=max_pixels, what="field" if field else "image")
     except ImageReadError as e:
         return Rejected(name, e.reason)
     return Accepted(name=name, data=data, ext=FORMATS[fmt], width=int(w), height=int(h))
 
 
-def expand_zip(name: str, stream: BinaryIO, settings: Settings) -> Iterator[Accepted | Rejected]:
-    """Judge a zip file and then each of its members.
+def expand_zip(
+    name: str, stream: BinaryIO, settings: Settings, *, fields: bool = False
+) -> Iterator[Accepted | Rejected]:
+    """Judge a zip file and then each of its members (``fields``: as whole fields of view).
 
     The whole archive is refused (one :class:`Rejected` naming it) when it is not a zip, is too
     large, has too many members, a total uncompressed size above the limit or a member whose
@@ -238,13 +255,16 @@ def expand_zip(name: str, stream: BinaryIO, settings: Settings) -> Iterator[Acce
             if body is None:
                 yield Rejected(member, f"file is above the {_mb(settings.max_file_bytes)} limit")
                 continue
-            yield check_image(member, body, settings)
+            yield check_image(member, body, settings, field=fields)
 
 
 def validate_files(
-    files: Iterable[tuple[str, BinaryIO]], settings: Settings
+    files: Iterable[tuple[str, BinaryIO]], settings: Settings, *, fields: bool = False
 ) -> tuple[list[Accepted], list[Rejected]]:
     """Judge every uploaded file (images and zips); returns the accepted and the refused ones.
+
+    ``fields``: the images are whole fields of view (their own pixel limit,
+    ``settings.max_field_pixels``), not single-cell crops.
 
     At most ``settings.max_files`` images are accepted per upload; the rest are refused by name.
     """
@@ -268,14 +288,14 @@ def validate_files(
             continue
         kind = _kind(name)
         if kind == "zip":
-            for item in expand_zip(name, stream, settings):
+            for item in expand_zip(name, stream, settings, fields=fields):
                 take(item)
         elif kind == "image":
             data = read_capped(stream, settings.max_file_bytes)
             if data is None:
                 take(Rejected(name, f"file is above the {_mb(settings.max_file_bytes)} limit"))
             else:
-                take(check_image(name, data, settings))
+                take(check_image(name, data, settings, field=fields))
         else:
             take(Rejected(name, f"not an accepted file type; {_type_hint()}"))
     return accepted, rejected

@@ -7,6 +7,12 @@ same time. The worker reads pending cells in one short transaction, runs the mod
 transaction and writes the results in another, so requests are never blocked by inference.
 After a crash the cells still ``pending`` are simply picked up again on the next start.
 
+Whole fields of view go first: the worker runs the field detector on each pending field (outside
+any transaction), cuts every white cell out at the classifier's scale (:mod:`.fields`), stores
+the crops and records them as pending cells of the field in one transaction; the classifier then
+picks them up like uploaded crops. A field that cannot be searched gets ``status = error`` and
+the reason; a field with no white cell is ``done`` with ``found = 0``.
+
 A signed sample is never written to: the write transaction locks the rows of the batch's
 samples (the lock a sign-off takes) and drops, with a warning in the log, the results of any
 sample that was signed off while the model ran; cells of signed samples are not read as work.
@@ -31,21 +37,27 @@ from marrowscope.service.models import (
     CELL_DONE,
     CELL_ERROR,
     CELL_PENDING,
+    ORIGIN_DETECTED,
     AuditEvent,
     Cell,
+    Field,
     Sample,
 )
 from marrowscope.service.storage import ImageStore
 
 if TYPE_CHECKING:
+    from marrowscope.inference.fields import CropSpec, FieldDetector
     from marrowscope.inference.predictor import Predictor
 
-__all__ = ["MODEL_USER", "ClassificationWorker", "ModelHandle", "ModelInfo"]
+__all__ = ["DETECTOR_USER", "MODEL_USER", "ClassificationWorker", "ModelHandle", "ModelInfo"]
 
 log = logging.getLogger(__name__)
 
 MODEL_USER = "model"
 """The user name audit events of the background classifier carry."""
+
+DETECTOR_USER = "detector"
+"""The user name audit events of the field detector carry."""
 
 
 @dataclass(frozen=True)
@@ -169,15 +181,27 @@ class ClassificationWorker:
         store: the image store.
         model: the model handle.
         batch_size: cells per model call.
+        detector: the field detector's name (``wbc1``, ``classical``, a folder), loaded at the
+            first field.
     """
 
     def __init__(
-        self, db: Database, store: ImageStore, model: ModelHandle, batch_size: int
+        self,
+        db: Database,
+        store: ImageStore,
+        model: ModelHandle,
+        batch_size: int,
+        *,
+        detector: str = "wbc1",
     ) -> None:
         self.db = db
         self.store = store
         self.model = model
         self.batch_size = batch_size
+        self.detector_name = detector
+        self._detector: FieldDetector | None = None
+        self._crop_spec: CropSpec | None = None
+        self._field_lock = threading.Lock()
         self._cond = threading.Condition()
         self._generation = 0
         self._idle = False
@@ -221,7 +245,7 @@ class ClassificationWorker:
                     return
                 generation = self._generation
             try:
-                worked = self.process_batch()
+                worked = self.process_field() or self.process_batch()
             except Exception:  # keep serving: log, then retry after a pause
                 log.exception("background classification failed; retrying")
                 with self._cond:
@@ -239,6 +263,123 @@ class ClassificationWorker:
                 if self._stopping:
                     return
                 self._idle = False
+
+    # ------------------------------------------------------------------------------------ fields
+
+    def crop_spec(self) -> CropSpec:
+        """How the classifier's training crops were cut (scale, side), worked out once."""
+        if self._crop_spec is None:
+            from marrowscope.inference.fields import crop_spec
+
+            self._crop_spec = crop_spec(self.model.predictor)
+        return self._crop_spec
+
+    def detector(self) -> FieldDetector:
+        """The field detector, loaded at the first field."""
+        with self._field_lock:
+            if self._detector is None:
+                from marrowscope.inference.fields import FieldDetector
+
+                self._detector = FieldDetector.load(self.detector_name)
+            return self._detector
+
+    def process_field(self) -> bool:
+        """Search the oldest pending field of an unsigned sample for white cells and add them
+        as pending cells; False when no field was pending."""
+        from marrowscope.service.fields import find_cells
+
+        with self.db.read() as s:
+            row = s.execute(
+                select(Field.id, Field.stored_path, Field.sample_id)
+                .join(Sample, Sample.id == Field.sample_id)
+                .where(Field.status == CELL_PENDING, Sample.signed_at.is_(None))
+                .order_by(Field.id)
+                .limit(1)
+            ).first()
+        if row is None:
+            return False
+        error: str | None = None
+        findings = None
+        try:
+            findings = find_cells(
+                self.store.path(row.stored_path), self.detector(), self.crop_spec()
+            )
+        except Exception as e:  # FieldError, BundleError, ImageReadError ...: said on the field
+            log.warning("field %d could not be searched: %s", row.id, e)
+            error = str(e)[:500] or type(e).__name__
+        stored = [self.store.put(c.png, "png") for c in findings.cells] if findings else []
+        side = self.crop_spec().side_px
+        with self.db.write() as s:
+            sample = s.scalar(select(Sample).where(Sample.id == row.sample_id).with_for_update())
+            field = s.get(Field, row.id)
+            if sample is None or field is None or field.status != CELL_PENDING or sample.signed:
+                return True
+            if findings is None:
+                field.status = CELL_ERROR
+                field.error = error
+                s.add(
+                    AuditEvent(
+                        user_id=None,
+                        username=DETECTOR_USER,
+                        action="field.error",
+                        sample_id=sample.id,
+                        new_value={"field": field.id, "name": field.original_name, "error": error},
+                    )
+                )
+                return True
+            existing = set(s.scalars(select(Cell.sha256).where(Cell.sample_id == sample.id)))
+            added = 0
+            for i, (cut, (sha, rel)) in enumerate(zip(findings.cells, stored, strict=True)):
+                if sha in existing:
+                    continue
+                existing.add(sha)
+                s.add(
+                    Cell(
+                        sample_id=sample.id,
+                        sha256=sha,
+                        stored_path=rel,
+                        original_name=f"{field.original_name} · cell {i + 1}"[-255:],
+                        width=side,
+                        height=side,
+                        status=CELL_PENDING,
+                        uploaded_by_id=field.uploaded_by_id,
+                        field_id=field.id,
+                        box_x0=cut.box[0],
+                        box_y0=cut.box[1],
+                        box_x1=cut.box[2],
+                        box_y1=cut.box[3],
+                        detection_score=cut.score,
+                        origin=ORIGIN_DETECTED,
+                    )
+                )
+                added += 1
+            field.status = CELL_DONE
+            field.found = len(findings.cells)
+            field.um_per_px = findings.um_per_px
+            field.scale_source = findings.scale_source
+            field.detector = findings.detector
+            field.warnings = list(findings.warnings)
+            s.add(
+                AuditEvent(
+                    user_id=None,
+                    username=DETECTOR_USER,
+                    action="field.detected",
+                    sample_id=sample.id,
+                    new_value={
+                        "field": field.id,
+                        "name": field.original_name,
+                        "cells": added,
+                        "already_in_sample": len(findings.cells) - added,
+                        "detector": findings.detector,
+                        "um_per_px": round(findings.um_per_px, 5),
+                        "scale": findings.scale_source,
+                        "warnings": list(findings.warnings),
+                    },
+                )
+            )
+        return True
+
+    # ------------------------------------------------------------------------------------- cells
 
     def process_batch(self) -> bool:
         """Classify up to ``batch_size`` pending cells of unsigned samples; False when none was

@@ -58,7 +58,8 @@ def test_review_workflow_from_upload_to_signed_report(service: Service) -> None:
 
     summary = c.get(f"/api/samples/{sid}", headers=rev).json()["summary"]
     assert summary["progress"] == {
-        "total": 4, "pending": 0, "classified": 4, "failed": 0, "reviewed": 0,
+        "total": 4, "pending": 0, "classified": 4, "failed": 0, "reviewed": 0, "rejected": 0,
+        "fields": 0, "fields_pending": 0,
     }  # fmt: skip
     model_counts = {r["class"]: r["model_count"] for r in summary["differential"]}
     assert model_counts == {"BLA": 0, "HAC": 4, "LYT": 0}

@@ -70,6 +70,16 @@ def test_every_json_route_has_a_named_response_model(service: Service) -> None:
     assert routes[("GET", "/api/samples/{sample_id}/audit")] == ("AuditEventPublic", True)
     assert routes[("GET", "/api/samples/{sample_id}/report")] == ("ReportPublic", False)
     assert routes[("POST", "/api/predict")] == ("Prediction", False)
+    fields, field = "/api/samples/{sample_id}/fields", "/api/samples/{sample_id}/fields/{field_id}"
+    assert routes[("POST", fields)] == ("UploadResult", False)
+    assert routes[("GET", fields)] == ("FieldPublic", True)
+    assert routes[("GET", field)] == ("FieldPublic", False)
+    assert routes[("POST", field + "/cells")] == ("CellPublic", False)
+    for action in ("reject", "restore"):
+        assert routes[("POST", f"/api/samples/{{sample_id}}/cells/{{cell_id}}/{action}")] == (
+            "CellPublic",
+            False,
+        )
     assert len(routes) >= 14
     # nested shapes are named too (no free-form objects where the app returns a fixed shape)
     summary = components["SummaryPublic"]["properties"]
@@ -99,6 +109,7 @@ DIFFERENTIAL = {
 CELL = {
     "id", "name", "sha256", "width", "height", "status", "predicted", "confidence", "identified",
     "top3", "reviewed_label", "reviewed_by", "reviewed_at", "label", "model_version", "error",
+    "field_id", "box", "detection_score", "origin", "rejected",
 }  # fmt: skip
 MODEL_INFO = {
     "name", "arch", "version", "marrowscope_version", "classes", "input_size", "backend",
@@ -108,7 +119,10 @@ MODEL_INFO = {
 
 def _check_summary(summary: dict[str, Any]) -> None:
     assert set(summary) == SUMMARY
-    assert set(summary["progress"]) == {"total", "pending", "classified", "failed", "reviewed"}
+    assert set(summary["progress"]) == {
+        "total", "pending", "classified", "failed", "reviewed", "rejected", "fields",
+        "fields_pending",
+    }  # fmt: skip
     assert set(summary["blocking"]) == {"unreviewed", "unidentified", "pending", "failed"}
     assert set(summary["totals"]) == {"model", "reviewed"}
     assert set(summary["flag"]) == FLAG

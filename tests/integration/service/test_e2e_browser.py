@@ -14,6 +14,11 @@ the reviewer confirms the rest with the group's "Confirm all" (and cannot sign) 
 signs off -> the report page and the downloaded CSV carry the counts, signer, reviewers and
 model -> the audit trail lists each re-classification with its old and new value.
 
+A second flow uploads a sample as whole fields of view (the shipped ``wbc1`` detector on real
+fields from ``tests/data/fields``): field link from the gallery -> field page with the boxes ->
+reject a detection as "not a white cell" -> click on a missed cell and add it -> it is classified,
+the rejected one is not counted -> sign-off -> both changes in the audit trail.
+
 Under ``MARROWSCOPE_REQUIRE_BROWSER=1`` (CI) a missing Chromium fails this test, never skips it.
 """
 
@@ -296,3 +301,91 @@ def test_login_to_signed_report_in_the_browser(  # type: ignore[no-untyped-def]
     (signoff,) = rows_for("sample.signoff")
     assert signoff[2] == SIGNER and json.loads(signoff[6])["cells"] == N_CELLS
     assert rows_for("cells.upload")
+
+
+def test_fields_upload_reject_and_add_a_cell_in_the_browser(  # type: ignore[no-untyped-def]
+    page, app_server, hac_bundle: Path, tmp_path: Path
+) -> None:
+    """A sample uploaded as whole fields: the detector's cells are pre-classified, the gallery
+    links each to its field (boxes drawn), a detection is rejected as "not a white cell" (it
+    leaves the count), a missed cell is added by clicking on a field (classified, it enters
+    review), and the sample is signed off as usual; the audit trail has both changes."""
+    from field_samples import BCCD, EMPTY, PBC
+    from playwright.sync_api import expect
+
+    data = tmp_path / "data"
+    _create_user(data, SIGNER, "signer")
+    server = app_server(hac_bundle, data_dir=data, startup_timeout=600)
+    base = server.base_url
+    _login(page, base, SIGNER)
+    form = page.locator("#new-sample")
+    form.locator("input[name=code]").fill("E2E-FIELDS")
+    form.locator("button[type=submit]").click()
+    expect(page).to_have_url(re.compile(r"/samples/\d+$"))
+    sample_url = page.url
+
+    # --- upload three fields (two with one white cell each, one with none) ----------------------
+    page.set_input_files("#upload-form input[type=file]", [BCCD, PBC, EMPTY])
+    page.check("#upload-form input[name=kind][value=fields]")
+    page.click("#upload-form button[type=submit]")
+    expect(page.locator("#upload-result")).to_contain_text("3 field(s) added", timeout=120_000)
+    expect(_group(page, "HAC").locator(".cell")).to_have_count(2, timeout=CLASSIFY_TIMEOUT_MS)
+    fields = page.locator("#fields tbody tr")
+    expect(fields).to_have_count(3)
+    empty_row = fields.filter(has_text=EMPTY.name)
+    expect(empty_row).to_contain_text("no white cell was found in this field")
+    expect(page.locator("#diff tr[data-class=HAC] .mc")).to_have_text("2")
+
+    # --- a gallery cell links to its field, where its box is drawn ------------------------------
+    tile = _group(page, "HAC").locator(".cell").first
+    cell_id = tile.get_attribute("data-id")
+    tile.locator("a.field-link").click()
+    expect(page).to_have_url(re.compile(rf"/fields/\d+#cell-{cell_id}$"))
+    expect(page.locator("#field-svg rect.box.detected")).to_have_count(1)
+    expect(page.locator(f"#box-{cell_id}")).to_have_class(re.compile(r"\bfocused\b"))
+
+    # --- reject it as not a white cell ---------------------------------------------------------
+    page.locator(f"#cell-{cell_id} button.reject").click()
+    expect(page.locator(".msg").first).to_contain_text(f"cell {cell_id} rejected")
+    expect(page.locator(f"#box-{cell_id}")).to_have_class(re.compile(r"\brejected\b"))
+    expect(page.locator(f"#cell-{cell_id} .label")).to_contain_text("not a white cell")
+
+    # --- add a missed cell by clicking on the empty field ---------------------------------------
+    page.goto(sample_url)
+    page.locator("#fields tbody tr").filter(has_text=EMPTY.name).locator("a").first.click()
+    expect(page.locator("#field-message")).to_contain_text("no white cell was found")
+    svg = page.locator("#field-svg")
+    expect(svg.locator("rect.box")).to_have_count(0)
+    bbox = svg.bounding_box()
+    assert bbox is not None
+    page.mouse.click(bbox["x"] + bbox["width"] / 2, bbox["y"] + bbox["height"] / 2)
+    expect(page.locator("#click-marker")).not_to_have_class(re.compile(r"\bhidden\b"))
+    x = float(page.locator("#add-cell-form input[name=x]").input_value())
+    y = float(page.locator("#add-cell-form input[name=y]").input_value())
+    assert abs(x - 352 / 2) <= 3 and abs(y - 480 / 2) <= 3  # field pixels, not screen pixels
+    page.click("#add-cell-button")
+    expect(page.locator(".msg").first).to_contain_text(re.compile(r"cell \d+ added"))
+    expect(svg.locator("rect.box.added")).to_have_count(1)
+
+    # --- back in the gallery: the added cell is classified; the rejected one is not counted -----
+    page.goto(sample_url)
+    expect(_group(page, "HAC").locator(".cell")).to_have_count(2, timeout=CLASSIFY_TIMEOUT_MS)
+    expect(_group(page, "rejected").locator(f".cell[data-id='{cell_id}']")).to_be_visible()
+    expect(page.locator("#diff tr[data-class=HAC] .mc")).to_have_text("2")
+    expect(page.locator("#tot-model")).to_have_text("2")
+
+    # --- sign-off rules unchanged: confirm the two counted cells, then sign ----------------------
+    _group(page, "HAC").locator("button.confirm-group").click()
+    expect(_group(page, "HAC").locator(".cell.reviewed")).to_have_count(2)
+    expect(page.locator("#blocking")).to_have_text(
+        "Every cell is reviewed: the sample can be signed off."
+    )
+    page.click("#signoff-button")
+    expect(page.locator("h1 .badge.ok")).to_have_text("signed")
+
+    # --- the audit trail has the rejection and the added cell ------------------------------------
+    page.click("a:text-is('Audit trail')")
+    audit = page.locator("table.audit tbody")
+    expect(audit).to_contain_text("cell.reject")
+    expect(audit).to_contain_text("cell.add")
+    expect(audit).to_contain_text("field.detected")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from field_samples import PBC
 from hypothesis import HealthCheck, Phase, given, settings
 
 from .conftest import Service, files_of, sample_images
@@ -18,6 +19,12 @@ def test_openapi_fuzz_finds_no_server_error(service: Service) -> None:
     admin = service.auth("admin")
     sid = service.new_sample(admin, "FUZZ-1")  # something real to hit: sample 1, cells 1-2
     service.upload(sid, files_of(sample_images(2)), admin)
+    r = service.client.post(
+        f"/api/samples/{sid}/fields",
+        files=[("files", (PBC.name, PBC.read_bytes(), "image/jpeg"))],
+        headers=admin,
+    )  # and a whole field of view (its detected cell is cell 3)
+    assert r.status_code == 201, r.text
     service.wait()
     served = service.client.get("/api/openapi.json", headers=admin)
     assert served.status_code == 200
@@ -26,10 +33,11 @@ def test_openapi_fuzz_finds_no_server_error(service: Service) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 14
     cell = service.cells(sid, admin)[0]["id"]
-    real = {"sample_id": sid, "cell_id": cell}
+    field = r.json()["accepted"][0]["id"]
+    real = {"sample_id": sid, "cell_id": cell, "field_id": field}
 
     def pinned(case):  # type: ignore[no-untyped-def]
-        """The same generated request, aimed at the real sample and cell."""
+        """The same generated request, aimed at the real sample, cell and field."""
         case.path_parameters = {k: real[k] for k in case.path_parameters or {}}
         return case
 

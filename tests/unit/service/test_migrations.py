@@ -96,3 +96,62 @@ def test_0002_keeps_every_sample_and_cell_and_lets_deleted_codes_be_reused(tmp_p
             conn.execute(text(insert), {"code": "BM-1", "now": now})
     finally:
         db.dispose()
+
+
+def test_0003_adds_fields_and_keeps_every_cell_as_an_uploaded_crop(tmp_path: Path) -> None:
+    """0002 -> head on a database with cells (SQLite re-creates ``cells``): every row survives
+    with no field (an uploaded crop, not rejected), ``cells.field_id`` must name a field, and the
+    downgrade to 0002 keeps the cells."""
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    try:
+        migrate(db, "0002")
+        now = "2026-01-01 10:00:00.000000"
+        with db.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, username, password_hash, role, active, created_at) "
+                    "VALUES (1, 'rev', 'x', 'reviewer', 1, :now)"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO samples (id, code, age_band, notes, created_at, created_by_id) "
+                    "VALUES (1, 'BM-1', 'unknown', '', :now, 1)"
+                ),
+                {"now": now},
+            )
+            for cid in (10, 11):
+                conn.execute(
+                    text(
+                        "INSERT INTO cells (id, sample_id, sha256, stored_path, original_name, "
+                        "width, height, status, reviewed_label, uploaded_by_id, uploaded_at) "
+                        "VALUES (:id, 1, :sha, 'p', 'c.jpg', 1, 1, 'done', 'BLA', 1, :now)"
+                    ),
+                    {"id": cid, "sha": f"{cid:064d}", "now": now},
+                )
+            before = conn.execute(text("SELECT * FROM cells ORDER BY id")).all()
+        migrate(db)
+        with db.engine.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, reviewed_label, field_id, box_x0, origin, rejected_at "
+                    "FROM cells ORDER BY id"
+                )
+            ).all()
+            assert rows == [
+                (10, "BLA", None, None, None, None),
+                (11, "BLA", None, None, None, None),
+            ]
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            conn.execute(text("UPDATE cells SET field_id = 99 WHERE id = 10"))
+        with db.engine.begin() as conn:
+            cfg = alembic_config(db.url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0002")
+        with db.engine.begin() as conn:
+            assert conn.execute(text("SELECT * FROM cells ORDER BY id")).all() == before
+            assert "fields" not in set(inspect(conn).get_table_names())
+    finally:
+        db.dispose()

@@ -97,3 +97,32 @@ def test_max_files_per_upload() -> None:
     accepted, rejected = validate_files(files, s)
     assert len(accepted) == 2 and rejected[0].name == "2.png"
     assert "more than 2 images" in rejected[0].reason
+
+
+def test_fields_have_their_own_pixel_limit_named_in_the_refusal() -> None:
+    """A whole field of view is judged against ``max_field_pixels`` (not the crop limit), and
+    a refused one names that limit and says to cut the field; the rest of the upload goes on."""
+    settings = Settings(max_file_bytes=100_000, max_pixels=10_000, max_field_pixels=40_000)
+    assert isinstance(check_image("f.png", _img(150, 150), settings, field=True), Accepted)
+    crop = check_image("f.png", _img(150, 150), settings)
+    assert isinstance(crop, Rejected) and "single-cell crops" in crop.reason
+    big = check_image("big.png", _img(250, 200), settings, field=True)
+    assert isinstance(big, Rejected)
+    assert "250x200 = 50,000 pixels, above the 40,000-pixel limit of a field" in big.reason
+    assert "cut it into smaller fields" in big.reason
+    ok, refused = validate_files(
+        [("a.png", io.BytesIO(_img(150, 150))), ("big.png", io.BytesIO(_img(250, 200)))],
+        settings,
+        fields=True,
+    )
+    assert [a.name for a in ok] == ["a.png"] and [r.name for r in refused] == ["big.png"]
+
+
+def test_the_field_limit_is_the_detectors() -> None:
+    from marrowscope.preprocess.fields import MAX_FIELD_PIXELS
+    from marrowscope.service import settings
+
+    assert settings.MAX_FIELD_PIXELS == MAX_FIELD_PIXELS
+    assert Settings().max_field_pixels == MAX_FIELD_PIXELS
+    with pytest.raises(ValueError, match="max_field_pixels must be at most 50,000,000"):
+        Settings(max_field_pixels=MAX_FIELD_PIXELS + 1)

@@ -1,10 +1,39 @@
-// marrowscope review: progress polling, keyboard/bulk re-classification. Plain JS, no build step.
+// marrowscope review: progress polling, keyboard/bulk re-classification, the field page's
+// click-to-add. Plain JS, no build step.
 (function () {
   "use strict";
   const body = document.body;
 
   const printButton = document.getElementById("print-button");
   if (printButton) printButton.addEventListener("click", () => window.print());
+
+  // ------------------------------------------------------------------------------ a field page
+  // A click on the field marks the point (field pixels) and fills the add-a-cell form; the form
+  // itself posts (and works without this script, by typing x and y).
+  const fieldSvg = document.getElementById("field-svg");
+  if (fieldSvg) {
+    if (body.dataset.fieldStatus === "pending") setTimeout(() => location.reload(), 1500);
+    const addForm = document.getElementById("add-cell-form");
+    const marker = document.getElementById("click-marker");
+    if (addForm && fieldSvg.dataset.editable === "yes") {
+      fieldSvg.addEventListener("click", (ev) => {
+        const pt = fieldSvg.createSVGPoint();
+        pt.x = ev.clientX; pt.y = ev.clientY;
+        const p = pt.matrixTransform(fieldSvg.getScreenCTM().inverse());
+        const box = fieldSvg.viewBox.baseVal;
+        const x = Math.min(box.width - 1, Math.max(0, Math.round(p.x)));
+        const y = Math.min(box.height - 1, Math.max(0, Math.round(p.y)));
+        addForm.elements.x.value = x; addForm.elements.y.value = y;
+        marker.setAttribute("cx", x); marker.setAttribute("cy", y);
+        marker.classList.remove("hidden");
+      });
+    }
+    const hash = location.hash.match(/^#cell-(\d+)$/);
+    if (hash) {
+      const rect = document.getElementById("box-" + hash[1]);
+      if (rect) rect.classList.add("focused");
+    }
+  }
 
   const sampleId = body.dataset.sample;
   if (!sampleId) return;
@@ -50,7 +79,8 @@
     if (!box) return;
     box.textContent = "";
     const p = document.createElement("p");
-    p.textContent = result.accepted.length + " image(s) added" + (result.rejected.length ? ", " + result.rejected.length + " refused:" : ".");
+    const what = result.kind === "fields" ? " field(s) added (their cells are found and classified)" : " image(s) added";
+    p.textContent = result.accepted.length + what + (result.rejected.length ? ", " + result.rejected.length + " refused:" : ".");
     box.appendChild(p);
     if (result.rejected.length) {
       const ul = document.createElement("ul");
@@ -65,10 +95,12 @@
       ev.preventDefault();
       const data = new FormData();
       for (const f of uploadForm.querySelector("input[type=file]").files) data.append("files", f, f.name);
+      const kind = (uploadForm.querySelector("input[name=kind]:checked") || {}).value || "cells";
       const button = uploadForm.querySelector("button");
       button.disabled = true; button.textContent = "Uploading…";
       try {
-        const result = await call("POST", api + "/cells", data);
+        const result = await call("POST", api + (kind === "fields" ? "/fields" : "/cells"), data);
+        result.kind = kind;
         sessionStorage.setItem("upload-result-" + sampleId, JSON.stringify(result));
         location.reload();
       } catch (e) {
@@ -85,8 +117,9 @@
       const s = await call("GET", api);
       const p = s.summary.progress;
       progress.querySelector(".fill").style.width = (100 * p.classified / Math.max(1, p.total)) + "%";
-      document.getElementById("progress-text").textContent = "Classifying: " + p.classified + " of " + p.total + " cells done";
-      if (p.pending > 0) setTimeout(poll, 1000);
+      document.getElementById("progress-text").textContent = "Classifying: " + p.classified + " of " + p.total + " cells done" +
+        (p.fields_pending ? " · " + p.fields_pending + " field(s) being searched for cells" : "");
+      if (p.pending > 0 || p.fields_pending > 0) setTimeout(poll, 1000);
       else {
         if (stored) sessionStorage.setItem(uploadKey, stored);
         location.reload();
@@ -204,6 +237,7 @@
   }
 
   document.addEventListener("click", (ev) => {
+    if (ev.target.closest("a")) return; // links (a cell's field) work as usual
     const tile = ev.target.closest(".cell");
     if (tile) {
       if (ev.target.matches("input[type=checkbox]")) { toggle(tile, ev.target.checked); return; }
