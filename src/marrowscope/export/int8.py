@@ -470,7 +470,7 @@ def export_int8(
     info: dict[str, Any] = {
         "runtime": "openvino",
         "quantizer": "nncf post-training static quantisation (per-channel int8 weights, "
-        "int8 activations, fast bias correction)",
+        "int8 activations, full bias correction)",
         "versions": _versions(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source": source,
