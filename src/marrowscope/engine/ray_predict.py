@@ -49,7 +49,7 @@ from marrowscope.inference.batching import (
     prediction_records,
     prediction_schema,
 )
-from marrowscope.inference.predictor import Predictor
+from marrowscope.inference.predictor import BACKEND_ALIASES, Predictor
 from marrowscope.models.bundle import pretrained_bundle, pretrained_index
 from marrowscope.utils.image import ImageReadError, is_hidden, is_image_file
 
@@ -303,7 +303,7 @@ class PredictActor:
         batch_size: images per forward pass.
         precision: the Predictor's precision (``auto``, as ``--engine local``).
         tta: test-time augmentation (``None``: the bundle's).
-        backend: ``torch`` or ``onnx``.
+        backend: ``torch``, ``onnx`` or ``int8`` (``bundle`` is then the int8 export folder).
         topk: ranked classes per row.
         threads: torch threads (the CPUs this actor reserved).
     """
@@ -486,7 +486,8 @@ def predict_with_ray(
     """Classify every input image on a Ray cluster and write a Parquet folder.
 
     Args:
-        checkpoint: bundle folder, shipped model name, or (``backend="onnx"``) ``.onnx`` file.
+        checkpoint: bundle folder, shipped model name, (``backend="onnx"``) ``.onnx`` file, or
+            (``backend="int8"``) an int8 export folder.
         inputs: files, folders, globs, manifests (CSV/Parquet with ``path``) or URIs.
         out: the Parquet folder to write (local: written beside and renamed into place, so an
             interrupted run leaves no partial folder; a URI: written in place).
@@ -500,7 +501,7 @@ def predict_with_ray(
         batch_size: images per forward pass.
         topk: ranked classes per row.
         tta: test-time augmentation (``None``: the bundle's).
-        backend: ``torch`` or ``onnx``.
+        backend: ``torch``, ``onnx`` or ``int8`` (alias ``openvino``).
         precision: the Predictor's precision on each actor.
         progress: Ray Data's progress bars.
 
@@ -513,6 +514,11 @@ def predict_with_ray(
             "topk and batch_size must be >= 1, workers and gpus_per_worker >= 0 and "
             "cpus_per_worker > 0"
         )
+    if BACKEND_ALIASES.get(backend, backend) == "int8" and gpus_per_worker > 0:
+        raise RayEngineError(
+            "the int8 backend runs on the CPU; use --gpus-per-worker 0, or --backend torch for "
+            "GPU actors"
+        )
     ray = import_ray()
     out_str = str(out)
     _check_out(out_str, address)
@@ -521,7 +527,10 @@ def predict_with_ray(
         checkpoint, device="cpu", backend=backend, batch_size=batch_size, tta=tta
     )
     paths = expand_inputs(inputs)
-    payload = _bundle_payload(checkpoint)
+    # int8: the export folder the driver resolved (CHECKPOINT/int8, or the cache for a shipped
+    # model), not the bundle's top-level files, which hold no OpenVINO model
+    int8_bin = getattr(predictor, "int8_path_", None) if predictor.backend == "int8" else None
+    payload = _bundle_payload(Path(int8_bin).parent if int8_bin is not None else checkpoint)
     owned = _connect(ray, address)
     try:
         n_actors, resources = _actor_plan(

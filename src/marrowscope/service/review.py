@@ -299,6 +299,8 @@ def list_samples(
 ) -> list[tuple[Sample, int, int, int]]:
     """The samples (newest first) with their cell, pending and unreviewed counts (one query).
 
+    Cells rejected as not a white cell are left out of every count, as in :func:`summary`.
+
     Args:
         db: the session.
         skip: samples to leave out at the start.
@@ -307,8 +309,8 @@ def list_samples(
     query = (
         select(
             Sample,
-            func.count(Cell.id),
-            func.count(Cell.id).filter(Cell.status == CELL_PENDING),
+            func.count(Cell.id).filter(Cell.rejected_at.is_(None)),
+            func.count(Cell.id).filter(Cell.status == CELL_PENDING, Cell.rejected_at.is_(None)),
             func.count(Cell.id).filter(Cell.reviewed_label.is_(None), Cell.rejected_at.is_(None)),
         )
         .outerjoin(Cell, Cell.sample_id == Sample.id)

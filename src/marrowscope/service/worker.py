@@ -67,7 +67,8 @@ class ModelInfo:
     Attributes:
         name: the training config's name (or the architecture).
         arch: the registry architecture name.
-        version: ``arch:<first 12 hex of the weights' SHA-256>``; stored with every call.
+        version: ``arch:<first 12 hex of the weights' SHA-256>`` (of the int8 model's own
+            ``model.bin`` for the int8 backend); stored with every call.
         marrowscope_version: the marrowscope version that wrote the bundle.
         classes: class names in index order.
         input_size: pixels.
@@ -106,9 +107,10 @@ def _weights_digest(predictor: Predictor) -> str:
     if ckpt:
         p = Path(ckpt)
         candidates = (
+            # an int8 model's calls differ from its fp32 source's: its own file names the version
+            getattr(predictor, "int8_path_", None),
             p / WEIGHTS_NAME,
             getattr(predictor, "onnx_path_", None),
-            getattr(predictor, "int8_path_", None),
             p,
         )
         for candidate in candidates:
@@ -300,15 +302,16 @@ class ClassificationWorker:
             return False
         error: str | None = None
         findings = None
-        try:
-            findings = find_cells(
-                self.store.path(row.stored_path), self.detector(), self.crop_spec()
-            )
+        side = 0
+        try:  # every step that can fail on this field: an error here is said on the field, not
+            # raised, or the same field would be picked again and block all classification
+            spec = self.crop_spec()
+            side = spec.side_px
+            findings = find_cells(self.store.path(row.stored_path), self.detector(), spec)
         except Exception as e:  # FieldError, BundleError, ImageReadError ...: said on the field
             log.warning("field %d could not be searched: %s", row.id, e)
             error = str(e)[:500] or type(e).__name__
         stored = [self.store.put(c.png, "png") for c in findings.cells] if findings else []
-        side = self.crop_spec().side_px
         with self.db.write() as s:
             sample = s.scalar(select(Sample).where(Sample.id == row.sample_id).with_for_update())
             field = s.get(Field, row.id)

@@ -136,6 +136,8 @@ def test_reject_leaves_the_count_is_audited_and_can_be_taken_back(service: Servi
     s = _summary(service, sid, rev)
     assert s["totals"]["model"] == 2 and s["progress"]["rejected"] == 1
     assert s["progress"]["total"] == 2  # the rejected cell is not a cell of the count
+    listed = service.client.get("/api/samples", headers=rev).json()
+    assert [(x["cells"], x["unreviewed"]) for x in listed if x["id"] == sid] == [(2, 2)]
     assert next(c for c in _fields(service, sid, rev)[PBC.name]["cells"])["rejected"] is True
     (event,) = _audit(service, sid, rev, "cell.reject")
     assert event["user"] == "rev" and event["cell_id"] == bad["id"]
@@ -334,3 +336,25 @@ def test_pending_fields_block_sign_off_and_an_unusable_detector_is_said_on_the_f
     assert service.cells(other, rev) == []
     page = service.client.get(f"/samples/{other}").text
     assert "1 field(s) added; their white cells are found and classified" in page
+
+
+def test_a_classifier_without_a_usable_crop_scale_fails_the_field_not_the_worker(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crop scale that cannot be worked out (e.g. a bad ``crop`` entry in the bundle's
+    metadata) is said on the field; the worker does not raise, so it does not pick the same
+    field again and again while the uploaded cells wait."""
+    rev = service.auth("rev")
+    sid = service.new_sample(rev, "FIELDS-SPEC")
+    worker = service.app.state.worker
+    worker.stop()
+    _upload_fields(service, sid, _field_files(PBC), rev)
+
+    def bad_spec() -> Any:
+        raise ValueError("crop side_px 'x' in metadata.json is not a number")
+
+    monkeypatch.setattr(worker, "crop_spec", bad_spec)
+    assert worker.process_field() is True
+    field = _fields(service, sid, rev)[PBC.name]
+    assert field["status"] == "error" and "side_px 'x'" in field["error"]
+    assert worker.process_field() is False  # nothing pending: cells are classified next

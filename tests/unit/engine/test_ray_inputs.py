@@ -115,3 +115,57 @@ def test_without_ray_the_engine_says_how_to_install_it(
     )
     words = " ".join(bad.output.replace("│", " ").split())  # the usage box wraps the message
     assert bad.exit_code == 2 and "need --engine ray" in words
+
+
+def test_int8_backend_ships_the_int8_export_to_the_actors(
+    tmp_path: Path, cell_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --backend int8 the actors get the export folder the driver resolved (model.xml,
+    model.bin, metadata.json), not the bundle's top-level files, which hold no int8 model."""
+    bundle = tmp_path / "best"
+    export = bundle / "int8"
+    export.mkdir(parents=True)
+    (bundle / "model.safetensors").write_bytes(b"w")
+    (bundle / "metadata.json").write_text("{}")
+    for name in ("model.xml", "model.bin", "metadata.json"):
+        (export / name).write_bytes(name.encode())
+
+    class Stub:
+        backend = "int8"
+        int8_path_ = export / "model.bin"
+
+    shipped: list[dict[str, object]] = []
+    real = ray_predict._bundle_payload
+
+    def spy(checkpoint: Path) -> dict[str, object]:
+        shipped.append(real(checkpoint))
+        return shipped[-1]
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object) -> bool:
+        raise Stop
+
+    monkeypatch.setattr(ray_predict.Predictor, "from_checkpoint", lambda *a, **k: Stub())
+    monkeypatch.setattr(ray_predict, "import_ray", lambda: object())
+    monkeypatch.setattr(ray_predict, "_bundle_payload", spy)
+    monkeypatch.setattr(ray_predict, "_connect", stop)
+    with pytest.raises(Stop):
+        ray_predict.predict_with_ray(
+            bundle, [str(cell_files[0])], tmp_path / "p.parquet", backend="int8"
+        )
+    (payload,) = shipped
+    assert payload["folder"] is True and payload["name"] == "int8"
+    assert sorted(payload["files"]) == ["metadata.json", "model.bin", "model.xml"]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["int8", "openvino"])
+def test_int8_backend_on_gpu_actors_is_refused_before_ray_starts(
+    tmp_path: Path, cell_files: list[Path], backend: str
+) -> None:
+    with pytest.raises(RayEngineError, match="int8 backend runs on the CPU"):
+        ray_predict.predict_with_ray(
+            tmp_path / "ck", [str(cell_files[0])], tmp_path / "p.parquet", backend=backend,
+            gpus_per_worker=1,
+        )  # fmt: skip
