@@ -490,29 +490,35 @@ def add_fields(
     """Store the accepted images as whole fields of view, waiting for the detector.
 
     The background worker finds each field's white cells, adds them as cells and classifies
-    them. A field already in this sample (same SHA-256) is not added twice.
+    them. A field already in this sample (same SHA-256) is not added twice, except that uploading
+    again a field whose search failed puts it back in the detector's queue (audited as
+    ``field.retry``, with the error it had), so a failure that was fixed (a detector that could
+    not load) does not leave the field out of the count for good. The returned fields include
+    those retried.
 
     Raises:
         Conflict: the sample is signed.
     """
     ensure_editable(sample)
-    existing = {
-        sha: name
-        for sha, name in db.execute(
-            select(Field.sha256, Field.original_name).where(Field.sample_id == sample.id)
-        ).all()
-    }
+    existing = {f.sha256: f for f in db.scalars(select(Field).where(Field.sample_id == sample.id))}
     added: list[Field] = []
+    retried: list[tuple[Field, str | None]] = []
     duplicates: list[Rejected] = []
     now = utcnow()
     for img in images:
         sha, rel = store.put(img.data, img.ext)
         if sha in existing:
+            old = existing[sha]
+            if old.status == CELL_ERROR and all(f is not old for f, _ in retried):
+                retried.append((old, old.error))
+                old.status, old.error = CELL_PENDING, None
+                continue
             duplicates.append(
-                Rejected(img.name, f"the same field is already in this sample as {existing[sha]}")
+                Rejected(
+                    img.name, f"the same field is already in this sample as {old.original_name}"
+                )
             )
             continue
-        existing[sha] = img.name
         field = Field(
             sample_id=sample.id,
             sha256=sha,
@@ -526,7 +532,17 @@ def add_fields(
         )
         db.add(field)
         added.append(field)
+        existing[sha] = field
     db.flush()
+    if retried:
+        audit(
+            db,
+            user,
+            "field.retry",
+            sample_id=sample.id,
+            old=[{"field": f.id, "name": f.original_name, "error": e} for f, e in retried],
+            new={"status": CELL_PENDING},
+        )
     if added:
         audit(
             db,
@@ -540,7 +556,7 @@ def add_fields(
                 ],
             },
         )
-    return added, duplicates
+    return added + [f for f, _ in retried], duplicates
 
 
 def sample_fields(db: Session, sample: Sample) -> list[Field]:
@@ -565,7 +581,10 @@ def field_message(field: Field, cells: Sequence[Cell] = ()) -> str:
     if field.status == CELL_PENDING:
         return "searching the field for white cells"
     if field.status == CELL_ERROR:
-        return f"the field could not be searched: {field.error}"
+        return (
+            f"the field could not be searched: {field.error} (once the cause is fixed, upload "
+            "the field again to retry)"
+        )
     found = field.found or 0
     if found == 0 and not cells:
         return (

@@ -319,6 +319,20 @@ def test_pending_fields_block_sign_off_and_an_unusable_detector_is_said_on_the_f
     assert field["message"].startswith("the field could not be searched: ")
     (event,) = _audit(service, sid, rev, "field.error")
     assert event["user"] == "detector" and event["new"]["field"] == field["id"]
+    assert "upload the field again to retry" in field["message"]
+    # uploading it again puts it back in the detector's queue (audited with the old error) ...
+    result = _upload_fields(service, sid, _field_files(PBC), rev)
+    assert [a["id"] for a in result["accepted"]] == [field["id"]] and not result["rejected"]
+    again = _fields(service, sid, rev)[PBC.name]
+    assert again["status"] == "pending" and again["error"] is None
+    (event,) = _audit(service, sid, rev, "field.retry")
+    assert event["old"] == [{"field": field["id"], "name": PBC.name, "error": field["error"]}]
+    assert _summary(service, sid, rev)["can_sign"] is False  # searched again before sign-off
+    # ... and a third upload while it waits is a duplicate, not a second retry
+    result = _upload_fields(service, sid, _field_files(PBC), rev)
+    assert result["accepted"] == [] and "already in this sample" in result["rejected"][0]["message"]
+    assert worker.process_field() is True  # the detector still cannot load: an error again
+    assert _fields(service, sid, rev)[PBC.name]["status"] == "error"
     r = service.client.post(f"/api/samples/{sid}/signoff", headers=sig)
     assert r.status_code == 200, r.text  # the searched-or-failed fields no longer block
 
