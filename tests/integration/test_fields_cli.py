@@ -155,3 +155,27 @@ def test_count_fields_flags_hairy_cells_with_grad_cam_evidence_on_the_crops(
     assert len(evidence) == 8 and all("#" in e["file"] for e in evidence)
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("gradcam") >= 8
+
+
+def test_count_fields_at_the_model_scale_records_that_scale(tmp_path: Path) -> None:
+    """``--um-per-px model`` cuts every field at the classifier's training scale and says so in
+    ``fields.csv`` (source ``model``, as ``detect`` records it), not as a scale the user typed."""
+    from marrowscope.inference import Predictor
+    from marrowscope.inference.fields import crop_spec
+
+    folder = tmp_path / "smear"
+    folder.mkdir()
+    for p in ANNOTATED[:2]:
+        shutil.copyfile(p, folder / p.name)
+    out = tmp_path / "count"
+    r = _invoke(
+        "count", "pbc6", str(folder), "--fields", "--um-per-px", "model", "--out", str(out),
+        "--tta", "none", "--evidence", "0",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    want = crop_spec(Predictor.from_pretrained("pbc6", device="cpu")).um_per_px
+    rows = _rows(out / "fields.csv")
+    assert len(rows) == 2
+    for row in rows:
+        assert row["scale_source"] == "model"
+        assert float(row["um_per_px"]) == pytest.approx(want, rel=1e-4)

@@ -917,6 +917,7 @@ def count(
             sample_dir,
             det,
             um_per_px=scale,
+            use_model_scale=um_per_px.strip().lower() == "model",
             threshold=threshold,
             hac_min_percent=hac_percent,
             hac_min_count=hac_count,

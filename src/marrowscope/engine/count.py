@@ -215,6 +215,7 @@ def count_fields(
     detector: FieldDetector,
     *,
     um_per_px: float | None = None,
+    use_model_scale: bool = False,
     threshold: float = DEFAULT_THRESHOLD,
     hac_min_percent: float = DEFAULT_HAC_MIN_PERCENT,
     hac_min_count: int = DEFAULT_HAC_MIN_COUNT,
@@ -235,13 +236,15 @@ def count_fields(
         sample_dir: the sample folder (fields found recursively).
         detector: the white-cell detector.
         um_per_px: the fields' scale, if known (else measured on each field's red cells).
+        use_model_scale: assume the fields have the classifier's training scale (recorded as
+            scale source ``model``, as ``detect`` does; ``um_per_px`` is then ignored).
         threshold, hac_min_percent, hac_min_count, evidence, hac_class: as :func:`count_sample`.
         progress: show a progress bar.
 
     Raises:
         CountError: a missing/empty sample folder or a setting out of range.
     """
-    from marrowscope.engine.detect import outcome_of
+    from marrowscope.engine.detect import mark_model_scale, outcome_of
     from marrowscope.inference.fields import FieldError, analyze_field, crop_spec
     from marrowscope.utils.progress import make_progress
 
@@ -250,6 +253,8 @@ def count_fields(
     images, others = _sample_files(folder)
     classes = tuple(str(c) for c in predictor.classes_)
     spec = crop_spec(predictor)
+    if use_model_scale:
+        um_per_px = spec.um_per_px
     cells: list[CellCall] = []
     fields = []
     unreadable: list[tuple[str, str]] = []
@@ -259,6 +264,8 @@ def count_fields(
             rel_field = Path(os.path.relpath(path, folder)).as_posix()
             try:
                 res = analyze_field(path, detector, predictor, um_per_px=um_per_px, spec=spec)
+                if use_model_scale:
+                    res = mark_model_scale(res)
             except FieldError as e:
                 unreadable.append((str(path), str(e)))
                 bar.advance(task)

@@ -39,7 +39,7 @@ from marrowscope.utils.progress import make_progress
 if TYPE_CHECKING:
     from marrowscope.inference.predictor import Predictor
 
-__all__ = ["DetectRun", "detect_fields", "outcome_of"]
+__all__ = ["DetectRun", "detect_fields", "mark_model_scale", "outcome_of"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def detect_fields(
             else:
                 busy += time.perf_counter() - t0
                 if use_model_scale:
-                    result = _mark_model_scale(result)
+                    result = mark_model_scale(result)
                 rel = overlay_name(n, name) if overlays else None
                 outcome = outcome_of(name, result, rel)
                 if rel is not None:
@@ -173,7 +173,9 @@ def detect_fields(
     return DetectRun(tuple(outcomes), files, busy, spec)
 
 
-def _mark_model_scale(result: FieldResult) -> FieldResult:
+def mark_model_scale(result: FieldResult) -> FieldResult:
+    """``result`` with its scale recorded as the classifier's training scale (source
+    ``model``), for fields analysed at that scale because the user said so."""
     from dataclasses import replace
 
     d = result.detections
