@@ -75,29 +75,39 @@ class OpenVINORunner:
     """Runs an OpenVINO model on the CPU: ``(N, 3, S, S)`` float32 in [0, 1] -> ``(N, K)`` logits,
     or (:meth:`infer_uint8`) ``(N, S, S, 3)`` uint8 RGB -> logits.
 
-    The model is compiled for latency (one stream, ``threads`` threads, fp32 for the layers
-    left in float), which for the batch sizes of ``predict`` (16-64) measured as fast as two
-    streams (docs/benchmarks.md). The uint8 path converts, scales (1/255) and transposes inside
-    OpenVINO (its pre-processing step, fused with the first layer), so the decoded images go
-    to the network without a float copy on the Python side.
+    By default the model is compiled for latency (one stream of ``threads`` threads, fp32 for
+    the layers left in float), which for most models and the batch sizes of ``predict``
+    (16-64) measured as fast as two streams (docs/benchmarks.md). With ``streams=2`` it runs
+    two streams of ``threads // 2`` threads and splits each batch of two or more images between
+    them (one half per stream, at the same time): faster for networks whose layers are too
+    small to keep every thread busy (EfficientNet-B5's depthwise convolutions), slower for a
+    single image. The export measures which one a model runs faster with and records it
+    (``streams`` in the int8 metadata). The uint8 path converts, scales (1/255) and transposes
+    inside OpenVINO (its pre-processing step, fused with the first layer), so the decoded
+    images go to the network without a float copy on the Python side.
 
     Args:
         xml: the ``model.xml`` file (``model.bin`` next to it).
-        threads: inference threads.
+        threads: inference threads (all streams together).
+        streams: 1 or 2 (2 needs at least 2 threads; with fewer it runs as 1).
 
     Raises:
         RuntimeMissingError: OpenVINO is not installed.
         BundleError: the files cannot be read or compiled (names the file and the fix).
     """
 
-    def __init__(self, xml: Path, *, threads: int) -> None:
+    def __init__(self, xml: Path, *, threads: int, streams: int = 1) -> None:
+        if streams not in (1, 2):
+            raise ValueError(f"streams must be 1 or 2, got {streams!r}")
         self._ov = ov = import_openvino()
         self._xml = xml
         self._core = ov.Core()
+        threads = max(1, int(threads))
+        self.streams = streams if threads >= 2 else 1
         self._config = {
-            "INFERENCE_NUM_THREADS": max(1, int(threads)),
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY" if self.streams == 1 else "THROUGHPUT",
+            "NUM_STREAMS": self.streams,
             "INFERENCE_PRECISION_HINT": "f32",
         }
         self._float: Any = None
@@ -109,7 +119,7 @@ class OpenVINORunner:
             self._uint8 = self._compile(self._uint8_model(model))
         except Exception as e:
             raise self._load_error(e) from None
-        self._uint8_request = self._uint8.create_infer_request()
+        self._uint8_requests = [self._uint8.create_infer_request() for _ in range(self.streams)]
 
     def _load_error(self, e: Exception) -> BundleError:
         return BundleError(
@@ -120,6 +130,21 @@ class OpenVINORunner:
 
     def _compile(self, model: Any) -> Any:
         return self._core.compile_model(model, "CPU", self._config)
+
+    def _run(self, compiled: Any, requests: list[Any], batch: np.ndarray) -> np.ndarray:
+        """Logits of ``batch``: one request, or the batch split between the streams' requests
+        running at the same time (copies: the output buffers are reused)."""
+        output = compiled.output(0)
+        if len(requests) == 1 or len(batch) < 2:
+            out = requests[0].infer({0: batch})
+            return np.array(out[output], dtype=np.float32, copy=True)
+        for request, part in zip(requests, np.array_split(batch, len(requests)), strict=True):
+            request.start_async({0: part})
+        for request in requests:
+            request.wait()
+        return np.concatenate(
+            [np.array(r.get_tensor(output).data, dtype=np.float32) for r in requests]
+        )
 
     def _uint8_model(self, model: Any) -> Any:
         """``model`` taking uint8 NHWC RGB: convert to f32, divide by 255, NHWC -> NCHW."""
@@ -133,17 +158,19 @@ class OpenVINORunner:
         return ppp.build()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``(N, K)`` float32 for float NCHW input (a copy: buffers are reused)."""
+        """Logits ``(N, K)`` float32 for float NCHW input."""
         if self._float is None:  # compiled on first use: predict only needs the uint8 path
             try:
                 self._float = self._compile(self._core.read_model(str(self._xml)))
             except Exception as e:
                 raise self._load_error(e) from None
-            self._float_request = self._float.create_infer_request()
-        out = self._float_request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.array(out[self._float.output(0)], dtype=np.float32, copy=True)
+            self._float_requests = [self._float.create_infer_request() for _ in range(self.streams)]
+        return self._run(
+            self._float, self._float_requests, np.ascontiguousarray(x, dtype=np.float32)
+        )
 
     def infer_uint8(self, batch: np.ndarray) -> np.ndarray:
         """Logits ``(N, K)`` float32 for ``(N, S, S, 3)`` uint8 RGB images."""
-        out = self._uint8_request.infer({0: np.ascontiguousarray(batch, dtype=np.uint8)})
-        return np.array(out[self._uint8.output(0)], dtype=np.float32, copy=True)
+        return self._run(
+            self._uint8, self._uint8_requests, np.ascontiguousarray(batch, dtype=np.uint8)
+        )

@@ -517,7 +517,15 @@ class Predictor:
                 f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
             )
         self._setup_common(meta, str(meta_file))
-        runner = OpenVINORunner(folder / INT8_XML, threads=torch.get_num_threads())
+        streams = meta.int8.get("streams", 1)
+        if streams not in (1, 2):
+            raise PredictorError(
+                f"{meta_file}: int8 'streams' is {streams!r}, expected 1 or 2; export it again "
+                f"with: {_INT8_HINT.replace('CHECKPOINT', str(path))}"
+            )
+        runner = OpenVINORunner(
+            folder / INT8_XML, threads=torch.get_num_threads(), streams=int(streams)
+        )
         shape = runner.input_shape
         if len(shape) != 4 or shape[2:] != [self._size, self._size]:
             raise PredictorError(

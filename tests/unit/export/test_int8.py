@@ -22,7 +22,10 @@ from marrowscope.export.int8 import (  # noqa: E402
     export_int8_checkpoint,
 )
 from marrowscope.inference import Predictor, PredictorError, collect_image_paths  # noqa: E402
-from marrowscope.inference.openvino_runtime import RuntimeMissingError  # noqa: E402
+from marrowscope.inference.openvino_runtime import (  # noqa: E402
+    OpenVINORunner,
+    RuntimeMissingError,
+)
 from marrowscope.metadata import BundleMetadata  # noqa: E402
 from marrowscope.metrics.agreement import GuardReport  # noqa: E402
 from marrowscope.models.bundle import load_bundle, pretrained_bundle, save_bundle  # noqa: E402
@@ -91,6 +94,33 @@ def test_exported_metadata_round_trips(bm8_int8: Int8Export) -> None:
     assert "builtin:bm-sample" in guard["data"]
     assert GuardReport.from_dict(guard["single_view"]) == bm8_int8.guard_single_view
     assert {p.name for p in bm8_int8.path.iterdir()} == {"model.xml", "model.bin", "metadata.json"}
+    measured = info["streams_measured"]
+    assert info["streams"] == measured["streams"] in (1, 2) and measured["batch"] == 16
+    if measured["images_per_s"] is not None:  # (None: one thread, nothing to choose)
+        rate = measured["images_per_s"]
+        assert rate["1"] > 0 and rate["2"] > 0
+        assert (info["streams"] == 2) == (rate["2"] >= 1.05 * rate["1"])
+
+
+def test_two_streams_give_the_logits_of_one(bm8_int8: Int8Export) -> None:
+    """Splitting a batch between two streams changes nothing but the speed: the same logits
+    for every batch size, odd ones and a single image included."""
+    xml = bm8_int8.path / "model.xml"
+    one = OpenVINORunner(xml, threads=2, streams=1)
+    two = OpenVINORunner(xml, threads=2, streams=2)
+    assert (one.streams, two.streams) == (1, 2)
+    assert OpenVINORunner(xml, threads=1, streams=2).streams == 1  # nothing to split
+    rng = np.random.default_rng(0)
+    size = one.input_shape[-1]
+    for n in (1, 2, 5, 16):
+        batch = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        a, b = one.infer_uint8(batch), two.infer_uint8(batch)
+        assert a.shape == b.shape == (n, 8)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        np.testing.assert_allclose(two(x), a, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="streams must be 1 or 2"):
+        OpenVINORunner(xml, threads=2, streams=3)
 
 
 def test_guard_refuses_calibration_on_blank_images(tmp_path: Path) -> None:
