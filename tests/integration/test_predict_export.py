@@ -190,6 +190,7 @@ def test_export_int8_then_predict_with_the_int8_backend(
         "written anyway because of --force" in res.output
         and (bundle / "int8" / "model.xml").is_file()
     )
+    assert "OpenVINO streams: " in res.output  # the measured choice is said
     out = tmp_path / "int8.json"
     res = _invoke(
         "predict", str(bundle), str(cells), "--out", str(out), "--backend", "int8", "--no-progress"

@@ -1269,6 +1269,15 @@ def export(
         f"guard ({res.guard_data}, test-time augmentation {res.guard_tta}): {g.summary()}"
     )
     console.print(f"guard, single view: {one.summary()}")
+    if res.streams is not None:
+        rate = res.streams.get("images_per_s")
+        timed = (
+            f" (batch of {res.streams['batch']}: 1 stream {rate['1']} images/s, 2 streams "
+            f"{rate['2']})"
+            if rate
+            else " (one thread: nothing to split)"
+        )
+        console.print(f"OpenVINO streams: {res.streams['streams']}{timed}")
     if res.forced:
         err_console.print(
             f"[bold yellow]warning:[/] the guard failed ({'; '.join(g.failures)}); written anyway "

@@ -132,6 +132,8 @@ class Int8Export:
     guard_data: str
     guard_tta: str
     forced: bool
+    streams: dict[str, Any] | None = None
+    """The streams measurement (:func:`measure_streams`) and the choice recorded."""
 
     @property
     def passed(self) -> bool:
@@ -574,6 +576,7 @@ def export_int8(
         guard_data=guard_source,
         guard_tta=tta,
         forced=bool(force and not result["guard"].passed),
+        streams=info.get("streams_measured"),
     )
 
 
