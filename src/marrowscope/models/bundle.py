@@ -43,7 +43,9 @@ __all__ = [
     "pretrained_bundle",
     "pretrained_index",
     "read_metadata",
+    "read_shipped_index",
     "save_bundle",
+    "verify_shipped_files",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -162,18 +164,48 @@ def pretrained_index(root: str | Path | None = None) -> dict[str, dict[str, Any]
     Args:
         root: the folder of shipped models (``None``: :data:`PRETRAINED_DIR`).
     """
-    path = Path(PRETRAINED_DIR if root is None else root) / INDEX_NAME
+    return read_shipped_index(Path(PRETRAINED_DIR if root is None else root) / INDEX_NAME, "model")
+
+
+def read_shipped_index(path: Path, what: str) -> dict[str, dict[str, Any]]:
+    """A list of shipped files (``index.json`` of the models, ``detectors.json`` ...): ``{}``
+    when there is none; ``what`` names the kind in the error ("model", "detector").
+
+    Raises:
+        BundleError: the file cannot be read or is not a JSON object.
+    """
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(
-            f"{path}: the list of shipped models cannot be read ({e}); reinstall marrowscope"
+            f"{path}: the list of shipped {what}s cannot be read ({e}); reinstall marrowscope"
         ) from None
     if not isinstance(index, dict):
         raise BundleError(f"{path}: expected a JSON object; reinstall marrowscope")
     return index
+
+
+def verify_shipped_files(folder: Path, files: Mapping[str, str], what: str) -> None:
+    """Check that every shipped file of ``folder`` is there with its recorded sha256.
+
+    Raises:
+        BundleError: a missing or altered file (names it, the kind and the fix).
+    """
+    for file, expected in files.items():
+        path = folder / file
+        if not path.is_file():
+            raise BundleError(
+                f"{path}: file of the shipped {what} {folder.name!r} is missing; reinstall "
+                "marrowscope"
+            )
+        digest = file_sha256(path)
+        if digest != expected:
+            raise BundleError(
+                f"{path}: sha256 {digest} does not match the expected {expected} of the shipped "
+                f"{what} {folder.name!r} (damaged or replaced file); reinstall marrowscope"
+            )
 
 
 def pretrained_bundle(name: str) -> Path:
@@ -191,18 +223,7 @@ def pretrained_bundle(name: str) -> Path:
             "lists them), or pass a checkpoint bundle folder"
         )
     folder = PRETRAINED_DIR / name
-    for file, expected in index[name]["files"].items():
-        path = folder / file
-        if not path.is_file():
-            raise BundleError(
-                f"{path}: file of the shipped model {name!r} is missing; reinstall marrowscope"
-            )
-        digest = file_sha256(path)
-        if digest != expected:
-            raise BundleError(
-                f"{path}: sha256 {digest} does not match the expected {expected} of the shipped "
-                f"model {name!r} (damaged or replaced file); reinstall marrowscope"
-            )
+    verify_shipped_files(folder, index[name]["files"], "model")
     return folder
 
 

@@ -34,9 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marrowscope.models.bundle import PRETRAINED_DIR, BundleError
+from marrowscope.models.bundle import (
+    PRETRAINED_DIR,
+    BundleError,
+    read_shipped_index,
+    verify_shipped_files,
+)
 from marrowscope.utils.boxes import nms
-from marrowscope.utils.io import atomic_write, atomic_write_bytes, atomic_write_json, file_sha256
+from marrowscope.utils.io import atomic_write, atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "DETECTORS_INDEX",
@@ -364,18 +369,9 @@ def load_detector(folder: str | Path) -> tuple[CellDetector, DetectorMetadata]:
 
 def detector_index(root: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """The shipped detectors: ``{name: {"description": ..., "files": {file: sha256}}}``."""
-    path = Path(PRETRAINED_DIR if root is None else root) / DETECTORS_INDEX
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(
-            f"{path}: the list of shipped detectors cannot be read ({e}); reinstall marrowscope"
-        ) from None
-    if not isinstance(index, dict):
-        raise BundleError(f"{path}: expected a JSON object; reinstall marrowscope")
-    return index
+    return read_shipped_index(
+        Path(PRETRAINED_DIR if root is None else root) / DETECTORS_INDEX, "detector"
+    )
 
 
 def pretrained_detector(name: str) -> Path:
@@ -392,16 +388,5 @@ def pretrained_detector(name: str) -> Path:
             "or a detector bundle folder"
         )
     folder = PRETRAINED_DIR / name
-    for file, expected in index[name]["files"].items():
-        path = folder / file
-        if not path.is_file():
-            raise BundleError(
-                f"{path}: file of the shipped detector {name!r} is missing; reinstall marrowscope"
-            )
-        digest = file_sha256(path)
-        if digest != expected:
-            raise BundleError(
-                f"{path}: sha256 {digest} does not match the expected {expected} of the shipped "
-                f"detector {name!r} (damaged or replaced file); reinstall marrowscope"
-            )
+    verify_shipped_files(folder, index[name]["files"], "detector")
     return folder
