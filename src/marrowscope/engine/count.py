@@ -182,6 +182,38 @@ def count_sample(
                 probs=probs,
             )
         )
+    return _counted(
+        predictor,
+        folder,
+        classes,
+        cells,
+        unreadable,
+        others,
+        threshold=threshold,
+        hac_min_percent=hac_min_percent,
+        hac_min_count=hac_min_count,
+        evidence=evidence,
+        hac_class=hac_class,
+    )
+
+
+def _counted(
+    predictor: Predictor,
+    folder: Path,
+    classes: tuple[str, ...],
+    cells: list[CellCall],
+    unreadable: list[tuple[str, str]],
+    others: Sequence[Path],
+    *,
+    threshold: float,
+    hac_min_percent: float,
+    hac_min_count: int,
+    evidence: int,
+    hac_class: str,
+    **extra: Any,
+) -> CountResult:
+    """The count of a sample's classified cells: the differential of the identified ones, the
+    hairy-cell flag with its Grad-CAM evidence, and the result (``extra``: the fields' part)."""
     t = tally(
         (c.predicted for c in cells if c.identified),
         classes,
@@ -189,7 +221,7 @@ def count_sample(
         hac_min_percent=hac_min_percent,
         hac_min_count=hac_min_count,
     )
-    counts, percents, flag = t.counts, t.percents, t.flag
+    flag = t.flag
     if flag.hac_class is not None and evidence > 0:
         ev, note = _evidence(predictor, cells, flag.hac_class, classes, evidence)
         flag = replace(flag, evidence=ev, evidence_note=note)
@@ -200,12 +232,13 @@ def count_sample(
         classes=classes,
         threshold=float(threshold),
         cells=tuple(cells),
-        counts=counts,
-        percents=percents,
+        counts=t.counts,
+        percents=t.percents,
         unreadable=tuple(unreadable),
         ignored=tuple(str(p) for p in others),
         flag=flag,
         model=_model_info(predictor),
+        **extra,
     )
 
 
@@ -286,30 +319,18 @@ def count_fields(
                     )
                 )
             bar.advance(task)
-    t = tally(
-        (c.predicted for c in cells if c.identified),
+    return _counted(
+        predictor,
+        folder,
         classes,
-        hac_class=hac_class,
+        cells,
+        unreadable,
+        others,
+        threshold=threshold,
         hac_min_percent=hac_min_percent,
         hac_min_count=hac_min_count,
-    )
-    flag = t.flag
-    if flag.hac_class is not None and evidence > 0:
-        ev, note = _evidence(predictor, cells, flag.hac_class, classes, evidence)
-        flag = replace(flag, evidence=ev, evidence_note=note)
-    return CountResult(
-        sample=folder.resolve().name or str(folder),
-        sample_dir=str(folder),
-        created=datetime.now().astimezone().isoformat(timespec="seconds"),
-        classes=classes,
-        threshold=float(threshold),
-        cells=tuple(cells),
-        counts=t.counts,
-        percents=t.percents,
-        unreadable=tuple(unreadable),
-        ignored=tuple(str(p) for p in others),
-        flag=flag,
-        model=_model_info(predictor),
+        evidence=evidence,
+        hac_class=hac_class,
         fields=tuple(fields),
         detector={
             "name": getattr(detector, "name_", None),
