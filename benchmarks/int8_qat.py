@@ -103,6 +103,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ref-cache", type=Path, help=".npy of the fp32 view logits (reused)")
     ap.add_argument("--skip-ptq", action="store_true", help="no OpenVINO-PTQ reference row")
+    ap.add_argument(
+        "--cosine", action="store_true", help="cosine decay of the learning rate to 0 over the run"
+    )
+    ap.add_argument(
+        "--save",
+        type=Path,
+        help="folder: each epoch's int8 export (DIR/epoch-N, with its guard in the metadata)",
+    )
     args = ap.parse_args()
 
     import nncf
@@ -157,15 +165,21 @@ def main() -> None:
 
     _score(convert(), meta, ref, val, labels, "ptq-torch epoch 0", log)
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=args.lr)
-    t_soft = float(ref.temperature_)
     n_views = len(tta_views(train[:1], "d8"))
+    step = args.batch if args.objective == "view" else max(1, args.batch // n_views)
+    steps_per_epoch = -(-(args.max_train or len(train)) // step)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
+        if args.cosine
+        else None
+    )
+    t_soft = float(ref.temperature_)
     for epoch in range(1, args.epochs + 1):
         student.eval()  # batch-norm statistics and dropout frozen; gradients still flow
         order = rng.permutation(len(train))
         if args.max_train:
             order = order[: args.max_train]
         t0, losses = time.perf_counter(), []
-        step = args.batch if args.objective == "view" else max(1, args.batch // n_views)
         for start in range(0, len(order), step):
             idx = np.sort(order[start : start + step])
             if args.objective == "view":
@@ -190,11 +204,17 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             losses.append(float(loss))
         dt = time.perf_counter() - t0
         seen = len(order) * (1 if args.objective == "view" else n_views)
         print(f"epoch {epoch}: loss {np.mean(losses):.4f}, {seen / dt:.1f} img/s", flush=True)
-        row = _score(convert(), meta, ref, val, labels, f"qat epoch {epoch}", log)
+        ov_model = convert()
+        row = _score(ov_model, meta, ref, val, labels, f"qat epoch {epoch}", log)
+        if args.save is not None:
+            note = {"runtime": "openvino", "note": f"qat epoch {epoch}", "guard": row["d8"]}
+            save_int8(ov_model, meta.replace(int8=note), args.save / f"epoch-{epoch}")
         row["train_loss"] = float(np.mean(losses))
         row["train_img_s"] = round(seen / dt, 2)
         result["log"] = log
