@@ -101,6 +101,27 @@ def test_predict_onnx_backend_after_export_matches_torch(
         )
 
 
+def test_predict_decoding_in_threads_gives_the_same_table(
+    bundle: Path, cells: Path, tmp_path: Path
+) -> None:
+    tables = {}
+    for decode in ("processes", "threads"):
+        out = tmp_path / f"{decode}.csv"
+        res = _invoke(
+            "predict", str(bundle), str(cells), "--out", str(out), "--decode", decode,
+            "--batch-size", "4", "--workers", "2", "--device", "cpu", "--no-progress",
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        tables[decode] = list(csv.DictReader(out.open()))
+    assert len(tables["threads"]) == 10  # 9 cells + broken.jpg, whose error is kept
+    assert tables["threads"] == tables["processes"]
+    res = _invoke(
+        "predict", str(bundle), str(cells), "--out", str(tmp_path / "x.csv"), "--decode", "gpu"
+    )
+    assert res.exit_code == 2 and "--decode must be processes or threads" in res.output
+    assert not (tmp_path / "x.csv").exists()
+
+
 def test_predict_parquet(bundle: Path, cells: Path, tmp_path: Path) -> None:
     import pyarrow.parquet as pq  # a dev dependency: installed by make test
 

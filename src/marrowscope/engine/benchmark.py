@@ -3,10 +3,11 @@
 For every batch size x backend (torch fp32 eager, torch bf16 autocast + channels_last, ONNX
 Runtime fp32, OpenVINO int8) it measures images/s and the per-batch latency (median, p95):
 
-* **network alone**: the forward pass on pre-made float tensors;
+* **network alone**: the forward pass on pre-made batches in the form ``predict`` gives each
+  backend (float tensors; for int8, uint8 NHWC images, converted inside the OpenVINO graph);
 * **end to end**: decode -> preprocess -> infer through :meth:`Predictor.predict_path_batches`
-  (worker processes overlapped with inference) on a folder of image files (default: the
-  bundled sample).
+  (worker processes, or threads with ``decode="threads"``, overlapped with inference) on a
+  folder of image files (default: the bundled sample).
 
 Each measurement runs ``warmup`` batches first, then repeats until at least ``min_time`` seconds
 and ``min_iters`` batches have been timed. The per-step preprocessing cost (decode, resize,
@@ -333,6 +334,7 @@ def run_benchmark(
     min_iters: int = 3,
     end_to_end: bool = True,
     workers: int = 0,
+    decode: str = "processes",
     num_classes: int = 8,
     input_size: int = 224,
     console: Console | None = None,
@@ -350,6 +352,7 @@ def run_benchmark(
         min_iters: batches each network measurement times at least.
         end_to_end: also measure decode -> preprocess -> infer.
         workers: decoding processes for the end-to-end runs (0 = one per core).
+        decode: where the end-to-end runs decode: ``processes`` or ``threads``.
         num_classes: classes of a model built from a name.
         input_size: input size of a model built from a name.
         console: where progress lines go.
@@ -382,6 +385,7 @@ def run_benchmark(
             "images": str(img_root),
             "n_images": len(files),
             "workers": resolve_workers(workers),
+            "decode": decode,
             "random_weights": bundle is None,
         },
         denoise=bool(pre.get("denoise")),
@@ -410,12 +414,16 @@ def run_benchmark(
                 console.print(f"{backend:>10}  batch {bs:>3}  network alone ...")
                 x_np = rng.random((bs, 3, size, size), dtype=np.float32)
                 x: Any = x_np
+                step = pred.logits
                 if pred.backend == "torch":  # pre-made tensors in the layout the model runs
                     x = torch.from_numpy(x_np)
                     if pred.precision_.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
+                elif pred.backend == "int8":  # uint8 NHWC, as predict hands it over
+                    x = rng.integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
+                    step = pred._logits_uint8
                 times = _time_loop(
-                    lambda p=pred, xx=x: p.logits(xx),
+                    lambda f=step, xx=x: f(xx),
                     warmup=warmup,
                     min_time=min_time,
                     min_iters=min_iters,
@@ -432,6 +440,7 @@ def run_benchmark(
                             warmup=warmup,
                             min_time=min_time,
                             workers=workers,
+                            decode=decode,
                         )
                     )
     _add_notes(report, batch_sizes)
@@ -447,6 +456,7 @@ def _end_to_end(
     warmup: int,
     min_time: float,
     workers: int,
+    decode: str,
 ) -> BenchRow:
     """Whole passes over ``files`` (decode -> preprocess -> infer) until ``min_time``.
 
@@ -454,14 +464,18 @@ def _end_to_end(
     images over the whole wall time (each pass starts its worker pool again, as ``predict`` does).
     """
     if warmup > 0:  # the network is warm already; one batch warms the decoding path
-        for _ in pred.predict_path_batches(files[:bs], workers=workers, progress=False):
+        for _ in pred.predict_path_batches(
+            files[:bs], workers=workers, progress=False, decode=decode
+        ):
             pass
     gaps: list[float] = []
     n_images = 0
     start = time.perf_counter()
     while not gaps or time.perf_counter() - start < min_time:
         t_prev = time.perf_counter()
-        for batch in pred.predict_path_batches(files, workers=workers, progress=False):
+        for batch in pred.predict_path_batches(
+            files, workers=workers, progress=False, decode=decode
+        ):
             now = time.perf_counter()
             gaps.append(now - t_prev)
             t_prev = now

@@ -1,9 +1,9 @@
 """Batch input and output for prediction: which files, decoded where, written how.
 
 * :func:`collect_image_paths` turns command-line inputs (files, folders, globs) into image paths.
-* :func:`iter_loaded` decodes and preprocesses paths in worker processes, a bounded number of
-  chunks ahead of the consumer, so that decoding overlaps with inference; results come back in
-  input order and a file that cannot be used becomes an error message, never an exception.
+* :func:`iter_loaded` decodes and preprocesses paths in worker processes (or threads), a bounded
+  number of chunks ahead of the consumer, so that decoding overlaps with inference; results come
+  back in input order and a file that cannot be used becomes an error message, never an exception.
 * :func:`prediction_records` and :func:`write_predictions` build and write the prediction table
   (CSV, JSON or Parquet, chosen by the file extension).
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTPUT_FORMATS",
     "InputError",
+    "DECODE_MODES",
     "Loaded",
     "collect_image_paths",
     "iter_loaded",
@@ -58,6 +59,12 @@ __all__ = [
 
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 """Prediction file extension -> format."""
+
+DECODE_MODES = ("processes", "threads")
+"""Where :func:`iter_loaded` decodes: worker processes (a decoder that crashes costs only its
+file) or threads of this process (Pillow and OpenCV release the GIL while they decode; no copy
+of each image between processes, so faster next to a fast network, but a crashing decoder ends
+the run)."""
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -175,13 +182,15 @@ def _init_worker() -> None:
 
 
 class _Pool:
-    """A process pool that can be rebuilt after a worker died."""
+    """A process (or thread) pool that can be rebuilt after a worker died."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    def __init__(self, workers: int, decode: str = "processes") -> None:
+        self.workers, self.decode = workers, decode
         self.executor = self._new()
 
-    def _new(self) -> cf.ProcessPoolExecutor:
+    def _new(self) -> cf.Executor:
+        if self.decode == "threads":
+            return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="marrowscope-decode")
         return cf.ProcessPoolExecutor(
             self.workers, mp_context=process_context(), initializer=_init_worker
         )
@@ -220,34 +229,42 @@ def iter_loaded(
     workers: int = 0,
     chunk_size: int = 16,
     prefetch: int | None = None,
+    decode: str = "processes",
 ) -> Iterator[Loaded]:
-    """Decode + preprocess ``paths`` in worker processes; yield results in input order.
+    """Decode + preprocess ``paths`` in worker processes (or threads); yield results in input
+    order.
 
     At most ``prefetch`` chunks are in flight, so memory stays bounded however many files there
     are, and the workers run ahead while the consumer (the network) works. A worker process that
     dies (a crashing decoder) is replaced; the file responsible gets an error, the others are
-    redone.
+    redone. With ``decode="threads"`` there is no such protection (see :data:`DECODE_MODES`).
 
     Args:
         paths: image files.
         cfg: preprocessing parameters.
         size: model input size (see :func:`load_and_preprocess`).
-        workers: worker processes; 0 = one per CPU core this process may use.
+        workers: worker processes (threads); 0 = one per CPU core this process may use.
         chunk_size: files per task sent to a worker (>= 1).
         prefetch: chunks in flight (default ``2 * workers + 2``).
+        decode: ``processes`` or ``threads`` (:data:`DECODE_MODES`).
+
+    Raises:
+        ValueError: ``chunk_size`` below 1 or an unknown ``decode``.
 
     Yields:
         ``(array, None)`` or ``(None, message)`` per path, in order.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     names = [str(p) for p in paths]
     if not names:
         return
     n_workers = min(resolve_workers(workers), max(1, -(-len(names) // chunk_size)))
     depth = max(1, prefetch if prefetch is not None else 2 * n_workers + 2)
     chunks = deque(names[i : i + chunk_size] for i in range(0, len(names), chunk_size))
-    pool = _Pool(n_workers)
+    pool = _Pool(n_workers, decode)
     inflight: deque[tuple[list[str], cf.Future[list[Loaded]]]] = deque()
     try:
         while chunks or inflight:

@@ -85,7 +85,10 @@ def test_collect_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ decode pipeline
 
 
-def test_iter_loaded_keeps_order_across_workers_and_reports_bad_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["processes", "threads"])
+def test_iter_loaded_keeps_order_across_workers_and_reports_bad_files(
+    tmp_path: Path, decode: str
+) -> None:
     paths = [_img(tmp_path / f"{i:02d}.png", value=i * 10) for i in range(11)]
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
@@ -93,7 +96,7 @@ def test_iter_loaded_keeps_order_across_workers_and_reports_bad_files(tmp_path: 
     empty.write_bytes(b"")
     paths[3:3] = [bad]
     paths[8:8] = [empty]
-    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2, prefetch=3))
+    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2, prefetch=3, decode=decode))
     assert len(out) == len(paths)
     for p, (arr, err) in zip(paths, out, strict=True):
         if p in (bad, empty):
@@ -102,6 +105,28 @@ def test_iter_loaded_keeps_order_across_workers_and_reports_bad_files(tmp_path: 
             assert err is None and arr.shape == (16, 16, 3) and arr.dtype == np.uint8
             assert arr[0, 0, 0] == int(p.stem) * 10  # the right image in the right place
     assert "empty" in out[8][1] and "not a readable image" in out[3][1]
+
+
+def test_iter_loaded_threads_decode_in_this_process_and_unknown_mode_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    seen: set[str] = set()
+    real = batching.load_and_preprocess
+
+    def recording(path, cfg, size):  # type: ignore[no-untyped-def]
+        seen.add(f"{os.getpid()}:{threading.current_thread().name}")
+        return real(path, cfg, size)
+
+    monkeypatch.setattr(batching, "load_and_preprocess", recording)
+    paths = [_img(tmp_path / f"{i}.png", value=i) for i in range(8)]
+    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2, decode="threads"))
+    assert [int(a[0, 0, 0]) for a, _ in out] == list(range(8))
+    # every file was decoded here (a forked worker's calls would not reach this set)
+    assert seen and all(s.startswith(f"{os.getpid()}:marrowscope-decode") for s in seen)
+    with pytest.raises(ValueError, match="decode must be one of processes, threads, got 'gpu'"):
+        next(iter_loaded(paths, CFG, 16, decode="gpu"))
 
 
 def test_iter_loaded_survives_a_crashing_decoder(
