@@ -8,6 +8,7 @@ two stacks never run at the same time and their rounds can alternate:
 
     {"cmd": "info"}
     {"cmd": "build", "model": "resnet50", "size": 224, "classes": 8, "batch": 16}
+    {"cmd": "build", "model": "resnet50", ..., "input_dtype": "uint8", "key": "resnet50-u8"}
     {"cmd": "time", "model": "resnet50", "warmup": 1, "batches": 3}   -> {"seconds": [...]}
     {"cmd": "free", "model": "resnet50"}
     {"cmd": "quit"}
@@ -17,7 +18,9 @@ backbone (``weights=None``: speed does not depend on the weights; global average
 paper's head (BatchNormalization -> Dense(256, relu) -> Dropout -> Dense(n)), and the paper's own
 CNN (Rescaling -> 3 x [Conv2D 3x3 relu -> MaxPool] -> Dropout -> Flatten -> Dense(128, relu) ->
 Dense(n)). ``mobilenetv2`` is the architecture of marrowscope's shipped models. Inference is
-``model.predict_on_batch`` on float32 NHWC batches (Keras' own compiled predict step).
+``model.predict_on_batch`` on float32 NHWC batches (Keras' own compiled predict step), or on
+uint8 batches cast to float32 inside the graph (``input_dtype``; the model is then stored and timed
+under ``key``).
 """
 
 from __future__ import annotations
@@ -44,14 +47,20 @@ BACKBONES = {
 }
 
 
-def build(name: str, size: int, classes: int) -> Any:
-    """The Keras model ``name`` for ``size`` px RGB inputs and ``classes`` outputs."""
+def build(name: str, size: int, classes: int, input_dtype: str = "float32") -> Any:
+    """The Keras model ``name`` for ``size`` px RGB inputs (``input_dtype``: float32 as the
+    paper's ``image_dataset_from_directory`` yields, or uint8 cast inside the graph) and
+    ``classes`` outputs."""
     import keras
     from keras import layers
 
-    inputs = keras.Input((size, size, 3))
+    inputs = keras.Input((size, size, 3), dtype=input_dtype)
+    if input_dtype != "float32":
+        inputs_f = layers.Lambda(lambda t: keras.ops.cast(t, "float32"))(inputs)
+    else:
+        inputs_f = inputs
     if name == "paper_cnn":
-        x = layers.Rescaling(1.0 / 255)(inputs)
+        x = layers.Rescaling(1.0 / 255)(inputs_f)
         for filters in (16, 32, 64):
             x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
             x = layers.MaxPooling2D()(x)
@@ -64,7 +73,7 @@ def build(name: str, size: int, classes: int) -> Any:
     backbone = getattr(keras.applications, BACKBONES[name])(
         include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg"
     )
-    x = backbone(inputs)
+    x = backbone(inputs_f)
     x = layers.BatchNormalization()(x)
     x = layers.Dense(256, activation="relu")(x)
     x = layers.Dropout(0.3)(x)
@@ -91,12 +100,15 @@ def main() -> None:
                 }
             elif cmd == "build":
                 name, size = req["model"], int(req["size"])
-                model = build(name, size, int(req.get("classes", 8)))
-                x = np.random.default_rng(0).random(
-                    (int(req.get("batch", 16)), size, size, 3), dtype=np.float32
-                )
-                x *= 255.0 if name == "paper_cnn" else 1.0
-                models[name] = (model, x)
+                dtype = req.get("input_dtype", "float32")
+                model = build(name, size, int(req.get("classes", 8)), dtype)
+                shape = (int(req.get("batch", 16)), size, size, 3)
+                if dtype == "uint8":
+                    x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+                else:
+                    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+                    x *= 255.0 if name == "paper_cnn" else 1.0
+                models[req.get("key", name)] = (model, x)
                 out = {"params": int(model.count_params())}
             elif cmd == "time":
                 model, x = models[req["model"]]

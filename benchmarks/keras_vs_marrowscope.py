@@ -60,8 +60,24 @@ from marrowscope.utils.image import read_image
 HERE = Path(__file__).resolve().parent
 DATA = Path("../shared/data/bm-cells-dev")
 KERAS_NAMES = {"mobilenetv2_100": "mobilenetv2"}
-BACKENDS = ("keras-fp32", "torch-bf16", "openvino-int8", "openvino-int8-2s", "onnxruntime-int8")
-MARROWSCOPE = ("torch-bf16", "openvino-int8", "openvino-int8-2s")
+BACKENDS = (
+    "keras-fp32",
+    "keras-u8",
+    "torch-bf16",
+    "openvino-int8",
+    "openvino-int8-2s",
+    "openvino-int8-u8",
+    "openvino-int8-2s-u8",
+    "onnxruntime-int8",
+)
+KERAS = ("keras-fp32", "keras-u8")
+MARROWSCOPE = (
+    "torch-bf16",
+    "openvino-int8",
+    "openvino-int8-2s",
+    "openvino-int8-u8",
+    "openvino-int8-2s-u8",
+)
 
 
 class KerasServer:
@@ -247,6 +263,10 @@ def run_model(
     two = OpenVINORunner(folder / "model.xml", threads=threads, streams=2)
     steps["openvino-int8"] = lambda: one(x)
     steps["openvino-int8-2s"] = lambda: two(x)
+    if args.uint8:  # what predict hands the int8 backend: decoded uint8 NHWC images
+        x_u8 = np.random.default_rng(0).integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
+        steps["openvino-int8-u8"] = lambda: one.infer_uint8(x_u8)
+        steps["openvino-int8-2s-u8"] = lambda: two.infer_uint8(x_u8)
 
     if args.ort:
         t0 = time.perf_counter()
@@ -258,20 +278,32 @@ def run_model(
     if keras is not None:
         built = keras.ask(cmd="build", model=keras_name, size=size, classes=classes, batch=bs)
         result["keras_params"] = built["params"]
+        keras_keys = {"keras-fp32": keras_name}
+        if args.uint8:
+            keras_keys["keras-u8"] = f"{keras_name}-u8"
+            keras.ask(
+                cmd="build",
+                model=keras_name,
+                key=keras_keys["keras-u8"],
+                input_dtype="uint8",
+                size=size,
+                classes=classes,
+                batch=bs,
+            )
 
-        def keras_step_time() -> tuple[float, int]:
-            one = keras.ask(cmd="time", model=keras_name, warmup=1, batches=1)["seconds"][0]
+        def keras_step_time(key: str) -> tuple[float, int]:
+            one = keras.ask(cmd="time", model=key, warmup=1, batches=1)["seconds"][0]
             n = max(2, min(20, math.ceil(args.min_time / max(one, 1e-6))))
-            secs = keras.ask(cmd="time", model=keras_name, warmup=0, batches=n)["seconds"]
+            secs = keras.ask(cmd="time", model=key, warmup=0, batches=n)["seconds"]
             return statistics.median(secs), n
 
-    order = [b for b in BACKENDS if b in steps or (b == "keras-fp32" and keras is not None)]
+    order = [b for b in BACKENDS if b in steps or (keras is not None and b in keras_keys)]
     rounds: dict[str, list[float]] = {b: [] for b in order}
     for r in range(args.rounds):
         k = r % len(order)
         for b in order[k:] + order[:k]:
-            if b == "keras-fp32":
-                sec, _ = keras_step_time()
+            if b in KERAS:
+                sec, _ = keras_step_time(keras_keys[b])
             else:
                 sec, _ = timed(steps[b], min_time=args.min_time)
             rounds[b].append(bs / sec)
@@ -279,7 +311,8 @@ def run_model(
     result["rounds"] = {b: [round(v, 2) for v in vs] for b, vs in rounds.items()}
     result["images_per_s"] = {b: round(statistics.median(vs), 2) for b, vs in rounds.items()}
     if keras is not None:
-        keras.ask(cmd="free", model=keras_name)
+        for key in keras_keys.values():
+            keras.ask(cmd="free", model=key)
     steps.clear()
     gc.collect()
     return result
@@ -287,18 +320,19 @@ def run_model(
 
 def table(results: list[dict[str, Any]], peak: float | None) -> str:
     head = (
-        "| model | input | GMAC/image | Keras/TF fp32 | torch bf16+CL | ONNX Runtime int8 | "
-        "OpenVINO int8 | OpenVINO int8, 2 streams | best marrowscope / Keras | "
+        "| model | input | GMAC/image | Keras/TF fp32 | Keras/TF, uint8 in | torch bf16+CL | "
+        "ONNX Runtime int8 | OpenVINO int8 | OpenVINO int8, 2 streams | OpenVINO int8, uint8 in | "
+        "OpenVINO int8, 2 streams, uint8 in | best marrowscope / best Keras | "
         "OpenVINO int8 (best): % of int8 peak |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         ips = r["images_per_s"]
-        keras = ips.get("keras-fp32")
+        keras = max((ips.get(b, 0.0) for b in KERAS), default=0.0)
         best_name = max(MARROWSCOPE, key=lambda b: ips.get(b, 0.0))
         best = ips.get(best_name, 0.0)
         ratio = f"**{best / keras:.1f}x** ({best_name})" if keras else "–"
-        ov = max(ips.get("openvino-int8", 0.0), ips.get("openvino-int8-2s", 0.0))
+        ov = max(ips.get(b, 0.0) for b in MARROWSCOPE if b.startswith("openvino"))
         share = f"{100 * ov * r['gmac_per_image'] / peak:.0f}%" if peak and ov else "–"
 
         def cell(b: str, ips: dict[str, float] = ips) -> str:
@@ -306,9 +340,9 @@ def table(results: list[dict[str, Any]], peak: float | None) -> str:
 
         lines.append(
             f"| {r['model']} | {r['size']} px | {r['gmac_per_image']:.2f} | {cell('keras-fp32')} | "
-            f"{cell('torch-bf16')} | {cell('onnxruntime-int8')} | {cell('openvino-int8')} | "
-            f"{cell('openvino-int8-2s')} | "
-            f"{ratio} | {share} |"
+            f"{cell('keras-u8')} | {cell('torch-bf16')} | {cell('onnxruntime-int8')} | "
+            f"{cell('openvino-int8')} | {cell('openvino-int8-2s')} | {cell('openvino-int8-u8')} | "
+            f"{cell('openvino-int8-2s-u8')} | {ratio} | {share} |"
         )
     return "\n".join(lines)
 
@@ -327,6 +361,12 @@ def main() -> None:
     )
     ap.add_argument("--calibration", type=int, default=64, help="calibration cells per int8 model")
     ap.add_argument("--no-ort", dest="ort", action="store_false", help="skip ONNX Runtime int8")
+    ap.add_argument(
+        "--uint8",
+        action="store_true",
+        help="also time both stacks on uint8 NHWC input (what predict gives the int8 backend; "
+        "Keras then casts inside its graph)",
+    )
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
