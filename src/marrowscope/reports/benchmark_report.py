@@ -47,7 +47,8 @@ def benchmark_markdown(report: Mapping[str, Any]) -> str:
         f"{m['onnxruntime']}, openvino {m.get('openvino', 'not recorded')}, Python {m['python']}",
         f"- input {report['input_size']} px; warm-up {s['warmup']} batches; at least "
         f"{s['min_time_s']} s per measurement; end to end on {s['n_images']} files from "
-        f"`{s['images']}` with {s['workers']} decoding worker(s)",
+        f"`{s['images']}` with {s['workers']} decoding worker(s) "
+        f"({'threads' if s.get('decode') == 'threads' else 'processes'})",
         "",
         to_markdown(benchmark_rows(report), colfmt=BENCH_FORMATS).rstrip("\n"),
     ]
