@@ -202,27 +202,42 @@ def test_export_int8_then_predict_with_the_int8_backend(
     # an impossible threshold (macro-F1 must rise by 1): the guard refuses, names the numbers, writes nothing
     assert res.exit_code == 3 and "int8 accuracy guard failed" in res.output
     assert "top-1 agreement" in res.output and not (bundle / "int8").exists()
+    res = _invoke("export", str(bundle), "--format", "int8", "--recheck", "maybe")
+    assert res.exit_code == 2 and "auto, off or a margin in [0, 1]" in res.output
     res = _invoke(
         "export", str(bundle), "--format", "int8", "--calibrate", str(guard),
         "--guard-data", str(guard), "--guard-tta", "none", "--max-f1-drop", "-1", "--force",
+        "--recheck", "1",  # every cell re-checked in fp32
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (
         "written anyway because of --force" in res.output
         and (bundle / "int8" / "model.xml").is_file()
+        and (bundle / "int8" / "model_fp32.xml").is_file()
     )
     assert "OpenVINO streams: " in res.output  # the measured choice is said
+    assert "fp32 re-check of uncertain cells: margin 1 (fixed;" in res.output
     out = tmp_path / "int8.json"
     res = _invoke(
         "predict", str(bundle), str(cells), "--out", str(out), "--backend", "int8", "--no-progress"
     )
     assert res.exit_code == 0, res.output
-    assert "int8 backend" in res.output
+    assert "int8 backend, 9 uncertain cell(s) (100.0%) re-checked in fp32" in res.output
     rows = json.loads(out.read_text())
     assert len(rows) == 10 and sum(1 for r in rows if r["error"]) == 1
+    fp32 = tmp_path / "fp32.json"
+    res = _invoke(
+        "predict", str(bundle), str(cells), "--out", str(fp32), "--device", "cpu", "--no-progress"
+    )
+    for a, b in zip(rows, json.loads(fp32.read_text()), strict=True):  # all re-checked: fp32
+        if not a["error"]:
+            assert [a[f"p_{c}"] for c in CLASSES] == pytest.approx(
+                [b[f"p_{c}"] for c in CLASSES], abs=0.02  # (torch may run bf16 here)
+            )
     rep = run_benchmark(
         str(bundle), batch_sizes=(2,), backends=("int8",), images=cells / "ART", warmup=1,
         min_time=0.05, min_iters=2,
     )  # fmt: skip
     assert all(r.images_per_s for r in rep.rows)
     assert any("accuracy guard FAILED (written with --force)" in n for n in rep.notes)
+    assert any("re-checked 100.0% of them (margin 1)" in n for n in rep.notes)

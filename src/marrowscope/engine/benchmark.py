@@ -422,6 +422,9 @@ def run_benchmark(
                 elif pred.backend == "int8":  # uint8 NHWC, as predict hands it over
                     x = rng.integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
                     step = pred._logits_uint8
+                    if pred.recheck_margin_ > 0 and files:
+                        # its fp32 re-check depends on the cells: real ones, re-check included
+                        x, step = _recheck_step(pred, files, bs, rng)
                 times = _time_loop(
                     lambda f=step, xx=x: f(xx),
                     warmup=warmup,
@@ -429,6 +432,13 @@ def run_benchmark(
                     min_iters=min_iters,
                 )
                 report.rows.append(_row(backend, "network", bs, times, bs * len(times)))
+                if pred.backend == "int8" and pred.recheck_margin_ > 0 and files:
+                    report.notes.append(
+                        f"int8, batch {bs}, network alone: on {len(x)} real cells of the image "
+                        f"folder with the export's fp32 re-check, which re-checked "
+                        f"{pred.recheck_share():.1%} of them (margin {pred.recheck_margin_:g})"
+                    )
+                    pred.cells_checked_ = pred.cells_rechecked_ = 0
                 if end_to_end:
                     console.print(f"{backend:>10}  batch {bs:>3}  end to end ...")
                     report.rows.append(
@@ -443,8 +453,37 @@ def run_benchmark(
                             decode=decode,
                         )
                     )
+                    share = pred.recheck_share() if pred.recheck_margin_ > 0 else None
+                    if share is not None:
+                        report.notes.append(
+                            f"int8, batch {bs}, end to end: the fp32 re-check took "
+                            f"{share:.1%} of the {len(files)} cells"
+                        )
+                        pred.cells_checked_ = pred.cells_rechecked_ = 0
     _add_notes(report, batch_sizes)
     return report
+
+
+def _recheck_step(
+    pred: Predictor, files: Sequence[Path], bs: int, rng: np.random.Generator
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """For an int8 export with an fp32 re-check: up to ``4 * bs`` real cells drawn from
+    ``files`` (decoded and preprocessed once) and a step that predicts the next ``bs`` of them
+    (int8, then fp32 for the uncertain ones; one view)."""
+    pick = rng.choice(len(files), size=min(len(files), 4 * bs), replace=False)
+    size = pred.input_size
+    loaded = iter_loaded([files[i] for i in sorted(pick)], pred.preprocess_config_, size)
+    cells = np.stack([a for a, _ in loaded if a is not None])
+    cursor = [0]
+
+    def step(pool: np.ndarray) -> np.ndarray:
+        start = cursor[0]
+        idx = np.arange(start, start + bs) % len(pool)
+        cursor[0] = (start + bs) % len(pool)
+        return pred._probs_uint8(pool[idx])
+
+    pred.cells_checked_ = pred.cells_rechecked_ = 0
+    return cells, step
 
 
 def _end_to_end(
@@ -554,6 +593,18 @@ def _int8_note(report: BenchReport) -> None:
         f"with fp32 {g['agreement']:.4f}, macro-F1 {g['macro_f1_reference']:.4f} -> "
         f"{g['macro_f1_candidate']:.4f} (drop {g['macro_f1_drop']:+.4f}, paired 95% CI "
         f"[{lo:+.4f}, {hi:+.4f}]), max probability difference {g['max_prob_diff']:.4f}"
+        + _recheck_words(info.get("recheck"), g.get("rechecked_share"))
+    )
+
+
+def _recheck_words(recheck: dict[str, Any] | None, guard_share: float | None) -> str:
+    if not recheck or not recheck.get("margin"):
+        return "; no fp32 re-check"
+    share = f", {guard_share:.1%} of the guard cells" if guard_share is not None else ""
+    return (
+        f"; with its fp32 re-check of cells whose top-two int8 probabilities are closer than "
+        f"{recheck['margin']:g}{share} (the end-to-end rows include it; the network rows are "
+        "int8 alone)"
     )
 
 

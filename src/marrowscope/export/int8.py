@@ -61,6 +61,7 @@ from marrowscope.inference.batching import collect_image_paths, iter_loaded
 from marrowscope.inference.openvino_runtime import (
     INSTALL_HINT,
     INT8_XML,
+    RECHECK_XML,
     OpenVINORunner,
     RuntimeMissingError,
     default_int8_dir,
@@ -83,14 +84,17 @@ from marrowscope.utils.io import atomic_folder, file_sha256
 
 __all__ = [
     "CALIBRATION_SIZE",
+    "RECHECK_CELLS",
     "GuardFailedError",
     "Int8Export",
     "LabelledImages",
     "calibration_images",
     "calibration_views",
+    "convert_openvino",
     "export_int8",
     "export_int8_checkpoint",
     "guard_images",
+    "fit_recheck_margin",
     "measure_streams",
     "quantize_openvino",
     "save_int8",
@@ -101,6 +105,16 @@ log = logging.getLogger(__name__)
 CALIBRATION_SIZE = 300
 """Calibration images drawn by default (NNCF's default subset size; more barely moves int8
 ranges, fewer starts to)."""
+
+
+RECHECK_COVERAGE = 0.99
+"""``recheck="auto"``: the margin is this quantile of how much int8 changes the gap between a
+cell's top two probabilities (:func:`fit_recheck_margin`)."""
+RECHECK_MAX_SHARE = 0.15
+"""``recheck="auto"`` never picks a margin that re-checks more than this share of the cells it
+is fitted on (the re-check runs fp32, about 3x slower per cell than int8)."""
+RECHECK_CELLS = 600
+"""``recheck="auto"``: training cells (not calibration cells) the margin is fitted on."""
 
 
 class GuardFailedError(ExportError):
@@ -134,6 +148,10 @@ class Int8Export:
     forced: bool
     streams: dict[str, Any] | None = None
     """The streams measurement (:func:`measure_streams`) and the choice recorded."""
+    recheck: dict[str, Any] | None = None
+    """The fp32 re-check of uncertain cells (:func:`fit_recheck_margin`); margin 0 = none."""
+    guard_rechecked: float | None = None
+    """Share of the guard cells the int8 backend re-checked in fp32."""
 
     @property
     def passed(self) -> bool:
@@ -301,6 +319,103 @@ def _require_nncf() -> tuple[Any, Any]:
     return ov, nncf
 
 
+def convert_openvino(model: Classifier) -> Any:
+    """``model`` as an fp32 ``openvino.Model``: input ``images`` (float32 NCHW in [0, 1], dynamic
+    batch), output ``logits`` (normalisation inside, as in the PyTorch model).
+
+    Raises:
+        RuntimeMissingError: OpenVINO is not installed.
+        ExportError: the conversion fails.
+    """
+    ov = import_openvino()
+    ref = copy.deepcopy(getattr(model, "_orig_mod", model)).to("cpu", torch.float32).eval()
+    ref = ref.to(memory_format=torch.contiguous_format)
+    size = ref.input_size
+    try:
+        with torch.inference_mode():
+            ov_model = ov.convert_model(
+                ref,
+                example_input=torch.rand(1, 3, size, size),
+                input=[ov.PartialShape([-1, 3, size, size])],
+            )
+    except Exception as e:
+        raise ExportError(
+            f"OpenVINO cannot convert {ref.arch!r} ({type(e).__name__}: {str(e)[:300]}); use "
+            "--format onnx, or report the model name"
+        ) from None
+    ov_model.input(0).get_tensor().set_names({ONNX_INPUT})
+    ov_model.output(0).get_tensor().set_names({ONNX_OUTPUT})
+    return ov_model
+
+
+def fit_recheck_margin(
+    p_fp32: np.ndarray,
+    p_int8: np.ndarray,
+    *,
+    coverage: float = RECHECK_COVERAGE,
+    max_share: float = RECHECK_MAX_SHARE,
+) -> dict[str, Any]:
+    """The margin below which the int8 backend re-checks a cell in fp32.
+
+    int8 can change a cell's top-1 class only when its perturbation of the two leading
+    probabilities is larger than the gap between them. So the margin is a high quantile
+    (``coverage``) of that perturbation, measured on cells the guard does not use: the absolute
+    change, int8 against fp32, of the difference between int8's top two probabilities. A cell
+    whose int8 top two are closer than that is predicted again in fp32 and gets fp32's answer.
+    This depends on how much int8 perturbs the probabilities, not on how confident the model is
+    on these cells (training cells are easier than new ones: int8 alone agrees with fp32 more
+    often on them), so it carries over to new cells, where more cells fall under the margin.
+    The margin is rounded up to a multiple of 0.01 and lowered, when needed, until at most
+    ``max_share`` of these cells are re-checked.
+
+    Args:
+        p_fp32: ``(N, K)`` fp32 probabilities (the bundle's prediction rule).
+        p_int8: the int8 model's probabilities of the same cells.
+        coverage: the quantile of the perturbation the margin covers.
+        max_share: the largest share of these cells the margin may re-check.
+
+    Returns:
+        ``{"margin", "cells", "coverage", "perturbation_quantile", "share", "agreement_int8",
+        "agreement_with_recheck", "max_share", "capped"}`` (shares and agreements on these
+        cells; a re-checked cell counts as agreeing).
+    """
+    if p_fp32.shape != p_int8.shape or p_fp32.ndim != 2 or len(p_fp32) == 0:
+        raise ValueError(
+            f"need two (N, K) probability arrays of the same shape, got {p_fp32.shape} and "
+            f"{p_int8.shape}"
+        )
+    if not 0.0 < coverage <= 1.0 or not 0.0 <= max_share <= 1.0:
+        raise ValueError(
+            f"coverage must be in (0, 1] and max_share in [0, 1], got {coverage}, {max_share}"
+        )
+    rows = np.arange(len(p_int8))
+    order = np.argsort(p_int8, axis=1)
+    if p_int8.shape[1] < 2:  # one class: nothing can flip
+        gap, change = np.ones(len(p_int8)), np.zeros(len(p_int8))
+    else:
+        first, second = order[:, -1], order[:, -2]
+        gap = p_int8[rows, first] - p_int8[rows, second]
+        change = np.abs(gap - (p_fp32[rows, first] - p_fp32[rows, second]))
+    q = float(np.quantile(change, coverage))
+    margin = float(np.ceil(round(q * 100, 6)) / 100)
+    capped = False
+    while margin > 0 and (gap < margin).mean() > max_share:
+        margin, capped = round(margin - 0.01, 2), True
+    checked = gap < margin
+    agree = p_fp32.argmax(1) == p_int8.argmax(1)
+    return {
+        "margin": margin,
+        "cells": len(p_int8),
+        "coverage": coverage,
+        "perturbation_quantile": round(q, 4),
+        "share": round(float(checked.mean()), 4),
+        "agreement_int8": round(float(agree.mean()), 4),
+        "agreement_with_recheck": round(float((agree | checked).mean()), 4),
+        "max_share": max_share,
+        "capped": capped,
+    }
+
+
 def quantize_openvino(
     model: Classifier, calibration: np.ndarray, *, fast_bias_correction: bool = False
 ) -> Any:
@@ -321,24 +436,8 @@ def quantize_openvino(
         RuntimeMissingError: OpenVINO or NNCF is not installed.
         ExportError: the conversion or the quantisation fails.
     """
-    ov, nncf = _require_nncf()
-    ref = copy.deepcopy(getattr(model, "_orig_mod", model)).to("cpu", torch.float32).eval()
-    ref = ref.to(memory_format=torch.contiguous_format)
-    size = ref.input_size
-    try:
-        with torch.inference_mode():
-            ov_model = ov.convert_model(
-                ref,
-                example_input=torch.rand(1, 3, size, size),
-                input=[ov.PartialShape([-1, 3, size, size])],
-            )
-    except Exception as e:
-        raise ExportError(
-            f"OpenVINO cannot convert {ref.arch!r} ({type(e).__name__}: {str(e)[:300]}); use "
-            "--format onnx, or report the model name"
-        ) from None
-    ov_model.input(0).get_tensor().set_names({ONNX_INPUT})
-    ov_model.output(0).get_tensor().set_names({ONNX_OUTPUT})
+    _, nncf = _require_nncf()
+    ov_model = convert_openvino(model)
 
     def to_input(img: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(img[None].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
@@ -353,7 +452,7 @@ def quantize_openvino(
         )
     except Exception as e:
         raise ExportError(
-            f"NNCF cannot quantise {ref.arch!r} ({type(e).__name__}: {str(e)[:300]}); use "
+            f"NNCF cannot quantise {model.arch!r} ({type(e).__name__}: {str(e)[:300]}); use "
             "--format onnx, or report the model name"
         ) from None
 
@@ -473,6 +572,8 @@ def export_int8(
     weights_sha256: str | None = None,
     source: str = "",
     batch_size: int = 32,
+    recheck: str | float = "auto",
+    recheck_images: np.ndarray | None = None,
 ) -> Int8Export:
     """Quantise ``model``, check it against PyTorch fp32 and write the export folder atomically.
 
@@ -492,8 +593,16 @@ def export_int8(
         weights_sha256: SHA-256 of the source weights (a stale export is refused at load time).
         source: the checkpoint it came from (recorded).
         batch_size: images per forward pass of the guard.
+        recheck: the fp32 re-check of uncertain cells: ``"auto"`` (the margin fitted on
+            ``recheck_images`` by :func:`fit_recheck_margin`), ``"off"`` (pure int8), or a margin
+            in [0, 1]. With a margin above 0 the export also holds the fp32 OpenVINO model, and
+            the int8 backend predicts every cell whose top-two int8 probabilities are closer than
+            the margin again in fp32; the guard measures the backend with its re-check.
+        recheck_images: ``(N, S, S, 3)`` uint8 preprocessed cells to fit the margin on (default:
+            ``calibration``); never the guard's cells.
 
     Raises:
+        ValueError: an unknown ``recheck``.
         GuardFailedError: the guard failed and ``force`` is off (nothing written).
         ExportError: conversion or quantisation failed.
         RuntimeMissingError: OpenVINO/NNCF missing.
@@ -510,6 +619,7 @@ def export_int8(
     tta = guard_tta if guard_tta is not None else meta.inference.tta
     if tta not in TTA_MODES:
         raise ValueError(f"unknown guard test-time augmentation {tta!r}; use {TTA_MODES}")
+    fixed_margin = _recheck_setting(recheck)
     labels = np.asarray(guard_labels, dtype=np.int64)
     quantized = quantize_openvino(model, calibration)
     ref = Predictor.from_model(
@@ -538,6 +648,26 @@ def export_int8(
         )
         info["streams"] = info["streams_measured"]["streams"]
         meta.replace(int8=info).write(tmp / METADATA_NAME)
+        if fixed_margin != 0.0:  # fitted with the bundle's own rule, the one predict uses
+            rule_tta = meta.inference.tta
+            info["recheck"] = _fit_recheck(
+                ref
+                if rule_tta == tta
+                else Predictor.from_model(
+                    model, meta, device="cpu", precision="fp32", tta=rule_tta, batch_size=batch_size
+                ),
+                Predictor.from_checkpoint(tmp, backend="int8", tta=rule_tta, batch_size=batch_size),
+                recheck_images if recheck_images is not None else calibration,
+                fixed_margin,
+                "other cells drawn like the calibration cells"
+                if recheck_images is not None
+                else "the calibration cells",
+            )
+        else:
+            info["recheck"] = {"margin": 0.0, "setting": "off"}
+        if info["recheck"]["margin"] > 0:
+            ov.save_model(convert_openvino(model), str(tmp / RECHECK_XML), compress_to_fp16=False)
+        meta.replace(int8=info).write(tmp / METADATA_NAME)
         int8 = Predictor.from_checkpoint(tmp, backend="int8", tta=tta, batch_size=batch_size)
         rule, single = _guards(
             ref,
@@ -549,11 +679,20 @@ def export_int8(
             min_agreement=min_agreement,
         )
         result["guard"], result["single"] = rule, single
+        result["rechecked"] = int8.recheck_share()
+        margin = info["recheck"]["margin"]
+        rechecked = (
+            f"; int8 with its fp32 re-check of cells whose top two are closer than {margin:g}, "
+            f"{result['rechecked']:.1%} of these cells"
+            if margin > 0 and result["rechecked"] is not None
+            else ""
+        )
         if not rule.passed and not force:
             raise GuardFailedError(
                 f"int8 accuracy guard failed for {source or out}: {'; '.join(rule.failures)} "
                 f"(fp32 vs int8 with test-time augmentation {tta!r} on {rule.n} labelled cells "
-                f"of the {guard_source}; {rule.summary()}). Nothing was written. Calibrate on "
+                f"of the {guard_source}{rechecked}; {rule.summary()}). Nothing was written. "
+                "Calibrate on "
                 "cells like the ones you will classify (--calibrate DIR), check the guard cells "
                 "(--guard-data DIR), or write it anyway with --force",
                 rule,
@@ -564,6 +703,7 @@ def export_int8(
             "tta": tta,
             "forced": bool(force and not rule.passed),
             "single_view": single.to_dict(),
+            "rechecked_share": result["rechecked"],
         }
         meta.replace(int8=info).write(tmp / METADATA_NAME)
 
@@ -577,7 +717,56 @@ def export_int8(
         guard_tta=tta,
         forced=bool(force and not result["guard"].passed),
         streams=info.get("streams_measured"),
+        recheck=info.get("recheck"),
+        guard_rechecked=result.get("rechecked"),
     )
+
+
+def _recheck_setting(recheck: str | float) -> float | None:
+    """``None`` for ``auto``, else the fixed margin (0 for ``off``)."""
+    if recheck == "auto":
+        return None
+    if recheck == "off":
+        return 0.0
+    try:
+        margin = float(recheck)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"recheck must be auto, off or a margin in [0, 1], got {recheck!r}"
+        ) from None
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"recheck must be auto, off or a margin in [0, 1], got {recheck!r}")
+    return margin
+
+
+def _fit_recheck(
+    ref: Predictor, int8: Predictor, images: np.ndarray, fixed: float | None, source: str
+) -> dict[str, Any]:
+    """The ``recheck`` record: the margin (fitted on ``images`` when ``fixed`` is ``None``) and
+    what int8 alone and int8 with the re-check do on those cells."""
+    t = ref.temperature_
+    p_ref, p_int8 = (
+        softmax(p.view_logits_preprocessed(images) / t).mean(axis=0, dtype=np.float32)
+        for p in (ref, int8)
+    )
+    fit = fit_recheck_margin(p_ref, p_int8)
+    if fixed is not None:  # the user's margin, with what it does on these cells
+        top = np.sort(p_int8, axis=1)
+        checked = top[:, -1] - top[:, -2] < fixed
+        agree = p_ref.argmax(1) == p_int8.argmax(1)
+        fit.update(
+            margin=fixed,
+            share=round(float(checked.mean()), 4),
+            agreement_with_recheck=round(float((agree | checked).mean()), 4),
+            capped=False,
+        )
+    return {
+        **fit,
+        "setting": "auto" if fixed is None else "fixed",
+        "fitted_on": f"{source}, with the bundle's prediction rule (test-time augmentation "
+        f"{int8.tta_})",
+        "model": RECHECK_XML,
+    }
 
 
 def export_int8_checkpoint(
@@ -593,6 +782,8 @@ def export_int8_checkpoint(
     force: bool = False,
     workers: int = 0,
     seed: int = 0,
+    recheck: str | float = "auto",
+    recheck_size: int = RECHECK_CELLS,
 ) -> Int8Export:
     """int8 export of a checkpoint bundle or shipped model (see the module docstring).
 
@@ -608,14 +799,19 @@ def export_int8_checkpoint(
         force: write even when the guard fails.
         workers: decoding processes (0 = one per core).
         seed: seed of the calibration draw.
+        recheck: ``auto``, ``off`` or a margin (see :func:`export_int8`).
+        recheck_size: ``auto``: cells to fit the margin on, drawn like the calibration cells but
+            none of them (all the others when there are fewer).
 
     Raises:
+        ValueError: an unknown ``recheck``.
         BundleError: the checkpoint cannot be loaded.
         DataError: no calibration or guard images (the message says which flag to pass).
         GuardFailedError: the guard failed (nothing written).
         ExportError: conversion or quantisation failed.
         RuntimeMissingError: ``marrowscope[int8]`` is not installed.
     """
+    fixed_margin = _recheck_setting(recheck)  # a bad value fails before any work
     model, meta = load_bundle(checkpoint, device="cpu")
     ck = Path(checkpoint).expanduser()
     bundle_dir: Path | None = ck if ck.is_dir() else None
@@ -636,6 +832,20 @@ def export_int8_checkpoint(
         else f"one random view of the bundle's test-time augmentation ({meta.inference.tta}) per "
         "image"
     )
+    recheck_arrays = None
+    if fixed_margin is None:  # auto: fit the margin on other cells than the calibration's
+        taken = set(calib_files)
+        more, _ = calibration_images(
+            bundle_dir,
+            meta,
+            calibrate=calibrate,
+            size=recheck_size + len(taken),
+            seed=seed + 1,
+        )
+        others = [f for f in more if f not in taken][:recheck_size]
+        if others:
+            recheck_arrays, _ = _load_arrays(others, meta, workers=workers, what="re-check fit")
+            record["recheck_fit_cells"] = len(recheck_arrays)
     arrays, kept = _load_arrays(guard.paths, meta, workers=workers, what="guard")
     labels = [guard.labels[i] for i in kept]
     source = guard.source + (f"; {guard.note}" if guard.note else "")
@@ -656,4 +866,6 @@ def export_int8_checkpoint(
         force=force,
         weights_sha256=sha,
         source=str(checkpoint),
+        recheck=recheck,
+        recheck_images=recheck_arrays,
     )

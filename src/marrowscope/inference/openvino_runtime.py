@@ -28,6 +28,8 @@ __all__ = [
     "INT8_DIR",
     "INT8_XML",
     "INT8_BIN",
+    "RECHECK_BIN",
+    "RECHECK_XML",
     "OpenVINORunner",
     "default_int8_dir",
     "import_openvino",
@@ -37,6 +39,9 @@ INT8_DIR = "int8"
 """Name of the int8 export folder inside a checkpoint bundle folder."""
 INT8_XML = "model.xml"
 INT8_BIN = "model.bin"
+RECHECK_XML = "model_fp32.xml"
+"""The fp32 OpenVINO model of an int8 export that re-checks its uncertain cells (``recheck``)."""
+RECHECK_BIN = "model_fp32.bin"
 INSTALL_HINT = "pip install 'marrowscope[int8]'"
 """How to get the optional int8 runtime (OpenVINO) and quantiser (NNCF)."""
 

@@ -37,6 +37,7 @@ from marrowscope.inference.batching import iter_loaded
 from marrowscope.inference.openvino_runtime import (
     INT8_BIN,
     INT8_XML,
+    RECHECK_XML,
     OpenVINORunner,
     default_int8_dir,
 )
@@ -231,7 +232,17 @@ class Predictor:
         preprocess_config_: the bundle's preprocessing parameters.
         tta_: the resolved test-time augmentation.
         temperature_: softmax temperature from the bundle (1.0 when not calibrated).
+        recheck_margin_: int8 backend: cells whose top-two probabilities are closer than this
+            are predicted again by the export's fp32 model (0: never; from the export).
+        cells_checked_, cells_rechecked_: cells the int8 backend predicted, and re-checked in
+            fp32, since the predictor was made.
     """
+
+    recheck_margin_: float = 0.0
+    cells_checked_: int = 0
+    cells_rechecked_: int = 0
+    _fp32_runner: OpenVINORunner | None = None
+    _fp32_xml: Path | None = None
 
     def __init__(
         self,
@@ -539,6 +550,34 @@ class Predictor:
         self.device_ = torch.device("cpu")
         self.precision_ = Precision(dtype=None, channels_last=False)
         self.int8_path_ = folder / INT8_BIN
+        self._setup_recheck(meta, folder, path)
+
+    def _setup_recheck(self, meta: BundleMetadata, folder: Path, path: Any) -> None:
+        """The export's fp32 re-check of uncertain cells, if it has one (compiled on first use)."""
+        recheck = (meta.int8 or {}).get("recheck") or {}
+        margin = recheck.get("margin", 0.0)
+        again = f"export it again with: {_INT8_HINT.replace('CHECKPOINT', str(path))}"
+        if not isinstance(margin, (int, float)) or not 0.0 <= margin <= 1.0:
+            raise PredictorError(
+                f"{folder / METADATA_NAME}: int8 'recheck.margin' is {margin!r}, expected a "
+                f"number in [0, 1]; {again}"
+            )
+        self.recheck_margin_ = float(margin)
+        self.cells_checked_ = self.cells_rechecked_ = 0
+        self._fp32_runner = None
+        self._fp32_xml = folder / RECHECK_XML
+        if self.recheck_margin_ > 0 and not self._fp32_xml.is_file():
+            raise PredictorError(
+                f"{folder}: the export re-checks uncertain cells in fp32 but {RECHECK_XML} is "
+                f"missing; {again}"
+            )
+
+    def recheck_share(self) -> float | None:
+        """Share of the cells predicted so far that the int8 backend re-checked in fp32 (``None``
+        before any cell, or for another backend)."""
+        if self.backend not in ("int8", "openvino") or not self.cells_checked_:
+            return None
+        return self.cells_rechecked_ / self.cells_checked_
 
     # -------------------------------------------------------------------------- properties
 
@@ -661,10 +700,27 @@ class Predictor:
         return self._torch_forward(x)
 
     def _view_logits(self, batch: np.ndarray, tta: str | None = None) -> np.ndarray:
-        """``(V, N, K)`` logits of the test-time-augmentation views of a uint8 batch."""
-        return np.stack(
-            [self._logits_uint8(v) for v in tta_views(batch, tta if tta is not None else self.tta_)]
-        )
+        """``(V, N, K)`` logits of the test-time-augmentation views of a uint8 batch (for an int8
+        export with a re-check, the fp32 logits of the cells int8 finds uncertain)."""
+        mode = tta if tta is not None else self.tta_
+        views = np.stack([self._logits_uint8(v) for v in tta_views(batch, mode)])
+        if self.recheck_margin_ > 0 and len(batch):
+            probs = softmax(views / self.temperature_).mean(axis=0)
+            top = np.sort(probs, axis=1)
+            idx = np.flatnonzero(top[:, -1] - top[:, -2] < self.recheck_margin_)
+            self.cells_checked_ += len(batch)
+            if idx.size:
+                if self._fp32_runner is None:
+                    assert self._fp32_xml is not None and isinstance(self._runner, OpenVINORunner)
+                    self._fp32_runner = OpenVINORunner(
+                        self._fp32_xml, threads=torch.get_num_threads(), streams=1
+                    )
+                sub = np.ascontiguousarray(batch[idx])
+                views[:, idx] = np.stack(
+                    [self._fp32_runner.infer_uint8(v) for v in tta_views(sub, mode)]
+                )
+                self.cells_rechecked_ += int(idx.size)
+        return views
 
     def _probs_uint8(self, batch: np.ndarray) -> np.ndarray:
         """``(N, S, S, 3)`` uint8 -> ``(N, K)`` probabilities (TTA-averaged, temperature-scaled)."""

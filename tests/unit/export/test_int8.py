@@ -17,9 +17,12 @@ pytest.importorskip("nncf")
 
 from marrowscope.data.sample import SAMPLE_ROOT  # noqa: E402
 from marrowscope.export.int8 import (  # noqa: E402
+    RECHECK_MAX_SHARE,
     GuardFailedError,
     Int8Export,
+    convert_openvino,
     export_int8_checkpoint,
+    fit_recheck_margin,
 )
 from marrowscope.inference import Predictor, PredictorError, collect_image_paths  # noqa: E402
 from marrowscope.inference.openvino_runtime import (  # noqa: E402
@@ -93,13 +96,96 @@ def test_exported_metadata_round_trips(bm8_int8: Int8Export) -> None:
     assert guard["passed"] is True and guard["forced"] is False and guard["tta"] == "none"
     assert "builtin:bm-sample" in guard["data"]
     assert GuardReport.from_dict(guard["single_view"]) == bm8_int8.guard_single_view
-    assert {p.name for p in bm8_int8.path.iterdir()} == {"model.xml", "model.bin", "metadata.json"}
+    rc = info["recheck"]
+    assert rc == bm8_int8.recheck and rc["setting"] == "auto" and rc["cells"] == 96
+    assert 0 <= rc["margin"] <= 1 and rc["share"] <= RECHECK_MAX_SHARE
+    assert rc["agreement_with_recheck"] >= rc["agreement_int8"]
+    files = {"model.xml", "model.bin", "metadata.json"}
+    if rc["margin"] > 0:  # the fp32 model of the re-check travels with the export
+        files |= {"model_fp32.xml", "model_fp32.bin"}
+    assert {p.name for p in bm8_int8.path.iterdir()} == files
+    assert cal["recheck_fit_cells"] == 96  # the other half of the 192 bundled cells
     measured = info["streams_measured"]
     assert info["streams"] == measured["streams"] in (1, 2) and measured["batch"] == 16
     if measured["images_per_s"] is not None:  # (None: one thread, nothing to choose)
         rate = measured["images_per_s"]
         assert rate["1"] > 0 and rate["2"] > 0
         assert (info["streams"] == 2) == (rate["2"] >= 1.05 * rate["1"])
+
+
+def test_fit_recheck_margin_covers_the_int8_perturbation_of_the_top_two_gap() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    p32 = rng.dirichlet(np.ones(4), n).astype(np.float32)
+    noise = rng.normal(0, 0.01, p32.shape).astype(np.float32)
+    p8 = np.clip(p32 + noise, 0, None)
+    p8 /= p8.sum(1, keepdims=True)
+    order = np.argsort(p8, 1)
+    rows = np.arange(n)
+    gap8 = p8[rows, order[:, -1]] - p8[rows, order[:, -2]]
+    change = np.abs(gap8 - (p32[rows, order[:, -1]] - p32[rows, order[:, -2]]))
+    fit = fit_recheck_margin(p32, p8, coverage=0.99, max_share=1.0)
+    q = np.quantile(change, 0.99)
+    assert fit["perturbation_quantile"] == pytest.approx(q, abs=1e-4)
+    assert q <= fit["margin"] < q + 0.01 + 1e-9 and not fit["capped"]  # rounded up to 0.01
+    assert fit["share"] == pytest.approx((gap8 < fit["margin"]).mean(), abs=1e-4)
+    flips = p8.argmax(1) != p32.argmax(1)
+    assert flips.any() and (gap8[flips] < fit["margin"]).mean() >= 0.9  # the flips are covered
+    assert fit["agreement_with_recheck"] >= fit["agreement_int8"]
+    # a cap on the share re-checked wins, and says so
+    capped = fit_recheck_margin(p32, p8, coverage=0.99, max_share=0.01)
+    assert capped["capped"] and capped["share"] <= 0.01 and capped["margin"] < fit["margin"]
+    # int8 identical to fp32: nothing to re-check
+    same = fit_recheck_margin(p32, p32.copy())
+    assert same["margin"] == 0.0 and same["share"] == 0.0 and same["agreement_int8"] == 1.0
+    with pytest.raises(ValueError, match="same shape"):
+        fit_recheck_margin(p32, p8[:3])
+
+
+def test_recheck_gives_the_fp32_answer_to_uncertain_cells(
+    bm8_int8: Int8Export, tmp_path: Path
+) -> None:
+    """The int8 backend's re-check: cells under the margin get the fp32 model's probabilities;
+    margin 1 re-checks every cell, so the int8 backend then predicts as fp32 does."""
+    import json
+
+    folder = tmp_path / "bm8-int8"
+    shutil.copytree(bm8_int8.path, folder)
+    model, _ = load_bundle("bm8")
+    import openvino as ov
+
+    ov.save_model(convert_openvino(model), str(folder / "model_fp32.xml"), compress_to_fp16=False)
+    meta_file = folder / "metadata.json"
+    raw = json.loads(meta_file.read_text())
+
+    def with_margin(margin: float) -> Predictor:
+        raw["int8"]["recheck"] = {"margin": margin}
+        meta_file.write_text(json.dumps(raw))
+        return Predictor.from_checkpoint(folder, backend="int8", tta="flips", batch_size=32)
+
+    files = collect_image_paths([SAMPLE_ROOT])[:64]
+    fp32 = Predictor.from_pretrained("bm8", precision="fp32", tta="flips", batch_size=32)
+    p32 = fp32.predict_proba(files)
+    plain = with_margin(0.0)
+    p8 = plain.predict_proba(files)
+    assert plain.cells_rechecked_ == 0 and plain.recheck_share() is None  # nothing counted
+    every = with_margin(1.0)
+    p_all = every.predict_proba(files)
+    assert every.cells_checked_ == every.cells_rechecked_ == 64 and every.recheck_share() == 1.0
+    np.testing.assert_allclose(p_all, p32, rtol=0, atol=1e-4)  # fp32 OpenVINO = fp32 torch
+    assert np.abs(p8 - p32).max() > 1e-3  # (while int8 alone differs)
+    top = np.sort(p8, 1)
+    uncertain = top[:, -1] - top[:, -2] < 0.3
+    some = with_margin(0.3)
+    p_some = some.predict_proba(files)
+    assert some.cells_rechecked_ == uncertain.sum() > 0
+    np.testing.assert_allclose(p_some[uncertain], p32[uncertain], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(p_some[~uncertain], p8[~uncertain])
+    (folder / "model_fp32.xml").unlink()
+    with pytest.raises(PredictorError, match="model_fp32.xml is missing"):
+        with_margin(0.3)
+    with pytest.raises(PredictorError, match=r"'recheck.margin' is 2.0"):
+        with_margin(2.0)
 
 
 def test_two_streams_give_the_logits_of_one(bm8_int8: Int8Export) -> None:
