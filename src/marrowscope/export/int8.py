@@ -19,10 +19,17 @@
    for a single view are recorded too). If macro-F1 drops by more than ``max_f1_drop`` (0.005) or
    agreement is below ``min_agreement`` (0.99), :class:`GuardFailedError` names the numbers and
    nothing is written, unless ``force=True``.
+   **Re-check** (``recheck="auto"``, the default): int8 and fp32 disagree almost only on cells
+   whose top two probabilities are nearly tied, so the int8 backend predicts such cells again
+   with the fp32 model (saved beside the int8 one, :data:`RECHECK_XML`). The margin is fitted
+   before the guard, on training cells that are not calibration cells: the 99th percentile of
+   how much int8 changes the gap between its top two probabilities
+   (:func:`fit_recheck_margin`). The guard measures the backend with its re-check.
 4. **Streams**: the int8 model is timed with one OpenVINO stream and with two (each half a
    batch) on a batch of calibration images, and the faster is recorded (``streams``; two only
    when 5% faster), which the int8 backend then uses (:func:`measure_streams`).
-5. The export folder (``model.xml``, ``model.bin``, ``metadata.json`` with an ``int8`` section
+5. The export folder (``model.xml``, ``model.bin``, ``model_fp32.*`` when there is a re-check,
+   ``metadata.json`` with an ``int8`` section
    holding all of the above) is written atomically: a failed or interrupted export leaves the
    previous one, or none.
 
