@@ -167,7 +167,7 @@ def main() -> None:
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=args.lr)
     n_views = len(tta_views(train[:1], "d8"))
     step = args.batch if args.objective == "view" else max(1, args.batch // n_views)
-    steps_per_epoch = -(-(args.max_train or len(train)) // step)
+    steps_per_epoch = -(-min(args.max_train or len(train), len(train)) // step)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
         if args.cosine

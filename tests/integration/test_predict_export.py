@@ -232,7 +232,8 @@ def test_export_int8_then_predict_with_the_int8_backend(
     for a, b in zip(rows, json.loads(fp32.read_text()), strict=True):  # all re-checked: fp32
         if not a["error"]:
             assert [a[f"p_{c}"] for c in CLASSES] == pytest.approx(
-                [b[f"p_{c}"] for c in CLASSES], abs=0.02  # (torch may run bf16 here)
+                [b[f"p_{c}"] for c in CLASSES],
+                abs=0.02,  # (torch may run bf16 here)
             )
     rep = run_benchmark(
         str(bundle), batch_sizes=(2,), backends=("int8",), images=cells / "ART", warmup=1,

@@ -1318,8 +1318,8 @@ def export(
     rc = res.recheck or {}
     if rc.get("margin"):
         fit = (
-            f"{rc['setting']}; on {rc['cells']} other training cells int8 alone agrees with "
-            f"fp32 on {rc['agreement_int8']:.1%}, with the re-check "
+            f"{rc['setting']}; on {rc['cells']} cells ({rc.get('fitted_on', '?')}) int8 alone "
+            f"agrees with fp32 on {rc['agreement_int8']:.1%}, with the re-check "
             f"{rc['agreement_with_recheck']:.1%}, re-checking {rc['share']:.1%} of them"
         )
         checked = (

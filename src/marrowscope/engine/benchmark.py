@@ -43,7 +43,7 @@ from marrowscope.config import ModelConfig
 from marrowscope.data.sample import SAMPLE_ROOT, resolve_root
 from marrowscope.export.int8 import quantize_openvino, save_int8
 from marrowscope.export.onnx import export_onnx
-from marrowscope.inference.batching import collect_image_paths, iter_loaded
+from marrowscope.inference.batching import DECODE_MODES, collect_image_paths, iter_loaded
 from marrowscope.inference.openvino_runtime import RuntimeMissingError
 from marrowscope.inference.predictor import (
     ONNX_NAME,
@@ -367,6 +367,8 @@ def run_benchmark(
             raise ValueError(f"unknown backend {b!r}; use {', '.join(BACKENDS)}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     model, meta, bundle = load_target(target, num_classes=num_classes, input_size=input_size)
     size = meta.input_size
     pre = meta.preprocess or {}
@@ -467,10 +469,10 @@ def run_benchmark(
 def _recheck_step(
     pred: Predictor, files: Sequence[Path], bs: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """For an int8 export with an fp32 re-check: up to ``4 * bs`` real cells drawn from
+    """For an int8 export with an fp32 re-check: up to ``max(256, 4 * bs)`` real cells drawn from
     ``files`` (decoded and preprocessed once) and a step that predicts the next ``bs`` of them
     (int8, then fp32 for the uncertain ones; one view)."""
-    pick = rng.choice(len(files), size=min(len(files), 4 * bs), replace=False)
+    pick = rng.choice(len(files), size=min(len(files), max(256, 4 * bs)), replace=False)
     size = pred.input_size
     loaded = iter_loaded([files[i] for i in sorted(pick)], pred.preprocess_config_, size)
     cells = np.stack([a for a, _ in loaded if a is not None])
@@ -603,8 +605,8 @@ def _recheck_words(recheck: dict[str, Any] | None, guard_share: float | None) ->
     share = f", {guard_share:.1%} of the guard cells" if guard_share is not None else ""
     return (
         f"; with its fp32 re-check of cells whose top-two int8 probabilities are closer than "
-        f"{recheck['margin']:g}{share} (the end-to-end rows include it; the network rows are "
-        "int8 alone)"
+        f"{recheck['margin']:g}{share}, which every int8 row includes (so its network-alone "
+        "rows are timed on real cells of the image folder, not on random input)"
     )
 
 

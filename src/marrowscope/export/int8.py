@@ -183,6 +183,7 @@ def calibration_images(
     calibrate: str | os.PathLike[str] | None = None,
     size: int = CALIBRATION_SIZE,
     seed: int = 0,
+    exclude: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, Any]]:
     """The calibration files and the record of how they were chosen (stored in the export).
 
@@ -193,6 +194,7 @@ def calibration_images(
             ``None`` for the bundle's training split.
         size: images to draw (all of them when there are fewer).
         seed: seed of the draw.
+        exclude: files never drawn (e.g. the calibration cells, for another draw).
 
     Raises:
         DataError: no training split can be found, or the folder has no image.
@@ -209,6 +211,11 @@ def calibration_images(
         if not rows:
             raise DataError(f"the training split of {split.source} is empty; pass --calibrate DIR")
         source = f"training split ({split.source})"
+    if exclude:
+        skip = set(exclude)
+        rows = [r for r in rows if r.path not in skip]
+        if not rows:
+            return [], {"source": source, "n": 0, "of": 0, "seed": seed, "files": []}
     chosen = stratified_subset(rows, size, seed=seed)
     files = [r.path for r in chosen]
     root = _common_root(files)
@@ -404,7 +411,7 @@ def fit_recheck_margin(
         gap = p_int8[rows, first] - p_int8[rows, second]
         change = np.abs(gap - (p_fp32[rows, first] - p_fp32[rows, second]))
     q = float(np.quantile(change, coverage))
-    margin = float(np.ceil(round(q * 100, 6)) / 100)
+    margin = min(1.0, float(np.ceil(round(q * 100, 6)) / 100))
     capped = False
     while margin > 0 and (gap < margin).mean() > max_share:
         margin, capped = round(margin - 0.01, 2), True
@@ -554,7 +561,9 @@ def _guards(
     rule = [
         softmax(v / t).mean(axis=0, dtype=np.float32) for v in (v_ref, v_int8)
     ]  # as Predictor._probs_uint8
-    single = [softmax(v[0]) for v in (v_ref, v_int8)]
+    # single view: the backend as --tta none runs it (its re-check decided on that one view)
+    one = v_int8[0] if int8.tta_ == "none" else int8.view_logits_preprocessed(arrays, tta="none")[0]
+    single = [softmax(v_ref[0]), softmax(one)]
     kw = {"max_f1_drop": max_f1_drop, "min_agreement": min_agreement}
     return (
         guard_report(labels, rule[0], rule[1], classes, **kw),
@@ -819,6 +828,8 @@ def export_int8_checkpoint(
         RuntimeMissingError: ``marrowscope[int8]`` is not installed.
     """
     fixed_margin = _recheck_setting(recheck)  # a bad value fails before any work
+    if recheck_size < 1:
+        raise ValueError(f"recheck_size must be >= 1, got {recheck_size}")
     model, meta = load_bundle(checkpoint, device="cpu")
     ck = Path(checkpoint).expanduser()
     bundle_dir: Path | None = ck if ck.is_dir() else None
@@ -841,15 +852,14 @@ def export_int8_checkpoint(
     )
     recheck_arrays = None
     if fixed_margin is None:  # auto: fit the margin on other cells than the calibration's
-        taken = set(calib_files)
-        more, _ = calibration_images(
+        others, _ = calibration_images(  # stratified like them, none of them
             bundle_dir,
             meta,
             calibrate=calibrate,
-            size=recheck_size + len(taken),
+            size=recheck_size,
             seed=seed + 1,
+            exclude=calib_files,
         )
-        others = [f for f in more if f not in taken][:recheck_size]
         if others:
             recheck_arrays, _ = _load_arrays(others, meta, workers=workers, what="re-check fit")
             record["recheck_fit_cells"] = len(recheck_arrays)

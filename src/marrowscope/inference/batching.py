@@ -64,7 +64,8 @@ DECODE_MODES = ("processes", "threads")
 """Where :func:`iter_loaded` decodes: worker processes (a decoder that crashes costs only its
 file) or threads of this process (Pillow and OpenCV release the GIL while they decode; no copy
 of each image between processes, so faster next to a fast network, but a crashing decoder ends
-the run)."""
+the run). Worker processes limit OpenCV to one thread each; threads leave OpenCV's own thread
+count alone (it is process-wide), which matters only for a bundle that denoises."""
 
 _GLOB_CHARS = frozenset("*?[")
 

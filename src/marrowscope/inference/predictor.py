@@ -242,7 +242,6 @@ class Predictor:
     cells_checked_: int = 0
     cells_rechecked_: int = 0
     _fp32_runner: OpenVINORunner | None = None
-    _fp32_xml: Path | None = None
 
     def __init__(
         self,
@@ -565,12 +564,15 @@ class Predictor:
         self.recheck_margin_ = float(margin)
         self.cells_checked_ = self.cells_rechecked_ = 0
         self._fp32_runner = None
-        self._fp32_xml = folder / RECHECK_XML
-        if self.recheck_margin_ > 0 and not self._fp32_xml.is_file():
-            raise PredictorError(
-                f"{folder}: the export re-checks uncertain cells in fp32 but {RECHECK_XML} is "
-                f"missing; {again}"
-            )
+        if self.recheck_margin_ > 0:
+            xml = folder / RECHECK_XML
+            if not xml.is_file():
+                raise PredictorError(
+                    f"{folder}: the export re-checks uncertain cells in fp32 but {RECHECK_XML} "
+                    f"is missing; {again}"
+                )
+            # loaded now: the files may be gone later (a Ray actor's temporary copy)
+            self._fp32_runner = OpenVINORunner(xml, threads=torch.get_num_threads(), streams=1)
 
     def recheck_share(self) -> float | None:
         """Share of the cells predicted so far that the int8 backend re-checked in fp32 (``None``
@@ -710,11 +712,7 @@ class Predictor:
             idx = np.flatnonzero(top[:, -1] - top[:, -2] < self.recheck_margin_)
             self.cells_checked_ += len(batch)
             if idx.size:
-                if self._fp32_runner is None:
-                    assert self._fp32_xml is not None and isinstance(self._runner, OpenVINORunner)
-                    self._fp32_runner = OpenVINORunner(
-                        self._fp32_xml, threads=torch.get_num_threads(), streams=1
-                    )
+                assert self._fp32_runner is not None
                 sub = np.ascontiguousarray(batch[idx])
                 views[:, idx] = np.stack(
                     [self._fp32_runner.infer_uint8(v) for v in tta_views(sub, mode)]

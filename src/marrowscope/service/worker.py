@@ -115,7 +115,12 @@ def _weights_digest(predictor: Predictor) -> str:
         )
         for candidate in candidates:
             if candidate is not None and Path(candidate).is_file():
-                return file_sha256(candidate)
+                digest = file_sha256(candidate)
+                margin = getattr(predictor, "recheck_margin_", 0.0)
+                if candidate == getattr(predictor, "int8_path_", None) and margin > 0:
+                    # the fp32 re-check changes some calls: its margin is part of the version
+                    digest = hashlib.sha256(f"{digest}:recheck={margin:g}".encode()).hexdigest()
+                return digest
     h = hashlib.sha256()
     for key, tensor in sorted(predictor.model.state_dict().items()):
         h.update(key.encode())

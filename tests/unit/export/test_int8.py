@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from marrowscope.export.int8 import (  # noqa: E402
     RECHECK_MAX_SHARE,
     GuardFailedError,
     Int8Export,
+    calibration_images,
     convert_openvino,
     export_int8_checkpoint,
     fit_recheck_margin,
@@ -181,11 +183,32 @@ def test_recheck_gives_the_fp32_answer_to_uncertain_cells(
     assert some.cells_rechecked_ == uncertain.sum() > 0
     np.testing.assert_allclose(p_some[uncertain], p32[uncertain], rtol=0, atol=1e-4)
     np.testing.assert_array_equal(p_some[~uncertain], p8[~uncertain])
+    # the fp32 model is loaded with the predictor: its files may go (a Ray actor's copy does)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    early = Predictor.from_checkpoint(copy, backend="int8", tta="flips", batch_size=32)
+    shutil.rmtree(copy)
+    np.testing.assert_array_equal(early.predict_proba(files), p_some)
+    assert early.cells_rechecked_ == uncertain.sum()
     (folder / "model_fp32.xml").unlink()
     with pytest.raises(PredictorError, match="model_fp32.xml is missing"):
         with_margin(0.3)
     with pytest.raises(PredictorError, match=r"'recheck.margin' is 2.0"):
         with_margin(2.0)
+
+
+def test_recheck_cells_are_a_stratified_draw_without_the_calibration_cells() -> None:
+    _, meta = load_bundle("bm8")
+    first, _ = calibration_images(None, meta, calibrate=SAMPLE_ROOT, size=48, seed=0)
+    others, rec = calibration_images(
+        None, meta, calibrate=SAMPLE_ROOT, size=48, seed=1, exclude=first
+    )
+    assert len(others) == 48 and not set(others) & set(first) and rec["of"] == 192 - 48
+    per_class = Counter(Path(f).parent.name for f in others)
+    assert set(per_class) == {p.name for p in SAMPLE_ROOT.iterdir() if p.is_dir()}
+    assert max(per_class.values()) - min(per_class.values()) <= 1  # every class, evenly
+    rest, _ = calibration_images(None, meta, calibrate=SAMPLE_ROOT, size=500, exclude=first)
+    assert len(rest) == 144  # all the others when there are fewer
 
 
 def test_two_streams_give_the_logits_of_one(bm8_int8: Int8Export) -> None:
