@@ -552,7 +552,7 @@ class Predictor:
         self._setup_recheck(meta, folder, path)
 
     def _setup_recheck(self, meta: BundleMetadata, folder: Path, path: Any) -> None:
-        """The export's fp32 re-check of uncertain cells, if it has one (compiled on first use)."""
+        """The export's fp32 re-check of uncertain cells, if any (its fp32 model loaded now)."""
         recheck = (meta.int8 or {}).get("recheck") or {}
         margin = recheck.get("margin", 0.0)
         again = f"export it again with: {_INT8_HINT.replace('CHECKPOINT', str(path))}"
