@@ -572,7 +572,10 @@ class Predictor:
                     f"is missing; {again}"
                 )
             # loaded now: the files may be gone later (a Ray actor's temporary copy)
-            self._fp32_runner = OpenVINORunner(xml, threads=torch.get_num_threads(), streams=1)
+            # (dynamic batch: the number of cells re-checked changes from batch to batch)
+            self._fp32_runner = OpenVINORunner(
+                xml, threads=torch.get_num_threads(), streams=1, static_shapes=False
+            )
 
     def recheck_share(self) -> float | None:
         """Share of the cells predicted so far that the int8 backend re-checked in fp32 (``None``

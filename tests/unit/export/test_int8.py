@@ -230,6 +230,13 @@ def test_two_streams_give_the_logits_of_one(bm8_int8: Int8Export) -> None:
         np.testing.assert_allclose(two(x), a, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="streams must be 1 or 2"):
         OpenVINORunner(xml, threads=2, streams=3)
+    # fixed-shape compilations give the dynamic model's logits, and stop at STATIC_SHAPES sizes
+    dynamic = OpenVINORunner(xml, threads=2, streams=2, static_shapes=False)
+    sizes = range(1, OpenVINORunner.STATIC_SHAPES * 2 + 4)
+    for n in sizes:
+        batch = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        np.testing.assert_allclose(two.infer_uint8(batch), dynamic.infer_uint8(batch), atol=1e-5)
+    assert len(two._static) == OpenVINORunner.STATIC_SHAPES and not dynamic._static
 
 
 def test_guard_refuses_calibration_on_blank_images(tmp_path: Path) -> None:
