@@ -147,17 +147,25 @@ class OpenVINORunner:
 
     def _run(self, compiled: Any, requests: list[Any], batch: np.ndarray) -> np.ndarray:
         """Logits of ``batch``: one request, or the batch split between the streams' requests
-        running at the same time (copies: the output buffers are reused)."""
-        output = compiled.output(0)
+        running at the same time."""
         if len(requests) == 1 or len(batch) < 2:
-            out = requests[0].infer({0: batch})
-            return np.array(out[output], dtype=np.float32, copy=True)
-        for request, part in zip(requests, np.array_split(batch, len(requests)), strict=True):
+            return self._infer([(requests[0], batch)])
+        parts = np.array_split(batch, len(requests))
+        return self._infer(list(zip(requests, parts, strict=True)))
+
+    @staticmethod
+    def _infer(jobs: list[tuple[Any, np.ndarray]]) -> np.ndarray:
+        """Run each ``(request, part)`` (together when there are several) and join their logits
+        in order (copies: the output buffers are reused)."""
+        if len(jobs) == 1:
+            request, part = jobs[0]
+            return np.array(request.infer({0: part})[0], dtype=np.float32, copy=True)
+        for request, part in jobs:
             request.start_async({0: part})
-        for request in requests:
+        for request, _ in jobs:
             request.wait()
         return np.concatenate(
-            [np.array(r.get_tensor(output).data, dtype=np.float32) for r in requests]
+            [np.array(r.get_output_tensor(0).data, dtype=np.float32) for r, _ in jobs]
         )
 
     def _uint8_model(self, model: Any) -> Any:
@@ -202,20 +210,9 @@ class OpenVINORunner:
         runs = [self._static_for(len(part)) for part in parts]
         if any(r is None for r in runs):
             return self._run(self._uint8, self._uint8_requests, batch)
-        requests = [runs[i][1][i] for i in range(len(parts))]  # type: ignore[index]
-        if len(parts) == 1:
-            out = requests[0].infer({0: parts[0]})
-            return np.array(out[runs[0][0].output(0)], dtype=np.float32, copy=True)  # type: ignore[index]
-        for request, part in zip(requests, parts, strict=True):
-            request.start_async({0: part})
-        for request in requests:
-            request.wait()
-        return np.concatenate(
-            [
-                np.array(r.get_tensor(run[0].output(0)).data, dtype=np.float32)  # type: ignore[index]
-                for r, run in zip(requests, runs, strict=True)
-            ]
-        )
+        # part i runs on stream i's request of the compilation for its size
+        jobs = [(run[1][i], part) for i, (run, part) in enumerate(zip(runs, parts, strict=True))]  # type: ignore[index]
+        return self._infer(jobs)
 
     def _static_for(self, n: int) -> tuple[Any, list[Any]] | None:
         """The uint8 model compiled for batches of exactly ``n`` images, and one request per
