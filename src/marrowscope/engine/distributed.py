@@ -469,6 +469,22 @@ def _cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _root_failure(e: Any) -> tuple[int, Any]:
+    """The failed rank that caused the others to stop: the first failure torchrun recorded,
+    unless that one was killed by SIGTERM (torchrun's own stop of the survivors, which can be
+    stamped before a rank that died without writing an error file) and another was not."""
+    rank, failure = e.get_first_failure()
+    if failure.exitcode < 0 and failure.signal_name() == "SIGTERM":
+        others = [
+            (r, f)
+            for r, f in e.failures.items()
+            if not (f.exitcode < 0 and f.signal_name() == "SIGTERM")
+        ]
+        if others:
+            return min(others, key=lambda rf: rf[1].timestamp)
+    return rank, failure
+
+
 def launch(nproc: int, args: Sequence[str]) -> None:
     """Run ``marrowscope ARGS`` in ``nproc`` processes on this machine and wait for them.
 
@@ -494,7 +510,7 @@ def launch(nproc: int, args: Sequence[str]) -> None:
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = _root_failure(e)
         if failure.exitcode < 0:
             how = f"was killed by {failure.signal_name()}"
         else:
