@@ -105,7 +105,7 @@ def test_predict_decoding_in_threads_gives_the_same_table(
     bundle: Path, cells: Path, tmp_path: Path
 ) -> None:
     tables = {}
-    for decode in ("processes", "threads"):
+    for decode in ("auto", "processes", "threads"):
         out = tmp_path / f"{decode}.csv"
         res = _invoke(
             "predict", str(bundle), str(cells), "--out", str(out), "--decode", decode,
@@ -114,11 +114,11 @@ def test_predict_decoding_in_threads_gives_the_same_table(
         assert res.exit_code == 0, res.output
         tables[decode] = list(csv.DictReader(out.open()))
     assert len(tables["threads"]) == 10  # 9 cells + broken.jpg, whose error is kept
-    assert tables["threads"] == tables["processes"]
+    assert tables["threads"] == tables["processes"] == tables["auto"]
     res = _invoke(
         "predict", str(bundle), str(cells), "--out", str(tmp_path / "x.csv"), "--decode", "gpu"
     )
-    assert res.exit_code == 2 and "--decode must be processes or threads" in res.output
+    assert res.exit_code == 2 and "--decode must be auto, processes or threads" in res.output
     assert not (tmp_path / "x.csv").exists()
 
 

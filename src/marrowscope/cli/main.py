@@ -72,9 +72,10 @@ BACKEND_NAMES = ("torch", "onnx", "int8", "openvino")
 Decode = Annotated[
     str,
     typer.Option(
-        help="Decode images in worker processes (a crashing decoder costs only its file) or "
-        "threads (faster next to a fast backend such as int8: no copy between processes; a "
-        "crashing decoder ends the run).",
+        help="Where images are decoded: auto (JPEG and PNG in threads, other formats in worker "
+        "processes), processes (every file in a worker process: a crashing decoder costs only its "
+        "file) or threads (a crashing decoder ends the run). Threads are faster next to a fast "
+        "backend such as int8: no copy between processes.",
     ),
 ]
 
@@ -83,7 +84,9 @@ def _check_decode(decode: str) -> None:
     from marrowscope.inference.batching import DECODE_MODES
 
     if decode not in DECODE_MODES:
-        raise typer.BadParameter(f"--decode must be processes or threads, got {decode!r}")
+        raise typer.BadParameter(
+            f"--decode must be {', '.join(DECODE_MODES[:-1])} or {DECODE_MODES[-1]}, got {decode!r}"
+        )
 
 
 def _check_backend(backend: str) -> None:
@@ -1052,7 +1055,7 @@ def predict(
         float,
         typer.Option(help="--engine ray: CPUs (torch threads) per predictor actor (e.g. 0.5)."),
     ] = 1.0,
-    decode: Decode = "processes",
+    decode: Decode = "auto",
 ) -> None:
     """Classify images: one row per image with class, confidence, top-k and every probability."""
 
@@ -1075,7 +1078,7 @@ def predict(
     _check_decode(decode)
     if engine not in ("local", "ray"):
         raise typer.BadParameter(f"--engine must be local or ray, got {engine!r}")
-    if engine == "ray" and decode != "processes":
+    if engine == "ray" and decode != "auto":
         raise typer.BadParameter(
             "--decode is for --engine local; with --engine ray, Ray Data tasks decode"
         )
@@ -1368,7 +1371,7 @@ def benchmark(
         bool, typer.Option(help="Also time decode -> preprocess -> infer on image files.")
     ] = True,
     workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
-    decode: Decode = "processes",
+    decode: Decode = "auto",
 ) -> None:
     """Images/s and per-batch latency (median, p95) per batch size x backend."""
 

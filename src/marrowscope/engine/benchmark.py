@@ -6,7 +6,7 @@ Runtime fp32, OpenVINO int8) it measures images/s and the per-batch latency (med
 * **network alone**: the forward pass on pre-made batches in the form ``predict`` gives each
   backend (float tensors; for int8, uint8 NHWC images, converted inside the OpenVINO graph);
 * **end to end**: decode -> preprocess -> infer through :meth:`Predictor.predict_path_batches`
-  (worker processes, or threads with ``decode="threads"``, overlapped with inference) on a
+  (threads and/or worker processes as ``decode`` says, overlapped with inference) on a
   folder of image files (default: the bundled sample).
 
 Each measurement runs ``warmup`` batches first, then repeats until at least ``min_time`` seconds
@@ -334,7 +334,7 @@ def run_benchmark(
     min_iters: int = 3,
     end_to_end: bool = True,
     workers: int = 0,
-    decode: str = "processes",
+    decode: str = "auto",
     num_classes: int = 8,
     input_size: int = 224,
     console: Console | None = None,
@@ -352,7 +352,7 @@ def run_benchmark(
         min_iters: batches each network measurement times at least.
         end_to_end: also measure decode -> preprocess -> infer.
         workers: decoding processes for the end-to-end runs (0 = one per core).
-        decode: where the end-to-end runs decode: ``processes`` or ``threads``.
+        decode: where the end-to-end runs decode: ``auto``, ``processes`` or ``threads``.
         num_classes: classes of a model built from a name.
         input_size: input size of a model built from a name.
         console: where progress lines go.

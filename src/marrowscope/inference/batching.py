@@ -1,7 +1,7 @@
 """Batch input and output for prediction: which files, decoded where, written how.
 
 * :func:`collect_image_paths` turns command-line inputs (files, folders, globs) into image paths.
-* :func:`iter_loaded` decodes and preprocesses paths in worker processes (or threads), a bounded
+* :func:`iter_loaded` decodes and preprocesses paths in threads or worker processes, a bounded
   number of chunks ahead of the consumer, so that decoding overlaps with inference; results come
   back in input order and a file that cannot be used becomes an error message, never an exception.
 * :func:`prediction_records` and :func:`write_predictions` build and write the prediction table
@@ -60,12 +60,24 @@ __all__ = [
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 """Prediction file extension -> format."""
 
-DECODE_MODES = ("processes", "threads")
-"""Where :func:`iter_loaded` decodes: worker processes (a decoder that crashes costs only its
-file) or threads of this process (Pillow and OpenCV release the GIL while they decode; no copy
-of each image between processes, so faster next to a fast network, but a crashing decoder ends
-the run). Worker processes limit OpenCV to one thread each; threads leave OpenCV's own thread
-count alone (it is process-wide), which matters only for a bundle that denoises."""
+DECODE_MODES = ("auto", "processes", "threads")
+"""Where :func:`iter_loaded` decodes.
+
+* ``processes``: worker processes; a decoder that crashes the interpreter (a segfault in a C
+  library on a malformed file) costs only its file.
+* ``threads``: threads of this process (Pillow and OpenCV release the GIL while they decode). No
+  copy of each image between processes and no context switch to another process, so faster
+  next to a fast network (docs/benchmarks.md), but a crashing decoder ends the run.
+* ``auto`` (the default): JPEG and PNG files (recognised by their first bytes, whatever their
+  name) in threads, anything else in worker processes. Pillow decodes those two with
+  libjpeg-turbo and zlib, the most used and most fuzzed image decoders there are; the rarer
+  formats (TIFF, BMP, WebP, ...) keep the crash isolation.
+
+Worker processes limit OpenCV to one thread each; threads leave OpenCV's own thread count alone
+(it is process-wide), which matters only for a bundle that denoises."""
+
+_THREAD_SAFE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+"""First bytes of the files ``auto`` decodes in threads: JPEG (and JPEG-based MPO) and PNG."""
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -185,12 +197,12 @@ def _init_worker() -> None:
 class _Pool:
     """A process (or thread) pool that can be rebuilt after a worker died."""
 
-    def __init__(self, workers: int, decode: str = "processes") -> None:
-        self.workers, self.decode = workers, decode
+    def __init__(self, workers: int, kind: str = "processes") -> None:
+        self.workers, self.kind = workers, kind
         self.executor = self._new()
 
     def _new(self) -> cf.Executor:
-        if self.decode == "threads":
+        if self.kind == "threads":
             return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="marrowscope-decode")
         return cf.ProcessPoolExecutor(
             self.workers, mp_context=process_context(), initializer=_init_worker
@@ -202,6 +214,45 @@ class _Pool:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _thread_safe(path: str) -> bool:
+    """Whether ``decode="auto"`` decodes ``path`` in a thread: it starts like a JPEG or PNG file.
+    A file that cannot be opened goes to a worker process, which reports why."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return head.startswith(_THREAD_SAFE_SIGNATURES)
+
+
+class _Pools:
+    """The pools of one :func:`iter_loaded` run: threads and/or worker processes, made on first
+    use, and which of them decodes a chunk of files."""
+
+    def __init__(self, workers: int, decode: str) -> None:
+        self.workers, self.decode = workers, decode
+        self._pools: dict[str, _Pool] = {}
+
+    def kind_for(self, chunk: Sequence[str]) -> str:
+        if self.decode != "auto":
+            return self.decode
+        return "threads" if all(_thread_safe(p) for p in chunk) else "processes"
+
+    def get(self, kind: str, busy: Iterable[cf.Future[list[Loaded]]] = ()) -> _Pool:
+        """The ``kind`` pool. Worker processes are forked once ``busy`` (the futures in flight)
+        are done, so that no decoding thread is inside a C library when this process forks."""
+        pool = self._pools.get(kind)
+        if pool is None:
+            if kind == "processes" and "threads" in self._pools:
+                cf.wait(list(busy))
+            pool = self._pools[kind] = _Pool(self.workers, kind)
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
 
 
 def _isolate(pool: _Pool, paths: Sequence[str], cfg: PreprocessConfig, size: int) -> list[Loaded]:
@@ -230,24 +281,26 @@ def iter_loaded(
     workers: int = 0,
     chunk_size: int = 16,
     prefetch: int | None = None,
-    decode: str = "processes",
+    decode: str = "auto",
 ) -> Iterator[Loaded]:
-    """Decode + preprocess ``paths`` in worker processes (or threads); yield results in input
-    order.
+    """Decode + preprocess ``paths`` in threads and/or worker processes (:data:`DECODE_MODES`);
+    yield results in input order.
 
     At most ``prefetch`` chunks are in flight, so memory stays bounded however many files there
     are, and the workers run ahead while the consumer (the network) works. A worker process that
     dies (a crashing decoder) is replaced; the file responsible gets an error, the others are
-    redone. With ``decode="threads"`` there is no such protection (see :data:`DECODE_MODES`).
+    redone. A file decoded in a thread has no such protection.
 
     Args:
         paths: image files.
         cfg: preprocessing parameters.
         size: model input size (see :func:`load_and_preprocess`).
-        workers: worker processes (threads); 0 = one per CPU core this process may use.
+        workers: decoding threads (and worker processes); 0 = one per CPU core this process may
+            use.
         chunk_size: files per task sent to a worker (>= 1).
         prefetch: chunks in flight (default ``2 * workers + 2``).
-        decode: ``processes`` or ``threads`` (:data:`DECODE_MODES`).
+        decode: ``auto`` (JPEG and PNG in threads, other formats in processes), ``processes``
+            or ``threads`` (:data:`DECODE_MODES`).
 
     Raises:
         ValueError: ``chunk_size`` below 1 or an unknown ``decode``.
@@ -265,29 +318,35 @@ def iter_loaded(
     n_workers = min(resolve_workers(workers), max(1, -(-len(names) // chunk_size)))
     depth = max(1, prefetch if prefetch is not None else 2 * n_workers + 2)
     chunks = deque(names[i : i + chunk_size] for i in range(0, len(names), chunk_size))
-    pool = _Pool(n_workers, decode)
-    inflight: deque[tuple[list[str], cf.Future[list[Loaded]]]] = deque()
+    pools = _Pools(n_workers, decode)
+    inflight: deque[tuple[list[str], cf.Future[list[Loaded]], str]] = deque()
     try:
         while chunks or inflight:
             while chunks and len(inflight) < depth:
                 chunk = chunks.popleft()
-                inflight.append((chunk, pool.executor.submit(_load_chunk, chunk, cfg, size)))
-            chunk, fut = inflight.popleft()
+                kind = pools.kind_for(chunk)
+                pool = pools.get(kind, (f for _, f, _ in inflight))
+                fut = pool.executor.submit(_load_chunk, chunk, cfg, size)
+                inflight.append((chunk, fut, kind))
+            chunk, fut, kind = inflight.popleft()
             try:
                 results = fut.result()
             except BrokenProcessPool:
-                # Every future in flight is lost; find the culprit one file at a time.
-                redo = [chunk, *(c for c, _ in inflight)]
+                # Every chunk the dead pool had is lost: find the culprit one file at a time.
+                # The threads' chunks are kept; they finish before the workers are forked again.
+                redo = [(chunk, fut, kind), *inflight]
                 inflight.clear()
-                pool.rebuild()
-                for c in redo:
-                    yield from _isolate(pool, c, cfg, size)
+                cf.wait([f for _, f, _ in redo])
+                procs = pools.get("processes")
+                procs.rebuild()
+                for c, f, k in redo:
+                    yield from f.result() if k == "threads" else _isolate(procs, c, cfg, size)
                 continue
             yield from results
     finally:
-        for _, fut in inflight:
+        for _, fut, _ in inflight:
             fut.cancel()
-        pool.close()
+        pools.close()
 
 
 # ---------------------------------------------------------------------------------------- output

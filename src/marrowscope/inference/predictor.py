@@ -842,7 +842,7 @@ class Predictor:
         *,
         workers: int = 0,
         progress: bool = True,
-        decode: str = "processes",
+        decode: str = "auto",
     ) -> Iterator[list[PathPrediction]]:
         """Like :meth:`predict_paths`, one list per batch of ``batch_size`` files."""
         self._require_ready()
@@ -887,21 +887,24 @@ class Predictor:
         *,
         workers: int = 0,
         progress: bool = True,
-        decode: str = "processes",
+        decode: str = "auto",
     ) -> Iterator[PathPrediction]:
-        """Predict many files: decoding and preprocessing run in worker processes (or threads),
-        overlapped with inference, in batches of ``batch_size``; results come in input order.
+        """Predict many files: decoding and preprocessing run in threads (JPEG, PNG) and worker
+        processes (other formats), overlapped with inference, in batches of ``batch_size``;
+        results come in input order.
 
         An unreadable, truncated, non-image or oversized file yields a :class:`PathPrediction`
-        with ``error`` set; the run never stops for one file (with ``decode="threads"``, a
-        decoder that crashes the interpreter still ends it).
+        with ``error`` set; the run never stops for one file (a decoder that crashes the
+        interpreter ends it only for a file decoded in a thread).
 
         Args:
             paths: image files.
-            workers: decoding processes (threads); 0 = one per CPU core.
+            workers: decoding threads (processes); 0 = one per CPU core.
             progress: show a progress bar with images/s (on stderr).
-            decode: ``processes`` (default) or ``threads``: faster next to a fast network, since
-                the decoded images are not copied between processes (docs/benchmarks.md).
+            decode: ``auto`` (default: JPEG and PNG in threads, other formats in worker
+                processes), ``processes`` (every file in a worker process: a crashing decoder
+                costs only its file) or ``threads`` (:data:`~marrowscope.inference.batching.DECODE_MODES`;
+                threads are faster next to a fast network, docs/benchmarks.md).
         """
         for batch in self.predict_path_batches(
             paths, workers=workers, progress=progress, decode=decode

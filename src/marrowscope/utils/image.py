@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,30 +138,32 @@ def decode_image(
             name, "file is empty (0 bytes); remove it or replace it with the image"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > limit:
-                advice = (
-                    "cut it into smaller fields first"
-                    if what == "field"
-                    else "crop single cells before classifying"
-                )
-                raise ImageReadError(
-                    name,
-                    f"{what} is {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
-                    f"(possible decompression bomb); {advice}",
-                )
-            high_depth = _is_high_depth_colour(im)
-            im.load()  # full decode: raises on truncated data
+        # Pillow refuses more than 2x Image.MAX_IMAGE_PIXELS itself (DecompressionBombError) and
+        # only warns above it; the limit here is checked before anything is decoded. (No
+        # warnings.catch_warnings() to turn the warning into an error: it changes process-wide
+        # state, and images are decoded in several threads at once.)
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > limit:
+            advice = (
+                "cut it into smaller fields first"
+                if what == "field"
+                else "crop single cells before classifying"
+            )
+            raise ImageReadError(
+                name,
+                f"{what} is {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
+                f"(possible decompression bomb); {advice}",
+            )
+        high_depth = _is_high_depth_colour(im)
+        im.load()  # full decode: raises on truncated data
     except ImageReadError:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(
             name, "not a readable image file (unknown format); remove it"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageReadError(name, f"refused as a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
         # Pillow's decoders report damaged files with any of these.

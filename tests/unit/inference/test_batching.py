@@ -85,7 +85,7 @@ def test_collect_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ decode pipeline
 
 
-@pytest.mark.parametrize("decode", ["processes", "threads"])
+@pytest.mark.parametrize("decode", ["auto", "processes", "threads"])
 def test_iter_loaded_keeps_order_across_workers_and_reports_bad_files(
     tmp_path: Path, decode: str
 ) -> None:
@@ -125,14 +125,18 @@ def test_iter_loaded_threads_decode_in_this_process_and_unknown_mode_is_refused(
     assert [int(a[0, 0, 0]) for a, _ in out] == list(range(8))
     # every file was decoded here (a forked worker's calls would not reach this set)
     assert seen and all(s.startswith(f"{os.getpid()}:marrowscope-decode") for s in seen)
-    with pytest.raises(ValueError, match="decode must be one of processes, threads, got 'gpu'"):
+    with pytest.raises(
+        ValueError, match="decode must be one of auto, processes, threads, got 'gpu'"
+    ):
         next(iter_loaded(paths, CFG, 16, decode="gpu"))
 
 
+@pytest.mark.parametrize(("decode", "suffix"), [("processes", ".png"), ("auto", ".bmp")])
 def test_iter_loaded_survives_a_crashing_decoder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decode: str, suffix: str
 ) -> None:
-    """A worker killed by a file (as a decoder segfault would) costs that file only."""
+    """A worker killed by a file (as a decoder segfault would) costs that file only; ``auto``
+    decodes a BMP in a worker process, so it keeps that protection."""
     real = batching.load_and_preprocess
 
     def crashing(path, cfg, size):  # type: ignore[no-untyped-def]
@@ -142,12 +146,47 @@ def test_iter_loaded_survives_a_crashing_decoder(
 
     monkeypatch.setattr(batching, "load_and_preprocess", crashing)  # inherited by forked workers
     paths = [_img(tmp_path / f"{i}.png", value=i) for i in range(6)]
-    crash = _img(tmp_path / "crash.png")
+    crash = _img(tmp_path / f"crash{suffix}")
     paths.insert(2, crash)
-    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2))
+    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2, decode=decode))
     assert [e is None for _, e in out] == [p != crash for p in paths]
     assert "crashed" in out[2][1] and str(crash) in out[2][1]
     assert [int(a[0, 0, 0]) for a, _ in out if a is not None] == list(range(6))
+
+
+def test_auto_decodes_jpeg_and_png_in_threads_and_other_formats_in_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice follows a file's first bytes, not its name; a file that cannot be opened goes
+    to a worker process, which reports it."""
+    parent = os.getpid()
+
+    def where(path, cfg, size):  # type: ignore[no-untyped-def]
+        if not Path(path).exists():
+            return None, f"{path}: missing"
+        return np.full((size, size, 3), 1 if os.getpid() == parent else 2, np.uint8), None
+
+    monkeypatch.setattr(batching, "load_and_preprocess", where)
+    jpeg, png, bmp, tiff = (
+        _img(tmp_path / "a.jpg"),
+        _img(tmp_path / "b.png"),
+        _img(tmp_path / "c.bmp"),
+        _img(tmp_path / "d.tif"),
+    )
+    disguised = tmp_path / "e.png"  # a BMP named .png
+    disguised.write_bytes(bmp.read_bytes())
+    jpeg_named_tif = tmp_path / "f.tif"
+    jpeg_named_tif.write_bytes(jpeg.read_bytes())
+    missing = tmp_path / "g.jpg"
+    paths = [jpeg, png, bmp, tiff, disguised, jpeg_named_tif, missing, jpeg]
+    out = list(iter_loaded(paths, CFG, 8, workers=2, chunk_size=1, decode="auto"))
+    origin = ["thread" if a is not None and a[0, 0, 0] == 1 else "process" for a, _ in out]
+    assert origin[:6] == ["thread", "thread", "process", "process", "process", "thread"]
+    assert out[6] == (None, f"{missing}: missing") and origin[7] == "thread"
+    # with processes (threads) every file is decoded there
+    for decode, value in (("processes", 2), ("threads", 1)):
+        out = list(iter_loaded(paths[:6], CFG, 8, workers=2, chunk_size=1, decode=decode))
+        assert [int(a[0, 0, 0]) for a, _ in out] == [value] * 6
 
 
 # --------------------------------------------------------------------------------------- output
