@@ -10,6 +10,9 @@ from marrowscope.reports.tables import Table, to_markdown
 
 __all__ = ["BENCH_FORMATS", "benchmark_markdown", "benchmark_rows"]
 
+_DECODE_WORDS = {"auto": "threads for JPEG and PNG, processes for other formats"}
+"""How the report names where the end-to-end runs decoded (other modes: by their name)."""
+
 BENCH_FORMATS = {"images/s": ",.1f", "median ms/batch": ",.2f", "p95 ms/batch": ",.2f"}
 """Cell formats of :func:`benchmark_rows` (for ``to_markdown`` / ``to_rich``)."""
 
@@ -48,7 +51,7 @@ def benchmark_markdown(report: Mapping[str, Any]) -> str:
         f"- input {report['input_size']} px; warm-up {s['warmup']} batches; at least "
         f"{s['min_time_s']} s per measurement; end to end on {s['n_images']} files from "
         f"`{s['images']}` with {s['workers']} decoding worker(s) "
-        f"({'threads' if s.get('decode') == 'threads' else 'processes'})",
+        f"({_DECODE_WORDS.get(s.get('decode', 'processes'), s.get('decode', 'processes'))})",
         "",
         to_markdown(benchmark_rows(report), colfmt=BENCH_FORMATS).rstrip("\n"),
     ]

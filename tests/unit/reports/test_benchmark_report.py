@@ -59,6 +59,19 @@ def test_markdown_sections_and_formats() -> None:
     assert "| torch-bf16 | network | 32 | — | — | — | 0 | no native bf16 on this CPU |" in md
     assert "| decode | 1.23 |" in md and "| denoise | 40.50 |" in md
     assert md.rstrip().endswith("- onnx is fastest at batch 32")
+    # a report from before --decode existed decoded in processes
+    assert "with 2 decoding worker(s) (processes)" in md
+
+
+def test_markdown_names_where_the_end_to_end_runs_decoded() -> None:
+    for decode, words in (
+        ("auto", "(threads for JPEG and PNG, processes for other formats)"),
+        ("threads", "(threads)"),
+        ("processes", "(processes)"),
+    ):
+        report = _report()
+        report["settings"]["decode"] = decode
+        assert f"with 2 decoding worker(s) {words}" in benchmark_markdown(report)
 
 
 def test_terminal_table_has_the_same_columns() -> None:
