@@ -97,12 +97,14 @@ def test_count_flags_hac_and_writes_a_self_contained_report(sample: Path, tmp_pa
 def test_count_threshold_and_model_without_hac(sample: Path, tmp_path: Path) -> None:
     ckpt = favoured_bundle(tmp_path / "plain", ["BLA", "LYT"])
     out = tmp_path / "r"
-    res = _invoke(
-        "count", str(ckpt), str(sample), "-o", str(out), "--threshold", "1.0", "--workers", "1"
-    )
-    assert res.exit_code == 0, res.output
-    data = json.loads((out / "count.json").read_text())
-    assert data["totals"]["identified"] == 0 and data["totals"]["unidentified"] == 7
+    for decode in ("auto", "processes"):
+        res = _invoke(
+            "count", str(ckpt), str(sample), "-o", str(out), "--threshold", "1.0",
+            "--workers", "1", "--decode", decode,
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        data = json.loads((out / "count.json").read_text())
+        assert data["totals"]["identified"] == 0 and data["totals"]["unidentified"] == 7
     assert data["flag"]["status"] == "not available"
     assert "no HAC class" in data["flag"]["message"]
     assert "hairy-cell flag: not available" in res.output
@@ -118,6 +120,10 @@ def test_count_bad_inputs_are_one_clear_line(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "nope" in res.output
     res = _invoke("count", str(ckpt), str(tmp_path / "empty"), "--hac-count", "0")
     assert res.exit_code == 2
+    res = _invoke("count", str(ckpt), str(tmp_path / "empty"), "--fields", "--decode", "threads")
+    assert res.exit_code == 2 and "--decode is for a folder of cell images" in res.output
+    res = _invoke("count", str(ckpt), str(tmp_path / "empty"), "--decode", "gpu")
+    assert res.exit_code == 2 and "--decode must be auto, processes or threads" in res.output
 
 
 def test_explain_writes_overlays_and_contact_sheet(sample: Path, tmp_path: Path) -> None:

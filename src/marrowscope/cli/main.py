@@ -70,23 +70,28 @@ Backend = Annotated[
 BACKEND_NAMES = ("torch", "onnx", "int8", "openvino")
 """Accepted --backend values (openvino is another name for int8)."""
 Decode = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="Where images are decoded: auto (JPEG and PNG in threads, other formats in worker "
-        "processes), processes (every file in a worker process: a crashing decoder costs only its "
-        "file) or threads (a crashing decoder ends the run). Threads are faster next to a fast "
-        "backend such as int8: no copy between processes.",
+        help="Where images are decoded: auto (the default: JPEG and PNG in threads, other formats "
+        "in worker processes), processes (every file in a worker process: a crashing decoder "
+        "costs only its file) or threads (a crashing decoder ends the run). Threads are faster "
+        "next to a fast backend such as int8: no copy between processes.",
+        show_default=False,
     ),
 ]
 
 
-def _check_decode(decode: str) -> None:
+def _check_decode(decode: str | None) -> str:
+    """``decode`` checked (None: ``auto``)."""
     from marrowscope.inference.batching import DECODE_MODES
 
+    if decode is None:
+        return "auto"
     if decode not in DECODE_MODES:
         raise typer.BadParameter(
             f"--decode must be {', '.join(DECODE_MODES[:-1])} or {DECODE_MODES[-1]}, got {decode!r}"
         )
+    return decode
 
 
 def _check_backend(backend: str) -> None:
@@ -888,12 +893,15 @@ def count(
     ] = DEFAULT_GALLERY,
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="Decoding threads or processes (0 = one per core).")
+    ] = 0,
     tta: Annotated[
         str | None,
         typer.Option(help="Test-time augmentation none, flips or d8 (default: the bundle's)."),
     ] = None,
     backend: Backend = "torch",
+    decode: Decode = None,
     fields: Annotated[
         bool,
         typer.Option(
@@ -924,6 +932,11 @@ def count(
     from marrowscope.inference import Predictor
 
     _check_backend(backend)
+    decode_mode = _check_decode(decode)
+    if fields and decode is not None:
+        raise typer.BadParameter(
+            "--decode is for a folder of cell images; fields (--fields) are decoded one at a time"
+        )
     predictor = Predictor.from_checkpoint(
         checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
     )
@@ -950,6 +963,7 @@ def count(
             hac_min_count=hac_count,
             evidence=evidence,
             workers=workers,
+            decode=decode_mode,
         )
         _warn_field_like(res, detector, field_like_images)
     target = out or Path(f"count-{res.sample}")
@@ -1055,7 +1069,7 @@ def predict(
         float,
         typer.Option(help="--engine ray: CPUs (torch threads) per predictor actor (e.g. 0.5)."),
     ] = 1.0,
-    decode: Decode = "auto",
+    decode: Decode = None,
 ) -> None:
     """Classify images: one row per image with class, confidence, top-k and every probability."""
 
@@ -1075,10 +1089,10 @@ def predict(
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
     _check_backend(backend)
-    _check_decode(decode)
+    decode_mode = _check_decode(decode)
     if engine not in ("local", "ray"):
         raise typer.BadParameter(f"--engine must be local or ray, got {engine!r}")
-    if engine == "ray" and decode != "auto":
+    if engine == "ray" and decode is not None:
         raise typer.BadParameter(
             "--decode is for --engine local; with --engine ray, Ray Data tasks decode"
         )
@@ -1115,7 +1129,9 @@ def predict(
     start = time.perf_counter()
     results = [
         (r.path, r.probs, r.error)
-        for r in pred.predict_paths(paths, workers=workers, progress=not no_progress, decode=decode)
+        for r in pred.predict_paths(
+            paths, workers=workers, progress=not no_progress, decode=decode_mode
+        )
     ]
     seconds = time.perf_counter() - start
     records = prediction_records(
@@ -1235,7 +1251,9 @@ def export(
         bool,
         typer.Option("--force", help="int8: write the model even if the accuracy guard fails."),
     ] = False,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="Decoding threads or processes (0 = one per core).")
+    ] = 0,
     recheck: Annotated[
         str,
         typer.Option(
@@ -1370,8 +1388,10 @@ def benchmark(
     end_to_end: Annotated[
         bool, typer.Option(help="Also time decode -> preprocess -> infer on image files.")
     ] = True,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).")] = 0,
-    decode: Decode = "auto",
+    workers: Annotated[
+        int, typer.Option(help="Decoding threads or processes (0 = one per core).")
+    ] = 0,
+    decode: Decode = None,
 ) -> None:
     """Images/s and per-batch latency (median, p95) per batch size x backend."""
 
@@ -1398,7 +1418,7 @@ def benchmark(
         )
     if not sizes or min(sizes) < 1:
         raise typer.BadParameter(f"--batch-sizes must be positive, got {batch_sizes!r}")
-    _check_decode(decode)
+    decode_mode = _check_decode(decode)
     report = run_benchmark(
         target,
         batch_sizes=sizes,
@@ -1408,7 +1428,7 @@ def benchmark(
         min_time=min_time,
         end_to_end=end_to_end,
         workers=workers,
-        decode=decode,
+        decode=decode_mode,
         console=err_console,
     )
     console.print(format_table(report))

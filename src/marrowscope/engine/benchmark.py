@@ -306,9 +306,14 @@ def _predictors(
 def _preprocess_cost(
     files: Sequence[Path], params: dict[str, Any], n: int = 24
 ) -> dict[str, float]:
-    """Mean ms per image of each preprocessing step that the bundle uses, in one process."""
+    """Median ms per image of each preprocessing step that the bundle uses, in one process, after
+    one untimed image (the first decode also loads Pillow's plugins)."""
     chain = preprocess_steps(config_from_params(params))
     steps: dict[str, list[float]] = {"decode": [], **{name: [] for name, _ in chain}}
+    if files:
+        first = read_image(files[0])
+        for _, step in chain:
+            first = step(first)
     for p in files[:n]:
         t0 = time.perf_counter()
         img = read_image(p)
@@ -317,7 +322,7 @@ def _preprocess_cost(
             t0 = time.perf_counter()
             img = step(img)
             steps[name].append(time.perf_counter() - t0)
-    return {k: 1000.0 * float(np.mean(v)) for k, v in steps.items() if v}
+    return {k: 1000.0 * float(np.median(v)) for k, v in steps.items() if v}
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -351,7 +356,7 @@ def run_benchmark(
         min_time: seconds each measurement runs at least.
         min_iters: batches each network measurement times at least.
         end_to_end: also measure decode -> preprocess -> infer.
-        workers: decoding processes for the end-to-end runs (0 = one per core).
+        workers: decoding threads or processes for the end-to-end runs (0 = one per core).
         decode: where the end-to-end runs decode: ``auto``, ``processes`` or ``threads``.
         num_classes: classes of a model built from a name.
         input_size: input size of a model built from a name.

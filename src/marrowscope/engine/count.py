@@ -142,6 +142,7 @@ def count_sample(
     hac_class: str = HAC_CLASS,
     workers: int = 0,
     progress: bool = True,
+    decode: str = "auto",
 ) -> CountResult:
     """Classify every cell of one sample and make its differential count and hairy-cell flag.
 
@@ -153,8 +154,9 @@ def count_sample(
         hac_min_count: flag when at least this many cells are called HAC.
         evidence: how many top HAC cells get a Grad-CAM as evidence.
         hac_class: the hairy-cell class name (matched case-insensitively).
-        workers: decoding processes (0 = one per core).
+        workers: decoding threads or processes (0 = one per core).
         progress: show a progress bar.
+        decode: where the images are decoded (:data:`~marrowscope.inference.batching.DECODE_MODES`).
 
     Raises:
         CountError: a missing/empty sample folder or a setting out of range.
@@ -165,7 +167,7 @@ def count_sample(
     classes = tuple(str(c) for c in predictor.classes_)
     cells: list[CellCall] = []
     unreadable: list[tuple[str, str]] = []
-    for res in predictor.predict_paths(images, workers=workers, progress=progress):
+    for res in predictor.predict_paths(images, workers=workers, progress=progress, decode=decode):
         if res.probs is None:
             unreadable.append((res.path, res.error or f"{res.path}: unreadable"))
             continue

@@ -813,7 +813,7 @@ def export_int8_checkpoint(
         max_f1_drop: largest accepted macro-F1 drop.
         min_agreement: smallest accepted top-1 agreement.
         force: write even when the guard fails.
-        workers: decoding processes (0 = one per core).
+        workers: decoding threads or processes (0 = one per core).
         seed: seed of the calibration draw.
         recheck: ``auto``, ``off`` or a margin (see :func:`export_int8`).
         recheck_size: ``auto``: cells to fit the margin on, drawn like the calibration cells but

@@ -71,7 +71,9 @@ DECODE_MODES = ("auto", "processes", "threads")
 * ``auto`` (the default): JPEG and PNG files (recognised by their first bytes, whatever their
   name) in threads, anything else in worker processes. Pillow decodes those two with
   libjpeg-turbo and zlib, the most used and most fuzzed image decoders there are; the rarer
-  formats (TIFF, BMP, WebP, ...) keep the crash isolation.
+  formats (TIFF, BMP, WebP, ...) keep the crash isolation (a chunk of files holding one of them
+  goes to a worker process whole). Missing and empty files, on which no decoder runs, stay in
+  threads.
 
 Worker processes limit OpenCV to one thread each; threads leave OpenCV's own thread count alone
 (it is process-wide), which matters only for a bundle that denoises."""
@@ -217,14 +219,14 @@ class _Pool:
 
 
 def _thread_safe(path: str) -> bool:
-    """Whether ``decode="auto"`` decodes ``path`` in a thread: it starts like a JPEG or PNG file.
-    A file that cannot be opened goes to a worker process, which reports why."""
+    """Whether ``decode="auto"`` decodes ``path`` in a thread: it starts like a JPEG or PNG file,
+    or no decoder will run on it (it cannot be read, or it is empty: the error says so)."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
     except OSError:
-        return False
-    return head.startswith(_THREAD_SAFE_SIGNATURES)
+        return True
+    return not head or head.startswith(_THREAD_SAFE_SIGNATURES)
 
 
 class _Pools:
@@ -236,6 +238,8 @@ class _Pools:
         self._pools: dict[str, _Pool] = {}
 
     def kind_for(self, chunk: Sequence[str]) -> str:
+        """``threads`` or ``processes``; with ``auto``, a chunk holding one file of another
+        format than JPEG or PNG goes to a worker process whole."""
         if self.decode != "auto":
             return self.decode
         return "threads" if all(_thread_safe(p) for p in chunk) else "processes"
@@ -322,26 +326,29 @@ def iter_loaded(
     inflight: deque[tuple[list[str], cf.Future[list[Loaded]], str]] = deque()
     try:
         while chunks or inflight:
-            while chunks and len(inflight) < depth:
-                chunk = chunks.popleft()
-                kind = pools.kind_for(chunk)
-                pool = pools.get(kind, (f for _, f, _ in inflight))
-                fut = pool.executor.submit(_load_chunk, chunk, cfg, size)
-                inflight.append((chunk, fut, kind))
-            chunk, fut, kind = inflight.popleft()
             try:
-                results = fut.result()
+                while chunks and len(inflight) < depth:
+                    kind = pools.kind_for(chunks[0])
+                    pool = pools.get(kind, (f for _, f, _ in inflight))
+                    fut = pool.executor.submit(_load_chunk, chunks[0], cfg, size)
+                    inflight.append((chunks.popleft(), fut, kind))
+                results = inflight[0][1].result()
             except BrokenProcessPool:
-                # Every chunk the dead pool had is lost: find the culprit one file at a time.
-                # The threads' chunks are kept; they finish before the workers are forked again.
-                redo = [(chunk, fut, kind), *inflight]
+                # A worker died (found here or by submit, while the consumer was busy). Keep
+                # every chunk that finished, redo the dead pool's others one file at a time to
+                # find the culprit; the threads' chunks finish before the pool is forked again.
+                redo = list(inflight)
                 inflight.clear()
                 cf.wait([f for _, f, _ in redo])
                 procs = pools.get("processes")
                 procs.rebuild()
-                for c, f, k in redo:
-                    yield from f.result() if k == "threads" else _isolate(procs, c, cfg, size)
+                for c, f, _ in redo:
+                    if f.exception() is None:
+                        yield from f.result()
+                    else:
+                        yield from _isolate(procs, c, cfg, size)
                 continue
+            inflight.popleft()
             yield from results
     finally:
         for _, fut, _ in inflight:

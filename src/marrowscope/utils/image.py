@@ -163,7 +163,7 @@ def decode_image(
         raise ImageReadError(
             name, "not a readable image file (unknown format); remove it"
         ) from None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # -W error
         raise ImageReadError(name, f"refused as a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
         # Pillow's decoders report damaged files with any of these.

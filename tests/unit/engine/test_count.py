@@ -61,7 +61,7 @@ def _predictor(classes: list[str] = CLASSES, plan: dict = PLAN) -> Predictor:
     )
     pred = Predictor.from_model(model, {"classes": classes}, device="cpu")
 
-    def fake_predict_paths(paths, *, workers=0, progress=True):  # type: ignore[no-untyped-def]
+    def fake_predict_paths(paths, *, workers=0, progress=True, decode="auto"):  # type: ignore[no-untyped-def]
         for p in paths:
             stem = Path(p).stem
             if stem not in plan:

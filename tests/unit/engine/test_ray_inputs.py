@@ -115,6 +115,14 @@ def test_without_ray_the_engine_says_how_to_install_it(
     )
     words = " ".join(bad.output.replace("│", " ").split())  # the usage box wraps the message
     assert bad.exit_code == 2 and "need --engine ray" in words
+    for decode in ("auto", "processes"):  # any --decode given with ray is refused, not ignored
+        bad = runner.invoke(
+            app,
+            ["predict", str(tiny_bundle), str(cell_files[0]), "--engine", "ray", "--decode", decode]
+            + ["--out", str(tmp_path / "q")],
+        )
+        words = " ".join(bad.output.replace("│", " ").split())
+        assert bad.exit_code == 2 and "--decode is for --engine local" in words
 
 
 def test_int8_backend_ships_the_int8_export_to_the_actors(

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,8 @@ def test_iter_loaded_threads_decode_in_this_process_and_unknown_mode_is_refused(
 def test_iter_loaded_survives_a_crashing_decoder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decode: str, suffix: str
 ) -> None:
-    """A worker killed by a file (as a decoder segfault would) costs that file only; ``auto``
+    """A worker killed by a file (as a decoder segfault would) costs that file only, also when
+    the pool dies while the consumer is busy and more chunks are still to be submitted; ``auto``
     decodes a BMP in a worker process, so it keeps that protection."""
     real = batching.load_and_preprocess
 
@@ -145,13 +147,17 @@ def test_iter_loaded_survives_a_crashing_decoder(
         return real(path, cfg, size)
 
     monkeypatch.setattr(batching, "load_and_preprocess", crashing)  # inherited by forked workers
-    paths = [_img(tmp_path / f"{i}.png", value=i) for i in range(6)]
+    paths = [_img(tmp_path / f"{i}{suffix}", value=i) for i in range(9)]
     crash = _img(tmp_path / f"crash{suffix}")
     paths.insert(2, crash)
-    out = list(iter_loaded(paths, CFG, 16, workers=2, chunk_size=2, decode=decode))
+    out = []
+    for item in iter_loaded(paths, CFG, 16, workers=1, chunk_size=1, prefetch=3, decode=decode):
+        if not out:
+            time.sleep(0.5)  # busy: the worker dies now, before the next chunk is submitted
+        out.append(item)
     assert [e is None for _, e in out] == [p != crash for p in paths]
     assert "crashed" in out[2][1] and str(crash) in out[2][1]
-    assert [int(a[0, 0, 0]) for a, _ in out if a is not None] == list(range(6))
+    assert [int(a[0, 0, 0]) for a, _ in out if a is not None] == list(range(9))
 
 
 def test_auto_decodes_jpeg_and_png_in_threads_and_other_formats_in_processes(
@@ -162,9 +168,10 @@ def test_auto_decodes_jpeg_and_png_in_threads_and_other_formats_in_processes(
     parent = os.getpid()
 
     def where(path, cfg, size):  # type: ignore[no-untyped-def]
-        if not Path(path).exists():
-            return None, f"{path}: missing"
-        return np.full((size, size, 3), 1 if os.getpid() == parent else 2, np.uint8), None
+        here = os.getpid() == parent
+        if not Path(path).exists() or not Path(path).stat().st_size:
+            return None, f"{path}: unusable, seen in a {'thread' if here else 'process'}"
+        return np.full((size, size, 3), 1 if here else 2, np.uint8), None
 
     monkeypatch.setattr(batching, "load_and_preprocess", where)
     jpeg, png, bmp, tiff = (
@@ -177,12 +184,15 @@ def test_auto_decodes_jpeg_and_png_in_threads_and_other_formats_in_processes(
     disguised.write_bytes(bmp.read_bytes())
     jpeg_named_tif = tmp_path / "f.tif"
     jpeg_named_tif.write_bytes(jpeg.read_bytes())
-    missing = tmp_path / "g.jpg"
-    paths = [jpeg, png, bmp, tiff, disguised, jpeg_named_tif, missing, jpeg]
+    missing, empty = tmp_path / "g.jpg", tmp_path / "h.tif"
+    empty.write_bytes(b"")
+    paths = [jpeg, png, bmp, tiff, disguised, jpeg_named_tif, missing, empty, jpeg]
     out = list(iter_loaded(paths, CFG, 8, workers=2, chunk_size=1, decode="auto"))
-    origin = ["thread" if a is not None and a[0, 0, 0] == 1 else "process" for a, _ in out]
-    assert origin[:6] == ["thread", "thread", "process", "process", "process", "thread"]
-    assert out[6] == (None, f"{missing}: missing") and origin[7] == "thread"
+    origin = [("thread" if a[0, 0, 0] == 1 else "process") if a is not None else e for a, e in out]
+    assert origin == [
+        "thread", "thread", "process", "process", "process", "thread",
+        f"{missing}: unusable, seen in a thread", f"{empty}: unusable, seen in a thread", "thread",
+    ]  # fmt: skip
     # with processes (threads) every file is decoded there
     for decode, value in (("processes", 2), ("threads", 1)):
         out = list(iter_loaded(paths[:6], CFG, 8, workers=2, chunk_size=1, decode=decode))
