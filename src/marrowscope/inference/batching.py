@@ -323,15 +323,14 @@ def iter_loaded(
     depth = max(1, prefetch if prefetch is not None else 2 * n_workers + 2)
     chunks = deque(names[i : i + chunk_size] for i in range(0, len(names), chunk_size))
     pools = _Pools(n_workers, decode)
-    inflight: deque[tuple[list[str], cf.Future[list[Loaded]], str]] = deque()
+    inflight: deque[tuple[list[str], cf.Future[list[Loaded]]]] = deque()
     try:
         while chunks or inflight:
             try:
                 while chunks and len(inflight) < depth:
-                    kind = pools.kind_for(chunks[0])
-                    pool = pools.get(kind, (f for _, f, _ in inflight))
+                    pool = pools.get(pools.kind_for(chunks[0]), (f for _, f in inflight))
                     fut = pool.executor.submit(_load_chunk, chunks[0], cfg, size)
-                    inflight.append((chunks.popleft(), fut, kind))
+                    inflight.append((chunks.popleft(), fut))
                 results = inflight[0][1].result()
             except BrokenProcessPool:
                 # A worker died (found here or by submit, while the consumer was busy). Keep
@@ -339,10 +338,11 @@ def iter_loaded(
                 # find the culprit; the threads' chunks finish before the pool is forked again.
                 redo = list(inflight)
                 inflight.clear()
-                cf.wait([f for _, f, _ in redo])
+                cf.wait([f for _, f in redo])
                 procs = pools.get("processes")
                 procs.rebuild()
-                for c, f, _ in redo:
+                procs.executor.submit(int).result()  # fork the new workers now, nothing in flight
+                for c, f in redo:
                     if f.exception() is None:
                         yield from f.result()
                     else:
@@ -351,7 +351,7 @@ def iter_loaded(
             inflight.popleft()
             yield from results
     finally:
-        for _, fut, _ in inflight:
+        for _, fut in inflight:
             fut.cancel()
         pools.close()
 
