@@ -18,9 +18,8 @@ declare -A VARIANTS=(
   # the learning curve: the default on a quarter of each fold's training cells
   [frac25]="--train-fraction 0.25"
 )
-# run on 2026-11-29: default and frac25; prog160_13ep was compared on bm8's single split instead
-# (benchmarks/paired_bundles.py; a 3-fold run did not fit the session), see docs/accuracy.md
-ORDER=(default frac25)
+# run on 2026-11-29: default, then prog160_13ep and frac25 (the next session), see docs/accuracy.md
+ORDER=(default prog160_13ep frac25)
 [ $# -gt 0 ] && ORDER=("$@")
 for v in "${ORDER[@]}"; do
   # shellcheck disable=SC2086
