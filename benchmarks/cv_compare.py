@@ -7,7 +7,7 @@ TTA, the paired-bootstrap 95% interval of the difference, and McNemar's exact te
 TTA (d8, flips) with no TTA within ``base``. Writes ``docs/results/cv/comparison.json`` and prints
 Markdown tables.
 
-    python benchmarks/cv_compare.py [--runs runs/cv] [--base base]
+    python benchmarks/cv_compare.py [--runs runs/cv] [--base base] [--checkpoint best|last]
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ from marrowscope.inference.predictor import softmax
 from marrowscope.metrics.classification import paired_comparison
 
 
-def pooled_predictions(run: Path, tta: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labels, predictions and paths of every out-of-fold image (sorted by path)."""
+def pooled_predictions(
+    run: Path, tta: str, checkpoint: str = "best"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels, predictions and paths of every out-of-fold image (sorted by path), from each fold's
+    best checkpoint (chosen on the scored fold) or its last one (no choice made on those cells)."""
+    key = {"best": "logits", "last": "logits_last"}[checkpoint]
     labels, preds, paths = [], [], []
     for fold in sorted(run.glob("fold-*")):
         with np.load(fold / "oof.npz") as z:
-            probs = softmax(z["logits"][TTA_VIEWS[tta]]).mean(axis=0)
+            probs = softmax(z[key][TTA_VIEWS[tta]]).mean(axis=0)
             labels.append(z["labels"])
             preds.append(probs.argmax(1))
             paths += z["paths"].tolist()
@@ -45,16 +49,23 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/cv"))
     ap.add_argument("--base", default="base")
     ap.add_argument("--out", type=Path, default=Path("docs/results/cv/comparison.json"))
+    ap.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="each fold's best checkpoint (chosen on the scored fold) or its last one",
+    )
     args = ap.parse_args()
+    ck = args.checkpoint
     summary = json.loads((args.runs / args.base / "cv_summary.json").read_text())
     classes = summary["classes"]
     complete = sorted(
         p.parent.name for p in args.runs.glob("*/cv_summary.json") if p.parent.name != args.base
     )
     result: dict[str, dict] = {"tta_within_base": {}, "variants_vs_base": {}}
-    y0, p0, paths0 = pooled_predictions(args.runs / args.base, "none")
+    y0, p0, paths0 = pooled_predictions(args.runs / args.base, "none", ck)
     for tta in ("flips", "d8"):
-        y, p, paths = pooled_predictions(args.runs / args.base, tta)
+        y, p, paths = pooled_predictions(args.runs / args.base, tta, ck)
         result["tta_within_base"][tta] = paired_comparison(y0, p0, p, classes)
     print(f"| TTA in {args.base} | macro-F1 none | with TTA | difference [95% CI] | McNemar p |")
     print("|---|---:|---:|---:|---:|")
@@ -69,9 +80,9 @@ def main() -> None:
         f"| variant vs {args.base} (d8 TTA) | {args.base} | variant | difference [95% CI] | McNemar p |"
     )
     print("|---|---:|---:|---:|---:|")
-    yb, pb, pathsb = pooled_predictions(args.runs / args.base, "d8")
+    yb, pb, pathsb = pooled_predictions(args.runs / args.base, "d8", ck)
     for name in complete:
-        yv, pv, pathsv = pooled_predictions(args.runs / name, "d8")
+        yv, pv, pathsv = pooled_predictions(args.runs / name, "d8", ck)
         if pathsv != pathsb:
             raise SystemExit(f"{name} was not cross-validated on the same images as {args.base}")
         r = paired_comparison(yb, pb, pv, classes)
@@ -82,7 +93,7 @@ def main() -> None:
             f"{r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['mcnemar_p']:.3g} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps({"checkpoint": ck, **result}, indent=2))
 
 
 if __name__ == "__main__":
