@@ -43,7 +43,7 @@ from marrowscope.config import ModelConfig
 from marrowscope.data.sample import SAMPLE_ROOT, resolve_root
 from marrowscope.export.int8 import quantize_openvino, save_int8
 from marrowscope.export.onnx import export_onnx
-from marrowscope.inference.batching import DECODE_MODES, collect_image_paths, iter_loaded
+from marrowscope.inference.batching import check_decode, collect_image_paths, iter_loaded
 from marrowscope.inference.openvino_runtime import RuntimeMissingError
 from marrowscope.inference.predictor import (
     ONNX_NAME,
@@ -372,8 +372,7 @@ def run_benchmark(
             raise ValueError(f"unknown backend {b!r}; use {', '.join(BACKENDS)}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    check_decode(decode)
     model, meta, bundle = load_target(target, num_classes=num_classes, input_size=input_size)
     size = meta.input_size
     pre = meta.preprocess or {}

@@ -48,6 +48,7 @@ __all__ = [
     "InputError",
     "DECODE_MODES",
     "Loaded",
+    "check_decode",
     "collect_image_paths",
     "iter_loaded",
     "load_and_preprocess",
@@ -218,6 +219,13 @@ class _Pool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+def check_decode(decode: str) -> None:
+    """Raises ValueError naming the accepted values when ``decode`` is not in
+    :data:`DECODE_MODES`."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+
+
 def _thread_safe(path: str) -> bool:
     """Whether ``decode="auto"`` decodes ``path`` in a thread: it starts like a JPEG or PNG file,
     or no decoder will run on it (it cannot be read, or it is empty: the error says so)."""
@@ -314,8 +322,7 @@ def iter_loaded(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    check_decode(decode)
     names = [str(p) for p in paths]
     if not names:
         return

@@ -148,10 +148,14 @@ class OpenVINORunner:
     def _run(self, compiled: Any, requests: list[Any], batch: np.ndarray) -> np.ndarray:
         """Logits of ``batch``: one request, or the batch split between the streams' requests
         running at the same time."""
-        if len(requests) == 1 or len(batch) < 2:
-            return self._infer([(requests[0], batch)])
-        parts = np.array_split(batch, len(requests))
-        return self._infer(list(zip(requests, parts, strict=True)))
+        parts = self._parts(batch)
+        return self._infer(list(zip(requests, parts, strict=False)))
+
+    def _parts(self, batch: np.ndarray) -> list[np.ndarray]:
+        """``batch`` whole, or split into one part per stream (two or more images)."""
+        if self.streams == 1 or len(batch) < 2:
+            return [batch]
+        return np.array_split(batch, self.streams)
 
     @staticmethod
     def _infer(jobs: list[tuple[Any, np.ndarray]]) -> np.ndarray:
@@ -204,9 +208,7 @@ class OpenVINORunner:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         if not self._static_shapes or not len(batch):
             return self._run(self._uint8, self._uint8_requests, batch)
-        parts = (
-            [batch] if self.streams == 1 or len(batch) < 2 else np.array_split(batch, self.streams)
-        )
+        parts = self._parts(batch)
         runs = [self._static_for(len(part)) for part in parts]
         if any(r is None for r in runs):
             return self._run(self._uint8, self._uint8_requests, batch)
