@@ -145,6 +145,14 @@ class PreprocessConfig:
 
     size: Annotated[Int, Ge(32), _Hint("the networks need at least 32 px; 224 is usual")] = 224
     resize: Bool = True
+    crop: (
+        Annotated[Float, Interval(gt=0, le=1), _Hint("a fraction of the shorter side, e.g. 0.75")]
+        | None
+    ) = None
+    """Centre crop before resizing: keep the centred square whose side is this fraction of the
+    image's shorter side (0.75 keeps the middle 270 px of a 360 px crop). For crops with much
+    background around a centred cell, the cell then keeps more pixels at the same input size.
+    ``None`` keeps the whole image."""
     denoise: Bool = False
     denoise_h: NonNegative = 10.0
     denoise_h_color: NonNegative = 10.0

@@ -1,4 +1,5 @@
-"""The paper's OpenCV preprocessing: resize -> non-local-means denoise -> 3x3 sharpen.
+"""The paper's OpenCV preprocessing: resize -> non-local-means denoise -> 3x3 sharpen (after an
+optional centre crop).
 
 Every function is pure and keeps the array contract: RGB, HWC, uint8 in -> RGB, HWC, uint8 out.
 OpenCV's colour functions assume BGR, so :func:`denoise` converts to BGR and back.
@@ -25,6 +26,7 @@ PAPER_SHARPEN_KERNEL = np.array([[-1, -1, -1], [-1, 9, -1], [-1, -1, -1]], dtype
 _PIXEL_FIELDS = (
     "size",
     "resize",
+    "crop",
     "denoise",
     "denoise_h",
     "denoise_h_color",
@@ -77,6 +79,22 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (int(size), int(size)), interpolation=interp)
 
 
+def center_crop(img: np.ndarray, fraction: float) -> np.ndarray:
+    """The centred square whose side is ``fraction`` of the shorter side (a view, not a copy).
+
+    Args:
+        img: RGB HWC uint8.
+        fraction: in (0, 1]; 1 keeps the centred square of the shorter side.
+    """
+    check_image(img)
+    if isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise ValueError(f"preprocess.crop must be in (0, 1] (e.g. 0.75), got {fraction!r}")
+    h, w = img.shape[:2]
+    side = max(1, round(min(h, w) * float(fraction)))
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    return img[y0 : y0 + side, x0 : x0 + side]
+
+
 def _check_window(name: str, value: int) -> None:
     if (
         isinstance(value, bool)
@@ -125,12 +143,16 @@ def sharpen(img: np.ndarray) -> np.ndarray:
 
 
 def preprocess_steps(cfg: PreprocessConfig) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-    """The configured steps in the paper's order (resize -> denoise -> sharpen), named: the one
-    definition of the chain, which :func:`apply_preprocess` runs and benchmarks time step by step.
+    """The configured steps in the paper's order (resize -> denoise -> sharpen, after the optional
+    centre crop), named: the one definition of the chain, which :func:`apply_preprocess` runs and
+    benchmarks time step by step.
 
     Each step takes and returns RGB HWC uint8.
     """
     steps: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
+    if cfg.crop is not None:
+        fraction = cfg.crop
+        steps.append(("crop", lambda img: center_crop(img, fraction)))
     if cfg.resize:
         steps.append(("resize", lambda img: resize(img, cfg.size)))
     if cfg.denoise:
@@ -152,7 +174,7 @@ def preprocess_steps(cfg: PreprocessConfig) -> list[tuple[str, Callable[[np.ndar
 
 
 def apply_preprocess(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Run the configured steps in the paper's order: resize -> denoise -> sharpen.
+    """Run the configured steps in the paper's order: (centre crop ->) resize -> denoise -> sharpen.
 
     Args:
         img: RGB HWC uint8.
@@ -167,20 +189,23 @@ def apply_preprocess(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     out = check_image(img)
     for _, step in preprocess_steps(cfg):
         out = step(out)
-    if out is img:
-        out = img.copy()
+    if np.shares_memory(out, img):  # no step ran, or only the crop (a view)
+        out = out.copy()
     return np.ascontiguousarray(out)
 
 
 def preprocess_params(cfg: PreprocessConfig) -> dict[str, Any]:
     """The parameters that decide the output pixels, plus ``version`` (= PREPROCESS_VERSION).
 
-    ``cache_dir`` and ``workers`` are left out. The dict is JSON-serialisable and is stored in
-    checkpoint bundles; :func:`config_from_params` turns it back into a config.
+    ``cache_dir`` and ``workers`` are left out, and so is ``crop`` when it is off (bundles written
+    before it existed read the same). The dict is JSON-serialisable and is stored in checkpoint
+    bundles; :func:`config_from_params` turns it back into a config.
     """
     params: dict[str, Any] = {"version": PREPROCESS_VERSION}
     for name in _PIXEL_FIELDS:
         params[name] = getattr(cfg, name)
+    if cfg.crop is None:
+        del params["crop"]
     return params
 
 

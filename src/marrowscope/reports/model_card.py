@@ -33,6 +33,11 @@ def _bullets(items: Any) -> list[str]:
     return [f"- {item}" for item in items or []]
 
 
+def _crop(meta: BundleMetadata) -> str:
+    crop = (meta.preprocess or {}).get("crop")
+    return f" (resized from the centred {crop:g} of each image's shorter side)" if crop else ""
+
+
 def render_model_card(meta: BundleMetadata) -> str:
     """Markdown model card of a shipped bundle, from its metadata.
 
@@ -88,7 +93,7 @@ def render_model_card(meta: BundleMetadata) -> str:
         "## Recipe",
         "",
         f"- {meta.arch} ({meta.weights_source or 'random initialisation'}), "
-        f"input {meta.input_size} px, {train.get('epochs')} epochs, batch "
+        f"input {meta.input_size} px{_crop(meta)}, {train.get('epochs')} epochs, batch "
         f"{train.get('batch_size')}, lr {train.get('lr')}, layer decay {train.get('layer_decay')}, "
         f"label smoothing {train.get('label_smoothing')}, imbalance: {train.get('imbalance')}.",
         f"- Trained with `{' '.join(str(card.get('train_command', '')).split())}`."

@@ -13,6 +13,7 @@ from marrowscope.preprocess.ops import (
     PAPER_SHARPEN_KERNEL,
     PREPROCESS_VERSION,
     apply_preprocess,
+    center_crop,
     config_from_params,
     denoise,
     params_key,
@@ -181,3 +182,34 @@ def test_params_key_changes_only_with_pixel_changing_parameters() -> None:
     # parameters of a switched-off step do not split the cache
     off = PreprocessConfig(size=32, denoise=False)
     assert params_key(off) == params_key(dataclasses.replace(off, denoise_h=3.0))
+
+
+def test_center_crop_keeps_the_centred_square_of_the_shorter_side() -> None:
+    img = np.arange(12 * 16 * 3, dtype=np.uint32).reshape(12, 16, 3).astype(np.uint8)
+    out = center_crop(img, 0.5)  # side 6 of the shorter 12: rows 3..8, columns 5..10
+    np.testing.assert_array_equal(out, img[3:9, 5:11])
+    np.testing.assert_array_equal(center_crop(img, 1.0), img[:, 2:14])
+    for bad in (0.0, 1.5, -0.2, True):
+        with pytest.raises(ValueError, match="preprocess.crop"):
+            center_crop(img, bad)  # type: ignore[arg-type]
+
+
+def test_crop_runs_before_resize_and_never_aliases_the_input() -> None:
+    img = _noisy((36, 40), (90, 140, 200), 30)
+    cfg = PreprocessConfig(size=32, crop=0.75)
+    np.testing.assert_array_equal(apply_preprocess(img, cfg), resize(img[4:31, 6:33], 32))
+    # the crop alone is a view of the input; the result must still be a new array
+    only = apply_preprocess(img[:, :36], PreprocessConfig(resize=False, crop=1.0))
+    assert not np.shares_memory(only, img) and only.flags.c_contiguous
+    np.testing.assert_array_equal(only, img[:, :36])
+
+
+def test_crop_is_stored_only_when_on_so_older_bundles_and_caches_read_the_same() -> None:
+    off = PreprocessConfig(size=32)
+    assert "crop" not in preprocess_params(off)
+    # a bundle written before the crop existed (no key) rebuilds the same config and cache key
+    assert config_from_params(preprocess_params(off)) == off
+    on = dataclasses.replace(off, crop=0.75)
+    params = preprocess_params(on)
+    assert params["crop"] == 0.75 and config_from_params(params) == on
+    assert params_key(on) != params_key(off)
