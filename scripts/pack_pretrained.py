@@ -8,6 +8,7 @@ prose is in ``scripts/pretrained/cards.yaml``.
 
     python scripts/pack_pretrained.py bm8 runs/ship-bm8
     python scripts/pack_pretrained.py pbc6 runs/ship-pbc6
+    python scripts/pack_pretrained.py - runs/candidate --calibrate-only
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ from marrowscope.utils.runtime import resolve_device
 CARDS = Path(__file__).with_name("pretrained") / "cards.yaml"
 
 
+def calibrate_last(run: Path, console: Console) -> None:
+    """Fit the temperature of ``run/last`` on the run's validation split, as ``fit`` does for the
+    best bundle (nothing happens if it is already calibrated)."""
+    bundle = run / "last"
+    if read_metadata(bundle).inference.calibration:
+        return
+    cfg = load_config(run / "config.yaml")
+    data = prepare_data(cfg, rows=read_manifest(run / "split.csv"), progress=False)
+    finalize_inference(bundle, data, cfg, device=resolve_device("cpu"), console=console)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", help="shipped name, a key of scripts/pretrained/cards.yaml")
@@ -39,20 +51,26 @@ def main() -> None:
         action="store_true",
         help="only replace the packed model's card prose from cards.yaml (no re-evaluation)",
     )
+    ap.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="only fit the temperature of the run's last-epoch bundle (to compare candidates "
+        "with benchmarks/paired_bundles.py before packing one); NAME is not used",
+    )
     args = ap.parse_args()
     console = Console()
+    if args.calibrate_only:
+        calibrate_last(args.run_dir, console)
+        return
     card = yaml.safe_load(CARDS.read_text(encoding="utf-8"))[args.name]
     if args.card_only:
         update_card(args.name, description=card.pop("description"), card=card)
         return
     run = args.run_dir
     bundle = run / args.checkpoint
-    cfg = load_config(run / "config.yaml")
     split = run / "split.csv"
-    calibrated = read_metadata(bundle).inference.calibration
-    if args.checkpoint == "last" and not calibrated:  # `fit` calibrates only the best bundle
-        data = prepare_data(cfg, rows=read_manifest(split), progress=False)
-        finalize_inference(bundle, data, cfg, device=resolve_device("cpu"), console=console)
+    if args.checkpoint == "last":
+        calibrate_last(run, console)
     pack_pretrained(
         bundle,
         args.name,
