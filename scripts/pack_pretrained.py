@@ -60,6 +60,8 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     if args.calibrate_only:
+        if args.card_only or args.checkpoint != "last":
+            ap.error("--calibrate-only works on the last-epoch bundle alone")
         calibrate_last(args.run_dir, console)
         return
     card = yaml.safe_load(CARDS.read_text(encoding="utf-8"))[args.name]

@@ -147,8 +147,17 @@ def test_compare_writes_the_paper_tables(synthetic_tree: Path, tmp_path: Path) -
     assert (out / "runs" / "paper_cnn" / "best" / "model.safetensors").stat().st_mtime == mtime
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"train.swa_lr": -1}, r"train.swa_lr: must be > 0, got -1"),
+        # one preprocessed copy of the images serves every model: a per-model crop cannot apply
+        ({"preprocess.crop": 0.75}, r"model_overrides.mobilenetv2_100.preprocess.crop: .* share"),
+        ({"data.max_per_class": 3}, r"model_overrides.mobilenetv2_100.data.max_per_class"),
+    ],
+)
 def test_a_bad_model_override_fails_before_any_data_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, override: dict, message: str
 ) -> None:
     import marrowscope.engine.compare as compare_mod
     from marrowscope.config import ConfigError
@@ -162,11 +171,11 @@ def test_a_bad_model_override_fails_before_any_data_is_read(
             tmp_path / "no-such-folder",
             compare={
                 "models": ["paper_cnn", "mobilenetv2_100"],
-                "model_overrides": {"mobilenetv2_100": {"train.swa_lr": -1}},
+                "model_overrides": {"mobilenetv2_100": override},
             },
         )
     )
-    with pytest.raises(ConfigError, match=r"train.swa_lr: must be > 0, got -1"):
+    with pytest.raises(ConfigError, match=message):
         compare(cfg, tmp_path / "cmp", progress=False)
     assert not (tmp_path / "cmp").exists()
 

@@ -57,8 +57,8 @@ def test_overrides_parse_yaml_scalars(tmp_path: Path) -> None:
         ({"train": {"imbalance": "oversample"}}, "train.imbalance: 'oversample' is not one of"),
         ({"preprocess": {"denoise": "yes"}}, "preprocess.denoise: expected true/false"),
         ({"augment": {"zoom": [0.5]}}, "augment.zoom: expected 2 values"),
-        ({"preprocess": {"crop": 0}}, "preprocess.crop"),
-        ({"preprocess": {"crop": 1.5}}, "preprocess.crop"),
+        ({"preprocess": {"crop": 0}}, "preprocess.crop: must be in (0, 1], got 0"),
+        ({"preprocess": {"crop": 1.5}}, "preprocess.crop: must be in (0, 1], got 1.5"),
         ({"data": 3}, "data: expected a mapping"),
     ],
 )

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from marrowscope.config import ExperimentConfig, replace, to_dict
+from marrowscope.config import ConfigError, ExperimentConfig, replace, to_dict
 from marrowscope.engine.data import PreparedData, manifest_rows, prepare_data, save_split
 from marrowscope.engine.distributed import setup as setup_distributed
 from marrowscope.engine.evaluate import score, write_evaluation
@@ -44,11 +44,24 @@ from marrowscope.reports.tables import (
 )
 from marrowscope.utils.io import atomic_write_json, atomic_write_text
 
+_SHARED_SECTIONS = ("data", "preprocess")
+
 
 def model_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
-    """The experiment for one model of a comparison: ``model.name`` plus its per-model overrides."""
+    """The experiment for one model of a comparison: ``model.name`` plus its per-model overrides.
+
+    Raises:
+        ConfigError: an override of ``data.*`` or ``preprocess.*`` (the models share one split
+            and one preprocessed copy of the images, so it could not be applied).
+    """
     overrides = [f"model.name={name}", f"name={cfg.name}-{name}"]
     for key, value in (cfg.compare.model_overrides.get(name) or {}).items():
+        if key.split(".")[0] in _SHARED_SECTIONS:
+            raise ConfigError(
+                f"compare.model_overrides.{name}.{key}: the models of a comparison share one split "
+                f"and one preprocessing, so a per-model {key} cannot apply; set it for all models "
+                "or train this one apart (marrowscope train --set ...)"
+            )
         overrides.append(f"{key}={json.dumps(value)}")
     return replace(cfg, overrides)
 

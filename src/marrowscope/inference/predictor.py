@@ -10,7 +10,7 @@ comes from the checkpoint bundle, never from a folder listing or a default::
     p.classes_
 
 Steps per image: :meth:`Predictor.load` (any file, array or PIL image -> RGB uint8) ->
-:meth:`Predictor.preprocess` (the bundle's resize / denoise / sharpen) -> batched network
+:meth:`Predictor.preprocess` (the bundle's crop / resize / denoise / sharpen) -> batched network
 (the model normalises its [0, 1] input itself; in ONNX the normalisation is inside the graph
 too) -> softmax of ``logits / temperature``, averaged over the test-time-augmentation views.
 
@@ -659,7 +659,7 @@ class Predictor:
         )
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """Apply the bundle's preprocessing (resize / denoise / sharpen): RGB uint8 in and out.
+        """Apply the bundle's preprocessing (crop / resize / denoise / sharpen): RGB uint8 in and out.
 
         The result is always ``input_size`` square.
         """

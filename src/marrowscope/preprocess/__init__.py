@@ -1,4 +1,5 @@
-"""Pure numpy/OpenCV preprocessing (the paper's resize -> denoise -> sharpen) and its disk cache.
+"""Pure numpy/OpenCV preprocessing (the paper's resize -> denoise -> sharpen, after an optional
+centre crop) and its disk cache.
 
 No torch here (import-linter contract). :mod:`~marrowscope.preprocess.ops` holds the pure image
 operations; :mod:`~marrowscope.preprocess.cache` computes them once per image and parameter set.

@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from marrowscope.config import PreprocessConfig
+from marrowscope.config import PreprocessConfig, from_dict
 
 PREPROCESS_VERSION = 1
 """Bump when the pixels produced for the same parameters change (invalidates every cache)."""
@@ -213,7 +213,8 @@ def config_from_params(params: dict[str, Any]) -> PreprocessConfig:
     """Rebuild a :class:`PreprocessConfig` from :func:`preprocess_params` output.
 
     Raises:
-        ValueError: the dict was written by another preprocessing version or has unknown keys.
+        ValueError: the dict was written by another preprocessing version, has unknown keys or
+            a value out of range (a :class:`~marrowscope.config.ConfigError`, naming it).
     """
     version = params.get("version")
     if version != PREPROCESS_VERSION:
@@ -224,7 +225,9 @@ def config_from_params(params: dict[str, Any]) -> PreprocessConfig:
     unknown = sorted(set(params) - set(_PIXEL_FIELDS) - {"version"})
     if unknown:
         raise ValueError(f"unknown preprocessing parameter(s): {', '.join(unknown)}")
-    return PreprocessConfig(**{k: params[k] for k in _PIXEL_FIELDS if k in params})
+    # the checks and conversions of a config file: a hand-edited bundle fails here, not per image
+    given = {k: params[k] for k in _PIXEL_FIELDS if k in params}
+    return from_dict({"preprocess": given}).preprocess
 
 
 def _effective_params(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -240,7 +243,7 @@ def _effective_params(cfg: PreprocessConfig) -> dict[str, Any]:
             "denoise_search_window",
         ):
             del p[k]
-    for k in ("denoise_h", "denoise_h_color"):
+    for k in ("denoise_h", "denoise_h_color", "crop"):
         if k in p:
             p[k] = float(p[k])  # 10 and 10.0 give the same pixels and the same key
     return p

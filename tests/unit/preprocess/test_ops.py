@@ -198,10 +198,12 @@ def test_crop_runs_before_resize_and_never_aliases_the_input() -> None:
     img = _noisy((36, 40), (90, 140, 200), 30)
     cfg = PreprocessConfig(size=32, crop=0.75)
     np.testing.assert_array_equal(apply_preprocess(img, cfg), resize(img[4:31, 6:33], 32))
-    # the crop alone is a view of the input; the result must still be a new array
-    only = apply_preprocess(img[:, :36], PreprocessConfig(resize=False, crop=1.0))
-    assert not np.shares_memory(only, img) and only.flags.c_contiguous
-    np.testing.assert_array_equal(only, img[:, :36])
+    # the crop alone of a tall image is a contiguous view of its rows; the result must still be
+    # a new array
+    tall = _noisy((40, 36), (90, 140, 200), 30)
+    only = apply_preprocess(tall, PreprocessConfig(resize=False, crop=1.0))
+    assert not np.shares_memory(only, tall) and only.flags.c_contiguous
+    np.testing.assert_array_equal(only, tall[2:38])
 
 
 def test_crop_is_stored_only_when_on_so_older_bundles_and_caches_read_the_same() -> None:
@@ -213,3 +215,14 @@ def test_crop_is_stored_only_when_on_so_older_bundles_and_caches_read_the_same()
     params = preprocess_params(on)
     assert params["crop"] == 0.75 and config_from_params(params) == on
     assert params_key(on) != params_key(off)
+    # 1 and 1.0 crop the same pixels: one cache entry
+    assert params_key(dataclasses.replace(off, crop=1)) == params_key(
+        dataclasses.replace(off, crop=1.0)
+    )
+
+
+def test_bundle_parameters_are_checked_when_read() -> None:
+    params = preprocess_params(PreprocessConfig(size=32, crop=0.5))
+    assert config_from_params({**params, "crop": "0.5"}).crop == 0.5  # hand-edited, still valid
+    with pytest.raises(ValueError, match=r"preprocess.crop: must be in \(0, 1\], got 2"):
+        config_from_params({**params, "crop": 2})
