@@ -10,8 +10,9 @@ Runtime fp32, OpenVINO int8) it measures images/s and the per-batch latency (med
   folder of image files (default: the bundled sample).
 
 Each measurement runs ``warmup`` batches first, then repeats until at least ``min_time`` seconds
-and ``min_iters`` batches have been timed. The per-step preprocessing cost (decode, resize,
-NL-means denoise, sharpen, and the centre crop when on) is measured too, so a report says what denoising costs.
+and ``min_iters`` batches have been timed. The per-step preprocessing cost (decode, the centre
+crop when on, resize, NL-means denoise, sharpen) is measured too, so a report says what denoising
+costs.
 The int8 backend uses the checkpoint's int8 export (``marrowscope export CK --format int8``) when
 there is one, and reports its accuracy guard (agreement, macro-F1 drop with its CI, largest
 probability difference); otherwise it quantises a temporary copy calibrated on the benchmark's

@@ -659,7 +659,8 @@ class Predictor:
         )
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """Apply the bundle's preprocessing (crop / resize / denoise / sharpen): RGB uint8 in and out.
+        """Apply the bundle's preprocessing (crop / resize / denoise / sharpen): RGB uint8 in
+        and out.
 
         The result is always ``input_size`` square.
         """
