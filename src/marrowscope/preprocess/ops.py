@@ -189,7 +189,7 @@ def apply_preprocess(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     out = check_image(img)
     for _, step in preprocess_steps(cfg):
         out = step(out)
-    if np.shares_memory(out, img):  # no step ran, or only the crop (a view)
+    if np.may_share_memory(out, img):  # no step ran, or only the crop (a view); bounds only
         out = out.copy()
     return np.ascontiguousarray(out)
 
