@@ -74,6 +74,31 @@ def test_predict_csv_folder_and_glob_with_an_unreadable_file(
     assert "7 images, 1 error(s)" in res.output and "images/s" in res.output
 
 
+def test_predict_without_out_prints_a_table_and_a_tally(
+    bundle: Path, cells: Path, tmp_path: Path
+) -> None:
+    res = _invoke("predict", str(bundle), str(cells / "BLA"), "--no-progress")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    rows = [ln for ln in lines if ".jpg" in ln and "│" in ln]
+    assert len(rows) == 4  # 3 readable BLA cells + broken.jpg, one row each
+    broken = next(ln for ln in rows if "broken.jpg" in ln)
+    assert "unreadable" in broken
+    for ln in rows:
+        if ln is broken:
+            continue
+        cls = ln.split("│")[1].strip()
+        conf = float(ln.split("│")[2])
+        assert cls in CLASSES and 1 / len(CLASSES) <= conf <= 1.0
+    tally = next(ln for ln in lines if ln and ln.split()[0] in CLASSES and "│" not in ln)
+    assert sum(int(n) for n in tally.replace(",", " ").split()[1::2]) == 3
+    assert "unreadable:" in res.output and "4 images, 1 error(s)" in res.output
+    assert "--out FILE.csv keeps every probability" in res.output
+    assert not list(tmp_path.glob("*.csv"))
+    res = _invoke("predict", str(bundle), str(cells / "BLA"), "--engine", "ray")
+    assert res.exit_code == 2 and "--engine ray writes a Parquet folder" in res.output
+
+
 def test_predict_onnx_backend_after_export_matches_torch(
     bundle: Path, cells: Path, tmp_path: Path
 ) -> None:

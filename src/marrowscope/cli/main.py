@@ -1025,13 +1025,14 @@ def predict(
         ),
     ],
     out: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--out",
             "-o",
-            help="Predictions file: .csv, .json or .parquet (--engine ray: a Parquet folder).",
+            help="Predictions file: .csv, .json or .parquet (--engine ray: a Parquet folder); "
+            "without it, a table on the terminal.",
         ),
-    ],
+    ] = None,
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     topk: Annotated[int, typer.Option(help="Ranked classes per image (top1..topk).")] = 3,
@@ -1071,9 +1072,12 @@ def predict(
     ] = 1.0,
     decode: Decode = None,
 ) -> None:
-    """Classify images: one row per image with class, confidence, top-k and every probability."""
+    """Classify images: one row per image with class, confidence, top-k and every probability
+    (in --out; without it, a table of class, confidence and runner-up per image, and a tally)."""
 
     import time
+
+    from rich.markup import escape
 
     import marrowscope
     from marrowscope.inference.batching import (
@@ -1106,6 +1110,8 @@ def predict(
             f"{gpus_per_worker:g} and {cpus_per_worker:g}"
         )
     if engine == "ray":
+        if out is None:
+            raise typer.BadParameter("--engine ray writes a Parquet folder: give it with --out")
         _predict_ray(
             checkpoint,
             inputs,
@@ -1121,7 +1127,8 @@ def predict(
             progress=not no_progress,
         )
         return
-    output_format(out)  # fail before the run: bad extension or no pyarrow
+    if out is not None:
+        output_format(out)  # fail before the run: bad extension or no pyarrow
     paths = collect_image_paths(inputs)
     pred = Predictor.from_checkpoint(
         checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
@@ -1140,12 +1147,16 @@ def predict(
         topk=topk,
         extra={"model": pred.arch, "marrowscope_version": marrowscope.__version__},
     )
-    write_predictions(records, out)
     errors = [(p, e) for p, _, e in results if e]
+    if out is None:
+        _print_predictions(records)
+    else:
+        write_predictions(records, out)
     for _, e in errors[:5]:
-        console.print(f"[yellow]unreadable:[/] {e}")
+        console.print(f"[yellow]unreadable:[/] {escape(e)}")
     if len(errors) > 5:
-        console.print(f"[yellow]... {len(errors) - 5} more; see the error column of {out}")
+        where = f"the error column of {out}" if out is not None else "the table"
+        console.print(f"[yellow]... {len(errors) - 5} more; see {where}")
     n_ok = len(results) - len(errors)
     share = pred.recheck_share()
     rechecked = (
@@ -1155,8 +1166,37 @@ def predict(
     )
     console.print(
         f"{len(results)} images, {len(errors)} error(s), {n_ok / max(seconds, 1e-9):.1f} "
-        f"images/s ({seconds:.1f} s, {pred.backend} backend{rechecked}); wrote {out}"
+        f"images/s ({seconds:.1f} s, {pred.backend} backend{rechecked}); "
+        + (f"wrote {out}" if out is not None else "--out FILE.csv keeps every probability")
     )
+
+
+def _print_predictions(records: list[dict[str, Any]]) -> None:
+    """``predict`` without ``--out``: one table row per image (its path under the folder the
+    images share, named in the caption), then how many of each class."""
+    from collections import Counter
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    folders = {os.path.dirname(os.path.abspath(r["path"])) for r in records}
+    common = os.path.commonpath(sorted(folders)) if folders else ""
+    table = Table(show_edge=False, caption=escape(f"images under {common}") if common else None)
+    table.add_column("image", overflow="fold")
+    table.add_column("class")
+    table.add_column("confidence", justify="right")
+    table.add_column("runner-up")
+    for r in records:
+        name = escape(os.path.relpath(os.path.abspath(r["path"]), common) if common else r["path"])
+        if r["predicted"] is None:
+            table.add_row(name, "[yellow]unreadable", "", "")
+            continue
+        second = f"{r['top2']} {r['p_top2']:.2f}" if r.get("top2") is not None else ""
+        table.add_row(name, r["predicted"], f"{r['confidence']:.2f}", second)
+    console.print(table)
+    tally = Counter(r["predicted"] for r in records if r["predicted"] is not None)
+    if tally:
+        console.print(", ".join(f"{c} {n}" for c, n in tally.most_common()))
 
 
 def _predict_ray(
