@@ -6,8 +6,13 @@ its softmax temperature fitted on the run's validation split, then
 storage against float32, writes the fp16 bundle, its model card and the sha256 index. The card's
 prose is in ``scripts/pretrained/cards.yaml``.
 
+With ``--cv``, RUN is a cross-validation run with ``--refit`` (``marrowscope cv ... --refit --out
+RUN``): the model packed is ``RUN/refit/last``, trained on every cell and calibrated on the
+folds' out-of-fold logits, and its measured results are the cross-validation's pooled
+out-of-fold scores of the folds' last epochs.
+
     python scripts/pack_pretrained.py bm8 runs/ship-bm8
-    python scripts/pack_pretrained.py pbc6 runs/ship-pbc6
+    python scripts/pack_pretrained.py pbc6 runs/cv2-pbc/default --cv
     python scripts/pack_pretrained.py - runs/candidate --calibrate-only
 """
 
@@ -47,6 +52,12 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path, help="the training run folder")
     ap.add_argument("--checkpoint", default="last", choices=["last", "best"])
     ap.add_argument(
+        "--cv",
+        action="store_true",
+        help="RUN is a cross-validation with --refit: pack RUN/refit/last, measured by the "
+        "out-of-fold predictions",
+    )
+    ap.add_argument(
         "--card-only",
         action="store_true",
         help="only replace the packed model's card prose from cards.yaml (no re-evaluation)",
@@ -69,6 +80,22 @@ def main() -> None:
         update_card(args.name, description=card.pop("description"), card=card)
         return
     run = args.run_dir
+    if args.cv:
+        if args.checkpoint != "last":
+            ap.error("--cv packs the refit's last epoch (a final fit chooses no checkpoint)")
+        refit = run / "refit" / "last"
+        if not (refit / "metadata.json").is_file():
+            ap.error(f"{refit} is missing: run marrowscope cv with --refit --out {run} first")
+        pack_pretrained(
+            refit,
+            args.name,
+            cv_dir=run,
+            description=card.pop("description"),
+            card=card,
+            checkpoint_label=f"last epoch of the final fit on every cell, cv --refit in {run}",
+            console=console,
+        )
+        return
     bundle = run / args.checkpoint
     split = run / "split.csv"
     if args.checkpoint == "last":

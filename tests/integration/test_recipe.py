@@ -1,5 +1,5 @@
 """The accuracy levers end to end: EMA, MixUp/CutMix, stain jitter, TTA + temperature in the
-bundle, and k-fold cross-validation (resumable). Resume with EMA: tests/integration/test_train.py."""
+bundle, and k-fold cross-validation (resumable) with the final fit on every image (refit). Resume with EMA: tests/integration/test_train.py."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
-from marrowscope.config import from_dict
-from marrowscope.engine.cv import cross_validate
+from marrowscope.config import ConfigError, from_dict
+from marrowscope.engine.cv import cross_validate, out_of_fold_probs
+from marrowscope.engine.pretrained import pack_pretrained
 from marrowscope.engine.train import fit
 from marrowscope.inference.predictor import Predictor
+from marrowscope.metrics.classification import classification_metrics, expected_calibration_error
+from marrowscope.models import bundle as bundle_mod
+from marrowscope.models.bundle import read_metadata
 from marrowscope.models.registry import ModelError
 
 from .test_train import tiny_config
@@ -170,3 +175,87 @@ def test_cross_validation_fold_seed_and_train_fraction(
         cross_validate(
             from_dict(raw), tmp_path / "bad", folds=3, train_fraction=1.5, progress=False
         )
+
+
+def test_cross_validation_refit_trains_on_every_image_and_ships_with_the_cv_estimate(
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cv --refit: the recipe trained on all 36 images, calibrated on the out-of-fold logits of
+    the folds' last epochs, then packed as a shipped model measured by that cross-validation."""
+    raw = tiny_config(synthetic_tree, epochs=2)
+    raw["inference"] = {"tta": "d8", "calibrate": True}
+    out = tmp_path / "cv"
+    summary = cross_validate(from_dict(raw), out, folds=3, refit=True, progress=False)
+    refit = out / "refit"
+    split = list(csv.DictReader((refit / "split.csv").open()))
+    assert len(split) == 36 and {r["split"] for r in split} == {"train"}
+    rows = list(csv.DictReader((refit / "metrics.csv").open()))
+    assert len(rows) == 2
+    assert all(r["val_macro_f1"] == "" and r["train_loss"] != "" for r in rows)
+    # nothing to choose on: best/ and last/ hold the last epoch's weights
+    assert (refit / "best" / "model.safetensors").read_bytes() == (
+        refit / "last" / "model.safetensors"
+    ).read_bytes()
+    fit_summary = json.loads((refit / "summary.json").read_text())
+    assert fit_summary["best_epoch"] == 2 and fit_summary["calibration"] is None
+    inf = json.loads((refit / "last" / "metadata.json").read_text())["inference"]
+    cal = inf["calibration"]
+    assert inf["tta"] == "d8" and cal["val_images"] == 36
+    assert "out-of-fold" in cal["source"]
+    assert inf["temperature"] != 1.0
+    assert cal["after"]["nll"] <= cal["before"]["nll"] + 1e-9
+    p = Predictor.from_checkpoint(refit / "last", device="cpu", precision="fp32")
+    assert p.temperature_ == pytest.approx(inf["temperature"])
+
+    oof = out_of_fold_probs(out, "d8")
+    assert oof["probs"].shape == (36, 3) and oof["folds"] == 3
+    np.testing.assert_allclose(oof["probs"].sum(1), 1.0, atol=1e-6)
+    folds = list(csv.DictReader((out / "folds.csv").open()))
+    assert sorted(oof["paths"]) == sorted(r["path"] for r in folds)
+    # the folds calibrated on each other, as the summary scores them
+    pooled = summary["last_checkpoint"]["d8"]["pooled"]
+    assert expected_calibration_error(oof["probs"], oof["labels"]) == pytest.approx(
+        pooled["ece_calibrated"]
+    )
+
+    # a second call reuses the folds and the refit
+    stamp = os.path.getmtime(refit / "summary.json")
+    cross_validate(from_dict(raw), out, folds=3, refit=True, progress=False)
+    assert os.path.getmtime(refit / "summary.json") == stamp
+    with pytest.raises(ValueError, match="refit trains on every image"):
+        cross_validate(
+            from_dict(raw), tmp_path / "x", folds=3, train_fraction=0.5, refit=True, progress=False
+        )
+
+    # packed as a shipped model: the card's numbers are the cross-validated ones
+    root = tmp_path / "pretrained"
+    monkeypatch.setattr(bundle_mod, "PRETRAINED_DIR", root)
+    card = {"results_note": "Tiny.", "limits": ["Synthetic."], "license": "CC-BY-4.0"}
+    with pytest.raises(ValueError, match="exactly one"):
+        pack_pretrained(refit / "last", "tiny", description="t", card=card, out_root=root)
+    packed = pack_pretrained(
+        refit / "last",
+        "tiny",
+        cv_dir=out,
+        description="a refitted tiny model",
+        card=card,
+        out_root=root,
+        console=Console(quiet=True),
+    )
+    ev = read_metadata(packed).pretrained["evaluation"]
+    assert ev["source"] == "cross-validation" and ev["n"] == 36 and ev["folds"] == 3
+    assert ev["macro_f1"] == pytest.approx(
+        classification_metrics(oof["labels"], oof["probs"].argmax(1), oof["classes"])["macro_f1"]
+    )
+    text = (packed / "MODEL_CARD.md").read_text()
+    assert "Cross-validated: 3 folds of this recipe, each trained on 24 cells" in text
+    assert "this model was then trained on all 36 cells" in text
+    assert "fitted on the pooled out-of-fold logits of the 3 fold models" in text
+    assert "validation split" not in text
+
+
+def test_a_final_fit_cannot_stop_early(synthetic_tree: Path, tmp_path: Path) -> None:
+    raw = tiny_config(synthetic_tree, epochs=2, early_stopping_patience=2)
+    raw["data"]["split"] = {"val": 0.0, "test": 0.0}
+    with pytest.raises(ConfigError, match="early_stopping_patience=2 needs a validation split"):
+        fit(from_dict(raw), tmp_path / "run", progress=False)

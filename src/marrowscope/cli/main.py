@@ -464,6 +464,14 @@ def cv(
         float,
         typer.Option(help="Train each fold on this fraction of its training images (0-1]."),
     ] = 1.0,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit",
+            help="Then train the recipe on every image (OUT/refit/last), calibrated on the "
+            "out-of-fold logits: the model to use, with the cross-validated estimate.",
+        ),
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override a config key: key.sub=value.")
     ] = None,
@@ -474,7 +482,7 @@ def cv(
     """K-fold cross-validation of a recipe: out-of-fold accuracy, macro-F1, per-class F1, TTA
     variants and calibration (mean ± std over folds), for the best-epoch and the last-epoch
     weights; resumable. --fold-seed keeps the folds fixed across training seeds;
-    --train-fraction gives a learning curve."""
+    --train-fraction gives a learning curve; --refit then trains the final model on all images."""
 
     if not 0.0 < train_fraction <= 1.0:
         raise typer.BadParameter(
@@ -492,6 +500,7 @@ def cv(
             ("--folds", folds),
             ("--fold-seed", fold_seed),
             ("--train-fraction", train_fraction),
+            ("--refit", refit),
             ("--set", list(set_ or [])),
             ("--device", device),
             ("--no-progress", no_progress),
@@ -512,6 +521,7 @@ def cv(
         folds=folds,
         fold_seed=fold_seed,
         train_fraction=train_fraction,
+        refit=refit,
         console=console,
         progress=not no_progress,
     )

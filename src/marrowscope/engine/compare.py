@@ -99,14 +99,15 @@ def _model_row(
     shutil.copyfile(run_dir / "curves.png", out / "curves" / f"{name}.png")
     shutil.copyfile(eval_dir / "confusion_matrix.png", out / "confusion" / f"{name}.png")
     best = summary["best"]
+    val_acc = best.get("val_accuracy")  # None without a validation split (data.split.val=0)
     console.print(
-        f"[bold]{name}[/]: val acc {best['val_accuracy']:.3f}, test acc {metrics['accuracy']:.3f}, "
-        f"test macro-F1 {metrics['macro_f1']:.3f}"
+        f"[bold]{name}[/]: val acc {'—' if val_acc is None else format(val_acc, '.3f')}, "
+        f"test acc {metrics['accuracy']:.3f}, test macro-F1 {metrics['macro_f1']:.3f}"
     )
     return {
         "model": name,
         "train_accuracy": best["train_accuracy"],
-        "val_accuracy": best["val_accuracy"],
+        "val_accuracy": val_acc,
         "test_accuracy": metrics["accuracy"],
         "test_macro_f1": metrics["macro_f1"],
         "epochs": summary["epochs_run"],

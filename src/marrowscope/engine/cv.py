@@ -10,6 +10,9 @@ Output folder layout::
                            last epoch's
     OUT/cv_summary.json    per-fold and pooled numbers (see :func:`summarize`)
     OUT/cv_report.md       the same as tables
+    OUT/refit/             with ``refit``: the recipe trained on every image (a training run
+                           folder without a validation split), its temperature fitted on the
+                           pooled out-of-fold logits of the folds' last epochs
 
 Each fold's model is scored on its fold with no test-time augmentation, with 4 flips and with
 the 8 rotations/reflections (d8), all from one set of logits. Calibration is cross-fitted: the
@@ -26,6 +29,11 @@ stratified subset of its training images (a learning curve) while scoring the sa
 
 The run is resumable: finished folds are reused, an interrupted fold is resumed after its last
 finished epoch.
+
+``refit`` then trains the recipe once more on every image (scikit-learn's refit): the model to
+use or ship, whose expected accuracy is the cross-validated one, measured on models that saw
+(k-1)/k of the images. As the refit's last epoch is the model, the estimate to quote for it is the
+``last_checkpoint`` block; :func:`out_of_fold_probs` gives its pooled out-of-fold predictions.
 
 Under torchrun every fold trains data-parallel (:func:`~marrowscope.engine.train.fit`); rank 0
 writes the folder, scores the out-of-fold images and writes the summary.
@@ -52,6 +60,7 @@ from marrowscope.config import ExperimentConfig, to_dict
 from marrowscope.data.manifest import ManifestRow
 from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
+from marrowscope.engine.distributed import DistContext
 from marrowscope.engine.distributed import setup as setup_distributed
 from marrowscope.engine.train import fit
 from marrowscope.inference.predictor import Predictor
@@ -62,11 +71,12 @@ from marrowscope.metrics.classification import (
     negative_log_likelihood,
     softmax,
 )
+from marrowscope.models.bundle import load_bundle, save_bundle
 from marrowscope.reports.cv_report import cv_report, mean_std
 from marrowscope.reports.tables import to_rich
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["TTA_VIEWS", "cross_validate", "summarize"]
+__all__ = ["TTA_VIEWS", "cross_validate", "out_of_fold_probs", "summarize"]
 
 TTA_VIEWS = {"none": [0], "flips": [0, 1, 5, 4], "d8": list(range(8))}
 """Indices into the d8 view order of :func:`~marrowscope.inference.predictor.tta_views`
@@ -126,10 +136,12 @@ def cross_validate(
     folds: int = 5,
     fold_seed: int | None = None,
     train_fraction: float = 1.0,
+    refit: bool = False,
     console: Console | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``cfg`` once per fold and score every image out of fold.
+    """Train ``cfg`` once per fold and score every image out of fold; with ``refit``, then train
+    it on every image (``OUT/refit``).
 
     ``data.split`` fractions are ignored (the folds replace them); ``data.split.group_column``
     makes the folds grouped (no patient/slide in two folds).
@@ -143,6 +155,8 @@ def cross_validate(
             several training seeds on the same folds.
         train_fraction: train each fold on this stratified fraction (0 < f <= 1) of its training
             images; the scored folds stay the same (a learning curve).
+        refit: after the folds, train the recipe on every image into ``OUT/refit`` (resumable)
+            and calibrate it on the folds' last-epoch out-of-fold logits.
         console: where progress lines and the summary go.
         progress: show progress bars.
 
@@ -156,6 +170,11 @@ def cross_validate(
         raise ValueError(
             f"train_fraction must be in (0, 1], got {train_fraction}; use e.g. 0.5 for half of "
             "each fold's training images"
+        )
+    if refit and train_fraction != 1.0:
+        raise ValueError(
+            f"refit trains on every image, which a learning-curve run (train_fraction "
+            f"{train_fraction}) does not estimate; drop one of the two"
         )
     fold_seed = cfg.seed if fold_seed is None else int(fold_seed)
     out_dir = Path(out_dir)
@@ -202,7 +221,156 @@ def cross_validate(
     )
     print_summary(summary, console)
     console.print(f"cross-validation summary: {out_dir / 'cv_summary.json'}")
+    if refit:
+        _refit(cfg, rows, classes, out_dir, console=console, progress=progress, ctx=ctx)
     return summary
+
+
+def _refit(
+    cfg: ExperimentConfig,
+    rows: list[ManifestRow],
+    classes: list[str],
+    out_dir: Path,
+    *,
+    console: Console,
+    progress: bool,
+    ctx: DistContext,
+) -> None:
+    """Train ``cfg`` on every row into ``OUT/refit`` (resumed if interrupted), then set its
+    inference rule: the recipe's TTA and a temperature fitted on the pooled out-of-fold logits of
+    the folds' last epochs (``inference.calibrate``), reported like a validation calibration."""
+    refit_dir = out_dir / "refit"
+    split = dc_replace(cfg.data.split, val=0.0, test=0.0)
+    refit_cfg = dc_replace(cfg, data=dc_replace(cfg.data, split=split))
+    if not ctx.main_only((refit_dir / "summary.json").is_file):
+        everything = [dc_replace(r, split="train") for r in rows]
+        data = load_split_images(everything, classes, refit_cfg, progress=progress, ctx=ctx)
+        console.rule(f"refit: train on all {len(data.splits['train'])} images")
+        resume = ctx.main_only((refit_dir / "state.pt").is_file)
+        fit(refit_cfg, refit_dir, resume=resume, data=data, console=console, progress=progress)
+    ctx.main_only(lambda: _calibrate_refit(out_dir, refit_cfg, console))
+
+
+def _calibrate_refit(out_dir: Path, cfg: ExperimentConfig, console: Console) -> None:
+    tta = cfg.inference.tta
+    records = _load_oof(out_dir)
+    idx = TTA_VIEWS[tta]
+    views = np.concatenate([r["logits_last"][idx] for r in records], axis=1).astype(np.float64)
+    labels = np.concatenate([r["labels"] for r in records]).astype(np.int64)
+    temperature = fit_temperature(views, labels) if cfg.inference.calibrate else 1.0
+    classes = json.loads((out_dir / "cv_summary.json").read_text())["classes"]
+
+    def scores(temp: float) -> dict[str, float]:
+        probs = softmax(views / temp).mean(axis=0)
+        m = classification_metrics(labels, probs.argmax(1), classes)
+        return {
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "nll": negative_log_likelihood(probs, labels),
+            "ece": expected_calibration_error(probs, labels),
+        }
+
+    report = {
+        "tta": tta,
+        "temperature": temperature,
+        "source": f"out-of-fold logits of the {len(records)} folds' last epochs",
+        "val_images": int(labels.size),
+        "before": scores(1.0),
+        "after": scores(temperature),
+    }
+    inference = {"tta": tta, "temperature": temperature, "calibration": report}
+    for name in ("best", "last"):  # the same weights: a final fit chooses nothing
+        bundle = out_dir / "refit" / name
+        model, meta = load_bundle(bundle, device="cpu")
+        save_bundle(bundle, model, meta.replace(inference=inference))
+    console.print(
+        f"refit: {out_dir / 'refit' / 'last'}, tta={tta}, temperature {temperature:.3f} fitted on "
+        f"{labels.size} out-of-fold cells (ECE {report['before']['ece']:.3f} -> "
+        f"{report['after']['ece']:.3f})"
+    )
+
+
+def _load_oof(out_dir: Path) -> list[dict[str, Any]]:
+    """Every fold's out-of-fold record (``logits``, ``logits_last``, ``labels``, ``paths``)."""
+    folds = int(json.loads((out_dir / "cv_config.json").read_text())["folds"])
+    records = []
+    for k in range(folds):
+        path = out_dir / f"fold-{k}" / "oof.npz"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: fold {k} of {out_dir} has not finished; run the same "
+                "marrowscope cv command again to finish it"
+            )
+        with np.load(path) as z:
+            if "logits_last" not in z.files:
+                raise ValueError(
+                    f"{path} has no last-epoch logits (written by an older marrowscope); "
+                    "re-run that fold"
+                )
+            records.append(
+                {
+                    "logits": z["logits"],
+                    "logits_last": z["logits_last"],
+                    "labels": z["labels"],
+                    "paths": z["paths"].tolist(),
+                }
+            )
+    return records
+
+
+def out_of_fold_probs(out_dir: str | Path, tta: str) -> dict[str, Any]:
+    """The pooled out-of-fold predictions of a finished cross-validation's last epochs with
+    ``tta`` views, each fold calibrated by the temperature fitted on the *other* folds (as in
+    :func:`summarize`): what a model trained on (k-1)/k of the images predicts for unseen cells.
+
+    Returns:
+        ``{"probs": (N, K), "labels": (N,), "paths": [...], "classes": [...], "folds": k,
+        "n_train": [...]}``.
+
+    Raises:
+        FileNotFoundError / ValueError: the folder is not a finished cross-validation.
+    """
+    out_dir = Path(out_dir)
+    summary_path = out_dir / "cv_summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(
+            f"{summary_path} is missing: {out_dir} is not a finished cross-validation (run "
+            "marrowscope cv --out with that folder)"
+        )
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"unknown TTA mode {tta!r}; use one of {sorted(TTA_VIEWS)}")
+    summary = json.loads(summary_path.read_text())
+    records = _load_oof(out_dir)
+    idx = TTA_VIEWS[tta]
+    probs = [
+        softmax(
+            r["logits_last"][idx].astype(np.float64)
+            / _fold_temperature(records, k, "logits_last", idx)
+        ).mean(axis=0)
+        for k, r in enumerate(records)
+    ]
+    return {
+        "probs": np.concatenate(probs),
+        "labels": np.concatenate([r["labels"] for r in records]).astype(np.int64),
+        "paths": [p for r in records for p in r["paths"]],
+        "classes": list(summary["classes"]),
+        "folds": len(records),
+        "n_train": summary.get("n_train"),
+    }
+
+
+def _fold_temperature(
+    fold_records: list[dict[str, Any]], k: int, key: str, idx: list[int]
+) -> float:
+    """The temperature for fold ``k``: fitted on the other folds' ``key`` logits (views
+    ``idx``); 1 with a single fold."""
+    others = [r for j, r in enumerate(fold_records) if j != k]
+    if not others:
+        return 1.0
+    return fit_temperature(
+        np.concatenate([r[key][idx] for r in others], axis=1),
+        np.concatenate([r["labels"] for r in others]),
+    )
 
 
 def _check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
@@ -364,15 +532,7 @@ def _score_variants(
         for k, rec in enumerate(fold_records):
             views = rec[key][idx].astype(np.float64)
             labels = rec["labels"].astype(np.int64)
-            others = [r for j, r in enumerate(fold_records) if j != k]
-            temperature = (
-                fit_temperature(
-                    np.concatenate([r[key][idx] for r in others], axis=1),
-                    np.concatenate([r["labels"] for r in others]),
-                )
-                if others
-                else 1.0
-            )
+            temperature = _fold_temperature(fold_records, k, key, idx)
             p1 = softmax(views).mean(axis=0)
             pt = softmax(views / temperature).mean(axis=0)
             m = classification_metrics(labels, p1.argmax(1), classes)

@@ -1,13 +1,15 @@
 """Packing a trained bundle as a model that ships inside marrowscope (``bm8``, ``pbc6``, ...).
 
 :func:`pack_pretrained` takes a trained checkpoint bundle and the labelled validation cells it
-was never trained on, and writes ``marrowscope/pretrained/NAME``:
+was never trained on — or, for a model refitted on every cell (``marrowscope cv --refit``), the
+cross-validation that estimates it — and writes ``marrowscope/pretrained/NAME``:
 
 1. the weights in float16 (half the size) when the rounding changes no prediction materially:
    the largest probability difference to the float32 weights over the validation cells must be
    at most ``tolerance`` (1e-3); otherwise in float32;
 2. ``metadata.json`` with a ``pretrained`` block: name, description, the model card's prose, the
-   validation metrics (bootstrap CIs, per-class F1, calibration), the fp16 parity and the speed;
+   validation (or pooled out-of-fold) metrics (bootstrap CIs, per-class F1, calibration), the
+   fp16 parity and the speed;
 3. ``MODEL_CARD.md`` rendered from that metadata;
 4. the sha256 of the weights and metadata in ``pretrained/index.json``, checked on every load.
 """
@@ -25,7 +27,8 @@ import torch
 from rich.console import Console
 
 from marrowscope.engine.benchmark import machine_info
-from marrowscope.engine.evaluate import evaluate_bundle, labelled_rows
+from marrowscope.engine.cv import out_of_fold_probs
+from marrowscope.engine.evaluate import evaluate_bundle, labelled_rows, score
 from marrowscope.inference.predictor import Predictor
 from marrowscope.metadata import BundleMetadata
 from marrowscope.models import bundle as bundle_mod
@@ -107,7 +110,8 @@ def pack_pretrained(
     bundle_dir: str | Path,
     name: str,
     *,
-    val_source: str | Path,
+    val_source: str | Path | None = None,
+    cv_dir: str | Path | None = None,
     description: str,
     card: Mapping[str, Any],
     out_root: Path | None = None,
@@ -123,6 +127,10 @@ def pack_pretrained(
         name: the shipped name (a plain word: ``bm8``).
         val_source: the labelled validation cells: a split manifest (its ``val`` rows) or a
             folder per class; never cells the model was trained on.
+        cv_dir: instead of ``val_source``, for a model trained on every cell (``OUT/refit`` of
+            ``marrowscope cv --refit``): that cross-validation, whose pooled out-of-fold
+            predictions of the folds' last epochs (each fold calibrated on the others) are the
+            measured results; the float16 check and the speed then use the (training) cells.
         description: one line for ``marrowscope models``.
         card: the model card's prose: ``intended_use``, ``data``, ``attribution``, ``limits``
             (lists of sentences), ``license``, ``results_note``.
@@ -135,25 +143,35 @@ def pack_pretrained(
         The written folder.
 
     Raises:
-        ValueError: a bad name, or (``allow_float32=False``) float16 storage changes the
-            probabilities by more than ``tolerance`` (nothing is written then).
+        ValueError: a bad name, not exactly one of ``val_source`` and ``cv_dir``, a
+            cross-validation of other classes, or (``allow_float32=False``) float16 storage
+            changes the probabilities by more than ``tolerance`` (nothing is written then).
     """
     console = console or Console()
     if not name.isidentifier():
         raise ValueError(f"a shipped model's name must be a plain word like bm8, got {name!r}")
+    if (val_source is None) == (cv_dir is None):
+        raise ValueError(
+            "give the cells that measure the model: val_source (validation cells) or cv_dir "
+            "(the cross-validation of a model refitted on every cell), exactly one"
+        )
     bundle_dir = Path(bundle_dir)
     model, meta = load_bundle(bundle_dir, device="cpu")
 
-    console.print(f"{name}: evaluating {bundle_dir} on the validation cells of {val_source}")
-    source = Path(val_source)
-    split = "val" if source.suffix.lower() == ".csv" else None
-    metrics = evaluate_bundle(bundle_dir, source, split=split, progress=False, console=console)
-    evaluation = {k: metrics[k] for k in _EVAL_KEYS if k in metrics}
+    if cv_dir is not None:
+        evaluation, paths = _cv_evaluation(Path(cv_dir), meta, console)
+    else:
+        console.print(f"{name}: evaluating {bundle_dir} on the validation cells of {val_source}")
+        source = Path(val_source)  # type: ignore[arg-type]
+        split = "val" if source.suffix.lower() == ".csv" else None
+        metrics = evaluate_bundle(bundle_dir, source, split=split, progress=False, console=console)
+        evaluation = {k: metrics[k] for k in _EVAL_KEYS if k in metrics}
+        evaluation["source"] = "validation"
+        paths = [r.path for r in labelled_rows(source, split)]
 
     # float16 storage, if it changes no probability by more than `tolerance` on these cells
     # (one view each, both computed in float32, so only the storage differs); else float32
     pre = config_from_params(meta.preprocess or {})
-    paths = [r.path for r in labelled_rows(source, split)]
     arrays, _ = PreprocessCache(pre).load_many(paths, workers=pre.workers, progress=False)
     images = [a for a in arrays if a is not None]
     half = fp16_copy(model)
@@ -210,11 +228,40 @@ def pack_pretrained(
     if not np.allclose(check.predict_preprocessed(images[:16]), (b if fp16 else a)[:16], atol=1e-6):
         raise RuntimeError(f"{out}: the written bundle does not reproduce the packed model")
     _publish(root, name, description)
+    scored = "validation" if evaluation["source"] == "validation" else "cross-validated"
     console.print(
-        f"{name}: wrote {out} ({weight_bytes / 1e6:.1f} MB weights), validation macro-F1 "
+        f"{name}: wrote {out} ({weight_bytes / 1e6:.1f} MB weights), {scored} macro-F1 "
         f"{evaluation['macro_f1']:.3f} on {evaluation['n']} cells"
     )
     return out
+
+
+def _cv_evaluation(
+    cv_dir: Path, meta: BundleMetadata, console: Console
+) -> tuple[dict[str, Any], list[str]]:
+    """The evaluation block of a model refitted on every cell: the pooled out-of-fold scores of
+    its cross-validation (the bundle's TTA, each fold calibrated on the others), and the cells."""
+    tta = meta.inference.tta
+    oof = out_of_fold_probs(cv_dir, tta)
+    if oof["classes"] != list(meta.classes):
+        raise ValueError(
+            f"{cv_dir} cross-validated the classes {oof['classes']}, the model predicts "
+            f"{list(meta.classes)}; pack the refit of that cross-validation ({cv_dir}/refit/last)"
+        )
+    console.print(
+        f"evaluating by the {oof['folds']}-fold cross-validation in {cv_dir}: {len(oof['paths'])} "
+        "out-of-fold cells"
+    )
+    metrics = score(oof["probs"], oof["labels"], oof["classes"], focus=None)
+    evaluation = {k: metrics[k] for k in _EVAL_KEYS if k in metrics}
+    evaluation.update(
+        source="cross-validation",
+        folds=oof["folds"],
+        n_train_per_fold=oof["n_train"],
+        tta=tta,
+        temperature="cross-fitted per fold",
+    )
+    return evaluation, list(oof["paths"])
 
 
 def update_card(

@@ -8,6 +8,7 @@ Run folder layout::
     RUN_DIR/curves.png     training curves (train vs validation accuracy and loss)
     RUN_DIR/best/          checkpoint bundle with the best validation macro-F1 (with its
                            softmax temperature fitted on the validation split and the TTA mode)
+                           or, when there is no validation split, the last epoch's
     RUN_DIR/last/          checkpoint bundle after the last finished epoch
     RUN_DIR/state.pt       optimizer/scheduler/history for --resume
     RUN_DIR/summary.json   final numbers
@@ -22,6 +23,12 @@ function trains data-parallel: ``train.batch_size`` is the global batch, each pr
 share of it and of each epoch's shuffled samples, gradients are averaged by
 ``DistributedDataParallel``, validation is sharded and its counts summed, and only rank 0 writes
 the run folder and prints. The plumbing is in :mod:`marrowscope.engine.distributed`.
+
+With ``data.split.val: 0`` and ``data.split.test: 0`` every image trains: the *final fit* of a
+recipe that cross-validation has already measured (``marrowscope cv --refit``). Nothing is
+validated, so nothing is chosen: ``best/`` and ``last/`` both hold the last epoch, the
+``val_*`` columns of ``metrics.csv`` stay empty, and the temperature stays 1 unless the caller
+sets one (``cv --refit`` fits it on the folds' out-of-fold logits).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 
 import marrowscope
 from marrowscope.config import (
+    ConfigError,
     ExperimentConfig,
     TrainConfig,
     load_config,
@@ -176,8 +184,9 @@ def train_size(cfg: ExperimentConfig, epoch: int) -> int:
 
 def _loaders(
     data: PreparedData, cfg: ExperimentConfig, epoch: int, ctx: DistContext | None = None
-) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders; the train order is seeded by (seed, epoch).
+) -> tuple[DataLoader, DataLoader | None]:
+    """Train and validation loaders (``None`` without a validation split); the train order is
+    seeded by (seed, epoch).
 
     With several processes (``ctx``), each takes its share of the epoch's shuffled (or
     class-balanced) training samples in batches of ``batch_size / world_size``, and a contiguous
@@ -215,6 +224,8 @@ def _loaders(
         drop_last=n_rank > batch,
         generator=g,
     )
+    if not val.labels:
+        return train_loader, None
     ds_val: Any = CellDataset(val.images, val.labels, eval_transform(size))
     if ctx.distributed:
         ds_val = Subset(ds_val, ctx.shard(len(ds_val)))
@@ -469,6 +480,13 @@ def fit(
 
     classes = data.classes
     t = cfg.train
+    validating = bool(data.splits["val"].labels)
+    if not validating and t.early_stopping_patience is not None:
+        raise ConfigError(
+            f"train.early_stopping_patience={t.early_stopping_patience} needs a validation split, "
+            "but data.split.val is 0 (a final fit on every image); set "
+            "train.early_stopping_patience=null or data.split.val above 0"
+        )
     # On resume the weights come from state.pt: do not fetch ImageNet weights again.
     model = build_model(
         cfg.model,
@@ -626,67 +644,87 @@ def fit(
             )
             stats = ctx.reduce_stats(stats)
             ctx.sync_buffers(model, None if ema is None else ema.module)
-            val = val_raw = _evaluate_split(model, val_loader, classes, device, precision, ctx)
             averaged = ema.module if ema is not None else None
             if swa is not None and epoch >= swa_start:
                 swa.update_parameters(model)
                 averaged = swa.module
-            if averaged is not None:
-                val = _evaluate_split(averaged, val_loader, classes, device, precision, ctx)
             row = {
                 "epoch": epoch,
                 "stage": stage,
                 "lr": optimizer.param_groups[-1]["lr"],
                 "train_loss": stats.loss,
                 "train_accuracy": stats.accuracy,
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "val_balanced_accuracy": val["balanced_accuracy"],
-                "val_macro_f1": val["macro_f1"],
-                "val_macro_f1_raw": val_raw["macro_f1"],
                 "train_images_per_second": stats.images_per_second,
-                "epoch_seconds": time.perf_counter() - e0,
                 "train_size": train_size(cfg, epoch),
             }
+            epoch_summary: dict[str, Any] = {"train_accuracy": stats.accuracy}
+            if val_loader is not None:
+                val = val_raw = _evaluate_split(model, val_loader, classes, device, precision, ctx)
+                if averaged is not None:
+                    val = _evaluate_split(averaged, val_loader, classes, device, precision, ctx)
+                row.update(
+                    val_loss=val["loss"],
+                    val_accuracy=val["accuracy"],
+                    val_balanced_accuracy=val["balanced_accuracy"],
+                    val_macro_f1=val["macro_f1"],
+                    val_macro_f1_raw=val_raw["macro_f1"],
+                )
+                epoch_summary.update(
+                    val_accuracy=val["accuracy"],
+                    val_macro_f1=val["macro_f1"],
+                    val_balanced_accuracy=val["balanced_accuracy"],
+                    val_per_class=val["per_class"],
+                )
+                improved = val["macro_f1"] > best_f1 + 1e-9
+                score = val["macro_f1"]
+            else:  # a final fit: nothing to choose on, every epoch replaces the previous one
+                improved, score = True, float("nan")
+            row["epoch_seconds"] = time.perf_counter() - e0
             history.append(row)
-            improved = val["macro_f1"] > best_f1 + 1e-9
-            val_summary = {
-                "val_accuracy": val["accuracy"],
-                "val_macro_f1": val["macro_f1"],
-                "val_balanced_accuracy": val["balanced_accuracy"],
-                "train_accuracy": stats.accuracy,
-                "val_per_class": val["per_class"],
-            }
-            meta = _bundle_metadata(cfg, data, epoch, val_summary, weights_source)
+            meta = _bundle_metadata(cfg, data, epoch, epoch_summary, weights_source)
             saved = averaged if averaged is not None else model
             if improved:
-                best_f1, best_epoch, bad_epochs = val["macro_f1"], epoch, 0
+                best_f1, best_epoch, bad_epochs = score, epoch, 0
             else:
                 bad_epochs += 1
             seconds = elapsed_before + time.perf_counter() - t0
             # every rank scored the same numbers; rank 0 writes, then all go on together
             ctx.main_only(lambda: commit(epoch, saved, meta, improved, seconds))  # noqa: B023
+            scored = (
+                f"val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f} "
+                f"macro-F1 {row['val_macro_f1']:.3f}{'  (best)' if improved else ''}"
+                if val_loader is not None
+                else "no validation split"
+            )
             bar.update(
                 epoch_task,
                 advance=1,
-                stats=f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}"
-                + (" *" if improved else ""),
+                stats=(
+                    f"val acc {row['val_accuracy']:.3f} macro-F1 {row['val_macro_f1']:.3f}"
+                    + (" *" if improved else "")
+                    if val_loader is not None
+                    else f"train acc {stats.accuracy:.3f}"
+                ),
             )
             (bar.console if progress else console).print(
                 f"epoch {epoch:>3} \\[{stage}] loss {stats.loss:.3f} acc {stats.accuracy:.3f} | "
-                f"val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
-                f"macro-F1 {val['macro_f1']:.3f}{'  (best)' if improved else ''} | "
-                f"{stats.images_per_second:.1f} img/s"
+                f"{scored} | {stats.images_per_second:.1f} img/s"
             )
     train_seconds = elapsed_before + time.perf_counter() - t0
     if not history:
         raise RuntimeError(f"no epoch was trained in {run_dir} (train.epochs={t.epochs})")
 
-    def finish() -> dict[str, Any]:
+    def finish() -> dict[str, Any] | None:
         """Rank 0: curves, the inference rule of the best bundle (temperature, TTA)."""
         if not (run_dir / "best").exists():
             raise RuntimeError(f"no best checkpoint was written in {run_dir}")
         plot_training_curves(history, run_dir / "curves.png")
+        if not validating:
+            console.print(
+                "no validation split: the last epoch is the model (best/ = last/), its temperature "
+                "stays 1 (marrowscope cv --refit fits it on the out-of-fold logits)"
+            )
+            return None
         return finalize_inference(run_dir / "best", data, cfg, device=device, console=console)
 
     calibration = ctx.main_only(finish)
@@ -742,10 +780,10 @@ def print_summary(result: FitResult, console: Console) -> None:
     ):
         table.add_row(
             label,
-            f"{r['train_accuracy']:.3f}",
-            f"{r['val_accuracy']:.3f}",
-            f"{r['val_macro_f1']:.3f}",
-            f"{r['val_loss']:.3f}",
+            *(
+                "—" if r.get(k) is None else f"{r[k]:.3f}"
+                for k in ("train_accuracy", "val_accuracy", "val_macro_f1", "val_loss")
+            ),
         )
     console.print(table)
     minutes = result.train_seconds / 60

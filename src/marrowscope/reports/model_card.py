@@ -59,6 +59,33 @@ def render_model_card(meta: BundleMetadata) -> str:
     parity = pre.get("fp16_parity", {})
     speed = pre.get("speed", {})
     classes = list(meta.classes)
+    cv = ev.get("source") == "cross-validation"  # refitted on every cell (marrowscope cv --refit)
+    n_train = sum((meta.train_counts or {}).values())
+    if cv:
+        per_fold = ev.get("n_train_per_fold") or []
+        fold_train = f"{min(per_fold)}-{max(per_fold)}" if per_fold else "?"
+        if per_fold and min(per_fold) == max(per_fold):
+            fold_train = str(per_fold[0])
+        measured = (
+            f"Cross-validated: {ev.get('folds', '?')} folds of this recipe, each trained on "
+            f"{fold_train} cells and scoring the {ev.get('n', '?')} cells of the other folds "
+            "once (never trained on; image-level split); this model was then trained on all "
+            f"{n_train} cells, so it saw more cells than the fold models that measure it. "
+            f"Predicted as the model predicts by default (test-time augmentation "
+            f"`{ev.get('tta', inference.tta)}`; each fold calibrated by a temperature fitted on "
+            "the other folds), with bootstrap 95% CIs over the pooled cells. "
+        )
+        fitted_on = f"the pooled out-of-fold logits of the {ev.get('folds', '?')} fold models"
+        parity_cells = "development (training) cells — a check of the storage, not of accuracy"
+    else:
+        measured = (
+            f"On the validation split ({ev.get('n', '?')} cells of the same dataset, never "
+            f"trained on; image-level split), predicted as the model predicts by default "
+            f"(test-time augmentation `{ev.get('tta', inference.tta)}`, the fitted temperature), "
+            "with bootstrap 95% CIs. "
+        )
+        fitted_on = "the validation split"
+        parity_cells = "validation cells"
     lines = [
         "---",
         f"name: {pre['name']}",
@@ -103,21 +130,18 @@ def render_model_card(meta: BundleMetadata) -> str:
         f"({pre.get('checkpoint', 'last')}); resolved training config in `metadata.json` "
         "(`config`).",
         f"- Test-time augmentation `{inference.tta}`, softmax temperature "
-        f"{_f(inference.temperature)} (fitted on the validation split).",
+        f"{_f(inference.temperature)} (fitted on {fitted_on}).",
         "",
         "## Measured results",
         "",
-        f"On the validation split ({ev.get('n', '?')} cells of the same dataset, never trained "
-        f"on; image-level split), predicted as the model predicts by default (test-time "
-        f"augmentation `{ev.get('tta', inference.tta)}`, the fitted temperature), "
-        "with bootstrap 95% CIs. " + str(card.get("results_note", "")),
+        measured + str(card.get("results_note", "")),
         "",
         "| metric | value |",
         "|---|---:|",
         f"| accuracy | {_f(ev.get('accuracy'))}{_ci(ci, 'accuracy')} |",
         f"| macro-F1 | {_f(ev.get('macro_f1'))}{_ci(ci, 'macro_f1')} |",
         f"| balanced accuracy | {_f(ev.get('balanced_accuracy'))} |",
-        f"| ECE (calibrated) | {_f(ev.get('ece'))} |",
+        f"| ECE (calibrated{', cross-fitted' if cv else ''}) | {_f(ev.get('ece'))} |",
         "",
         "| class | precision | recall | F1 | cells |",
         "|---|---:|---:|---:|---:|",
@@ -131,17 +155,23 @@ def render_model_card(meta: BundleMetadata) -> str:
         "",
         "## Calibration",
         "",
-        f"Expected calibration error on the validation split: {_f(cal.get('before', {}).get('ece'))} "
+        f"Expected calibration error on {'the pooled out-of-fold predictions' if cv else 'the validation split'}: "
+        f"{_f(cal.get('before', {}).get('ece'))} "
         f"at T = 1, {_f(cal.get('after', {}).get('ece'))} with the fitted temperature "
         f"T = {_f(inference.temperature)} (NLL {_f(cal.get('before', {}).get('nll'))} → "
         f"{_f(cal.get('after', {}).get('nll'))}). The temperature was fitted on the same cells "
-        "it is scored on, so these figures are optimistic.",
+        "it is scored on, so these figures are optimistic"
+        + (
+            f"; fitted on the other folds only, as in the table above, ECE is {_f(ev.get('ece'))}."
+            if cv
+            else "."
+        ),
         "",
         "## Storage and speed",
         "",
         f"- Weights stored as {meta.weights_dtype} "
         f"({_f(pre.get('weights_mb'), '.1f')} MB), computed in float32 or bf16. Float16 storage "
-        f"was measured on {parity.get('images', '?')} validation cells (one view each): it "
+        f"was measured on {parity.get('images', '?')} {parity_cells} (one view each): it "
         f"changes a probability by at most {_f(parity.get('max_abs_diff'), '.1e')} (top-1 "
         f"agreement {_f(parity.get('agreement'), '.4f')}), "
         + (
