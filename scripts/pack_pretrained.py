@@ -42,7 +42,13 @@ def calibrate_last(run: Path, console: Console) -> None:
     if read_metadata(bundle).inference.calibration:
         return
     cfg = load_config(run / "config.yaml")
-    data = prepare_data(cfg, rows=read_manifest(run / "split.csv"), progress=False)
+    rows = read_manifest(run / "split.csv")
+    if not any(r.split == "val" for r in rows):
+        raise SystemExit(
+            f"{run} has no validation split (a final fit on every cell): pack it with --cv from "
+            "the cross-validation that measures it (marrowscope cv --refit)"
+        )
+    data = prepare_data(cfg, rows=rows, progress=False)
     finalize_inference(bundle, data, cfg, device=resolve_device("cpu"), console=console)
 
 
@@ -84,8 +90,8 @@ def main() -> None:
         if args.checkpoint != "last":
             ap.error("--cv packs the refit's last epoch (a final fit chooses no checkpoint)")
         refit = run / "refit" / "last"
-        if not (refit / "metadata.json").is_file():
-            ap.error(f"{refit} is missing: run marrowscope cv with --refit --out {run} first")
+        if not (run / "refit" / "summary.json").is_file():
+            ap.error(f"{run}/refit has not finished: run marrowscope cv with --refit --out {run}")
         pack_pretrained(
             refit,
             args.name,

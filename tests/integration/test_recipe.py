@@ -6,14 +6,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from typer.testing import CliRunner
 
+from marrowscope.cli import main as cli_main
+from marrowscope.cli.main import app
 from marrowscope.config import ConfigError, from_dict
+from marrowscope.data import DataError
 from marrowscope.engine.cv import cross_validate, out_of_fold_probs
 from marrowscope.engine.pretrained import pack_pretrained
 from marrowscope.engine.train import fit
@@ -197,7 +202,7 @@ def test_cross_validation_refit_trains_on_every_image_and_ships_with_the_cv_esti
         refit / "last" / "model.safetensors"
     ).read_bytes()
     fit_summary = json.loads((refit / "summary.json").read_text())
-    assert fit_summary["best_epoch"] == 2 and fit_summary["calibration"] is None
+    assert fit_summary["best_epoch"] == 2 and "out-of-fold" in fit_summary["calibration"]["source"]
     inf = json.loads((refit / "last" / "metadata.json").read_text())["inference"]
     cal = inf["calibration"]
     assert inf["tta"] == "d8" and cal["val_images"] == 36
@@ -222,7 +227,7 @@ def test_cross_validation_refit_trains_on_every_image_and_ships_with_the_cv_esti
     stamp = os.path.getmtime(refit / "summary.json")
     cross_validate(from_dict(raw), out, folds=3, refit=True, progress=False)
     assert os.path.getmtime(refit / "summary.json") == stamp
-    with pytest.raises(ValueError, match="refit trains on every image"):
+    with pytest.raises(ConfigError, match="refit trains on every image"):
         cross_validate(
             from_dict(raw), tmp_path / "x", folds=3, train_fraction=0.5, refit=True, progress=False
         )
@@ -248,14 +253,70 @@ def test_cross_validation_refit_trains_on_every_image_and_ships_with_the_cv_esti
         classification_metrics(oof["labels"], oof["probs"].argmax(1), oof["classes"])["macro_f1"]
     )
     text = (packed / "MODEL_CARD.md").read_text()
-    assert "Cross-validated: 3 folds of this recipe, each trained on 24 cells" in text
-    assert "this model was then trained on all 36 cells" in text
+    assert "Cross-validated: 3 models of this recipe, one per fold, each trained on ~24" in text
+    assert "each of the 36 cells is scored once by a model that never saw it" in text
+    assert "This model was then trained on all 36 cells" in text
     assert "fitted on the pooled out-of-fold logits of the 3 fold models" in text
     assert "validation split" not in text
+    monkeypatch.setattr(cli_main.console, "width", 250)  # one line per model
+    assert "(3-fold cross-validation, 36 cells)" in _models_output()
+    # an unfinished refit, or one of another recipe, is refused
+    shutil.copytree(refit, tmp_path / "cv2" / "refit")
+    shutil.copy(out / "cv_config.json", tmp_path / "cv2" / "cv_config.json")
+    (tmp_path / "cv2" / "refit" / "summary.json").unlink()
+    with pytest.raises(ValueError, match="not a finished refit"):
+        pack_pretrained(
+            tmp_path / "cv2" / "refit" / "last",
+            "tiny",
+            cv_dir=out,
+            description="t",
+            card=card,
+            out_root=root,
+        )
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    saved = json.loads((other / "cv_config.json").read_text())
+    saved["config"]["train"]["epochs"] = 9
+    (other / "cv_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="train differ"):
+        pack_pretrained(
+            refit / "last", "tiny", cv_dir=other, description="t", card=card, out_root=root
+        )
+
+
+def _models_output() -> str:
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def test_a_final_fit_cannot_stop_early(synthetic_tree: Path, tmp_path: Path) -> None:
     raw = tiny_config(synthetic_tree, epochs=2, early_stopping_patience=2)
     raw["data"]["split"] = {"val": 0.0, "test": 0.0}
     with pytest.raises(ConfigError, match="early_stopping_patience=2 needs a validation split"):
+        fit(from_dict(raw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="no validation split to stop early on"):
+        cross_validate(from_dict(raw), tmp_path / "cv", folds=3, refit=True, progress=False)
+    assert not (tmp_path / "cv" / "fold-0").exists()
+
+
+def test_a_manifest_without_validation_rows_is_still_refused(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """Only data.split.val = 0 asks for a final fit; a validation split that came out empty
+    (every row train in a manifest) is an error, not a silent run without validation."""
+    rows = [
+        {"path": str(p), "label": p.parent.name, "split": "train"}
+        for p in sorted(synthetic_tree.rglob("*"))
+        if p.suffix in {".png", ".jpg"}
+    ]
+    manifest = tmp_path / "all_train.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    raw = tiny_config(synthetic_tree, epochs=1)
+    raw["data"] = {**raw["data"], "root": None, "manifest": str(manifest)}
+    with pytest.raises(DataError, match="no usable image in the val split"):
         fit(from_dict(raw), tmp_path / "run", progress=False)

@@ -249,7 +249,7 @@ def models() -> None:
         console.print("no trained model ships with this installation")
         return
     table = Table(title="Shipped models (use the name wherever a checkpoint is expected)")
-    for col in ("name", "classes", "input", "architecture", "validation macro-F1", "size"):
+    for col in ("name", "classes", "input", "architecture", "macro-F1 (measured on)", "size"):
         table.add_column(col)
     for name in index:
         meta = read_metadata(PRETRAINED_DIR / name)
@@ -261,7 +261,12 @@ def models() -> None:
             " ".join(meta.classes),
             f"{meta.input_size} px",
             meta.arch,
-            f"{ev.get('macro_f1', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] on {ev.get('n')} cells",
+            f"{ev.get('macro_f1', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] ("
+            + (
+                f"{ev.get('folds')}-fold cross-validation, {ev.get('n'):,} cells)"
+                if ev.get("source") == "cross-validation"
+                else f"validation, {ev.get('n'):,} cells)"
+            ),
             f"{pre.get('weights_mb', 0):.1f} MB",
         )
     console.print(table)

@@ -99,15 +99,14 @@ def _model_row(
     shutil.copyfile(run_dir / "curves.png", out / "curves" / f"{name}.png")
     shutil.copyfile(eval_dir / "confusion_matrix.png", out / "confusion" / f"{name}.png")
     best = summary["best"]
-    val_acc = best.get("val_accuracy")  # None without a validation split (data.split.val=0)
     console.print(
-        f"[bold]{name}[/]: val acc {'—' if val_acc is None else format(val_acc, '.3f')}, "
-        f"test acc {metrics['accuracy']:.3f}, test macro-F1 {metrics['macro_f1']:.3f}"
+        f"[bold]{name}[/]: val acc {best['val_accuracy']:.3f}, test acc {metrics['accuracy']:.3f}, "
+        f"test macro-F1 {metrics['macro_f1']:.3f}"
     )
     return {
         "model": name,
         "train_accuracy": best["train_accuracy"],
-        "val_accuracy": val_acc,
+        "val_accuracy": best["val_accuracy"],
         "test_accuracy": metrics["accuracy"],
         "test_macro_f1": metrics["macro_f1"],
         "epochs": summary["epochs_run"],
@@ -138,6 +137,11 @@ def compare(
     models = list(cfg.compare.models) or [cfg.model.name]
     # every model's config is checked (its overrides included) before any data is read
     configs = {name: model_config(cfg, name) for name in models}
+    if cfg.data.split.val == 0:
+        raise ConfigError(
+            "compare reports each model's best epoch on the validation split, but "
+            "data.split.val is 0; set data.split.val above 0 (e.g. 0.15)"
+        )
     out = Path(out)
     ctx.main_only(lambda: out.mkdir(parents=True, exist_ok=True))
     # rank 0 scans and splits (None in one process: prepare_data does it)

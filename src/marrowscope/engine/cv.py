@@ -56,7 +56,7 @@ import numpy as np
 from rich.console import Console
 
 import marrowscope
-from marrowscope.config import ExperimentConfig, to_dict
+from marrowscope.config import ConfigError, ExperimentConfig, to_dict
 from marrowscope.data.manifest import ManifestRow
 from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
@@ -71,12 +71,12 @@ from marrowscope.metrics.classification import (
     negative_log_likelihood,
     softmax,
 )
-from marrowscope.models.bundle import load_bundle, save_bundle
+from marrowscope.models.bundle import load_bundle, read_metadata, save_bundle
 from marrowscope.reports.cv_report import cv_report, mean_std
 from marrowscope.reports.tables import to_rich
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["TTA_VIEWS", "cross_validate", "out_of_fold_probs", "summarize"]
+__all__ = ["TTA_VIEWS", "cross_validate", "out_of_fold_probs", "saved_config", "summarize"]
 
 TTA_VIEWS = {"none": [0], "flips": [0, 1, 5, 4], "d8": list(range(8))}
 """Indices into the d8 view order of :func:`~marrowscope.inference.predictor.tta_views`
@@ -172,9 +172,16 @@ def cross_validate(
             "each fold's training images"
         )
     if refit and train_fraction != 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"refit trains on every image, which a learning-curve run (train_fraction "
             f"{train_fraction}) does not estimate; drop one of the two"
+        )
+    if refit and cfg.train.early_stopping_patience is not None:
+        raise ConfigError(
+            f"--refit trains train.epochs={cfg.train.epochs} epochs on every image, with no "
+            "validation split to stop early on, so it would not be the recipe the folds measure "
+            f"(train.early_stopping_patience={cfg.train.early_stopping_patience}); cross-validate "
+            "with --set train.early_stopping_patience=null (and the epochs the folds stopped at)"
         )
     fold_seed = cfg.seed if fold_seed is None else int(fold_seed)
     out_dir = Path(out_dir)
@@ -251,7 +258,18 @@ def _refit(
     ctx.main_only(lambda: _calibrate_refit(out_dir, refit_cfg, console))
 
 
+def _refit_calibrated(refit_dir: Path) -> bool:
+    """Whether ``refit_dir`` finished training and got its out-of-fold temperature."""
+    if not (refit_dir / "summary.json").is_file():
+        return False
+    calibration = read_metadata(refit_dir / "last").inference.calibration or {}
+    return "out-of-fold" in str(calibration.get("source", ""))
+
+
 def _calibrate_refit(out_dir: Path, cfg: ExperimentConfig, console: Console) -> None:
+    if _refit_calibrated(out_dir / "refit"):
+        console.print(f"refit: {out_dir / 'refit' / 'last'} is finished and calibrated")
+        return
     tta = cfg.inference.tta
     records = _load_oof(out_dir)
     idx = TTA_VIEWS[tta]
@@ -283,6 +301,9 @@ def _calibrate_refit(out_dir: Path, cfg: ExperimentConfig, console: Console) -> 
         bundle = out_dir / "refit" / name
         model, meta = load_bundle(bundle, device="cpu")
         save_bundle(bundle, model, meta.replace(inference=inference))
+    fit_summary_path = out_dir / "refit" / "summary.json"
+    fit_summary = json.loads(fit_summary_path.read_text())
+    atomic_write_json(fit_summary_path, {**fit_summary, "calibration": report})
     console.print(
         f"refit: {out_dir / 'refit' / 'last'}, tta={tta}, temperature {temperature:.3f} fitted on "
         f"{labels.size} out-of-fold cells (ECE {report['before']['ece']:.3f} -> "
@@ -318,10 +339,13 @@ def _load_oof(out_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def out_of_fold_probs(out_dir: str | Path, tta: str) -> dict[str, Any]:
+def out_of_fold_probs(out_dir: str | Path, tta: str, *, calibrate: bool = True) -> dict[str, Any]:
     """The pooled out-of-fold predictions of a finished cross-validation's last epochs with
-    ``tta`` views, each fold calibrated by the temperature fitted on the *other* folds (as in
-    :func:`summarize`): what a model trained on (k-1)/k of the images predicts for unseen cells.
+    ``tta`` views, each fold calibrated (``calibrate``) by the temperature fitted on the *other*
+    folds: what a calibrated model trained on (k-1)/k of the images predicts for unseen cells.
+    Their ECE is the summary's pooled ``ece_calibrated``; the summary's pooled accuracy and
+    macro-F1 take the class at T = 1, which a temperature can change for a few cells when views
+    are averaged.
 
     Returns:
         ``{"probs": (N, K), "labels": (N,), "paths": [...], "classes": [...], "folds": k,
@@ -345,7 +369,7 @@ def out_of_fold_probs(out_dir: str | Path, tta: str) -> dict[str, Any]:
     probs = [
         softmax(
             r["logits_last"][idx].astype(np.float64)
-            / _fold_temperature(records, k, "logits_last", idx)
+            / (_fold_temperature(records, k, "logits_last", idx) if calibrate else 1.0)
         ).mean(axis=0)
         for k, r in enumerate(records)
     ]
@@ -390,6 +414,13 @@ def _check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
             )
     else:
         atomic_write_json(cfg_file, identity)
+
+
+def saved_config(out_dir: str | Path) -> dict[str, Any]:
+    """The recipe a cross-validation folder was run with (``cv_config.json``), with the config
+    keys added to marrowscope since then at their defaults."""
+    saved = json.loads((Path(out_dir) / "cv_config.json").read_text())["config"]
+    return _with_defaults(to_dict(ExperimentConfig()), saved)
 
 
 def _with_defaults(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:

@@ -120,8 +120,8 @@ def load_split_images(
         s.labels.append(index[row.label])
         s.paths.append(row.path)
     for name in ("train", "val"):
-        if name == "val" and not splits[name].labels:
-            continue  # no validation split at all: a final fit on every image (data.split.val=0)
+        if name == "val" and not splits[name].labels and cfg.data.split.val == 0:
+            continue  # asked for: a final fit on every image (data.split.val=0)
         counts = np.bincount(
             np.asarray(splits[name].labels, dtype=np.int64), minlength=len(classes)
         )

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from marrowscope.engine.benchmark import machine_info
-from marrowscope.engine.cv import out_of_fold_probs
+from marrowscope.engine.cv import out_of_fold_probs, saved_config
 from marrowscope.engine.evaluate import evaluate_bundle, labelled_rows, score
 from marrowscope.inference.predictor import Predictor
 from marrowscope.metadata import BundleMetadata
@@ -51,6 +51,9 @@ from marrowscope.utils.io import atomic_write_json, atomic_write_text, file_sha2
 __all__ = ["CARD_NAME", "fp16_copy", "pack_pretrained", "update_card"]
 
 CARD_NAME = "MODEL_CARD.md"
+
+_RECIPE_KEYS = ("seed", "preprocess", "augment", "model", "train", "inference")
+"""The config sections a refit shares with the cross-validation that measures it."""
 
 _EVAL_KEYS = (
     "n",
@@ -159,7 +162,7 @@ def pack_pretrained(
     model, meta = load_bundle(bundle_dir, device="cpu")
 
     if cv_dir is not None:
-        evaluation, paths = _cv_evaluation(Path(cv_dir), meta, console)
+        evaluation, paths = _cv_evaluation(Path(cv_dir), bundle_dir, meta, console)
     else:
         console.print(f"{name}: evaluating {bundle_dir} on the validation cells of {val_source}")
         source = Path(val_source)  # type: ignore[arg-type]
@@ -237,16 +240,37 @@ def pack_pretrained(
 
 
 def _cv_evaluation(
-    cv_dir: Path, meta: BundleMetadata, console: Console
+    cv_dir: Path, bundle_dir: Path, meta: BundleMetadata, console: Console
 ) -> tuple[dict[str, Any], list[str]]:
     """The evaluation block of a model refitted on every cell: the pooled out-of-fold scores of
-    its cross-validation (the bundle's TTA, each fold calibrated on the others), and the cells."""
+    its cross-validation (the bundle's TTA, each fold calibrated on the others), and the cells.
+
+    Raises:
+        ValueError: the bundle is not the finished, calibrated refit of that cross-validation.
+    """
+    fix = f"pack {cv_dir}/refit/last after marrowscope cv --refit --out {cv_dir} has finished"
+    calibration = meta.inference.calibration or {}
+    if not (bundle_dir.parent / "summary.json").is_file() or "out-of-fold" not in str(
+        calibration.get("source", "")
+    ):
+        raise ValueError(
+            f"{bundle_dir} is not a finished refit calibrated on out-of-fold logits (its training "
+            f"or calibration has not finished); {fix}"
+        )
+    cv_config = saved_config(cv_dir)
+    differ = [k for k in _RECIPE_KEYS if (meta.config or {}).get(k) != cv_config.get(k)]
+    if differ:
+        raise ValueError(
+            f"{bundle_dir} was not trained with the recipe {cv_dir} cross-validated ({', '.join(differ)} "
+            f"differ); {fix}"
+        )
     tta = meta.inference.tta
-    oof = out_of_fold_probs(cv_dir, tta)
+    calibrate = bool(((meta.config or {}).get("inference") or {}).get("calibrate", True))
+    oof = out_of_fold_probs(cv_dir, tta, calibrate=calibrate)
     if oof["classes"] != list(meta.classes):
         raise ValueError(
             f"{cv_dir} cross-validated the classes {oof['classes']}, the model predicts "
-            f"{list(meta.classes)}; pack the refit of that cross-validation ({cv_dir}/refit/last)"
+            f"{list(meta.classes)}; {fix}"
         )
     console.print(
         f"evaluating by the {oof['folds']}-fold cross-validation in {cv_dir}: {len(oof['paths'])} "
@@ -259,7 +283,8 @@ def _cv_evaluation(
         folds=oof["folds"],
         n_train_per_fold=oof["n_train"],
         tta=tta,
-        temperature="cross-fitted per fold",
+        temperature="cross-fitted per fold" if calibrate else 1.0,
+        grouped=bool(((cv_config.get("data") or {}).get("split") or {}).get("group_column")),
     )
     return evaluation, list(oof["paths"])
 

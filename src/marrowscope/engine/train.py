@@ -460,6 +460,12 @@ def fit(
     # before any data is read (and before the run folder is made): every config value and rule;
     # from_dict checked them already, this catches a config built in code (dataclasses.replace)
     validate(cfg)
+    if cfg.data.split.val == 0 and cfg.train.early_stopping_patience is not None:
+        raise ConfigError(
+            f"train.early_stopping_patience={cfg.train.early_stopping_patience} needs a validation "
+            "split, but data.split.val is 0 (a final fit on every image); set "
+            "train.early_stopping_patience=null or data.split.val above 0"
+        )
     ctx.per_rank_batch(cfg.train.batch_size)
     ctx.main_only(lambda: run_dir.mkdir(parents=True, exist_ok=True))
 
@@ -484,8 +490,8 @@ def fit(
     if not validating and t.early_stopping_patience is not None:
         raise ConfigError(
             f"train.early_stopping_patience={t.early_stopping_patience} needs a validation split, "
-            "but data.split.val is 0 (a final fit on every image); set "
-            "train.early_stopping_patience=null or data.split.val above 0"
+            "but the data has no validation image; set train.early_stopping_patience=null or give "
+            "validation images"
         )
     # On resume the weights come from state.pt: do not fetch ImageNet weights again.
     model = build_model(

@@ -63,20 +63,27 @@ def render_model_card(meta: BundleMetadata) -> str:
     n_train = sum((meta.train_counts or {}).values())
     if cv:
         per_fold = ev.get("n_train_per_fold") or []
-        fold_train = f"{min(per_fold)}-{max(per_fold)}" if per_fold else "?"
-        if per_fold and min(per_fold) == max(per_fold):
-            fold_train = str(per_fold[0])
+        fold_train = f"~{round(sum(per_fold) / len(per_fold)):,}" if per_fold else "?"
+        n, k = ev.get("n", 0), ev.get("folds", 0)
+        split_kind = "folds grouped by patient/slide" if ev.get("grouped") else "image-level folds"
         measured = (
-            f"Cross-validated: {ev.get('folds', '?')} folds of this recipe, each trained on "
-            f"{fold_train} cells and scoring the {ev.get('n', '?')} cells of the other folds "
-            "once (never trained on; image-level split); this model was then trained on all "
-            f"{n_train} cells, so it saw more cells than the fold models that measure it. "
-            f"Predicted as the model predicts by default (test-time augmentation "
-            f"`{ev.get('tta', inference.tta)}`; each fold calibrated by a temperature fitted on "
-            "the other folds), with bootstrap 95% CIs over the pooled cells. "
+            f"Cross-validated: {k} models of this recipe, one per fold, each trained on "
+            f"{fold_train} cells and scoring the ~{round(n / max(k, 1)):,} cells it held out; "
+            f"pooled, each of the {n:,} cells is scored once by a model that never saw it "
+            f"({split_kind}). This model was then trained on all {n_train:,} cells, more than "
+            "any fold model (more cells have helped so far, so expect these numbers or a little "
+            "better). Predicted as the model predicts by default (test-time augmentation "
+            f"`{ev.get('tta', inference.tta)}`, "
+            "each fold calibrated by a temperature fitted on the other folds), with bootstrap "
+            "95% CIs over the pooled cells. "
         )
-        fitted_on = f"the pooled out-of-fold logits of the {ev.get('folds', '?')} fold models"
-        parity_cells = "development (training) cells — a check of the storage, not of accuracy"
+        fitted_on = f"the pooled out-of-fold logits of the {k} fold models"
+        cal_cells = (
+            f"the pooled out-of-fold predictions of the {k} fold models (this model's own "
+            "calibration cannot be measured: it saw every cell)"
+        )
+        parity_cells = "development cells (this model's training cells: a check of the storage"
+        parity_cells += ", not of accuracy)"
     else:
         measured = (
             f"On the validation split ({ev.get('n', '?')} cells of the same dataset, never "
@@ -85,6 +92,7 @@ def render_model_card(meta: BundleMetadata) -> str:
             "with bootstrap 95% CIs. "
         )
         fitted_on = "the validation split"
+        cal_cells = "the validation split"
         parity_cells = "validation cells"
     lines = [
         "---",
@@ -155,7 +163,7 @@ def render_model_card(meta: BundleMetadata) -> str:
         "",
         "## Calibration",
         "",
-        f"Expected calibration error on {'the pooled out-of-fold predictions' if cv else 'the validation split'}: "
+        f"Expected calibration error on {cal_cells}: "
         f"{_f(cal.get('before', {}).get('ece'))} "
         f"at T = 1, {_f(cal.get('after', {}).get('ece'))} with the fitted temperature "
         f"T = {_f(inference.temperature)} (NLL {_f(cal.get('before', {}).get('nll'))} → "
@@ -171,7 +179,7 @@ def render_model_card(meta: BundleMetadata) -> str:
         "",
         f"- Weights stored as {meta.weights_dtype} "
         f"({_f(pre.get('weights_mb'), '.1f')} MB), computed in float32 or bf16. Float16 storage "
-        f"was measured on {parity.get('images', '?')} {parity_cells} (one view each): it "
+        f"was measured on {parity.get('images', '?')} {parity_cells}, one view each: it "
         f"changes a probability by at most {_f(parity.get('max_abs_diff'), '.1e')} (top-1 "
         f"agreement {_f(parity.get('agreement'), '.4f')}), "
         + (
