@@ -259,7 +259,7 @@ def test_cross_validation_refit_trains_on_every_image_and_ships_with_the_cv_esti
     assert "fitted on the pooled out-of-fold logits of the 3 fold models" in text
     assert "validation split" not in text
     monkeypatch.setattr(cli_main.console, "width", 250)  # one line per model
-    assert "(3-fold cross-validation, 36 cells)" in _models_output()
+    assert "(3-fold CV, 36 cells)" in _models_output()
     # an unfinished refit, or one of another recipe, is refused
     shutil.copytree(refit, tmp_path / "cv2" / "refit")
     shutil.copy(out / "cv_config.json", tmp_path / "cv2" / "cv_config.json")

@@ -263,7 +263,7 @@ def models() -> None:
             meta.arch,
             f"{ev.get('macro_f1', float('nan')):.3f} [{lo:.3f}, {hi:.3f}] ("
             + (
-                f"{ev.get('folds')}-fold cross-validation, {ev.get('n'):,} cells)"
+                f"{ev.get('folds')}-fold CV, {ev.get('n'):,} cells)"
                 if ev.get("source") == "cross-validation"
                 else f"validation, {ev.get('n'):,} cells)"
             ),

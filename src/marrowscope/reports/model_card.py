@@ -27,6 +27,10 @@ def _ci(ci: Mapping[str, Any] | None, key: str) -> str:
     return f" [{_f(lo)}, {_f(hi)}]"
 
 
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
 def _bullets(items: Any) -> list[str]:
     if isinstance(items, str):
         return [items]
@@ -179,7 +183,7 @@ def render_model_card(meta: BundleMetadata) -> str:
         "",
         f"- Weights stored as {meta.weights_dtype} "
         f"({_f(pre.get('weights_mb'), '.1f')} MB), computed in float32 or bf16. Float16 storage "
-        f"was measured on {parity.get('images', '?')} {parity_cells}, one view each: it "
+        f"was measured on {_count(parity.get('images'))} {parity_cells}, one view each: it "
         f"changes a probability by at most {_f(parity.get('max_abs_diff'), '.1e')} (top-1 "
         f"agreement {_f(parity.get('agreement'), '.4f')}), "
         + (
