@@ -86,33 +86,26 @@ def main() -> None:
         update_card(args.name, description=card.pop("description"), card=card)
         return
     run = args.run_dir
+    measured_by: dict[str, Path]
     if args.cv:
         if args.checkpoint != "last":
             ap.error("--cv packs the refit's last epoch (a final fit chooses no checkpoint)")
-        refit = run / "refit" / "last"
         if not (run / "refit" / "summary.json").is_file():
             ap.error(f"{run}/refit has not finished: run marrowscope cv with --refit --out {run}")
-        pack_pretrained(
-            refit,
-            args.name,
-            cv_dir=run,
-            description=card.pop("description"),
-            card=card,
-            checkpoint_label=f"last epoch of the final fit on every cell, cv --refit in {run}",
-            console=console,
-        )
-        return
-    bundle = run / args.checkpoint
-    split = run / "split.csv"
-    if args.checkpoint == "last":
-        calibrate_last(run, console)
+        bundle, measured_by = run / "refit" / "last", {"cv_dir": run}
+        label = f"last epoch of the final fit on every cell, cv --refit in {run}"
+    else:
+        if args.checkpoint == "last":
+            calibrate_last(run, console)
+        bundle, measured_by = run / args.checkpoint, {"val_source": run / "split.csv"}
+        label = f"{args.checkpoint} epoch of {run.name}"
     pack_pretrained(
         bundle,
         args.name,
-        val_source=split,
+        **measured_by,
         description=card.pop("description"),
         card=card,
-        checkpoint_label=f"{args.checkpoint} epoch of {run.name}",
+        checkpoint_label=label,
         console=console,
     )
 

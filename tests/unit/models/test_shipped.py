@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from marrowscope.cli import main as cli_main
 from marrowscope.cli.main import app
 from marrowscope.inference.predictor import Predictor
 from marrowscope.models.bundle import (
@@ -94,7 +95,8 @@ def test_bm8_classifies_real_bone_marrow_cells() -> None:
     assert accuracy >= 0.8
 
 
-def test_models_command_lists_the_shipped_models() -> None:
+def test_models_command_lists_the_shipped_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_main.console, "width", 250)  # one line per model
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0, result.output
     for name, classes in SHIPPED.items():
@@ -102,3 +104,7 @@ def test_models_command_lists_the_shipped_models() -> None:
         assert all(c in result.output for c in classes)
     macro_f1 = read_metadata("bm8").pretrained["evaluation"]["macro_f1"]
     assert f"{macro_f1:.3f}" in result.output
+    # what each number was measured on: bm8 its validation cells, pbc6 (refitted on every cell)
+    # its recipe's 3-fold cross-validation
+    assert "(validation, 653 cells)" in result.output
+    assert "(3-fold CV, 2,100 cells)" in result.output
