@@ -62,7 +62,7 @@ from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
 from marrowscope.engine.distributed import DistContext
 from marrowscope.engine.distributed import setup as setup_distributed
-from marrowscope.engine.train import fit
+from marrowscope.engine.train import calibration_report, fit
 from marrowscope.inference.predictor import Predictor
 from marrowscope.metrics.classification import (
     classification_metrics,
@@ -275,27 +275,10 @@ def _calibrate_refit(out_dir: Path, cfg: ExperimentConfig, console: Console) -> 
     idx = TTA_VIEWS[tta]
     views = np.concatenate([r["logits_last"][idx] for r in records], axis=1).astype(np.float64)
     labels = np.concatenate([r["labels"] for r in records]).astype(np.int64)
-    temperature = fit_temperature(views, labels) if cfg.inference.calibrate else 1.0
     classes = json.loads((out_dir / "cv_summary.json").read_text())["classes"]
-
-    def scores(temp: float) -> dict[str, float]:
-        probs = softmax(views / temp).mean(axis=0)
-        m = classification_metrics(labels, probs.argmax(1), classes)
-        return {
-            "accuracy": m["accuracy"],
-            "macro_f1": m["macro_f1"],
-            "nll": negative_log_likelihood(probs, labels),
-            "ece": expected_calibration_error(probs, labels),
-        }
-
-    report = {
-        "tta": tta,
-        "temperature": temperature,
-        "source": f"out-of-fold logits of the {len(records)} folds' last epochs",
-        "val_images": int(labels.size),
-        "before": scores(1.0),
-        "after": scores(temperature),
-    }
+    report = calibration_report(views, labels, classes, tta=tta, calibrate=cfg.inference.calibrate)
+    report["source"] = f"out-of-fold logits of the {len(records)} folds' last epochs"
+    temperature = report["temperature"]
     inference = {"tta": tta, "temperature": temperature, "calibration": report}
     for name in ("best", "last"):  # the same weights: a final fit chooses nothing
         bundle = out_dir / "refit" / name
@@ -322,21 +305,24 @@ def _load_oof(out_dir: Path) -> list[dict[str, Any]]:
                 f"{path} is missing: fold {k} of {out_dir} has not finished; run the same "
                 "marrowscope cv command again to finish it"
             )
-        with np.load(path) as z:
-            if "logits_last" not in z.files:
-                raise ValueError(
-                    f"{path} has no last-epoch logits (written by an older marrowscope); "
-                    "re-run that fold"
-                )
-            records.append(
-                {
-                    "logits": z["logits"],
-                    "logits_last": z["logits_last"],
-                    "labels": z["labels"],
-                    "paths": z["paths"].tolist(),
-                }
+        rec = _read_oof(path)
+        if "logits_last" not in rec:
+            raise ValueError(
+                f"{path} has no last-epoch logits (written by an older marrowscope); re-run that "
+                "fold"
             )
+        records.append(rec)
     return records
+
+
+def _read_oof(path: Path) -> dict[str, Any]:
+    """One fold's ``oof.npz``: ``logits``, ``labels``, ``paths`` and, except in folders written
+    before the last epoch was scored, ``logits_last``."""
+    with np.load(path) as z:
+        rec = {"logits": z["logits"], "labels": z["labels"], "paths": z["paths"].tolist()}
+        if "logits_last" in z.files:
+            rec["logits_last"] = z["logits_last"]
+    return rec
 
 
 def out_of_fold_probs(out_dir: str | Path, tta: str, *, calibrate: bool = True) -> dict[str, Any]:
@@ -466,10 +452,7 @@ def _summarize_folder(
     for k in range(folds):
         fold_dir = out_dir / f"fold-{k}"
         oof_path = fold_dir / "oof.npz"
-        with np.load(oof_path) as z:
-            rec = {"logits": z["logits"], "labels": z["labels"], "paths": z["paths"].tolist()}
-            if "logits_last" in z.files:  # folders written before the last epoch was scored
-                rec["logits_last"] = z["logits_last"]
+        rec = _read_oof(oof_path)
         fit_summary = json.loads((fold_dir / "summary.json").read_text())
         rec["fit"] = fit_summary
         rec["history_last"] = _last_history(fold_dir / "metrics.csv")
