@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 
-## Speed measurements behind docs/benchmarks.md (after `make demo`; ~15 min on 2 cores).
+## Speed measurements behind docs/benchmarks.md (of the shipped bm8; ~15 min on 2 cores).
 bench: $(STAMP)
 	bash benchmarks/run_all.sh
 
