@@ -69,7 +69,9 @@ def main() -> None:
         results = {}
         t0 = time.perf_counter()
         for name, recs in (("tune", tune), ("fit", fit)):
-            results[name] = [(d.boxes, d.scores) for d in (det.detect(load_field(r.path)) for r in recs)]
+            results[name] = [
+                (d.boxes, d.scores) for d in (det.detect(load_field(r.path)) for r in recs)
+            ]
         ms = 1000 * (time.perf_counter() - t0) / (len(fit) + len(tune))
         thr, per_tune = fit_threshold(results["tune"], tune)
         per_fit = evaluate_fields(results["fit"], fit, min_score=thr)
