@@ -44,14 +44,14 @@ class FlipDetector(FieldDetector):
     flips: tuple[tuple[int, ...], ...] = ()
 
     def _maps(self, work: np.ndarray) -> np.ndarray:
+        plain = super()._maps(work)  # the shipped path, unchanged
+        if not self.flips:
+            return plain
         x = to_input(work, MARGIN)  # sides are multiples of 32: flips map grid cells onto cells
 
         def run(a: np.ndarray) -> np.ndarray:
             return self._session.run(None, {"images": np.ascontiguousarray(a)})[0][0]
 
-        plain = run(x)
-        if not self.flips:
-            return plain
         views = [plain] + [np.flip(run(np.flip(x, axes)), axes) for axes in self.flips]
         heat = np.mean([1.0 / (1.0 + np.exp(-v[0])) for v in views], axis=0)
         heat = np.clip(heat, 1e-6, 1 - 1e-6)
@@ -72,7 +72,7 @@ def misses(
         truth = np.asarray(r.wbc, np.float64).reshape(-1, 4)
         keep = scores >= min_score
         _, matched = match_boxes(boxes[keep], scores[keep], truth)
-        h, w = load_field(r.path).shape[:2]
+        w, h = r.width, r.height
         for j in sorted(set(range(len(truth))) - set(matched.tolist())):
             g = truth[j]
             ious = box_iou(g[None], boxes)[0] if len(boxes) else np.zeros(0)
