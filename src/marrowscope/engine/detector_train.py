@@ -69,6 +69,9 @@ class DetectorTrainConfig:
         scale_jitter: extra scale change, drawn log-uniformly in ``[1/j, j]``.
         hue: largest hue shift (OpenCV units, 180 = full circle).
         gray: probability of a grayscale training field.
+        cut: probability that a training window shows only a random part of the field (each
+            side 50-100% of the field's), so that more cells are cut by the window's edge as the
+            field's border cuts them (most misses are such cells); 0 keeps whole fields.
         ema: decay of the exponential moving average of the weights that is saved.
         nms_iou: suppression overlap at prediction time.
         threads: CPU threads for torch.
@@ -88,6 +91,7 @@ class DetectorTrainConfig:
     scale_jitter: float = 1.25
     hue: float = 10.0
     gray: float = 0.05
+    cut: float = 0.0
     ema: float = 0.995
     nms_iou: float = 0.4
     threads: int = 2
@@ -190,6 +194,13 @@ def _augment(
     if rng.random() < 0.5:
         img = np.ascontiguousarray(img[:, ::-1])
         boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+    if cfg.cut > 0 and rng.random() < cfg.cut:
+        # a random part of the field: the cells its edges cut are clipped below like the others
+        cw, ch = int(round(w * rng.uniform(0.5, 1.0))), int(round(h * rng.uniform(0.5, 1.0)))
+        ox, oy = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = np.ascontiguousarray(img[oy : oy + ch, ox : ox + cw])
+        boxes = boxes - np.array([ox, oy, ox, oy])
+        h, w = ch, cw
     img = _colour(img, rng, cfg.hue, cfg.gray)
     c = cfg.canvas
     canvas = np.zeros((c, c, 3), np.uint8)
@@ -372,9 +383,13 @@ def train_detector(
     cfg: DetectorTrainConfig,
     out_dir: str | Path,
     *,
+    records: Sequence[FieldRecord] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[Path, dict[str, Any]]:
     """Train the detector, fit its score threshold on the tune fields, save the bundle.
+
+    ``records`` are the fields to train on (the tune fields are carved out of them); by default
+    the train split of ``cfg.data`` (cross-validation passes a subset of it).
 
     Returns:
         ``(bundle folder, summary)``: the summary holds the tune-field scores and timings (also
@@ -384,7 +399,8 @@ def train_detector(
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    records = read_field_manifest(cfg.data, split="train")
+    if records is None:
+        records = read_field_manifest(cfg.data, split="train")
     fit, tune = split_tune(records, cfg.tune_fraction, cfg.seed)
     log(f"{len(fit)} training fields, {len(tune)} tune fields (held out of the train split)")
     t0 = time.perf_counter()

@@ -1,0 +1,193 @@
+"""Cross-validate a white-cell detector recipe on field-dev's train split (docs/fields.md).
+
+The 146 tune fields that fix a detector's threshold hold about 150 white cells: too few to tell
+two recipes apart. This trains a recipe K times (default 5), each time on K-1 folds of the train
+split (stratified by origin; the tune fields for the threshold are carved out of those folds by
+the training rule) and detects on the held-out fold, so every one of the 977 train-split fields
+is scored once by a detector that never saw it. The val split is not read.
+
+It stores, per annotated white cell, whether it was found (and whether it is cut by the field's
+border), and per field the false boxes, so two recipes run on the same folds can be paired later:
+
+    python benchmarks/detector_cv.py run --out runs/detector-cv/base
+    python benchmarks/detector_cv.py run --set cut=0.5 --out runs/detector-cv/cut50
+    python benchmarks/detector_cv.py compare runs/detector-cv/base/cv.json \\
+        runs/detector-cv/cut50/cv.json --out docs/results/detector-cv-cut50-vs-base.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from scipy.stats import binomtest
+
+from marrowscope.data.fields import FieldRecord, read_field_manifest
+from marrowscope.engine.detector_train import (
+    detect_all,
+    evaluate_fields,
+    format_scores,
+    load_train_config,
+    train_detector,
+)
+from marrowscope.inference.fields import FieldDetector
+from marrowscope.metrics.detection import match_boxes
+
+
+def folds(records: Sequence[FieldRecord], k: int, seed: int) -> list[int]:
+    """A fold number per field, each origin dealt round-robin after a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    out = [0] * len(records)
+    for origin in sorted({r.origin for r in records}):
+        idx = [i for i, r in enumerate(records) if r.origin == origin]
+        for n, i in enumerate(rng.permutation(idx)):
+            out[int(i)] = n % k
+    return out
+
+
+def per_cell(
+    results: Sequence[tuple[np.ndarray, np.ndarray]], records: Sequence[FieldRecord]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows per annotated white cell (found or not) and per field (false boxes)."""
+    cells, fields = [], []
+    for (boxes, scores), r in zip(results, records, strict=True):
+        truth = np.asarray(r.wbc, np.float64).reshape(-1, 4)
+        counts, matched = match_boxes(boxes, scores, truth)
+        hit = set(matched[matched >= 0].tolist())
+        for j, g in enumerate(truth):
+            cells.append(
+                {
+                    "field": Path(r.path).name,
+                    "origin": r.origin,
+                    "cell": j,
+                    "found": j in hit,
+                    "at_border": bool(
+                        g[0] <= 2 or g[1] <= 2 or g[2] >= r.width - 2 or g[3] >= r.height - 2
+                    ),
+                }
+            )
+        fields.append({"field": Path(r.path).name, "origin": r.origin, "false": counts.fp})
+    return cells, fields
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    overrides: dict[str, object] = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    overrides["eval_every"] = 10**6  # only the final threshold fit on the tune fields
+    cfg = load_train_config(args.config, overrides)
+    records = read_field_manifest(cfg.data, split="train")
+    fold_of = folds(records, args.folds, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(records)
+    thresholds, minutes = [], []
+    t0 = time.perf_counter()
+    for k in range(args.folds):
+        train = [r for r, f in zip(records, fold_of, strict=True) if f != k]
+        held = [i for i, f in enumerate(fold_of) if f == k]
+        bundle, summary = train_detector(
+            cfg, out / f"fold{k}", records=train, log=lambda m: print(m, flush=True)
+        )
+        det = FieldDetector.load(bundle)
+        thresholds.append(summary["min_score"])
+        minutes.append(summary["train_minutes"])
+        for i, res in zip(held, detect_all(det, [records[i] for i in held]), strict=True):
+            results[i] = res
+        print(f"fold {k}: threshold {summary['min_score']}", flush=True)
+    done = [r for r in results if r is not None]
+    per = evaluate_fields(done, records)
+    print(f"out-of-fold, {len(records)} train-split fields:\n{format_scores(per)}")
+    cells, fields = per_cell(done, records)
+    report = {
+        "config": asdict(cfg),
+        "overrides": {k: v for k, v in overrides.items() if k != "eval_every"},
+        "folds": args.folds,
+        "fold_seed": args.seed,
+        "thresholds": thresholds,
+        "train_minutes": minutes,
+        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
+        "scores": {g: s.to_dict() for g, s in per.items()},
+        "border_cells": _border(cells),
+        "cells": cells,
+        "fields": fields,
+    }
+    (out / "cv.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out / 'cv.json'}")
+
+
+def _border(cells: Sequence[dict[str, Any]]) -> dict[str, int]:
+    b = [c for c in cells if c["at_border"]]
+    return {"cells": len(b), "found": sum(c["found"] for c in b)}
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    a, b = (json.loads(Path(p).read_text(encoding="utf-8")) for p in (args.a, args.b))
+    if (a["folds"], a["fold_seed"]) != (b["folds"], b["fold_seed"]):
+        raise SystemExit("the two runs used different folds; pair only runs on the same folds")
+    key = lambda c: (c["field"], c["cell"])  # noqa: E731
+    fa = {key(c): c for c in a["cells"]}
+    fb = {key(c): c for c in b["cells"]}
+    if fa.keys() != fb.keys():
+        raise SystemExit("the two runs scored different cells")
+    report: dict[str, Any] = {"a": args.a, "b": args.b}
+    for group in ["all", *sorted({c["origin"] for c in a["cells"]})]:
+        ks = [k for k in fa if group == "all" or fa[k]["origin"] == group]
+        only_a = sum(fa[k]["found"] and not fb[k]["found"] for k in ks)
+        only_b = sum(fb[k]["found"] and not fa[k]["found"] for k in ks)
+        p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+        false_a = sum(f["false"] for f in a["fields"] if group in ("all", f["origin"]))
+        false_b = sum(f["false"] for f in b["fields"] if group in ("all", f["origin"]))
+        report[group] = {
+            "cells": len(ks),
+            "found_a": sum(fa[k]["found"] for k in ks),
+            "found_b": sum(fb[k]["found"] for k in ks),
+            "only_a": only_a,
+            "only_b": only_b,
+            "mcnemar_exact_p": round(float(p), 4),
+            "false_boxes_a": false_a,
+            "false_boxes_b": false_b,
+            "recall_a": a["scores"][group]["recall"],
+            "recall_b": b["scores"][group]["recall"],
+            "precision_a": a["scores"][group]["precision"],
+            "precision_b": b["scores"][group]["precision"],
+        }
+        r = report[group]
+        print(
+            f"{group:<11} cells {r['cells']:4d}  found A {r['found_a']} B {r['found_b']} "
+            f"(only A {only_a}, only B {only_b}, p {r['mcnemar_exact_p']})  "
+            f"false boxes A {false_a} B {false_b}"
+        )
+    report["border_cells"] = {"a": a["border_cells"], "b": b["border_cells"]}
+    print(f"border cells found: A {a['border_cells']}  B {b['border_cells']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--config", default="configs/detect-fields.yaml")
+    r.add_argument("--set", action="append", help="override a setting: key=value")
+    r.add_argument("--folds", type=int, default=5)
+    r.add_argument("--seed", type=int, default=0, help="seeds the folds (not the training)")
+    r.add_argument("--out", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--out")
+    args = ap.parse_args()
+    cmd_run(args) if args.cmd == "run" else cmd_compare(args)
+
+
+if __name__ == "__main__":
+    main()

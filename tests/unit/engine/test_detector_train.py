@@ -1,0 +1,145 @@
+"""The white-cell detector's training pieces: targets, training windows, settings, threshold."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from marrowscope.data.fields import FieldRecord
+from marrowscope.engine import detector_train as dt
+from marrowscope.models.detector import STRIDE
+
+BG, CELL = 50, 200
+
+
+def _field(w: int = 160, h: int = 120) -> dt._Prepared:
+    """A field at the working scale: grey background, two bright 60 px square 'cells'."""
+    img = np.full((h, w, 3), BG, np.uint8)
+    boxes = np.array([[10, 10, 70, 70], [90, 50, 150, 110]], np.float64)
+    for x0, y0, x1, y1 in boxes.astype(int):
+        img[y0:y1, x0:x1] = CELL
+    return dt._Prepared(img, boxes, rest=1.0, origin="test")
+
+
+def _bright_boxes(canvas: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes of the connected bright regions of a window."""
+    import cv2
+
+    n, _, stats, _ = cv2.connectedComponentsWithStats((canvas[:, :, 0] == CELL).astype(np.uint8))
+    return sorted((int(x), int(y), int(x + w), int(y + h)) for x, y, w, h, _ in stats[1:n])
+
+
+@pytest.fixture
+def no_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Geometry only: the colour jitter is exercised by training, not here."""
+    monkeypatch.setattr(dt, "_colour", lambda img, rng, hue, gray: img)
+
+
+@pytest.mark.parametrize("cut", [0.0, 1.0])
+def test_window_boxes_follow_the_pixels_they_box(no_colour: None, cut: float) -> None:
+    cfg = dt.DetectorTrainConfig(canvas=192, scale_jitter=1.0, cut=cut)
+    p = _field()
+    shown_areas = []
+    for seed in range(60):
+        canvas, boxes = dt._augment(p, cfg, np.random.default_rng(seed))
+        assert canvas.shape == (192, 192, 3)
+        shown_areas.append(int((canvas[:, :, 0] > 0).sum()))
+        # every kept box is exactly the visible part of a cell; no cell visible enough is lost
+        visible = [b for b in _bright_boxes(canvas) if b[2] - b[0] >= 6 and b[3] - b[1] >= 6]
+        got = sorted(tuple(int(round(v)) for v in b) for b in boxes)
+        if cut == 0.0:
+            assert got == visible
+        else:  # slivers under 15% of the cell's area are dropped, as the training rule says
+            assert set(got) <= set(visible)
+            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+            assert all(area(b) >= 0.15 * 60 * 60 for b in got)
+            assert all(area(b) < 0.15 * 60 * 60 for b in set(visible) - set(got))
+    full = 160 * 120
+    if cut == 0.0:  # the whole field is shown every time, only rotated/flipped
+        assert set(shown_areas) == {full}
+    else:  # a part of 50-100% of each side
+        assert all(0.25 * full - 200 <= a <= full for a in shown_areas)
+        assert np.mean(shown_areas) < 0.7 * full
+
+
+def test_cut_zero_keeps_the_random_stream_of_earlier_recipes(no_colour: None) -> None:
+    """``cut: 0`` draws no extra random numbers, so wbc1's recipe reproduces unchanged."""
+    p = _field()
+    a = dt._augment(p, dt.DetectorTrainConfig(canvas=192), np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    b = dt._augment(p, dt.DetectorTrainConfig(canvas=192, cut=0.0), rng)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_targets_mark_each_centre_with_its_size_and_offset() -> None:
+    boxes = np.array([[20.0, 36.0, 60.0, 68.0], [100.0, 100.0, 103.0, 103.0]])
+    t = dt.make_targets(boxes, 24, 24)
+    cx, cy = 40.0 / STRIDE, 52.0 / STRIDE  # 5.0, 6.5
+    assert t["mask"].sum() == 1  # the 3 px box is under half a grid cell: no target
+    assert t["heat"][6, 5] == 1.0 and t["mask"][6, 5] == 1.0
+    assert t["heat"].max() == 1.0 and 0 < t["heat"][6, 7] < 1  # a Gaussian around the centre
+    np.testing.assert_allclose(t["size"][:, 6, 5], [math.log(40 / STRIDE), math.log(32 / STRIDE)])
+    np.testing.assert_allclose(t["offset"][:, 6, 5], [cx - 5, cy - 6])
+
+
+def test_loss_is_lower_for_the_right_answer() -> None:
+    import torch
+
+    t = dt.make_targets(np.array([[20.0, 36.0, 60.0, 68.0]]), 24, 24)
+    tt = {k: torch.from_numpy(v[None]) for k, v in t.items()}
+    good = torch.zeros(1, 5, 24, 24)
+    good[0, 0] = torch.logit(torch.from_numpy(t["heat"]).clamp(1e-3, 1 - 1e-3))
+    good[0, 1:3] = torch.from_numpy(t["size"])
+    good[0, 3:5] = torch.from_numpy(t["offset"])
+    bad = torch.zeros(1, 5, 24, 24)
+    lg, _ = dt.centernet_loss(good, tt)
+    lb, parts = dt.centernet_loss(bad, tt)
+    assert float(lg) < 0.1 < float(lb)
+    assert parts["size"] > 0 and parts["offset"] > 0
+
+
+def test_settings_errors_name_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("epochs: 3\ncut: 0.5\n")
+    got = dt.load_train_config(cfg, {"lr": 1})
+    assert (got.epochs, got.cut, got.lr) == (3, 0.5, 1.0)
+    with pytest.raises(
+        ValueError, match=r"unknown detector training setting\(s\) cutt; known: .*cut"
+    ):
+        dt.load_train_config(cfg, {"cutt": 0.5})
+    with pytest.raises(ValueError, match="setting epochs: expected int"):
+        dt.load_train_config(None, {"epochs": "ten"})
+
+
+def _record(origin: str, truth: list[list[float]]) -> FieldRecord:
+    return FieldRecord(
+        path=f"{origin}.jpg", split="train", origin=origin, width=100, height=100,
+        wbc=np.asarray(truth, np.float64).reshape(-1, 4),
+        rbc=np.zeros((0, 4)), platelets=np.zeros((0, 4)),
+    )  # fmt: skip
+
+
+def test_threshold_is_the_middle_of_the_best_range() -> None:
+    # one origin; a true cell scored 0.6 and a false box scored 0.3: every threshold in
+    # (0.3, 0.6] is perfect, and the rule picks the middle of that run of the grid
+    recs = [_record("A", [[10, 10, 40, 40]])]
+    found = np.array([[10.0, 10.0, 40.0, 40.0], [60.0, 60.0, 90.0, 90.0]])
+    thr, per = dt.fit_threshold([(found, np.array([0.6, 0.3]))], recs)
+    assert per["A"].f1 == 1.0
+    grid = np.round(np.arange(0.10, 0.81, 0.025), 3)
+    good = grid[(grid > 0.3) & (grid <= 0.6)]
+    assert thr == pytest.approx(good[(len(good) - 1) // 2])
+
+
+def test_tune_split_is_per_origin_and_seeded() -> None:
+    recs = [_record(o, []) for o in ["A"] * 20 + ["B"] * 10]
+    recs = [replace(r, path=f"{i}.jpg") for i, r in enumerate(recs)]
+    fit, tune = dt.split_tune(recs, 0.2, seed=1)
+    assert sorted(r.origin for r in tune) == ["A"] * 4 + ["B"] * 2
+    assert len(fit) + len(tune) == 30 and not {r.path for r in fit} & {r.path for r in tune}
+    assert [r.path for r in dt.split_tune(recs, 0.2, seed=1)[1]] == [r.path for r in tune]
