@@ -136,8 +136,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
     key = lambda c: (c["field"], c["cell"])  # noqa: E731
     fa = {key(c): c for c in a["cells"]}
     fb = {key(c): c for c in b["cells"]}
-    if fa.keys() != fb.keys():
-        raise SystemExit("the two runs scored different cells")
+    if fa.keys() != fb.keys() or [f["field"] for f in a["fields"]] != [
+        f["field"] for f in b["fields"]
+    ]:
+        raise SystemExit("the two runs scored different fields or cells")
     report: dict[str, Any] = {"a": args.a, "b": args.b}
     for group in ["all", *sorted({c["origin"] for c in a["cells"]})]:
         ks = [k for k in fa if group == "all" or fa[k]["origin"] == group]
@@ -146,6 +148,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
         p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
         false_a = sum(f["false"] for f in a["fields"] if group in ("all", f["origin"]))
         false_b = sum(f["false"] for f in b["fields"] if group in ("all", f["origin"]))
+        # false boxes, paired by field: a sign test over the fields where the two differ
+        pairs = [
+            (x["false"], y["false"])
+            for x, y in zip(a["fields"], b["fields"], strict=True)
+            if group in ("all", x["origin"])
+        ]
+        more_a = sum(x > y for x, y in pairs)
+        more_b = sum(y > x for x, y in pairs)
+        p_false = binomtest(more_a, more_a + more_b).pvalue if more_a + more_b else 1.0
         report[group] = {
             "cells": len(ks),
             "found_a": sum(fa[k]["found"] for k in ks),
@@ -155,6 +166,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
             "mcnemar_exact_p": round(float(p), 4),
             "false_boxes_a": false_a,
             "false_boxes_b": false_b,
+            "fields_more_false_a": more_a,
+            "fields_more_false_b": more_b,
+            "false_boxes_sign_test_p": round(float(p_false), 4),
             "recall_a": a["scores"][group]["recall"],
             "recall_b": b["scores"][group]["recall"],
             "precision_a": a["scores"][group]["precision"],
@@ -164,7 +178,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(
             f"{group:<11} cells {r['cells']:4d}  found A {r['found_a']} B {r['found_b']} "
             f"(only A {only_a}, only B {only_b}, p {r['mcnemar_exact_p']})  "
-            f"false boxes A {false_a} B {false_b}"
+            f"false boxes A {false_a} B {false_b} (fields with more: A {more_a}, B {more_b}, "
+            f"p {r['false_boxes_sign_test_p']})"
         )
     report["border_cells"] = {"a": a["border_cells"], "b": b["border_cells"]}
     print(f"border cells found: A {a['border_cells']}  B {b['border_cells']}")

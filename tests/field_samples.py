@@ -18,6 +18,9 @@ BCCD = FIELDS_DIR / "0fd98bba-de2a-568e-a6a9-e94cb9a5675a.jpg"
 """A 640 x 480 BCCD field with one white cell near the centre."""
 PBC = FIELDS_DIR / "0479948c-7e6f-5e76-bf6c-ab89b843da9b.jpg"
 """A 360 x 363 PBC field (one white cell centred, at pbc6's own scale)."""
+LARGE_PALE_WBC = sorted((FIELDS_DIR / "ruler").glob("*.jpg"))
+"""Two train-split fields with a large white cell whose pale cytoplasm the ruler once took for
+the largest red cell (measured 2.2x and 2.5x the annotated red-cell size)."""
 
 
 def field(path: Path) -> tuple[np.ndarray, dict[int, np.ndarray], str]:
