@@ -12,7 +12,13 @@ border), and per field the false boxes, so two recipes run on the same folds can
     python benchmarks/detector_cv.py run --out runs/detector-cv/base
     python benchmarks/detector_cv.py run --set cut=0.5 --out runs/detector-cv/cut50
     python benchmarks/detector_cv.py compare runs/detector-cv/base/cv.json \\
-        runs/detector-cv/cut50/cv.json --out docs/results/detector-cv-cut50-vs-base.json
+        runs/detector-cv/cut50/cv.json --out docs/results/detector-cv/cut50-vs-base.json
+
+``rescore`` runs a finished run's fold detectors again on their held-out folds without training:
+with the ruler as the code has it now (after a change to the ruler), or with each field's scale
+taken from its annotated red cells (what ``--um-per-px`` gives when the magnification is known):
+
+    python benchmarks/detector_cv.py rescore runs/detector-cv/base --scale annotated
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from marrowscope.engine.detector_train import (
     load_train_config,
     train_detector,
 )
-from marrowscope.inference.fields import FieldDetector
+from marrowscope.inference.fields import FieldDetector, load_field
 from marrowscope.metrics.detection import match_boxes
+from marrowscope.preprocess.fields import RBC_DIAMETER_UM
 
 
 def folds(records: Sequence[FieldRecord], k: int, seed: int) -> list[int]:
@@ -120,8 +127,75 @@ def cmd_run(args: argparse.Namespace) -> None:
         "cells": cells,
         "fields": fields,
     }
-    (out / "cv.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_report(out / "cv.json", report)
     print(f"wrote {out / 'cv.json'}")
+
+
+def annotated_um_per_px(r: FieldRecord) -> float | None:
+    """The field's scale from its annotated red cells not cut by the border (median box side)."""
+    b = r.rbc
+    inside = (b[:, 0] > 2) & (b[:, 1] > 2) & (b[:, 2] < r.width - 2) & (b[:, 3] < r.height - 2)
+    if not inside.any():
+        return None
+    side = float(np.median(np.maximum(b[inside, 2] - b[inside, 0], b[inside, 3] - b[inside, 1])))
+    return RBC_DIAMETER_UM / side
+
+
+def cmd_rescore(args: argparse.Namespace) -> None:
+    run = Path(args.run)
+    old = read_report(run / "cv.json")
+    records = read_field_manifest(old["config"]["data"], split="train")
+    fold_of = folds(records, old["folds"], old["fold_seed"])
+    dets = {k: FieldDetector.load(run / f"fold{k}" / "bundle") for k in range(old["folds"])}
+    results, known = [], 0
+    for r, k in zip(records, fold_of, strict=True):
+        um = annotated_um_per_px(r) if args.scale == "annotated" else None
+        known += um is not None
+        d = dets[k].detect(load_field(r.path), um_per_px=um)
+        results.append((d.boxes, d.scores))
+    per = evaluate_fields(results, records)
+    how = f"annotated red cells ({known} fields; the ruler elsewhere)" if known else "ruler"
+    print(f"{run} rescored, scale from the {how}:")
+    print(format_scores(per))
+    cells, fields = per_cell(results, records)
+    report = {
+        **{k: old[k] for k in ("config", "overrides", "folds", "fold_seed", "thresholds")},
+        "rescored": {"from": str(run / "cv.json"), "scale": args.scale, "annotated": known},
+        "scores": {g: s.to_dict() for g, s in per.items()},
+        "border_cells": _border(cells),
+        "cells": cells,
+        "fields": fields,
+    }
+    out = Path(args.out or run / f"rescored-{args.scale}.json")
+    write_report(out, report)
+    print(f"wrote {out}")
+
+
+TABLES = ("cells", "fields")
+"""The per-cell and per-field rows, stored as columns (one list per key) to stay small."""
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """One top-level key per line, each value compact, the row tables as columns."""
+    out = dict(report)
+    for key in TABLES:
+        rows = out[key]
+        out[key] = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+    body = ",\n".join(
+        f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in out.items()
+    )
+    path.write_text("{\n" + body + "\n}\n", encoding="utf-8")
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A report written by :func:`write_report`, its row tables back as lists of rows."""
+    report = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key in TABLES:
+        cols = report[key]
+        if isinstance(cols, dict):
+            n = len(next(iter(cols.values()), []))
+            report[key] = [{k: v[i] for k, v in cols.items()} for i in range(n)]
+    return report
 
 
 def _border(cells: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -130,7 +204,7 @@ def _border(cells: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    a, b = (json.loads(Path(p).read_text(encoding="utf-8")) for p in (args.a, args.b))
+    a, b = (read_report(p) for p in (args.a, args.b))
     if (a["folds"], a["fold_seed"]) != (b["folds"], b["fold_seed"]):
         raise SystemExit("the two runs used different folds; pair only runs on the same folds")
     key = lambda c: (c["field"], c["cell"])  # noqa: E731
@@ -196,12 +270,16 @@ def main() -> None:
     r.add_argument("--folds", type=int, default=5)
     r.add_argument("--seed", type=int, default=0, help="seeds the folds (not the training)")
     r.add_argument("--out", required=True)
+    q = sub.add_parser("rescore")
+    q.add_argument("run", help="a finished run folder (with cv.json and fold*/bundle)")
+    q.add_argument("--scale", choices=["ruler", "annotated"], default="ruler")
+    q.add_argument("--out")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--out")
     args = ap.parse_args()
-    cmd_run(args) if args.cmd == "run" else cmd_compare(args)
+    {"run": cmd_run, "rescore": cmd_rescore, "compare": cmd_compare}[args.cmd](args)
 
 
 if __name__ == "__main__":

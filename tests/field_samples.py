@@ -18,9 +18,12 @@ BCCD = FIELDS_DIR / "0fd98bba-de2a-568e-a6a9-e94cb9a5675a.jpg"
 """A 640 x 480 BCCD field with one white cell near the centre."""
 PBC = FIELDS_DIR / "0479948c-7e6f-5e76-bf6c-ab89b843da9b.jpg"
 """A 360 x 363 PBC field (one white cell centred, at pbc6's own scale)."""
-LARGE_PALE_WBC = sorted((FIELDS_DIR / "ruler").glob("*.jpg"))
-"""Two train-split fields with a large white cell whose pale cytoplasm the ruler once took for
-the largest red cell (measured 2.2x and 2.5x the annotated red-cell size)."""
+LARGE_PALE_WBC = [
+    FIELDS_DIR / "ruler" / "0c2e7e09-4de1-5aeb-8ba9-f9dfe73c5f41.jpg",
+    FIELDS_DIR / "ruler" / "ba6e9a8a-5855-523e-a7e8-c19dca591c29.jpg",
+]
+"""Two train-split fields (Raabin-WBC, PBC) with a large white cell whose pale cytoplasm the ruler
+once took for the largest red cell (it read 2.5x the annotated red-cell size in both)."""
 
 
 def field(path: Path) -> tuple[np.ndarray, dict[int, np.ndarray], str]:

@@ -11,8 +11,10 @@ stain and camera).
 :func:`evaluate_fields` runs any :class:`~marrowscope.inference.fields.FieldDetector` over
 annotated fields and scores it per origin (recall / precision / F1 at an IoU, count error).
 
-Reproduce the shipped ``wbc1``: ``python scripts/train_detector.py --config
-configs/detect-fields.yaml --out runs/wbc1`` (30-45 min on 2 shared CPU cores).
+Train the shipped ``wbc1``'s recipe: ``python scripts/train_detector.py train --config
+configs/detect-fields.yaml --out runs/wbc1`` (about 5 min on 2 quiet CPU cores, 5-7 s an epoch;
+30-45 min when other jobs share the cores). wbc1 itself was trained through the red-cell ruler
+as it was before its fix of 2026-11-30 (commit 9aa960a or earlier).
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def _colour(img: np.ndarray, rng: np.random.Generator, hue: float, gray: float) 
 def _augment(
     p: _Prepared, cfg: DetectorTrainConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One training window: scale, rotate/flip, colour, placed on the zero canvas."""
+    """One training window: scale, rotate/flip, optionally a random part (``cfg.cut``), colour,
+    placed on the zero canvas; boxes cut by the window's edge keep their visible part."""
     j = math.exp(rng.uniform(-math.log(cfg.scale_jitter), math.log(cfg.scale_jitter)))
     f = p.rest * j
     img = rescale(p.image, f)

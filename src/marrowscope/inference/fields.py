@@ -533,7 +533,8 @@ def _onnx_session(path: Path, threads: int) -> Any:
 
 _SHIPPED_CROPS = {
     # PBC (Acevedo et al. 2020) crops are 360 x 363 px; the ruler measures 0.088 um/px on them
-    # (median of 420 crops of pbc-cells-dev, interquartile range 0.084-0.092).
+    # (median of 420 crops of pbc-cells-dev, interquartile range 0.084-0.092; on all 2,100 of
+    # them 0.0874 before the ruler's fix of 2026-11-30 and 0.0885 after).
     "pbc6": CropSpec(0.088, 360, "measured: the red-cell ruler on 420 PBC training crops"),
     # Matek et al. 2021 crops are 250 x 250 px and too tight for the ruler (every red cell is cut
     # by the border); their scale comes from the lymphocyte nucleus, 127 px across in the

@@ -32,15 +32,16 @@ def test_the_ruler_measures_red_cells_like_the_annotators(path) -> None:
 
 
 @pytest.mark.parametrize("path", LARGE_PALE_WBC, ids=lambda p: p.name[:8])
-def test_the_ruler_does_not_take_a_white_cells_cytoplasm_for_a_red_cell(path) -> None:
+def test_the_ruler_does_not_take_a_white_cells_cytoplasm_for_a_red_cell(
+    path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rgb, boxes, _ = field(path)
     truth = annotated_rbc_px(boxes[1], rgb.shape[1], rgb.shape[0])
     scale = estimate_scale(rgb)
     assert scale is not None and scale.rbc_px == pytest.approx(truth, rel=0.15)
     # the disc in the white cell's pale cytoplasm, beside its nucleus, is what the rule drops
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("marrowscope.preprocess.fields._NUCLEUS_SHARE", 1.0)
-        unchecked = estimate_scale(rgb)
+    monkeypatch.setattr("marrowscope.preprocess.fields._NUCLEUS_SHARE", 1.0)
+    unchecked = estimate_scale(rgb)
     assert unchecked is not None and unchecked.rbc_px > 2 * truth
 
 
