@@ -19,12 +19,16 @@ with the ruler as the code has it now (after a change to the ruler), or with eac
 taken from its annotated red cells (what ``--um-per-px`` gives when the magnification is known):
 
     python benchmarks/detector_cv.py rescore runs/detector-cv/base --scale annotated
+
+``misses`` lists the cells a run missed with the best box its fold detector finds near each at a
+low threshold (its score and overlap).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -45,7 +49,9 @@ from marrowscope.engine.detector_train import (
 )
 from marrowscope.inference.fields import FieldDetector, load_field
 from marrowscope.metrics.detection import match_boxes
+from marrowscope.preprocess import fields as ruler
 from marrowscope.preprocess.fields import RBC_DIAMETER_UM
+from marrowscope.utils.boxes import box_iou
 
 
 def folds(records: Sequence[FieldRecord], k: int, seed: int) -> list[int]:
@@ -57,6 +63,29 @@ def folds(records: Sequence[FieldRecord], k: int, seed: int) -> list[int]:
         for n, i in enumerate(rng.permutation(idx)):
             out[int(i)] = n % k
     return out
+
+
+def code_version() -> dict[str, Any]:
+    """The commit and the red-cell ruler's settings a run was made with."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "commit": commit,
+        "uncommitted_changes": dirty,
+        "ruler": {"nucleus": ruler._NUCLEUS, "nucleus_share": ruler._NUCLEUS_SHARE},
+    }
 
 
 def per_cell(
@@ -119,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "overrides": {k: v for k, v in overrides.items() if k != "eval_every"},
         "folds": args.folds,
         "fold_seed": args.seed,
+        "code": code_version(),
         "thresholds": thresholds,
         "train_minutes": minutes,
         "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
@@ -146,6 +176,10 @@ def cmd_rescore(args: argparse.Namespace) -> None:
     old = read_report(run / "cv.json")
     records = read_field_manifest(old["config"]["data"], split="train")
     fold_of = folds(records, old["folds"], old["fold_seed"])
+    if [Path(r.path).name for r in records] != [f["field"] for f in old["fields"]]:
+        raise SystemExit(
+            f"{run}: the train split's fields differ from the run's; its folds cannot be rebuilt"
+        )
     dets = {k: FieldDetector.load(run / f"fold{k}" / "bundle") for k in range(old["folds"])}
     results, known = [], 0
     for r, k in zip(records, fold_of, strict=True):
@@ -161,6 +195,7 @@ def cmd_rescore(args: argparse.Namespace) -> None:
     report = {
         **{k: old[k] for k in ("config", "overrides", "folds", "fold_seed", "thresholds")},
         "rescored": {"from": str(run / "cv.json"), "scale": args.scale, "annotated": known},
+        "code": code_version(),
         "scores": {g: s.to_dict() for g, s in per.items()},
         "border_cells": _border(cells),
         "cells": cells,
@@ -173,6 +208,49 @@ def cmd_rescore(args: argparse.Namespace) -> None:
 
 TABLES = ("cells", "fields")
 """The per-cell and per-field rows, stored as columns (one list per key) to stay small."""
+
+
+def cmd_misses(args: argparse.Namespace) -> None:
+    """Each annotated cell a run missed, with the best box its fold detector finds near it at a
+    low threshold (how far from found it was: a low score, a loose box, or nothing). The
+    detections are made again with the code as it is now, ruler included."""
+    run = Path(args.run)
+    old = read_report(run / "cv.json")
+    records = {Path(r.path).name: r for r in read_field_manifest(old["config"]["data"], "train")}
+    fold_of = dict(
+        zip(
+            [f["field"] for f in old["fields"]],
+            folds([records[f["field"]] for f in old["fields"]], old["folds"], old["fold_seed"]),
+            strict=True,
+        )
+    )
+    dets = {
+        k: FieldDetector.load(run / f"fold{k}" / "bundle", min_score=args.min_score)
+        for k in range(old["folds"])
+    }
+    rows = []
+    for c in old["cells"]:
+        if c["found"]:
+            continue
+        r, k = records[c["field"]], fold_of[c["field"]]
+        g = np.asarray(r.wbc, np.float64).reshape(-1, 4)[c["cell"]]
+        d = dets[k].detect(load_field(r.path))
+        ious = box_iou(g[None], d.boxes)[0] if len(d.boxes) else np.zeros(0)
+        best = int(np.argmax(ious)) if len(ious) and ious.max() > 0 else -1
+        rows.append(
+            {
+                **c,
+                "box_px": [round(float(g[2] - g[0])), round(float(g[3] - g[1]))],
+                "field_px": [r.width, r.height],
+                "best_iou": round(float(ious[best]), 2) if best >= 0 else 0.0,
+                "its_score": round(float(d.scores[best]), 2) if best >= 0 else 0.0,
+                "threshold": old["thresholds"][k],
+            }
+        )
+        print(rows[-1])
+    out = Path(args.out or run / "misses.json")
+    out.write_text(json.dumps({"from": str(run / "cv.json"), "misses": rows}, indent=1) + "\n")
+    print(f"{len(rows)} missed cells; wrote {out}")
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
@@ -274,12 +352,18 @@ def main() -> None:
     q.add_argument("run", help="a finished run folder (with cv.json and fold*/bundle)")
     q.add_argument("--scale", choices=["ruler", "annotated"], default="ruler")
     q.add_argument("--out")
+    m = sub.add_parser("misses")
+    m.add_argument("run", help="a finished run folder (with cv.json and fold*/bundle)")
+    m.add_argument("--min-score", type=float, default=0.03)
+    m.add_argument("--out")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--out")
     args = ap.parse_args()
-    {"run": cmd_run, "rescore": cmd_rescore, "compare": cmd_compare}[args.cmd](args)
+    {"run": cmd_run, "rescore": cmd_rescore, "misses": cmd_misses, "compare": cmd_compare}[
+        args.cmd
+    ](args)
 
 
 if __name__ == "__main__":

@@ -67,18 +67,20 @@ def test_window_boxes_follow_the_pixels_they_box(no_colour: None, cut: float) ->
 
 
 def test_cut_zero_keeps_the_random_stream_of_earlier_recipes() -> None:
-    """``cut: 0`` draws no extra random number, so wbc1's recipe reproduces unchanged: the windows
-    and the generator's state after three of them are those of the code before ``cut`` existed
-    (values recorded with commit 9aa960a's ``_augment``)."""
+    """``cut: 0`` (the default) draws no extra random number, so wbc1's recipe reproduces
+    unchanged: the first window's boxes and the generator's state after three windows are those of
+    the code before ``cut`` existed (values recorded with commit 9aa960a's ``_augment``)."""
+    assert dt.DetectorTrainConfig().cut == 0.0
+    cfg = dt.DetectorTrainConfig(canvas=192, cut=0.0)
     rng = np.random.default_rng(3)
-    first = dt._augment(_field(), dt.DetectorTrainConfig(canvas=192), rng)[1]
+    first = dt._augment(_field(), cfg, rng)[1]
     for _ in range(2):
-        dt._augment(_field(), dt.DetectorTrainConfig(canvas=192, cut=0.0), rng)
+        dt._augment(_field(), cfg, rng)
     np.testing.assert_allclose(
         first, [[22.3125, 48.3333, 72.1875, 98.3333], [88.8125, 81.6667, 138.6875, 131.6667]],
         atol=1e-3,
     )  # fmt: skip
-    assert rng.random() == pytest.approx(0.12963948164639638, abs=0)
+    assert rng.random() == 0.12963948164639638
 
 
 def test_targets_mark_each_centre_with_its_size_and_offset() -> None:
