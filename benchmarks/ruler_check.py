@@ -111,8 +111,14 @@ def main() -> None:
                 n = v["now"]
                 print(f"  {origin:<11} median {n['median']:.2f} ({n['p5']:.2f}-{n['p95']:.2f})")
     if args.out:
-        report = {"summary": summary, "fields": rows}
-        args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write(args.out, summary, rows)
+
+
+def write(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The summary indented, then one line per field."""
+    head = json.dumps(summary, indent=1)
+    body = ",\n".join(json.dumps(r) for r in rows)
+    path.write_text(f'{{"summary": {head},\n"fields": [\n{body}\n]}}\n', encoding="utf-8")
 
 
 if __name__ == "__main__":
