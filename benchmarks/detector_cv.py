@@ -39,7 +39,12 @@ import numpy as np
 import yaml
 from scipy.stats import binomtest
 
-from marrowscope.data.fields import FieldRecord, read_field_manifest
+from marrowscope.data.fields import (
+    FieldRecord,
+    annotated_rbc_px,
+    read_field_manifest,
+    touches_border,
+)
 from marrowscope.engine.detector_train import (
     detect_all,
     evaluate_fields,
@@ -97,16 +102,15 @@ def per_cell(
         truth = np.asarray(r.wbc, np.float64).reshape(-1, 4)
         counts, matched = match_boxes(boxes, scores, truth)
         hit = set(matched[matched >= 0].tolist())
-        for j, g in enumerate(truth):
+        border = touches_border(truth, r.width, r.height)
+        for j in range(len(truth)):
             cells.append(
                 {
                     "field": Path(r.path).name,
                     "origin": r.origin,
                     "cell": j,
                     "found": j in hit,
-                    "at_border": bool(
-                        g[0] <= 2 or g[1] <= 2 or g[2] >= r.width - 2 or g[3] >= r.height - 2
-                    ),
+                    "at_border": bool(border[j]),
                 }
             )
         fields.append({"field": Path(r.path).name, "origin": r.origin, "false": counts.fp})
@@ -163,12 +167,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def annotated_um_per_px(r: FieldRecord) -> float | None:
     """The field's scale from its annotated red cells not cut by the border (median box side)."""
-    b = r.rbc
-    inside = (b[:, 0] > 2) & (b[:, 1] > 2) & (b[:, 2] < r.width - 2) & (b[:, 3] < r.height - 2)
-    if not inside.any():
-        return None
-    side = float(np.median(np.maximum(b[inside, 2] - b[inside, 0], b[inside, 3] - b[inside, 1])))
-    return RBC_DIAMETER_UM / side
+    side = annotated_rbc_px(r.rbc, r.width, r.height)
+    return None if side is None else RBC_DIAMETER_UM / side
 
 
 def cmd_rescore(args: argparse.Namespace) -> None:

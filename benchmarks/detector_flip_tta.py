@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from marrowscope.data.fields import FieldRecord, read_field_manifest
+from marrowscope.data.fields import FieldRecord, read_field_manifest, touches_border
 from marrowscope.engine.detector_train import (
     evaluate_fields,
     fit_threshold,
@@ -72,17 +72,17 @@ def misses(
         truth = np.asarray(r.wbc, np.float64).reshape(-1, 4)
         keep = scores >= min_score
         _, matched = match_boxes(boxes[keep], scores[keep], truth)
-        w, h = r.width, r.height
+        border = touches_border(truth, r.width, r.height)
         for j in sorted(set(range(len(truth))) - set(matched.tolist())):
             g = truth[j]
             ious = box_iou(g[None], boxes)[0] if len(boxes) else np.zeros(0)
-            best = int(np.argmax(ious)) if len(ious) else -1
+            best = int(np.argmax(ious)) if len(ious) and ious.max() > 0 else -1
             rows.append(
                 {
                     "field": Path(r.path).name,
                     "origin": r.origin,
                     "box": [round(float(v)) for v in g],
-                    "at_border": bool(g[0] <= 2 or g[1] <= 2 or g[2] >= w - 2 or g[3] >= h - 2),
+                    "at_border": bool(border[j]),
                     "best_iou": round(float(ious[best]), 2) if best >= 0 else 0.0,
                     "its_score": round(float(scores[best]), 2) if best >= 0 else 0.0,
                 }

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from marrowscope.data.fields import read_field_manifest
+from marrowscope.data.fields import annotated_rbc_px, read_field_manifest
 from marrowscope.inference.fields import load_field
 from marrowscope.preprocess import fields as ruler
 
@@ -57,16 +57,9 @@ def main() -> None:
     rows = []
     for split in ("train", "val"):
         for r in read_field_manifest(args.data, split=split):
-            b = r.rbc
-            inside = (
-                (b[:, 0] > 2) & (b[:, 1] > 2) & (b[:, 2] < r.width - 2) & (b[:, 3] < r.height - 2)
-            )
-            if not inside.any():
+            annotated = annotated_rbc_px(r.rbc, r.width, r.height)
+            if annotated is None:
                 continue
-            side = b[inside]
-            annotated = float(
-                np.median(np.maximum(side[:, 2] - side[:, 0], side[:, 3] - side[:, 1]))
-            )
             rgb = load_field(r.path)
             now, before = _reading(rgb, ruler._NUCLEUS_SHARE), _reading(rgb, 1.0)
             rows.append(

@@ -248,20 +248,16 @@ def cmd_fit_classical(args: argparse.Namespace) -> None:
 
 
 def cmd_fit_ruler(args: argparse.Namespace) -> None:
-    from marrowscope.data.fields import read_field_manifest
+    from marrowscope.data.fields import annotated_rbc_px, read_field_manifest
     from marrowscope.inference.fields import load_field
     from marrowscope.preprocess.fields import RULER_GAIN, estimate_scale
 
     ratios = []
     for r in read_field_manifest(args.data, split="train"):
-        rb = r.rbc
-        inside = (
-            (rb[:, 0] > 2) & (rb[:, 1] > 2) & (rb[:, 2] < r.width - 2) & (rb[:, 3] < r.height - 2)
-        )
+        truth = annotated_rbc_px(r.rbc, r.width, r.height, min_cells=2)
         s = estimate_scale(load_field(r.path))
-        if s is None or inside.sum() < 2:
+        if s is None or truth is None:
             continue
-        truth = np.median(np.maximum(rb[inside, 2] - rb[inside, 0], rb[inside, 3] - rb[inside, 1]))
         ratios.append(truth / s.rbc_px)
     print(
         f"{len(ratios)} fields: annotated / measured red-cell size, median {np.median(ratios):.3f}; "

@@ -33,10 +33,3 @@ def field(path: Path) -> tuple[np.ndarray, dict[int, np.ndarray], str]:
     boxes = read_yolo_labels(path.with_suffix(".txt"), w, h)
     origin = "BCCD (crop)" if path == EMPTY else field_origin(w, h)
     return rgb, boxes, origin
-
-
-def annotated_rbc_px(boxes: np.ndarray, w: int, h: int) -> float:
-    """Median longer side of the red-cell boxes that do not touch the border."""
-    inside = (boxes[:, 0] > 2) & (boxes[:, 1] > 2) & (boxes[:, 2] < w - 2) & (boxes[:, 3] < h - 2)
-    b = boxes[inside]
-    return float(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))

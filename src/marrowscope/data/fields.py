@@ -21,9 +21,11 @@ __all__ = [
     "FIELD_DEV_ORIGINS",
     "FieldDataError",
     "FieldRecord",
+    "annotated_rbc_px",
     "field_origin",
     "read_field_manifest",
     "read_yolo_labels",
+    "touches_border",
 ]
 
 FIELD_DEV_ORIGINS = {
@@ -64,6 +66,30 @@ class FieldRecord:
     wbc: np.ndarray = field(repr=False)
     rbc: np.ndarray = field(repr=False)
     platelets: np.ndarray = field(repr=False)
+
+
+def touches_border(boxes: np.ndarray, width: int, height: int, margin: float = 2.0) -> np.ndarray:
+    """Per box, whether it reaches within ``margin`` pixels of the image's border (a cell the
+    field's edge cuts: its box is the visible part only)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return (
+        (b[:, 0] <= margin)
+        | (b[:, 1] <= margin)
+        | (b[:, 2] >= width - margin)
+        | (b[:, 3] >= height - margin)
+    )
+
+
+def annotated_rbc_px(
+    rbc: np.ndarray, width: int, height: int, *, min_cells: int = 1
+) -> float | None:
+    """The annotated red-cell size of a field: the median longer box side of its red cells not
+    cut by the border, or ``None`` with fewer than ``min_cells`` of them."""
+    b = np.asarray(rbc, np.float64).reshape(-1, 4)
+    b = b[~touches_border(b, width, height)]
+    if len(b) < min_cells:
+        return None
+    return float(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
 
 
 def field_origin(width: int, height: int) -> str:

@@ -11,9 +11,10 @@ the stained nuclei, so a big dark nucleus does not take the threshold for itself
 cells' pale centres) are filled, and the distance transform's maxima give the radius of the
 largest disc inside each cell; overlapping maxima are suppressed greedily (largest first) and
 maxima that touch the image border (cut cells), sit on nuclear stain or hold more than a few
-percent of nucleus pixels (a white cell's disc) are dropped. The red-cell diameter is twice the area-weighted median radius of the maxima above 40%
-of the largest, times :data:`RULER_GAIN`, which maps the inscribed-disc diameter onto the
-annotated red-cell box size (fitted on field-dev's train split, see ``docs/fields.md``).
+percent of nucleus pixels (a white cell's disc) are dropped. The red-cell diameter is twice the
+area-weighted median radius of the maxima above 40% of the largest, times :data:`RULER_GAIN`,
+which maps the inscribed-disc diameter onto the annotated red-cell box size (fitted on
+field-dev's train split, see ``docs/fields.md``).
 
 **The classical detector** (:func:`detect_classical`): nuclear-stain thresholding (the Lab
 ``a - b`` "purple" channel), morphology, a distance-transform watershed that splits touching

@@ -6,8 +6,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from field_samples import ANNOTATED, EMPTY, EMPTY_PARENT, LARGE_PALE_WBC, annotated_rbc_px, field
+from field_samples import ANNOTATED, EMPTY, EMPTY_PARENT, LARGE_PALE_WBC, field
 
+from marrowscope.data.fields import annotated_rbc_px, touches_border
 from marrowscope.preprocess.fields import (
     RBC_DIAMETER_UM,
     crop_at_scale,
@@ -43,6 +44,15 @@ def test_the_ruler_does_not_take_a_white_cells_cytoplasm_for_a_red_cell(
     monkeypatch.setattr("marrowscope.preprocess.fields._NUCLEUS_SHARE", 1.0)
     unchecked = estimate_scale(rgb)
     assert unchecked is not None and unchecked.rbc_px > 2 * truth
+
+
+def test_annotated_red_cell_size_leaves_out_cells_cut_by_the_border() -> None:
+    # a 200 x 150 field: the first box starts at x = 0, the last ends 1 px from the right edge
+    boxes = np.array([[0, 10, 30, 40], [50, 50, 80, 82], [100, 100, 126, 130], [170, 20, 199, 50]])
+    assert touches_border(boxes, 200, 150).tolist() == [True, False, False, True]
+    assert annotated_rbc_px(boxes, 200, 150) == 31.0  # median of the longer sides 32 and 30
+    assert annotated_rbc_px(boxes, 200, 150, min_cells=3) is None
+    assert annotated_rbc_px(np.zeros((0, 4)), 200, 150) is None
 
 
 def test_the_ruler_follows_the_magnification() -> None:
