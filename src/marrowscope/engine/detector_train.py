@@ -36,7 +36,15 @@ import yaml
 from marrowscope.data.fields import FieldRecord, read_field_manifest
 from marrowscope.inference.fields import FieldDetector, load_field, resolve_scale
 from marrowscope.metrics.detection import DetectionScores, scores_by_group
-from marrowscope.models.detector import STRIDE, CellDetector, DetectorMetadata, save_detector
+from marrowscope.models.detector import (
+    MARGIN,
+    PAD_MODES,
+    STRIDE,
+    CellDetector,
+    DetectorMetadata,
+    pad_field,
+    save_detector,
+)
 from marrowscope.models.weights import load_offline_weights
 from marrowscope.preprocess.fields import WORK_UM_PER_PX, rescale
 from marrowscope.utils.runtime import seed_everything
@@ -47,6 +55,7 @@ __all__ = [
     "evaluate_fields",
     "load_train_config",
     "make_targets",
+    "mirror_boxes",
     "train_detector",
 ]
 
@@ -74,6 +83,11 @@ class DetectorTrainConfig:
         cut: probability that a training window shows only a random part of the field (each
             side 50-100% of the field's), so that more cells are cut by the window's edge as the
             field's border cuts them (most misses are such cells); 0 keeps whole fields.
+        pad: how a field's margin is filled, in training and (recorded in the bundle) at
+            prediction time: ``zero`` (black, wbc1's recipe: fields lie on a zero canvas) or
+            ``reflect`` (the field mirrored at its edges, :func:`mirror_boxes`).
+        margin: the margin's width at prediction time (working pixels); with ``reflect`` also the
+            width of the mirrored band around each training field.
         ema: decay of the exponential moving average of the weights that is saved.
         nms_iou: suppression overlap at prediction time.
         threads: CPU threads for torch.
@@ -94,6 +108,8 @@ class DetectorTrainConfig:
     hue: float = 10.0
     gray: float = 0.05
     cut: float = 0.0
+    pad: str = "zero"
+    margin: int = MARGIN
     ema: float = 0.995
     nms_iou: float = 0.4
     threads: int = 2
@@ -129,6 +145,12 @@ def load_train_config(
             continue
         if isinstance(v, bool) != (want is bool) or not isinstance(v, want):
             raise ValueError(f"setting {k}: expected {want.__name__}, got {v!r}")
+    if data.get("pad", "zero") not in PAD_MODES:
+        raise ValueError(
+            f"setting pad: expected one of {', '.join(PAD_MODES)}, got {data['pad']!r}"
+        )
+    if not 0 <= data.get("margin", MARGIN) <= 256:
+        raise ValueError(f"setting margin: expected 0-256 working pixels, got {data['margin']!r}")
     return DetectorTrainConfig(**data)
 
 
@@ -178,11 +200,69 @@ def _colour(img: np.ndarray, rng: np.random.Generator, hue: float, gray: float) 
     return out
 
 
+def _shown(
+    boxes: np.ndarray, ref_area: np.ndarray, x0: float, y0: float, x1: float, y1: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``boxes`` clipped to the rectangle, and which to keep: annotators box the visible part of
+    a cell cut by the field's edge, so a box stays a target while at least 15% of ``ref_area``
+    (and 6 px each way) is visible."""
+    cx0, cy0 = np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1)
+    cx1, cy1 = np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1)
+    visible = (cx1 - cx0) * (cy1 - cy0)
+    keep = (visible >= 0.15 * np.maximum(ref_area, 1e-6)) & (cx1 - cx0 >= 6) & (cy1 - cy0 >= 6)
+    return np.stack([cx0, cy0, cx1, cy1], axis=1), keep
+
+
+def _mirror_axis(lo: float, hi: float, size: float, m: int) -> list[tuple[float, float, float]]:
+    """The extents along one axis of a box ``[lo, hi]`` inside ``[0, size]`` once the field is
+    mirrored by ``m`` on both sides, in padded coordinates: ``(start, end, reference length)``."""
+    a, b, left, right = lo + m, hi + m, float(m), float(m + size)
+    start, end, copies = a, b, []
+    if m > 0:
+        if a <= left + 1:  # touches the edge: it and its mirror image are one object
+            start = max(0.0, 2 * left - b)
+        elif 2 * left - a > 0:
+            copies.append((max(0.0, 2 * left - b), 2 * left - a, b - a))
+        if b >= right - 1:
+            end = min(right + m, 2 * right - a)
+        elif 2 * right - b < right + m:
+            copies.append((2 * right - b, min(right + m, 2 * right - a), b - a))
+    return [(start, end, end - start), *copies]
+
+
+def mirror_boxes(
+    boxes: np.ndarray, width: int, height: int, margin: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The targets of a ``width`` x ``height`` field once mirrored by ``margin`` on every side
+    (:func:`~marrowscope.models.detector.pad_field` with ``reflect``), in padded coordinates.
+
+    A cell touching the field's edge joins its mirror image into one symmetric object, centred
+    on the edge (clipped to the field at prediction time, it is the visible part the annotators
+    boxed); a cell near the edge gets a separate mirror image in the margin (dropped at prediction
+    time: it lies outside the field), as does its image across a corner.
+
+    Args:
+        boxes: ``(N, 4)`` visible boxes inside the field.
+
+    Returns:
+        ``(boxes (M, 4), reference areas (M,))``: each target and the area against which its
+        visible share is judged (its own area; for a mirror image, the cell's).
+    """
+    out, ref = [], []
+    for x0, y0, x1, y1 in boxes:
+        for xa, xb, xl in _mirror_axis(x0, x1, width, margin):
+            for ya, yb, yl in _mirror_axis(y0, y1, height, margin):
+                out.append((xa, ya, xb, yb))
+                ref.append(xl * yl)
+    return np.asarray(out, np.float64).reshape(-1, 4), np.asarray(ref, np.float64)
+
+
 def _augment(
     p: _Prepared, cfg: DetectorTrainConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training window: scale, rotate/flip, optionally a random part (``cfg.cut``), colour,
-    placed on the zero canvas; boxes cut by the window's edge keep their visible part."""
+    with ``cfg.pad == "reflect"`` mirrored at its edges (:func:`mirror_boxes`), placed on the
+    zero canvas; boxes cut by the window's edge keep their visible part."""
     j = math.exp(rng.uniform(-math.log(cfg.scale_jitter), math.log(cfg.scale_jitter)))
     f = p.rest * j
     img = rescale(p.image, f)
@@ -205,6 +285,12 @@ def _augment(
         boxes = boxes - np.array([ox, oy, ox, oy])
         h, w = ch, cw
     img = _colour(img, rng, cfg.hue, cfg.gray)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    if cfg.pad == "reflect":
+        boxes, keep = _shown(boxes, area, 0, 0, w, h)
+        boxes, area = mirror_boxes(boxes[keep], w, h, cfg.margin)
+        img = pad_field(img, cfg.margin, "reflect")
+        h, w = img.shape[:2]
     c = cfg.canvas
     canvas = np.zeros((c, c, 3), np.uint8)
     # window of the image shown, and where it lands on the canvas
@@ -215,15 +301,8 @@ def _augment(
     part = img[sy : sy + c, sx : sx + c]
     canvas[dy : dy + part.shape[0], dx : dx + part.shape[1]] = part
     boxes = boxes + np.array([dx - sx, dy - sy, dx - sx, dy - sy])
-    x0 = np.clip(boxes[:, 0], dx, dx + part.shape[1])
-    y0 = np.clip(boxes[:, 1], dy, dy + part.shape[0])
-    x1 = np.clip(boxes[:, 2], dx, dx + part.shape[1])
-    y1 = np.clip(boxes[:, 3], dy, dy + part.shape[0])
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    visible = (x1 - x0) * (y1 - y0)
-    # annotators box the visible part of a cell cut by the field's edge: so do the windows
-    keep = (visible >= 0.15 * np.maximum(area, 1e-6)) & (x1 - x0 >= 6) & (y1 - y0 >= 6)
-    return canvas, np.stack([x0, y0, x1, y1], axis=1)[keep]
+    shown, keep = _shown(boxes, area, dx, dy, dx + part.shape[1], dy + part.shape[0])
+    return canvas, shown[keep]
 
 
 def make_targets(boxes: np.ndarray, out_h: int, out_w: int) -> dict[str, np.ndarray]:
@@ -427,7 +506,9 @@ def train_detector(
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     rng = np.random.default_rng(cfg.seed)
-    meta = DetectorMetadata(cfg.name, cfg.width, WORK_UM_PER_PX, 0.3, cfg.nms_iou)
+    meta = DetectorMetadata(
+        cfg.name, cfg.width, WORK_UM_PER_PX, 0.3, cfg.nms_iou, pad=cfg.pad, margin=cfg.margin
+    )
     step = 0
     history: list[dict[str, Any]] = []
     log_path = out / "log.jsonl"
@@ -494,6 +575,8 @@ def train_detector(
         WORK_UM_PER_PX,
         thr,
         cfg.nms_iou,
+        pad=cfg.pad,
+        margin=cfg.margin,
         extra={"training": summary, "torch_version": torch.__version__},
     )
     bundle = save_detector(out / "bundle", ema, final)

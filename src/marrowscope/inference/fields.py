@@ -38,7 +38,7 @@ import numpy as np
 
 from marrowscope.models.bundle import BundleError
 from marrowscope.models.detector import (
-    MARGIN,
+    INSIDE_SHARE,
     ONNX_FILE,
     CellDetector,
     DetectorMetadata,
@@ -455,7 +455,8 @@ class FieldDetector:
                 nms_iou=meta.nms_iou,
                 width=work.shape[1],
                 height=work.shape[0],
-                margin=MARGIN,
+                margin=meta.margin,
+                min_inside=self._min_inside(),
             )
             return boxes / factor, scores, 1
         # large field: overlapping windows at the working scale, merged by NMS
@@ -471,7 +472,8 @@ class FieldDetector:
                 nms_iou=meta.nms_iou,
                 width=window.shape[1],
                 height=window.shape[0],
-                margin=MARGIN,
+                margin=meta.margin,
+                min_inside=self._min_inside(),
             )
             b = b / factor + np.array([t.x0, t.y0, t.x0, t.y0])
             # drop boxes cut by an inner tile edge: the neighbouring tile sees them whole
@@ -492,8 +494,13 @@ class FieldDetector:
         keep = nms(boxes, scores, meta.nms_iou)
         return boxes[keep], scores[keep], len(tiles)
 
+    def _min_inside(self) -> float:
+        assert self.metadata_ is not None
+        return INSIDE_SHARE if self.metadata_.pad == "reflect" else 0.0
+
     def _maps(self, work: np.ndarray) -> np.ndarray:
-        x = to_input(work, MARGIN)
+        assert self.metadata_ is not None
+        x = to_input(work, self.metadata_.margin, self.metadata_.pad)
         if self._session is not None:
             return self._session.run(None, {"images": x})[0][0]
         import torch

@@ -51,13 +51,16 @@ __all__ = [
     "decode_maps",
     "detector_index",
     "load_detector",
+    "pad_field",
     "pad_to_stride",
     "pretrained_detector",
     "save_detector",
 ]
 
-DETECTOR_FORMAT = 1
-"""Version of the detector bundle layout; newer bundles are refused."""
+DETECTOR_FORMAT = 2
+"""Version of the detector bundle layout; newer bundles are refused. Format 2 added mirrored
+margins (``pad``, ``margin``); a bundle with zero margins is still written as format 1, which
+earlier marrowscope versions read."""
 
 DETECTORS_INDEX = "detectors.json"
 """The list of shipped detectors (name -> description and sha256 per file), in ``pretrained/``."""
@@ -157,14 +160,35 @@ MARGIN = 16
 """Zeros around a field at prediction time: in training, fields lie at random places on a zero
 canvas, so the network knows a field's edge as the edge of a black margin."""
 
+PAD_MODES = ("zero", "reflect")
+"""How a field's margin is filled: ``zero`` (black, wbc1) or ``reflect`` (the field mirrored at
+its edges, so a cell cut by the border shows as a whole, symmetric cell; trained so, see
+:func:`marrowscope.engine.detector_train.mirror_boxes`)."""
 
-def to_input(rgb: np.ndarray, margin: int = MARGIN) -> np.ndarray:
-    """RGB HWC uint8 -> float32 ``(1, 3, H, W)`` in ``[0, 1]``: ``margin`` zeros on every side,
-    then zeros at the bottom and right up to sides that are multiples of 32."""
-    if margin:
-        rgb = cv2.copyMakeBorder(
-            rgb, margin, margin, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0)
-        )
+INSIDE_SHARE = 0.35
+"""With ``reflect`` margins, a box keeps only if this share of its width and of its height lies
+inside the field: a cell cut by the border is predicted as itself plus its mirror image (half of
+it inside), a mirror image of a cell near the border lies wholly outside."""
+
+
+def pad_field(rgb: np.ndarray, margin: int, mode: str = "zero") -> np.ndarray:
+    """``rgb`` with ``margin`` pixels on every side: zeros, or the field mirrored at its edges
+    (OpenCV's ``BORDER_REFLECT``: the edge pixel repeated, ``cba|abc``)."""
+    if mode not in PAD_MODES:
+        raise ValueError(f"unknown pad mode {mode!r}; use one of {', '.join(PAD_MODES)}")
+    if not margin:
+        return rgb
+    if mode == "reflect":
+        return cv2.copyMakeBorder(rgb, margin, margin, margin, margin, cv2.BORDER_REFLECT)
+    return cv2.copyMakeBorder(
+        rgb, margin, margin, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0)
+    )
+
+
+def to_input(rgb: np.ndarray, margin: int = MARGIN, mode: str = "zero") -> np.ndarray:
+    """RGB HWC uint8 -> float32 ``(1, 3, H, W)`` in ``[0, 1]``: ``margin`` pixels on every side
+    (:func:`pad_field`), then zeros at the bottom and right up to sides that are multiples of 32."""
+    rgb = pad_field(rgb, margin, mode)
     x = pad_to_stride(rgb).astype(np.float32).transpose(2, 0, 1)[None]
     x *= 1.0 / 255.0
     return np.ascontiguousarray(x)
@@ -178,6 +202,7 @@ def decode_maps(
     width: int,
     height: int,
     margin: int = 0,
+    min_inside: float = 0.0,
     max_boxes: int = 500,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boxes and scores from one image's output maps ``(5, h, w)``.
@@ -185,8 +210,9 @@ def decode_maps(
     Every 3x3 local maximum of the heat map with a score of at least ``min_score`` gives a box
     (centre = cell + offset, size = exp(log size), in grid units times the stride); boxes are
     moved back by the ``margin`` the input was padded with (:func:`to_input`), clipped to
-    ``width`` x ``height`` (the image before padding) and overlapping ones suppressed (IoU
-    above ``nms_iou``).
+    ``width`` x ``height`` (the image before padding), dropped unless ``min_inside`` of their
+    width and of their height was inside it (:data:`INSIDE_SHARE` for mirrored margins, 0 keeps
+    all), and overlapping ones suppressed (IoU above ``nms_iou``).
 
     Returns:
         ``(boxes (N, 4), scores (N,))`` in input pixels, best first.
@@ -210,6 +236,10 @@ def decode_maps(
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
     ok = (boxes[:, 2] - boxes[:, 0] >= 2) & (boxes[:, 3] - boxes[:, 1] >= 2)
+    if min_inside > 0:
+        ok &= (boxes[:, 2] - boxes[:, 0] >= min_inside * bw) & (
+            boxes[:, 3] - boxes[:, 1] >= min_inside * bh
+        )
     boxes, scores = boxes[ok], scores[ok]
     keep = nms(boxes, scores, nms_iou)
     return boxes[keep], scores[keep]
@@ -228,6 +258,9 @@ class DetectorMetadata:
         work_um_per_px: the scale the network sees (micrometres per pixel).
         min_score: the default score threshold (fitted on held-out training fields).
         nms_iou: boxes overlapping more than this are suppressed.
+        pad: how the field's margin is filled at prediction time (:data:`PAD_MODES`), as in
+            training.
+        margin: the margin's width in working-scale pixels.
         extra: everything else (training settings, validation numbers, provenance).
     """
 
@@ -236,12 +269,20 @@ class DetectorMetadata:
     work_um_per_px: float
     min_score: float
     nms_iou: float
+    pad: str = "zero"
+    margin: int = MARGIN
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pad not in PAD_MODES:
+            raise ValueError(f"unknown pad mode {self.pad!r}; use one of {', '.join(PAD_MODES)}")
+        if not 0 <= self.margin <= 256:
+            raise ValueError(f"margin {self.margin} is outside 0-256 working pixels")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``metadata.json``."""
         return {
-            "format": DETECTOR_FORMAT,
+            "format": 1 if self.pad == "zero" else DETECTOR_FORMAT,
             "kind": "detector",
             "arch": "centernet_mobilenetv2_s8",
             "name": self.name,
@@ -249,6 +290,8 @@ class DetectorMetadata:
             "work_um_per_px": self.work_um_per_px,
             "min_score": self.min_score,
             "nms_iou": self.nms_iou,
+            "pad": self.pad,
+            "margin": self.margin,
             **self.extra,
         }
 
@@ -277,13 +320,19 @@ class DetectorMetadata:
                 "work_um_per_px": float(data["work_um_per_px"]),
                 "min_score": float(data["min_score"]),
                 "nms_iou": float(data["nms_iou"]),
+                # format 1 bundles (wbc1) have zero margins of MARGIN pixels
+                "pad": str(data.get("pad", "zero")),
+                "margin": int(data.get("margin", MARGIN)),
             }
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(
                 f"{source}: missing or invalid key in the detector metadata ({e})"
             ) from None
         skip = {"format", "kind", "arch", *core}
-        return cls(**core, extra={k: v for k, v in data.items() if k not in skip})
+        try:
+            return cls(**core, extra={k: v for k, v in data.items() if k not in skip})
+        except ValueError as e:
+            raise BundleError(f"{source}: {e}") from None
 
 
 def save_detector(

@@ -13,7 +13,7 @@ import torch
 
 from marrowscope.data.fields import FieldRecord
 from marrowscope.engine import detector_train as dt
-from marrowscope.models.detector import STRIDE
+from marrowscope.models.detector import STRIDE, pad_field
 
 BG, CELL = 50, 200
 
@@ -148,3 +148,80 @@ def test_tune_split_is_per_origin_and_seeded() -> None:
     assert sorted(r.origin for r in tune) == ["A"] * 4 + ["B"] * 2
     assert len(fit) + len(tune) == 30 and not {r.path for r in fit} & {r.path for r in tune}
     assert [r.path for r in dt.split_tune(recs, 0.2, seed=1)[1]] == [r.path for r in tune]
+
+
+def _bright_components(img: np.ndarray) -> list[tuple[int, int, int, int]]:
+    n, _, stats, _ = cv2.connectedComponentsWithStats((img[:, :, 0] == CELL).astype(np.uint8))
+    return sorted((int(x), int(y), int(x + w), int(y + h)) for x, y, w, h, _ in stats[1:n])
+
+
+def test_mirrored_targets_are_the_cells_the_mirrored_field_shows() -> None:
+    """A cell touching the edge and its mirror image are one symmetric object; a cell near the
+    edge has a separate image in the margin (cut by the margin's outer edge); across a corner,
+    the double reflection. Checked against the pixels of the field padded as at prediction time."""
+    w, h, m = 100, 80, 20
+    img = np.full((h, w, 3), BG, np.uint8)
+    boxes = np.array([[0, 30, 15, 60], [40, 8, 70, 30], [85, 65, 100, 80]], np.float64)
+    for x0, y0, x1, y1 in boxes.astype(int):
+        img[y0:y1, x0:x1] = CELL
+    padded = pad_field(img, m, "reflect")
+    got, ref = dt.mirror_boxes(boxes, w, h, m)
+    assert sorted(tuple(int(round(v)) for v in b) for b in got) == _bright_components(padded)
+    by_box = {tuple(int(round(v)) for v in b): r for b, r in zip(got, ref, strict=True)}
+    assert by_box[(5, 50, 35, 80)] == 30 * 30  # the left cell joined with its image: 2 x 15 wide
+    assert by_box[(60, 0, 90, 12)] == 30 * 22  # the top cell's image, 12 of its 22 rows shown
+    # the corner cell (touching the right and bottom edges) and its three images: one object
+    assert by_box[(105, 85, 135, 115)] == 30 * 30
+    assert len(got) == 4
+
+
+def test_mirrored_cells_too_wide_for_the_margin_are_cut_by_it() -> None:
+    got, ref = dt.mirror_boxes(np.array([[0.0, 20.0, 50.0, 50.0]]), 100, 80, 16)
+    np.testing.assert_allclose(got, [[0, 36, 66, 66]])  # 16 px of its 50 px image
+    np.testing.assert_allclose(ref, [66 * 30])
+    assert dt.mirror_boxes(np.zeros((0, 4)), 100, 80, 16)[0].shape == (0, 4)
+
+
+def _edge_field() -> dt._Prepared:
+    """Like :func:`_field`, with one cell cut by the field's left edge."""
+    img = np.full((120, 160, 3), BG, np.uint8)
+    boxes = np.array([[0, 10, 30, 70], [90, 50, 150, 110]], np.float64)
+    for x0, y0, x1, y1 in boxes.astype(int):
+        img[y0:y1, x0:x1] = CELL
+    return dt._Prepared(img, boxes, rest=1.0, origin="test")
+
+
+@pytest.mark.parametrize("cut", [0.0, 1.0])
+def test_reflect_windows_box_what_they_show(no_colour: None, cut: float) -> None:
+    """With ``pad: reflect`` the training windows show the field mirrored at its edges, and
+    their targets are the bright objects they show: the edge cell joined with its image, the
+    images of the other cell in the margin; nothing shown whole is left out."""
+    cfg = dt.DetectorTrainConfig(canvas=192, scale_jitter=1.0, cut=cut, pad="reflect", margin=24)
+    joined = 0
+    for seed in range(60):
+        canvas, boxes = dt._augment(_edge_field(), cfg, np.random.default_rng(seed))
+        visible = [b for b in _bright_boxes(canvas) if b[2] - b[0] >= 6 and b[3] - b[1] >= 6]
+        # a cell within 1 px of an edge touches it: it and its image (2 px apart) are one object
+        joins = {
+            (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+            for a in visible
+            for b in visible
+            if (a[1::2] == b[1::2] and 0 < b[0] - a[2] <= 2)
+            or (a[::2] == b[::2] and 0 < b[1] - a[3] <= 2)
+        }
+        got = sorted(tuple(int(round(v)) for v in b) for b in boxes)
+        assert set(got) <= set(visible) | joins
+        area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+        inside = lambda a, b: b[0] <= a[0] and b[1] <= a[1] and a[2] <= b[2] and a[3] <= b[3]  # noqa: E731
+        assert all(any(inside(v, b) for b in got) for v in visible if area(v) >= 60 * 60)
+        # the edge cell (30 x 60) joined with its image (up to 24 px more on the axis it was cut)
+        joined += any(sorted((b[2] - b[0], b[3] - b[1]))[1] == 60 for b in got if area(b) > 31 * 60)
+    assert joined >= 20
+
+
+def test_reflect_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="pad"):
+        dt.load_train_config(None, {"pad": "wrap"})
+    with pytest.raises(ValueError, match="margin"):
+        dt.load_train_config(None, {"margin": 999})
+    assert dt.load_train_config(None, {"pad": "reflect", "margin": 32}).pad == "reflect"
