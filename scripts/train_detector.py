@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from marrowscope.data.fields import read_field_manifest
+    from marrowscope.data.fields import duplicate_boxes, read_field_manifest
     from marrowscope.engine.detector_train import evaluate_fields, format_scores
     from marrowscope.inference.fields import FieldDetector, load_field
 
@@ -65,6 +65,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{args.detector} on {args.split} ({len(records)} fields), IoU >= {iou}:")
         print(format_scores(per))
     report["seconds_per_field_incl_decode"] = secs / max(1, len(records))
+    # one cell boxed twice in the labels: only one box of the pair can ever be matched
+    twice = [
+        {"field": r.path, "origin": r.origin, "boxes": [i, j]}
+        for r in records
+        for i, j in duplicate_boxes(r.wbc)
+    ]
+    report["labels_boxed_twice"] = twice
+    for t in twice:
+        print(
+            f"note: {t['field']} ({t['origin']}): white-cell boxes {t['boxes'][0]} and "
+            f"{t['boxes'][1]} overlap by more than half, one cell boxed twice? It caps the "
+            "recall of its origin by one cell"
+        )
     if args.pictures:
         _failure_pictures(results, records, Path(args.pictures), str(args.detector))
     if args.out:

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from marrowscope.utils.boxes import box_iou
+
 __all__ = [
     "FIELD_DEV_ORIGINS",
     "FieldDataError",
     "FieldRecord",
     "annotated_rbc_px",
+    "duplicate_boxes",
     "field_origin",
     "read_field_manifest",
     "read_yolo_labels",
@@ -78,6 +81,18 @@ def touches_border(boxes: np.ndarray, width: int, height: int, margin: float = 2
         | (b[:, 2] >= width - margin)
         | (b[:, 3] >= height - margin)
     )
+
+
+def duplicate_boxes(boxes: np.ndarray, iou: float = 0.5) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, of boxes that overlap by more than ``iou``: in annotated white
+    cells, one cell boxed twice (cells in a smear touch, they do not overlap by half; field-dev's
+    BCD labels hold such pairs, checked by eye). At most one of a pair can ever be matched at
+    IoU 0.5, so each caps a detector's recall."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(b) < 2:
+        return []
+    m = np.triu(box_iou(b, b), k=1)
+    return [(int(i), int(j)) for i, j in zip(*np.nonzero(m > iou), strict=True)]
 
 
 def annotated_rbc_px(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from field_samples import ANNOTATED, EMPTY, EMPTY_PARENT, LARGE_PALE_WBC, field
 
-from marrowscope.data.fields import annotated_rbc_px, touches_border
+from marrowscope.data.fields import annotated_rbc_px, duplicate_boxes, touches_border
 from marrowscope.preprocess.fields import (
     RBC_DIAMETER_UM,
     crop_at_scale,
@@ -53,6 +53,16 @@ def test_annotated_red_cell_size_leaves_out_cells_cut_by_the_border() -> None:
     assert annotated_rbc_px(boxes, 200, 150) == 31.0  # median of the longer sides 32 and 30
     assert annotated_rbc_px(boxes, 200, 150, min_cells=3) is None
     assert annotated_rbc_px(np.zeros((0, 4)), 200, 150) is None
+
+
+def test_a_cell_boxed_twice_is_found_touching_cells_are_not() -> None:
+    # field-dev BCD 70b11907: one neutrophil boxed twice (IoU 0.69); 4e80ae99: touching cells
+    twice = np.array([[170, 0, 343, 172], [125, 1, 321, 172]])
+    touching = np.array([[141, 80, 254, 267], [1, 229, 80, 322], [1, 308, 21, 381]])
+    assert duplicate_boxes(np.concatenate([touching, twice])) == [(3, 4)]
+    assert duplicate_boxes(touching) == []
+    assert duplicate_boxes(twice, iou=0.7) == []
+    assert duplicate_boxes(np.zeros((0, 4))) == []
 
 
 def test_the_ruler_follows_the_magnification() -> None:
