@@ -124,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         overrides[key] = yaml.safe_load(value)
     overrides["eval_every"] = 10**6  # only the final threshold fit on the tune fields
     cfg = load_train_config(args.config, overrides)
+    code = code_version()  # at the start: the code that trains, not what is checked out at the end
     records = read_field_manifest(cfg.data, split="train")
     fold_of = folds(records, args.folds, args.seed)
     out = Path(args.out)
@@ -152,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "overrides": {k: v for k, v in overrides.items() if k != "eval_every"},
         "folds": args.folds,
         "fold_seed": args.seed,
-        "code": code_version(),
+        "code": code,
         "thresholds": thresholds,
         "train_minutes": minutes,
         "wall_minutes": round((time.perf_counter() - t0) / 60, 1),

@@ -98,8 +98,8 @@ def main() -> None:
         print(run)
         for o, s in per.items():
             print(
-                f"  {o:<11} recall {s['recall']:.3f} ({s['found']}/{s['cells']}), with each "
-                f"pair as one cell {s['recall_deduplicated']:.3f} "
+                f"  {o:<11} recall {s['found'] / s['cells']:.3f} ({s['found']}/{s['cells']}), "
+                f"with each pair as one cell {s['found'] / s['cells_deduplicated']:.3f} "
                 f"({s['found']}/{s['cells_deduplicated']})"
             )
     if args.out:
