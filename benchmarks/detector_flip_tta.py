@@ -32,7 +32,7 @@ from marrowscope.engine.detector_train import (
 )
 from marrowscope.inference.fields import FieldDetector, load_field
 from marrowscope.metrics.detection import match_boxes
-from marrowscope.models.detector import MARGIN, to_input
+from marrowscope.models.detector import to_input
 from marrowscope.utils.boxes import box_iou
 
 VIEWS = {"plain": (), "hflip": ((-1,),), "flips": ((-1,), (-2,), (-2, -1))}
@@ -47,7 +47,10 @@ class FlipDetector(FieldDetector):
         plain = super()._maps(work)  # the shipped path, unchanged
         if not self.flips:
             return plain
-        x = to_input(work, MARGIN)  # sides are multiples of 32: flips map grid cells onto cells
+        meta = self.metadata_
+        assert meta is not None
+        # the input the plain view saw; sides are multiples of 32: flips map grid cells onto cells
+        x = to_input(work, meta.margin, meta.pad)
 
         def run(a: np.ndarray) -> np.ndarray:
             return self._session.run(None, {"images": np.ascontiguousarray(a)})[0][0]

@@ -8,7 +8,8 @@ ceiling per origin, and, for detector cross-validation runs (``benchmarks/detect
 recall counted with each pair as one cell (found when either of its boxes was matched):
 
     python benchmarks/field_labels.py --runs docs/results/detector-cv/base-ruler2.json \\
-        docs/results/detector-cv/reflect32.json --out docs/results/field-labels.json
+        docs/results/detector-cv/reflect32.json docs/results/detector-cv/reflect32-cut50.json \\
+        --out docs/results/field-labels.json
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def duplicates(data: str, split: str) -> tuple[list[dict[str, Any]], dict[str, d
                 {
                     "field": Path(r.path).name,
                     "origin": r.origin,
-                    "cells": [i, j],
+                    "box_index": [i, j],
                     "boxes": np.round(boxes[[i, j]]).astype(int).tolist(),
                     "iou": round(float(box_iou(boxes[[i]], boxes[[j]])[0, 0]), 2),
                 }
@@ -56,7 +57,7 @@ def deduplicated_recall(run: str, pairs: list[dict[str, Any]]) -> dict[str, dict
     found = {(c["field"], c["cell"]): c["found"] for c in cells}
     drop = set()
     for p in pairs:
-        i, j = p["cells"]
+        i, j = p["box_index"]
         if found[(p["field"], i)] or found[(p["field"], j)]:
             # the cell was found: keep the matched box's row, drop the other
             drop.add((p["field"], j if found[(p["field"], i)] else i))
@@ -71,6 +72,7 @@ def deduplicated_recall(run: str, pairs: list[dict[str, Any]]) -> dict[str, dict
             "found": sum(c["found"] for c in rows),
             "recall": round(sum(c["found"] for c in rows) / len(rows), 4),
             "cells_deduplicated": len(kept),
+            "found_deduplicated": sum(c["found"] for c in kept),
             "recall_deduplicated": round(sum(c["found"] for c in kept) / len(kept), 4),
         }
     return out
@@ -88,7 +90,7 @@ def main() -> None:
         report[split] = {"pairs": pairs, "ceiling": ceiling}
         print(f"{split}: {len(pairs)} white cells boxed twice")
         for p in pairs:
-            print(f"  {p['field']} ({p['origin']}): boxes {p['cells']}, IoU {p['iou']}")
+            print(f"  {p['field']} ({p['origin']}): boxes {p['box_index']}, IoU {p['iou']}")
         for o, c in ceiling.items():
             print(f"  {o:<11} {c['cells']} boxes, recall at most {c['recall_ceiling']:.3f}")
     report["runs"] = {}
@@ -99,8 +101,9 @@ def main() -> None:
         for o, s in per.items():
             print(
                 f"  {o:<11} recall {s['found'] / s['cells']:.3f} ({s['found']}/{s['cells']}), "
-                f"with each pair as one cell {s['found'] / s['cells_deduplicated']:.3f} "
-                f"({s['found']}/{s['cells_deduplicated']})"
+                f"with each pair as one cell "
+                f"{s['found_deduplicated'] / s['cells_deduplicated']:.3f} "
+                f"({s['found_deduplicated']}/{s['cells_deduplicated']})"
             )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

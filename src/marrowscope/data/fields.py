@@ -86,8 +86,9 @@ def touches_border(boxes: np.ndarray, width: int, height: int, margin: float = 2
 def duplicate_boxes(boxes: np.ndarray, iou: float = 0.5) -> list[tuple[int, int]]:
     """Pairs ``(i, j)``, ``i < j``, of boxes that overlap by more than ``iou``: in annotated white
     cells, one cell boxed twice (cells in a smear touch, they do not overlap by half; field-dev's
-    BCD labels hold such pairs, checked by eye). At most one of a pair can ever be matched at
-    IoU 0.5, so each caps a detector's recall."""
+    BCD labels hold such pairs, checked by eye). A detector that boxes the cell once (its
+    suppression removes a second box at IoU 0.4) matches one of the pair at IoU 0.5, so each pair
+    caps its recall."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     if len(b) < 2:
         return []

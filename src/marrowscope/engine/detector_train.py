@@ -38,10 +38,10 @@ from marrowscope.inference.fields import FieldDetector, load_field, resolve_scal
 from marrowscope.metrics.detection import DetectionScores, scores_by_group
 from marrowscope.models.detector import (
     MARGIN,
-    PAD_MODES,
     STRIDE,
     CellDetector,
     DetectorMetadata,
+    check_margins,
     pad_field,
     save_detector,
 )
@@ -115,6 +115,12 @@ class DetectorTrainConfig:
     threads: int = 2
     eval_every: int = 5
 
+    def __post_init__(self) -> None:
+        try:
+            check_margins(self.pad, self.margin)
+        except ValueError as e:
+            raise ValueError(f"setting pad / margin: {e}") from None
+
 
 def load_train_config(
     path: str | Path | None, overrides: dict[str, Any] | None = None
@@ -145,12 +151,6 @@ def load_train_config(
             continue
         if isinstance(v, bool) != (want is bool) or not isinstance(v, want):
             raise ValueError(f"setting {k}: expected {want.__name__}, got {v!r}")
-    if data.get("pad", "zero") not in PAD_MODES:
-        raise ValueError(
-            f"setting pad: expected one of {', '.join(PAD_MODES)}, got {data['pad']!r}"
-        )
-    if not 0 <= data.get("margin", MARGIN) <= 256:
-        raise ValueError(f"setting margin: expected 0-256 working pixels, got {data['margin']!r}")
     return DetectorTrainConfig(**data)
 
 
@@ -213,27 +213,40 @@ def _shown(
     return np.stack([cx0, cy0, cx1, cy1], axis=1), keep
 
 
+_TOUCH = 1.0
+"""A box within this many working pixels of the field's edge touches it (annotators' boxes of cut
+cells end 0-3 source pixels short of the edge; fields are mostly shrunk 2-3x to the working
+scale): it and its mirror image are then one object."""
+
+
 def _mirror_axis(lo: float, hi: float, size: float, m: int) -> list[tuple[float, float, float]]:
     """The extents along one axis of a box ``[lo, hi]`` inside ``[0, size]`` once the field is
-    mirrored by ``m`` on both sides, in padded coordinates: ``(start, end, reference length)``."""
-    a, b, left, right = lo + m, hi + m, float(m), float(m + size)
+    mirrored on both sides (a band of ``min(m, size)``, zeros beyond, in a margin of ``m``), in
+    padded coordinates: ``(start, end, factor)``, ``factor`` being how much longer than the box
+    the extent is (a box joined with its mirror image; 1 otherwise)."""
+    a, b = lo + m, hi + m
+    left, right, band = float(m), float(m + size), float(min(m, size))
     start, end, copies = a, b, []
-    if m > 0:
-        if a <= left + 1:  # touches the edge: it and its mirror image are one object
-            start = max(0.0, 2 * left - b)
-        elif 2 * left - a > 0:
-            copies.append((max(0.0, 2 * left - b), 2 * left - a, b - a))
-        if b >= right - 1:
-            end = min(right + m, 2 * right - a)
-        elif 2 * right - b < right + m:
-            copies.append((2 * right - b, min(right + m, 2 * right - a), b - a))
-    return [(start, end, end - start), *copies]
+    if band > 0:
+        if a <= left + _TOUCH:
+            start = max(left - band, 2 * left - b)
+        elif 2 * left - a > left - band:
+            copies.append((max(left - band, 2 * left - b), 2 * left - a, 1.0))
+        if b >= right - _TOUCH:
+            end = min(right + band, 2 * right - a)
+        elif 2 * right - b < right + band:
+            copies.append((2 * right - b, min(right + band, 2 * right - a), 1.0))
+    return [(start, end, (end - start) / max(b - a, 1e-6)), *copies]
 
 
 def mirror_boxes(
-    boxes: np.ndarray, width: int, height: int, margin: int
+    boxes: np.ndarray,
+    width: int,
+    height: int,
+    margin: int,
+    areas: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The targets of a ``width`` x ``height`` field once mirrored by ``margin`` on every side
+    """The targets of a ``width`` x ``height`` field once mirrored on every side
     (:func:`~marrowscope.models.detector.pad_field` with ``reflect``), in padded coordinates.
 
     A cell touching the field's edge joins its mirror image into one symmetric object, centred
@@ -243,17 +256,22 @@ def mirror_boxes(
 
     Args:
         boxes: ``(N, 4)`` visible boxes inside the field.
+        areas: the whole cells' areas (a cell may be cut by the field's edge or a training
+            window's), by default the boxes' own.
 
     Returns:
         ``(boxes (M, 4), reference areas (M,))``: each target and the area against which its
-        visible share is judged (its own area; for a mirror image, the cell's).
+        visible share is judged, as a cell's against its whole area: a mirror image's is its
+        cell's, a cell joined with its image has its cell's area grown as the box grew.
     """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    whole = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) if areas is None else np.asarray(areas)
     out, ref = [], []
-    for x0, y0, x1, y1 in boxes:
-        for xa, xb, xl in _mirror_axis(x0, x1, width, margin):
-            for ya, yb, yl in _mirror_axis(y0, y1, height, margin):
+    for (x0, y0, x1, y1), cell in zip(b, whole, strict=True):
+        for xa, xb, fx in _mirror_axis(x0, x1, width, margin):
+            for ya, yb, fy in _mirror_axis(y0, y1, height, margin):
                 out.append((xa, ya, xb, yb))
-                ref.append(xl * yl)
+                ref.append(cell * fx * fy)
     return np.asarray(out, np.float64).reshape(-1, 4), np.asarray(ref, np.float64)
 
 
@@ -288,7 +306,7 @@ def _augment(
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     if cfg.pad == "reflect":
         boxes, keep = _shown(boxes, area, 0, 0, w, h)
-        boxes, area = mirror_boxes(boxes[keep], w, h, cfg.margin)
+        boxes, area = mirror_boxes(boxes[keep], w, h, cfg.margin, area[keep])
         img = pad_field(img, cfg.margin, "reflect")
         h, w = img.shape[:2]
     c = cfg.canvas

@@ -38,7 +38,6 @@ import numpy as np
 
 from marrowscope.models.bundle import BundleError
 from marrowscope.models.detector import (
-    INSIDE_SHARE,
     ONNX_FILE,
     CellDetector,
     DetectorMetadata,
@@ -456,7 +455,7 @@ class FieldDetector:
                 width=work.shape[1],
                 height=work.shape[0],
                 margin=meta.margin,
-                min_inside=self._min_inside(),
+                min_inside=meta.min_inside,
             )
             return boxes / factor, scores, 1
         # large field: overlapping windows at the working scale, merged by NMS
@@ -473,7 +472,7 @@ class FieldDetector:
                 width=window.shape[1],
                 height=window.shape[0],
                 margin=meta.margin,
-                min_inside=self._min_inside(),
+                min_inside=meta.min_inside,
             )
             b = b / factor + np.array([t.x0, t.y0, t.x0, t.y0])
             # drop boxes cut by an inner tile edge: the neighbouring tile sees them whole
@@ -493,10 +492,6 @@ class FieldDetector:
         scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
         keep = nms(boxes, scores, meta.nms_iou)
         return boxes[keep], scores[keep], len(tiles)
-
-    def _min_inside(self) -> float:
-        assert self.metadata_ is not None
-        return INSIDE_SHARE if self.metadata_.pad == "reflect" else 0.0
 
     def _maps(self, work: np.ndarray) -> np.ndarray:
         assert self.metadata_ is not None

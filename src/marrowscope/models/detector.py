@@ -48,6 +48,7 @@ __all__ = [
     "DETECTOR_FORMAT",
     "CellDetector",
     "DetectorMetadata",
+    "check_margins",
     "decode_maps",
     "detector_index",
     "load_detector",
@@ -166,20 +167,35 @@ its edges, so a cell cut by the border shows as a whole, symmetric cell; trained
 :func:`marrowscope.engine.detector_train.mirror_boxes`)."""
 
 INSIDE_SHARE = 0.35
-"""With ``reflect`` margins, a box keeps only if this share of its width and of its height lies
+"""With ``reflect`` margins (the default of a bundle's ``inside_share``), a box is kept only if this share of its width and of its height lies
 inside the field: a cell cut by the border is predicted as itself plus its mirror image (half of
 it inside), a mirror image of a cell near the border lies wholly outside."""
 
 
+def check_margins(pad: str, margin: int) -> None:
+    """Raise ``ValueError`` unless ``pad`` is one of :data:`PAD_MODES` and ``margin`` is a whole
+    number of working pixels in 0-256."""
+    if pad not in PAD_MODES:
+        raise ValueError(f"unknown pad mode {pad!r}; use one of {', '.join(PAD_MODES)}")
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= 256:
+        raise ValueError(f"margin {margin!r} is not a whole number of working pixels in 0-256")
+
+
 def pad_field(rgb: np.ndarray, margin: int, mode: str = "zero") -> np.ndarray:
     """``rgb`` with ``margin`` pixels on every side: zeros, or the field mirrored at its edges
-    (OpenCV's ``BORDER_REFLECT``: the edge pixel repeated, ``cba|abc``)."""
-    if mode not in PAD_MODES:
-        raise ValueError(f"unknown pad mode {mode!r}; use one of {', '.join(PAD_MODES)}")
+    (OpenCV's ``BORDER_REFLECT``: the edge pixel repeated, ``cba|abc``) — once: a field narrower
+    than the margin is mirrored across its own width and the rest of the margin is zeros."""
+    check_margins(mode, margin)
     if not margin:
         return rgb
     if mode == "reflect":
-        return cv2.copyMakeBorder(rgb, margin, margin, margin, margin, cv2.BORDER_REFLECT)
+        h, w = rgb.shape[:2]
+        my, mx = min(margin, h), min(margin, w)
+        rgb = cv2.copyMakeBorder(rgb, my, my, mx, mx, cv2.BORDER_REFLECT)
+        if my == margin and mx == margin:
+            return rgb
+        dy, dx = margin - my, margin - mx
+        return cv2.copyMakeBorder(rgb, dy, dy, dx, dx, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     return cv2.copyMakeBorder(
         rgb, margin, margin, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0)
     )
@@ -269,20 +285,26 @@ class DetectorMetadata:
     work_um_per_px: float
     min_score: float
     nms_iou: float
-    pad: str = "zero"
-    margin: int = MARGIN
     extra: dict[str, Any] = field(default_factory=dict)
+    pad: str = field(default="zero", kw_only=True)
+    margin: int = field(default=MARGIN, kw_only=True)
+    inside_share: float = field(default=INSIDE_SHARE, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.pad not in PAD_MODES:
-            raise ValueError(f"unknown pad mode {self.pad!r}; use one of {', '.join(PAD_MODES)}")
-        if not 0 <= self.margin <= 256:
-            raise ValueError(f"margin {self.margin} is outside 0-256 working pixels")
+        check_margins(self.pad, self.margin)
+        if not 0 <= self.inside_share < 1:
+            raise ValueError(f"inside_share {self.inside_share} is outside [0, 1)")
+
+    @property
+    def min_inside(self) -> float:
+        """The share of a box that must lie inside the field (0 with zero margins)."""
+        return self.inside_share if self.pad == "reflect" else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of ``metadata.json``."""
-        return {
-            "format": 1 if self.pad == "zero" else DETECTOR_FORMAT,
+        """The JSON object of ``metadata.json`` (format 1, which marrowscope read before
+        mirrored margins, while the margins are wbc1's: 16 px of zeros)."""
+        core = {
+            "format": DETECTOR_FORMAT,
             "kind": "detector",
             "arch": "centernet_mobilenetv2_s8",
             "name": self.name,
@@ -292,8 +314,13 @@ class DetectorMetadata:
             "nms_iou": self.nms_iou,
             "pad": self.pad,
             "margin": self.margin,
-            **self.extra,
+            "inside_share": self.inside_share,
         }
+        if self.pad == "zero" and self.margin == MARGIN:
+            core["format"] = 1
+            for key in ("pad", "margin", "inside_share"):
+                del core[key]
+        return {**core, **self.extra}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str) -> DetectorMetadata:
@@ -320,18 +347,26 @@ class DetectorMetadata:
                 "work_um_per_px": float(data["work_um_per_px"]),
                 "min_score": float(data["min_score"]),
                 "nms_iou": float(data["nms_iou"]),
-                # format 1 bundles (wbc1) have zero margins of MARGIN pixels
-                "pad": str(data.get("pad", "zero")),
-                "margin": int(data.get("margin", MARGIN)),
             }
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(
                 f"{source}: missing or invalid key in the detector metadata ({e})"
             ) from None
-        skip = {"format", "kind", "arch", *core}
+        # format 1 (wbc1) has no such keys: margins of MARGIN zeros
+        margins = {"pad": "zero", "margin": MARGIN, "inside_share": INSIDE_SHARE}
+        if fmt >= 2:
+            margins.update({k: data[k] for k in margins if k in data})
+        elif any(k in data for k in margins):
+            raise BundleError(
+                f"{source}: format 1 metadata cannot set pad, margin or inside_share (format 2 "
+                "does); re-save the detector"
+            )
+        if not isinstance(margins["margin"], int) or isinstance(margins["margin"], bool):
+            raise BundleError(f"{source}: margin must be a whole number of pixels")
+        skip = {"format", "kind", "arch", *core, *margins}
         try:
-            return cls(**core, extra={k: v for k, v in data.items() if k not in skip})
-        except ValueError as e:
+            return cls(**core, **margins, extra={k: v for k, v in data.items() if k not in skip})  # type: ignore[arg-type]
+        except (TypeError, ValueError) as e:
             raise BundleError(f"{source}: {e}") from None
 
 

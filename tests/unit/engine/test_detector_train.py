@@ -150,11 +150,6 @@ def test_tune_split_is_per_origin_and_seeded() -> None:
     assert [r.path for r in dt.split_tune(recs, 0.2, seed=1)[1]] == [r.path for r in tune]
 
 
-def _bright_components(img: np.ndarray) -> list[tuple[int, int, int, int]]:
-    n, _, stats, _ = cv2.connectedComponentsWithStats((img[:, :, 0] == CELL).astype(np.uint8))
-    return sorted((int(x), int(y), int(x + w), int(y + h)) for x, y, w, h, _ in stats[1:n])
-
-
 def test_mirrored_targets_are_the_cells_the_mirrored_field_shows() -> None:
     """A cell touching the edge and its mirror image are one symmetric object; a cell near the
     edge has a separate image in the margin (cut by the margin's outer edge); across a corner,
@@ -166,13 +161,38 @@ def test_mirrored_targets_are_the_cells_the_mirrored_field_shows() -> None:
         img[y0:y1, x0:x1] = CELL
     padded = pad_field(img, m, "reflect")
     got, ref = dt.mirror_boxes(boxes, w, h, m)
-    assert sorted(tuple(int(round(v)) for v in b) for b in got) == _bright_components(padded)
+    assert sorted(tuple(int(round(v)) for v in b) for b in got) == _bright_boxes(padded)
     by_box = {tuple(int(round(v)) for v in b): r for b, r in zip(got, ref, strict=True)}
     assert by_box[(5, 50, 35, 80)] == 30 * 30  # the left cell joined with its image: 2 x 15 wide
     assert by_box[(60, 0, 90, 12)] == 30 * 22  # the top cell's image, 12 of its 22 rows shown
     # the corner cell (touching the right and bottom edges) and its three images: one object
     assert by_box[(105, 85, 135, 115)] == 30 * 30
     assert len(got) == 4
+
+
+@pytest.mark.parametrize("x0", [0, 3, 12])
+def test_a_field_narrower_than_the_margin_is_mirrored_once(x0: int) -> None:
+    """Mirrored across its own width, zeros beyond: a cell touching the edge, one near it and one
+    farther in all match the pixels."""
+    w, h, m = 20, 60, 32
+    img = np.full((h, w, 3), BG, np.uint8)
+    boxes = np.array([[x0, 20, x0 + 5, 40]], np.float64)
+    img[20:40, x0 : x0 + 5] = CELL
+    padded = pad_field(img, m, "reflect")
+    assert padded.shape == (h + 2 * m, w + 2 * m, 3)
+    assert not padded[:, : m - w].any() and not padded[:, m + 2 * w :].any()
+    got, _ = dt.mirror_boxes(boxes, w, h, m)
+    assert sorted(tuple(int(round(v)) for v in b) for b in got) == _bright_boxes(padded)
+
+
+def test_a_mirror_image_is_judged_against_its_whole_cell() -> None:
+    """A cell half cut away by a training window (its whole area given) keeps that reference in
+    its mirror images, as the zero-margin windows judge a cut cell against its whole area."""
+    box = np.array([[0.0, 40.0, 20.0, 60.0]])  # 20 x 20 visible of a 40 x 20 cell
+    got, ref = dt.mirror_boxes(box, 100, 100, 16, areas=np.array([800.0]))
+    by_box = {tuple(int(round(v)) for v in b): r for b, r in zip(got, ref, strict=True)}
+    assert by_box[(0, 56, 36, 76)] == 800 * 36 / 20  # joined: the cell grown as its box grew
+    assert len(got) == 1
 
 
 def test_mirrored_cells_too_wide_for_the_margin_are_cut_by_it() -> None:
