@@ -65,7 +65,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{args.detector} on {args.split} ({len(records)} fields), IoU >= {iou}:")
         print(format_scores(per))
     report["seconds_per_field_incl_decode"] = secs / max(1, len(records))
-    # one cell boxed twice in the labels: only one box of the pair can ever be matched
+    # one cell boxed twice in the labels: a detector boxing it once matches one box of the pair
     twice = [
         {"field": r.path, "origin": r.origin, "boxes": [i, j]}
         for r in records

@@ -167,9 +167,10 @@ its edges, so a cell cut by the border shows as a whole, symmetric cell; trained
 :func:`marrowscope.engine.detector_train.mirror_boxes`)."""
 
 INSIDE_SHARE = 0.35
-"""With ``reflect`` margins (the default of a bundle's ``inside_share``), a box is kept only if this share of its width and of its height lies
-inside the field: a cell cut by the border is predicted as itself plus its mirror image (half of
-it inside), a mirror image of a cell near the border lies wholly outside."""
+"""With ``reflect`` margins, a box is kept only if this share of its width and of its height lies
+inside the field (a bundle's default ``inside_share``): a cell cut by the border is predicted as
+itself plus its mirror image (half of it inside), a mirror image of a cell near the border lies
+wholly outside."""
 
 
 def check_margins(pad: str, margin: int) -> None:
@@ -277,6 +278,8 @@ class DetectorMetadata:
         pad: how the field's margin is filled at prediction time (:data:`PAD_MODES`), as in
             training.
         margin: the margin's width in working-scale pixels.
+        inside_share: with mirrored margins, the share of a box's width and height that must
+            lie inside the field (:data:`INSIDE_SHARE`).
         extra: everything else (training settings, validation numbers, provenance).
     """
 
@@ -361,11 +364,10 @@ class DetectorMetadata:
                 f"{source}: format 1 metadata cannot set pad, margin or inside_share (format 2 "
                 "does); re-save the detector"
             )
-        if not isinstance(margins["margin"], int) or isinstance(margins["margin"], bool):
-            raise BundleError(f"{source}: margin must be a whole number of pixels")
         skip = {"format", "kind", "arch", *core, *margins}
+        extra = {k: v for k, v in data.items() if k not in skip}
         try:
-            return cls(**core, **margins, extra={k: v for k, v in data.items() if k not in skip})  # type: ignore[arg-type]
+            return cls(**core, **margins, extra=extra)  # type: ignore[arg-type]
         except (TypeError, ValueError) as e:
             raise BundleError(f"{source}: {e}") from None
 
