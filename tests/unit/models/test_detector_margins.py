@@ -38,7 +38,7 @@ def _maps(peaks: list[tuple[int, int, float, float]], h: int = 12, w: int = 16) 
 
 def test_boxes_mostly_in_a_mirrored_margin_are_dropped() -> None:
     """Field 96 x 64 inside a 16 px margin. A cell cut by the left edge comes back as itself plus
-    its mirror image, centred on the edge: clipped, it is the visible part. A box a fifth inside
+    its mirror image, centred on the edge: clipped, it is the visible part. A box 30% inside
     is a mirror image of a cell near the edge: kept with zero margins, dropped with mirrored ones."""
     margin = 16
     on_edge = (2, 4, 32.0, 40.0)  # centre x = 16 - 16 = 0: half inside
