@@ -145,13 +145,24 @@ def _rank_prefix() -> str:
 def _record_for_torchrun(e: BaseException) -> None:
     """In a torchrun worker, write the error where the launcher reads it (so its failure report
     names this process's exception, as ``torch.distributed.elastic``'s ``@record`` does)."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
         return
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     handler = get_error_handler()
     handler.initialize()
-    handler.record_exception(e)
+    # Written whole or not at all: when one rank fails, torchrun stops the others with SIGTERM
+    # and reads the error file of every process that ended; a survivor stopped halfway through
+    # writing its own leaves an empty file, and torchrun's report then fails on it (a
+    # JSONDecodeError instead of naming the rank that failed first).
+    partial = f"{path}.{os.getpid()}.partial"
+    os.environ["TORCHELASTIC_ERROR_FILE"] = partial  # where the handler writes
+    try:
+        handler.record_exception(e)
+        os.replace(partial, path)
+    finally:
+        os.environ["TORCHELASTIC_ERROR_FILE"] = path
 
 
 def _run(fn: Callable[[], T]) -> T:
