@@ -13,8 +13,8 @@ inside the model, sides a multiple of 32 (:func:`pad_to_stride` pads with zeros)
 
 A detector bundle is a folder: ``model.safetensors`` (float32 weights), ``model.onnx`` (the same
 network for ONNX Runtime: the inference path, 5-8x faster than eager torch on a CPU) and
-``metadata.json`` (format, architecture, working scale, score threshold, NMS IoU, training
-settings and the validation numbers). The shipped detectors are listed with their sha256 in
+``metadata.json`` (format, architecture, working scale, score threshold, NMS IoU, the field's
+margins, training settings and the validation numbers). The shipped detectors are listed with their sha256 in
 ``pretrained/detectors.json`` and checked on every load, like the shipped classifiers.
 """
 
