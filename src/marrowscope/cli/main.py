@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -161,6 +162,13 @@ def _record_for_torchrun(e: BaseException) -> None:
     try:
         handler.record_exception(e)
         os.replace(partial, path)
+    except OSError as err:  # the user's own error is what must come out, not this one
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        err_console.print(
+            f"{_rank_prefix()}warning: could not write torchrun's error file {path}: {err}",
+            markup=False,
+        )
     finally:
         os.environ["TORCHELASTIC_ERROR_FILE"] = path
 

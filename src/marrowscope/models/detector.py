@@ -14,8 +14,9 @@ inside the model, sides a multiple of 32 (:func:`pad_to_stride` pads with zeros)
 A detector bundle is a folder: ``model.safetensors`` (float32 weights), ``model.onnx`` (the same
 network for ONNX Runtime: the inference path, 5-8x faster than eager torch on a CPU) and
 ``metadata.json`` (format, architecture, working scale, score threshold, NMS IoU, the field's
-margins, training settings and the validation numbers). The shipped detectors are listed with their sha256 in
-``pretrained/detectors.json`` and checked on every load, like the shipped classifiers.
+margins, training settings and the validation numbers). The shipped detectors are listed with
+their sha256 in ``pretrained/detectors.json`` and checked on every load, like the shipped
+classifiers.
 """
 
 from __future__ import annotations
@@ -265,6 +266,13 @@ def decode_maps(
 # ------------------------------------------------------------------------------------- bundles
 
 
+_METADATA_KEYS = frozenset(
+    {"format", "kind", "arch", "name", "width", "work_um_per_px", "min_score", "nms_iou"}
+    | {"pad", "margin", "inside_share"}
+)
+"""The keys of ``metadata.json`` that :class:`DetectorMetadata` writes itself."""
+
+
 @dataclass(frozen=True)
 class DetectorMetadata:
     """What travels with a detector's weights (``metadata.json``).
@@ -295,13 +303,17 @@ class DetectorMetadata:
 
     def __post_init__(self) -> None:
         check_margins(self.pad, self.margin)
-        if not 0 <= self.inside_share < 1:
-            raise ValueError(f"inside_share {self.inside_share} is outside [0, 1)")
+        share = self.inside_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < 1:
+            raise ValueError(f"inside_share {share!r} is not a number in [0, 1)")
+        reserved = sorted(set(self.extra) & _METADATA_KEYS)
+        if reserved:
+            raise ValueError(f"extra metadata cannot set {', '.join(reserved)}")
 
     @property
     def min_inside(self) -> float:
-        """The share of a box that must lie inside the field (0 with zero margins)."""
-        return self.inside_share if self.pad == "reflect" else 0.0
+        """The share of a box that must lie inside the field (0 without mirrored margins)."""
+        return self.inside_share if self.pad == "reflect" and self.margin else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``metadata.json`` (format 1, which marrowscope read before
@@ -319,7 +331,7 @@ class DetectorMetadata:
             "margin": self.margin,
             "inside_share": self.inside_share,
         }
-        if self.pad == "zero" and self.margin == MARGIN:
+        if self.pad == "zero" and self.margin == MARGIN and self.inside_share == INSIDE_SHARE:
             core["format"] = 1
             for key in ("pad", "margin", "inside_share"):
                 del core[key]
@@ -338,7 +350,9 @@ class DetectorMetadata:
                 "folder written by scripts/train_detector.py or a shipped detector name"
             )
         fmt = data.get("format")
-        if not isinstance(fmt, int) or fmt > DETECTOR_FORMAT:
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+            raise BundleError(f"{source}: invalid detector format {fmt!r}; re-save the detector")
+        if fmt > DETECTOR_FORMAT:
             raise BundleError(
                 f"{source}: detector format {fmt!r} is newer than this marrowscope reads "
                 f"({DETECTOR_FORMAT}); upgrade marrowscope"

@@ -193,6 +193,10 @@ def test_a_mirror_image_is_judged_against_its_whole_cell() -> None:
     by_box = {tuple(int(round(v)) for v in b): r for b, r in zip(got, ref, strict=True)}
     assert by_box[(0, 56, 36, 76)] == 800 * 36 / 20  # joined: the cell grown as its box grew
     assert len(got) == 1
+    # near the top edge, not touching it: the separate image keeps the whole cell's area
+    got, ref = dt.mirror_boxes(np.array([[40.0, 4.0, 60.0, 24.0]]), 100, 100, 16, np.array([800.0]))
+    by_box = {tuple(int(round(v)) for v in b): r for b, r in zip(got, ref, strict=True)}
+    assert by_box == {(56, 20, 76, 40): 800.0, (56, 0, 76, 12): 800.0}
 
 
 def test_mirrored_cells_too_wide_for_the_margin_are_cut_by_it() -> None:
@@ -212,12 +216,23 @@ def _edge_field() -> dt._Prepared:
 
 
 @pytest.mark.parametrize("cut", [0.0, 1.0])
-def test_reflect_windows_box_what_they_show(no_colour: None, cut: float) -> None:
+def test_reflect_windows_box_what_they_show(
+    no_colour: None, cut: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With ``pad: reflect`` the training windows show the field mirrored at its edges, and
     their targets are the bright objects they show: the edge cell joined with its image, the
     images of the other cell in the margin; nothing shown whole is left out."""
     cfg = dt.DetectorTrainConfig(canvas=192, scale_jitter=1.0, cut=cut, pad="reflect", margin=24)
     joined = 0
+    # the cells' whole areas reach the mirror step, however much of them a cut window shows
+    areas: list[float] = []
+    mirror = dt.mirror_boxes
+
+    def spy(boxes, w, h, m, whole=None):  # type: ignore[no-untyped-def]
+        areas.extend(whole.tolist())
+        return mirror(boxes, w, h, m, whole)
+
+    monkeypatch.setattr(dt, "mirror_boxes", spy)
     for seed in range(60):
         canvas, boxes = dt._augment(_edge_field(), cfg, np.random.default_rng(seed))
         visible = [b for b in _bright_boxes(canvas) if b[2] - b[0] >= 6 and b[3] - b[1] >= 6]
@@ -237,6 +252,7 @@ def test_reflect_windows_box_what_they_show(no_colour: None, cut: float) -> None
         # the edge cell (30 x 60) joined with its image (up to 24 px more on the axis it was cut)
         joined += any(sorted((b[2] - b[0], b[3] - b[1]))[1] == 60 for b in got if area(b) > 31 * 60)
     assert joined >= 20
+    assert set(areas) == {30 * 60, 60 * 60}
 
 
 def test_reflect_settings_are_checked() -> None:

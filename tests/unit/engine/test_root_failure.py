@@ -75,3 +75,15 @@ def test_a_torchrun_error_file_is_written_whole_or_not_at_all(
         main._record_for_torchrun(ValueError("x"))
     assert not path.exists()
     assert os.environ["TORCHELASTIC_ERROR_FILE"] == str(path)
+
+
+def test_an_unwritable_error_file_leaves_the_users_error_standing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from marrowscope.cli import main
+
+    path = tmp_path / "missing-folder" / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    main._record_for_torchrun(ValueError("x"))  # warns instead of raising an OSError
+    assert not path.exists() and not path.parent.exists()
+    assert os.environ["TORCHELASTIC_ERROR_FILE"] == str(path)

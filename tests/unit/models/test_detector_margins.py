@@ -104,7 +104,7 @@ def test_detection_reads_the_bundles_margins(monkeypatch: pytest.MonkeyPatch) ->
     field = np.full((64, 96, 3), 200, np.uint8)
     for pad, margin, expect in [("reflect", 24, 1), ("zero", 24, 2), ("zero", MARGIN, 2)]:
         det = _detector(pad, margin)
-        # a cell centred at x 40 and a box centred 12 px left of the field, in input pixels
+        # a cell centred at x 40 and a box centred 16 px left of the field, in input pixels
         maps = _maps(
             [((40 + margin) // STRIDE, 4, 24.0, 24.0), ((margin - 12) // STRIDE, 4, 40.0, 24.0)]
         )
@@ -132,11 +132,19 @@ def test_margin_settings_travel_in_the_metadata(tmp_path: Path) -> None:
     read = DetectorMetadata.from_dict(plain, "x")
     assert (read.pad, read.margin, read.min_inside) == ("zero", MARGIN, 0.0)
     assert meta.min_inside == INSIDE_SHARE
+    # an inside share other than the default needs format 2 to be kept
+    odd = DetectorMetadata("t", 8, 0.234, 0.3, 0.4, inside_share=0.5)
+    assert DetectorMetadata.from_dict(odd.to_dict(), "x") == odd
+    assert DetectorMetadata("t", 8, 0.234, 0.3, 0.4, pad="reflect", margin=0).min_inside == 0.0
     for bad, message in [
         ({"pad": "wrap"}, "unknown pad mode 'wrap'"),
         ({"margin": 32.9}, "whole number"),
         ({"margin": True}, "whole number"),
+        ({"inside_share": "0.3"}, "inside_share '0.3' is not a number"),
+        ({"inside_share": 1.0}, "inside_share 1.0 is not a number in"),
         ({"format": 3}, "newer than this marrowscope reads"),
+        ({"format": True}, "invalid detector format"),
+        ({"format": 0}, "invalid detector format"),
     ]:
         (tmp_path / "metadata.json").write_text(json.dumps(data | bad))
         with pytest.raises(BundleError, match=rf"metadata.json: .*{message}"):
@@ -146,3 +154,5 @@ def test_margin_settings_travel_in_the_metadata(tmp_path: Path) -> None:
         read_detector_metadata(tmp_path)
     with pytest.raises(ValueError, match="margin"):
         DetectorMetadata("t", 8, 0.234, 0.3, 0.4, margin=-1)
+    with pytest.raises(ValueError, match="extra metadata cannot set format"):
+        DetectorMetadata("t", 8, 0.234, 0.3, 0.4, extra={"format": 1})
