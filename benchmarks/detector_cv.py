@@ -229,13 +229,15 @@ def cmd_misses(args: argparse.Namespace) -> None:
         k: FieldDetector.load(run / f"fold{k}" / "bundle", min_score=args.min_score)
         for k in range(old["folds"])
     }
-    rows = []
+    rows, found = [], {}
     for c in old["cells"]:
         if c["found"]:
             continue
         r, k = records[c["field"]], fold_of[c["field"]]
         g = np.asarray(r.wbc, np.float64).reshape(-1, 4)[c["cell"]]
-        d = dets[k].detect(load_field(r.path))
+        if c["field"] not in found:  # a field with several missed cells is detected once
+            found[c["field"]] = dets[k].detect(load_field(r.path))
+        d = found[c["field"]]
         ious = box_iou(g[None], d.boxes)[0] if len(d.boxes) else np.zeros(0)
         best = int(np.argmax(ious)) if len(ious) and ious.max() > 0 else -1
         rows.append(
