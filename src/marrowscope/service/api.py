@@ -169,10 +169,16 @@ def get_sample(
 
 @router.patch("/samples/{sample_id}", response_model=SamplePublic, responses=ERRORS)
 def update_sample(sample_id: Id, body: SampleUpdate, who: Editor, db: DB) -> SamplePublic:
-    """Change sample fields (refused once signed)."""
+    """Change sample fields (refused once signed); ``null`` empties the date or the referral
+    question (the other fields cannot be emptied)."""
     sample = review.get_sample(db, sample_id, lock=True)
+    given = body.model_dump(exclude_unset=True)
+    emptied = frozenset(k for k, v in given.items() if v is None)
     review.update_sample(
-        db, who.user, sample, review.SampleFields(**body.model_dump(exclude_unset=True))
+        db,
+        who.user,
+        sample,
+        review.SampleFields(**{k: v for k, v in given.items() if v is not None}, clear=emptied),
     )
     answer = sample_public(sample)
     db.commit()
@@ -237,7 +243,9 @@ def upload_cells(
 ) -> UploadResult:
     """Upload cell images (many files and/or zips); refused files are listed by name."""
     # Judge the files before touching the database (no lock is held while images decode).
-    accepted, rejected = validate_files(((f.filename or "", f.file) for f in files), settings)
+    accepted, rejected = validate_files(
+        ((f.filename or "", f.file) for f in files), settings, store=store
+    )
     sample = review.get_sample(db, sample_id, lock=True)
     added, duplicates = review.add_cells(db, who.user, sample, accepted, store)
     answer = upload_result(added, rejected + duplicates)
@@ -269,7 +277,9 @@ def relabel_cell(
 ) -> CellPublic:
     """Re-classify one cell (``label: null`` confirms its current label)."""
     sample = review.get_sample(db, sample_id, lock=True)
-    review.reclassify(db, who.user, sample, [cell_id], body.label, model.classes)
+    review.reclassify(
+        db, who.user, sample, [cell_id], body.label, model.classes, threshold=settings.threshold
+    )
     cell = review.get_cell(db, sample, cell_id)
     answer = CellPublic.model_validate(review.cell_view(cell, model.classes, settings.threshold))
     db.commit()  # the answer is built first: nothing after a commit can turn it into an error
@@ -284,10 +294,23 @@ def reclassify_cells(
 ) -> ReclassifyResult:
     """Re-classify many cells at once; returns how many changed and the new counts."""
     sample = review.get_sample(db, sample_id, lock=True)
-    changed = review.reclassify(db, who.user, sample, body.cell_ids, body.label, model.classes)
+    changed = review.reclassify(
+        db,
+        who.user,
+        sample,
+        body.cell_ids,
+        body.label,
+        model.classes,
+        threshold=settings.threshold,
+    )
     cells = review.sample_cells(db, sample)
     answer = ReclassifyResult.model_validate(
-        {"changed": changed, "summary": review.summary(sample, cells, model.classes, settings)}
+        {
+            "changed": changed,
+            "summary": review.summary(
+                sample, cells, model.classes, settings, fields=review.sample_fields(db, sample)
+            ),
+        }
     )
     db.commit()  # the answer is built first: nothing after a commit can turn it into an error
     return answer
@@ -313,7 +336,7 @@ def upload_fields(
     """Upload whole fields of view: the detector finds their white cells in the background and
     each one is classified and enters review (``accepted`` lists the fields)."""
     accepted, rejected = validate_files(
-        ((f.filename or "", f.file) for f in files), settings, fields=True
+        ((f.filename or "", f.file) for f in files), settings, fields=True, store=store
     )
     sample = review.get_sample(db, sample_id, lock=True)
     added, duplicates = review.add_fields(db, who.user, sample, accepted, store)

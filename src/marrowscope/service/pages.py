@@ -14,6 +14,7 @@ with the API's own wording (see :func:`form_model`).
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -380,19 +381,28 @@ def sample_page(
         summary=summary,
         groups=_groups(cells, model.classes, settings.threshold),
         fields=[review.field_view(f, of_field.get(f.id, [])) for f in fields],
+        details_json=json.dumps(review.sample_details(sample)),
         classes=model.classes,
         keys=keys,
         key_of={c: k for k, c in keys.items()},
-        blocking=review.blocking_message(
-            sample,
-            cells,
-            settings.threshold,
-            fields_pending=summary["progress"]["fields_pending"],
-        ),
         age_bands=AGE_BANDS,
         referrals=REFERRAL_QUESTIONS,
         model=model.info,
     )
+
+
+def _shown_details(was: str | None) -> dict[str, Any] | None:
+    """The sample details the edit form was rendered with (its hidden ``was`` field), or
+    ``None`` when the form did not send them (then every sent field is saved)."""
+    if not was:
+        return None
+    try:
+        shown = json.loads(was)
+    except ValueError:
+        raise review.Invalid("the form's hidden state is damaged; reload the page") from None
+    if not isinstance(shown, dict):
+        raise review.Invalid("the form's hidden state is damaged; reload the page")
+    return shown
 
 
 @router.post("/samples/{sample_id}/edit")
@@ -405,9 +415,16 @@ def edit_sample_form(
     age_band: Annotated[str, Form()] = "unknown",
     referral_question: Annotated[str, Form()] = "",
     notes: Annotated[str, Form()] = "",
+    was: Annotated[str | None, Form()] = None,
 ) -> RedirectResponse:
     """Change the sample's details; the fields are judged by the API's ``SampleUpdate`` (an
-    empty date leaves the date alone, an empty referral question clears it)."""
+    empty date or referral question empties it).
+
+    ``was`` (a hidden field of the form): the details as the page showed them, as JSON. Only
+    the fields the editor changed are saved, and none when one of those was changed by someone
+    else since the page was loaded (the editor is told to reload). A post without it (a page
+    rendered before it existed) saves every value sent but leaves an empty date alone.
+    """
     with _shown_on_page(request, db, who):
         body = form_model(
             SampleUpdate,
@@ -418,16 +435,31 @@ def edit_sample_form(
                 "notes": notes,
             },
         )
+        sent = {
+            "collected_on": body.collected_on.isoformat() if body.collected_on else None,
+            "age_band": body.age_band,
+            "referral_question": body.referral_question or None,
+            "notes": body.notes,
+        }
+        shown = _shown_details(was)
+        if shown is None:  # a form without its state: every value sent, an empty date kept
+            changed = {k for k, v in sent.items() if v is not None or k == "referral_question"}
+        else:
+            changed = {k for k, v in sent.items() if shown.get(k) != v}
         sample = review.get_sample(db, sample_id, lock=True)
         review.update_sample(
             db,
             who.user,
             sample,
             review.SampleFields(
-                collected_on=body.collected_on,
-                age_band=body.age_band,
-                referral_question=body.referral_question or "",
-                notes=body.notes,
+                collected_on=body.collected_on if "collected_on" in changed else None,
+                age_band=body.age_band if "age_band" in changed else None,
+                referral_question=body.referral_question
+                if "referral_question" in changed
+                else None,
+                notes=body.notes if "notes" in changed else None,
+                clear=frozenset(k for k in changed if sent[k] is None),
+                seen=None if shown is None else {k: shown.get(k) for k in changed},
             ),
         )
         db.commit()
@@ -454,7 +486,7 @@ def upload_form(
             raise review.Invalid(f"upload kind {kind!r} is not cells or fields")
         fields = kind == "fields"
         accepted, rejected = validate_files(
-            ((f.filename or "", f.file) for f in files), settings, fields=fields
+            ((f.filename or "", f.file) for f in files), settings, fields=fields, store=store
         )
         sample = review.get_sample(db, sample_id, lock=True)
         added: list[Any]
@@ -487,6 +519,7 @@ def reclassify_form(
     who: Editor,
     db: DB,
     model: Model,
+    settings: SettingsDep,
     cell_ids: Annotated[list[str] | None, Form()] = None,
     label: Annotated[str, Form()] = "",
 ) -> RedirectResponse:
@@ -495,7 +528,15 @@ def reclassify_form(
     with _shown_on_page(request, db, who):
         body = form_model(Reclassify, {"cell_ids": cell_ids or [], "label": label or None})
         sample = review.get_sample(db, sample_id, lock=True)
-        n = review.reclassify(db, who.user, sample, body.cell_ids, body.label, model.classes)
+        n = review.reclassify(
+            db,
+            who.user,
+            sample,
+            body.cell_ids,
+            body.label,
+            model.classes,
+            threshold=settings.threshold,
+        )
         db.commit()
         flash(request, who, f"{n} cell(s) re-classified")
     return _redirect(f"/samples/{sample_id}")

@@ -51,11 +51,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AppError",
+    "CLEARABLE",
     "Conflict",
     "Forbidden",
     "Invalid",
     "NotFound",
     "REPORT_COLUMNS",
+    "SAME_CELL_SPAN",
     "SampleFields",
     "account_events",
     "add_cell_at_point",
@@ -65,6 +67,7 @@ __all__ = [
     "audit",
     "audit_trail",
     "blocking_message",
+    "cell_at",
     "cell_view",
     "counted",
     "create_sample",
@@ -74,6 +77,7 @@ __all__ = [
     "field_cells",
     "field_message",
     "field_view",
+    "fields_not_searched",
     "get_cell",
     "get_field",
     "get_sample",
@@ -84,8 +88,10 @@ __all__ = [
     "report_csv",
     "report_data",
     "sample_cells",
+    "sample_details",
     "sample_fields",
     "signoff",
+    "signoff_message",
     "summary",
     "update_sample",
 ]
@@ -201,13 +207,21 @@ def account_events(db: Session, *, limit: int) -> list[AuditEvent]:
 
 @dataclass(frozen=True)
 class SampleFields:
-    """The editable fields of a sample (``None`` = leave unchanged on update)."""
+    """The editable fields of a sample (``None`` = leave unchanged on update; the optional
+    fields named in ``clear`` are emptied).
+
+    ``seen``: the values the editor saw when they started (as :func:`_sample_dict` gives them,
+    for the fields they send); a field that someone else changed since is not overwritten: the
+    update is refused (a lost update otherwise, silent but for the audit trail).
+    """
 
     code: str | None = None
     collected_on: date | None = None
     age_band: str | None = None
     referral_question: str | None = None
     notes: str | None = None
+    clear: frozenset[str] = frozenset()
+    seen: dict[str, Any] | None = None
 
     def check(self) -> None:
         """Raise :class:`Invalid` naming a bad value and what is accepted."""
@@ -231,6 +245,21 @@ class SampleFields:
             raise Invalid(
                 f"clinical notes are {len(self.notes):,} characters; keep them under 10,000"
             )
+        cannot = sorted(self.clear - CLEARABLE)
+        if cannot:
+            raise Invalid(
+                f"{', '.join(cannot)} cannot be emptied; give a value (only "
+                f"{' and '.join(sorted(CLEARABLE))} can be emptied)"
+            )
+
+
+CLEARABLE = frozenset({"collected_on", "referral_question"})
+"""The sample fields that may be emptied."""
+
+
+def sample_details(sample: Sample) -> dict[str, Any]:
+    """The sample's editable details as JSON-ready values (what the audit trail records)."""
+    return _sample_dict(sample)
 
 
 def _sample_dict(sample: Sample) -> dict[str, Any]:
@@ -342,6 +371,14 @@ def update_sample(db: Session, user: User, sample: Sample, fields: SampleFields)
     ensure_editable(sample)
     fields.check()
     old = _sample_dict(sample)
+    if fields.seen is not None:
+        stale = sorted(k for k, v in fields.seen.items() if k in old and old[k] != v)
+        if stale:
+            raise Conflict(
+                f"sample {sample.code}: {', '.join(k.replace('_', ' ') for k in stale)} "
+                "changed since you opened the page (someone else saved them); nothing was "
+                "saved: reload the page and make your change again"
+            )
     if fields.code is not None and fields.code != sample.code:
         if _live_code_taken(db, fields.code):
             raise Conflict(f"sample id {fields.code!r} exists already; choose another id")
@@ -354,6 +391,10 @@ def update_sample(db: Session, user: User, sample: Sample, fields: SampleFields)
         sample.referral_question = fields.referral_question or None
     if fields.notes is not None:
         sample.notes = fields.notes
+    if "collected_on" in fields.clear:
+        sample.collected_on = None
+    if "referral_question" in fields.clear:
+        sample.referral_question = None
     new = _sample_dict(sample)
     changed = {k for k in new if new[k] != old[k]}
     if changed:
@@ -412,7 +453,7 @@ def add_cells(
     duplicates: list[Rejected] = []
     now = utcnow()
     for img in images:
-        sha, rel = store.put(img.data, img.ext)
+        sha, rel = img.keep(store)
         if sha in existing:
             duplicates.append(
                 Rejected(img.name, f"the same image is already in this sample as {existing[sha]}")
@@ -506,7 +547,7 @@ def add_fields(
     duplicates: list[Rejected] = []
     now = utcnow()
     for img in images:
-        sha, rel = store.put(img.data, img.ext)
+        sha, rel = img.keep(store)
         if sha in existing:
             old = existing[sha]
             if old.status == CELL_ERROR and all(f is not old for f, _ in retried):
@@ -638,6 +679,25 @@ def field_cells(db: Session, field: Field) -> list[Cell]:
     return list(db.scalars(select(Cell).where(Cell.field_id == field.id).order_by(Cell.id)))
 
 
+SAME_CELL_SPAN = 0.25
+"""A click closer to the centre of a cell's box than this share of the box's width and height
+(the middle half of the box) is on that cell: adding it again would count one cell twice. A
+missed neighbour, even one that touches or overlaps the cell, has its centre farther out."""
+
+
+def cell_at(cells: Iterable[Cell], point: tuple[float, float]) -> Cell | None:
+    """The first of ``cells`` whose box's middle half holds ``point`` (field pixels), if any."""
+    x, y = point
+    for c in cells:
+        if c.box is None:
+            continue
+        x0, y0, x1, y1 = c.box
+        dx, dy = abs(x - (x0 + x1) / 2), abs(y - (y0 + y1) / 2)
+        if dx <= SAME_CELL_SPAN * (x1 - x0) and dy <= SAME_CELL_SPAN * (y1 - y0):
+            return c
+    return None
+
+
 def add_field_cell(
     db: Session,
     user: User,
@@ -655,7 +715,8 @@ def add_field_cell(
 
     Raises:
         Conflict: the sample is signed; the field has not been searched yet; the same crop is
-            in the sample already (a click on the same point).
+            in the sample already (a click on the same point), or the point is on a cell of
+            the field already (found, added or rejected; :func:`cell_at`).
     """
     ensure_editable(sample)
     if field.status != "done":
@@ -668,6 +729,15 @@ def add_field_cell(
     same = db.scalar(select(Cell).where(Cell.sample_id == sample.id, Cell.sha256 == sha256))
     if same is not None:
         raise Conflict(f"this cell is in the sample already (cell {same.id}, {same.original_name})")
+    other = cell_at(field_cells(db, field), point)
+    if other is not None and other.box is not None:
+        raise Conflict(
+            f"there is a cell here already: cell {other.id} ({other.original_name}), box "
+            f"{', '.join(f'{v:.0f}' for v in other.box)}"
+            + ("; it was rejected as not a white cell: restore it instead of adding it"
+               if other.rejected_at is not None
+               else "; click on the missed cell's own centre")
+        )  # fmt: skip
     n = db.scalar(select(func.count(Cell.id)).where(Cell.field_id == field.id)) or 0
     cell = Cell(
         sample_id=sample.id,
@@ -812,16 +882,22 @@ def reclassify(
     cell_ids: Iterable[int],
     label: str | None,
     classes: Sequence[str],
+    *,
+    threshold: float,
 ) -> int:
     """Set the reviewed label of cells (``label=None``: confirm each cell's current label,
-    i.e. its reviewed label if it has one, else the model's call).
+    i.e. its reviewed label if it has one, else the model's call when it is identified).
+
+    An unidentified cell (the model's call below ``threshold``, never reviewed) has no label to
+    confirm: it must be given a class, as the sample page's *Unidentified* group promises.
 
     Returns:
         How many cells changed (each change is audited with the old and new label).
 
     Raises:
         Conflict: the sample is signed, or a cell is still being classified.
-        Invalid: an unknown label or no cells. NotFound: a cell not in this sample.
+        Invalid: an unknown label, no cells, or a confirmation of a cell without a confirmable
+            label (unidentified, or never classified). NotFound: a cell not in this sample.
     """
     ensure_editable(sample)
     ids = sorted({int(i) for i in cell_ids})
@@ -862,7 +938,13 @@ def reclassify(
                     f"cell {cell.id} ({cell.original_name}) has no model call to confirm; "
                     "choose a class"
                 )
-            new = cell.reviewed_label or cell.predicted_label
+            new = current_label(cell, threshold)
+            if new is None:
+                raise Invalid(
+                    f"cell {cell.id} ({cell.original_name}) is unidentified: the model's call, "
+                    f"{cell.predicted_label} at {100 * (cell.confidence or 0.0):.0f}%, is below the "
+                    f"{100 * threshold:.0f}% threshold; choose a class for it"
+                )
         if cell.reviewed_label == new:
             continue
         audit(
@@ -947,6 +1029,42 @@ def blocking_message(
     return f"cannot sign off {sample.code}: {'; '.join(problems)}; {advice}"
 
 
+def fields_not_searched(fields: Iterable[Field]) -> list[dict[str, Any]]:
+    """The fields whose search failed (none of their cells can be in the count), in order."""
+    return [
+        {"id": f.id, "name": f.original_name, "error": f.error}
+        for f in fields
+        if f.status == CELL_ERROR
+    ]
+
+
+def signoff_message(
+    sample: Sample,
+    cells: Sequence[Cell],
+    threshold: float,
+    *,
+    fields_pending: int = 0,
+    not_searched: Sequence[dict[str, Any]] = (),
+) -> str:
+    """What the sign-off box says: why the sample cannot be signed off yet, or that it can;
+    either way naming the fields that could not be searched, which a sign-off leaves out of the
+    count (and records as such in its audit entry and the report)."""
+    why = blocking_message(sample, cells, threshold, fields_pending=fields_pending)
+    text = why or "Every cell is reviewed: the sample can be signed off."
+    if not_searched:
+        names = ", ".join(f["name"] for f in not_searched[:5])
+        more = f" and {len(not_searched) - 5} more" if len(not_searched) > 5 else ""
+        n = len(not_searched)
+        text += (
+            f" {n} field{'s' if n != 1 else ''} could not be searched for white cells "
+            f"({names}{more}): {'their' if n != 1 else 'its'} cells are not in the count; upload "
+            f"{'them' if n != 1 else 'it'} again to retry, or sign off without "
+            f"{'them' if n != 1 else 'it'} (the sign-off and the report record "
+            f"{'them' if n != 1 else 'it'})."
+        )
+    return text
+
+
 def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample:
     """Sign the sample off (it is read-only afterwards).
 
@@ -965,14 +1083,12 @@ def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample
         )
     ensure_editable(sample)
     all_cells = sample_cells(db, sample)
-    fields_pending = db.scalar(
-        select(func.count(Field.id)).where(
-            Field.sample_id == sample.id, Field.status == CELL_PENDING
-        )
-    )
-    why = blocking_message(sample, all_cells, threshold, fields_pending=fields_pending or 0)
+    fields = sample_fields(db, sample)
+    fields_pending = sum(1 for f in fields if f.status == CELL_PENDING)
+    why = blocking_message(sample, all_cells, threshold, fields_pending=fields_pending)
     if why:
         raise Conflict(why)
+    not_searched = fields_not_searched(fields)
     cells = counted(all_cells)
     sample.signed_at = utcnow()
     sample.signed_by_id = user.id
@@ -992,6 +1108,7 @@ def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample
             "cells": len(cells),
             "rejected": len(all_cells) - len(cells),
             "counts": dict(sorted(counts.items())),
+            **({"fields_not_searched": not_searched} if not_searched else {}),
         },
     )
     return sample
@@ -1049,7 +1166,9 @@ def summary(
     """Progress, the model's and the reviewed differential, the hairy-cell flag and evidence.
 
     Cells rejected as not a white cell are left out of everything but ``progress.rejected``;
-    ``fields`` (the sample's fields) give ``progress.fields`` and ``fields_pending``.
+    ``fields`` (the sample's fields) give ``progress.fields``, ``fields_pending`` and
+    ``fields_failed``; ``signoff_message`` says why the sample cannot be signed off yet, or that
+    it can (naming the fields that could not be searched and are left out of the count).
 
     The *model* count uses every identified model call; the *reviewed* count uses the reviewed
     labels given so far (complete at sign-off). The flag is computed on the reviewed count once
@@ -1057,9 +1176,11 @@ def summary(
     HAC probability (ties break on the rule's key, here the cell id: the earliest upload first).
     """
     thr = settings.threshold
+    all_cells = cells
     rejected = len(cells) - len(counted(cells))
     cells = counted(cells)
     fields_pending = sum(1 for f in fields if f.status == CELL_PENDING)
+    not_searched = fields_not_searched(fields)
     rules = {"hac_min_percent": settings.hac_min_percent, "hac_min_count": settings.hac_min_count}
     model = tally((c.predicted_label for c in cells if identified(c, thr)), classes, **rules)
     reviewed = tally((c.reviewed_label for c in cells if c.reviewed_label), classes, **rules)
@@ -1097,6 +1218,7 @@ def summary(
             "rejected": rejected,
             "fields": len(fields),
             "fields_pending": fields_pending,
+            "fields_failed": len(not_searched),
         },
         "blocking": b,
         "can_sign": bool(cells)
@@ -1104,6 +1226,9 @@ def summary(
         and not b["pending"]
         and not fields_pending
         and not sample.signed,
+        "signoff_message": signoff_message(
+            sample, all_cells, thr, fields_pending=fields_pending, not_searched=not_searched
+        ),
         "threshold": thr,
         "differential": [
             {
@@ -1147,6 +1272,7 @@ def report_data(
     all_cells = sample_cells(db, sample)
     cells = counted(all_cells)
     s = summary(sample, cells, classes, settings)
+    fields = sample_fields(db, sample)
     reviewers = sorted({c.reviewed_by.username for c in cells if c.reviewed_by})
     versions = sorted({c.model_version for c in cells if c.model_version})
     return {
@@ -1171,13 +1297,15 @@ def report_data(
         "changed_by_review": sum(
             1 for c in cells if c.reviewed_label and c.reviewed_label != c.predicted_label
         ),
+        "fields": len(fields),
+        "fields_not_searched": fields_not_searched(fields),
     }
 
 
 REPORT_COLUMNS = [
     "sample_id", "collected_on", "age_band", "referral_question", "class", "cell_type",
     "count", "percent", "model_count", "model_percent", "hac_flag", "hac_flag_message",
-    "model", "model_version", "reviewers", "signed_by", "signed_at",
+    "model", "model_version", "reviewers", "signed_by", "signed_at", "fields_not_searched",
 ]  # fmt: skip
 """The columns of the report CSV, in order."""
 
@@ -1212,6 +1340,7 @@ def report_csv(data: dict[str, Any]) -> str:
                 ";".join(data["reviewers"]),
                 data["signed_by"],
                 data["signed_at"],
+                ";".join(f["name"] for f in data.get("fields_not_searched", [])),
             ]  # fmt: skip
         )
     return buf.getvalue()

@@ -194,6 +194,11 @@ class Progress(BaseModel):
     rejected: int = Field(0, description="Field cells rejected as not a white cell (not counted).")
     fields: int = Field(0, description="Whole fields of view uploaded.")
     fields_pending: int = Field(0, description="Fields still being searched for white cells.")
+    fields_failed: int = Field(
+        0,
+        description="Fields that could not be searched (their cells are not in the count; "
+        "upload the field again to retry).",
+    )
 
 
 class Blocking(BaseModel):
@@ -256,6 +261,10 @@ class SummaryPublic(BaseModel):
     progress: Progress
     blocking: Blocking
     can_sign: bool
+    signoff_message: str = Field(
+        description="Why the sample cannot be signed off yet, or that it can (naming any field "
+        "that could not be searched and is left out of the count)."
+    )
     threshold: float
     differential: list[DifferentialRow]
     totals: Totals
@@ -411,6 +420,14 @@ class ReportSettings(BaseModel):
     hac_min_count: int
 
 
+class FieldNotSearched(BaseModel):
+    """A field left out of a signed count because it could not be searched for cells."""
+
+    id: int
+    name: str
+    error: str | None
+
+
 class ReportPublic(BaseModel):
     """The signed differential count."""
 
@@ -425,6 +442,12 @@ class ReportPublic(BaseModel):
     totals: Totals
     flag: FlagPublic
     changed_by_review: int = Field(description="Cells whose reviewed label is not the model's.")
+    fields: int = Field(0, description="Whole fields of view uploaded to the sample.")
+    fields_not_searched: list[FieldNotSearched] = Field(
+        default_factory=list,
+        description="Fields that could not be searched when the sample was signed off: none of "
+        "their cells is in the count.",
+    )
 
 
 class Prediction(BaseModel):

@@ -9,6 +9,7 @@ uploaded file, named ``archive.zip:member.jpg``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import posixpath
 import stat
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from marrowscope.service.settings import Settings
+from marrowscope.service.storage import ImageStore
 from marrowscope.utils.image import IMAGE_EXTENSIONS, ImageReadError, decode_image
 
 __all__ = [
@@ -44,10 +46,12 @@ class Accepted:
 
     Attributes:
         name: the file name as uploaded (``archive.zip:member`` for zip members).
-        data: the file's bytes.
+        data: the file's bytes (``b""`` once stored: :func:`validate_files` with a store).
         ext: the stored extension (from the real format, not the name).
         width: pixels.
         height: pixels.
+        sha256: the SHA-256 of the bytes, once stored.
+        stored_path: where the image store keeps them, once stored.
     """
 
     name: str
@@ -55,6 +59,18 @@ class Accepted:
     ext: str
     width: int
     height: int
+    sha256: str | None = None
+    stored_path: str | None = None
+
+    def keep(self, store: ImageStore) -> tuple[str, str]:
+        """``(sha256, stored path)``: the image in ``store`` (stored now unless it was already).
+
+        Raises:
+            OSError: the store cannot write it.
+        """
+        if self.sha256 is not None and self.stored_path is not None:
+            return self.sha256, self.stored_path
+        return store.put(self.data, self.ext)
 
 
 @dataclass(frozen=True)
@@ -184,12 +200,20 @@ def expand_zip(
     compression ratio is above the limit (zip bomb). Folders, hidden files and macOS
     ``__MACOSX/`` entries are skipped.
     """
-    data = read_capped(stream, settings.max_request_bytes)
-    if data is None:
+    source: BinaryIO
+    if stream.seekable():  # an upload spooled to a temporary file: read from it, not a copy
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(0)
+        source = stream
+    else:
+        data = read_capped(stream, settings.max_request_bytes)
+        size = -1 if data is None else len(data)
+        source = io.BytesIO(data or b"")
+    if size > settings.max_request_bytes or size < 0:
         yield Rejected(name, f"zip file above the {_mb(settings.max_request_bytes)} limit")
         return
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(source)
         infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as e:
         yield Rejected(name, f"not a valid zip file ({e}); re-create the archive")
@@ -259,12 +283,21 @@ def expand_zip(
 
 
 def validate_files(
-    files: Iterable[tuple[str, BinaryIO]], settings: Settings, *, fields: bool = False
+    files: Iterable[tuple[str, BinaryIO]],
+    settings: Settings,
+    *,
+    fields: bool = False,
+    store: ImageStore | None = None,
 ) -> tuple[list[Accepted], list[Rejected]]:
     """Judge every uploaded file (images and zips); returns the accepted and the refused ones.
 
     ``fields``: the images are whole fields of view (their own pixel limit,
     ``settings.max_field_pixels``), not single-cell crops.
+
+    ``store``: each accepted image is stored as soon as it is judged and kept only as its
+    SHA-256 and stored path (:attr:`Accepted.stored_path`), so an upload holds one image in
+    memory at a time and the caller stores nothing while it holds a database lock. Files that
+    end up unused (a duplicate, a failed request) are removed by the startup sweep.
 
     At most ``settings.max_files`` images are accepted per upload; the rest are refused by name.
     """
@@ -278,6 +311,17 @@ def validate_files(
                 f"more than {settings.max_files:,} images in one upload; upload the "
                 "rest separately",
             )
+        if isinstance(item, Accepted) and store is not None:
+            try:
+                sha, rel = item.keep(store)
+            except OSError as e:
+                item = Rejected(
+                    item.name,
+                    f"the server could not store it ({e.strerror or e}); try again later or "
+                    "tell the administrator",
+                )
+            else:
+                item = dataclasses.replace(item, data=b"", sha256=sha, stored_path=rel)
         (accepted if isinstance(item, Accepted) else rejected).append(item)
 
     for raw_name, stream in files:

@@ -299,7 +299,11 @@ class ClassificationWorker:
             row = s.execute(
                 select(Field.id, Field.stored_path, Field.sample_id)
                 .join(Sample, Sample.id == Field.sample_id)
-                .where(Field.status == CELL_PENDING, Sample.signed_at.is_(None))
+                .where(
+                    Field.status == CELL_PENDING,
+                    Sample.signed_at.is_(None),
+                    Sample.deleted_at.is_(None),
+                )
                 .order_by(Field.id)
                 .limit(1)
             ).first()
@@ -307,16 +311,21 @@ class ClassificationWorker:
             return False
         error: str | None = None
         findings = None
+        stored: list[tuple[str, str]] = []
         side = 0
         try:  # every step that can fail on this field: an error here is said on the field, not
             # raised, or the same field would be picked again and block all classification
             spec = self.crop_spec()
             side = spec.side_px
             findings = find_cells(self.store.path(row.stored_path), self.detector(), spec)
+            try:
+                stored = [self.store.put(c.png, "png") for c in findings.cells]
+            except OSError as e:  # a full or read-only image store
+                raise OSError(f"the crops of the cells found could not be stored: {e}") from e
         except Exception as e:  # FieldError, BundleError, ImageReadError ...: said on the field
             log.warning("field %d could not be searched: %s", row.id, e)
             error = str(e)[:500] or type(e).__name__
-        stored = [self.store.put(c.png, "png") for c in findings.cells] if findings else []
+            findings, stored = None, []
         with self.db.write() as s:
             sample = s.scalar(select(Sample).where(Sample.id == row.sample_id).with_for_update())
             field = s.get(Field, row.id)
@@ -396,7 +405,11 @@ class ClassificationWorker:
             rows = s.execute(
                 select(Cell.id, Cell.stored_path, Cell.sample_id)
                 .join(Sample, Sample.id == Cell.sample_id)
-                .where(Cell.status == CELL_PENDING, Sample.signed_at.is_(None))
+                .where(
+                    Cell.status == CELL_PENDING,
+                    Sample.signed_at.is_(None),
+                    Sample.deleted_at.is_(None),
+                )
                 .order_by(Cell.id)
                 .limit(self.batch_size)
             ).all()

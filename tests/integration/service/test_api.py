@@ -59,7 +59,7 @@ def test_review_workflow_from_upload_to_signed_report(service: Service) -> None:
     summary = c.get(f"/api/samples/{sid}", headers=rev).json()["summary"]
     assert summary["progress"] == {
         "total": 4, "pending": 0, "classified": 4, "failed": 0, "reviewed": 0, "rejected": 0,
-        "fields": 0, "fields_pending": 0,
+        "fields": 0, "fields_pending": 0, "fields_failed": 0,
     }  # fmt: skip
     model_counts = {r["class"]: r["model_count"] for r in summary["differential"]}
     assert model_counts == {"BLA": 0, "HAC": 4, "LYT": 0}
@@ -156,6 +156,24 @@ def test_unidentified_cells_block_signoff_until_reviewed(make_service, flat_pred
     r = svc.client.post(f"/api/samples/{sid}/signoff", headers=sig)
     assert r.status_code == 409 and "3 unidentified" in r.json()["detail"]
     ids = [c["id"] for c in cells]
+    # an unidentified cell has no call to confirm, one by one or in bulk: a class must be chosen
+    for url, body in (
+        (f"/api/samples/{sid}/cells/{ids[0]}", {"label": None}),
+        (f"/api/samples/{sid}/cells/reclassify", {"cell_ids": ids, "label": None}),
+    ):
+        r = svc.client.request("PATCH" if "reclassify" not in url else "POST", url, json=body,
+                               headers=sig)  # fmt: skip
+        assert r.status_code == 422, r.text
+        assert f"cell {ids[0]} (" in r.json()["detail"]
+        assert "is unidentified: the model's call" in r.json()["detail"]
+        assert "below the 50% threshold; choose a class for it" in r.json()["detail"]
+    assert all(c["reviewed_label"] is None for c in svc.cells(sid, sig))  # nothing half-done
+    svc.login("sig")
+    page = svc.client.get(f"/samples/{sid}").text
+    unidentified = page[page.index('data-group="unidentified"') :].split("</section>")[0]
+    assert "select-group" in unidentified and "confirm-group" not in unidentified
+    panel = svc.client.get(f"/samples/{sid}/cells/{ids[0]}/panel").text
+    assert 'data-label="BLA"' in panel and "cls confirm" not in panel  # classes, no "Confirm"
     svc.client.post(
         f"/api/samples/{sid}/cells/reclassify",
         json={"cell_ids": ids[:2], "label": "BLA"},
@@ -166,6 +184,7 @@ def test_unidentified_cells_block_signoff_until_reviewed(make_service, flat_pred
         r.status_code == 409
         and "1 of 3 cells is not reviewed yet (1 unidentified)" in r.json()["detail"]
     )
+    assert "Confirm BLA" in svc.client.get(f"/samples/{sid}/cells/{ids[0]}/panel").text
     svc.client.post(
         f"/api/samples/{sid}/cells/reclassify",
         json={"cell_ids": ids[2:], "label": "LYT"},

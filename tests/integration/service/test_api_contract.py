@@ -97,7 +97,7 @@ SAMPLE = {
 }  # fmt: skip
 SUMMARY = {
     "sample_id", "code", "signed", "progress", "blocking", "can_sign", "threshold",
-    "differential", "totals", "flag",
+    "differential", "totals", "flag", "signoff_message",
 }  # fmt: skip
 FLAG = {
     "basis", "status", "message", "hac_class", "count", "percent", "min_percent", "min_count",
@@ -121,7 +121,7 @@ def _check_summary(summary: dict[str, Any]) -> None:
     assert set(summary) == SUMMARY
     assert set(summary["progress"]) == {
         "total", "pending", "classified", "failed", "reviewed", "rejected", "fields",
-        "fields_pending",
+        "fields_pending", "fields_failed",
     }  # fmt: skip
     assert set(summary["blocking"]) == {"unreviewed", "unidentified", "pending", "failed"}
     assert set(summary["totals"]) == {"model", "reviewed"}
@@ -157,7 +157,7 @@ def test_json_field_names_are_the_documented_contract(service: Service) -> None:
     report = c.get(f"/api/samples/{sid}/report", headers=rev).json()
     assert set(report) == {
         "sample", "signed_at", "signed_by", "reviewers", "model", "settings", "cells",
-        "differential", "totals", "flag", "changed_by_review",
+        "differential", "totals", "flag", "changed_by_review", "fields", "fields_not_searched",
     }  # fmt: skip
     assert set(report["sample"]) == {
         "id", "code", "collected_on", "age_band", "referral_question", "notes", "created_at",

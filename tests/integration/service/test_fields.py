@@ -215,6 +215,28 @@ def test_a_missed_cell_is_added_by_a_click_and_classified(service: Service) -> N
     # the same point twice, a point outside the field, no body: refused with the reason
     r = service.client.post(url, json={"x": 170, "y": 240}, headers=rev)
     assert r.status_code == 409 and "in the sample already" in r.json()["detail"]
+    # a click a few pixels off is another crop of the same cell: refused, naming the cell
+    r = service.client.post(url, json={"x": 174, "y": 237}, headers=rev)
+    assert r.status_code == 409, r.text
+    assert f"there is a cell here already: cell {added['id']}" in r.json()["detail"]
+    # so is a click on a cell the detector found, and on one rejected as not a white cell
+    bccd = fields[BCCD.name]
+    (found,) = bccd["cells"]
+    x0, y0, x1, y1 = found["box"]
+    centre = {"x": (x0 + x1) / 2 + 2, "y": (y0 + y1) / 2 - 2}
+    bccd_url = f"/api/samples/{sid}/fields/{bccd['id']}/cells"
+    r = service.client.post(bccd_url, json=centre, headers=rev)
+    assert r.status_code == 409, r.text
+    assert f"cell {found['id']}" in r.json()["detail"]
+    assert "click on the missed cell's own centre" in r.json()["detail"]
+    r = service.client.post(f"/api/samples/{sid}/cells/{found['id']}/reject", headers=rev)
+    assert r.status_code == 200, r.text
+    r = service.client.post(bccd_url, json=centre, headers=rev)
+    assert r.status_code == 409 and "restore it instead of adding it" in r.json()["detail"]
+    # a click just outside the middle half of its box is a neighbour: it can be added
+    beside = {"x": (x0 + x1) / 2 + (x1 - x0) * 0.3, "y": (y0 + y1) / 2}
+    r = service.client.post(bccd_url, json=beside, headers=rev)
+    assert r.status_code == 201, r.text
     r = service.client.post(url, json={"x": 5000, "y": 10}, headers=rev)
     assert r.status_code == 422 and "outside the 352x480 field" in r.json()["detail"]
     r = service.client.post(url, json={"x": 1}, headers=rev)
@@ -304,6 +326,16 @@ def test_pending_fields_block_sign_off_and_an_unusable_detector_is_said_on_the_f
     _upload_fields(service, sid, _field_files(PBC), rev)
     summary = _summary(service, sid, rev)
     assert summary["progress"]["fields_pending"] == 1 and summary["can_sign"] is False
+    # a bulk re-classification answers with the same summary (the page shows it as is)
+    r = service.client.post(
+        f"/api/samples/{sid}/cells/reclassify",
+        json={"cell_ids": [cell["id"]], "label": "LYT"},
+        headers=rev,
+    )
+    assert r.status_code == 200, r.text
+    bulk = r.json()["summary"]
+    assert bulk["progress"]["fields_pending"] == 1 and bulk["can_sign"] is False
+    assert "1 field(s) still being searched" in bulk["signoff_message"]
     r = service.client.post(f"/api/samples/{sid}/signoff", headers=sig)
     assert r.status_code == 409
     assert "1 field(s) still being searched for white cells" in r.json()["detail"]
@@ -332,9 +364,29 @@ def test_pending_fields_block_sign_off_and_an_unusable_detector_is_said_on_the_f
     result = _upload_fields(service, sid, _field_files(PBC), rev)
     assert result["accepted"] == [] and "already in this sample" in result["rejected"][0]["message"]
     assert worker.process_field() is True  # the detector still cannot load: an error again
-    assert _fields(service, sid, rev)[PBC.name]["status"] == "error"
+    failed = _fields(service, sid, rev)[PBC.name]
+    assert failed["status"] == "error"
+    # a failed field does not block the sign-off, but it is said before, at and after it
+    summary = _summary(service, sid, rev)
+    assert summary["can_sign"] is True and summary["progress"]["fields_failed"] == 1
+    assert summary["signoff_message"].startswith("Every cell is reviewed")
+    said = summary["signoff_message"]
+    assert f"1 field could not be searched for white cells ({PBC.name})" in said
+    assert "its cells are not in the count" in said
+    service.login("rev")
+    assert "its cells are not in the count" in service.client.get(f"/samples/{sid}").text
     r = service.client.post(f"/api/samples/{sid}/signoff", headers=sig)
-    assert r.status_code == 200, r.text  # the searched-or-failed fields no longer block
+    assert r.status_code == 200, r.text
+    (signed,) = _audit(service, sid, rev, "sample.signoff")
+    left_out = [{"id": failed["id"], "name": PBC.name, "error": failed["error"]}]
+    assert signed["new"]["fields_not_searched"] == left_out
+    report = service.client.get(f"/api/samples/{sid}/report", headers=rev).json()
+    assert report["fields"] == 1 and report["fields_not_searched"] == left_out
+    html = service.client.get(f"/samples/{sid}/report").text
+    assert "1 could not be searched for white cells" in html and PBC.name in html
+    csv_text = service.client.get(f"/samples/{sid}/report.csv").text
+    header, first = csv_text.splitlines()[:2]
+    assert header.endswith(",fields_not_searched") and first.endswith(f",{PBC.name}")
 
     # the page form without a script: kind=fields goes to the detector's queue
     other = service.new_sample(rev, "FIELDS-FORM")
@@ -372,3 +424,44 @@ def test_a_classifier_without_a_usable_crop_scale_fails_the_field_not_the_worker
     field = _fields(service, sid, rev)[PBC.name]
     assert field["status"] == "error" and "side_px 'x'" in field["error"]
     assert worker.process_field() is False  # nothing pending: cells are classified next
+
+
+def test_an_image_store_that_cannot_write_fails_the_field_not_the_worker(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crops of the cells found are stored inside the step that can fail: a full or
+    read-only store is said on the field, and the worker moves on to the cells."""
+    rev = service.auth("rev")
+    sid = service.new_sample(rev, "FIELDS-DISK")
+    worker = service.app.state.worker
+    worker.stop()
+    _upload_fields(service, sid, _field_files(PBC), rev)
+
+    def full(data: bytes, ext: str) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker.store, "put", full)
+    assert worker.process_field() is True
+    field = _fields(service, sid, rev)[PBC.name]
+    assert field["status"] == "error"
+    assert "the crops of the cells found could not be stored" in field["error"]
+    assert "No space left on device" in field["error"]
+    assert worker.process_field() is False
+
+
+def test_the_work_of_a_deleted_sample_is_not_done(service: Service) -> None:
+    """Fields and cells of a deleted sample are not searched or classified (they can no
+    longer be reviewed); a live sample's work goes ahead."""
+    rev = service.auth("rev")
+    gone = service.new_sample(rev, "FIELDS-GONE")
+    live = service.new_sample(rev, "FIELDS-LIVE")
+    worker = service.app.state.worker
+    worker.stop()
+    _upload_fields(service, gone, _field_files(PBC), rev)
+    service.upload(gone, files_of(sample_images(1)), rev)
+    r = service.client.delete(f"/api/samples/{gone}", headers=rev)
+    assert r.status_code in (200, 204), r.text
+    assert worker.process_field() is False and worker.process_batch() is False
+    service.upload(live, files_of(sample_images(1)), rev)
+    assert worker.process_batch() is True
+    assert [c["status"] for c in service.cells(live, rev)] == ["done"]

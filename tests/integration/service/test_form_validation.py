@@ -5,6 +5,8 @@ message on the page (a redirect, never a server error), and nothing is changed."
 from __future__ import annotations
 
 import html
+import json
+import re
 from typing import Any
 
 import pytest
@@ -191,3 +193,52 @@ def test_forms_still_accept_good_values(service: Service) -> None:
     assert r.status_code == 303
     one = c.get(f"/api/samples/{sid}", headers=rev).json()
     assert (one["collected_on"], one["referral_question"]) == ("2025-03-01", None)
+
+
+def test_the_edit_form_saves_only_what_was_changed_and_never_over_a_colleagues_change(
+    service: Service,
+) -> None:
+    """The edit form carries the details it was rendered with: only the fields the editor
+    changed are saved (an emptied date is emptied), and a field someone else changed since the
+    page was loaded is not overwritten: nothing is saved and the editor is told to reload. The
+    API empties the date and the referral question with ``null``."""
+    c, rev = service.client, service.auth("rev")
+    sid = service.new_sample(
+        rev, "H-3", notes="first", collected_on="2025-01-02", referral_question="cytopenia"
+    )
+    csrf = service.login("rev")
+    page = c.get(f"/samples/{sid}").text
+    was = html.unescape(re.search(r'name="was" value="([^"]*)"', page).group(1))  # type: ignore[union-attr]
+    assert json.loads(was)["notes"] == "first"
+    form = {
+        "csrf_token": csrf, "was": was, "collected_on": "", "age_band": "unknown",
+        "referral_question": "cytopenia", "notes": "first",
+    }  # fmt: skip
+    # a colleague changes the notes meanwhile (through the API)
+    r = c.patch(f"/api/samples/{sid}", json={"notes": "colleague"}, headers=rev)
+    assert r.status_code == 200, r.text
+    # the editor only emptied the date: saved, and the colleague's notes stay
+    r = c.post(f"/samples/{sid}/edit", data=form, follow_redirects=False)
+    assert "sample details saved" in _flashed(service, r, f"/samples/{sid}")
+    one = c.get(f"/api/samples/{sid}", headers=rev).json()
+    assert (one["collected_on"], one["notes"]) == (None, "colleague")
+    # the editor, on the stale page, now changes the notes too: refused, nothing saved
+    r = c.post(
+        f"/samples/{sid}/edit",
+        data={**form, "notes": "mine", "age_band": "80+"},
+        follow_redirects=False,
+    )
+    flashed = _flashed(service, r, f"/samples/{sid}")
+    assert "notes changed since you opened the page" in flashed and "reload the page" in flashed
+    one = c.get(f"/api/samples/{sid}", headers=rev).json()
+    assert (one["notes"], one["age_band"]) == ("colleague", "unknown")
+    # the API: null empties the referral question and the date, and cannot empty the id
+    r = c.patch(
+        f"/api/samples/{sid}",
+        json={"referral_question": None, "collected_on": None},
+        headers=rev,
+    )
+    assert r.status_code == 200, r.text
+    assert (r.json()["referral_question"], r.json()["collected_on"]) == (None, None)
+    r = c.patch(f"/api/samples/{sid}", json={"code": None}, headers=rev)
+    assert r.status_code == 422 and "code cannot be emptied" in r.json()["detail"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from marrowscope.service.settings import Settings
+from marrowscope.service.storage import ImageStore
 from marrowscope.service.uploads import Accepted, Rejected, check_image, check_name, validate_files
 
 SETTINGS = Settings(max_file_bytes=100_000, max_pixels=10_000, max_zip_members=5)
@@ -126,3 +129,62 @@ def test_the_field_limit_is_the_detectors() -> None:
     assert Settings().max_field_pixels == MAX_FIELD_PIXELS
     with pytest.raises(ValueError, match="max_field_pixels must be at most 50,000,000"):
         Settings(max_field_pixels=MAX_FIELD_PIXELS + 1)
+
+
+class _Unseekable(io.RawIOBase):
+    """A stream that can only be read forward (as a socket would be)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buf = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        chunk = self._buf.read(len(b))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_with_a_store_each_accepted_image_is_stored_as_judged_and_not_kept_in_memory(
+    tmp_path: Path,
+) -> None:
+    """Given the image store, every accepted image (a plain file or a zip member, the zip read
+    from its spooled file or from a forward-only stream) is stored at once and comes back as its
+    SHA-256 and stored path, without its bytes; an image the store cannot write is refused by
+    name with the reason, and the rest of the upload goes through."""
+    import hashlib
+    import tempfile
+
+    store = ImageStore(tmp_path)
+    one, two, three = _img(20, 20), _img(21, 20), _img(fmt="JPEG")
+    spooled = tempfile.SpooledTemporaryFile()  # noqa: SIM115 (what the framework hands over)
+    spooled.write(_zip({"a/one.png": one, "two.png": two}).getvalue())
+    spooled.seek(0)
+    forward = _Unseekable(_zip({"three.jpg": three}).getvalue())
+    accepted, rejected = validate_files(
+        [("s.zip", spooled), ("f.zip", forward)],  # type: ignore[list-item]
+        SETTINGS,
+        store=store,
+    )
+    assert rejected == []
+    assert [a.name for a in accepted] == ["s.zip:a/one.png", "s.zip:two.png", "f.zip:three.jpg"]
+    for a, body in zip(accepted, (one, two, three), strict=True):
+        assert a.data == b"" and a.sha256 == hashlib.sha256(body).hexdigest()
+        assert a.stored_path is not None and (tmp_path / a.stored_path).read_bytes() == body
+        assert a.keep(store) == (a.sha256, a.stored_path)  # stored once, not again
+
+    too_big = Settings(max_file_bytes=100_000, max_request_bytes=100)
+    spooled.seek(0)
+    _, refused = validate_files([("big.zip", spooled)], too_big, store=store)  # type: ignore[list-item]
+    assert [r.name for r in refused] == ["big.zip"] and "zip file above the" in refused[0].reason
+
+    class FullStore(ImageStore):
+        def put(self, data: bytes, ext: str) -> tuple[str, str]:
+            raise OSError(28, "No space left on device")
+
+    ok, refused = validate_files(
+        [("a.png", io.BytesIO(one))], SETTINGS, store=FullStore(tmp_path / "full")
+    )
+    assert ok == [] and [r.name for r in refused] == ["a.png"]
+    assert "the server could not store it (No space left on device)" in refused[0].reason

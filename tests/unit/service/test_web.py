@@ -76,10 +76,12 @@ def _report(code: str) -> dict:  # type: ignore[type-arg]
 
 def test_report_csv_has_one_row_per_class_with_the_sample_on_every_row() -> None:
     rows = list(csv.reader(io.StringIO(report_csv(_report("BM-1")))))
+    assert rows[0][-1] == "fields_not_searched"
     assert rows[0] == REPORT_COLUMNS
     assert rows[1] == [
         "BM-1", "2025-03-01", "60-79", "", "HAC", "Hairy cell", "3", "75.00", "4", "100.00",
         "flagged", 'HAC, "high"', "m", "m:abc", "a;b", "sig", "2025-03-02T10:00:00+00:00",
+        "",
     ]  # fmt: skip
     assert rows[2][4:6] == ["XYZ", ""]  # a class without a cell-type name
 
@@ -109,3 +111,13 @@ def test_flash_store_is_per_session_shown_once_and_bounded() -> None:
     assert store.pop("c") == [["info", "for c"]]
     now[0] = 61  # not shown within the ttl: dropped
     assert store.pop("d") == []
+
+
+def test_report_csv_names_the_fields_left_out_of_the_count() -> None:
+    data = _report("BM-2")
+    data["fields_not_searched"] = [
+        {"id": 3, "name": "f1.jpg", "error": "x"},
+        {"id": 4, "name": "f2.jpg", "error": "y"},
+    ]
+    rows = list(csv.reader(io.StringIO(report_csv(data))))
+    assert all(row[-1] == "f1.jpg;f2.jpg" for row in rows[1:])

@@ -194,17 +194,9 @@
     flag.className = "card flag " + s.flag.status.replace(/ /g, "-");
     const blocking = document.getElementById("blocking");
     if (blocking) {
-      const b = s.blocking;
-      if (b.unreviewed || b.pending) {
-        const parts = [];
-        if (b.pending) parts.push(b.pending + " of " + s.progress.total + " cell(s) still being classified");
-        if (b.unreviewed) parts.push(b.unreviewed + " of " + s.progress.total + " cell(s) not reviewed yet" + (b.unidentified ? " (" + b.unidentified + " unidentified)" : ""));
-        blocking.className = "msg warn";
-        blocking.textContent = parts.join("; ") + (b.pending ? "; wait for the model, then review every cell." : "; review every cell first.");
-      } else {
-        blocking.className = "muted";
-        blocking.textContent = "Every cell is reviewed: the sample can be signed off.";
-      }
+      // the server's own words: cells and fields that block, fields left out of the count
+      blocking.className = !s.can_sign || s.progress.fields_failed ? "msg warn" : "muted";
+      blocking.textContent = s.signoff_message;
     }
   }
 
