@@ -237,12 +237,14 @@ def upload_cells(
     files: Annotated[list[UploadFile], File(description="Cell images and/or zip files of them.")],
     who: Editor,
     db: DB,
+    database: DatabaseDep,
     settings: SettingsDep,
     store: Store,
     worker: Worker,
 ) -> UploadResult:
     """Upload cell images (many files and/or zips); refused files are listed by name."""
-    # Judge the files before touching the database (no lock is held while images decode).
+    review.check_uploadable(database, sample_id)  # nothing is stored for a signed sample
+    # Judge and store the files before the write transaction (no lock is held meanwhile).
     accepted, rejected = validate_files(
         ((f.filename or "", f.file) for f in files), settings, store=store
     )
@@ -329,12 +331,14 @@ def upload_fields(
     ],
     who: Editor,
     db: DB,
+    database: DatabaseDep,
     settings: SettingsDep,
     store: Store,
     worker: Worker,
 ) -> UploadResult:
     """Upload whole fields of view: the detector finds their white cells in the background and
     each one is classified and enters review (``accepted`` lists the fields)."""
+    review.check_uploadable(database, sample_id)
     accepted, rejected = validate_files(
         ((f.filename or "", f.file) for f in files), settings, fields=True, store=store
     )

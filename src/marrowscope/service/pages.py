@@ -391,6 +391,13 @@ def sample_page(
     )
 
 
+def _lines(text: Any) -> Any:
+    """Text with the line breaks a browser sends (``\r\n``) as ``\n``, so that notes written
+    through the API compare equal to the same notes sent back by the form; other values as they
+    are."""
+    return text.replace("\r\n", "\n") if isinstance(text, str) else text
+
+
 def _shown_details(was: str | None) -> dict[str, Any] | None:
     """The sample details the edit form was rendered with (its hidden ``was`` field), or
     ``None`` when the form did not send them (then every sent field is saved)."""
@@ -439,13 +446,13 @@ def edit_sample_form(
             "collected_on": body.collected_on.isoformat() if body.collected_on else None,
             "age_band": body.age_band,
             "referral_question": body.referral_question or None,
-            "notes": body.notes,
+            "notes": _lines(body.notes),
         }
         shown = _shown_details(was)
         if shown is None:  # a form without its state: every value sent, an empty date kept
             changed = {k for k, v in sent.items() if v is not None or k == "referral_question"}
         else:
-            changed = {k for k, v in sent.items() if shown.get(k) != v}
+            changed = {k for k, v in sent.items() if _lines(shown.get(k)) != v}
         sample = review.get_sample(db, sample_id, lock=True)
         review.update_sample(
             db,
@@ -457,7 +464,7 @@ def edit_sample_form(
                 referral_question=body.referral_question
                 if "referral_question" in changed
                 else None,
-                notes=body.notes if "notes" in changed else None,
+                notes=sent["notes"] if "notes" in changed else None,
                 clear=frozenset(k for k in changed if sent[k] is None),
                 seen=None if shown is None else {k: shown.get(k) for k in changed},
             ),
@@ -473,6 +480,7 @@ def upload_form(
     sample_id: Id,
     who: Editor,
     db: DB,
+    database: DatabaseDep,
     settings: SettingsDep,
     store: Store,
     worker: Worker,
@@ -484,6 +492,7 @@ def upload_form(
     with _shown_on_page(request, db, who):
         if kind not in ("cells", "fields"):
             raise review.Invalid(f"upload kind {kind!r} is not cells or fields")
+        review.check_uploadable(database, sample_id)
         fields = kind == "fields"
         accepted, rejected = validate_files(
             ((f.filename or "", f.file) for f in files), settings, fields=fields, store=store

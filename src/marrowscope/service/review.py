@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ __all__ = [
     "blocking_message",
     "cell_at",
     "cell_view",
+    "check_uploadable",
     "counted",
     "create_sample",
     "current_label",
@@ -323,6 +325,18 @@ def get_sample(db: Session, sample_id: int, *, lock: bool = False) -> Sample:
     return sample
 
 
+def check_uploadable(database: Database, sample_id: int) -> None:
+    """Refuse an upload to a missing, deleted or signed sample before its files are judged and
+    stored (in a short read transaction of its own: no write lock is taken); the write that
+    records the files checks again under the sample's lock.
+
+    Raises:
+        NotFound: no such sample. Conflict: the sample is signed.
+    """
+    with database.read() as s:
+        ensure_editable(get_sample(s, sample_id))
+
+
 def list_samples(
     db: Session, *, skip: int = 0, limit: int | None = None
 ) -> list[tuple[Sample, int, int, int]]:
@@ -372,7 +386,17 @@ def update_sample(db: Session, user: User, sample: Sample, fields: SampleFields)
     fields.check()
     old = _sample_dict(sample)
     if fields.seen is not None:
-        stale = sorted(k for k, v in fields.seen.items() if k in old and old[k] != v)
+        wanted = {
+            "collected_on": fields.collected_on.isoformat() if fields.collected_on else None,
+            "age_band": fields.age_band,
+            "referral_question": fields.referral_question or None,
+            "notes": fields.notes,
+        }
+        stale = sorted(
+            k
+            for k, v in fields.seen.items()
+            if k in old and old[k] != v and old[k] != wanted.get(k)  # equal: nothing to lose
+        )
         if stale:
             raise Conflict(
                 f"sample {sample.code}: {', '.join(k.replace('_', ' ') for k in stale)} "
@@ -680,20 +704,23 @@ def field_cells(db: Session, field: Field) -> list[Cell]:
 
 
 SAME_CELL_SPAN = 0.25
-"""A click closer to the centre of a cell's box than this share of the box's width and height
-(the middle half of the box) is on that cell: adding it again would count one cell twice. A
-missed neighbour, even one that touches or overlaps the cell, has its centre farther out."""
+"""A new cell whose centre is closer to the centre of a cell's box than this share of the
+smaller of the two boxes (in x and in y) is that cell: adding it would count one cell twice. The
+smaller box decides, so a cell missed inside a large box that merged it with a neighbour can
+still be added (its centre is a cell radius or more from the merged box's centre)."""
 
 
-def cell_at(cells: Iterable[Cell], point: tuple[float, float]) -> Cell | None:
-    """The first of ``cells`` whose box's middle half holds ``point`` (field pixels), if any."""
-    x, y = point
+def cell_at(cells: Iterable[Cell], box: tuple[float, float, float, float]) -> Cell | None:
+    """The first of ``cells`` (rejected ones left out) that a new cell with ``box`` (field
+    pixels, centred on the click) would duplicate, if any (:data:`SAME_CELL_SPAN`)."""
+    x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    w, h = box[2] - box[0], box[3] - box[1]
     for c in cells:
-        if c.box is None:
+        if c.box is None or c.rejected_at is not None:
             continue
         x0, y0, x1, y1 = c.box
         dx, dy = abs(x - (x0 + x1) / 2), abs(y - (y0 + y1) / 2)
-        if dx <= SAME_CELL_SPAN * (x1 - x0) and dy <= SAME_CELL_SPAN * (y1 - y0):
+        if dx <= SAME_CELL_SPAN * min(w, x1 - x0) and dy <= SAME_CELL_SPAN * min(h, y1 - y0):
             return c
     return None
 
@@ -715,8 +742,8 @@ def add_field_cell(
 
     Raises:
         Conflict: the sample is signed; the field has not been searched yet; the same crop is
-            in the sample already (a click on the same point), or the point is on a cell of
-            the field already (found, added or rejected; :func:`cell_at`).
+            in the sample already (a click on the same point), or the new cell would be a
+            counted cell of the field again (:func:`cell_at`).
     """
     ensure_editable(sample)
     if field.status != "done":
@@ -729,15 +756,12 @@ def add_field_cell(
     same = db.scalar(select(Cell).where(Cell.sample_id == sample.id, Cell.sha256 == sha256))
     if same is not None:
         raise Conflict(f"this cell is in the sample already (cell {same.id}, {same.original_name})")
-    other = cell_at(field_cells(db, field), point)
+    other = cell_at(field_cells(db, field), box)
     if other is not None and other.box is not None:
         raise Conflict(
             f"there is a cell here already: cell {other.id} ({other.original_name}), box "
-            f"{', '.join(f'{v:.0f}' for v in other.box)}"
-            + ("; it was rejected as not a white cell: restore it instead of adding it"
-               if other.rejected_at is not None
-               else "; click on the missed cell's own centre")
-        )  # fmt: skip
+            f"{', '.join(f'{v:.0f}' for v in other.box)}; click on the missed cell's own centre"
+        )
     n = db.scalar(select(func.count(Cell.id)).where(Cell.field_id == field.id)) or 0
     cell = Cell(
         sample_id=sample.id,
@@ -1049,8 +1073,14 @@ def signoff_message(
     """What the sign-off box says: why the sample cannot be signed off yet, or that it can;
     either way naming the fields that could not be searched, which a sign-off leaves out of the
     count (and records as such in its audit entry and the report)."""
+    if sample.signed:
+        return f"sample {sample.code} is signed off."
     why = blocking_message(sample, cells, threshold, fields_pending=fields_pending)
-    text = why or "Every cell is reviewed: the sample can be signed off."
+    text = (
+        f"{why[0].upper()}{why[1:]}."
+        if why
+        else "Every cell is reviewed: the sample can be signed off."
+    )
     if not_searched:
         names = ", ".join(f["name"] for f in not_searched[:5])
         more = f" and {len(not_searched) - 5} more" if len(not_searched) > 5 else ""
@@ -1310,6 +1340,13 @@ REPORT_COLUMNS = [
 """The columns of the report CSV, in order."""
 
 
+def _names_cell(names: Sequence[str]) -> str:
+    """Uploaded file names in one CSV cell: a JSON list (unambiguous whatever the names hold,
+    and never read as a spreadsheet formula, as a name starting with ``=`` would be); ``""``
+    for none."""
+    return json.dumps(list(names), ensure_ascii=False) if names else ""
+
+
 def report_csv(data: dict[str, Any]) -> str:
     """The signed differential count as CSV: one row per class, sample fields on every row.
 
@@ -1340,7 +1377,7 @@ def report_csv(data: dict[str, Any]) -> str:
                 ";".join(data["reviewers"]),
                 data["signed_by"],
                 data["signed_at"],
-                ";".join(f["name"] for f in data.get("fields_not_searched", [])),
+                _names_cell([f["name"] for f in data.get("fields_not_searched", [])]),
             ]  # fmt: skip
         )
     return buf.getvalue()

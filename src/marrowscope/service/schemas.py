@@ -24,6 +24,7 @@ __all__ = [
     "DifferentialRow",
     "Evidence",
     "FieldCell",
+    "FieldNotSearched",
     "FieldPublic",
     "FlagPublic",
     "Health",

@@ -34,7 +34,9 @@ SWEEP_GRACE_SECONDS = 600.0
 
 Assumption: another server process sharing the store (a second worker, a rolling restart) may
 be in the middle of an upload, between storing its files and committing their cells; such an
-upload is assumed to take less than this between its first stored file and its commit (an upload
+upload is assumed to take less than this between its first stored file and its commit: the
+app stores each image as soon as it is judged, so that span is judging the whole upload (at most
+``max_files`` images of at most ``max_file_bytes``) plus the wait for the sample's lock (an upload
 that stores a file already there refreshes its modification time, see :meth:`ImageStore.put`).
 Files it keeps are looked at again at the next start.
 """

@@ -329,7 +329,13 @@ class ClassificationWorker:
         with self.db.write() as s:
             sample = s.scalar(select(Sample).where(Sample.id == row.sample_id).with_for_update())
             field = s.get(Field, row.id)
-            if sample is None or field is None or field.status != CELL_PENDING or sample.signed:
+            if (
+                sample is None
+                or field is None
+                or field.status != CELL_PENDING
+                or sample.signed
+                or sample.deleted_at is not None
+            ):
                 return True
             if findings is None:
                 field.status = CELL_ERROR

@@ -111,7 +111,9 @@ def test_review_workflow_from_upload_to_signed_report(service: Service) -> None:
     html = c.get(f"/samples/{sid}/report", headers=rev)
     assert html.status_code == 200 and "Signed off by" in html.text and "75.0%" in html.text
 
-    # Afterwards the sample is read-only, for everyone.
+    # Afterwards the sample is read-only, for everyone (and an upload to it stores nothing).
+    images = service.app.state.store.images
+    stored_before = sorted(images.rglob("*"))
     admin = service.auth("admin")
     for method, url, kwargs in [
         ("patch", f"/api/samples/{sid}/cells/{ids[1]}", {"json": {"label": "BLA"}}),
@@ -128,6 +130,9 @@ def test_review_workflow_from_upload_to_signed_report(service: Service) -> None:
         r = getattr(c, method)(url, headers=admin, **kwargs)
         assert r.status_code == 409, (method, url, r.text)
         assert "read-only" in r.json()["detail"]
+    r = c.post(f"/api/samples/{sid}/fields", headers=admin, files=files_of(sample_images(1, "MON")))
+    assert r.status_code == 409 and "read-only" in r.json()["detail"]
+    assert sorted(images.rglob("*")) == stored_before
     after = c.get(f"/api/samples/{sid}/report", headers=rev).json()
     assert after["differential"] == rep["differential"]
 

@@ -242,3 +242,32 @@ def test_the_edit_form_saves_only_what_was_changed_and_never_over_a_colleagues_c
     assert (r.json()["referral_question"], r.json()["collected_on"]) == (None, None)
     r = c.patch(f"/api/samples/{sid}", json={"code": None}, headers=rev)
     assert r.status_code == 422 and "code cannot be emptied" in r.json()["detail"]
+
+
+def test_the_edit_form_reads_browser_line_breaks_and_a_repeated_save_as_no_change(
+    service: Service,
+) -> None:
+    """Notes written with ``\n`` come back from a browser's textarea with ``\r\n``: that is
+    not a change (only the date is saved and audited); saving the same change twice, or a
+    change a colleague made identically meanwhile, is no conflict."""
+    c, rev = service.client, service.auth("rev")
+    sid = service.new_sample(rev, "H-4", notes="line one\nline two", collected_on="2025-01-02")
+    csrf = service.login("rev")
+    page = c.get(f"/samples/{sid}").text
+    was = html.unescape(re.search(r'name="was" value="([^"]*)"', page).group(1))  # type: ignore[union-attr]
+    form = {
+        "csrf_token": csrf, "was": was, "collected_on": "2025-02-03", "age_band": "unknown",
+        "referral_question": "", "notes": "line one\r\nline two",
+    }  # fmt: skip
+    for _ in range(2):  # a double click on Save
+        r = c.post(f"/samples/{sid}/edit", data=form, follow_redirects=False)
+        assert "sample details saved" in _flashed(service, r, f"/samples/{sid}")
+    one = c.get(f"/api/samples/{sid}", headers=rev).json()
+    assert (one["collected_on"], one["notes"]) == ("2025-02-03", "line one\nline two")
+    with service.app.state.db.read() as s:
+        updates = s.scalars(
+            select(AuditEvent).where(
+                AuditEvent.sample_id == sid, AuditEvent.action == "sample.update"
+            )
+        ).all()
+    assert [e.new_value for e in updates] == [{"collected_on": "2025-02-03"}]

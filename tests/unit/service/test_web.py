@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import pytest
 
@@ -115,9 +116,33 @@ def test_flash_store_is_per_session_shown_once_and_bounded() -> None:
 
 def test_report_csv_names_the_fields_left_out_of_the_count() -> None:
     data = _report("BM-2")
-    data["fields_not_searched"] = [
+    names = ["f1.jpg", '=HYPERLINK("http://x.example","y");2.jpg']  # a formula, a ';'
+    data["fields_not_searched"] = [{"id": i, "name": n, "error": "x"} for i, n in enumerate(names)]
+    rows = list(csv.reader(io.StringIO(report_csv(data))))
+    assert all(json.loads(row[-1]) == names and row[-1].startswith("[") for row in rows[1:])
+
+
+def test_the_sign_off_box_says_what_blocks_and_which_fields_are_left_out() -> None:
+    """The blocking reason and the fields left out are both said, as sentences; a signed
+    sample says so (no "can be signed off")."""
+    from datetime import UTC, datetime
+
+    from marrowscope.service.models import Cell, Sample
+    from marrowscope.service.review import signoff_message
+
+    sample = Sample(code="S-1")
+    unsure = Cell(id=7, status="done", predicted_label="BLA", confidence=0.3)
+    left_out = [
         {"id": 3, "name": "f1.jpg", "error": "x"},
         {"id": 4, "name": "f2.jpg", "error": "y"},
     ]
-    rows = list(csv.reader(io.StringIO(report_csv(data))))
-    assert all(row[-1] == "f1.jpg;f2.jpg" for row in rows[1:])
+    said = signoff_message(sample, [unsure], 0.5, not_searched=left_out)
+    assert said.startswith("Cannot sign off S-1: 1 of 1 cell is not reviewed yet (1 unidentified)")
+    assert "review every cell first. 2 fields could not be searched for white cells" in said
+    assert "(f1.jpg, f2.jpg): their cells are not in the count" in said
+    unsure.reviewed_label = "BLA"
+    said = signoff_message(sample, [unsure], 0.5, not_searched=left_out[:1])
+    assert said.startswith("Every cell is reviewed: the sample can be signed off. 1 field could")
+    assert "(f1.jpg): its cells are not in the count" in said
+    sample.signed_at = datetime.now(UTC)
+    assert signoff_message(sample, [unsure], 0.5) == "sample S-1 is signed off."
