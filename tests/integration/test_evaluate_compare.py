@@ -195,3 +195,51 @@ def test_transfer_learning_on_the_bundled_real_sample(tmp_path: Path) -> None:
     res = fit(cfg, tmp_path / "run", progress=False)
     assert len(res.classes) == 8
     assert res.best_val_macro_f1 > 0.3  # chance is 0.125
+
+
+def test_drop_unknown_is_recorded_and_macro_f1_leaves_out_absent_classes(
+    tiny_bundle: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """--drop-unknown said so only on the console (report.md: "images: 24", metrics.json
+    "skipped": []); and with a model class absent from the data, macro-F1 counted it as F1 = 0
+    while balanced accuracy left it out."""
+    from typer.testing import CliRunner
+
+    from marrowscope.cli.main import app
+
+    data = tmp_path / "other"
+    shutil.copytree(synthetic_tree, data)
+    (data / "BBB").rename(data / "ZZZ")  # the model knows AAA BBB CCC: BBB absent, ZZZ unknown
+    (data / "AAA" / "x.webp").write_bytes(b"not read")
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(
+        app, ["evaluate", str(tiny_bundle), str(data), "--drop-unknown", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "leaving out class(es) unknown to the model: ZZZ (12 images)" in text
+    assert "not reading 1 file(s) that are not images by their extension (x.webp)" in text
+    assert "BBB (no image) left out" in text
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n"] == 24 and saved["dropped_classes"] == {"ZZZ": 12}
+    assert saved["ignored_files"] == [str(data / "AAA" / "x.webp")]
+    per = saved["per_class"]
+    assert per["BBB"]["support"] == 0
+    assert saved["macro_f1"] == pytest.approx((per["AAA"]["f1"] + per["CCC"]["f1"]) / 2)
+    assert saved["macro_f1_all_classes"] == pytest.approx(
+        (per["AAA"]["f1"] + per["BBB"]["f1"] + per["CCC"]["f1"]) / 3
+    )
+    assert saved["balanced_accuracy"] == pytest.approx(
+        (per["AAA"]["recall"] + per["CCC"]["recall"]) / 2
+    )
+    report = (out / "report.md").read_text()
+    assert "Left out (--drop-unknown): 12 images of class(es) the model does not know" in report
+    assert "know: ZZZ (12 images)." in report
+    assert "Not read: 1 file(s) that are not images by their extension (x.webp)" in report
+    assert f"| Macro-F1 | {saved['macro_f1']:.3f} |" in report
+    all_classes = saved["macro_f1_all_classes"]
+    assert f"| Macro-F1, all model classes (absent ones as 0) | {all_classes:.3f}" in report
+    # with every class present nothing of this appears and the two macro-F1 values agree
+    m = evaluate_bundle(tiny_bundle, synthetic_tree, progress=False, n_boot=50)
+    assert m["dropped_classes"] == {} and m["ignored_files"] == []
+    assert m["macro_f1"] == m["macro_f1_all_classes"]

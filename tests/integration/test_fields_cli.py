@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -179,3 +180,165 @@ def test_count_fields_at_the_model_scale_records_that_scale(tmp_path: Path) -> N
     for row in rows:
         assert row["scale_source"] == "model"
         assert float(row["um_per_px"]) == pytest.approx(want, rel=1e-4)
+
+
+def _count_fields(folder: Path | str, out: Path | None = None):  # type: ignore[no-untyped-def]
+    args = ["count", "pbc6", str(folder), "--fields", "--tta", "none", "--evidence", "0"]
+    return _invoke(*args, *(["--out", str(out)] if out is not None else []))
+
+
+def test_count_fields_with_no_usable_field_counts_zero_and_lists_every_error(
+    tmp_path: Path,
+) -> None:
+    """Every field unreadable: still a count of fields (zero cells), each field's error in
+    count.json, cells.csv and fields.csv, exit code 1 as for detect, no traceback."""
+    folder = tmp_path / "smear-bad"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "count"
+    r = _count_fields(folder, out)
+    assert r.exit_code == 1, r.output
+    assert "0 field(s), 0 white cell(s) found" in r.output and "could be used" in r.output
+    data = json.loads((out / "count.json").read_text())
+    t = data["totals"]
+    assert (t["fields"], t["cells_found"], t["identified"], t["unreadable"]) == (0, 0, 0, 2)
+    assert data["mode"] == "fields" and data["fields"] == []
+    assert {Path(u["path"]).name for u in data["unreadable"]} == {"broken.jpg", "empty.png"}
+    cells = _rows(out / "cells.csv")
+    assert "field" in cells[0] and {c["bin"] for c in cells} == {"unreadable"} and len(cells) == 2
+    fields = {Path(row["path"]).name: row for row in _rows(out / "fields.csv")}
+    assert set(fields) == {"broken.jpg", "empty.png"}
+    assert all(row["error"] and row["cells_found"] == "0" for row in fields.values())
+
+
+def test_count_fields_writes_an_error_row_per_unusable_field_in_fields_csv(
+    sample: Path, tmp_path: Path
+) -> None:
+    """docs/fields.md: an unreadable field is an error row in fields.csv, as detect writes it,
+    in the sample's file order."""
+    out = tmp_path / "count"
+    r = _count_fields(sample, out)
+    assert r.exit_code == 0, r.output
+    rows = _rows(out / "fields.csv")
+    assert len(rows) == 8  # 7 fields + the broken file
+    broken = next(row for row in rows if Path(row["path"]).name == "broken.jpg")
+    assert broken["error"] and broken["cells_found"] == "0" and not broken["overlay"]
+    assert [row["path"] for row in rows] == sorted((row["path"] for row in rows), key=Path)
+    data = json.loads((out / "detections.json").read_text())
+    assert data["totals"]["fields"] == 8 and data["totals"]["fields_with_error"] == 1
+
+
+def test_reruns_with_the_output_inside_the_input_do_not_count_earlier_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``detect none nest --out nest/det`` twice, and ``cd nest2; count pbc6 . --fields`` twice
+    (default --out inside): the second run sees the same fields as the first."""
+    nest = tmp_path / "nest"
+    nest.mkdir()
+    for p in ANNOTATED[:2]:
+        shutil.copyfile(p, nest / p.name)
+    for _ in range(2):
+        r = _invoke("detect", "none", str(nest), "--out", str(nest / "det"), "--no-progress")
+        assert r.exit_code == 0, r.output
+        assert "2 field(s)" in r.output
+        assert len(_rows(nest / "det" / "fields.csv")) == 2
+    assert "skipped 1 folder(s) of marrowscope's own output" in caplog.text
+    nest2 = tmp_path / "nest2"
+    nest2.mkdir()
+    for p in ANNOTATED[:2]:
+        shutil.copyfile(p, nest2 / p.name)
+    monkeypatch.chdir(nest2)
+    for _ in range(2):
+        r = _count_fields(".")
+        assert r.exit_code == 0, r.output
+        data = json.loads((nest2 / "count-nest2" / "count.json").read_text())
+        assert data["totals"]["fields"] == 2 and data["totals"]["images"] == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path: Path) -> None:
+    """A field named with a Latin-1 byte (b'caf\\xe9.jpg') is detected and counted; the CSV and
+    JSON files stay valid UTF-8 and show the byte as \\xe9 (no UnicodeEncodeError at the end)."""
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    try:
+        with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as f:
+            f.write(ANNOTATED[0].read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    shutil.copyfile(ANNOTATED[1], folder / ANNOTATED[1].name)
+    out = tmp_path / "det"
+    r = _invoke("detect", "none", str(folder), "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    names = [Path(row["path"]).name for row in _rows(out / "fields.csv")]
+    assert "caf\\xe9.jpg" in names and len(names) == 2
+    assert any(Path(c["field"]).name == "caf\\xe9.jpg" for c in _rows(out / "detections.csv"))
+    data = json.loads((out / "detections.json").read_text(encoding="utf-8"))
+    assert {Path(f["path"]).name for f in data["fields"]} == set(names)
+    cout = tmp_path / "count"
+    r = _count_fields(folder, cout)
+    assert r.exit_code == 0, r.output
+    assert any(c["file"].startswith("caf\\xe9.jpg#") for c in _rows(cout / "cells.csv"))
+    json.loads((cout / "count.json").read_text(encoding="utf-8"))
+    assert "caf\\xe9.jpg" in (cout / "report.html").read_text(encoding="utf-8")
+
+
+def test_an_unexpected_failure_on_one_field_is_that_fields_error(
+    sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed overlay write (or any other error) on one field is recorded for that field; the
+    other fields and the output files are kept."""
+    import marrowscope.engine.detect as detect_mod
+
+    real = detect_mod.write_overlay
+
+    def flaky(path: Path, rgb):  # type: ignore[no-untyped-def]
+        if EMPTY.stem in path.name:
+            raise OSError(28, "No space left on device")
+        real(path, rgb)
+
+    monkeypatch.setattr(detect_mod, "write_overlay", flaky)
+    out = tmp_path / "det"
+    r = _invoke("detect", "none", str(sample), "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    fields = {Path(row["path"]).name: row for row in _rows(out / "fields.csv")}
+    assert len(fields) == 8
+    assert "No space left on device" in fields[EMPTY.name]["error"]
+    assert EMPTY.name in fields[EMPTY.name]["error"]
+    assert sum(1 for row in fields.values() if not row["error"]) == 6
+
+
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_overlays(
+    sample: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "det"
+    r = _invoke("detect", "none", str(sample), "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert len(list((out / "overlays").glob("*.png"))) == 7
+    one = ANNOTATED[0]
+    r = _invoke("detect", "none", str(one), "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    (row,) = _rows(out / "fields.csv")
+    assert [p.name for p in (out / "overlays").glob("*.png")] == [Path(row["overlay"]).name]
+    # count --fields into the same folder: its overlays replace detect's
+    r = _count_fields(sample, out)
+    assert r.exit_code == 0, r.output
+    assert len(list((out / "overlays").glob("*.png"))) == 7
+    # an overlays/ folder of the user's is neither emptied nor mixed with ours
+    mine = tmp_path / "mine"
+    (mine / "overlays").mkdir(parents=True)
+    (mine / "overlays" / "notes.txt").write_text("mine")
+    r = _invoke("detect", "none", str(one), "--out", str(mine), "--no-progress")
+    assert r.exit_code == 2 and "not written by marrowscope" in r.output
+    assert [p.name for p in (mine / "overlays").iterdir()] == ["notes.txt"]
+
+
+def test_count_fields_on_a_folder_without_images_words_it_for_fields(tmp_path: Path) -> None:
+    folder = tmp_path / "no-images"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    r = _count_fields(folder, tmp_path / "c")
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "no field images" in text and "whole fields of view" in text
+    assert "single-cell images" not in text

@@ -69,7 +69,8 @@ def test_predict_csv_folder_and_glob_with_an_unreadable_file(
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert r["predicted"] == r["top1"] == CLASSES[int(np.argmax(probs))]
         assert float(r["p_top1"]) >= float(r["p_top2"])
-        assert r["model"] == "paper_cnn" and r["marrowscope_version"]
+        assert r["model"] == str(bundle) and r["arch"] == "paper_cnn"
+        assert r["marrowscope_version"] and r["warning"] == ""
     assert "top3" not in rows[0]
     assert "7 images, 1 error(s)" in res.output and "images/s" in res.output
 
@@ -124,6 +125,66 @@ def test_predict_onnx_backend_after_export_matches_torch(
         assert [a[f"p_{c}"] for c in CLASSES] == pytest.approx(
             [b[f"p_{c}"] for c in CLASSES], abs=0.03
         )
+
+
+def test_export_of_a_shipped_model_goes_to_the_cache_where_the_onnx_backend_finds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`export bm8` wrote ./bm8/model.onnx (which then hid the shipped model) with no weights
+    sha256, and `predict bm8 --backend onnx` could not find it; now it goes to the per-user
+    cache ($MARROWSCOPE_CACHE, a fresh folder per test) and is found from any folder."""
+    import os
+
+    import onnx
+
+    from marrowscope.inference.predictor import Predictor
+    from marrowscope.models.bundle import pretrained_index
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for c in ("ART", "EOS", "LYT"):
+        for f in sorted((SAMPLE_ROOT / c).glob("*.jpg"))[:2]:
+            shutil.copy(f, cells / f.name)
+    res = _invoke("predict", "bm8", str(cells), "--backend", "onnx", "--no-progress")
+    assert res.exit_code == 2
+    assert "create it once with: marrowscope export bm8 --format onnx" in res.output
+    with pytest.raises(Exception, match="marrowscope export bm8 --format onnx"):
+        Predictor.from_pretrained("bm8", backend="onnx")
+
+    res = _invoke("export", "bm8")
+    assert res.exit_code == 0, res.output
+    target = Path(os.environ["MARROWSCOPE_CACHE"]) / "onnx" / "bm8" / "model.onnx"
+    assert target.is_file() and f"wrote {target}" in " ".join(res.output.split())
+    assert list(work.iterdir()) == []  # nothing in the working directory
+    props = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+    embedded = json.loads(props["marrowscope"])
+    want = pretrained_index()["bm8"]["files"]["model.safetensors"]
+    assert embedded["onnx"]["weights_sha256"] == want
+
+    outs = {}
+    for backend in ("onnx", "torch"):
+        out = tmp_path / f"{backend}.json"
+        res = _invoke(
+            "predict", "bm8", str(cells), "--backend", backend, "--device", "cpu",
+            "--tta", "none", "--out", str(out), "--no-progress",
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        outs[backend] = json.loads(out.read_text())
+    for a, b in zip(outs["onnx"], outs["torch"], strict=True):
+        assert (a["model"], a["arch"]) == ("bm8", "mobilenetv2_100")
+        assert a["predicted"] == b["predicted"]
+    p = Predictor.from_pretrained("bm8", backend="onnx", tta="none")
+    assert p.onnx_path_ == target and p.model_name_ == "bm8"
+    # a folder named like the shipped model does not change where the export is found; the
+    # hint then names the model so that the command works here
+    (work / "bm8").mkdir()
+    res = _invoke("predict", "builtin:bm8", str(cells), "--backend", "onnx", "--no-progress")
+    assert res.exit_code == 0, res.output
+    res = _invoke("predict", "builtin:pbc6", str(cells), "--backend", "onnx", "--no-progress")
+    assert res.exit_code == 2 and "marrowscope export pbc6 --format onnx" in res.output
 
 
 def test_predict_decoding_in_threads_gives_the_same_table(

@@ -261,7 +261,12 @@ def models() -> None:
 
     from rich.table import Table
 
-    from marrowscope.models.bundle import PRETRAINED_DIR, pretrained_index, read_metadata
+    from marrowscope.models.bundle import (
+        PRETRAINED_DIR,
+        pretrained_bundle,
+        pretrained_index,
+        read_metadata,
+    )
 
     index = pretrained_index()
     if not index:
@@ -271,7 +276,9 @@ def models() -> None:
     for col in ("name", "classes", "input", "architecture", "macro-F1 (measured on)", "size"):
         table.add_column(col)
     for name in index:
-        meta = read_metadata(PRETRAINED_DIR / name)
+        # checked by sha256 as loading checks them: a damaged or replaced file is one clear
+        # error (naming the file and the fix), never numbers read from an altered metadata.json
+        meta = read_metadata(pretrained_bundle(name))
         pre = meta.pretrained or {}
         ev = pre.get("evaluation", {})
         lo, hi = ev.get("ci95", {}).get("macro_f1", (float("nan"), float("nan")))
@@ -290,7 +297,11 @@ def models() -> None:
         )
     console.print(table)
     console.print(f"model cards: {PRETRAINED_DIR}/NAME/MODEL_CARD.md")
-    from marrowscope.models.detector import detector_index, read_detector_metadata
+    from marrowscope.models.detector import (
+        detector_index,
+        pretrained_detector,
+        read_detector_metadata,
+    )
 
     detectors = detector_index()
     if detectors:
@@ -298,7 +309,7 @@ def models() -> None:
         for col in ("name", "description", "val recall / precision (IoU 0.5, worst origin)"):
             dt.add_column(col)
         for name, entry in detectors.items():
-            meta = read_detector_metadata(PRETRAINED_DIR / name)
+            meta = read_detector_metadata(pretrained_detector(name))
             per = (meta.extra.get("evaluation") or {}).get("iou_0.5", {})
             origins = [v for k, v in per.items() if k != "all"]
             worst = (
@@ -620,6 +631,13 @@ def evaluate(
         f"macro-F1 {m['macro_f1']:.3f} [{ci['macro_f1'][0]:.3f}, {ci['macro_f1'][1]:.3f}]  "
         f"balanced accuracy {m['balanced_accuracy']:.3f}  weighted F1 {m['weighted_f1']:.3f}"
     )
+    absent = [c for c, v in m["per_class"].items() if not v["support"]]
+    if absent:
+        console.print(
+            f"macro-F1 and balanced accuracy are over the {len(m['per_class']) - len(absent)} "
+            f"classes with images here; {', '.join(absent)} (no image) left out; over all "
+            f"model classes, counting those as 0: macro-F1 {m['macro_f1_all_classes']:.3f}"
+        )
     if out:
         console.print(f"report: {out / 'report.md'}")
 
@@ -747,8 +765,9 @@ def _warn_field_like(res: Any, detector: str, check: Callable[..., list[tuple[st
     if odd:
         shown = ", ".join(f"{escape(Path(p).name)} ({n} white cells)" for p, n in odd[:3])
         err_console.print(
-            f"[yellow]warning:[/] {len(odd)} of the images checked look like whole fields, not "
-            f"single-cell crops: {shown}; count fields with --fields"
+            f"[yellow]warning:[/] {len(odd)} of the images checked look like whole fields (red "
+            f"cells all around, no white cell filling the middle), not single-cell crops: "
+            f"{shown}; count fields with --fields"
         )
 
 
@@ -780,12 +799,14 @@ def detect(
 ) -> None:
     """Find the white cells of whole fields of view (and classify them): detections.csv (one row
     per cell: field, box, score, class, confidence), fields.csv (one row per field: cells found,
-    scale used, error), detections.json and overlays/*.png."""
+    scale used, error), detections.json and overlays/*.png (overlays an earlier run left there
+    are removed). Exit code 1 when no field could be used."""
 
     from rich.markup import escape
 
     from marrowscope.engine.detect import detect_fields
     from marrowscope.inference import Predictor, collect_image_paths
+    from marrowscope.utils.io import printable
 
     _check_backend(backend)
     det = _load_detector(detector, min_score)
@@ -800,9 +821,9 @@ def detect(
 
     def report(o: Any) -> None:
         for w in o.warnings:
-            err_console.print(f"[yellow]warning:[/] {escape(o.path)}: {escape(w)}")
+            err_console.print(f"[yellow]warning:[/] {escape(printable(o.path))}: {escape(w)}")
         if o.error:
-            err_console.print(f"[yellow]skipped:[/] {escape(o.error)}")
+            err_console.print(f"[yellow]skipped:[/] {escape(printable(o.error))}")
 
     run = detect_fields(
         paths,
@@ -951,7 +972,8 @@ def count(
     """Differential count of one sample + hairy-cell flag: report.html, count.json, cells.csv.
 
     A sample is a folder of single-cell images, or with --fields a folder of whole fields of
-    view. The thresholds are research settings, not a clinical decision rule.
+    view. The thresholds are research settings, not a clinical decision rule. Exit code 1 when
+    no image (field) of the sample could be used.
     """
 
     from rich.markup import escape
@@ -964,6 +986,7 @@ def count(
         write_count_outputs,
     )
     from marrowscope.inference import Predictor
+    from marrowscope.utils.io import printable
 
     _check_backend(backend)
     decode_mode = _check_decode(decode)
@@ -1014,8 +1037,8 @@ def count(
         )
         for f in res.fields:
             for w in f.warnings:
-                err_console.print(f"[yellow]warning:[/] {escape(f.path)}: {escape(w)}")
-    table = Table(title=f"{escape(res.sample)}: {totals['identified']} identified cells")
+                err_console.print(f"[yellow]warning:[/] {escape(printable(f.path))}: {escape(w)}")
+    table = Table(title=f"{escape(printable(res.sample))}: {totals['identified']} identified cells")
     for col in ("class", "count", "%"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for c in res.classes:
@@ -1027,14 +1050,21 @@ def count(
     )
     for path, why in res.unreadable:
         msg = why if path in why else f"{path}: {why}"
-        err_console.print(f"[yellow]unreadable:[/] {escape(msg)}")
+        label = "could not be used" if fields else "unreadable"
+        err_console.print(f"[yellow]{label}:[/] {escape(printable(msg))}")
     if fields:
         console.print(
             f"boxes: {escape(str(paths['detections']))}; overlays: {escape(str(target / 'overlays'))}"
         )
     colour = {"flagged": "bold red", "not flagged": "green"}.get(res.flag.status, "yellow")
     console.print(f"[{colour}]hairy-cell flag: {res.flag.status}[/] - {escape(res.flag.message)}")
-    console.print(f"report: {escape(str(paths['report']))}")
+    console.print(f"report: {escape(printable(str(paths['report'])))}")
+    if res.n_images and len(res.unreadable) == res.n_images:
+        err_console.print(
+            f"[red]no {'field' if fields else 'image'} of this sample could be used[/] (every "
+            "one is listed above and in cells.csv); the count is empty"
+        )
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------- inference commands (issue 4)
@@ -1046,9 +1076,9 @@ def predict(
     checkpoint: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8, pbc6; "
-            "see `marrowscope models`); a .onnx file with --backend onnx, an int8 export folder "
-            "with --backend int8."
+            help="Checkpoint bundle folder (RUN_DIR/best) or a shipped model name (bm8, pbc6, or "
+            "builtin:bm8 where a local path bm8 exists; see `marrowscope models`); a .onnx file "
+            "with --backend onnx, an int8 export folder with --backend int8."
         ),
     ],
     inputs: Annotated[
@@ -1115,7 +1145,8 @@ def predict(
 
     import marrowscope
     from marrowscope.inference.batching import (
-        collect_image_paths,
+        GRAYSCALE_WARNING,
+        collect_inputs,
         output_format,
         prediction_records,
         write_predictions,
@@ -1163,23 +1194,28 @@ def predict(
         return
     if out is not None:
         output_format(out)  # fail before the run: bad extension or no pyarrow
-    paths = collect_image_paths(inputs)
+    collected = collect_inputs(inputs)
+    paths = collected.paths
     pred = Predictor.from_checkpoint(
         checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
     )
     start = time.perf_counter()
-    results = [
-        (r.path, r.probs, r.error)
-        for r in pred.predict_paths(
-            paths, workers=workers, progress=not no_progress, decode=decode_mode
-        )
-    ]
+    predictions = list(
+        pred.predict_paths(paths, workers=workers, progress=not no_progress, decode=decode_mode)
+    )
     seconds = time.perf_counter() - start
+    results = [(r.path, r.probs, r.error) for r in predictions]
+    gray = [r.path for r in predictions if r.grayscale]
     records = prediction_records(
         results,
         pred.classes_,
         topk=topk,
-        extra={"model": pred.arch, "marrowscope_version": marrowscope.__version__},
+        extra={
+            "model": pred.model_name_,
+            "arch": pred.arch,
+            "marrowscope_version": marrowscope.__version__,
+        },
+        warnings=[GRAYSCALE_WARNING if r.grayscale else "" for r in predictions],
     )
     errors = [(p, e) for p, _, e in results if e]
     if out is None:
@@ -1191,6 +1227,18 @@ def predict(
     if len(errors) > 5:
         where = f"the error column of {out}" if out is not None else "the table"
         console.print(f"[yellow]... {len(errors) - 5} more; see {where}")
+    if gray:
+        names = ", ".join(os.path.basename(p) for p in gray[:3])
+        more = f" and {len(gray) - 3} more" if len(gray) > 3 else ""
+        where = f"; flagged in the warning column of {out}" if out is not None else ""
+        console.print(
+            f"[yellow]warning:[/] {len(gray)} image(s) are grayscale ({escape(names)}{more}): "
+            "the model was trained on stained colour images; predictions on them are "
+            f"unreliable{escape(where)}"
+        )
+    skipped = collected.skipped_summary()
+    if skipped:
+        console.print(f"[yellow]note:[/] {escape(skipped)}")
     n_ok = len(results) - len(errors)
     share = pred.recheck_share()
     rechecked = (
@@ -1291,8 +1339,10 @@ def export(
         typer.Option(
             "--out",
             "-o",
-            help="Output: a .onnx file (default CHECKPOINT/model.onnx), or for int8 a folder "
-            "(default CHECKPOINT/int8; for a shipped model ~/.cache/marrowscope/int8/NAME).",
+            help="Output: a .onnx file (default CHECKPOINT/model.onnx; for a shipped model "
+            "~/.cache/marrowscope/onnx/NAME/model.onnx, where --backend onnx finds it), or for "
+            "int8 a folder (default CHECKPOINT/int8; for a shipped model "
+            "~/.cache/marrowscope/int8/NAME).",
         ),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
@@ -1355,6 +1405,8 @@ def export(
             f"real images {rep.real_max_abs_diff:.2e} (n={rep.n_real})"
         )
         console.print(f"wrote {target} ({rep.exporter} exporter, opset {rep.opset})")
+        if out is None:
+            console.print(f"use it with: marrowscope predict {checkpoint} IMAGES --backend onnx")
         return
     if calibration_size < 1:
         raise typer.BadParameter(

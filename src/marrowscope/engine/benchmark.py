@@ -51,9 +51,10 @@ from marrowscope.inference.predictor import (
     Predictor,
     PredictorError,
     default_metadata,
+    default_onnx_path,
 )
 from marrowscope.metadata import BundleMetadata
-from marrowscope.models.bundle import BundleError, load_bundle, pretrained_bundle, pretrained_index
+from marrowscope.models.bundle import BundleError, load_bundle, pretrained_bundle, shipped_name
 from marrowscope.models.registry import Classifier, build_model
 from marrowscope.preprocess.cache import resolve_workers
 from marrowscope.preprocess.ops import config_from_params, preprocess_steps
@@ -174,9 +175,8 @@ def load_target(
         BundleError: a folder that is not a valid bundle.
         ModelError: an unknown model name.
     """
-    path = Path(target).expanduser()
-    if not path.exists() and target in pretrained_index():
-        path = pretrained_bundle(target)
+    name = shipped_name(target)
+    path = pretrained_bundle(name) if name is not None else Path(target).expanduser()
     if path.exists():
         model, meta = load_bundle(path, device="cpu")
         return model, meta, path
@@ -281,11 +281,11 @@ def _predictors(
                 )
         elif b == "onnx":
             pred = None
-            if bundle is not None and (bundle / ONNX_NAME).is_file():
+            if bundle is not None and default_onnx_path(bundle).is_file():
                 try:
                     pred = Predictor.from_checkpoint(bundle, backend="onnx", tta="none")
                 except PredictorError as e:
-                    console.print(f"[yellow]not using {bundle / ONNX_NAME}: {e}")
+                    console.print(f"[yellow]not using {default_onnx_path(bundle)}: {e}")
             if pred is None:
                 console.print("exporting to a temporary ONNX file (with the parity check) ...")
                 onnx_file = tmp / ONNX_NAME

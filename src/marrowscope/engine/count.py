@@ -18,6 +18,7 @@ the error to catch.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 
-def _sample_files(sample_dir: Path) -> tuple[list[Path], list[Path]]:
+def _sample_files(sample_dir: Path, *, fields: bool = False) -> tuple[list[Path], list[Path]]:
     if not sample_dir.exists():
         raise CountError(f"{sample_dir}: no such sample folder; check the path")
     if not sample_dir.is_dir():
@@ -68,6 +69,12 @@ def _sample_files(sample_dir: Path) -> tuple[list[Path], list[Path]]:
     images, others = list_images(sample_dir)
     if not images:
         extra = f" (found {len(others)} other file(s))" if others else ""
+        if fields:
+            raise CountError(
+                f"{sample_dir}: no field images in this sample folder or its sub-folders{extra}; "
+                "with --fields a sample is one folder of whole fields of view "
+                f"({', '.join(IMAGE_EXTENSIONS)})"
+            )
         raise CountError(
             f"{sample_dir}: no cell images in this sample folder or its sub-folders{extra}; a "
             f"sample is one folder of single-cell images ({', '.join(IMAGE_EXTENSIONS)})"
@@ -264,7 +271,10 @@ def count_fields(
     out at the classifier's scale and classified through ``predictor`` (TTA, calibration), then
     counted with the same rule, unidentified bin and hairy-cell flag as :func:`count_sample`.
     Each cell keeps its field and box (``CellCall.field_rel``, ``CellCall.box``); the result's
-    ``fields`` lists every readable field, those without a white cell included.
+    ``fields`` lists every readable field, those without a white cell included; ``unreadable``
+    every field that could not be used, with its reason (any error on one field is that field's
+    error: the other fields are still counted). The result's ``mode`` is ``"fields"``, also when
+    no field could be used.
 
     Args:
         predictor: the classifier.
@@ -279,13 +289,13 @@ def count_fields(
     Raises:
         CountError: a missing/empty sample folder or a setting out of range.
     """
-    from marrowscope.engine.detect import mark_model_scale, outcome_of
+    from marrowscope.engine.detect import field_failure, mark_model_scale, outcome_of
     from marrowscope.inference.fields import FieldError, analyze_field, crop_spec
     from marrowscope.utils.progress import make_progress
 
     check_settings(threshold, hac_min_percent, hac_min_count, evidence)
     folder = Path(sample_dir).expanduser()
-    images, others = _sample_files(folder)
+    images, others = _sample_files(folder, fields=True)
     classes = tuple(str(c) for c in predictor.classes_)
     spec = crop_spec(predictor)
     if use_model_scale:
@@ -298,11 +308,17 @@ def count_fields(
         for path in images:
             rel_field = Path(os.path.relpath(path, folder)).as_posix()
             try:
-                res = analyze_field(path, detector, predictor, um_per_px=um_per_px, spec=spec)
+                res = analyze_field(
+                    path, detector, predictor, um_per_px=um_per_px, spec=spec, name=str(path)
+                )
                 if use_model_scale:
                     res = mark_model_scale(res)
             except FieldError as e:
                 unreadable.append((str(path), str(e)))
+                bar.advance(task)
+                continue
+            except Exception as e:  # noqa: BLE001 - one field's failure is that field's error
+                unreadable.append((str(path), field_failure(str(path), e)))
                 bar.advance(task)
                 continue
             fields.append(outcome_of(str(path), res))
@@ -333,6 +349,7 @@ def count_fields(
         hac_min_count=hac_min_count,
         evidence=evidence,
         hac_class=hac_class,
+        mode="fields",
         fields=tuple(fields),
         detector={
             "name": getattr(detector, "name_", None),
@@ -346,31 +363,33 @@ def count_fields(
 def field_like_images(
     paths: Sequence[str | Path], detector: FieldDetector, *, limit: int = 16
 ) -> list[tuple[str, int]]:
-    """Which of (up to ``limit``, evenly spread) single-cell images look like whole fields.
+    """The single-cell images that look like whole fields, when enough of them do.
 
-    An image looks like a field when the detector finds two or more white cells in it, or one
-    that is small for the frame (its box side below 30% of the image's shorter side): a crop
-    shows one cell that fills much of it.
+    Up to ``limit`` images, evenly spread, are checked with
+    :func:`~marrowscope.preprocess.fields.looks_like_field` (red cells all around and no white
+    cell in the middle as a crop has). One odd image is not a sample of fields: the images are
+    returned only when at least a quarter of those checked look like fields, and at least two
+    (one when only one image was checked). Measured on real images in ``docs/fields.md``.
 
     Returns:
-        ``(path, white cells found)`` per field-like image.
+        ``(path, white cells found)`` per field-like image; empty when the sample looks like crops.
     """
     from marrowscope.inference.fields import FieldError
+    from marrowscope.preprocess.fields import looks_like_field
 
     if not paths:
         return []
     step = max(1, len(paths) // limit)
+    checked = 0
     out = []
     for p in list(paths)[::step][:limit]:
         try:
             d = detector.detect(p)
         except (FieldError, ImageReadError):
             continue
-        if len(d) >= 2:
+        checked += 1
+        red = d.scale.red_cells if d.scale.source == "ruler" else 0
+        if looks_like_field(d.boxes, d.width, d.height, red_cells=red):
             out.append((str(p), len(d)))
-        elif len(d) == 1:
-            b = d.boxes[0]
-            side = max(b[2] - b[0], b[3] - b[1])
-            if side < 0.3 * min(d.width, d.height):
-                out.append((str(p), 1))
-    return out
+    needed = 1 if checked == 1 else max(2, math.ceil(checked / 4))
+    return out if len(out) >= needed else []

@@ -3,13 +3,17 @@
 :func:`detect_fields` runs :func:`~marrowscope.inference.fields.analyze_field` over field files,
 one at a time (a field is a whole image; a crop is not expected here), draws an overlay per field
 and writes ``detections.csv``, ``fields.csv`` and ``detections.json``
-(:mod:`marrowscope.reports.detect_files`). A field that cannot be used (unreadable, too large)
+(:mod:`marrowscope.reports.detect_files`). A field that cannot be used (unreadable, too large,
+or any other failure on that field, a failed overlay write or running out of memory included)
 is recorded with its error and the run goes on; a field without a white cell is recorded with
-zero cells.
+zero cells. Overlays of an earlier run into the same folder that this run did not write are
+removed, and ``overlays/`` carries a marker so that a later run over a folder holding this one
+does not take the overlays for fields.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +35,7 @@ from marrowscope.reports.detect_files import (
     FieldOutcome,
     draw_overlay,
     overlay_name,
+    prepare_overlays,
     write_detect_outputs,
     write_overlay,
 )
@@ -39,7 +44,22 @@ from marrowscope.utils.progress import make_progress
 if TYPE_CHECKING:
     from marrowscope.inference.predictor import Predictor
 
-__all__ = ["DetectRun", "detect_fields", "mark_model_scale", "outcome_of"]
+__all__ = ["DetectRun", "detect_fields", "field_failure", "mark_model_scale", "outcome_of"]
+
+log = logging.getLogger(__name__)
+
+
+def field_failure(name: str, error: BaseException) -> str:
+    """The message recorded for a field that failed with an unexpected ``error`` (the traceback
+    goes to the debug log: ``--verbose``)."""
+    log.debug("field %s failed", name, exc_info=error)
+    if isinstance(error, MemoryError):
+        return (
+            f"{name}: not enough memory to process this field; cut it into smaller fields or "
+            "free memory"
+        )
+    text = str(error)
+    return f"{name}: {type(error).__name__}: {text}" if name not in text else text
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,8 @@ def detect_fields(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if overlays:
+        prepare_overlays(out)
     spec = crop_spec(predictor) if predictor is not None else None
     if use_model_scale:
         if spec is None:
@@ -134,16 +156,14 @@ def detect_fields(
         for n, p in enumerate(paths):
             name = str(p)
             t0 = time.perf_counter()
+            analysed = False
             try:
-                rgb = load_field(p)
-                result = analyze_field(rgb, detector, predictor, um_per_px=um_per_px, spec=spec)
-            except FieldError as e:
-                busy += time.perf_counter() - t0
-                outcome = FieldOutcome(
-                    path=name, method=getattr(detector, "name_", ""), error=str(e)
+                rgb = load_field(p, name=name)
+                result = analyze_field(
+                    rgb, detector, predictor, um_per_px=um_per_px, spec=spec, name=name
                 )
-            else:
                 busy += time.perf_counter() - t0
+                analysed = True
                 if use_model_scale:
                     result = mark_model_scale(result)
                 rel = overlay_name(n, name) if overlays else None
@@ -153,6 +173,16 @@ def detect_fields(
                     write_overlay(
                         out / rel, draw_overlay(rgb, outcome.cells, classes=classes, note=note)
                     )
+            except FieldError as e:
+                busy += 0.0 if analysed else time.perf_counter() - t0
+                outcome = FieldOutcome(
+                    path=name, method=getattr(detector, "name_", ""), error=str(e)
+                )
+            except Exception as e:  # noqa: BLE001 - one field's failure is that field's error
+                busy += 0.0 if analysed else time.perf_counter() - t0
+                outcome = FieldOutcome(
+                    path=name, method=getattr(detector, "name_", ""), error=field_failure(name, e)
+                )
             outcomes.append(outcome)
             if on_field is not None:
                 on_field(outcome)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,10 @@ def write_evaluation(
     classes: Sequence[str],
     title: str,
     extra: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> None:
-    """Write metrics.json, report.md, confusion_matrix.{png,csv} and predictions.csv."""
+    """Write metrics.json, report.md, confusion_matrix.{png,csv} and predictions.csv
+    (``notes``: paragraphs of the report under the facts, e.g. what was left out)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
     cm = np.asarray(metrics["confusion_matrix"])
@@ -93,6 +96,7 @@ def write_evaluation(
             ci=metrics.get("ci95"),
             focus=None if not focus or focus.get("absent") else focus,
             extra=extra,
+            notes=notes,
         ),
     )
 
@@ -111,6 +115,12 @@ def parse_class_map(items: Sequence[str]) -> dict[str, str]:
 def labelled_rows(source: Path, split: str | None = None) -> list[ManifestRow]:
     """Labelled images of a folder per class, or of a manifest CSV (its ``split`` rows; by
     default the ``test`` rows when the manifest has splits)."""
+    return _labelled(source, split)[0]
+
+
+def _labelled(source: Path, split: str | None) -> tuple[list[ManifestRow], list[Path]]:
+    """:func:`labelled_rows`, and the files of a folder source that were left out because
+    they are not images by extension."""
     if source.is_file() and source.suffix.lower() == ".csv":
         rows = read_manifest(source)
         has_split = any(r.split for r in rows)
@@ -119,9 +129,29 @@ def labelled_rows(source: Path, split: str | None = None) -> list[ManifestRow]:
             rows = [r for r in rows if r.split == chosen]
             if not rows:
                 raise DataError(f"manifest {source} has no row in split {chosen!r}; pass --split")
-        return rows
+        return rows, []
     scan = scan_folder(resolve_root(str(source)), check_images=False, progress=False)
-    return [ManifestRow(path=str(p), label=c) for c, files in scan.files.items() for p in files]
+    rows = [ManifestRow(path=str(p), label=c) for c, files in scan.files.items() for p in files]
+    return rows, list(scan.ignored)
+
+
+def _left_out_notes(dropped: Mapping[str, int], ignored: Sequence[str]) -> list[str]:
+    """The report's sentences on what the evaluation left out."""
+    notes = []
+    if dropped:
+        listed = ", ".join(f"{c} ({n} images)" for c, n in dropped.items())
+        notes.append(
+            f"Left out (--drop-unknown): {sum(dropped.values())} images of class(es) the model "
+            f"does not know: {listed}."
+        )
+    if ignored:
+        shown = ", ".join(Path(p).name for p in ignored[:5])
+        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        notes.append(
+            f"Not read: {len(ignored)} file(s) that are not images by their extension ({shown}"
+            f"{more})."
+        )
+    return notes
 
 
 def evaluate_bundle(
@@ -145,11 +175,17 @@ def evaluate_bundle(
     Class names of the data must be among the bundle's classes (after ``class_map``), otherwise a
     :class:`DataError` names the unknown classes and the fixes (``--map SRC=DST``, ``--drop-unknown``).
     ``tta`` overrides the bundle's test-time augmentation (``None``: the bundle's setting).
+
+    What was left out is recorded in the returned metrics (``metrics.json``) and in
+    ``report.md``: ``dropped_classes`` (``{class: images}`` left out by ``drop_unknown``),
+    ``ignored_files`` (files of a folder source that are not images by extension) and
+    ``skipped`` (unreadable images).
     """
     console = console or Console()
     meta = read_metadata(bundle_dir)
     classes = list(meta.classes)
-    rows = labelled_rows(Path(source), split)
+    rows, ignored_paths = _labelled(Path(source), split)
+    ignored = [str(p) for p in ignored_paths]
     cmap = dict(class_map or {})
     rows = [ManifestRow(r.path, cmap.get(r.label, r.label), r.split, r.group) for r in rows]
     unknown = sorted({r.label for r in rows} - set(classes))
@@ -159,9 +195,22 @@ def evaluate_bundle(
             f"(it knows {', '.join(classes)}); map them with --map SRC=DST or leave them out with "
             "--drop-unknown"
         )
+    dropped: dict[str, int] = {}
     if unknown:
-        console.print(f"[yellow]leaving out class(es) unknown to the model: {', '.join(unknown)}")
+        counts = Counter(r.label for r in rows)
+        dropped = {c: counts[c] for c in unknown}
+        console.print(
+            "[yellow]leaving out class(es) unknown to the model: "
+            + ", ".join(f"{c} ({n} images)" for c, n in dropped.items())
+        )
         rows = [r for r in rows if r.label in set(classes)]
+    if ignored:
+        shown = ", ".join(Path(p).name for p in ignored[:3])
+        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        console.print(
+            f"[yellow]not reading {len(ignored)} file(s) that are not images by their extension "
+            f"({shown}{more})"
+        )
     if not rows:
         raise DataError(f"no labelled image to evaluate in {source}")
 
@@ -186,6 +235,8 @@ def evaluate_bundle(
     metrics["temperature"] = predictor.temperature_
     metrics["source"] = str(source)
     metrics["skipped"] = [{"path": p, "error": m} for p, m in failures]
+    metrics["dropped_classes"] = dropped
+    metrics["ignored_files"] = ignored
     if out_dir is not None:
         write_evaluation(
             Path(out_dir),
@@ -196,5 +247,6 @@ def evaluate_bundle(
             classes=classes,
             title=f"{predictor.arch} on {Path(source).name}",
             extra={"checkpoint": str(bundle_dir), "data": str(source), "images": len(paths)},
+            notes=_left_out_notes(dropped, ignored),
         )
     return metrics

@@ -43,6 +43,7 @@ import numpy as np
 from marrowscope import __version__
 from marrowscope.config import PreprocessConfig
 from marrowscope.inference.batching import (
+    GRAYSCALE_WARNING,
     InputError,
     collect_image_paths,
     load_and_preprocess,
@@ -50,7 +51,8 @@ from marrowscope.inference.batching import (
     prediction_schema,
 )
 from marrowscope.inference.predictor import BACKEND_ALIASES, Predictor
-from marrowscope.models.bundle import pretrained_bundle, pretrained_index
+from marrowscope.models.bundle import pretrained_bundle, shipped_name
+from marrowscope.preprocess.ops import is_grayscale
 from marrowscope.utils.image import ImageReadError, is_hidden, is_image_file
 
 __all__ = [
@@ -306,6 +308,8 @@ class PredictActor:
         backend: ``torch``, ``onnx`` or ``int8`` (``bundle`` is then the int8 export folder).
         topk: ranked classes per row.
         threads: torch threads (the CPUs this actor reserved).
+        model_name: the ``model`` column (the driver's :attr:`Predictor.model_name_`: the
+            actor loads a copy from a temporary folder, whose path names nothing).
     """
 
     def __init__(
@@ -319,6 +323,7 @@ class PredictActor:
         backend: str,
         topk: int,
         threads: int,
+        model_name: str | None = None,
     ) -> None:
         import ray
         import torch
@@ -347,7 +352,11 @@ class PredictActor:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # the model is in memory now
         self.topk = topk
-        self.extra = {"model": self.predictor.arch, "marrowscope_version": __version__}
+        self.extra = {
+            "model": model_name or self.predictor.model_name_,
+            "arch": self.predictor.arch,
+            "marrowscope_version": __version__,
+        }
         example = prediction_records(
             [("", None, "x")], self.predictor.classes_, topk=topk, extra=self.extra
         )
@@ -365,8 +374,12 @@ class PredictActor:
             (str(path), next(probs) if good else None, err or None)
             for path, good, err in zip(batch["path"], ok, errors, strict=True)
         ]
+        warnings = [
+            GRAYSCALE_WARNING if good and is_grayscale(image) else ""
+            for image, good in zip(batch["image"], ok, strict=True)
+        ]
         records = prediction_records(
-            results, self.predictor.classes_, topk=self.topk, extra=self.extra
+            results, self.predictor.classes_, topk=self.topk, extra=self.extra, warnings=warnings
         )
         return pa.Table.from_pylist(records, schema=self.schema)
 
@@ -377,9 +390,8 @@ class PredictActor:
 def _bundle_payload(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The bundle's files as bytes (shipped to the actors through the object store, so remote
     nodes need no copy of the checkpoint)."""
-    p = Path(checkpoint)
-    if not p.exists() and len(p.parts) == 1 and p.name in pretrained_index():
-        p = pretrained_bundle(p.name)
+    name = shipped_name(checkpoint)
+    p = pretrained_bundle(name) if name is not None else Path(checkpoint)
     if p.is_file():  # an exported .onnx file
         return {"name": p.name, "folder": False, "files": {p.name: p.read_bytes()}}
     files = {
@@ -530,7 +542,16 @@ def predict_with_ray(
     # int8: the export folder the driver resolved (CHECKPOINT/int8, or the cache for a shipped
     # model), not the bundle's top-level files, which hold no OpenVINO model
     int8_bin = getattr(predictor, "int8_path_", None) if predictor.backend == "int8" else None
-    payload = _bundle_payload(Path(int8_bin).parent if int8_bin is not None else checkpoint)
+    # onnx: the .onnx file the driver resolved (it carries the metadata; for a shipped model it
+    # is in the per-user cache, not in the bundle folder)
+    onnx_file = getattr(predictor, "onnx_path_", None) if predictor.backend == "onnx" else None
+    payload = _bundle_payload(
+        Path(int8_bin).parent
+        if int8_bin is not None
+        else onnx_file
+        if onnx_file is not None
+        else checkpoint
+    )
     owned = _connect(ray, address)
     try:
         n_actors, resources = _actor_plan(
@@ -565,6 +586,7 @@ def predict_with_ray(
                 "backend": backend,
                 "topk": topk,
                 "threads": max(1, int(cpus_per_worker)),
+                "model_name": predictor.model_name_,
             },
             batch_size=batch_size,
             batch_format="numpy",

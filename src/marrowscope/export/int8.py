@@ -83,8 +83,13 @@ from marrowscope.metrics.agreement import (
     guard_report,
 )
 from marrowscope.metrics.classification import softmax
-from marrowscope.models.bundle import METADATA_NAME, WEIGHTS_NAME, load_bundle, pretrained_bundle
-from marrowscope.models.bundle import pretrained_index as _shipped
+from marrowscope.models.bundle import (
+    METADATA_NAME,
+    WEIGHTS_NAME,
+    load_bundle,
+    pretrained_bundle,
+    shipped_name,
+)
 from marrowscope.models.registry import Classifier
 from marrowscope.preprocess.ops import config_from_params
 from marrowscope.utils.io import atomic_folder, file_sha256
@@ -832,9 +837,10 @@ def export_int8_checkpoint(
         raise ValueError(f"recheck_size must be >= 1, got {recheck_size}")
     model, meta = load_bundle(checkpoint, device="cpu")
     ck = Path(checkpoint).expanduser()
-    bundle_dir: Path | None = ck if ck.is_dir() else None
-    if bundle_dir is None and str(checkpoint) in _shipped():
-        bundle_dir = pretrained_bundle(str(checkpoint))
+    name = shipped_name(checkpoint, folder=True)
+    bundle_dir: Path | None = (
+        pretrained_bundle(name) if name is not None else ck if ck.is_dir() else None
+    )
     target = Path(out) if out is not None else default_int8_dir(checkpoint)
     calib_files, record = calibration_images(
         bundle_dir, meta, calibrate=calibrate, size=calibration_size, seed=seed

@@ -32,14 +32,14 @@ from marrowscope.data.sample import SAMPLE_ROOT
 from marrowscope.inference.predictor import (
     ONNX_INPUT,
     ONNX_METADATA_KEY,
-    ONNX_NAME,
     ONNX_OUTPUT,
     Predictor,
     default_metadata,
+    default_onnx_path,
     softmax,
 )
 from marrowscope.metadata import BundleMetadata
-from marrowscope.models.bundle import WEIGHTS_NAME, load_bundle
+from marrowscope.models.bundle import WEIGHTS_NAME, load_bundle, pretrained_bundle, shipped_name
 from marrowscope.models.registry import Classifier, ModelError
 from marrowscope.preprocess.ops import apply_preprocess, config_from_params, resize
 from marrowscope.utils.image import ImageReadError, list_image_files, read_image
@@ -311,17 +311,25 @@ def export_checkpoint(
     opset: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> tuple[Path, ParityReport]:
-    """Export a checkpoint bundle to ONNX (default ``CHECKPOINT/model.onnx``).
+    """Export a checkpoint bundle or shipped model to ONNX.
+
+    The default output is where the onnx backend looks
+    (:func:`~marrowscope.inference.predictor.default_onnx_path`): ``CHECKPOINT/model.onnx``,
+    or for a shipped model ``$MARROWSCOPE_CACHE/onnx/NAME/model.onnx`` (never a ``./NAME``
+    folder, which would hide the shipped model, nor the package folder). The SHA-256 of the
+    weights it comes from is recorded, so that a stale export is refused at load time.
 
     Raises:
         BundleError: the checkpoint cannot be loaded.
         ExportError: export or parity failure (nothing written).
     """
     model, meta = load_bundle(checkpoint, device="cpu")
-    target = Path(out) if out is not None else Path(checkpoint) / ONNX_NAME
+    target = Path(out) if out is not None else default_onnx_path(checkpoint)
     if target.is_dir():
         raise ExportError(f"{target} is a folder; pass a file name ending in .onnx")
-    weights = Path(checkpoint) / WEIGHTS_NAME
+    name = shipped_name(checkpoint, folder=True)
+    folder = pretrained_bundle(name) if name is not None else Path(checkpoint).expanduser()
+    weights = folder / WEIGHTS_NAME
     sha = file_sha256(weights) if weights.is_file() else None
     report = export_onnx(model, target, meta, opset=opset, tolerance=tolerance, weights_sha256=sha)
     return target, report

@@ -1,6 +1,8 @@
 """Batch input and output for prediction: which files, decoded where, written how.
 
-* :func:`collect_image_paths` turns command-line inputs (files, folders, globs) into image paths.
+* :func:`collect_inputs` turns command-line inputs (files, folders, globs) into image paths, and
+  names the files found there that were left out (not an image by extension);
+  :func:`collect_image_paths` returns the paths alone.
 * :func:`iter_loaded` decodes and preprocesses paths in threads or worker processes, a bounded
   number of chunks ahead of the consumer, so that decoding overlaps with inference; results come
   back in input order and a file that cannot be used becomes an error message, never an exception.
@@ -20,6 +22,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +48,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OUTPUT_FORMATS",
+    "GRAYSCALE_WARNING",
+    "CollectedInputs",
     "InputError",
     "DECODE_MODES",
     "Loaded",
     "check_decode",
     "collect_image_paths",
+    "collect_inputs",
     "iter_loaded",
     "load_and_preprocess",
     "output_format",
@@ -92,39 +98,81 @@ class InputError(DataError):
     """Inputs that match no image, or an output file that cannot be written; names the fix."""
 
 
+GRAYSCALE_WARNING = (
+    "grayscale image: the model was trained on stained colour images; this prediction is unreliable"
+)
+"""The ``warning`` of a prediction row whose image carries no colour."""
+
+
 # ------------------------------------------------------------------------------ input collection
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return list_image_files(folder)[0]
+@dataclass(frozen=True)
+class CollectedInputs:
+    """What :func:`collect_inputs` found.
+
+    Attributes:
+        paths: the image files, in input order.
+        skipped: the other (not hidden) files under the folders and among the pattern matches,
+            left out because their extension is not one of
+            :data:`~marrowscope.utils.image.IMAGE_EXTENSIONS` (in any case: ``.JPG`` is an
+            image); sorted within each input.
+    """
+
+    paths: list[Path]
+    skipped: list[Path]
+
+    def skipped_summary(self, shown: int = 3) -> str | None:
+        """One line naming how many files were left out and a few of them (``None``: none)."""
+        if not self.skipped:
+            return None
+        names = ", ".join(p.name for p in self.skipped[:shown])
+        more = f" and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return (
+            f"skipped {len(self.skipped)} file(s) that are not images by their extension "
+            f"({names}{more}); images are {' '.join(IMAGE_EXTENSIONS)} in any case; name a "
+            "file explicitly to try it anyway, or convert it to PNG or JPEG"
+        )
 
 
 def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files, folders (recursively) and glob patterns into a list of image files.
+    """The image files of :func:`collect_inputs` (the skipped files are not reported)."""
+    return collect_inputs(inputs).paths
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike[str]]) -> CollectedInputs:
+    """Expand files, folders (recursively) and glob patterns into a list of image files, and
+    list the files found there that are not images by extension.
 
     A file named explicitly is always kept (if it is not an image, its prediction row carries the
     error). Folders and glob matches contribute files with one of
-    :data:`~marrowscope.utils.image.IMAGE_EXTENSIONS` only. Order: the order of ``inputs``,
-    sorted within each folder or pattern; duplicates are dropped.
+    :data:`~marrowscope.utils.image.IMAGE_EXTENSIONS` (case-insensitive) only; their other
+    files are returned as ``skipped``. Order: the order of ``inputs``, sorted within each folder
+    or pattern; duplicates are dropped.
 
     Raises:
         InputError: an input that is neither a file, a folder nor a pattern matching something;
             or no image at all.
     """
     out: dict[Path, None] = {}
+    skipped: dict[Path, None] = {}
     given = [str(i) for i in inputs]
     for text in given:
         p = Path(text).expanduser()
         if p.is_file():
             out[p] = None
         elif p.is_dir():
-            found = _images_under(p)
+            found, others = list_image_files(p)
             if not found:
+                seen = (
+                    f"; found {len(others)} other file(s), e.g. {others[0].name}" if others else ""
+                )
                 raise InputError(
                     f"{p}: no image files in this folder or its sub-folders (looked for "
-                    f"{', '.join(IMAGE_EXTENSIONS)}); check the path"
+                    f"{', '.join(IMAGE_EXTENSIONS)} in any case{seen}); check the path"
                 )
             out.update(dict.fromkeys(found))
+            skipped.update(dict.fromkeys(others))
         elif _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
             found = []
@@ -132,9 +180,13 @@ def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
                 if is_hidden(m.name) or "__MACOSX" in m.parts:
                     continue  # as a folder listing would
                 if m.is_dir():
-                    found.extend(_images_under(m))
+                    images, others = list_image_files(m)
+                    found.extend(images)
+                    skipped.update(dict.fromkeys(others))
                 elif m.is_file() and is_image_file(m):
                     found.append(m)
+                elif m.is_file():
+                    skipped[m] = None
             if not found:
                 raise InputError(
                     f"the pattern {text!r} matches no image file; check it (quote it so the "
@@ -145,7 +197,7 @@ def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             raise InputError(f"{text}: no such file or folder; check the path")
     if not out:
         raise InputError("no input given: pass image files, folders or glob patterns")
-    return list(out)
+    return CollectedInputs(paths=list(out), skipped=[q for q in skipped if q not in out])
 
 
 # ------------------------------------------------------------------------ decode + preprocess
@@ -395,27 +447,35 @@ def prediction_records(
     *,
     topk: int = 3,
     extra: Mapping[str, Any] | None = None,
+    warnings: Sequence[str | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One flat record per image: path, predicted, confidence, top-k, every class, extra, error.
+    """One flat record per image: path, predicted, confidence, top-k, every class, extra,
+    warning, error.
 
     Args:
         results: ``(path, probabilities or None, error or None)`` per image.
         classes: class names in index order.
         topk: how many ranked classes (clamped to the number of classes).
         extra: constant columns added to every record (e.g. model name and version).
+        warnings: per image, why its prediction is doubtful (e.g. :data:`GRAYSCALE_WARNING`),
+            or ``None``/``""``; aligned with ``results``.
 
     Returns:
         Records with keys ``path, predicted, confidence, top1, p_top1, ..., p_<CLASS>...,
-        <extra keys>, error``; ``None`` for values that an unreadable image lacks, and ``""``
-        for the error of a readable one.
+        <extra keys>, warning, error``; ``None`` for values that an unreadable image lacks,
+        and ``""`` for the warning and error of an image that has none.
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     k = min(topk, len(classes))
     extra = dict(extra or {})
     names = np.asarray(list(classes), dtype=object)
+    results = list(results)
+    notes = [None] * len(results) if warnings is None else list(warnings)
+    if len(notes) != len(results):
+        raise ValueError(f"{len(notes)} warnings for {len(results)} results; they must match")
     out = []
-    for path, probs, error in results:
+    for (path, probs, error), note in zip(results, notes, strict=True):
         rec: dict[str, Any] = {"path": path}
         if probs is None:
             rec.update(predicted=None, confidence=None)
@@ -431,6 +491,7 @@ def prediction_records(
                 rec[f"p_top{j}"] = float(probs[idx])
             rec.update({f"p_{c}": float(v) for c, v in zip(classes, probs, strict=True)})
         rec.update(extra)
+        rec["warning"] = note or ""
         rec["error"] = error or ""
         out.append(rec)
     return out

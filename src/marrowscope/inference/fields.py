@@ -240,8 +240,8 @@ def load_field(image: Any, *, name: str | None = None) -> np.ndarray:
 
 def _too_large(label: str, w: int, h: int) -> str:
     return (
-        f"{label}: field is {w}x{h} = {w * h:,} pixels, above the limit of {MAX_FIELD_PIXELS:,} "
-        "pixels; cut it into smaller fields first"
+        f"{label}: field is {w}x{h} = {w * h:,} pixels, above the {MAX_FIELD_PIXELS:,}-pixel "
+        "limit of a field; cut it into smaller fields first"
     )
 
 
@@ -382,19 +382,24 @@ class FieldDetector:
 
     # ----------------------------------------------------------------------------- detection
 
-    def detect(self, image: Any, *, um_per_px: float | None = None) -> FieldDetections:
+    def detect(
+        self, image: Any, *, um_per_px: float | None = None, name: str | None = None
+    ) -> FieldDetections:
         """Find the white cells of one field.
 
         Args:
             image: the field (path, bytes, array, PIL image).
             um_per_px: its scale if known (else measured on the red cells).
+            name: the field's name for messages (default: the path, when ``image`` is one).
 
         Raises:
             FieldError: an unreadable or oversized field, or an implausible ``um_per_px``.
         """
         if not hasattr(self, "name_"):
             raise RuntimeError("this FieldDetector is not loaded; use FieldDetector.load(name)")
-        rgb = load_field(image)
+        if name is None and isinstance(image, (str, os.PathLike)):
+            name = str(image)
+        rgb = load_field(image, name=name)
         h, w = rgb.shape[:2]
         scale = resolve_scale(rgb, um_per_px)
         warnings: list[str] = []
@@ -412,10 +417,11 @@ class FieldDetector:
             boxes, scores = detect_classical(rgb, um_per_px=scale.um_per_px, params=self.params_)
             tiles = 1
         else:
-            boxes, scores, tiles = self._detect_learned(rgb, scale.um_per_px)
+            boxes, scores, tiles = self._detect_learned(rgb, scale, name or "<array>")
         keep = scores >= self.min_score_
         boxes, scores = clip_boxes(boxes[keep], w, h), scores[keep]
-        if looks_like_crop(boxes, w, h):
+        measured = scale.red_cells if scale.source in ("ruler", "default") else None
+        if looks_like_crop(boxes, w, h, red_cells=measured):
             warnings.append(
                 "this looks like a single-cell crop (one centred cell fills the frame), not a "
                 "field; classify crops with 'marrowscope predict' or 'count' without --fields"
@@ -432,8 +438,9 @@ class FieldDetector:
         )
 
     def _detect_learned(
-        self, rgb: np.ndarray, um_per_px: float
+        self, rgb: np.ndarray, scale: FieldScale, name: str
     ) -> tuple[np.ndarray, np.ndarray, int]:
+        um_per_px = scale.um_per_px
         factor = um_per_px / self.work_um_per_px_
         meta = self.metadata_
         assert meta is not None
@@ -441,8 +448,8 @@ class FieldDetector:
         work_w, work_h = round(w * factor), round(h * factor)
         if work_w < 16 or work_h < 16:
             raise FieldError(
-                f"at {um_per_px:.4f} um/px this {w}x{h} field is only {work_w}x{work_h} pixels at "
-                "the detector's scale; check --um-per-px"
+                f"{name}: at {scale.describe()} this {w}x{h} field is only {work_w}x{work_h} "
+                f"pixels at the detector's scale (16 needed); {_small_field_advice(scale)}"
             )
         # a low floor here; the caller's threshold is applied afterwards
         floor = min(self.min_score_, 0.05)
@@ -503,6 +510,26 @@ class FieldDetector:
         assert self._model is not None
         with torch.inference_mode():
             return self._model(torch.from_numpy(x)).float().numpy()[0]
+
+
+def _small_field_advice(scale: FieldScale) -> str:
+    """What to do about a field too small at the detector's scale, by where its scale came from."""
+    if scale.source == "given":
+        return "check --um-per-px (micrometres per pixel of this image), or give a larger field"
+    if scale.source == "model":
+        return (
+            "the classifier's training scale was assumed (--um-per-px model); give this image's "
+            "own scale with --um-per-px, or a larger field"
+        )
+    if scale.source == "ruler":
+        return (
+            "its scale was measured on its red cells; give a larger field, or its scale with "
+            "--um-per-px if the measurement is wrong"
+        )
+    return (
+        "no red cell could be measured, so the default scale was assumed; give a larger field, "
+        "or its scale with --um-per-px"
+    )
 
 
 def _onnx_session(path: Path, threads: int) -> Any:
@@ -621,10 +648,14 @@ def analyze_field(
     *,
     um_per_px: float | None = None,
     spec: CropSpec | None = None,
+    name: str | None = None,
 ) -> FieldResult:
-    """Detect (and, with a predictor, classify) the white cells of one field."""
-    rgb = load_field(image)
-    found = detector.detect(rgb, um_per_px=um_per_px)
+    """Detect (and, with a predictor, classify) the white cells of one field (``name``: for
+    messages; default the path, when ``image`` is one)."""
+    if name is None and isinstance(image, (str, os.PathLike)):
+        name = str(image)
+    rgb = load_field(image, name=name)
+    found = detector.detect(rgb, um_per_px=um_per_px, name=name)
     if predictor is None:
         return FieldResult(found)
     spec = spec or crop_spec(predictor)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from marrowscope.models.bundle import BundleError, pretrained_index
+from marrowscope.models.bundle import BundleError, shipped_name
 from marrowscope.preprocess.cache import default_cache_root
 
 __all__ = [
@@ -69,11 +69,12 @@ def import_openvino() -> Any:
 def default_int8_dir(checkpoint: str | os.PathLike[str]) -> Path:
     """Where ``marrowscope export CHECKPOINT --format int8`` writes by default, and where the
     int8 backend looks: ``CHECKPOINT/int8`` for a bundle folder, ``$MARROWSCOPE_CACHE/int8/NAME``
-    (default ``~/.cache/marrowscope/int8/NAME``) for a shipped model's name."""
-    p = Path(checkpoint).expanduser()
-    if not p.exists() and len(p.parts) == 1 and p.name in pretrained_index():
-        return default_cache_root() / INT8_DIR / p.name
-    return p / INT8_DIR
+    (default ``~/.cache/marrowscope/int8/NAME``) for a shipped model (its name, ``builtin:NAME``
+    or its folder: :func:`~marrowscope.models.bundle.shipped_name`)."""
+    name = shipped_name(checkpoint, folder=True)
+    if name is not None:
+        return default_cache_root() / INT8_DIR / name
+    return Path(checkpoint).expanduser() / INT8_DIR
 
 
 class OpenVINORunner:

@@ -45,17 +45,21 @@ from marrowscope.metadata import BUNDLE_FORMAT, TTA_MODES, BundleMetadata, Metad
 from marrowscope.metrics.classification import softmax
 from marrowscope.models.bundle import (
     METADATA_NAME,
+    SHIPPED_PREFIX,
     WEIGHTS_NAME,
     BundleError,
     load_bundle,
     pretrained_bundle,
-    pretrained_index,
+    shadow_error,
+    shadowed_shipped_name,
+    shipped_name,
 )
 from marrowscope.models.registry import Classifier
-from marrowscope.preprocess.cache import resolve_workers
+from marrowscope.preprocess.cache import default_cache_root, resolve_workers
 from marrowscope.preprocess.ops import (
     apply_preprocess,
     config_from_params,
+    is_grayscale,
     preprocess_params,
     resize,
 )
@@ -72,6 +76,8 @@ __all__ = [
     "ONNX_NAME",
     "ONNX_OUTPUT",
     "PathPrediction",
+    "default_onnx_path",
+    "shipped_command_name",
     "Predictor",
     "PredictorError",
     "read_onnx_metadata",
@@ -90,8 +96,29 @@ ONNX_METADATA_KEY = "marrowscope"
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
 
+ONNX_DIR = "onnx"
+"""Folder of the per-user cache (``$MARROWSCOPE_CACHE``) holding shipped models' ONNX exports."""
+
 _EXPORT_HINT = "re-export it with: marrowscope export CHECKPOINT --format onnx"
 _INT8_HINT = "marrowscope export CHECKPOINT --format int8"
+
+
+def shipped_command_name(name: str) -> str:
+    """How to name the shipped model ``name`` on a command line here: ``bm8``, or
+    ``builtin:bm8`` when a local path ``bm8`` would be taken instead."""
+    return name if shipped_name(name) == name else f"{SHIPPED_PREFIX}{name}"
+
+
+def default_onnx_path(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where ``marrowscope export CHECKPOINT --format onnx`` writes by default, and where the
+    onnx backend looks: ``CHECKPOINT/model.onnx`` for a bundle folder,
+    ``$MARROWSCOPE_CACHE/onnx/NAME/model.onnx`` (default ``~/.cache/marrowscope/...``) for a
+    shipped model (its name, ``builtin:NAME`` or its folder), since the package folder may be
+    read-only and a ``./NAME`` folder would hide the shipped model."""
+    name = shipped_name(checkpoint, folder=True)
+    if name is not None:
+        return default_cache_root() / ONNX_DIR / name / ONNX_NAME
+    return Path(checkpoint).expanduser() / ONNX_NAME
 
 
 class PredictorError(BundleError):
@@ -106,11 +133,14 @@ class PathPrediction:
         path: the file as given.
         probs: ``(K,)`` float32 class probabilities (index order of ``classes_``), or ``None``.
         error: why the file could not be used (names the file and the fix), or ``None``.
+        grayscale: the image carries no colour (its prediction is unreliable: the models learn
+            from stained colour cells); it is classified all the same.
     """
 
     path: str
     probs: np.ndarray | None
     error: str | None = None
+    grayscale: bool = False
 
     @property
     def ok(self) -> bool:
@@ -208,9 +238,12 @@ class Predictor:
     a ready predictor.
 
     Args:
-        checkpoint: bundle folder, or (``backend="onnx"``) a folder with ``model.onnx`` or an
-            ``.onnx`` file exported by ``marrowscope export``, or (``backend="int8"``) a bundle
-            folder with an ``int8`` export, the export folder itself, or a shipped model's name.
+        checkpoint: bundle folder or shipped model's name (``bm8``; ``builtin:bm8`` where a
+            local path ``bm8`` exists), or (``backend="onnx"``) a folder with ``model.onnx``, an
+            ``.onnx`` file exported by ``marrowscope export``, or a shipped model's name (its
+            export in the per-user cache: :func:`default_onnx_path`), or (``backend="int8"``) a
+            bundle folder with an ``int8`` export, the export folder itself, or a shipped
+            model's name.
         device: ``auto``, ``cpu`` or ``cuda`` (the onnx and int8 backends run on the CPU).
         backend: ``torch``, ``onnx`` or ``int8`` (alias ``openvino``: the OpenVINO model of
             ``marrowscope export CHECKPOINT --format int8``; needs ``marrowscope[int8]``).
@@ -223,6 +256,8 @@ class Predictor:
 
     Attributes:
         classes_: class names in index order (from the bundle).
+        model_name_: the model as the bundle identifies it: the shipped model's name (``bm8``,
+            also for its ONNX and int8 exports), else the checkpoint path it was loaded from.
         bundle_metadata_: the bundle's typed ``metadata.json``
             (:class:`~marrowscope.metadata.BundleMetadata`; for the onnx backend the copy
             embedded in the ONNX model).
@@ -311,7 +346,9 @@ class Predictor:
         elif self.backend == "int8":
             self._setup_int8(path)
         else:
-            self._setup_onnx(Path(path))
+            self._setup_onnx(path)
+        shipped = (self.bundle_metadata_.pretrained or {}).get("name")
+        self.model_name_ = str(shipped) if shipped else str(path)
         return self
 
     @classmethod
@@ -328,15 +365,20 @@ class Predictor:
         """Load a model that ships with marrowscope (``bm8``, ``pbc6``; ``marrowscope models``
         lists them), its files checked by sha256.
 
-        ``backend="int8"`` runs its int8 export, made once with
-        ``marrowscope export NAME --format int8`` (kept in ``$MARROWSCOPE_CACHE/int8/NAME``).
+        ``backend="onnx"`` runs its ONNX export, made once with ``marrowscope export NAME``
+        (kept in ``$MARROWSCOPE_CACHE/onnx/NAME``); ``backend="int8"`` its int8 export, made
+        once with ``marrowscope export NAME --format int8`` (kept in
+        ``$MARROWSCOPE_CACHE/int8/NAME``). A local folder ``NAME`` plays no part here.
 
         Raises:
-            BundleError: an unknown name (the message lists the shipped ones), or a damaged file.
+            BundleError: an unknown name (the message lists the shipped ones), a damaged file, or
+                (onnx, int8) no export yet (the message gives the command that makes it).
         """
         bundle = pretrained_bundle(name)
         return cls.from_checkpoint(
-            name if BACKEND_ALIASES.get(backend, backend) == "int8" else bundle,
+            bundle
+            if BACKEND_ALIASES.get(backend, backend) == "torch"
+            else f"{SHIPPED_PREFIX}{name}",
             device=device,
             backend=backend,
             batch_size=batch_size,
@@ -374,6 +416,8 @@ class Predictor:
         self._check_params()
         meta = default_metadata(model, metadata)
         self._setup_torch(copy.deepcopy(model), meta, f"<model {model.arch}>")
+        shipped = (meta.pretrained or {}).get("name")
+        self.model_name_ = str(shipped) if shipped else f"<in-memory {model.arch}>"
         return self
 
     def _check_params(self) -> None:
@@ -428,7 +472,7 @@ class Predictor:
         self.device_ = dev
         self.precision_ = prec
 
-    def _setup_onnx(self, path: Path) -> None:
+    def _setup_onnx(self, checkpoint: str | os.PathLike[str]) -> None:
         if self.device not in ("auto", "cpu"):
             raise PredictorError(
                 f"the onnx backend runs on the CPU; use --device cpu (or --backend torch for "
@@ -436,25 +480,41 @@ class Predictor:
             )
         if self.precision not in ("auto", "fp32"):
             raise PredictorError("the onnx backend runs in fp32; use precision='fp32' or 'auto'")
-        if path.is_dir():
-            onnx_file = path / ONNX_NAME
+        path = Path(checkpoint).expanduser()
+        name = shipped_name(checkpoint, folder=True)
+        weights: Path | None = None
+        if name is not None:  # a shipped model: its export lives in the per-user cache
+            command = f"marrowscope export {shipped_command_name(name)} --format onnx"
+            onnx_file = default_onnx_path(checkpoint)
             if not onnx_file.is_file():
                 raise PredictorError(
-                    f"{path}: no {ONNX_NAME} in this checkpoint folder; create it with: "
-                    f"marrowscope export {path} --format onnx"
+                    f"{checkpoint}: the shipped model {name} has no ONNX export yet (looked for "
+                    f"{onnx_file}); create it once with: {command}"
                 )
+            weights = pretrained_bundle(name) / WEIGHTS_NAME
+        elif path.is_dir():
+            command = f"marrowscope export {path} --format onnx"
+            onnx_file = path / ONNX_NAME
+            if not onnx_file.is_file():
+                hidden = shadowed_shipped_name(checkpoint)
+                if hidden is not None:
+                    raise shadow_error(hidden)
+                raise PredictorError(
+                    f"{path}: no {ONNX_NAME} in this checkpoint folder; create it with: {command}"
+                )
+            weights = path / WEIGHTS_NAME
         elif path.is_file():
+            command = ""
             onnx_file = path
         else:
             raise PredictorError(f"{path}: no such ONNX file or checkpoint folder; check the path")
         sess = _onnx_session(onnx_file, threads=torch.get_num_threads())
         meta = _session_metadata(sess, onnx_file)
-        weights = onnx_file.parent / WEIGHTS_NAME
         want = (meta.onnx or {}).get("weights_sha256")
-        if path.is_dir() and want and weights.is_file() and file_sha256(weights) != want:
+        if weights is not None and want and weights.is_file() and file_sha256(weights) != want:
             raise PredictorError(
                 f"{onnx_file} was exported from other weights than {weights} (the checkpoint "
-                f"changed since); {_EXPORT_HINT.replace('CHECKPOINT', str(path))}"
+                f"changed since); re-export it with: {command}"
             )
         self._setup_common(meta, str(onnx_file))
         inp = sess.get_inputs()[0]
@@ -481,14 +541,18 @@ class Predictor:
         if (p / INT8_XML).is_file():
             parent = p.parent
             return p, parent if (parent / WEIGHTS_NAME).is_file() else None
-        shipped = not p.exists() and len(p.parts) == 1 and p.name in pretrained_index()
-        folder = default_int8_dir(p)
+        name = shipped_name(path, folder=True)
+        folder = default_int8_dir(path)
         if (folder / INT8_XML).is_file():
-            return folder, pretrained_bundle(p.name) if shipped else p
-        if p.is_dir() or shipped:
+            return folder, pretrained_bundle(name) if name is not None else p
+        hidden = shadowed_shipped_name(path)
+        if hidden is not None:
+            raise shadow_error(hidden)
+        if p.is_dir() or name is not None:
+            ref = shipped_command_name(name) if name is not None else str(path)
             raise PredictorError(
                 f"{path}: no int8 export at {folder}; create it with: "
-                f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
+                f"{_INT8_HINT.replace('CHECKPOINT', ref)}"
             )
         raise PredictorError(
             f"{path}: no such int8 export folder, checkpoint folder or shipped model; check the "
@@ -878,7 +942,9 @@ class Predictor:
         good = [a for _, a, _ in buf if a is not None]
         probs = iter(self._probs_uint8(np.stack(good)) if good else ())
         return [
-            PathPrediction(name, None if arr is None else next(probs), err)
+            PathPrediction(name, None, err)
+            if arr is None
+            else PathPrediction(name, next(probs), err, grayscale=is_grayscale(arr))
             for name, arr, err in buf
         ]
 

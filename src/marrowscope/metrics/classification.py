@@ -8,9 +8,14 @@ Conventions (the same everywhere, so point estimates and their CIs agree):
 * every class of ``classes`` is scored, also one with no sample (``labels=range(len(classes))``);
 * a ratio with a zero denominator (precision of a never-predicted class, recall of a class with no
   sample) is 0, as scikit-learn's ``zero_division=0``;
-* macro averages are plain means over all classes of ``classes``, so a class with no sample counts
-  as F1 = 0; ``balanced_accuracy`` is the mean recall over the classes that have samples
-  (scikit-learn's definition).
+* ``macro_f1`` (the headline) and ``balanced_accuracy`` are means over the classes that have
+  samples in the labelled data (a model class absent from the data, e.g. after
+  ``evaluate --drop-unknown``, is left out rather than counted as F1 = 0; scikit-learn's
+  ``f1_score(average="macro", labels=<present classes>)``); ``macro_f1_all_classes``,
+  ``macro_precision`` and ``macro_recall`` are plain means over all classes of ``classes``, an
+  absent class counting 0. When every class has samples the two macro-F1 values are the same
+  number. Bootstrap intervals and paired comparisons use the classes present in the data scored
+  (the same set in every resample).
 """
 
 from __future__ import annotations
@@ -91,8 +96,10 @@ def classification_metrics(
         classes: class names in index order (the model's order).
 
     Returns:
-        ``{"accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision",
-        "macro_recall", "n", "per_class": {name: {"precision", "recall", "f1", "support"}},
+        ``{"accuracy", "balanced_accuracy", "macro_f1" (over the classes with samples),
+        "macro_f1_all_classes" (over all ``classes``, absent ones as 0), "weighted_f1",
+        "macro_precision", "macro_recall", "n", "present_classes", "per_class": {name:
+        {"precision", "recall", "f1", "support"}},
         "confusion_matrix": [[...]] (rows = true, columns = predicted, in ``classes`` order),
         "classes": [...]}``; plain Python floats and ints.
 
@@ -112,11 +119,13 @@ def classification_metrics(
     return {
         "accuracy": float(np.trace(cm) / n),
         "balanced_accuracy": float(rec[present].mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(f1[present].mean()),
+        "macro_f1_all_classes": float(f1.mean()),
         "weighted_f1": float(np.average(f1, weights=support)),
         "macro_precision": float(prec.mean()),
         "macro_recall": float(rec.mean()),
         "n": n,
+        "present_classes": int(present.sum()),
         "per_class": {
             c: {
                 "precision": float(prec[i]),
@@ -178,11 +187,12 @@ def classification_metrics_from_confusion(
     return classification_metrics(cells // k, cells % k, classes)
 
 
-def _accuracy_macro_f1(counts: NDArray) -> tuple[NDArray, NDArray]:
+def _accuracy_macro_f1(counts: NDArray, present: NDArray | None = None) -> tuple[NDArray, NDArray]:
     """Accuracy and macro-F1 of a stack of confusion matrices ``(..., k, k)`` (rows = true).
 
     Vectorised: ``F1_c = 2 TP / (2 TP + FP + FN)``, 0 when the denominator is 0, averaged over
-    all k classes (scikit-learn's ``f1_score(average="macro", labels=range(k), zero_division=0)``).
+    the classes where ``present`` (a ``(k,)`` bool mask) is true, or over all k classes when it
+    is ``None`` (scikit-learn's ``f1_score(average="macro", labels=..., zero_division=0)``).
     """
     counts = np.asarray(counts)
     tp = np.diagonal(counts, axis1=-2, axis2=-1)
@@ -190,7 +200,8 @@ def _accuracy_macro_f1(counts: NDArray) -> tuple[NDArray, NDArray]:
     fp = counts.sum(axis=-2) - tp
     n = counts.sum(axis=(-2, -1))
     acc = _safe_div(tp.sum(axis=-1), n)
-    macro_f1 = _safe_div(2 * tp, 2 * tp + fp + fn).mean(axis=-1)
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+    macro_f1 = (f1 if present is None else f1[..., np.asarray(present, bool)]).mean(axis=-1)
     return acc, macro_f1
 
 
@@ -209,8 +220,9 @@ def bootstrap_ci(
     confusion matrix, and those counts are multinomial(n, cm / n). The resampled confusion
     matrices are therefore drawn directly (``numpy.random.Generator.multinomial``), which is the
     same distribution as resampling the samples and costs O(n_boot * n_classes**2), independent
-    of n. Macro-F1 follows :func:`classification_metrics` (all ``n_classes`` classes, 0 for a
-    zero denominator).
+    of n. Macro-F1 follows :func:`classification_metrics`: ``macro_f1`` over the classes present
+    in ``y_true`` (the same classes in every resample, a present class that a resample misses
+    counting 0), ``macro_f1_all_classes`` over all ``n_classes``; 0 for a zero denominator.
 
     Args:
         y_true: true class indices, shape (n,).
@@ -221,7 +233,8 @@ def bootstrap_ci(
         alpha: 1 - confidence level (0.05 gives a 95% interval).
 
     Returns:
-        ``{"accuracy": [lo, hi], "macro_f1": [lo, hi], "n_boot": n_boot, "alpha": alpha}``.
+        ``{"accuracy": [lo, hi], "macro_f1": [lo, hi], "macro_f1_all_classes": [lo, hi],
+        "n_boot": n_boot, "alpha": alpha}``.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
@@ -233,11 +246,14 @@ def bootstrap_ci(
     cells = np.bincount(t * k + p, minlength=k * k)
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, cells / n, size=n_boot).reshape(n_boot, k, k)
-    acc, macro_f1 = _accuracy_macro_f1(counts)
+    present = cells.reshape(k, k).sum(axis=1) > 0
+    acc, macro_f1 = _accuracy_macro_f1(counts, present)
+    _, macro_f1_all = _accuracy_macro_f1(counts)
     q = [alpha / 2, 1 - alpha / 2]
     return {
         "accuracy": [float(v) for v in np.quantile(acc, q)],
         "macro_f1": [float(v) for v in np.quantile(macro_f1, q)],
+        "macro_f1_all_classes": [float(v) for v in np.quantile(macro_f1_all, q)],
         "n_boot": int(n_boot),
         "alpha": float(alpha),
     }
@@ -465,8 +481,9 @@ def paired_comparison(
     cells = np.bincount((y * k + a) * k + b, minlength=k**3)
     rng = np.random.default_rng(seed)
     tables = rng.multinomial(y.size, cells / y.size, size=n_boot).reshape(n_boot, k, k, k)
-    _, f1_a = _accuracy_macro_f1(tables.sum(axis=3))  # (true, A)
-    _, f1_b = _accuracy_macro_f1(tables.sum(axis=2))  # (true, B)
+    present = np.bincount(y, minlength=k) > 0  # as classification_metrics' macro_f1
+    _, f1_a = _accuracy_macro_f1(tables.sum(axis=3), present)  # (true, A)
+    _, f1_b = _accuracy_macro_f1(tables.sum(axis=2), present)  # (true, B)
     diffs = f1_b - f1_a
     ca, cb = a == y, b == y
     only_a, only_b = int((ca & ~cb).sum()), int((~ca & cb).sum())

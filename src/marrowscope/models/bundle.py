@@ -10,8 +10,10 @@ deleted. If a crash leaves only ``DIR.old``, :func:`load_bundle` restores it.
 
 Trained bundles also ship inside the package (``marrowscope/pretrained/NAME``, listed with their
 sha256 in ``pretrained/index.json``): wherever a bundle folder is expected, a shipped model's name
-(``bm8``) works too, unless a folder of that name exists. Shipped weights may be stored in
-float16; they are loaded as float32.
+(``bm8``) works too, unless a file or folder of that name exists in the working directory;
+``builtin:bm8`` always names the shipped model (:func:`shipped_name`). A local path of a shipped
+name that is not a bundle (``./bm8`` holding something else) is an error that says so, never a
+silent choice. Shipped weights may be stored in float16; they are loaded as float32.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "INDEX_NAME",
     "PRETRAINED_DIR",
+    "SHIPPED_PREFIX",
     "BundleError",
     "BundleMetadata",
     "load_bundle",
@@ -45,6 +48,9 @@ __all__ = [
     "read_metadata",
     "read_shipped_index",
     "save_bundle",
+    "shadow_error",
+    "shadowed_shipped_name",
+    "shipped_name",
     "verify_shipped_files",
 ]
 
@@ -55,6 +61,10 @@ PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 """Where the shipped bundles live (package data), one folder per name, plus ``index.json``."""
 
 INDEX_NAME = "index.json"
+
+SHIPPED_PREFIX = "builtin:"
+"""``builtin:NAME`` names the shipped model ``NAME`` even where a local path ``NAME`` exists (as
+``builtin:bm-sample`` names the shipped sample images)."""
 
 
 class BundleError(ValueError):
@@ -200,7 +210,14 @@ def verify_shipped_files(folder: Path, files: Mapping[str, str], what: str) -> N
                 f"{path}: file of the shipped {what} {folder.name!r} is missing; reinstall "
                 "marrowscope"
             )
-        digest = file_sha256(path)
+        try:
+            digest = file_sha256(path)
+        except OSError as e:  # e.g. installed by another user without read permission
+            raise BundleError(
+                f"{path}: file of the shipped {what} {folder.name!r} cannot be read "
+                f"({e.strerror or type(e).__name__}); make it readable (chmod a+r {path}) or "
+                "reinstall marrowscope"
+            ) from None
         if digest != expected:
             raise BundleError(
                 f"{path}: sha256 {digest} does not match the expected {expected} of the shipped "
@@ -227,13 +244,72 @@ def pretrained_bundle(name: str) -> Path:
     return folder
 
 
+def shipped_name(checkpoint: str | os.PathLike[str], *, folder: bool = False) -> str | None:
+    """The name of the shipped model that ``checkpoint`` designates, else ``None``.
+
+    ``builtin:NAME`` always designates the shipped model ``NAME``; a bare ``NAME`` does when no
+    file or folder of that name exists in the working directory. With ``folder=True`` so does
+    the shipped model's own folder (``PRETRAINED_DIR/NAME``): used to place and find its ONNX
+    and int8 exports where a shipped model's go (the package folder may be read-only), while
+    loading such a folder reads it as the plain bundle folder it is.
+
+    Raises:
+        BundleError: ``builtin:`` followed by a name that is not a shipped model.
+    """
+    text = str(checkpoint)
+    if text.startswith(SHIPPED_PREFIX):
+        name = text[len(SHIPPED_PREFIX) :]
+        index = pretrained_index()
+        if name not in index:
+            known = ", ".join(f"{SHIPPED_PREFIX}{n}" for n in sorted(index)) or "none installed"
+            raise BundleError(
+                f"unknown shipped model {text!r}; shipped models: {known} (`marrowscope models` "
+                "lists them)"
+            )
+        return name
+    p = Path(text).expanduser()
+    if len(p.parts) == 1 and p.name in pretrained_index():
+        return None if p.exists() else p.name
+    if folder and p.name in pretrained_index() and p.is_dir():
+        try:
+            if p.resolve() == (PRETRAINED_DIR / p.name).resolve():
+                return p.name
+        except OSError:  # pragma: no cover - an unresolvable path is no shipped folder
+            return None
+    return None
+
+
+def shadowed_shipped_name(checkpoint: str | os.PathLike[str]) -> str | None:
+    """The shipped model's name when ``checkpoint`` is a bare shipped name (``bm8``) that a
+    local file or folder which is not a checkpoint bundle hides, else ``None``."""
+    p = Path(checkpoint)
+    if str(checkpoint).startswith(SHIPPED_PREFIX) or len(p.parts) != 1 or not p.exists():
+        return None
+    if p.name not in pretrained_index() or (p.is_dir() and _is_bundle(p)):
+        return None
+    return p.name
+
+
+def shadow_error(name: str) -> BundleError:
+    """The error for a local ``./NAME`` that hides the shipped model ``NAME``."""
+    return BundleError(
+        f"./{name} hides the shipped model {name}; rename it or pass the shipped model as "
+        f"{SHIPPED_PREFIX}{name} (a local path wins over a shipped name, and ./{name} is not a "
+        f"checkpoint bundle: no {WEIGHTS_NAME} or {METADATA_NAME})"
+    )
+
+
 def _resolve(directory: str | Path) -> Path:
     """The bundle folder, restoring ``DIR.old`` if an interrupted save left only that."""
+    name = shipped_name(directory)
+    if name is not None:
+        return pretrained_bundle(name)
+    hidden = shadowed_shipped_name(directory)
+    if hidden is not None:
+        raise shadow_error(hidden)
     d = Path(directory)
     if d.is_dir():
         return d
-    if not d.exists() and len(d.parts) == 1 and d.name in pretrained_index():
-        return pretrained_bundle(d.name)
     if d.exists():
         hint = (
             f"; pass the folder {d.parent} instead"

@@ -35,6 +35,8 @@ from marrowscope.preprocess.ops import check_image
 from marrowscope.utils.boxes import as_boxes, clip_boxes, nms
 
 __all__ = [
+    "CROP_FILL",
+    "CROP_FILL_FEW_RBC",
     "DEFAULT_UM_PER_PX",
     "MAX_FIELD_PIXELS",
     "RBC_DIAMETER_UM",
@@ -48,6 +50,7 @@ __all__ = [
     "estimate_scale",
     "fill_holes",
     "looks_like_crop",
+    "looks_like_field",
     "plan_tiles",
     "rescale",
     "stain_map",
@@ -315,27 +318,98 @@ def crop_at_scale(
     )
 
 
+CROP_FILL = 0.63
+"""Side of the centred cell's box (mean of width and height) as a share of the image's shorter
+side at or above which an image is a single-cell crop whatever else it shows. No field of
+field-dev (1,256) reaches it (largest 0.62); see ``docs/fields.md``, *Bad input*."""
+
+CROP_FILL_FEW_RBC = 0.55
+"""The same share for an image with at most :data:`CROP_FEW_RBC` red cells measured (or none
+measurable): a crop of marrow shows few whole red cells, a blood field many."""
+
+CROP_FEW_RBC = 2
+"""Red cells measured by the ruler at or below which an image counts as showing few of them."""
+
+CROP_MAX_OFFSET = 0.25
+"""Largest distance of a crop's cell centre from the image centre (share of the shorter side)."""
+
+FIELD_MIN_RBC = 3
+"""Red cells an image must show (measured by the ruler) to be judged a whole field by
+:func:`looks_like_field`."""
+
+FIELD_MIN_OFFSET = 0.2
+"""A white cell this far from the image centre (share of the shorter side) or further is not the
+centred cell of a crop."""
+
+
+def _centre_box(boxes: np.ndarray, width: int, height: int) -> tuple[float, float] | None:
+    """``(offset, fill)`` of the box nearest the image centre: its centre's distance from the image
+    centre and its side (mean of width and height), both as shares of the image's shorter side;
+    ``None`` without a box."""
+    b = as_boxes(boxes)
+    if len(b) == 0:
+        return None
+    short = float(min(width, height))
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    offset = np.hypot(cx - width / 2, cy - height / 2) / short
+    i = int(np.argmin(offset))
+    side = ((b[i, 2] - b[i, 0]) + (b[i, 3] - b[i, 1])) / 2
+    return float(offset[i]), float(side / short)
+
+
 def looks_like_crop(
-    boxes: np.ndarray, width: int, height: int, *, min_fill: float = 0.55, max_offset: float = 0.15
+    boxes: np.ndarray, width: int, height: int, *, red_cells: int | None = None
 ) -> bool:
-    """True when a "field" holds one centred cell that fills the frame (a single-cell crop).
+    """True when an image given as a field looks like a single-cell crop.
+
+    The white cell nearest the image centre is judged; other boxes (neighbours cut by the crop's
+    border, or whole neighbours, which marrow crops often show) are ignored. It is a crop when
+    that cell is centred (within :data:`CROP_MAX_OFFSET`) and fills the frame: its box side at
+    least :data:`CROP_FILL` of the shorter side, or :data:`CROP_FILL_FEW_RBC` when the ruler
+    measured at most :data:`CROP_FEW_RBC` red cells (0: none measurable). Fitted on real Matek
+    crops against the field-dev fields (``docs/fields.md``): silent on every field-dev field, it
+    fires on a little over half of the Matek crops. PBC crops (a centred cell at about 38% of
+    the frame with red cells around) are indistinguishable from PBC fields and are not flagged.
 
     Args:
         boxes: the white cells found in it.
         width, height: the image size.
-        min_fill: the cell's box side (mean of width and height) as a fraction of the image's
-            shorter side, at or above which it fills the frame.
-        max_offset: largest distance of the cell's centre from the image centre, as a fraction
-            of the shorter side.
+        red_cells: red cells the ruler measured (0 when nothing was measurable); ``None`` when
+            not measured (a scale given by the user): only the stricter fill applies.
     """
-    b = as_boxes(boxes)
-    if len(b) != 1:
+    found = _centre_box(boxes, width, height)
+    if found is None:
         return False
-    short = float(min(width, height))
-    bw, bh = b[0, 2] - b[0, 0], b[0, 3] - b[0, 1]
-    cx, cy = (b[0, 0] + b[0, 2]) / 2, (b[0, 1] + b[0, 3]) / 2
-    centred = math.hypot(cx - width / 2, cy - height / 2) <= max_offset * short
-    return centred and (bw + bh) / 2 >= min_fill * short
+    offset, fill = found
+    if offset > CROP_MAX_OFFSET:
+        return False
+    few_rbc = red_cells is not None and red_cells <= CROP_FEW_RBC
+    return fill >= (CROP_FILL_FEW_RBC if few_rbc else CROP_FILL)
+
+
+def looks_like_field(boxes: np.ndarray, width: int, height: int, *, red_cells: int) -> bool:
+    """True when an image given as a single-cell crop looks like a whole field of view.
+
+    It is a field when the ruler measured at least :data:`FIELD_MIN_RBC` red cells and no white
+    cell sits in the middle as a crop's does: none was found, the one nearest the centre is at
+    least :data:`FIELD_MIN_OFFSET` away from it, or it is small for the frame (side below a
+    quarter of the shorter side). Whole neighbours inside the frame do not count: marrow crops
+    show them. On real images (``docs/fields.md``) it fires on 1-2% of Matek and PBC crops and on
+    about 70% of the BCCD and BCD fields of field-dev; fields of PBC and Raabin-WBC (one centred
+    white cell) look like crops to it.
+
+    Args:
+        boxes: the white cells found in it.
+        width, height: the image size.
+        red_cells: red cells the ruler measured (0: none, or the scale was not measured).
+    """
+    if red_cells < FIELD_MIN_RBC:
+        return False
+    found = _centre_box(boxes, width, height)
+    if found is None:
+        return True
+    offset, fill = found
+    return offset >= FIELD_MIN_OFFSET or fill < 0.25
 
 
 # ----------------------------------------------------------------------------------------- tiles

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import re
@@ -30,13 +31,19 @@ from marrowscope.reports.detect_files import (
     FieldOutcome,
     draw_overlay,
     overlay_name,
+    prepare_overlays,
     write_detect_outputs,
     write_overlay,
 )
 from marrowscope.utils.image import ImageReadError, read_image
-from marrowscope.utils.io import atomic_write, atomic_write_json
+from marrowscope.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["CELLS_DIR", "CellCall", "CountResult", "write_count_outputs"]
+__all__ = ["CELLS_DIR", "COUNT_MODES", "CellCall", "CountResult", "write_count_outputs"]
+
+COUNT_MODES = ("cells", "fields")
+"""What a sample's images are: single-cell crops (``count``) or whole fields (``count --fields``)."""
+
+log = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
 """The report's picture folder, inside the report folder."""
@@ -96,8 +103,11 @@ class CountResult:
         flag: the hairy-cell flag (its evidence cells are :class:`CellCall` records).
         model: what the report says about the model (arch, name, version, checkpoint ...).
         fields: for a count of whole fields (``count --fields``): one record per readable field
-            (cells found, scale used, warnings); empty for a count of single-cell images.
+            (cells found, scale used, warnings); empty for a count of single-cell images, and
+            for a count of fields none of which could be used.
         detector: the detector's settings (fields only).
+        mode: ``"cells"`` (single-cell images) or ``"fields"`` (whole fields of view): what
+            the files are, whether or not any could be used (:data:`COUNT_MODES`).
     """
 
     sample: str
@@ -114,6 +124,26 @@ class CountResult:
     model: dict[str, Any]
     fields: tuple[FieldOutcome, ...] = ()
     detector: dict[str, Any] | None = None
+    mode: str = "cells"
+
+    def __post_init__(self) -> None:
+        if self.mode not in COUNT_MODES:
+            raise ValueError(f"mode must be one of {COUNT_MODES}, got {self.mode!r}")
+        if self.fields and self.mode != "fields":  # records built before the mode existed
+            object.__setattr__(self, "mode", "fields")
+
+    @property
+    def of_fields(self) -> bool:
+        """Whether the sample was counted as whole fields of view (``count --fields``)."""
+        return self.mode == "fields"
+
+    @property
+    def field_errors(self) -> tuple[FieldOutcome, ...]:
+        """A record per field that could not be used (its error), for ``fields.csv``."""
+        if not self.of_fields:
+            return ()
+        method = str((self.detector or {}).get("name") or "")
+        return tuple(FieldOutcome(path=p, method=method, error=e) for p, e in self.unreadable)
 
     @property
     def identified(self) -> list[CellCall]:
@@ -128,7 +158,7 @@ class CountResult:
     @property
     def n_images(self) -> int:
         """Image files found (classified + unreadable; fields + unreadable for a field count)."""
-        if self.fields:
+        if self.of_fields:
             return len(self.fields) + len(self.unreadable)
         return len(self.cells) + len(self.unreadable)
 
@@ -143,7 +173,7 @@ class CountResult:
             "unreadable": len(self.unreadable),
             "ignored": len(self.ignored),
         }
-        if self.fields:
+        if self.of_fields:
             out["fields"] = len(self.fields)
             out["cells_found"] = len(self.cells)
             out["fields_without_cells"] = sum(not f.cells for f in self.fields)
@@ -198,10 +228,11 @@ class CountResult:
             "ignored": list(self.ignored),
             **(
                 {
+                    "mode": self.mode,
                     "detector": dict(self.detector or {}),
                     "fields": [f.to_dict() for f in self.fields],
                 }
-                if self.fields
+                if self.of_fields
                 else {}
             ),
         }
@@ -288,7 +319,7 @@ class _Pictures:
 def _cells_csv(result: CountResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    boxes = bool(result.fields)
+    boxes = result.of_fields
     where = ["field", "x_min", "y_min", "x_max", "y_max", "um_per_px"] if boxes else []
     w.writerow(
         ["file", "path", *where, "predicted", "confidence", "bin"]
@@ -404,16 +435,19 @@ def write_count_outputs(
         pics.abort()
         raise
     paths: dict[str, Path] = {}
-    if result.fields:
+    if result.of_fields:
         fields = _field_files(result, out)
         report_data["fields"] = [f.to_dict() for f in fields]
         data["fields"] = report_data["fields"]
+        # fields.csv and detections.json list every field, those that could not be used with
+        # their error (as 'detect' writes them), in the sample's file order
+        every = sorted([*fields, *result.field_errors], key=lambda f: Path(f.path))
         paths.update(
-            write_detect_outputs(fields, out, classes=result.classes, settings=result.detector)
+            write_detect_outputs(every, out, classes=result.classes, settings=result.detector)
         )
     json_data = dict(data)
     json_data["outputs"] = {"report": "report.html", "cells_csv": "cells.csv"}
-    if result.fields:
+    if result.of_fields:
         json_data["outputs"].update(
             {
                 "detections_csv": "detections.csv",
@@ -424,18 +458,23 @@ def write_count_outputs(
     json_path = out / "count.json"
     atomic_write_json(json_path, _finite(json_data))
     csv_path = out / "cells.csv"
-    atomic_write(csv_path, lambda p: p.write_text(_cells_csv(result), encoding="utf-8", newline=""))
+    atomic_write_text(csv_path, _cells_csv(result))
     report = write_count_report(report_data, out / "report.html")
     return {"report": report, "json": json_path, "csv": csv_path, "cells": out / CELLS_DIR, **paths}
 
 
 def _field_files(result: CountResult, out: Path) -> list[FieldOutcome]:
-    """Draw each field's overlay (boxes with class and confidence); the fields with its path."""
+    """Draw each field's overlay (boxes with class and confidence); the fields with its path.
+
+    A field whose overlay cannot be made (changed on disk since it was counted, out of memory,
+    a failed write) keeps its count and gets no overlay; the reason goes to the log.
+    """
     from dataclasses import replace
 
     from marrowscope.preprocess.fields import MAX_FIELD_PIXELS
     from marrowscope.utils.image import decode_image, read_file_bytes
 
+    prepare_overlays(out)
     done = []
     for n, f in enumerate(result.fields):
         rel = overlay_name(n, f.path)
@@ -443,11 +482,12 @@ def _field_files(result: CountResult, out: Path) -> list[FieldOutcome]:
             rgb = decode_image(
                 read_file_bytes(f.path), f.path, max_pixels=MAX_FIELD_PIXELS, what="field"
             )
-        except ImageReadError:
-            done.append(f)  # changed on disk since it was counted
+            note = None if f.cells else "no white cell found"
+            write_overlay(out / rel, draw_overlay(rgb, f.cells, classes=result.classes, note=note))
+        except Exception as e:  # noqa: BLE001 - one overlay's failure must not lose the report
+            log.warning("%s: no overlay drawn (%s: %s)", f.path, type(e).__name__, e)
+            done.append(f)
             continue
-        note = None if f.cells else "no white cell found"
-        write_overlay(out / rel, draw_overlay(rgb, f.cells, classes=result.classes, note=note))
         done.append(replace(f, overlay=rel))
     return done
 

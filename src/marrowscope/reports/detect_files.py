@@ -4,6 +4,11 @@ one overlay PNG per field (boxes drawn on the field). No torch here.
 The records are plain: :class:`FieldOutcome` (one per field, found cells or the error) and
 :class:`DetectedCell` (one box, with the class when a classifier ran), so the engine, the review
 app and tests can build them from any detector.
+
+``overlays/`` holds a marker file (:data:`~marrowscope.utils.image.OUTPUT_MARKER`): folder
+listings skip it, so a run over a folder that holds an earlier run's output does not take the
+overlays for fields; and the overlays an earlier run left there that this run did not write are
+removed (:func:`write_detect_outputs`), so the folder shows this run's fields only.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ import cv2
 import numpy as np
 
 from marrowscope import __version__
+from marrowscope.utils.image import OUTPUT_MARKER, is_hidden
 from marrowscope.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -31,6 +37,8 @@ __all__ = [
     "FieldOutcome",
     "draw_overlay",
     "overlay_name",
+    "prepare_overlays",
+    "remove_stale_overlays",
     "write_detect_outputs",
     "write_overlay",
 ]
@@ -41,6 +49,8 @@ DETECTIONS_JSON = "detections.json"
 OVERLAYS_DIR = "overlays"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_OVERLAY_FILE = re.compile(r"\d{5}_[A-Za-z0-9._+-]*\.png")
+"""The names :func:`overlay_name` gives."""
 _PALETTE = [  # RGB, colour-blind friendly (Okabe-Ito), one per class in model order
     (0, 158, 115),
     (230, 159, 0),
@@ -139,6 +149,62 @@ def overlay_name(index: int, path: str) -> str:
     return f"{OVERLAYS_DIR}/{index:05d}_{stem}.png"
 
 
+def _overlays_ours(folder: Path) -> bool:
+    """Whether ``folder`` holds only marrowscope's overlays: it carries the marker, or (written
+    before the marker existed) every file in it is named as :func:`overlay_name` names them."""
+    if (folder / OUTPUT_MARKER).is_file():
+        return True
+    return all(
+        f.is_file() and (is_hidden(f.name) or _OVERLAY_FILE.fullmatch(f.name))
+        for f in folder.iterdir()
+    )
+
+
+def prepare_overlays(out_dir: str | Path) -> Path:
+    """Create ``out_dir/overlays`` with its marker; returns the folder.
+
+    Raises:
+        FileExistsError: ``overlays`` exists and holds files marrowscope did not write there.
+    """
+    folder = Path(out_dir) / OVERLAYS_DIR
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(
+            f"{folder} is a file; choose another --out folder (overlays are written to "
+            "DIR/overlays)"
+        )
+    if folder.is_dir() and not _overlays_ours(folder):
+        raise FileExistsError(
+            f"{folder} exists and holds files not written by marrowscope; choose another --out "
+            "folder (overlays are written to DIR/overlays, and overlays of an earlier run there "
+            "are replaced)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OUTPUT_MARKER
+    if not marker.is_file():
+        marker.write_text("overlays written by marrowscope; folder listings skip this folder\n")
+    return folder
+
+
+def remove_stale_overlays(out_dir: str | Path, keep: Collection[str]) -> int:
+    """Delete the overlays in ``out_dir/overlays`` that an earlier run wrote and this one did not
+    (``keep``: this run's overlays, relative to ``out_dir``). Only files named as
+    :func:`overlay_name` names them, in a folder that is marrowscope's, are touched.
+
+    Returns:
+        How many were removed.
+    """
+    folder = Path(out_dir) / OVERLAYS_DIR
+    if not folder.is_dir() or not _overlays_ours(folder):
+        return 0
+    kept = {Path(k).name for k in keep}
+    removed = 0
+    for f in folder.iterdir():
+        if f.is_file() and _OVERLAY_FILE.fullmatch(f.name) and f.name not in kept:
+            f.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def draw_overlay(
     rgb: np.ndarray,
     cells: Sequence[DetectedCell],
@@ -200,7 +266,10 @@ def write_detect_outputs(
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``detections.csv`` (one row per cell), ``fields.csv`` (one row per field, cells
-    found, scale, error) and ``detections.json`` (both, plus the settings), atomically.
+    found, scale, error) and ``detections.json`` (both, plus the settings), atomically; then
+    remove the overlays of an earlier run that no outcome names (:func:`remove_stale_overlays`).
+    Paths that are not valid UTF-8 are written with their undecodable bytes escaped
+    (:func:`~marrowscope.utils.io.printable`).
 
     Returns:
         ``{"detections": ..., "fields": ..., "json": ...}`` paths.
@@ -278,4 +347,5 @@ def write_detect_outputs(
             "fields": [o.to_dict() for o in outcomes],
         },
     )
+    remove_stale_overlays(out, [o.overlay for o in outcomes if o.overlay])
     return {"detections": det_path, "fields": fields_path, "json": json_path}

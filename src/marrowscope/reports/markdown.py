@@ -25,6 +25,7 @@ _HEADLINE = (
     ("accuracy", "Accuracy"),
     ("balanced_accuracy", "Balanced accuracy"),
     ("macro_f1", "Macro-F1"),
+    ("macro_f1_all_classes", "Macro-F1, all model classes (absent ones as 0)"),
     ("weighted_f1", "Weighted F1"),
     ("macro_precision", "Macro precision"),
     ("macro_recall", "Macro recall"),
@@ -98,6 +99,7 @@ def evaluation_report(
     ci: Mapping[str, Any] | None = None,
     focus: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """A readable Markdown report of one evaluation.
 
@@ -111,6 +113,7 @@ def evaluation_report(
         ci: a :func:`~marrowscope.metrics.bootstrap_ci` result, or ``None``.
         focus: a :func:`~marrowscope.metrics.focus_class_block` result, or ``None``.
         extra: facts listed under the title (checkpoint, data folder, image count, ...).
+        notes: paragraphs shown after the facts (e.g. what the evaluation left out).
 
     Returns:
         The Markdown text.
@@ -120,10 +123,14 @@ def evaluation_report(
     for key, value in (extra or {}).items():
         out.append(f"- **{_esc(key)}**: {_esc(value)}")
     out.append(f"- **samples**: {metrics['n']}, **classes**: {len(metrics['classes'])}")
+    for note in notes:
+        out += ["", _esc(note)]
     out += ["", "## Headline", "", f"| Metric | Value | {ci_label} |", "|---|---:|---:|"]
     for key, label in _HEADLINE:
         if key not in metrics or metrics[key] is None:
             continue
+        if key == "macro_f1_all_classes" and metrics[key] == metrics.get("macro_f1"):
+            continue  # every class has samples: the same number as the headline
         interval = (ci or {}).get(key)
         ci_text = f"{_f(interval[0])} – {_f(interval[1])}" if interval else ""
         out.append(f"| {label} | {_f(metrics[key])} | {ci_text} |")
@@ -138,8 +145,9 @@ def evaluation_report(
     empty = [c for c, v in metrics["per_class"].items() if not v["support"]]
     if empty:
         out += [
-            f"Classes without samples here ({', '.join(_esc(c) for c in empty)}) count as F1 = 0 "
-            "in the macro averages; balanced accuracy leaves them out.",
+            f"Classes without samples here ({', '.join(_esc(c) for c in empty)}) are left out of "
+            "macro-F1 and balanced accuracy; they count as 0 in macro-F1 over all model classes, "
+            "macro precision and macro recall.",
             "",
         ]
     if focus:

@@ -184,9 +184,12 @@ def check_image(
             + f"; {advice}",
         )
     try:
-        decode_image(data, name, max_pixels=max_pixels, what="field" if field else "image")
+        rgb = decode_image(data, name, max_pixels=max_pixels, what="field" if field else "image")
     except ImageReadError as e:
         return Rejected(name, e.reason)
+    # the decoded size: an EXIF orientation of 5-8 swaps the header's width and height, and
+    # every box, crop and drawing is made on the decoded (upright) pixels
+    h, w = rgb.shape[:2]
     return Accepted(name=name, data=data, ext=FORMATS[fmt], width=int(w), height=int(h))
 
 

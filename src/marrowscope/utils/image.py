@@ -1,15 +1,18 @@
 """Image reading: any supported file -> RGB, HWC, uint8 numpy array, or a clear error.
 
 Contract: :func:`read_image` returns ``np.ndarray`` of shape ``(H, W, 3)``, dtype ``uint8``, RGB
-channel order. Grayscale, grayscale+alpha, RGBA, palette, CMYK, 16-bit and float images are
-converted. Corrupt, truncated, empty and non-image files, and images above the pixel limit
-(decompression bombs), raise :class:`ImageReadError` whose message names the file and the fix.
+channel order, turned upright as the file's EXIF orientation says (as image viewers show it).
+Grayscale, grayscale+alpha, RGBA, palette, CMYK, 16-bit and float images are converted. Corrupt,
+truncated, empty and non-image files, and images above the pixel limit (decompression bombs),
+raise :class:`ImageReadError` whose message names the file and the fix.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -20,6 +23,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 MAX_PIXELS = 50_000_000
 """Largest accepted image (width x height); a single-cell crop is ~0.06 megapixels."""
+
+OUTPUT_MARKER = ".marrowscope-output"
+"""File that marks a folder as written by marrowscope (``detect``'s and ``count --fields``'
+``overlays/``)."""
+
+OUTPUT_MARKERS = (OUTPUT_MARKER, ".marrowscope-count")
+"""Marker files of marrowscope's output folders (``count`` marks its ``cells/`` pictures with the
+second); :func:`list_image_files` skips a folder holding one."""
+
+log = logging.getLogger(__name__)
 
 
 class ImageReadError(ValueError):
@@ -45,21 +58,43 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in _SKIP_DIRS
 
 
+def is_output_folder(folder: str | Path) -> bool:
+    """True for a folder marrowscope wrote as output (it holds one of :data:`OUTPUT_MARKERS`)."""
+    return any(os.path.isfile(os.path.join(folder, m)) for m in OUTPUT_MARKERS)
+
+
 def list_image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     """Image files below ``folder`` (recursive, sorted) and the other files found there.
 
     The one way marrowscope lists a folder: hidden files and folders (``.x``, the ``._x.jpg``
     copies macOS leaves on other file systems) and ``__MACOSX`` are skipped, so every command
-    sees the same cells.
+    sees the same cells; so are sub-folders marrowscope wrote as output (:func:`is_output_folder`:
+    the overlays of ``detect`` and ``count --fields``, the pictures of a ``count`` report), so a
+    run whose ``--out`` lies inside its input folder does not take its earlier outputs for
+    inputs. ``folder`` itself is always listed; the skipped folders are named in the log.
     """
     images: list[Path] = []
     others: list[Path] = []
+    skipped: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        keep = []
+        for d in sorted(d for d in dirnames if not is_hidden(d)):
+            if is_output_folder(os.path.join(dirpath, d)):
+                skipped.append(os.path.join(dirpath, d))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in filenames:
             if not is_hidden(name):
                 p = Path(dirpath) / name
                 (images if is_image_file(name) else others).append(p)
+    if skipped:
+        log.warning(
+            "skipped %d folder(s) of marrowscope's own output below %s (%s): not inputs",
+            len(skipped),
+            folder,
+            ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""),
+        )
     return sorted(images), sorted(others)
 
 
@@ -133,6 +168,11 @@ def decode_image(
     from PIL import Image, UnidentifiedImageError
 
     limit = MAX_PIXELS if max_pixels is None else max_pixels
+    advice = (
+        "cut it into smaller fields first"
+        if what == "field"
+        else "crop single cells before classifying"
+    )
     if len(data) == 0:
         raise ImageReadError(
             name, "file is empty (0 bytes); remove it or replace it with the image"
@@ -145,15 +185,8 @@ def decode_image(
         im = Image.open(io.BytesIO(data))
         w, h = im.size
         if w * h > limit:
-            advice = (
-                "cut it into smaller fields first"
-                if what == "field"
-                else "crop single cells before classifying"
-            )
             raise ImageReadError(
-                name,
-                f"{what} is {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
-                f"(possible decompression bomb); {advice}",
+                name, _too_many_pixels(what, f"{w}x{h} = {w * h:,}", limit, advice)
             )
         high_depth = _is_high_depth_colour(im)
         im.load()  # full decode: raises on truncated data
@@ -164,7 +197,10 @@ def decode_image(
             name, "not a readable image file (unknown format); remove it"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # -W error
-        raise ImageReadError(name, f"refused as a possible decompression bomb ({e})") from None
+        # Pillow refused it on opening (more than 2x its own limit): the same message as above
+        size = _header_size(data)
+        pixels = f"{size[0]}x{size[1]} = {size[0] * size[1]:,}" if size else _bomb_pixels(e)
+        raise ImageReadError(name, _too_many_pixels(what, pixels, limit, advice)) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
         # Pillow's decoders report damaged files with any of these.
         raise ImageReadError(
@@ -175,6 +211,41 @@ def decode_image(
         return pil_to_rgb(im, data, high_depth=high_depth)
     except ValueError as e:
         raise ImageReadError(name, f"cannot convert to RGB: {e}") from None
+
+
+def _too_many_pixels(what: str, pixels: str, limit: int, advice: str) -> str:
+    """The refusal of an image above the pixel limit (worded as the review app words it)."""
+    if what == "field":
+        return f"field is {pixels} pixels, above the {limit:,}-pixel limit of a field; {advice}"
+    return (
+        f"{what} is {pixels} pixels, above the {limit:,} limit (possible decompression bomb); "
+        f"{advice}"
+    )
+
+
+def _bomb_pixels(error: BaseException) -> str:
+    """The pixel count Pillow's decompression-bomb message names (``"more than N"`` if none)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found.group(1)):,}" if found else "too many"
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """An image's width and height from its header, without Pillow's decompression-bomb check
+    (which refuses to open one more than twice its limit); ``None`` when no format reads it."""
+    from PIL import Image
+
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is not None and not accept(prefix):
+                continue
+            im = factory(io.BytesIO(data), None)
+            return int(im.size[0]), int(im.size[1])
+        except Exception:  # noqa: BLE001, S112 - not this format: try the next
+            continue
+    return None
 
 
 def _is_high_depth_colour(im) -> bool:  # type: ignore[no-untyped-def]
@@ -196,12 +267,57 @@ def pil_to_rgb(im, data: bytes | None = None, *, high_depth: bool = False) -> np
     """Convert a loaded PIL image (any mode: 1, L, LA, P, PA, I;16, I, F, RGB, RGBA, CMYK, ...) to
     RGB uint8 (see module contract).
 
+    The result is turned upright as the image's EXIF orientation says (:func:`upright`), as
+    image viewers show it, so that every path (a file, its bytes, a PIL image) gives the pixels
+    the user sees and boxes drawn on them land where the user looks.
+
     Args:
         im: the PIL image.
         data: the encoded bytes it came from, when known: a 16-bit-per-channel colour file
             (``high_depth``) is then decoded again with OpenCV, since Pillow truncates it to 8 bits.
         high_depth: whether the file was 16 bits per colour channel.
     """
+    return upright(_pil_pixels(im, data, high_depth=high_depth), exif_orientation(im))
+
+
+_ORIENTATION_TAG = 0x0112
+"""EXIF Orientation (1 = upright, 2-8 = mirrored and/or rotated)."""
+
+
+def exif_orientation(im) -> int:  # type: ignore[no-untyped-def]
+    """A PIL image's EXIF orientation, 1 (upright) when it has none or an invalid one."""
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: show the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    """``rgb`` (HWC) turned as EXIF ``orientation`` says, as ``PIL.ImageOps.exif_transpose``
+    does (2: mirrored, 3: 180 degrees, 4: flipped, 5: transposed, 6: 90 clockwise,
+    7: transversed, 8: 90 counter-clockwise); 1 or anything else: unchanged."""
+    if orientation == 2:
+        out = rgb[:, ::-1]
+    elif orientation == 3:
+        out = rgb[::-1, ::-1]
+    elif orientation == 4:
+        out = rgb[::-1]
+    elif orientation == 5:
+        out = rgb.swapaxes(0, 1)
+    elif orientation == 6:
+        out = np.rot90(rgb, -1)
+    elif orientation == 7:
+        out = rgb[::-1, ::-1].swapaxes(0, 1)
+    elif orientation == 8:
+        out = np.rot90(rgb, 1)
+    else:
+        return rgb
+    return np.ascontiguousarray(out)
+
+
+def _pil_pixels(im, data: bytes | None = None, *, high_depth: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """:func:`pil_to_rgb` before the EXIF orientation is applied."""
     mode = im.mode
     if high_depth and data is not None:
         # 16-bit-per-channel PNG/TIFF: Pillow drops the low byte (truncates); decode with

@@ -54,6 +54,8 @@ def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
     ``DIR.old`` deleted. A crash therefore leaves the old folder, the new one, or only
     ``DIR.old`` (a reader may restore it: see ``marrowscope.models.bundle``), never a folder
     with some new and some old files. Temp folders left by a crashed earlier call are removed.
+    Every file written gets the usual permissions (``0666`` less the umask, as
+    :func:`atomic_write` gives), also those a library created private (safetensors' ``0600``).
 
     Args:
         directory: the folder to create or replace (its parent is created).
@@ -72,8 +74,11 @@ def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
     old = old_folder(directory)
     try:
         writer(tmp)
+        mode = 0o666 & ~_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
+                if not f.is_symlink():
+                    os.chmod(f, mode)
                 _fsync(f)
         if directory.exists():
             if old.exists():
@@ -117,14 +122,56 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda p: p.write_bytes(data))
 
 
+def printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode written as backslash escapes.
+
+    A file name that is not valid UTF-8 reaches Python with its undecodable bytes as lone
+    surrogates (``os.fsdecode(b"caf\\xe9.jpg") == "caf\\udce9.jpg"``); each such byte becomes
+    the four characters ``\\xe9``, so a CSV, JSON or HTML file naming it is still valid UTF-8 and
+    shows the byte. Any other lone surrogate becomes ``\\udXXX``. Text UTF-8 can encode is
+    returned unchanged.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def printable_data(obj: Any) -> Any:
+    """``obj`` (dicts, lists, tuples, strings, paths; anything else kept) with every string and
+    path made :func:`printable`, keys included: what :func:`atomic_write_json` writes."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, Path):
+        return printable(str(obj))
+    if isinstance(obj, dict):
+        return {printable_data(k): printable_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [printable_data(v) for v in obj]
+    return obj
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically write UTF-8 ``text`` to ``path``."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Atomically write ``text`` to ``path`` as UTF-8 (what UTF-8 cannot encode, such as the
+    bytes of a file name that is not UTF-8, escaped by :func:`printable`)."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = printable(text).encode("utf-8")
+    atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+    """Atomically write ``obj`` as indented JSON (strings made :func:`printable`, as the CSV
+    files written beside it are)."""
+    text = json.dumps(printable_data(obj), indent=2, sort_keys=False, default=json_default)
+    atomic_write_text(path, text + "\n")
 
 
 def json_default(o: Any) -> Any:

@@ -16,8 +16,10 @@ from PIL import Image
 from marrowscope.config import PreprocessConfig
 from marrowscope.inference import batching
 from marrowscope.inference.batching import (
+    GRAYSCALE_WARNING,
     InputError,
     collect_image_paths,
+    collect_inputs,
     iter_loaded,
     prediction_records,
     write_predictions,
@@ -47,6 +49,49 @@ def test_collect_folders_recursive_files_globs_in_order_without_duplicates(tmp_p
         [str(tmp_path / "d"), str(explicit), str(tmp_path / "e" / "*.tif"), a]
     )
     assert got == [a, b, explicit, c]
+
+
+def test_collect_names_the_files_it_leaves_out_and_takes_upper_case_extensions(
+    tmp_path: Path,
+) -> None:
+    """The reviewed case: a.JPG and b.jpeg are read, c.webp and d.jfif were left out without a
+    word; now they are listed (and a glob's non-image matches too)."""
+    d = tmp_path / "cells"
+    a, b = _img(d / "a.JPG"), _img(d / "b.jpeg")
+    for name in ("c.webp", "d.jfif"):
+        (d / name).write_bytes(b"RIFF....")
+    got = collect_inputs([str(d)])
+    assert got.paths == [a, b]
+    assert got.skipped == [d / "c.webp", d / "d.jfif"]
+    line = got.skipped_summary()
+    assert line is not None
+    assert "skipped 2 file(s)" in line and "c.webp, d.jfif" in line and ".jpg" in line
+    assert collect_image_paths([str(d)]) == [a, b]
+    # glob matches and explicitly named files
+    got = collect_inputs([str(d / "*"), str(d / "c.webp")])
+    assert got.paths == [a, b, d / "c.webp"]  # named explicitly: kept, as before
+    assert got.skipped == [d / "d.jfif"]
+    assert "(c.webp and 1 more)" in (collect_inputs([str(d)]).skipped_summary(shown=1) or "")
+    assert collect_inputs([str(a)]).skipped_summary() is None
+    # a folder of other files only: the error says what it found
+    only = tmp_path / "webp"
+    only.mkdir()
+    (only / "e.webp").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"found 1 other file\(s\), e\.g\. e\.webp"):
+        collect_inputs([str(only)])
+
+
+def test_records_carry_a_warning_per_image() -> None:
+    recs = prediction_records(
+        [("g.png", np.array([0.9, 0.1]), None), ("c.png", np.array([0.2, 0.8]), None)],
+        ["P", "Q"],
+        warnings=[GRAYSCALE_WARNING, None],
+    )
+    assert recs[0]["warning"].startswith("grayscale image") and recs[1]["warning"] == ""
+    with pytest.raises(ValueError, match="1 warnings for 2 results"):
+        prediction_records(
+            [("a", np.array([1.0]), None), ("b", np.array([1.0]), None)], ["P"], warnings=[""]
+        )
 
 
 def test_collect_glob_recursive_and_missing_inputs(tmp_path: Path) -> None:
@@ -216,9 +261,9 @@ def test_records_rank_classes_and_keep_error_rows() -> None:
     ok, bad = _records()
     assert list(ok) == [
         "path", "predicted", "confidence", "top1", "p_top1", "top2", "p_top2",
-        "p_X", "p_Y", "p_Z", "model", "marrowscope_version", "error",
+        "p_X", "p_Y", "p_Z", "model", "marrowscope_version", "warning", "error",
     ]  # fmt: skip
-    assert (ok["predicted"], ok["top2"], ok["error"]) == ("Y", "Z", "")
+    assert (ok["predicted"], ok["top2"], ok["error"], ok["warning"]) == ("Y", "Z", "", "")
     assert ok["confidence"] == pytest.approx(0.7) and ok["p_X"] == pytest.approx(0.1)
     assert bad["predicted"] is None and bad["p_Y"] is None and bad["error"] == "b.png: corrupt"
     assert bad["model"] == "m"

@@ -65,10 +65,47 @@ def test_zero_support_class_still_appears() -> None:
     m = classification_metrics(Y_TRUE, Y_PRED, [*CLASSES, "D"])
     assert m["per_class"]["D"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert m["confusion_matrix"] == [[3, 1, 0, 0], [0, 2, 1, 0], [0, 1, 2, 0], [0, 0, 0, 0]]
-    # macro average over all 4 classes (D counts as 0); balanced accuracy over classes present
-    assert m["macro_f1"] == pytest.approx(MACRO_F1 * 3 / 4)
+    # the headline macro-F1, like balanced accuracy, averages over the classes present (A, B,
+    # C): the absent D changes nothing; the all-classes value counts D as F1 = 0
+    assert m["macro_f1"] == pytest.approx(MACRO_F1)
+    assert m["macro_f1"] == pytest.approx(
+        f1_score(Y_TRUE, Y_PRED, labels=[0, 1, 2], average="macro", zero_division=0)
+    )
+    assert m["macro_f1_all_classes"] == pytest.approx(MACRO_F1 * 3 / 4)
+    assert m["present_classes"] == 3
     assert m["balanced_accuracy"] == pytest.approx(25 / 36)
     assert m["accuracy"] == pytest.approx(0.7)
+
+
+def test_macro_f1_with_every_class_present_is_the_all_classes_value_exactly() -> None:
+    rng = np.random.default_rng(5)
+    y, p = rng.permutation(np.arange(300) % 6), rng.integers(0, 6, 300)
+    m = classification_metrics(y, p, list("abcdef"))
+    assert m["macro_f1"] == m["macro_f1_all_classes"]  # bit for bit: published numbers stay
+    assert m["macro_f1"] == f1_score(y, p, average="macro")
+    ci = bootstrap_ci(y, p, 6, n_boot=200, seed=1)
+    assert ci["macro_f1"] == ci["macro_f1_all_classes"]
+
+
+def test_a_model_class_absent_from_the_data_is_left_out_of_the_ci_and_the_comparison() -> None:
+    from marrowscope.metrics.classification import paired_comparison
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 400)  # a 4th model class, D, has no sample
+    a = np.where(rng.random(400) < 0.7, y, rng.integers(0, 4, 400))
+    b = np.where(rng.random(400) < 0.8, y, rng.integers(0, 4, 400))
+    classes = ["A", "B", "C", "D"]
+    m = classification_metrics(y, a, classes)
+    assert m["macro_f1"] > m["macro_f1_all_classes"] + 0.15  # D's F1 = 0 no longer drags it
+    ci = bootstrap_ci(y, a, 4, n_boot=500, seed=0)
+    lo, hi = ci["macro_f1"]
+    assert lo < m["macro_f1"] < hi
+    lo, hi = ci["macro_f1_all_classes"]
+    assert lo < m["macro_f1_all_classes"] < hi < m["macro_f1"]
+    r = paired_comparison(y, a, b, classes, n_boot=500)
+    assert r["macro_f1_a"] == m["macro_f1"]
+    lo, hi = r["difference_ci95"]
+    assert lo <= r["difference"] <= hi
 
 
 def test_zero_support_class_that_is_predicted_has_zero_precision() -> None:

@@ -113,6 +113,28 @@ def test_crash_recovery_from_old_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_usual_permissions_like_atomic_write(
+    tmp_path: Path, umask: int
+) -> None:
+    """safetensors creates its file 0600; a saved bundle (trained, or packed to ship) must be
+    readable as any file marrowscope writes: 0666 less the umask."""
+    import os
+
+    from marrowscope.utils.io import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        save_bundle(tmp_path / "b", _model(), {"classes": CLASSES})
+        atomic_write_text(tmp_path / "plain.txt", "x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == want
+    for name in ("model.safetensors", "metadata.json"):
+        assert (tmp_path / "b" / name).stat().st_mode & 0o777 == want, name
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -108,3 +108,115 @@ def test_models_command_lists_the_shipped_models(monkeypatch: pytest.MonkeyPatch
     # its recipe's 3-fold cross-validation
     assert "(validation, 653 cells)" in result.output
     assert "(3-fold CV, 2,100 cells)" in result.output
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_files_are_readable_by_everyone(name: str) -> None:
+    """A wheel keeps the files' modes: a 0600 model.safetensors (safetensors' own mode) would
+    be unreadable to every user but the one who installed it."""
+    for file in pretrained_index()[name]["files"]:
+        mode = (PRETRAINED_DIR / name / file).stat().st_mode
+        assert mode & 0o444 == 0o444, f"{name}/{file}: mode {oct(mode & 0o777)}"
+
+
+def test_an_unreadable_shipped_file_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from marrowscope.models import bundle
+
+    def denied(path: object) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(bundle, "file_sha256", denied)
+    with pytest.raises(bundle.BundleError) as err:
+        pretrained_bundle("bm8")
+    msg = str(err.value)
+    assert "bm8" in msg and "cannot be read (Permission denied)" in msg
+    assert "chmod a+r" in msg and "reinstall marrowscope" in msg
+    res = CliRunner().invoke(app, ["predict", "bm8", str(SAMPLE / "ART"), "--no-progress"])
+    assert res.exit_code == 2 and "Permission denied" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_a_local_folder_that_hides_a_shipped_name_is_named_with_the_escape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `marrowscope export bm8` used to leave behind (./bm8/model.onnx) made `predict bm8`
+    fail with "bm8/metadata.json: missing"; now the error says what happened and how out."""
+    from marrowscope.models.bundle import BundleError, save_bundle, shipped_name
+    from marrowscope.models.registry import build_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bm8").mkdir()
+    (tmp_path / "bm8" / "model.onnx").write_bytes(b"left by an old export")
+    for load in (load_bundle, read_metadata, Predictor.from_checkpoint):
+        with pytest.raises(BundleError, match=r"\./bm8 hides the shipped model bm8; rename it"):
+            load("bm8")
+    res = CliRunner().invoke(app, ["predict", "bm8", str(SAMPLE / "ART"), "--no-progress"])
+    assert res.exit_code == 2 and "pass the shipped model as builtin:bm8" in res.output
+    # the escape works everywhere a checkpoint is expected, and the Python API never looks here
+    assert shipped_name("builtin:bm8") == "bm8" and shipped_name("bm8") is None
+    assert list(read_metadata("builtin:bm8").classes) == SHIPPED["bm8"]
+    assert Predictor.from_checkpoint("builtin:bm8", device="cpu").classes_ == SHIPPED["bm8"]
+    assert Predictor.from_pretrained("bm8", device="cpu").model_name_ == "bm8"
+    with pytest.raises(BundleError, match="unknown shipped model 'builtin:bm9'.*builtin:pbc6"):
+        read_metadata("builtin:bm9")
+    # a real bundle of that name still wins (documented): the user's own model
+    from marrowscope.config import ModelConfig
+
+    (tmp_path / "bm8" / "model.onnx").unlink()
+    model = build_model(ModelConfig(name="paper_cnn", pretrained=False), 2, input_size=32)
+    save_bundle(tmp_path / "bm8", model, {"classes": ["A", "B"]})
+    assert list(read_metadata("bm8").classes) == ["A", "B"]
+
+
+def test_models_command_checks_the_files_as_loading_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from marrowscope.models import bundle
+
+    copy = tmp_path / "pretrained"
+    shutil.copytree(PRETRAINED_DIR, copy)
+    meta = copy / "bm8" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"name": "bm8"', '"name": "bm8x"', 1))
+    monkeypatch.setattr(bundle, "PRETRAINED_DIR", copy)
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 2, res.output
+    assert "does not match the expected" in res.output and "reinstall marrowscope" in res.output
+    assert "bm8x" not in res.output
+
+
+def test_predict_names_the_model_flags_grayscale_and_lists_skipped_files(tmp_path: Path) -> None:
+    """The CSV's model column tells bm8 from pbc6; a grayscale cell is classified but flagged
+    (per image, and once for the run); files of other extensions are named, not dropped silently;
+    an upper-case .JPG is an image."""
+    from PIL import Image
+
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    src = sorted((SAMPLE / "EOS").glob("*.jpg"))[:2]
+    (cells / "a.jpg").write_bytes(src[0].read_bytes())
+    (cells / "B.JPG").write_bytes(src[1].read_bytes())
+    Image.open(src[0]).convert("L").save(cells / "gray.png")
+    for name in ("c.webp", "d.jfif"):
+        (cells / name).write_bytes(b"not read")
+    rows = {}
+    for name in SHIPPED:
+        out = tmp_path / f"{name}.csv"
+        res = CliRunner().invoke(
+            app,
+            ["predict", name, str(cells), "--out", str(out), "--tta", "none", "--no-progress"],
+        )
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.split())
+        assert "3 images, 0 error(s)" in text
+        assert "1 image(s) are grayscale (gray.png)" in text
+        assert "predictions on them are unreliable" in text
+        assert "skipped 2 file(s)" in text and "(c.webp, d.jfif)" in text
+        rows[name] = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+        assert set(rows[name]) == {"a.jpg", "B.JPG", "gray.png"}
+        for r in rows[name].values():
+            assert (r["model"], r["arch"]) == (name, "mobilenetv2_100")
+        assert rows[name]["gray.png"]["warning"].startswith("grayscale image")
+        assert rows[name]["a.jpg"]["warning"] == rows[name]["B.JPG"]["warning"] == ""
+    assert rows["bm8"]["a.jpg"]["predicted"] == "EOS"

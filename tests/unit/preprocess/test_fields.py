@@ -15,6 +15,7 @@ from marrowscope.preprocess.fields import (
     detect_classical,
     estimate_scale,
     looks_like_crop,
+    looks_like_field,
     plan_tiles,
     stain_map,
 )
@@ -125,8 +126,27 @@ def test_looks_like_crop() -> None:
     assert looks_like_crop(np.array([[40, 40, 210, 210]]), 250, 250)  # a Matek-like crop
     # a PBC field: one centred white cell about 38% of the frame: a field, not a crop
     assert not looks_like_crop(np.array([[112, 113, 248, 249]]), 360, 363)
-    assert not looks_like_crop(np.array([[0, 0, 200, 200], [40, 40, 240, 240]]), 250, 250)
-    assert not looks_like_crop(np.array([[0, 0, 170, 170]]), 250, 250)  # big but off-centre
+    # big but off-centre (0.28 of the shorter side from the centre)
+    assert not looks_like_crop(np.array([[0, 0, 180, 180]]), 300, 300, red_cells=0)
+    # the cell nearest the centre is judged; a neighbour cut by the border does not hide it
+    assert looks_like_crop(np.array([[0, 0, 60, 90], [40, 40, 210, 210]]), 250, 250)
+    # 0.58 of the frame: a crop only where few red cells were measured (marrow crops)
+    cell = np.array([[52.5, 52.5, 197.5, 197.5]])
+    assert looks_like_crop(cell, 250, 250, red_cells=0)
+    assert looks_like_crop(cell, 250, 250, red_cells=2)
+    assert not looks_like_crop(cell, 250, 250, red_cells=6)
+    assert not looks_like_crop(cell, 250, 250)  # scale given: red cells not measured
+    assert not looks_like_crop(np.zeros((0, 4)), 250, 250, red_cells=0)
+
+
+def test_looks_like_field() -> None:
+    # red cells all around and the white cell off-centre, small, or none at all: a field
+    assert looks_like_field(np.array([[10, 10, 110, 110]]), 640, 480, red_cells=20)
+    assert looks_like_field(np.array([[300, 220, 340, 260]]), 640, 480, red_cells=20)
+    assert looks_like_field(np.zeros((0, 4)), 640, 480, red_cells=20)
+    # a centred cell (a crop), or too few red cells to tell: not a field
+    assert not looks_like_field(np.array([[112, 113, 248, 249]]), 360, 363, red_cells=8)
+    assert not looks_like_field(np.array([[10, 10, 110, 110]]), 640, 480, red_cells=2)
 
 
 @pytest.mark.parametrize("path", ANNOTATED, ids=lambda p: p.name[:8])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -226,3 +227,30 @@ def test_bundle_parameters_are_checked_when_read() -> None:
     assert config_from_params({**params, "crop": "0.5"}).crop == 0.5  # hand-edited, still valid
     with pytest.raises(ValueError, match=r"preprocess.crop: must be in \(0, 1\], got 2"):
         config_from_params({**params, "crop": 2})
+
+
+def test_is_grayscale_tells_gray_files_from_every_real_stained_cell(tmp_path: Path) -> None:
+    """Every bundled real cell is colour; the same cells made gray (one channel repeated, or an
+    RGB JPEG of a gray image) are gray, also after the paper's preprocessing (denoise,
+    sharpen, resize), which is where ``predict`` looks."""
+    from PIL import Image
+
+    from marrowscope.data.sample import SAMPLE_ROOT
+    from marrowscope.preprocess.ops import is_grayscale
+    from marrowscope.utils.image import read_image
+
+    files = sorted(SAMPLE_ROOT.glob("*/*.jpg"))
+    assert len(files) >= 100
+    paper = PreprocessConfig(size=64, denoise=True, sharpen=True)
+    for i, f in enumerate(files):
+        rgb = read_image(f)
+        assert not is_grayscale(rgb), f
+        if i % 12:
+            continue
+        gray = np.repeat(np.asarray(Image.fromarray(rgb).convert("L"))[:, :, None], 3, axis=2)
+        assert is_grayscale(gray), f
+        jpeg = tmp_path / f"{f.stem}.jpg"
+        Image.fromarray(gray).save(jpeg, quality=85)  # stored as a 3-channel JPEG
+        assert is_grayscale(read_image(jpeg)), f
+        assert is_grayscale(apply_preprocess(read_image(jpeg), paper)), f
+        assert not is_grayscale(apply_preprocess(rgb, paper)), f

@@ -188,3 +188,15 @@ def test_with_a_store_each_accepted_image_is_stored_as_judged_and_not_kept_in_me
     )
     assert ok == [] and [r.name for r in refused] == ["a.png"]
     assert "the server could not store it (No space left on device)" in refused[0].reason
+
+
+def test_an_exif_rotated_image_is_recorded_at_its_upright_size() -> None:
+    """A camera JPEG stored landscape with EXIF orientation 6 (shown portrait) is recorded
+    portrait: the size every box and crop of it is measured in."""
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), (10, 120, 200)).save(buf, format="JPEG", exif=exif)
+    accepted = check_image("rotated.jpg", buf.getvalue(), SETTINGS)
+    assert isinstance(accepted, Accepted)
+    assert (accepted.width, accepted.height) == (20, 40)

@@ -156,3 +156,92 @@ def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_missing_file_raises(tmp_path: Path) -> None:
     assert "not found" in str(_expect_error(tmp_path / "missing.png"))
+
+
+def _with_orientation(rgb: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
+    """``rgb`` encoded with an EXIF Orientation tag."""
+    import io
+
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_a_jpeg_with_exif_orientation_6_is_read_upright(tmp_path: Path) -> None:
+    """Orientation 6 (a camera held sideways): viewers turn it 90 degrees clockwise, and so must
+    every reader, or boxes land in a frame the user never sees."""
+    stored = np.zeros((40, 60, 3), np.uint8)  # 60 wide as stored
+    stored[:10, :20] = (255, 0, 0)  # red block at the stored top-left
+    path = tmp_path / "sideways.jpg"
+    path.write_bytes(_with_orientation(stored, 6))
+    out = read_image(path)
+    _check_contract(out, 60, 40)  # upright: 40 wide, 60 high
+    # turned clockwise, the stored top-left ends at the top-right
+    assert out[2:8, 32:38, 0].min() > 200 and out[2:8, 32:38, 2].max() < 60
+    assert out[52:58, 2:8].max() < 60
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_gives_what_pillow_exif_transpose_gives(
+    orientation: int,
+) -> None:
+    import io
+
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    data = _with_orientation(rng.integers(0, 255, (7, 11, 3), dtype=np.uint8), orientation, "PNG")
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    np.testing.assert_array_equal(image_mod.decode_image(data), want)
+    # a PIL image handed over directly is turned the same way
+    np.testing.assert_array_equal(image_mod.pil_to_rgb(Image.open(io.BytesIO(data))), want)
+
+
+def _header_only_png(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims width x height pixels."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_huge_field_header_gets_the_field_limit_message_not_pillows(tmp_path: Path) -> None:
+    """20000 x 20000 is more than twice Pillow's own limit, so Pillow refuses it on opening; the
+    message is still marrowscope's: the size, the field limit and the fix."""
+    path = _header_only_png(tmp_path / "huge.png", 20_000, 20_000)
+    data = path.read_bytes()
+    with pytest.raises(ImageReadError) as err:
+        image_mod.decode_image(data, path, max_pixels=50_000_000, what="field")
+    msg = str(err.value)
+    assert "20000x20000 = 400,000,000 pixels, above the 50,000,000-pixel limit of a field" in msg
+    assert "cut it into smaller fields" in msg and "DOS attack" not in msg
+    with pytest.raises(ImageReadError, match=r"400,000,000 pixels, above the 50,000,000 limit"):
+        read_image(path)  # a cell image: its own advice
+
+
+def test_folder_listing_skips_marrowscopes_own_output_folders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An earlier run's overlays (marked) below the input folder are not inputs; the folder
+    given itself is always listed, and the log says how many folders were skipped."""
+    for rel in ("a.png", "run/overlays/00000_a.png", "run/cells/00_x/1.jpg", "sub/b.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rgb_pattern()).save(tmp_path / rel)
+    (tmp_path / "run" / "overlays" / image_mod.OUTPUT_MARKER).write_text("x")
+    (tmp_path / "run" / "cells" / ".marrowscope-count").write_text("x")
+    with caplog.at_level("WARNING"):
+        images, _ = image_mod.list_image_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["a.png", "sub/b.png"]
+    assert "skipped 2 folder(s) of marrowscope's own output" in caplog.text
+    listed, _ = image_mod.list_image_files(tmp_path / "run" / "overlays")
+    assert [p.name for p in listed] == ["00000_a.png"]
