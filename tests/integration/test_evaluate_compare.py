@@ -218,7 +218,7 @@ def test_drop_unknown_is_recorded_and_macro_f1_leaves_out_absent_classes(
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "leaving out class(es) unknown to the model: ZZZ (12 images)" in text
-    assert "not reading 1 file(s) that are not images by their extension (x.webp)" in text
+    assert "not reading 1 file(s) in class folders that are not images by their extension " in text
     assert "BBB (no image) left out" in text
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["n"] == 24 and saved["dropped_classes"] == {"ZZZ": 12}
@@ -235,11 +235,47 @@ def test_drop_unknown_is_recorded_and_macro_f1_leaves_out_absent_classes(
     report = (out / "report.md").read_text()
     assert "Left out (--drop-unknown): 12 images of class(es) the model does not know" in report
     assert "know: ZZZ (12 images)." in report
-    assert "Not read: 1 file(s) that are not images by their extension (x.webp)" in report
+    assert (
+        "Not read: 1 file(s) in class folders that are not images by their extension (x.webp)"
+        in report
+    )
     assert f"| Macro-F1 | {saved['macro_f1']:.3f} |" in report
     all_classes = saved["macro_f1_all_classes"]
     assert f"| Macro-F1, all model classes (absent ones as 0) | {all_classes:.3f}" in report
     # with every class present nothing of this appears and the two macro-F1 values agree
     m = evaluate_bundle(tiny_bundle, synthetic_tree, progress=False, n_boot=50)
     assert m["dropped_classes"] == {} and m["ignored_files"] == []
+    assert m["ignored_files_count"] == m["ignored_files_at_root"] == 0
     assert m["macro_f1"] == m["macro_f1_all_classes"]
+
+
+def test_files_outside_class_folders_are_told_apart_and_the_list_is_capped(
+    tiny_bundle: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """A .jpg directly in the data folder was reported as "not an image by its extension";
+    and metrics.json listed every ignored file, however many."""
+    from rich.console import Console
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_tree, data)
+    cell = next((data / "AAA").glob("*"))
+    shutil.copy(cell, data / "stray.jpg")
+    (data / "README.txt").write_text("about the data")
+    for i in range(60):
+        (data / "CCC" / f"note{i:02d}.txt").write_text("not an image")
+    console = Console(record=True, width=200)
+    out = tmp_path / "eval"
+    m = evaluate_bundle(tiny_bundle, data, out_dir=out, progress=False, n_boot=20, console=console)
+    text = console.export_text()
+    assert "not reading 2 file(s) directly in the data folder, in no class folder" in text
+    assert "(README.txt, stray.jpg); put labelled images in their class's folder" in text
+    assert "not reading 60 file(s) in class folders that are not images by their extension" in text
+    assert "(note00.txt, note01.txt, note02.txt and 57 more)" in text
+    assert "stray.jpg" not in text.split("class folders that are not images")[1]
+    assert m["n"] == 36  # the stray .jpg is of no class: not scored
+    saved = json.loads((out / "metrics.json").read_text())
+    assert len(saved["ignored_files"]) == 50 and saved["ignored_files_count"] == 62
+    assert saved["ignored_files_at_root"] == 2
+    report = (out / "report.md").read_text()
+    assert "Not read: 2 file(s) directly in the data folder, in no class folder" in report
+    assert "Not read: 60 file(s) in class folders that are not images by their extension" in report

@@ -284,27 +284,41 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path: Path) -> None
 
 
 def test_an_unexpected_failure_on_one_field_is_that_fields_error(
-    sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A failed overlay write (or any other error) on one field is recorded for that field; the
-    other fields and the output files are kept."""
+    """An unexpected error on one field is recorded for that field (its traceback logged once,
+    visibly); the other fields and the output files are kept. A failed overlay write (a full
+    disk) keeps the field's cells and says so on the field."""
     import marrowscope.engine.detect as detect_mod
 
-    real = detect_mod.write_overlay
+    real_analyze, real_write = detect_mod.analyze_field, detect_mod.write_overlay
+    one = ANNOTATED[0]
 
-    def flaky(path: Path, rgb):  # type: ignore[no-untyped-def]
-        if EMPTY.stem in path.name:
+    def broken(rgb, *args, name, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(name).name == EMPTY.name:
+            raise RuntimeError("a bug")
+        return real_analyze(rgb, *args, name=name, **kwargs)
+
+    def full(path: Path, rgb):  # type: ignore[no-untyped-def]
+        if one.stem in path.name:
             raise OSError(28, "No space left on device")
-        real(path, rgb)
+        real_write(path, rgb)
 
-    monkeypatch.setattr(detect_mod, "write_overlay", flaky)
+    monkeypatch.setattr(detect_mod, "analyze_field", broken)
+    monkeypatch.setattr(detect_mod, "write_overlay", full)
+    monkeypatch.setattr(detect_mod, "_said_traceback", False)
     out = tmp_path / "det"
-    r = _invoke("detect", "none", str(sample), "--out", str(out), "--no-progress")
+    with caplog.at_level("ERROR", logger="marrowscope.engine.detect"):
+        r = _invoke("detect", "none", str(sample), "--out", str(out), "--no-progress")
     assert r.exit_code == 0, r.output
     fields = {Path(row["path"]).name: row for row in _rows(out / "fields.csv")}
     assert len(fields) == 8
-    assert "No space left on device" in fields[EMPTY.name]["error"]
+    assert "RuntimeError: a bug" in fields[EMPTY.name]["error"]
     assert EMPTY.name in fields[EMPTY.name]["error"]
+    assert "unexpected error" in caplog.text and "a bug" in caplog.text
+    assert fields[one.name]["error"] == "" and int(fields[one.name]["cells_found"]) >= 1
+    assert fields[one.name]["overlay"] == ""
+    assert "the overlay could not be written" in fields[one.name]["warnings"]
     assert sum(1 for row in fields.values() if not row["error"]) == 6
 
 
@@ -324,13 +338,25 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_overlays(
     r = _count_fields(sample, out)
     assert r.exit_code == 0, r.output
     assert len(list((out / "overlays").glob("*.png"))) == 7
-    # an overlays/ folder of the user's is neither emptied nor mixed with ours
-    mine = tmp_path / "mine"
-    (mine / "overlays").mkdir(parents=True)
-    (mine / "overlays" / "notes.txt").write_text("mine")
-    r = _invoke("detect", "none", str(one), "--out", str(mine), "--no-progress")
-    assert r.exit_code == 2 and "not written by marrowscope" in r.output
-    assert [p.name for p in (mine / "overlays").iterdir()] == ["notes.txt"]
+    # with --no-overlays the earlier run's overlays (in marrowscope's marked folder) go too
+    r = _invoke("detect", "none", str(one), "--out", str(out), "--no-progress", "--no-overlays")
+    assert r.exit_code == 0, r.output
+    assert list((out / "overlays").glob("*.png")) == []
+    # an overlays/ folder of the user's (no marker), even of files named as ours, is neither
+    # emptied nor mixed with ours, with or without --no-overlays
+    for extra in ([], ["--no-overlays"]):
+        mine = tmp_path / f"mine{len(extra)}"
+        (mine / "overlays").mkdir(parents=True)
+        (mine / "overlays" / "notes.txt").write_text("mine")
+        (mine / "overlays" / "00012_slide3.png").write_bytes(b"mine")
+        r = _invoke("detect", "none", str(one), "--out", str(mine), "--no-progress", *extra)
+        if not extra:
+            assert r.exit_code == 2
+            assert "was not written by this version of marrowscope" in " ".join(r.output.split())
+        assert sorted(p.name for p in (mine / "overlays").iterdir()) == [
+            "00012_slide3.png",
+            "notes.txt",
+        ]
 
 
 def test_count_fields_on_a_folder_without_images_words_it_for_fields(tmp_path: Path) -> None:
@@ -342,3 +368,19 @@ def test_count_fields_on_a_folder_without_images_words_it_for_fields(tmp_path: P
     text = " ".join(r.output.split())
     assert "no field images" in text and "whole fields of view" in text
     assert "single-cell images" not in text
+
+
+def test_count_fields_refuses_a_foreign_overlays_folder_before_counting(
+    sample: Path, tmp_path: Path
+) -> None:
+    """A foreign overlays/ in the output folder is found before any field is counted: nothing
+    of an earlier count there is replaced and no work is thrown away."""
+    out = tmp_path / "c"
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "mine.png").write_bytes(b"mine")
+    (out / "count.json").write_text("{}")
+    r = _count_fields(sample, out)
+    assert r.exit_code == 2
+    assert "was not written by this version of marrowscope" in " ".join(r.output.split())
+    assert sorted(p.name for p in out.rglob("*")) == ["count.json", "mine.png", "overlays"]
+    assert (out / "count.json").read_text() == "{}"

@@ -986,6 +986,7 @@ def count(
         write_count_outputs,
     )
     from marrowscope.inference import Predictor
+    from marrowscope.reports.detect_files import check_overlays
     from marrowscope.utils.io import printable
 
     _check_backend(backend)
@@ -1000,6 +1001,9 @@ def count(
     if fields:
         det = _load_detector(detector, min_score)
         scale = _parse_um_per_px(um_per_px, predictor)
+        folder = Path(sample_dir).expanduser()
+        # refused before any work when its overlays/ is someone else's (see prepare_overlays)
+        check_overlays(out or Path(f"count-{folder.resolve().name or folder}"))
         res = count_fields(
             predictor,
             sample_dir,

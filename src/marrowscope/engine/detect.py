@@ -13,6 +13,7 @@ does not take the overlays for fields.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from marrowscope.inference.fields import (
     CropSpec,
@@ -49,10 +52,26 @@ __all__ = ["DetectRun", "detect_fields", "field_failure", "mark_model_scale", "o
 log = logging.getLogger(__name__)
 
 
+_said_traceback = False
+
+
 def field_failure(name: str, error: BaseException) -> str:
-    """The message recorded for a field that failed with an unexpected ``error`` (the traceback
-    goes to the debug log: ``--verbose``)."""
-    log.debug("field %s failed", name, exc_info=error)
+    """The message recorded for a field that failed with an unexpected ``error``.
+
+    The first such failure of the process is logged with its traceback at ERROR (an unexpected
+    error may be a bug, not a bad field: it must not hide among the per-field rows); later ones
+    go to the debug log (``--verbose``)."""
+    global _said_traceback
+    if not _said_traceback and not isinstance(error, MemoryError):
+        _said_traceback = True
+        log.error(
+            "field %s failed with an unexpected error (recorded as that field's error; the "
+            "other fields go on); please report it if the field looks fine",
+            name,
+            exc_info=error,
+        )
+    else:
+        log.debug("field %s failed", name, exc_info=error)
     if isinstance(error, MemoryError):
         return (
             f"{name}: not enough memory to process this field; cut it into smaller fields or "
@@ -60,6 +79,28 @@ def field_failure(name: str, error: BaseException) -> str:
         )
     text = str(error)
     return f"{name}: {type(error).__name__}: {text}" if name not in text else text
+
+
+def _with_overlay(
+    outcome: FieldOutcome,
+    rgb: np.ndarray,
+    out: Path,
+    rel: str,
+    classes: Sequence[str] | None,
+) -> FieldOutcome:
+    """Draw and write the field's overlay; a failure to write it (a full disk) keeps the cells
+    found and says so on the field instead of losing them."""
+    note = None if outcome.cells else "no white cell found"
+    try:
+        write_overlay(out / rel, draw_overlay(rgb, outcome.cells, classes=classes, note=note))
+    except OSError as e:
+        log.warning("%s: the overlay could not be written: %s", outcome.path, e)
+        return dataclasses.replace(
+            outcome,
+            overlay=None,
+            warnings=(*outcome.warnings, f"the overlay could not be written ({e})"),
+        )
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -169,10 +210,7 @@ def detect_fields(
                 rel = overlay_name(n, name) if overlays else None
                 outcome = outcome_of(name, result, rel)
                 if rel is not None:
-                    note = None if outcome.cells else "no white cell found"
-                    write_overlay(
-                        out / rel, draw_overlay(rgb, outcome.cells, classes=classes, note=note)
-                    )
+                    outcome = _with_overlay(outcome, rgb, out, rel, classes)
             except FieldError as e:
                 busy += 0.0 if analysed else time.perf_counter() - t0
                 outcome = FieldOutcome(

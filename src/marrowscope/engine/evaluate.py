@@ -86,7 +86,7 @@ def write_evaluation(
     for p, y, pr in zip(paths, labels.tolist(), probs, strict=True):
         k = int(pr.argmax())
         w.writerow([p, classes[y], classes[k], f"{pr[k]:.4f}", *[f"{v:.4f}" for v in pr]])
-    atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
+    atomic_write_text(out_dir / "predictions.csv", buf.getvalue(), escape=True)
     focus = metrics.get("focus")
     atomic_write_text(
         out_dir / "report.md",
@@ -118,9 +118,14 @@ def labelled_rows(source: Path, split: str | None = None) -> list[ManifestRow]:
     return _labelled(source, split)[0]
 
 
-def _labelled(source: Path, split: str | None) -> tuple[list[ManifestRow], list[Path]]:
-    """:func:`labelled_rows`, and the files of a folder source that were left out because
-    they are not images by extension."""
+IGNORED_LISTED = 50
+"""At most this many ignored files are listed in ``metrics.json`` (their number is recorded)."""
+
+
+def _labelled(source: Path, split: str | None) -> tuple[list[ManifestRow], list[Path], list[Path]]:
+    """:func:`labelled_rows`, and the files of a folder source that were left out: those
+    directly in the data folder (in no class folder, so of no class, images or not), and those
+    in class folders that are not images by extension."""
     if source.is_file() and source.suffix.lower() == ".csv":
         rows = read_manifest(source)
         has_split = any(r.split for r in rows)
@@ -129,13 +134,37 @@ def _labelled(source: Path, split: str | None) -> tuple[list[ManifestRow], list[
             rows = [r for r in rows if r.split == chosen]
             if not rows:
                 raise DataError(f"manifest {source} has no row in split {chosen!r}; pass --split")
-        return rows, []
+        return rows, [], []
     scan = scan_folder(resolve_root(str(source)), check_images=False, progress=False)
     rows = [ManifestRow(path=str(p), label=c) for c, files in scan.files.items() for p in files]
-    return rows, list(scan.ignored)
+    at_root = [p for p in scan.ignored if p.parent == scan.root]
+    return rows, at_root, [p for p in scan.ignored if p.parent != scan.root]
 
 
-def _left_out_notes(dropped: Mapping[str, int], ignored: Sequence[str]) -> list[str]:
+def _not_read(at_root: Sequence[str], not_images: Sequence[str], show: int) -> list[str]:
+    """What was not read, one phrase per reason, naming the first ``show`` files of each."""
+
+    def files(paths: Sequence[str]) -> str:
+        more = f" and {len(paths) - show} more" if len(paths) > show else ""
+        return ", ".join(Path(p).name for p in paths[:show]) + more
+
+    out = []
+    if at_root:
+        out.append(
+            f"{len(at_root)} file(s) directly in the data folder, in no class folder "
+            f"({files(at_root)}); put labelled images in their class's folder"
+        )
+    if not_images:
+        out.append(
+            f"{len(not_images)} file(s) in class folders that are not images by their "
+            f"extension ({files(not_images)})"
+        )
+    return out
+
+
+def _left_out_notes(
+    dropped: Mapping[str, int], at_root: Sequence[str], not_images: Sequence[str]
+) -> list[str]:
     """The report's sentences on what the evaluation left out."""
     notes = []
     if dropped:
@@ -144,13 +173,7 @@ def _left_out_notes(dropped: Mapping[str, int], ignored: Sequence[str]) -> list[
             f"Left out (--drop-unknown): {sum(dropped.values())} images of class(es) the model "
             f"does not know: {listed}."
         )
-    if ignored:
-        shown = ", ".join(Path(p).name for p in ignored[:5])
-        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
-        notes.append(
-            f"Not read: {len(ignored)} file(s) that are not images by their extension ({shown}"
-            f"{more})."
-        )
+    notes.extend(f"Not read: {phrase}." for phrase in _not_read(at_root, not_images, 5))
     return notes
 
 
@@ -178,14 +201,16 @@ def evaluate_bundle(
 
     What was left out is recorded in the returned metrics (``metrics.json``) and in
     ``report.md``: ``dropped_classes`` (``{class: images}`` left out by ``drop_unknown``),
-    ``ignored_files`` (files of a folder source that are not images by extension) and
-    ``skipped`` (unreadable images).
+    ``ignored_files`` (files of a folder source not read: directly in the data folder, or in a
+    class folder but not images by extension; the first 50 of them, with
+    ``ignored_files_count`` all of them and ``ignored_files_at_root`` those directly in the data
+    folder) and ``skipped`` (unreadable images).
     """
     console = console or Console()
     meta = read_metadata(bundle_dir)
     classes = list(meta.classes)
-    rows, ignored_paths = _labelled(Path(source), split)
-    ignored = [str(p) for p in ignored_paths]
+    rows, root_paths, other_paths = _labelled(Path(source), split)
+    at_root, not_images = [str(p) for p in root_paths], [str(p) for p in other_paths]
     cmap = dict(class_map or {})
     rows = [ManifestRow(r.path, cmap.get(r.label, r.label), r.split, r.group) for r in rows]
     unknown = sorted({r.label for r in rows} - set(classes))
@@ -204,13 +229,8 @@ def evaluate_bundle(
             + ", ".join(f"{c} ({n} images)" for c, n in dropped.items())
         )
         rows = [r for r in rows if r.label in set(classes)]
-    if ignored:
-        shown = ", ".join(Path(p).name for p in ignored[:3])
-        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
-        console.print(
-            f"[yellow]not reading {len(ignored)} file(s) that are not images by their extension "
-            f"({shown}{more})"
-        )
+    for phrase in _not_read(at_root, not_images, 3):
+        console.print(f"[yellow]not reading {phrase}")
     if not rows:
         raise DataError(f"no labelled image to evaluate in {source}")
 
@@ -236,7 +256,10 @@ def evaluate_bundle(
     metrics["source"] = str(source)
     metrics["skipped"] = [{"path": p, "error": m} for p, m in failures]
     metrics["dropped_classes"] = dropped
-    metrics["ignored_files"] = ignored
+    ignored = sorted(at_root + not_images)
+    metrics["ignored_files"] = ignored[:IGNORED_LISTED]
+    metrics["ignored_files_count"] = len(ignored)
+    metrics["ignored_files_at_root"] = len(at_root)
     if out_dir is not None:
         write_evaluation(
             Path(out_dir),
@@ -247,6 +270,6 @@ def evaluate_bundle(
             classes=classes,
             title=f"{predictor.arch} on {Path(source).name}",
             extra={"checkpoint": str(bundle_dir), "data": str(source), "images": len(paths)},
-            notes=_left_out_notes(dropped, ignored),
+            notes=_left_out_notes(dropped, at_root, not_images),
         )
     return metrics

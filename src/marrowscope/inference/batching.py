@@ -540,9 +540,9 @@ def write_predictions(records: Sequence[Mapping[str, Any]], path: str | os.PathL
     out = Path(path)
     fmt = output_format(out)
     if fmt == "csv":
-        atomic_write_text(out, _csv_text(records))
+        atomic_write_text(out, _csv_text(records), escape=True)
     elif fmt == "json":
-        atomic_write_json(out, list(records))
+        atomic_write_json(out, list(records), escape=True)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq

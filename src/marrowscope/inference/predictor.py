@@ -50,6 +50,8 @@ from marrowscope.models.bundle import (
     BundleError,
     load_bundle,
     pretrained_bundle,
+    pretrained_index,
+    read_metadata,
     shadow_error,
     shadowed_shipped_name,
     shipped_name,
@@ -222,6 +224,90 @@ def _session_metadata(sess: Any, path: Path) -> BundleMetadata:
         raise PredictorError(f"{e}; or {_EXPORT_HINT}") from None
 
 
+def _shipped_weights_sha(name: str) -> str | None:
+    """The sha256 of the shipped model ``name``'s weights in the pretrained index, if any."""
+    entry = pretrained_index().get(name)
+    files = entry.get("files") if isinstance(entry, dict) else None
+    sha = files.get(WEIGHTS_NAME) if isinstance(files, dict) else None
+    return str(sha) if sha else None
+
+
+def _check_export_source(
+    export: Path, recorded: Any, shipped: str | None, weights: Path | None, command: str
+) -> None:
+    """Refuse an ONNX or int8 export made from other weights than those it stands for.
+
+    Args:
+        export: the export (for the message).
+        recorded: the sha256 of the source weights the export recorded (``weights_sha256``).
+        shipped: the shipped model whose cache export this is: the export must record its
+            weights' sha256, equal to the pretrained index's (the one the shipped files are
+            checked against when they load; they are not hashed again here).
+        weights: otherwise the bundle's weights file, hashed and compared when the export
+            recorded a sha256.
+        command: the command that exports it again.
+
+    Raises:
+        PredictorError: no recorded sha256 for a shipped model, or other weights.
+    """
+    if shipped is not None:
+        expected = _shipped_weights_sha(shipped)
+        if not recorded:
+            raise PredictorError(
+                f"{export}: this export of the shipped model {shipped} does not record which "
+                "weights it was made from (no weights_sha256: an older marrowscope made it), so "
+                f"it cannot be checked against them; export it again with: {command}"
+            )
+        if recorded != expected:
+            raise PredictorError(
+                f"{export} was exported from other weights than the shipped model {shipped} "
+                f"(weights sha256 {recorded}, shipped {expected}); export it again with: {command}"
+            )
+        return
+    if weights is not None and recorded and weights.is_file() and file_sha256(weights) != recorded:
+        raise PredictorError(
+            f"{export} was exported from other weights than {weights} (the checkpoint changed "
+            f"since); export it again with: {command}"
+        )
+
+
+def _model_name(checkpoint: str | os.PathLike[str], meta: BundleMetadata, backend: str) -> str:
+    """What :attr:`Predictor.model_name_` (the ``model`` column) calls a loaded checkpoint.
+
+    The shipped model's name (``bm8``) when the checkpoint is the shipped model itself (its
+    name, ``builtin:NAME``, its folder, or its export in the cache, checked against the shipped
+    weights), or a copy of it: the same weights (their sha256, or the one its ONNX / int8
+    export recorded, equals the pretrained index's) and the same classes, preprocessing, TTA
+    and temperature. Anything else, such as a re-saved, fine-tuned or recalibrated copy whose
+    metadata still names the shipped model, is called by its checkpoint path.
+    """
+    name = shipped_name(checkpoint, folder=True)
+    if name is not None:
+        return name
+    claimed = (meta.pretrained or {}).get("name")
+    expected = _shipped_weights_sha(str(claimed)) if claimed else None
+    if expected is None:
+        return str(checkpoint)
+    if backend == "torch":
+        weights = Path(checkpoint).expanduser() / WEIGHTS_NAME
+        sha = file_sha256(weights) if weights.is_file() else None
+    else:
+        sha = ((meta.onnx if backend == "onnx" else meta.int8) or {}).get("weights_sha256")
+    if sha != expected:
+        return str(checkpoint)
+    try:
+        shipped = read_metadata(f"{SHIPPED_PREFIX}{claimed}")
+    except BundleError:
+        return str(checkpoint)
+    same = (
+        list(meta.classes) == list(shipped.classes)
+        and meta.preprocess == shipped.preprocess
+        and meta.inference.tta == shipped.inference.tta
+        and meta.inference.temperature == shipped.inference.temperature
+    )
+    return str(claimed) if same else str(checkpoint)
+
+
 def _is_single_image(obj: Any) -> bool:
     """True for one image (path, bytes, an array below 4 dimensions, a PIL image)."""
     if isinstance(obj, (str, os.PathLike, bytes, bytearray, memoryview)):
@@ -256,8 +342,10 @@ class Predictor:
 
     Attributes:
         classes_: class names in index order (from the bundle).
-        model_name_: the model as the bundle identifies it: the shipped model's name (``bm8``,
-            also for its ONNX and int8 exports), else the checkpoint path it was loaded from.
+        model_name_: the shipped model's name (``bm8``) for the shipped model itself, its ONNX
+            and int8 exports and unchanged copies of it (same weights by sha256, same
+            classes, preprocessing, TTA and temperature); else the checkpoint path it was
+            loaded from (``<in-memory ARCH>`` for :meth:`from_model`).
         bundle_metadata_: the bundle's typed ``metadata.json``
             (:class:`~marrowscope.metadata.BundleMetadata`; for the onnx backend the copy
             embedded in the ONNX model).
@@ -347,8 +435,7 @@ class Predictor:
             self._setup_int8(path)
         else:
             self._setup_onnx(path)
-        shipped = (self.bundle_metadata_.pretrained or {}).get("name")
-        self.model_name_ = str(shipped) if shipped else str(path)
+        self.model_name_ = _model_name(path, self.bundle_metadata_, self.backend)
         return self
 
     @classmethod
@@ -416,8 +503,8 @@ class Predictor:
         self._check_params()
         meta = default_metadata(model, metadata)
         self._setup_torch(copy.deepcopy(model), meta, f"<model {model.arch}>")
-        shipped = (meta.pretrained or {}).get("name")
-        self.model_name_ = str(shipped) if shipped else f"<in-memory {model.arch}>"
+        # no file to check against the shipped one: metadata naming a shipped model proves nothing
+        self.model_name_ = f"<in-memory {model.arch}>"
         return self
 
     def _check_params(self) -> None:
@@ -483,6 +570,9 @@ class Predictor:
         path = Path(checkpoint).expanduser()
         name = shipped_name(checkpoint, folder=True)
         weights: Path | None = None
+        hidden = shadowed_shipped_name(checkpoint)
+        if hidden is not None:  # ./bm8 that is no bundle (an old export's model.onnx, say)
+            raise shadow_error(hidden)
         if name is not None:  # a shipped model: its export lives in the per-user cache
             command = f"marrowscope export {shipped_command_name(name)} --format onnx"
             onnx_file = default_onnx_path(checkpoint)
@@ -491,14 +581,10 @@ class Predictor:
                     f"{checkpoint}: the shipped model {name} has no ONNX export yet (looked for "
                     f"{onnx_file}); create it once with: {command}"
                 )
-            weights = pretrained_bundle(name) / WEIGHTS_NAME
         elif path.is_dir():
             command = f"marrowscope export {path} --format onnx"
             onnx_file = path / ONNX_NAME
             if not onnx_file.is_file():
-                hidden = shadowed_shipped_name(checkpoint)
-                if hidden is not None:
-                    raise shadow_error(hidden)
                 raise PredictorError(
                     f"{path}: no {ONNX_NAME} in this checkpoint folder; create it with: {command}"
                 )
@@ -510,12 +596,9 @@ class Predictor:
             raise PredictorError(f"{path}: no such ONNX file or checkpoint folder; check the path")
         sess = _onnx_session(onnx_file, threads=torch.get_num_threads())
         meta = _session_metadata(sess, onnx_file)
-        want = (meta.onnx or {}).get("weights_sha256")
-        if weights is not None and want and weights.is_file() and file_sha256(weights) != want:
-            raise PredictorError(
-                f"{onnx_file} was exported from other weights than {weights} (the checkpoint "
-                f"changed since); re-export it with: {command}"
-            )
+        _check_export_source(
+            onnx_file, (meta.onnx or {}).get("weights_sha256"), name, weights, command
+        )
         self._setup_common(meta, str(onnx_file))
         inp = sess.get_inputs()[0]
         shape = list(inp.shape)
@@ -532,22 +615,23 @@ class Predictor:
         self.precision_ = Precision(dtype=None, channels_last=False)
         self.onnx_path_ = onnx_file
 
-    def _int8_folder(self, path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-        """The int8 export folder for ``path``, and the bundle folder whose weights it must
-        come from (``None`` when unknown)."""
+    def _int8_folder(self, path: str | os.PathLike[str]) -> tuple[Path, Path | None, str | None]:
+        """The int8 export folder for ``path``; the bundle folder whose weights it must come
+        from (``None`` when unknown or shipped); the shipped model's name when it is the
+        cache export of one (``None`` otherwise)."""
+        hidden = shadowed_shipped_name(path)
+        if hidden is not None:  # ./bm8 that is no bundle (an old export's int8/, say)
+            raise shadow_error(hidden)
         p = Path(path).expanduser()
         if p.is_file() and p.name == INT8_XML:
             p = p.parent
         if (p / INT8_XML).is_file():
             parent = p.parent
-            return p, parent if (parent / WEIGHTS_NAME).is_file() else None
+            return p, parent if (parent / WEIGHTS_NAME).is_file() else None, None
         name = shipped_name(path, folder=True)
         folder = default_int8_dir(path)
         if (folder / INT8_XML).is_file():
-            return folder, pretrained_bundle(name) if name is not None else p
-        hidden = shadowed_shipped_name(path)
-        if hidden is not None:
-            raise shadow_error(hidden)
+            return folder, None if name is not None else p, name
         if p.is_dir() or name is not None:
             ref = shipped_command_name(name) if name is not None else str(path)
             raise PredictorError(
@@ -569,7 +653,7 @@ class Predictor:
             raise PredictorError(
                 "the int8 backend runs the int8 model as exported; use precision='auto'"
             )
-        folder, bundle = self._int8_folder(path)
+        folder, bundle, name = self._int8_folder(path)
         meta_file = folder / METADATA_NAME
         try:
             meta = BundleMetadata.read(meta_file)
@@ -582,14 +666,14 @@ class Predictor:
                 f"{meta_file}: no 'int8' section, so this is not an int8 export; export one with: "
                 f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
             )
-        want = meta.int8.get("weights_sha256")
-        weights = bundle / WEIGHTS_NAME if bundle is not None else None
-        if want and weights is not None and weights.is_file() and file_sha256(weights) != want:
-            raise PredictorError(
-                f"{folder} was exported from other weights than {weights} (the checkpoint "
-                f"changed since); export it again with: "
-                f"{_INT8_HINT.replace('CHECKPOINT', str(path))}"
-            )
+        ref = shipped_command_name(name) if name is not None else str(path)
+        _check_export_source(
+            folder,
+            meta.int8.get("weights_sha256"),
+            name,
+            bundle / WEIGHTS_NAME if bundle is not None else None,
+            _INT8_HINT.replace("CHECKPOINT", ref),
+        )
         self._setup_common(meta, str(meta_file))
         streams = meta.int8.get("streams", 1)
         if streams not in (1, 2):

@@ -14,8 +14,9 @@ Conventions (the same everywhere, so point estimates and their CIs agree):
   ``f1_score(average="macro", labels=<present classes>)``); ``macro_f1_all_classes``,
   ``macro_precision`` and ``macro_recall`` are plain means over all classes of ``classes``, an
   absent class counting 0. When every class has samples the two macro-F1 values are the same
-  number. Bootstrap intervals and paired comparisons use the classes present in the data scored
-  (the same set in every resample).
+  number. Bootstrap intervals and paired comparisons score each resample as these functions
+  score data: its ``macro_f1`` averages over the classes present in that resample (a rare class
+  a resample happens to miss is left out of it, not counted as F1 = 0).
 """
 
 from __future__ import annotations
@@ -191,8 +192,13 @@ def _accuracy_macro_f1(counts: NDArray, present: NDArray | None = None) -> tuple
     """Accuracy and macro-F1 of a stack of confusion matrices ``(..., k, k)`` (rows = true).
 
     Vectorised: ``F1_c = 2 TP / (2 TP + FP + FN)``, 0 when the denominator is 0, averaged over
-    the classes where ``present`` (a ``(k,)`` bool mask) is true, or over all k classes when it
-    is ``None`` (scikit-learn's ``f1_score(average="macro", labels=..., zero_division=0)``).
+    the classes where ``present`` is true, or over all k classes when it is ``None``
+    (scikit-learn's ``f1_score(average="macro", labels=..., zero_division=0)``). ``present`` is a
+    ``(k,)`` bool mask (one class set for every matrix) or a ``(..., k)`` one (a set per matrix:
+    the classes with samples in each resample). With a per-matrix mask, the matrices that have
+    every class of the union of the sets are averaged exactly as with that ``(k,)`` mask (the
+    same floats, bit for bit: published intervals, where every class is in every resample, do
+    not move); only the others are averaged over their own classes.
     """
     counts = np.asarray(counts)
     tp = np.diagonal(counts, axis1=-2, axis2=-1)
@@ -201,7 +207,18 @@ def _accuracy_macro_f1(counts: NDArray, present: NDArray | None = None) -> tuple
     n = counts.sum(axis=(-2, -1))
     acc = _safe_div(tp.sum(axis=-1), n)
     f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
-    macro_f1 = (f1 if present is None else f1[..., np.asarray(present, bool)]).mean(axis=-1)
+    if present is None:
+        return acc, f1.mean(axis=-1)
+    mask = np.asarray(present, bool)
+    if mask.ndim == 1:
+        return acc, f1[..., mask].mean(axis=-1)
+    mask = np.broadcast_to(mask, f1.shape)
+    union = mask.reshape(-1, mask.shape[-1]).any(axis=0)
+    macro_f1 = f1[..., union].mean(axis=-1)
+    short = (mask != union).any(axis=-1)  # matrices missing a class of the union
+    if short.any():
+        m = mask[short]
+        macro_f1[short] = np.where(m, f1[short], 0.0).sum(axis=-1) / m.sum(axis=-1)
     return acc, macro_f1
 
 
@@ -220,9 +237,11 @@ def bootstrap_ci(
     confusion matrix, and those counts are multinomial(n, cm / n). The resampled confusion
     matrices are therefore drawn directly (``numpy.random.Generator.multinomial``), which is the
     same distribution as resampling the samples and costs O(n_boot * n_classes**2), independent
-    of n. Macro-F1 follows :func:`classification_metrics`: ``macro_f1`` over the classes present
-    in ``y_true`` (the same classes in every resample, a present class that a resample misses
-    counting 0), ``macro_f1_all_classes`` over all ``n_classes``; 0 for a zero denominator.
+    of n. Each resample is scored as :func:`classification_metrics` scores data: ``macro_f1``
+    over the classes present in that resample (a row of its confusion matrix with a count; a
+    rare class that a resample misses is left out of its mean, not counted as F1 = 0, which
+    would drag the interval below the estimate), ``macro_f1_all_classes`` over all
+    ``n_classes``; 0 for a zero denominator.
 
     Args:
         y_true: true class indices, shape (n,).
@@ -246,7 +265,7 @@ def bootstrap_ci(
     cells = np.bincount(t * k + p, minlength=k * k)
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, cells / n, size=n_boot).reshape(n_boot, k, k)
-    present = cells.reshape(k, k).sum(axis=1) > 0
+    present = counts.sum(axis=2) > 0  # (n_boot, k): the classes each resample has
     acc, macro_f1 = _accuracy_macro_f1(counts, present)
     _, macro_f1_all = _accuracy_macro_f1(counts)
     q = [alpha / 2, 1 - alpha / 2]
@@ -451,7 +470,9 @@ def paired_comparison(
     ``(true, A's prediction, B's prediction)`` of the k x k x k joint table, and those counts are
     multinomial(n, table / n). The resampled tables are drawn directly; A's and B's confusion
     matrices are their two marginals. Same distribution as resampling the images, at
-    O(n_boot * k**3) instead of 2 * n_boot metric computations over n images.
+    O(n_boot * k**3) instead of 2 * n_boot metric computations over n images. Each resample's
+    macro-F1 averages over the classes present in it (as :func:`bootstrap_ci`), the same
+    classes for A and B since they are scored on the same images.
 
     Args:
         y_true: true class indices, shape (n,).
@@ -481,7 +502,7 @@ def paired_comparison(
     cells = np.bincount((y * k + a) * k + b, minlength=k**3)
     rng = np.random.default_rng(seed)
     tables = rng.multinomial(y.size, cells / y.size, size=n_boot).reshape(n_boot, k, k, k)
-    present = np.bincount(y, minlength=k) > 0  # as classification_metrics' macro_f1
+    present = tables.sum(axis=(2, 3)) > 0  # (n_boot, k): classes in each resample, A's and B's
     _, f1_a = _accuracy_macro_f1(tables.sum(axis=3), present)  # (true, A)
     _, f1_b = _accuracy_macro_f1(tables.sum(axis=2), present)  # (true, B)
     diffs = f1_b - f1_a

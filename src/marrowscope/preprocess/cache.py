@@ -93,6 +93,19 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+DECODE_VERSION = 2
+"""How files are decoded into the pixels preprocessing starts from; entries made by another
+decoder live in another folder. 2: EXIF orientation applied (entries of version 1 hold the
+stored, unrotated pixels of a rotated camera JPEG). It is not part of the bundle's recorded
+preprocessing (:data:`~marrowscope.preprocess.ops.PREPROCESS_VERSION`): a model trained on
+pixels of either decoder stays usable."""
+
+
+def entries_key(cfg: PreprocessConfig) -> str:
+    """The folder name of ``cfg``'s cache entries: :func:`params_key` and the decoder."""
+    return f"{params_key(cfg)}-d{DECODE_VERSION}"
+
+
 def _file_sha256(path: Path) -> tuple[str, bytes]:
     data = read_file_bytes(path)
     return hashlib.sha256(data).hexdigest(), data
@@ -107,13 +120,13 @@ class PreprocessCache:
     Attributes:
         cfg: the parameters.
         root: the cache root.
-        dir: ``root / "preprocess" / params_key(cfg)``: this parameter set's entries.
+        dir: ``root / "preprocess" / entries_key(cfg)``: this parameter set's entries.
     """
 
     def __init__(self, cfg: PreprocessConfig) -> None:
         self.cfg = cfg
         self.root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
-        self.dir = self.root / "preprocess" / params_key(cfg)
+        self.dir = self.root / "preprocess" / entries_key(cfg)
         self._params_written = False
 
     def __repr__(self) -> str:
@@ -285,5 +298,5 @@ def _compute_chunk(
 ) -> list[tuple[str, np.ndarray | None, str | None]]:
     cache = PreprocessCache(cfg)
     cache.root = root
-    cache.dir = root / "preprocess" / params_key(cfg)
+    cache.dir = root / "preprocess" / entries_key(cfg)
     return [_compute_one(cache, sha, path) for sha, path in jobs]

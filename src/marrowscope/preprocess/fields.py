@@ -337,6 +337,10 @@ FIELD_MIN_RBC = 3
 """Red cells an image must show (measured by the ruler) to be judged a whole field by
 :func:`looks_like_field`."""
 
+FIELD_MAX_SMALL_FILL = 0.25
+"""A centred white cell whose box side is under this share of the shorter side is too small for
+the cell of a crop (:func:`looks_like_field`)."""
+
 FIELD_MIN_OFFSET = 0.2
 """A white cell this far from the image centre (share of the shorter side) or further is not the
 centred cell of a crop."""
@@ -367,8 +371,8 @@ def looks_like_crop(
     that cell is centred (within :data:`CROP_MAX_OFFSET`) and fills the frame: its box side at
     least :data:`CROP_FILL` of the shorter side, or :data:`CROP_FILL_FEW_RBC` when the ruler
     measured at most :data:`CROP_FEW_RBC` red cells (0: none measurable). Fitted on real Matek
-    crops against the field-dev fields (``docs/fields.md``): silent on every field-dev field, it
-    fires on a little over half of the Matek crops. PBC crops (a centred cell at about 38% of
+    crops against the field-dev fields (``docs/fields.md``): silent on every val field and on
+    976 of 977 train fields of field-dev, it fires on a little over half of the Matek crops. PBC crops (a centred cell at about 38% of
     the frame with red cells around) are indistinguishable from PBC fields and are not flagged.
 
     Args:
@@ -392,10 +396,10 @@ def looks_like_field(boxes: np.ndarray, width: int, height: int, *, red_cells: i
 
     It is a field when the ruler measured at least :data:`FIELD_MIN_RBC` red cells and no white
     cell sits in the middle as a crop's does: none was found, the one nearest the centre is at
-    least :data:`FIELD_MIN_OFFSET` away from it, or it is small for the frame (side below a
-    quarter of the shorter side). Whole neighbours inside the frame do not count: marrow crops
-    show them. On real images (``docs/fields.md``) it fires on 1-2% of Matek and PBC crops and on
-    about 70% of the BCCD and BCD fields of field-dev; fields of PBC and Raabin-WBC (one centred
+    least :data:`FIELD_MIN_OFFSET` away from it, or it is small for the frame (side below
+    :data:`FIELD_MAX_SMALL_FILL` of the shorter side). Whole neighbours inside the frame do not
+    count: marrow crops show them. On real images (``docs/fields.md``) it fires on 0.3-3.3% of
+    Matek and PBC crops and on about 70% of the BCCD and BCD fields of field-dev; fields of PBC and Raabin-WBC (one centred
     white cell) look like crops to it.
 
     Args:
@@ -409,7 +413,7 @@ def looks_like_field(boxes: np.ndarray, width: int, height: int, *, red_cells: i
     if found is None:
         return True
     offset, fill = found
-    return offset >= FIELD_MIN_OFFSET or fill < 0.25
+    return offset >= FIELD_MIN_OFFSET or fill < FIELD_MAX_SMALL_FILL
 
 
 # ----------------------------------------------------------------------------------------- tiles

@@ -185,6 +185,7 @@ class CountResult:
         return {
             "sample": self.sample,
             "sample_dir": self.sample_dir,
+            "mode": self.mode,
             "created": self.created,
             "marrowscope_version": __version__,
             "model": dict(self.model),
@@ -228,7 +229,6 @@ class CountResult:
             "ignored": list(self.ignored),
             **(
                 {
-                    "mode": self.mode,
                     "detector": dict(self.detector or {}),
                     "fields": [f.to_dict() for f in self.fields],
                 }
@@ -456,9 +456,9 @@ def write_count_outputs(
             }
         )
     json_path = out / "count.json"
-    atomic_write_json(json_path, _finite(json_data))
+    atomic_write_json(json_path, _finite(json_data), escape=True)
     csv_path = out / "cells.csv"
-    atomic_write_text(csv_path, _cells_csv(result))
+    atomic_write_text(csv_path, _cells_csv(result), escape=True)
     report = write_count_report(report_data, out / "report.html")
     return {"report": report, "json": json_path, "csv": csv_path, "cells": out / CELLS_DIR, **paths}
 

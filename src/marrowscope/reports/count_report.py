@@ -209,5 +209,5 @@ def render_count_report(data: Mapping[str, Any]) -> str:
 def write_count_report(data: Mapping[str, Any], path: str | Path) -> Path:
     """Render :func:`render_count_report` and write it atomically to ``path``."""
     path = Path(path)
-    atomic_write_text(path, render_count_report(data))
+    atomic_write_text(path, render_count_report(data), escape=True)
     return path

@@ -35,6 +35,7 @@ __all__ = [
     "OVERLAYS_DIR",
     "DetectedCell",
     "FieldOutcome",
+    "check_overlays",
     "draw_overlay",
     "overlay_name",
     "prepare_overlays",
@@ -49,7 +50,7 @@ DETECTIONS_JSON = "detections.json"
 OVERLAYS_DIR = "overlays"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
-_OVERLAY_FILE = re.compile(r"\d{5}_[A-Za-z0-9._+-]*\.png")
+_OVERLAY_FILE = re.compile(r"\d{5,}_[A-Za-z0-9._+-]*\.png")
 """The names :func:`overlay_name` gives."""
 _PALETTE = [  # RGB, colour-blind friendly (Okabe-Ito), one per class in model order
     (0, 158, 115),
@@ -150,34 +151,21 @@ def overlay_name(index: int, path: str) -> str:
 
 
 def _overlays_ours(folder: Path) -> bool:
-    """Whether ``folder`` holds only marrowscope's overlays: it carries the marker, or (written
-    before the marker existed) every file in it is named as :func:`overlay_name` names them."""
-    if (folder / OUTPUT_MARKER).is_file():
-        return True
-    return all(
-        f.is_file() and (is_hidden(f.name) or _OVERLAY_FILE.fullmatch(f.name))
-        for f in folder.iterdir()
-    )
+    """Whether ``folder`` is marrowscope's overlays folder: it carries the marker."""
+    return (folder / OUTPUT_MARKER).is_file()
+
+
+def _empty(folder: Path) -> bool:
+    return not any(not is_hidden(f.name) for f in folder.iterdir())
 
 
 def prepare_overlays(out_dir: str | Path) -> Path:
     """Create ``out_dir/overlays`` with its marker; returns the folder.
 
     Raises:
-        FileExistsError: ``overlays`` exists and holds files marrowscope did not write there.
+        FileExistsError: see :func:`check_overlays`.
     """
-    folder = Path(out_dir) / OVERLAYS_DIR
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(
-            f"{folder} is a file; choose another --out folder (overlays are written to "
-            "DIR/overlays)"
-        )
-    if folder.is_dir() and not _overlays_ours(folder):
-        raise FileExistsError(
-            f"{folder} exists and holds files not written by marrowscope; choose another --out "
-            "folder (overlays are written to DIR/overlays, and overlays of an earlier run there "
-            "are replaced)"
-        )
+    folder = check_overlays(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / OUTPUT_MARKER
     if not marker.is_file():
@@ -185,10 +173,35 @@ def prepare_overlays(out_dir: str | Path) -> Path:
     return folder
 
 
+def check_overlays(out_dir: str | Path) -> Path:
+    """``out_dir/overlays``, checked (nothing is created): it may be written when it does not
+    exist, is empty, or carries marrowscope's marker.
+
+    Raises:
+        FileExistsError: ``overlays`` is a file, or a folder holding files without the marker
+            (another program's, or an older marrowscope's: nothing in it is touched).
+    """
+    folder = Path(out_dir) / OVERLAYS_DIR
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(
+            f"{folder} is a file; choose another --out folder (overlays are written to "
+            "DIR/overlays)"
+        )
+    if folder.is_dir() and not _overlays_ours(folder) and not _empty(folder):
+        raise FileExistsError(
+            f"{folder} exists and was not written by this version of marrowscope (no "
+            f"{OUTPUT_MARKER} marker in it); move it away or choose another --out folder "
+            "(overlays are written to DIR/overlays, and the overlays of an earlier run there "
+            "are replaced)"
+        )
+    return folder
+
+
 def remove_stale_overlays(out_dir: str | Path, keep: Collection[str]) -> int:
     """Delete the overlays in ``out_dir/overlays`` that an earlier run wrote and this one did not
     (``keep``: this run's overlays, relative to ``out_dir``). Only files named as
-    :func:`overlay_name` names them, in a folder that is marrowscope's, are touched.
+    :func:`overlay_name` names them, in a folder carrying marrowscope's marker (written by
+    :func:`prepare_overlays`), are touched.
 
     Returns:
         How many were removed.
@@ -291,7 +304,7 @@ def write_detect_outputs(
                 row += [c.label or "", _num(c.confidence, 6), *probs]
             w.writerow(row)
     det_path = out / DETECTIONS_CSV
-    atomic_write_text(det_path, buf.getvalue())
+    atomic_write_text(det_path, buf.getvalue(), escape=True)
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -329,7 +342,7 @@ def write_detect_outputs(
             ]
         )
     fields_path = out / FIELDS_CSV
-    atomic_write_text(fields_path, buf.getvalue())
+    atomic_write_text(fields_path, buf.getvalue(), escape=True)
 
     json_path = out / DETECTIONS_JSON
     atomic_write_json(
@@ -346,6 +359,7 @@ def write_detect_outputs(
             },
             "fields": [o.to_dict() for o in outcomes],
         },
+        escape=True,
     )
     remove_stale_overlays(out, [o.overlay for o in outcomes if o.overlay])
     return {"detections": det_path, "fields": fields_path, "json": json_path}

@@ -610,7 +610,7 @@ def _image_response(store: ImageStore, stored_path: str, sha256: str) -> Respons
     headers = {"Cache-Control": "private, max-age=86400, immutable"}
     if ext in _MEDIA:
         return FileResponse(path, media_type=_MEDIA[ext], headers=headers)
-    cached = store.cache_path("display", f"{sha256}.png")
+    cached = store.cache_path("display", f"{sha256}.upright.png")  # EXIF orientation applied
     if not cached.is_file():
         from PIL import Image
 

@@ -111,10 +111,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+def _proc_umask() -> int | None:
+    """The process umask from ``/proc/self/status`` (Linux 4.7+), else ``None``."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _initial_umask() -> int:
+    mask = _proc_umask()
+    if mask is None:
+        mask = os.umask(0)  # sets it to 0 for a moment: done once, at import
+        os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _initial_umask()
+"""The umask when this module was imported (used where ``/proc`` cannot tell it)."""
+
+
+def _umask() -> int:
+    """The process umask, read without changing it.
+
+    ``os.umask`` can only read the umask by setting it (to 0, then back), and a file another
+    thread creates in between (the review service saving an upload) would get mode 0666 or 0777.
+    The umask is therefore read from ``/proc/self/status``, so a later ``os.umask`` call is
+    followed; where that file does not say it, the value read once at import is used.
+    """
+    mask = _proc_umask()
+    return _UMASK_AT_IMPORT if mask is None else mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -157,20 +187,26 @@ def printable_data(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically write ``text`` to ``path`` as UTF-8 (what UTF-8 cannot encode, such as the
-    bytes of a file name that is not UTF-8, escaped by :func:`printable`)."""
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:
-        data = printable(text).encode("utf-8")
-    atomic_write_bytes(path, data)
+def atomic_write_text(path: Path, text: str, *, escape: bool = False) -> None:
+    """Atomically write ``text`` to ``path`` as UTF-8.
+
+    ``escape``: write what UTF-8 cannot encode (the bytes of a file name that is not UTF-8)
+    escaped by :func:`printable`, for reports a person reads; without it such text raises
+    ``UnicodeEncodeError`` (files marrowscope reads back, such as manifests, must name the real
+    files or fail).
+    """
+    atomic_write_bytes(path, (printable(text) if escape else text).encode("utf-8"))
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON (strings made :func:`printable`, as the CSV
-    files written beside it are)."""
-    text = json.dumps(printable_data(obj), indent=2, sort_keys=False, default=json_default)
+def atomic_write_json(path: Path, obj: Any, *, escape: bool = False) -> None:
+    """Atomically write ``obj`` as indented JSON.
+
+    Without ``escape`` a file name that is not UTF-8 is kept exactly (as a ``\\udcXX`` escape
+    that reads back to the same name); with it, strings are made :func:`printable`, as in the
+    CSV and HTML reports written beside the JSON.
+    """
+    data = printable_data(obj) if escape else obj
+    text = json.dumps(data, indent=2, sort_keys=False, default=json_default)
     atomic_write_text(path, text + "\n")
 
 

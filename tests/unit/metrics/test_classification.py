@@ -108,6 +108,66 @@ def test_a_model_class_absent_from_the_data_is_left_out_of_the_ci_and_the_compar
     assert lo <= r["difference"] <= hi
 
 
+def _naive_macro_f1(t: np.ndarray, p: np.ndarray, k: int) -> float:
+    """classification_metrics' macro_f1 (over the classes present in ``t``), in numpy."""
+    cm = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+    tp = np.diag(cm).astype(float)
+    den = cm.sum(0) + cm.sum(1)
+    f1 = np.divide(2 * tp, den, out=np.zeros(k), where=den > 0)
+    return float(f1[cm.sum(1) > 0].mean())
+
+
+def test_a_resample_that_misses_a_rare_class_leaves_it_out_not_scores_it_zero() -> None:
+    """Classes of 150, 150 and 2 images, the rare one always right: a resample without it
+    scored its F1 as 0, so the interval fell to [0.52, 0.90] around 0.867; each resample is now
+    scored as classification_metrics scores data, like resampling the images."""
+    from marrowscope.metrics.classification import paired_comparison
+
+    y = np.repeat([0, 1, 2], [150, 150, 2])
+    p = y.copy()
+    p[:30], p[150:180] = 1, 0
+    point = classification_metrics(y, p, list("abc"))["macro_f1"]
+    assert point == pytest.approx(13 / 15)
+    ci = bootstrap_ci(y, p, 3, n_boot=4000, seed=0)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, y.size, (4000, y.size))
+    naive = [_naive_macro_f1(y[i], p[i], 3) for i in idx]
+    lo, hi = ci["macro_f1"]
+    assert lo == pytest.approx(np.quantile(naive, 0.025), abs=0.01)
+    assert hi == pytest.approx(np.quantile(naive, 0.975), abs=0.01)
+    assert 0.75 < lo < point < hi
+    # paired: B right on 20 more images; the rare class is in both or in neither
+    b = p.copy()
+    b[:10], b[150:160] = 0, 1
+    r = paired_comparison(y, p, b, list("abc"), n_boot=4000)
+    diffs = [_naive_macro_f1(y[i], b[i], 3) - _naive_macro_f1(y[i], p[i], 3) for i in idx]
+    lo, hi = r["difference_ci95"]
+    assert lo == pytest.approx(np.percentile(diffs, 2.5), abs=0.006)
+    assert hi == pytest.approx(np.percentile(diffs, 97.5), abs=0.006)
+
+
+# docs/results/bm-dev-final.json, evaluation_val: confusion matrix and its published interval
+_BM_DEV_CM = [
+    [13, 2, 0, 1, 1, 3, 3, 0], [1, 23, 0, 1, 5, 0, 0, 0], [0, 0, 29, 0, 0, 1, 0, 0],
+    [0, 0, 0, 29, 0, 1, 0, 0], [0, 0, 0, 2, 27, 0, 0, 1], [0, 0, 0, 1, 1, 28, 0, 0],
+    [1, 3, 0, 3, 3, 1, 18, 1], [0, 1, 0, 0, 1, 0, 1, 27],
+]  # fmt: skip
+_BM_DEV_CI = {
+    "accuracy": [0.7854077253218884, 0.8798283261802575],
+    "macro_f1": [0.7712247632927444, 0.8701627235395923],
+}
+
+
+def test_published_intervals_with_every_class_in_every_resample_are_unchanged() -> None:
+    """Scoring each resample over its own classes changes nothing, bit for bit, where every
+    class is in every resample (8 classes: numpy sums 8 floats in another order than fewer)."""
+    cm = np.array(_BM_DEV_CM)
+    cells = np.repeat(np.arange(64), cm.ravel())
+    ci = bootstrap_ci(cells // 8, cells % 8, 8, n_boot=1000, seed=0)
+    assert ci["accuracy"] == _BM_DEV_CI["accuracy"]
+    assert ci["macro_f1"] == _BM_DEV_CI["macro_f1"]
+
+
 def test_zero_support_class_that_is_predicted_has_zero_precision() -> None:
     pred = [*Y_PRED[:-1], 3]  # last C sample predicted as D
     m = classification_metrics(Y_TRUE, pred, [*CLASSES, "D"])

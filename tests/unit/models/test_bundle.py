@@ -135,6 +135,33 @@ def test_saved_files_get_the_usual_permissions_like_atomic_write(
         assert (tmp_path / "b" / name).stat().st_mode & 0o777 == want, name
 
 
+def test_saving_never_changes_the_process_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the umask with os.umask set it to 0 for a moment on every save, and a file
+    another thread (the review service) created then got mode 0666; it is now read without
+    being set, and still follows a umask set after import."""
+    import os
+
+    from marrowscope.utils import io
+
+    if io._proc_umask() is None:
+        pytest.skip("no Umask line in /proc/self/status on this system")
+    old = os.umask(0o027)
+    calls: list[int] = []
+    real_umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or real_umask(m))
+    try:
+        save_bundle(tmp_path / "b", _model(), {"classes": CLASSES})
+        io.atomic_write_text(tmp_path / "plain.txt", "x")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert calls == []
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "b" / "model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -65,7 +65,7 @@ def test_default_cache_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_dir_layout_uses_params_key(tmp_path: Path) -> None:
     cache = PreprocessCache(dataclasses.replace(CFG, cache_dir=str(tmp_path / "root")))
-    assert cache.dir == tmp_path / "root" / "preprocess" / params_key(CFG)
+    assert cache.dir == tmp_path / "root" / "preprocess" / f"{params_key(CFG)}-d2"
 
 
 def test_get_computes_once_then_hits(tmp_path: Path, calls: list[int]) -> None:
