@@ -279,3 +279,29 @@ def test_files_outside_class_folders_are_told_apart_and_the_list_is_capped(
     report = (out / "report.md").read_text()
     assert "Not read: 2 file(s) directly in the data folder, in no class folder" in report
     assert "Not read: 60 file(s) in class folders that are not images by their extension" in report
+
+
+def test_a_file_name_that_is_not_utf8_is_named_escaped_and_the_report_written(
+    tiny_bundle: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """A stray file named with a Latin-1 byte in a class folder: said on the console and in
+    report.md and metrics.json with the byte as \\xe9, and every output is written."""
+    import os
+
+    from rich.console import Console
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_tree, data)
+    try:
+        with open(os.path.join(os.fsencode(data / "CCC"), b"caf\xe9.txt"), "wb") as f:
+            f.write(b"not an image")
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    console = Console(record=True, width=200)
+    out = tmp_path / "eval"
+    evaluate_bundle(tiny_bundle, data, out_dir=out, progress=False, n_boot=20, console=console)
+    assert "(caf\\xe9.txt)" in console.export_text()
+    assert "(caf\\xe9.txt)" in (out / "report.md").read_text(encoding="utf-8")
+    saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert any(p.endswith("caf\\xe9.txt") for p in saved["ignored_files"])
+    assert (out / "predictions.csv").is_file()

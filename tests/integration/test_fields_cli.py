@@ -306,7 +306,6 @@ def test_an_unexpected_failure_on_one_field_is_that_fields_error(
 
     monkeypatch.setattr(detect_mod, "analyze_field", broken)
     monkeypatch.setattr(detect_mod, "write_overlay", full)
-    monkeypatch.setattr(detect_mod, "_said_traceback", False)
     out = tmp_path / "det"
     with caplog.at_level("ERROR", logger="marrowscope.engine.detect"):
         r = _invoke("detect", "none", str(sample), "--out", str(out), "--no-progress")

@@ -19,7 +19,7 @@ import numpy as np
 
 from marrowscope.data import DataError
 from marrowscope.data.scan import ScanResult
-from marrowscope.utils.io import atomic_write_text
+from marrowscope.utils.io import atomic_write_text, printable
 
 SPLIT_NAMES = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "split", "group")
@@ -205,8 +205,32 @@ def read_manifest(path: str | Path, *, group_column: str | None = None) -> list[
     return rows
 
 
+def require_utf8_paths(paths: Iterable[str]) -> None:
+    """Refuse a file name that UTF-8 text cannot hold (bytes that are not UTF-8 in the name):
+    a manifest, split or fold file naming it could not name the real file.
+
+    Raises:
+        DataError: naming the first such file and the fix.
+    """
+    for p in paths:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{printable(p)}: the file name is not valid UTF-8 (shown with its odd bytes "
+                "escaped); rename the file (marrowscope's manifests, splits and folds are UTF-8 "
+                "text that must name the real files)"
+            ) from None
+
+
 def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> None:
-    """Write ``rows`` atomically as CSV with the columns path,label,split,group."""
+    """Write ``rows`` atomically as CSV with the columns path,label,split,group.
+
+    Raises:
+        DataError: a path is not valid UTF-8 (:func:`require_utf8_paths`).
+    """
+    rows = list(rows)
+    require_utf8_paths(r.path for r in rows)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)

@@ -289,10 +289,16 @@ def count_fields(
     Raises:
         CountError: a missing/empty sample folder or a setting out of range.
     """
-    from marrowscope.engine.detect import field_failure, mark_model_scale, outcome_of
+    from marrowscope.engine.detect import (
+        field_failure,
+        mark_model_scale,
+        new_failure_log,
+        outcome_of,
+    )
     from marrowscope.inference.fields import FieldError, analyze_field, crop_spec
     from marrowscope.utils.progress import make_progress
 
+    new_failure_log()
     check_settings(threshold, hac_min_percent, hac_min_count, evidence)
     folder = Path(sample_dir).expanduser()
     images, others = _sample_files(folder, fields=True)

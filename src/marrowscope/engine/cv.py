@@ -57,7 +57,7 @@ from rich.console import Console
 
 import marrowscope
 from marrowscope.config import ConfigError, ExperimentConfig, to_dict
-from marrowscope.data.manifest import ManifestRow
+from marrowscope.data.manifest import ManifestRow, require_utf8_paths
 from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
 from marrowscope.engine.distributed import DistContext
@@ -115,6 +115,7 @@ def _fold_rows(
 
 
 def _write_folds(rows: list[ManifestRow], folds: list[int], path: Path) -> None:
+    require_utf8_paths(r.path for r in rows)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "fold"])

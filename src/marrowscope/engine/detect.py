@@ -47,7 +47,14 @@ from marrowscope.utils.progress import make_progress
 if TYPE_CHECKING:
     from marrowscope.inference.predictor import Predictor
 
-__all__ = ["DetectRun", "detect_fields", "field_failure", "mark_model_scale", "outcome_of"]
+__all__ = [
+    "DetectRun",
+    "detect_fields",
+    "field_failure",
+    "mark_model_scale",
+    "new_failure_log",
+    "outcome_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +62,17 @@ log = logging.getLogger(__name__)
 _said_traceback = False
 
 
+def new_failure_log() -> None:
+    """Start a run: its first unexpected field failure is logged with its traceback."""
+    global _said_traceback
+    _said_traceback = False
+
+
 def field_failure(name: str, error: BaseException) -> str:
     """The message recorded for a field that failed with an unexpected ``error``.
 
-    The first such failure of the process is logged with its traceback at ERROR (an unexpected
+    The first such failure of a run (:func:`new_failure_log`) is logged with its traceback at
+    ERROR (an unexpected
     error may be a bug, not a bad field: it must not hide among the per-field rows); later ones
     go to the debug log (``--verbose``)."""
     global _said_traceback
@@ -93,7 +107,7 @@ def _with_overlay(
     note = None if outcome.cells else "no white cell found"
     try:
         write_overlay(out / rel, draw_overlay(rgb, outcome.cells, classes=classes, note=note))
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a full disk, out of memory: the cells are kept
         log.warning("%s: the overlay could not be written: %s", outcome.path, e)
         return dataclasses.replace(
             outcome,
@@ -180,6 +194,7 @@ def detect_fields(
         progress: show a progress bar.
         on_field: called with each field's outcome as it is done (e.g. to print warnings).
     """
+    new_failure_log()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if overlays:

@@ -29,7 +29,7 @@ from marrowscope.preprocess.cache import PreprocessCache
 from marrowscope.preprocess.ops import config_from_params
 from marrowscope.reports.markdown import evaluation_report
 from marrowscope.reports.plots import plot_confusion_matrix
-from marrowscope.utils.io import atomic_write_json, atomic_write_text
+from marrowscope.utils.io import atomic_write_json, atomic_write_text, printable
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def write_evaluation(
     """Write metrics.json, report.md, confusion_matrix.{png,csv} and predictions.csv
     (``notes``: paragraphs of the report under the facts, e.g. what was left out)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "metrics.json", metrics, escape=True)
     cm = np.asarray(metrics["confusion_matrix"])
     plot_confusion_matrix(cm, list(classes), out_dir / "confusion_matrix.png", title=title)
     buf = io.StringIO()
@@ -90,7 +90,8 @@ def write_evaluation(
     focus = metrics.get("focus")
     atomic_write_text(
         out_dir / "report.md",
-        evaluation_report(
+        escape=True,
+        text=evaluation_report(
             metrics,
             title=title,
             ci=metrics.get("ci95"),
@@ -146,7 +147,7 @@ def _not_read(at_root: Sequence[str], not_images: Sequence[str], show: int) -> l
 
     def files(paths: Sequence[str]) -> str:
         more = f" and {len(paths) - show} more" if len(paths) > show else ""
-        return ", ".join(Path(p).name for p in paths[:show]) + more
+        return ", ".join(printable(Path(p).name) for p in paths[:show]) + more
 
     out = []
     if at_root:

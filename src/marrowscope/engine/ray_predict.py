@@ -54,6 +54,7 @@ from marrowscope.inference.predictor import BACKEND_ALIASES, Predictor
 from marrowscope.models.bundle import pretrained_bundle, shipped_name
 from marrowscope.preprocess.ops import is_grayscale
 from marrowscope.utils.image import ImageReadError, is_hidden, is_image_file
+from marrowscope.utils.io import printable_data
 
 __all__ = [
     "RAY_INSTALL_HINT",
@@ -381,7 +382,7 @@ class PredictActor:
         records = prediction_records(
             results, self.predictor.classes_, topk=self.topk, extra=self.extra, warnings=warnings
         )
-        return pa.Table.from_pylist(records, schema=self.schema)
+        return pa.Table.from_pylist(printable_data(records), schema=self.schema)
 
 
 # ------------------------------------------------------------------------------ the run

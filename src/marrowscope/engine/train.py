@@ -421,7 +421,7 @@ def _write_run_inputs(
         writer = csv.writer(buf)
         writer.writerow(["path", "error"])
         writer.writerows(data.skipped)
-        atomic_write_text(run_dir / "skipped.csv", buf.getvalue())
+        atomic_write_text(run_dir / "skipped.csv", buf.getvalue(), escape=True)
         console.print(
             f"[yellow]{len(data.skipped)} unreadable image(s) skipped; see {run_dir / 'skipped.csv'}"
         )

@@ -19,7 +19,7 @@ import numpy as np
 
 from marrowscope.explain.gradcam import DEFAULT_BATCH, CamResult, class_index, gradcam_preprocessed
 from marrowscope.utils.image import ImageReadError, list_image_files
-from marrowscope.utils.io import atomic_write, atomic_write_bytes
+from marrowscope.utils.io import atomic_write, atomic_write_bytes, printable_data
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -261,8 +261,10 @@ def explain_to_folder(
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow([*header, "error"])
-            w.writerows([*r, ""] for r in rows)
-            w.writerows([str(p), "", "", "", "", "", msg] for p, msg in summary.failed)
+            w.writerows(printable_data([*r, ""]) for r in rows)  # odd bytes of names escaped
+            w.writerows(
+                printable_data([str(p), "", "", "", "", "", msg]) for p, msg in summary.failed
+            )
 
     summary.index = out / "explain.csv"
     atomic_write(summary.index, write_index)

@@ -41,7 +41,12 @@ from marrowscope.utils.image import (
     list_image_files,
     read_image,
 )
-from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from marrowscope.utils.io import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    printable_data,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -547,7 +552,7 @@ def write_predictions(records: Sequence[Mapping[str, Any]], path: str | os.PathL
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [dict(r) for r in records]
+        rows = [printable_data(dict(r)) for r in records]  # names that are not UTF-8, escaped
         schema = prediction_schema(list(rows[0])) if rows else None
         table = pa.Table.from_pylist(rows, schema=schema)
         atomic_write(out, lambda tmp: pq.write_table(table, str(tmp)))

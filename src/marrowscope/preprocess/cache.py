@@ -1,8 +1,8 @@
 """On-disk cache of preprocessed images, filled by parallel worker processes.
 
 Each image is preprocessed once per parameter set: the entry lives at
-``<root>/preprocess/<params_key>/<sha[:2]>/<sha>.npy`` where ``sha`` is the SHA-256 of the image
-file's bytes. Changing a pixel-changing parameter changes ``params_key`` (a fresh folder); editing
+``<root>/preprocess/<params_key>-d<DECODE_VERSION>/<sha[:2]>/<sha>.npy`` where ``sha`` is the
+SHA-256 of the image file's bytes. Changing a pixel-changing parameter changes ``params_key`` (a fresh folder); editing
 or replacing an image changes ``sha``; the same bytes under two paths share one entry. Entries are
 written to a temporary file and renamed into place, and an entry that does not load cleanly with
 the expected shape and dtype is recomputed, so a half-written file is never trusted.

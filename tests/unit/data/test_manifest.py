@@ -163,3 +163,15 @@ def test_class_names_in_first_appearance_order() -> None:
         ManifestRow("4", "C"),
     ]
     assert class_names(rows) == ["B", "A", "C"]
+
+
+def test_a_path_that_is_not_utf8_is_refused_by_name_not_written_wrong(tmp_path: Path) -> None:
+    """A manifest must name the real files: a name UTF-8 text cannot hold is refused with the
+    file named (its odd byte escaped) and the fix; nothing is written."""
+    import os
+
+    bad = os.fsdecode(b"/data/LYT/caf\xe9.jpg")
+    rows = [ManifestRow(path="/data/LYT/ok.jpg", label="LYT"), ManifestRow(path=bad, label="LYT")]
+    with pytest.raises(DataError, match=r"caf\\xe9\.jpg: the file name is not valid UTF-8.*rename"):
+        write_manifest(rows, tmp_path / "m.csv")
+    assert not (tmp_path / "m.csv").exists()

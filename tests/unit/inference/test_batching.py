@@ -301,3 +301,22 @@ def test_parquet_without_pyarrow_names_the_fix(
     with pytest.raises(InputError, match="pip install pyarrow"):
         write_predictions(_records(), tmp_path / "p.parquet")
     assert not (tmp_path / "p.parquet").exists()
+
+
+@pytest.mark.parametrize("suffix", ["csv", "json", "parquet"])
+def test_a_file_name_that_is_not_utf8_is_written_escaped_in_every_format(
+    tmp_path: Path, suffix: str
+) -> None:
+    import os
+
+    name = os.fsdecode(b"caf\xe9.png")
+    probs = np.array([0.1, 0.7, 0.2], np.float32)
+    records = prediction_records([(name, probs, None)], ["X", "Y", "Z"], topk=1)
+    out = tmp_path / f"p.{suffix}"
+    write_predictions(records, out)
+    if suffix == "parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(out).to_pylist()[0]["path"] == "caf\\xe9.png"
+    else:
+        assert "caf\\xe9.png" in out.read_text(encoding="utf-8").replace("\\\\", "\\")
