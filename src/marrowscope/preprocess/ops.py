@@ -65,8 +65,8 @@ GRAY_TOLERANCE = 20
 
 def is_grayscale(img: np.ndarray, *, tolerance: int = GRAY_TOLERANCE) -> bool:
     """True when an RGB HWC uint8 image carries no stain colour: in 99% of the pixels (of a
-    grid of about 40,000: all of a single-cell crop) the three channels differ by at most
-    ``tolerance``.
+    grid of about 10,000: every other pixel of a 250 px crop) the three channels differ by at
+    most ``tolerance``. About 0.1 ms for a crop: it runs on every image ``predict`` classifies.
 
     A grayscale file reaches the models as one channel repeated three times. The preprocessing
     keeps it nearly so (denoise then sharpen spreads the channels of a few pixels by up to ~10:
@@ -75,10 +75,11 @@ def is_grayscale(img: np.ndarray, *, tolerance: int = GRAY_TOLERANCE) -> bool:
     bone-marrow and blood cells: the stain's colour is what the models learn.
     """
     check_image(img)
-    step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 40_000)))
-    s = img[::step, ::step]
-    spread = s.max(axis=2).astype(np.int16) - s.min(axis=2)
-    return bool(np.percentile(spread, 99) <= tolerance)
+    step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 10_000)))
+    s = img[::step, ::step].astype(np.int16)
+    r, g, b = s[..., 0], s[..., 1], s[..., 2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return bool(np.count_nonzero(spread > tolerance) <= 0.01 * spread.size)
 
 
 def resize(img: np.ndarray, size: int) -> np.ndarray:
