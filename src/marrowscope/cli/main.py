@@ -1156,6 +1156,7 @@ def predict(
         write_predictions,
     )
     from marrowscope.inference.predictor import Predictor
+    from marrowscope.utils.io import printable
 
     if topk < 1:
         raise typer.BadParameter(f"--topk must be >= 1, got {topk}")
@@ -1232,7 +1233,7 @@ def predict(
         where = f"the error column of {out}" if out is not None else "the table"
         console.print(f"[yellow]... {len(errors) - 5} more; see {where}")
     if gray:
-        names = ", ".join(os.path.basename(p) for p in gray[:3])
+        names = ", ".join(printable(os.path.basename(p)) for p in gray[:3])
         more = f" and {len(gray) - 3} more" if len(gray) > 3 else ""
         where = f"; flagged in the warning column of {out}" if out is not None else ""
         console.print(
