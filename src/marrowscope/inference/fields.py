@@ -27,7 +27,6 @@ its metadata); :func:`cell_crop` cuts it, and the Predictor's own preprocessing 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from marrowscope.preprocess.fields import (
     plan_tiles,
     rescale,
 )
+from marrowscope.preprocess.ops import is_grayscale
 from marrowscope.utils.boxes import as_boxes, clip_boxes, nms
 from marrowscope.utils.image import decode_image, pil_to_rgb, read_file_bytes, to_rgb_uint8
 
@@ -245,12 +245,9 @@ def _too_large(label: str, w: int, h: int) -> str:
     )
 
 
-def _is_gray(rgb: np.ndarray) -> bool:
-    step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 40_000)))
-    s = rgb[::step, ::step].astype(np.int16)
-    return bool(
-        np.abs(s[:, :, 0] - s[:, :, 1]).max() <= 2 and np.abs(s[:, :, 1] - s[:, :, 2]).max() <= 2
-    )
+FIELD_GRAY_TOLERANCE = 2
+"""Colour spread under which a field (raw, not preprocessed) counts as grayscale: a field with
+its stain has far more than 1% of its pixels above it."""
 
 
 def resolve_scale(rgb: np.ndarray, um_per_px: float | None = None) -> FieldScale:
@@ -403,7 +400,7 @@ class FieldDetector:
         h, w = rgb.shape[:2]
         scale = resolve_scale(rgb, um_per_px)
         warnings: list[str] = []
-        if _is_gray(rgb):
+        if is_grayscale(rgb, tolerance=FIELD_GRAY_TOLERANCE):
             warnings.append(
                 "the field is grayscale: the detector relies on the nuclear stain's colour, so it "
                 "may miss or invent cells; use the colour image"
