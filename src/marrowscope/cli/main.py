@@ -998,12 +998,12 @@ def count(
     predictor = Predictor.from_checkpoint(
         checkpoint, device=device, backend=backend, batch_size=batch_size, tta=tta
     )
+    folder = Path(sample_dir).expanduser()
+    target = out or Path(f"count-{folder.resolve().name or folder}")  # the sample's name
     if fields:
         det = _load_detector(detector, min_score)
         scale = _parse_um_per_px(um_per_px, predictor)
-        folder = Path(sample_dir).expanduser()
-        # refused before any work when its overlays/ is someone else's (see prepare_overlays)
-        check_overlays(out or Path(f"count-{folder.resolve().name or folder}"))
+        check_overlays(target)  # refused before any work when its overlays/ is someone else's
         res = count_fields(
             predictor,
             sample_dir,
@@ -1027,7 +1027,6 @@ def count(
             decode=decode_mode,
         )
         _warn_field_like(res, detector, field_like_images)
-    target = out or Path(f"count-{res.sample}")
     paths = write_count_outputs(res, target, gallery=gallery)
     totals = res.totals()
     if fields:
