@@ -129,6 +129,7 @@ def test_count_bad_inputs_are_one_clear_line(tmp_path: Path) -> None:
 def test_explain_writes_overlays_and_contact_sheet(sample: Path, tmp_path: Path) -> None:
     ckpt = favoured_bundle(tmp_path / "m", ["BLA", "HAC", "LYT"])
     out = tmp_path / "cams"
+    (sample / "slide2" / "notes.txt").write_text("not a cell")
     res = _invoke(
         "explain",
         str(ckpt),
@@ -141,6 +142,9 @@ def test_explain_writes_overlays_and_contact_sheet(sample: Path, tmp_path: Path)
     )
     assert res.exit_code == 0, res.output
     assert "4 overlay(s)" in res.output and "broken.jpg" in res.output
+    assert "skipped 1 file(s) that are not images by their extension (notes.txt)" in " ".join(
+        res.output.split()
+    )
     names = sorted(p.name for p in out.glob("*_gradcam.png"))
     assert names == ["c0_gradcam.png", "c1_gradcam.png", "c2_gradcam.png", "c5_gradcam.png"]
     with Image.open(out / "c0_gradcam.png") as im:

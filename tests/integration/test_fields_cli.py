@@ -47,9 +47,13 @@ def _truth(name: str):  # type: ignore[no-untyped-def]
 
 def test_detect_writes_boxes_fields_and_overlays(sample: Path, tmp_path: Path) -> None:
     out = tmp_path / "det"
+    (sample / "slide-b" / "notes.txt").write_text("not a field")
     r = _invoke("detect", "none", str(sample), "--out", str(out), "--no-progress")
     assert r.exit_code == 0, r.output
     assert "8 white cell(s) found" in r.output and "1 field(s) with no white cell" in r.output
+    assert "skipped 1 file(s) that are not images by their extension (notes.txt)" in " ".join(
+        r.output.split()
+    )
     fields = {Path(row["path"]).name: row for row in _rows(out / "fields.csv")}
     assert len(fields) == 8  # 7 fields + the broken file
     assert "broken.jpg" in fields and fields["broken.jpg"]["error"]

@@ -33,8 +33,9 @@ runner = CliRunner()
 
 @pytest.fixture
 def images(cell_files: list[Path], tmp_path: Path) -> list[str]:
-    """Two inputs: a local folder with 4 cells, a truncated JPEG and a text file named .png,
-    and (as a file:// URI, read through pyarrow.fs) a folder with 2 more cells."""
+    """Two inputs: a local folder with 4 cells, a truncated JPEG, a text file named .png and a
+    .txt file, and (as a file:// URI, read through pyarrow.fs) a folder with 2 more cells and a
+    .csv file."""
     a = tmp_path / "in" / "a"
     b = tmp_path / "in" / "b"
     a.mkdir(parents=True)
@@ -43,6 +44,8 @@ def images(cell_files: list[Path], tmp_path: Path) -> list[str]:
         shutil.copy(p, (a if i < 4 else b) / p.name)
     (a / "truncated.jpg").write_bytes(cell_files[0].read_bytes()[:150])
     (a / "notes.png").write_text("not an image")
+    (a / "readme.txt").write_text("left out by extension, and said so")
+    (b / "labels.csv").write_text("path,label\n")
     return [str(a), b.absolute().as_uri()]
 
 
@@ -56,6 +59,9 @@ def _local_predictions(bundle: Path, inputs: list[str], out: Path):  # type: ign
         app, ["predict", str(bundle), *local, "--out", str(out), "--workers", "1", "--no-progress"]
     )
     assert res.exit_code == 0, res.output
+    assert "skipped 2 file(s) that are not images by their extension (readme.txt, labels.csv)" in (
+        " ".join(res.output.split())
+    )
     frame = _frame(out)
     frame["path"] = [
         p if p.startswith(inputs[0]) else Path(p).absolute().as_uri() for p in frame["path"]
@@ -104,6 +110,10 @@ def test_ray_engine_matches_local_engine(
     )
     assert res.exit_code == 0, res.output
     assert "8 images, 2 error(s)" in res.output and "images/s" in res.output
+    # the files left out by extension are named, as --engine local names them
+    assert "skipped 2 file(s) that are not images by their extension (readme.txt, labels.csv)" in (
+        " ".join(res.output.split())
+    )
     assert out.is_dir() and not list(out.parent.glob(".preds.parquet.tmp-*"))
     _assert_same_rows(out, local)
     # the Ray cluster this process had started is still there (predict used it, did not stop it)

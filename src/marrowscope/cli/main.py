@@ -805,7 +805,8 @@ def detect(
     from rich.markup import escape
 
     from marrowscope.engine.detect import detect_fields
-    from marrowscope.inference import Predictor, collect_image_paths
+    from marrowscope.inference import Predictor
+    from marrowscope.inference.batching import collect_inputs
     from marrowscope.utils.io import printable
 
     _check_backend(backend)
@@ -817,7 +818,11 @@ def detect(
     scale = None if text == "model" else _parse_um_per_px(um_per_px, predictor)
     if text == "model" and predictor is None:
         raise typer.BadParameter("'model' needs a classifier", param_hint="--um-per-px")
-    paths = collect_image_paths(fields)
+    collected = collect_inputs(fields)
+    paths = collected.paths
+    skipped = collected.skipped_summary()
+    if skipped:
+        err_console.print(f"[yellow]note:[/] {escape(skipped)}")
 
     def report(o: Any) -> None:
         for w in o.warnings:
@@ -886,7 +891,8 @@ def explain(
 
     from marrowscope.explain.gradcam import class_index
     from marrowscope.explain.sheets import explain_to_folder
-    from marrowscope.inference import Predictor, collect_image_paths
+    from marrowscope.inference import Predictor
+    from marrowscope.inference.batching import collect_inputs
     from marrowscope.utils.progress import make_progress
 
     if batch_size < 1:
@@ -894,7 +900,8 @@ def explain(
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
     if class_ is not None:
         class_index(predictor.classes_, class_)  # unknown class: fail before any work
-    paths = collect_image_paths(images)
+    collected = collect_inputs(images)
+    paths = collected.paths
     with make_progress(transient=True) as bar:
         task = bar.add_task("Grad-CAM", total=len(paths), stats="")
         summary = explain_to_folder(
@@ -915,6 +922,9 @@ def explain(
     )
     for sheet in summary.sheets:
         console.print(f"contact sheet: {escape(str(sheet))}")
+    skipped = collected.skipped_summary()
+    if skipped:
+        console.print(f"[yellow]note:[/] {escape(skipped)}")
     if done == 0:
         raise typer.Exit(1)
 
@@ -1323,6 +1333,9 @@ def _predict_ray(
         console.print(f"[yellow]unreadable:[/] {escape(e)}")
     if len(res.errors) > 5:
         console.print(f"[yellow]... {len(res.errors) - 5} more; see the error column of {out}")
+    skipped = res.skipped_summary()
+    if skipped:
+        console.print(f"[yellow]note:[/] {escape(skipped)}")
     cluster = ", ".join(f"{v:g} {k}" for k, v in res.cluster.items())
     console.print(
         f"{res.images} images, {len(res.errors)} error(s), {res.images_per_second:.1f} images/s "

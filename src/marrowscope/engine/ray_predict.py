@@ -34,7 +34,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,11 @@ from marrowscope.config import PreprocessConfig
 from marrowscope.inference.batching import (
     GRAYSCALE_WARNING,
     InputError,
-    collect_image_paths,
+    collect_inputs,
     load_and_preprocess,
     prediction_records,
     prediction_schema,
+    skipped_summary,
 )
 from marrowscope.inference.predictor import BACKEND_ALIASES, Predictor
 from marrowscope.models.bundle import pretrained_bundle, shipped_name
@@ -60,6 +62,7 @@ __all__ = [
     "RAY_INSTALL_HINT",
     "RayEngineError",
     "RayPredictionSummary",
+    "RayInputs",
     "expand_inputs",
     "predict_with_ray",
 ]
@@ -87,6 +90,8 @@ class RayPredictionSummary:
         seconds: wall time of the Ray pipeline (decode, predict, write).
         actors: predictor actors in the pool.
         cluster: the cluster's resources when the run started (CPU, GPU, nodes).
+        skipped: files under the folders, glob matches and URI prefixes given that were left
+            out because they are not images by extension (:attr:`RayInputs.skipped`).
     """
 
     out: str
@@ -95,6 +100,11 @@ class RayPredictionSummary:
     seconds: float
     actors: int
     cluster: dict[str, float]
+    skipped: list[str] = field(default_factory=list)
+
+    def skipped_summary(self, shown: int = 3) -> str | None:
+        """One line naming how many files were left out and a few of them (``None``: none)."""
+        return skipped_summary([_base_name(p) for p in self.skipped], shown)
 
     @property
     def images_per_second(self) -> float:
@@ -160,16 +170,17 @@ def _split_uri(uri: str) -> tuple[Any, str, str, str]:
     return fs, (f"{base}/{tail}" if tail else base), root, base
 
 
-def _list_uri(uri: str) -> list[str]:
+def _list_uri(uri: str) -> tuple[list[str], list[str]]:
     """The image files at an object-storage URI: the file itself, or every image below a
-    folder/prefix (recursive, sorted, hidden files left out)."""
+    folder/prefix (recursive, sorted, hidden files left out); and the other files found below a
+    folder/prefix (not images by extension)."""
     import pyarrow.fs as pafs
 
     fs, path, root, base = _split_uri(uri)
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            return [uri]
+            return [uri], []
         if info.type != pafs.FileType.Directory:
             raise RayEngineError(f"{uri}: no such file or folder; check the path")
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -179,17 +190,23 @@ def _list_uri(uri: str) -> list[str]:
         raise RayEngineError(
             f"{uri}: cannot list it ({e}); check the path and credentials"
         ) from None
-    found = sorted(
+    files = sorted(
         root + i.path[len(base) :]
         for i in infos
         if i.type == pafs.FileType.File
         and i.path.startswith(base)
-        and is_image_file(i.path)
         and not any(is_hidden(part) or part == "__MACOSX" for part in i.path.split("/"))
     )
+    found = [f for f in files if is_image_file(f)]
     if not found:
-        raise RayEngineError(f"{uri}: no image files below this location; check the path")
-    return found
+        seen = f"; found {len(files)} other file(s), e.g. {_base_name(files[0])}" if files else ""
+        raise RayEngineError(f"{uri}: no image files below this location{seen}; check the path")
+    return found, [f for f in files if not is_image_file(f)]
+
+
+def _base_name(path: str) -> str:
+    """The last part of a local path or URI."""
+    return path.rstrip("/").rsplit("/", 1)[-1] if is_uri(path) else os.path.basename(path)
 
 
 def _read_manifest_paths(manifest: Path) -> list[str]:
@@ -228,29 +245,49 @@ def _read_manifest_paths(manifest: Path) -> list[str]:
     return out
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
+@dataclass(frozen=True)
+class RayInputs:
+    """What :func:`expand_inputs` found.
+
+    Attributes:
+        paths: the image paths and URIs, in input order, without duplicates.
+        skipped: files under the folders, glob matches and URI prefixes given that were left out
+            because they are not images by extension (as ``--engine local`` reports them).
+    """
+
+    paths: list[str]
+    skipped: list[str]
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> RayInputs:
     """Image paths and URIs from files, folders, globs, manifests and object-storage URIs.
 
     Local files, folders and globs are expanded as by ``--engine local``
-    (:func:`~marrowscope.inference.batching.collect_image_paths`); a ``.csv``/``.parquet``
-    file is a manifest of paths. Order: the order of ``inputs``; duplicates are dropped.
+    (:func:`~marrowscope.inference.batching.collect_inputs`, whose skipped files are kept); a
+    ``.csv``/``.parquet`` file is a manifest of paths, each used as listed. Order: the order of
+    ``inputs``; duplicates are dropped.
 
     Raises:
         RayEngineError: an input that matches nothing, or a manifest without a ``path`` column.
-        InputError: as :func:`~marrowscope.inference.batching.collect_image_paths`.
+        InputError: as :func:`~marrowscope.inference.batching.collect_inputs`.
     """
     out: dict[str, None] = {}
+    skipped: dict[str, None] = {}
     for item in inputs:
         text = str(item)
         if is_uri(text):
-            out.update(dict.fromkeys(_list_uri(text)))
+            found, others = _list_uri(text)
+            out.update(dict.fromkeys(found))
+            skipped.update(dict.fromkeys(others))
         elif Path(text).is_file() and Path(text).suffix.lower() in MANIFEST_SUFFIXES:
             out.update(dict.fromkeys(_read_manifest_paths(Path(text))))
         else:
-            out.update(dict.fromkeys(str(p) for p in collect_image_paths([text])))
+            collected = collect_inputs([text])
+            out.update(dict.fromkeys(str(p) for p in collected.paths))
+            skipped.update(dict.fromkeys(str(p) for p in collected.skipped))
     if not out:
         raise RayEngineError("no input given: pass image files, folders, globs, a manifest or URIs")
-    return list(out)
+    return RayInputs(paths=list(out), skipped=[p for p in skipped if p not in out])
 
 
 # --------------------------------------------------------------------------- Ray Data stages
@@ -539,7 +576,8 @@ def predict_with_ray(
     predictor = Predictor.from_checkpoint(
         checkpoint, device="cpu", backend=backend, batch_size=batch_size, tta=tta
     )
-    paths = expand_inputs(inputs)
+    expanded = expand_inputs(inputs)
+    paths = expanded.paths
     # int8: the export folder the driver resolved (CHECKPOINT/int8, or the cache for a shipped
     # model), not the bundle's top-level files, which hold no OpenVINO model
     int8_bin = getattr(predictor, "int8_path_", None) if predictor.backend == "int8" else None
@@ -626,7 +664,10 @@ def predict_with_ray(
     finally:
         if owned:
             ray.shutdown()
-    return _summarize(table, out_str, len(paths), seconds, n_actors, resources)
+    return dc_replace(
+        _summarize(table, out_str, len(paths), seconds, n_actors, resources),
+        skipped=expanded.skipped,
+    )
 
 
 def _concat(tables: list[Any]) -> Any:

@@ -45,6 +45,7 @@ from marrowscope.utils.io import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    printable,
     printable_data,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "GRAYSCALE_WARNING",
     "CollectedInputs",
     "InputError",
+    "skipped_summary",
     "DECODE_MODES",
     "Loaded",
     "check_decode",
@@ -129,15 +131,21 @@ class CollectedInputs:
 
     def skipped_summary(self, shown: int = 3) -> str | None:
         """One line naming how many files were left out and a few of them (``None``: none)."""
-        if not self.skipped:
-            return None
-        names = ", ".join(p.name for p in self.skipped[:shown])
-        more = f" and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
-        return (
-            f"skipped {len(self.skipped)} file(s) that are not images by their extension "
-            f"({names}{more}); images are {' '.join(IMAGE_EXTENSIONS)} in any case; name a "
-            "file explicitly to try it anyway, or convert it to PNG or JPEG"
-        )
+        return skipped_summary([p.name for p in self.skipped], shown)
+
+
+def skipped_summary(names: Sequence[str], shown: int = 3) -> str | None:
+    """One line saying that the files ``names`` (base names, in order) were left out of an input
+    listing because they are not images by extension, naming a few (``None``: none left out)."""
+    if not names:
+        return None
+    listed = ", ".join(printable(n) for n in names[:shown])
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (
+        f"skipped {len(names)} file(s) that are not images by their extension "
+        f"({listed}{more}); images are {' '.join(IMAGE_EXTENSIONS)} in any case; name a "
+        "file explicitly to try it anyway, or convert it to PNG or JPEG"
+    )
 
 
 def collect_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:

@@ -30,13 +30,48 @@ def test_folders_globs_manifests_and_uris_expand_to_images(
 
     parquet = tmp_path / "m" / "list.parquet"
     pq.write_table(pa.table({"path": [str(cell_files[2])]}), parquet)
-    got = expand_inputs([str(csv), str(parquet), str(folder / "*_3.*"), folder.as_uri()])
+    got = expand_inputs([str(csv), str(parquet), str(folder / "*_3.*"), folder.as_uri()]).paths
     local = [str(p) for p in cell_files]
     uris = sorted(p.absolute().as_uri() for p in cell_files)
     # relative manifest paths are relative to the manifest's folder
     assert got[0] == str((tmp_path / "m" / ".." / "cell_files" / "cell_0.jpg").absolute())
     assert got[1:4] == [local[1], local[2], local[3]]
     assert got[4:] == uris  # every image below the file:// folder, through pyarrow.fs
+
+
+def test_files_that_are_not_images_are_reported_as_skipped(
+    cell_files: list[Path], tmp_path: Path
+) -> None:
+    """As with --engine local: a folder's (or a URI prefix's) other files are left out and
+    named, hidden files are not, and a file named explicitly is always used."""
+    folder = cell_files[0].parent
+    (folder / "notes.txt").write_text("x")
+    (folder / "scan.tiff.bak").write_text("x")
+    (folder / ".DS_Store").write_text("x")
+    got = expand_inputs([str(folder), folder.as_uri()])
+    assert got.paths[:6] == [str(p) for p in cell_files]
+    assert got.paths[6:] == sorted(p.absolute().as_uri() for p in cell_files)
+    assert got.skipped == [
+        str(folder / "notes.txt"),
+        str(folder / "scan.tiff.bak"),
+        (folder / "notes.txt").absolute().as_uri(),
+        (folder / "scan.tiff.bak").absolute().as_uri(),
+    ]
+    summary = ray_predict.RayPredictionSummary(
+        out="p", images=12, errors=[], seconds=1.0, actors=1, cluster={}, skipped=got.skipped
+    ).skipped_summary(shown=2)
+    assert summary is not None and summary.startswith(
+        "skipped 4 file(s) that are not images by their extension (notes.txt, scan.tiff.bak and "
+        "2 more)"
+    )
+    named = expand_inputs([str(folder / "notes.txt"), (folder / "notes.txt").as_uri()])
+    assert named.paths == [str(folder / "notes.txt"), (folder / "notes.txt").as_uri()]
+    assert named.skipped == []
+    # a prefix holding files but no image says what it found
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.md").write_text("x")
+    with pytest.raises(RayEngineError, match=r"found 1 other file\(s\), e.g. readme.md"):
+        expand_inputs([(tmp_path / "docs").as_uri()])
 
 
 @pytest.mark.parametrize(
