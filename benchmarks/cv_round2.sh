@@ -17,8 +17,12 @@ declare -A VARIANTS=(
   [prog160_13ep]="--set train.epochs=13 --set train.progressive_size=160 --set train.progressive_epochs=0.6"
   # the learning curve: the default on a quarter of each fold's training cells
   [frac25]="--train-fraction 0.25"
+  # the shipped bm8's recipe (the config at 20 epochs, ~3 h of folds on 2 cores), then refitted on
+  # all 4,350 cells (~1 h): the model scripts/pack_pretrained.py bm8 runs/cv2/bm8_20ep --cv packs
+  [bm8_20ep]="--set train.epochs=20 --refit"
 )
 # run on 2026-11-29: default, then prog160_13ep and frac25 (the next session), see docs/accuracy.md
+# and bm8_20ep (2026-11-30/12-01, the shipped bm8 since then)
 ORDER=(default prog160_13ep frac25)
 [ $# -gt 0 ] && ORDER=("$@")
 for v in "${ORDER[@]}"; do
