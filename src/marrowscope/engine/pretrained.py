@@ -97,6 +97,15 @@ def _speed(model: Classifier, meta: BundleMetadata, images: Sequence[np.ndarray]
     return out
 
 
+def _unpublish(root: Path, name: str) -> None:
+    """Take ``name`` off ``root``'s sha256 index before its files are rewritten: until
+    :func:`_publish` records the new ones, the folder is not a shipped model (so nothing checks
+    it against the old sha256, and an interrupted pack leaves no entry that its files fail)."""
+    index = pretrained_index(root)
+    if index.pop(name, None) is not None:
+        atomic_write_json(root / INDEX_NAME, dict(sorted(index.items())))
+
+
 def _publish(root: Path, name: str, description: str) -> None:
     """Render ``root/name``'s model card from its metadata and record its files' sha256."""
     out = root / name
@@ -219,6 +228,7 @@ def pack_pretrained(
         "speed": speed,
         "weights_mb": round(weight_bytes / 1e6, 2),
     }
+    _unpublish(root, name)
     save_bundle(
         out,
         shipped,
@@ -309,6 +319,7 @@ def update_card(
         raise BundleError(f"{out}: not a packed model (no 'pretrained' section in its metadata)")
     pretrained = {**meta.pretrained, "description": description, "card": dict(card)}
     dtype = torch.float16 if meta.weights_dtype == "float16" else torch.float32
+    _unpublish(root, name)
     save_bundle(out, model, meta.replace(pretrained=pretrained), weights_dtype=dtype)
     _publish(root, name, description)
     return out

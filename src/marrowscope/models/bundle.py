@@ -249,9 +249,9 @@ def shipped_name(checkpoint: str | os.PathLike[str], *, folder: bool = False) ->
 
     ``builtin:NAME`` always designates the shipped model ``NAME``; a bare ``NAME`` does when no
     file or folder of that name exists in the working directory. With ``folder=True`` so does
-    the shipped model's own folder (``PRETRAINED_DIR/NAME``): used to place and find its ONNX
-    and int8 exports where a shipped model's go (the package folder may be read-only), while
-    loading such a folder reads it as the plain bundle folder it is.
+    the shipped model's own folder (``PRETRAINED_DIR/NAME``, while ``pretrained/index.json``
+    lists it): loading it checks its files' sha256 as loading it by name does, and its ONNX and
+    int8 exports go where a shipped model's go (the package folder may be read-only).
 
     Raises:
         BundleError: ``builtin:`` followed by a name that is not a shipped model.
@@ -300,8 +300,9 @@ def shadow_error(name: str) -> BundleError:
 
 
 def _resolve(directory: str | Path) -> Path:
-    """The bundle folder, restoring ``DIR.old`` if an interrupted save left only that."""
-    name = shipped_name(directory)
+    """The bundle folder, restoring ``DIR.old`` if an interrupted save left only that; a shipped
+    model, by name or by its own folder in the package, after checking its files' sha256."""
+    name = shipped_name(directory, folder=True)
     if name is not None:
         return pretrained_bundle(name)
     hidden = shadowed_shipped_name(directory)

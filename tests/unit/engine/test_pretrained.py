@@ -4,6 +4,7 @@ the sha256 index, and resolving the name wherever a checkpoint is expected."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +102,37 @@ def test_a_damaged_shipped_file_is_refused_by_sha256(packed: tuple[Path, Path]) 
     weights.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"sha256 .* shipped model 'tiny'.*reinstall"):
         Predictor.from_pretrained("tiny")
+    # by its folder in the package too, on every backend that loads it (torch here)
+    with pytest.raises(BundleError, match=r"sha256 .* shipped model 'tiny'.*reinstall"):
+        Predictor.from_checkpoint(out, device="cpu")
+    with pytest.raises(BundleError, match=r"sha256 .* shipped model 'tiny'"):
+        load_bundle(str(out))
+    # a copy elsewhere is a plain bundle folder: the user's own, loaded as it is
+    copy = out.parent.parent / "copy-of-tiny"
+    shutil.copytree(out, copy)
+    assert Predictor.from_checkpoint(copy, device="cpu").classes_ == BUNDLE_CLASSES
     weights.unlink()
     with pytest.raises(BundleError, match="missing; reinstall"):
         Predictor.from_checkpoint("tiny")
+
+
+def test_packing_again_replaces_a_shipped_model_and_its_sha256(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Re-packing a shipped name rewrites its files: the old index entry must not refuse them
+    half-way (the folder is off the index until the new sha256 is recorded)."""
+    _, out = packed
+    old = json.loads((out.parent / "index.json").read_text())["tiny"]["files"]
+    val = write_synthetic_tree(tmp_path / "val2", per_class=2, size=40)
+    other = make_bundle(tmp_path / "other", size=40)
+    pack_pretrained(
+        other, "tiny", val_source=val, description="again", card=CARD, out_root=out.parent,
+        console=Console(quiet=True),
+    )  # fmt: skip
+    new = json.loads((out.parent / "index.json").read_text())["tiny"]["files"]
+    assert new["model.safetensors"] != old["model.safetensors"]
+    assert Predictor.from_checkpoint(out, device="cpu").metadata["input_size"] == 40
+    assert Predictor.from_pretrained("tiny", device="cpu").metadata["input_size"] == 40
 
 
 def test_a_local_folder_wins_over_a_shipped_name(
