@@ -413,8 +413,9 @@ def add_field_cell(
 def reject_cell(
     sample_id: Id, cell_id: Id, who: Editor, db: DB, model: Model, settings: SettingsDep
 ) -> CellPublic:
-    """Reject a field's cell as "not a white cell": it leaves the count (audited; undo with
-    ``restore``). Uploaded crops cannot be rejected (422)."""
+    """Reject a cell: it leaves the count, the sign-off check and the report (audited with the
+    reason, undo with ``restore``). A field's cell is rejected as "not a white cell", an uploaded
+    crop (debris, a smudge, a red cell, an unusable image) as "not a countable cell"."""
     sample = review.get_sample(db, sample_id, lock=True)
     cell = review.reject_cell(db, who.user, sample, cell_id, rejected=True)
     answer = CellPublic.model_validate(review.cell_view(cell, model.classes, settings.threshold))

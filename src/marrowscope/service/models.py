@@ -234,8 +234,9 @@ class Cell(Base):
     """One single-cell image of a sample, its model call and its reviewed label.
 
     A cell is an uploaded crop, or (``field_id`` set) a crop cut from a field around a box the
-    detector found (``origin`` ``detected``) or a reviewer added (``added``). A field's cell can
-    be rejected as "not a white cell" (``rejected_at``): it then leaves the count.
+    detector found (``origin`` ``detected``) or a reviewer added (``added``). Any cell can be
+    rejected (``rejected_at``): a field's cell as "not a white cell", an uploaded crop as "not a
+    countable cell"; it then leaves the count.
     """
 
     __tablename__ = "cells"
@@ -276,7 +277,7 @@ class Cell(Base):
 
     @property
     def rejected(self) -> bool:
-        """True when a reviewer rejected it as not a white cell (it is not counted)."""
+        """True when a reviewer rejected it (it is not counted)."""
         return self.rejected_at is not None
 
     @property

@@ -1,5 +1,6 @@
-"""The HTML pages: login, samples, the review gallery, a field of view (its cells' boxes drawn;
-reject a detection, click to add a missed cell), audit trail, report and user admin.
+"""The HTML pages: login, samples, the review gallery (reject a cell that is not to be counted),
+a field of view (its cells' boxes drawn; reject a detection, click to add a missed cell), audit
+trail, report and user admin.
 
 Server-rendered Jinja2 (autoescaped) with one small script (``static/app.js``, no build step)
 for progress polling, keyboard re-classification and bulk selection; every action also works
@@ -353,7 +354,7 @@ def _groups(cells: list[Any], classes: tuple[str, ...], threshold: float) -> lis
     groups.append(
         {
             "key": "rejected",
-            "title": "Rejected: not a white cell (not counted)",
+            "title": "Rejected (not counted)",
             "cells": extra["rejected"],
         }
     )
@@ -585,6 +586,7 @@ def cell_panel(
         who,
         sample=sample,
         cell=review.cell_view(cell, model.classes, settings.threshold),
+        reject_as=review.reject_reason(cell),
         classes=model.classes,
         key_of={c: k for k, c in keys.items()},
         gradcam=model.info.backend == "torch",
@@ -719,12 +721,14 @@ def reject_form(
     db: DB,
     field: Annotated[str, Form(max_length=16)] = "",
 ) -> RedirectResponse:
-    """Reject a field's cell as not a white cell (back to its field page, or the sample)."""
+    """Reject a cell: a field's cell as not a white cell, an uploaded crop as not a countable
+    cell (back to its field page, or the sample)."""
     with _shown_on_page(request, db, who):
         sample = review.get_sample(db, sample_id, lock=True)
-        review.reject_cell(db, who.user, sample, cell_id, rejected=True)
+        cell = review.reject_cell(db, who.user, sample, cell_id, rejected=True)
+        reason = review.reject_reason(cell)
         db.commit()
-        flash(request, who, f"cell {cell_id} rejected as not a white cell; it is not counted")
+        flash(request, who, f"cell {cell_id} rejected as {reason}; it is not counted")
     return _redirect(_back(sample_id, field))
 
 

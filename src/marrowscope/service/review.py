@@ -1,8 +1,8 @@
 """What the app does, independent of HTTP: samples, uploads, re-classification, sign-off,
 the differential count (and its report CSV) and the audit trail; whole fields of view (their
-detected cells, cells a reviewer adds on a field, and detections rejected as "not a white
-cell", which leave the count). The pages and the API both go
-through these functions; list functions take ``skip``/``limit``, applied in SQL.
+detected cells and cells a reviewer adds on a field); cells rejected (a field's cell as "not a
+white cell", an uploaded crop as "not a countable cell"), which leave the count. The pages and
+the API both go through these functions; list functions take ``skip``/``limit``, applied in SQL.
 
 Every change writes an :class:`~marrowscope.service.models.AuditEvent` in the same transaction,
 so a change and its audit row are committed together or not at all. A signed sample refuses
@@ -57,6 +57,8 @@ __all__ = [
     "Forbidden",
     "Invalid",
     "NotFound",
+    "REJECTED_CROP",
+    "REJECTED_FIELD_CELL",
     "REPORT_COLUMNS",
     "SAME_CELL_SPAN",
     "SampleFields",
@@ -87,6 +89,7 @@ __all__ = [
     "list_samples",
     "reclassify",
     "reject_cell",
+    "reject_reason",
     "report_csv",
     "report_data",
     "sample_cells",
@@ -342,7 +345,7 @@ def list_samples(
 ) -> list[tuple[Sample, int, int, int]]:
     """The samples (newest first) with their cell, pending and unreviewed counts (one query).
 
-    Cells rejected as not a white cell are left out of every count, as in :func:`summary`.
+    Rejected cells are left out of every count, as in :func:`summary`.
 
     Args:
         db: the session.
@@ -544,8 +547,23 @@ def get_cell(db: Session, sample: Sample, cell_id: int) -> Cell:
 # ------------------------------------------------------------------------------------- fields
 
 
+REJECTED_FIELD_CELL = "not a white cell"
+"""Why a rejected cell of a field is not counted: the detector's (or a reviewer's) box holds no
+white cell."""
+REJECTED_CROP = "not a countable cell"
+"""Why a rejected uploaded crop is not counted: debris, a smudge, a red cell or an unusable
+image (a model such as pbc6 has no artefact class to re-classify it into)."""
+
+
+def reject_reason(cell: Cell) -> str:
+    """Why ``cell`` is, or would be, left out of the count once rejected: the reason the audit
+    records and the pages and the API show (:data:`REJECTED_FIELD_CELL` for a field's cell,
+    :data:`REJECTED_CROP` for an uploaded crop)."""
+    return REJECTED_FIELD_CELL if cell.field_id is not None else REJECTED_CROP
+
+
 def counted(cells: Iterable[Cell]) -> list[Cell]:
-    """The cells that count: all but those rejected as not a white cell."""
+    """The cells that count: all but the rejected ones (:func:`reject_cell`)."""
     return [c for c in cells if c.rejected_at is None]
 
 
@@ -662,7 +680,7 @@ def field_message(field: Field, cells: Sequence[Cell] = ()) -> str:
     if added:
         parts.append(f"{added} added by a reviewer")
     if rejected:
-        parts.append(f"{rejected} rejected as not a white cell")
+        parts.append(f"{rejected} rejected as {REJECTED_FIELD_CELL}")
     n = len(cells) - rejected
     return f"{', '.join(parts)}; {n} counted"
 
@@ -850,12 +868,16 @@ def add_cell_at_point(
 
 
 def reject_cell(db: Session, user: User, sample: Sample, cell_id: int, *, rejected: bool) -> Cell:
-    """Reject a field's cell as "not a white cell" (it leaves the count), or take the rejection
-    back (``rejected=False``); audited as ``cell.reject`` / ``cell.restore``.
+    """Reject a cell (it leaves every count, the sign-off check and the report), or take the
+    rejection back (``rejected=False``); audited as ``cell.reject`` (with the reason,
+    :func:`reject_reason`) / ``cell.restore``.
+
+    A cell found in or added to a field is rejected as "not a white cell"; an uploaded crop,
+    classified or not, identified or not, as "not a countable cell". Rejecting a rejected cell
+    (or restoring a counted one) changes nothing and writes no audit row.
 
     Raises:
-        Conflict: the sample is signed. NotFound: no such cell. Invalid: an uploaded crop (only
-            cells found in or added to a field can be rejected).
+        Conflict: the sample is signed. NotFound: no such cell.
     """
     ensure_editable(sample)
     cell = db.scalar(
@@ -863,11 +885,6 @@ def reject_cell(db: Session, user: User, sample: Sample, cell_id: int, *, reject
     )
     if cell is None:
         raise NotFound(f"sample {sample.code} has no cell {cell_id}")
-    if cell.field_id is None:
-        raise Invalid(
-            f"cell {cell.id} ({cell.original_name}) is an uploaded single-cell image, not a "
-            "detection in a field; re-classify it instead"
-        )
     if (cell.rejected_at is not None) == rejected:
         return cell
     audit(
@@ -877,7 +894,7 @@ def reject_cell(db: Session, user: User, sample: Sample, cell_id: int, *, reject
         sample_id=sample.id,
         cell_id=cell.id,
         old={"rejected": not rejected, "label": cell.reviewed_label, "model": cell.predicted_label},
-        new={"rejected": rejected, "reason": "not a white cell"}
+        new={"rejected": rejected, "reason": reject_reason(cell)}
         if rejected
         else {"rejected": False},
     )
@@ -947,7 +964,7 @@ def reclassify(
         cell = cells[i]
         if cell.rejected_at is not None:
             raise Conflict(
-                f"cell {cell.id} ({cell.original_name}) was rejected as not a white cell; "
+                f"cell {cell.id} ({cell.original_name}) was rejected as {reject_reason(cell)}; "
                 "restore it first to classify it"
             )
         new = label
@@ -1182,6 +1199,7 @@ def cell_view(cell: Cell, classes: Sequence[str], threshold: float) -> dict[str,
         "detection_score": cell.detection_score,
         "origin": cell.origin,
         "rejected": cell.rejected_at is not None,
+        "rejected_reason": reject_reason(cell) if cell.rejected_at is not None else None,
     }
 
 
@@ -1195,7 +1213,7 @@ def summary(
 ) -> dict[str, Any]:
     """Progress, the model's and the reviewed differential, the hairy-cell flag and evidence.
 
-    Cells rejected as not a white cell are left out of everything but ``progress.rejected``;
+    Rejected cells (:func:`reject_cell`) are left out of everything but ``progress.rejected``;
     ``fields`` (the sample's fields) give ``progress.fields``, ``fields_pending`` and
     ``fields_failed``; ``signoff_message`` says why the sample cannot be signed off yet, or that
     it can (naming the fields that could not be searched and are left out of the count).

@@ -192,7 +192,11 @@ class Progress(BaseModel):
     classified: int
     failed: int
     reviewed: int
-    rejected: int = Field(0, description="Field cells rejected as not a white cell (not counted).")
+    rejected: int = Field(
+        0,
+        description="Cells rejected (a field's cell as not a white cell, an uploaded crop as not "
+        "a countable cell): not counted.",
+    )
     fields: int = Field(0, description="Whole fields of view uploaded.")
     fields_pending: int = Field(0, description="Fields still being searched for white cells.")
     fields_failed: int = Field(
@@ -319,7 +323,12 @@ class CellPublic(BaseModel):
     origin: Literal["detected", "added"] | None = Field(
         None, description="Found by the detector, or added by a reviewer (None: a crop)."
     )
-    rejected: bool = Field(False, description="Rejected as not a white cell: not counted.")
+    rejected: bool = Field(False, description="Rejected by a reviewer: not counted.")
+    rejected_reason: str | None = Field(
+        None,
+        description="Why it is not counted: 'not a white cell' (a field's cell) or 'not a "
+        "countable cell' (an uploaded crop); None while it counts.",
+    )
 
 
 class FieldCell(BaseModel):

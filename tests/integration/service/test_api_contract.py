@@ -109,7 +109,7 @@ DIFFERENTIAL = {
 CELL = {
     "id", "name", "sha256", "width", "height", "status", "predicted", "confidence", "identified",
     "top3", "reviewed_label", "reviewed_by", "reviewed_at", "label", "model_version", "error",
-    "field_id", "box", "detection_score", "origin", "rejected",
+    "field_id", "box", "detection_score", "origin", "rejected", "rejected_reason",
 }  # fmt: skip
 MODEL_INFO = {
     "name", "arch", "version", "marrowscope_version", "classes", "input_size", "backend",

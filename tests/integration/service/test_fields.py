@@ -130,11 +130,10 @@ def test_reject_leaves_the_count_is_audited_and_can_be_taken_back(service: Servi
     cells = service.cells(sid, rev)
     assert _summary(service, sid, rev)["totals"]["model"] == 3
     bad = next(c for c in cells if c["field_id"] == fields[PBC.name]["id"])
-    crop = next(c for c in cells if c["field_id"] is None)
 
     r = service.client.post(f"/api/samples/{sid}/cells/{bad['id']}/reject", headers=rev)
     assert r.status_code == 200, r.text
-    assert r.json()["rejected"] is True
+    assert r.json()["rejected"] is True and r.json()["rejected_reason"] == "not a white cell"
     s = _summary(service, sid, rev)
     assert s["totals"]["model"] == 2 and s["progress"]["rejected"] == 1
     assert s["progress"]["total"] == 2  # the rejected cell is not a cell of the count
@@ -146,13 +145,12 @@ def test_reject_leaves_the_count_is_audited_and_can_be_taken_back(service: Servi
     assert event["old"] == {"rejected": False, "label": None, "model": "HAC"}
     assert event["new"] == {"rejected": True, "reason": "not a white cell"}
 
-    # a rejected cell cannot be labelled; an uploaded crop is no detection and cannot be rejected
+    # a rejected cell cannot be labelled (uploaded crops: see test_reject_crops.py)
     r = service.client.patch(
         f"/api/samples/{sid}/cells/{bad['id']}", json={"label": "LYT"}, headers=rev
     )
-    assert r.status_code == 409 and "restore it first" in r.json()["detail"]
-    r = service.client.post(f"/api/samples/{sid}/cells/{crop['id']}/reject", headers=rev)
-    assert r.status_code == 422 and "not a detection in a field" in r.json()["detail"]
+    assert r.status_code == 409 and "rejected as not a white cell" in r.json()["detail"]
+    assert "restore it first" in r.json()["detail"]
 
     # taken back: it counts again (audited), then rejected again for the sign-off
     r = service.client.post(f"/api/samples/{sid}/cells/{bad['id']}/restore", headers=rev)
