@@ -461,11 +461,10 @@ class Predictor:
             BundleError: an unknown name (the message lists the shipped ones), a damaged file, or
                 (onnx, int8) no export yet (the message gives the command that makes it).
         """
-        bundle = pretrained_bundle(name)
+        if name not in pretrained_index():
+            pretrained_bundle(name)  # the error that lists the shipped models
         return cls.from_checkpoint(
-            bundle
-            if BACKEND_ALIASES.get(backend, backend) == "torch"
-            else f"{SHIPPED_PREFIX}{name}",
+            f"{SHIPPED_PREFIX}{name}",  # checked by sha256 where it is loaded
             device=device,
             backend=backend,
             batch_size=batch_size,

@@ -237,11 +237,27 @@ def pretrained_bundle(name: str) -> Path:
         known = ", ".join(sorted(index)) or "none in this installation"
         raise BundleError(
             f"unknown pretrained model {name!r}; shipped models: {known} (`marrowscope models` "
-            "lists them), or pass a checkpoint bundle folder"
+            f"lists them), or pass a checkpoint bundle folder{unindexed_hint(name)}"
         )
     folder = PRETRAINED_DIR / name
     verify_shipped_files(folder, index[name]["files"], "model")
     return folder
+
+
+def unindexed_hint(name: str) -> str:
+    """``""``, or — when the package holds a model folder ``name`` that ``index.json`` does not
+    list (packing takes a model off the index while it rewrites its files) — the sentence that
+    says so and how to fix it."""
+    folder = PRETRAINED_DIR / name
+    if Path(name).name != name or name in pretrained_index():
+        return ""
+    if not (folder / METADATA_NAME).is_file():
+        return ""
+    return (
+        f"; {folder} is there but {PRETRAINED_DIR / INDEX_NAME} does not list it (a "
+        "`scripts/pack_pretrained.py` run was interrupted, so its files are unchecked): run "
+        "it again, or reinstall marrowscope"
+    )
 
 
 def shipped_name(checkpoint: str | os.PathLike[str], *, folder: bool = False) -> str | None:
@@ -264,16 +280,18 @@ def shipped_name(checkpoint: str | os.PathLike[str], *, folder: bool = False) ->
             known = ", ".join(f"{SHIPPED_PREFIX}{n}" for n in sorted(index)) or "none installed"
             raise BundleError(
                 f"unknown shipped model {text!r}; shipped models: {known} (`marrowscope models` "
-                "lists them)"
+                f"lists them){unindexed_hint(name)}"
             )
         return name
     p = Path(text).expanduser()
-    if len(p.parts) == 1 and p.name in pretrained_index():
-        return None if p.exists() else p.name
-    if folder and p.name in pretrained_index() and p.is_dir():
-        try:
-            if p.resolve() == (PRETRAINED_DIR / p.name).resolve():
-                return p.name
+    index = pretrained_index()
+    if len(p.parts) == 1 and p.name in index and not p.exists():
+        return p.name
+    if folder and p.is_dir():
+        try:  # by any path to it: relative, through a symbolic link, from inside the package
+            real = p.resolve()
+            if real.parent == PRETRAINED_DIR.resolve() and real.name in index:
+                return real.name
         except OSError:  # pragma: no cover - an unresolvable path is no shipped folder
             return None
     return None
@@ -329,6 +347,7 @@ def _resolve(directory: str | Path) -> Path:
         f"{d}: no checkpoint bundle here (expected a folder with {WEIGHTS_NAME} and "
         f"{METADATA_NAME}, e.g. RUN_DIR/best) and no shipped model of that name "
         f"({', '.join(sorted(pretrained_index())) or 'none installed'}); check the path"
+        + (unindexed_hint(d.name) if len(d.parts) == 1 else "")
     )
 
 
@@ -339,9 +358,13 @@ def read_metadata(directory: str | Path) -> BundleMetadata:
         BundleError: missing folder or file, invalid JSON, missing keys or wrong values, or a
             newer format.
     """
-    d = _resolve(directory)
+    return _read_metadata_in(_resolve(directory))
+
+
+def _read_metadata_in(folder: Path) -> BundleMetadata:
+    """``folder/metadata.json`` of a folder :func:`_resolve` returned (checked once there)."""
     try:
-        return BundleMetadata.read(d / METADATA_NAME)
+        return BundleMetadata.read(folder / METADATA_NAME)
     except MetadataError as e:
         raise BundleError(str(e)) from None
 
@@ -362,7 +385,7 @@ def load_bundle(
         BundleError: missing/corrupt files, a newer format, or weights that do not match.
     """
     d = _resolve(directory)
-    meta = read_metadata(d)
+    meta = _read_metadata_in(d)
     cfg = meta.architecture
     try:
         model = build_model(

@@ -107,6 +107,15 @@ def test_a_damaged_shipped_file_is_refused_by_sha256(packed: tuple[Path, Path]) 
         Predictor.from_checkpoint(out, device="cpu")
     with pytest.raises(BundleError, match=r"sha256 .* shipped model 'tiny'"):
         load_bundle(str(out))
+    # by any path to it: a symbolic link, or its bare name from inside the package folder
+    link = out.parent.parent / "my-model"
+    link.symlink_to(out, target_is_directory=True)
+    with pytest.raises(BundleError, match=r"sha256 .* shipped model 'tiny'"):
+        Predictor.from_checkpoint(link, device="cpu")
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(out.parent)
+        with pytest.raises(BundleError, match=r"sha256 .* shipped model 'tiny'"):
+            Predictor.from_checkpoint("tiny", device="cpu")
     # a copy elsewhere is a plain bundle folder: the user's own, loaded as it is
     copy = out.parent.parent / "copy-of-tiny"
     shutil.copytree(out, copy)
@@ -133,6 +142,26 @@ def test_packing_again_replaces_a_shipped_model_and_its_sha256(
     assert new["model.safetensors"] != old["model.safetensors"]
     assert Predictor.from_checkpoint(out, device="cpu").metadata["input_size"] == 40
     assert Predictor.from_pretrained("tiny", device="cpu").metadata["input_size"] == 40
+
+
+def test_a_model_left_off_the_index_by_an_interrupted_pack_says_so(
+    packed: tuple[Path, Path],
+) -> None:
+    _, out = packed
+    index_file = out.parent / "index.json"
+    index_file.write_text(json.dumps({}))  # as an interrupted pack leaves it
+    hint = (
+        r"tiny is there but .*index.json does not list it .*pack_pretrained.py. run was interrupted"
+    )
+    with pytest.raises(BundleError, match=r"unknown pretrained model 'tiny'.*" + hint):
+        Predictor.from_pretrained("tiny")
+    with pytest.raises(BundleError, match=r"unknown shipped model 'builtin:tiny'.*" + hint):
+        read_metadata("builtin:tiny")
+    with pytest.raises(BundleError, match=r"no shipped model of that name.*" + hint):
+        read_metadata("tiny")
+    with pytest.raises(BundleError) as e:
+        read_metadata("tiny2")  # a name that never was: no hint
+    assert "does not list it" not in str(e.value)
 
 
 def test_a_local_folder_wins_over_a_shipped_name(
