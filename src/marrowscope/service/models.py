@@ -274,6 +274,7 @@ class Cell(Base):
     rejected_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
 
     reviewed_by: Mapped[User | None] = relationship(foreign_keys=[reviewed_by_id])
+    rejected_by: Mapped[User | None] = relationship(foreign_keys=[rejected_by_id])
 
     @property
     def rejected(self) -> bool:

@@ -90,6 +90,7 @@ __all__ = [
     "reclassify",
     "reject_cell",
     "reject_reason",
+    "rejected_cells",
     "report_csv",
     "report_data",
     "sample_cells",
@@ -901,6 +902,7 @@ def reject_cell(db: Session, user: User, sample: Sample, cell_id: int, *, reject
     cell.rejected_at = utcnow() if rejected else None
     cell.rejected_by_id = user.id if rejected else None
     db.flush()
+    db.expire(cell, ["rejected_by"])  # reloaded from the new rejected_by_id when read
     return cell
 
 
@@ -1038,14 +1040,23 @@ def blocking_message(
 
     Every field must be searched for cells, and every counted cell (rejected ones leave the
     count) classified by the model (none still pending, even when a reviewer already labelled
-    it) and reviewed.
+    it) and reviewed; a sample whose every cell is rejected has nothing to count (the message
+    says so, and how to go on).
     """
     if fields_pending:
         return (
             f"cannot sign off {sample.code}: {fields_pending} field(s) still being searched for "
             "white cells; wait for the detector, then review every cell"
         )
+    rejected = sum(1 for c in cells if c.rejected_at is not None)
     cells = counted(cells)
+    if not cells and rejected:
+        return (
+            f"cannot sign off {sample.code}: "
+            + (f"all {rejected} of its cells are" if rejected != 1 else "its only cell is")
+            + " rejected (not counted), so there is nothing to count; restore a cell that "
+            "should count, or upload more cells"
+        )
     if not cells:
         return f"sample {sample.code} has no cells yet; upload and review its cells first"
     b = _blocking(cells, threshold)
@@ -1076,6 +1087,34 @@ def fields_not_searched(fields: Iterable[Field]) -> list[dict[str, Any]]:
         {"id": f.id, "name": f.original_name, "error": f.error}
         for f in fields
         if f.status == CELL_ERROR
+    ]
+
+
+def rejected_cells(cells: Iterable[Cell], fields: Iterable[Field] = ()) -> list[dict[str, Any]]:
+    """The rejected cells (none of them is in the count), in order, each named: its file name,
+    its field's name and box (field pixels) for a field's cell, why it is not counted
+    (:func:`reject_reason`), the model's call, and who rejected it and when.
+
+    Args:
+        cells: the sample's cells (counted ones are left out here).
+        fields: the sample's fields, for the names of the rejected cells' fields.
+    """
+    names = {f.id: f.original_name for f in fields}
+    return [
+        {
+            "id": c.id,
+            "name": c.original_name,
+            "reason": reject_reason(c),
+            "field_id": c.field_id,
+            "field": names.get(c.field_id) if c.field_id is not None else None,
+            "box": [round(v, 1) for v in c.box] if c.box else None,
+            "predicted": c.predicted_label,
+            "confidence": c.confidence,
+            "rejected_by": c.rejected_by.username if c.rejected_by else None,
+            "rejected_at": c.rejected_at.isoformat() if c.rejected_at else None,
+        }
+        for c in cells
+        if c.rejected_at is not None
     ]
 
 
@@ -1137,6 +1176,7 @@ def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample
         raise Conflict(why)
     not_searched = fields_not_searched(fields)
     cells = counted(all_cells)
+    rejected = [c.id for c in all_cells if c.rejected_at is not None]
     sample.signed_at = utcnow()
     sample.signed_by_id = user.id
     db.flush()
@@ -1153,8 +1193,9 @@ def signoff(db: Session, user: User, sample: Sample, threshold: float) -> Sample
         new={
             "signed": True,
             "cells": len(cells),
-            "rejected": len(all_cells) - len(cells),
+            "rejected": len(rejected),
             "counts": dict(sorted(counts.items())),
+            **({"rejected_cells": rejected} if rejected else {}),
             **({"fields_not_searched": not_searched} if not_searched else {}),
         },
     )
@@ -1310,6 +1351,10 @@ def report_data(
 ) -> dict[str, Any]:
     """Everything the signed report shows (HTML, CSV and JSON share it).
 
+    Nothing is left out silently: besides the count, the report names the cells rejected
+    (``rejected``, ``rejected_cells``: :func:`rejected_cells`) and the fields that could not be
+    searched (``fields_not_searched``), none of which is in the count.
+
     Raises:
         Conflict: the sample is not signed off yet.
     """
@@ -1321,6 +1366,7 @@ def report_data(
     cells = counted(all_cells)
     s = summary(sample, cells, classes, settings)
     fields = sample_fields(db, sample)
+    rejected = rejected_cells(all_cells, fields)
     reviewers = sorted({c.reviewed_by.username for c in cells if c.reviewed_by})
     versions = sorted({c.model_version for c in cells if c.model_version})
     return {
@@ -1345,6 +1391,8 @@ def report_data(
         "changed_by_review": sum(
             1 for c in cells if c.reviewed_label and c.reviewed_label != c.predicted_label
         ),
+        "rejected": len(rejected),
+        "rejected_cells": rejected,
         "fields": len(fields),
         "fields_not_searched": fields_not_searched(fields),
     }
@@ -1354,19 +1402,25 @@ REPORT_COLUMNS = [
     "sample_id", "collected_on", "age_band", "referral_question", "class", "cell_type",
     "count", "percent", "model_count", "model_percent", "hac_flag", "hac_flag_message",
     "model", "model_version", "reviewers", "signed_by", "signed_at", "fields_not_searched",
+    "rejected_count", "rejected_cells",
 ]  # fmt: skip
-"""The columns of the report CSV, in order."""
+"""The columns of the report CSV, in order (new columns are added at the end only, so a reader
+that takes the columns by position keeps working)."""
 
 
-def _names_cell(names: Sequence[str]) -> str:
-    """Uploaded file names in one CSV cell: a JSON list (unambiguous whatever the names hold,
-    and never read as a spreadsheet formula, as a name starting with ``=`` would be); ``""``
-    for none."""
-    return json.dumps(list(names), ensure_ascii=False) if names else ""
+def _json_cell(values: Sequence[Any]) -> str:
+    """Uploaded file names (or records naming them) in one CSV cell: a JSON list (unambiguous
+    whatever the names hold, and never read as a spreadsheet formula, as a name starting with
+    ``=`` would be); ``""`` for none."""
+    return json.dumps(list(values), ensure_ascii=False) if values else ""
 
 
 def report_csv(data: dict[str, Any]) -> str:
     """The signed differential count as CSV: one row per class, sample fields on every row.
+
+    The sample-wide columns at the end name what is not in the count: ``fields_not_searched``
+    (a JSON list of the fields' file names), ``rejected_count`` (the cells rejected) and
+    ``rejected_cells`` (a JSON list of them, as :func:`rejected_cells` gives them).
 
     Args:
         data: the report, as :func:`report_data` returns it.
@@ -1395,7 +1449,9 @@ def report_csv(data: dict[str, Any]) -> str:
                 ";".join(data["reviewers"]),
                 data["signed_by"],
                 data["signed_at"],
-                _names_cell([f["name"] for f in data.get("fields_not_searched", [])]),
+                _json_cell([f["name"] for f in data.get("fields_not_searched", [])]),
+                data.get("rejected", 0),
+                _json_cell(data.get("rejected_cells", [])),
             ]  # fmt: skip
         )
     return buf.getvalue()

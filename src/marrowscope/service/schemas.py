@@ -38,6 +38,7 @@ __all__ = [
     "Reclassify",
     "ReclassifyResult",
     "RefusedFile",
+    "RejectedCell",
     "Relabel",
     "ReportModel",
     "ReportPublic",
@@ -438,6 +439,27 @@ class FieldNotSearched(BaseModel):
     error: str | None
 
 
+class RejectedCell(BaseModel):
+    """A cell rejected when the sample was signed off: it is not in the count."""
+
+    id: int
+    name: str = Field(
+        description="The cell's file name (a field's cell: its field's name and its number)."
+    )
+    reason: str = Field(
+        description='"not a white cell" (a field\'s cell) or "not a countable cell" (a crop).'
+    )
+    field_id: int | None
+    field: str | None = Field(description="The name of the field it was found in or added to.")
+    box: list[float] | None = Field(
+        description="Its box in the field's pixels: x_min, y_min, x_max, y_max."
+    )
+    predicted: str | None = Field(description="The model's call, if it was classified.")
+    confidence: float | None
+    rejected_by: str | None
+    rejected_at: str | None
+
+
 class ReportPublic(BaseModel):
     """The signed differential count."""
 
@@ -452,6 +474,10 @@ class ReportPublic(BaseModel):
     totals: Totals
     flag: FlagPublic
     changed_by_review: int = Field(description="Cells whose reviewed label is not the model's.")
+    rejected: int = Field(0, description="Cells rejected: not in the count (``cells``).")
+    rejected_cells: list[RejectedCell] = Field(
+        default_factory=list, description="Every rejected cell, named, in upload order."
+    )
     fields: int = Field(0, description="Whole fields of view uploaded to the sample.")
     fields_not_searched: list[FieldNotSearched] = Field(
         default_factory=list,

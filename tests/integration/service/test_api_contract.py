@@ -157,8 +157,10 @@ def test_json_field_names_are_the_documented_contract(service: Service) -> None:
     report = c.get(f"/api/samples/{sid}/report", headers=rev).json()
     assert set(report) == {
         "sample", "signed_at", "signed_by", "reviewers", "model", "settings", "cells",
-        "differential", "totals", "flag", "changed_by_review", "fields", "fields_not_searched",
+        "differential", "totals", "flag", "changed_by_review", "rejected", "rejected_cells",
+        "fields", "fields_not_searched",
     }  # fmt: skip
+    assert (report["rejected"], report["rejected_cells"]) == (0, [])
     assert set(report["sample"]) == {
         "id", "code", "collected_on", "age_band", "referral_question", "notes", "created_at",
     }  # fmt: skip

@@ -389,3 +389,70 @@ def test_fields_upload_reject_and_add_a_cell_in_the_browser(  # type: ignore[no-
     expect(audit).to_contain_text("cell.reject")
     expect(audit).to_contain_text("cell.add")
     expect(audit).to_contain_text("field.detected")
+
+
+def test_keys_leave_buttons_alone_and_skip_rejected_cells_in_the_browser(  # type: ignore[no-untyped-def]
+    page, app_server, hac_bundle: Path, tmp_path: Path
+) -> None:
+    """Enter on the panel's focused *Not a countable cell* button presses it (it used to confirm
+    the open cell instead); a rejected crop cannot be selected (Space, Ctrl-click); confirming
+    with Enter moves on to the next unreviewed cell past the rejected one; and Enter after a
+    click on *Select all* still confirms the selection (the button hands the focus back)."""
+    from playwright.sync_api import expect
+
+    data = tmp_path / "data"
+    _create_user(data, SIGNER, "signer")
+    server = app_server(hac_bundle, data_dir=data, startup_timeout=600)
+    _login(page, server.base_url, SIGNER)
+    form = page.locator("#new-sample")
+    form.locator("input[name=code]").fill("E2E-KEYS")
+    form.locator("button[type=submit]").click()
+    expect(page).to_have_url(re.compile(r"/samples/\d+$"))
+    page.set_input_files("#upload-form input[type=file]", _cell_images()[:4])
+    page.click("#upload-form button[type=submit]")
+    hac = _group(page, "HAC")
+    expect(hac.locator(".cell")).to_have_count(4, timeout=CLASSIFY_TIMEOUT_MS)
+
+    # --- Enter on the focused reject button rejects the open crop (and confirms nothing) -------
+    bad = hac.locator(".cell").first
+    bad_id = bad.get_attribute("data-id")
+    bad.locator("img").click()
+    reject = page.locator(f"#panel .panel-inner[data-cell='{bad_id}'] button.reject")
+    expect(reject).to_have_text("Not a countable cell")
+    reject.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg").first).to_contain_text(f"cell {bad_id} rejected")
+    rejected = _group(page, "rejected").locator(f".cell[data-id='{bad_id}']")
+    expect(rejected).to_be_visible()
+    expect(page.locator(".cell.reviewed")).to_have_count(0)
+
+    # --- a rejected crop is not selected, by Space or by Ctrl-click ----------------------------
+    rejected.locator("img").click()
+    expect(
+        page.locator(f"#panel .panel-inner[data-cell='{bad_id}'] button.restore")
+    ).to_be_visible()
+    page.keyboard.press(" ")
+    rejected.click(modifiers=["Control"])
+    expect(page.locator(".msg.error").first).to_contain_text(f"cell {bad_id} is rejected")
+    expect(page.locator(".cell.selected")).to_have_count(0)
+
+    # --- Enter confirms the last HAC cell and opens the first, not the rejected one after it ---
+    counted = [hac.locator(".cell").nth(i).get_attribute("data-id") for i in range(3)]
+    hac.locator(f".cell[data-id='{counted[-1]}'] img").click()
+    expect(page.locator(f"#panel .panel-inner[data-cell='{counted[-1]}']")).to_be_visible()
+    page.keyboard.press("Enter")
+    expect(hac.locator(f".cell[data-id='{counted[-1]}']")).to_have_class(
+        re.compile(r"\breviewed\b")
+    )
+    expect(page.locator("#panel .panel-inner")).to_have_attribute("data-cell", counted[0])
+
+    # --- Select all (a click), then Enter confirms the selection -------------------------------
+    hac.locator("button.select-group").click()
+    expect(hac.locator(".cell.selected")).to_have_count(3)
+    page.keyboard.press("Enter")
+    expect(hac.locator(".cell.reviewed")).to_have_count(3)
+    expect(page.locator(".cell.selected")).to_have_count(0)
+    expect(page.locator("#blocking")).to_have_text(
+        "Every cell is reviewed: the sample can be signed off."
+    )
+    expect(page.locator("#tot-reviewed")).to_have_text("3")

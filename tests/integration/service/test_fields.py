@@ -174,8 +174,21 @@ def test_reject_leaves_the_count_is_audited_and_can_be_taken_back(service: Servi
     assert r.status_code == 200, r.text
     (signed,) = _audit(service, sid, rev, "sample.signoff")
     assert signed["new"]["cells"] == 2 and signed["new"]["rejected"] == 1
+    assert signed["new"]["rejected_cells"] == [bad["id"]]
     report = service.client.get(f"/api/samples/{sid}/report", headers=rev).json()
     assert report["cells"] == 2 and report["totals"]["reviewed"] == 2
+    # ... and the report names the rejected detection: its field, its box, why, by whom
+    assert report["rejected"] == 1
+    (named,) = report["rejected_cells"]
+    assert (named["id"], named["name"]) == (bad["id"], bad["name"])
+    assert (named["field_id"], named["field"]) == (fields[PBC.name]["id"], PBC.name)
+    assert named["box"] == pytest.approx(bad["box"], abs=0.05)
+    assert (named["reason"], named["rejected_by"]) == ("not a white cell", "rev")
+    page = service.client.get(f"/samples/{sid}/report", headers=rev).text
+    page = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+    assert "1 rejected and not in the count" in page
+    box = ", ".join(str(round(v)) for v in named["box"])
+    assert f"field {PBC.name}, box {box}" in page and "not a white cell" in page
     # a signed sample stays immutable
     for action in ("restore", "reject"):
         r = service.client.post(f"/api/samples/{sid}/cells/{others[0]}/{action}", headers=rev)
@@ -387,7 +400,9 @@ def test_pending_fields_block_sign_off_and_an_unusable_detector_is_said_on_the_f
     assert "1 could not be searched for white cells" in html and PBC.name in html
     csv_text = service.client.get(f"/samples/{sid}/report.csv").text
     header, first = list(csv.reader(io.StringIO(csv_text)))[:2]
-    assert header[-1] == "fields_not_searched" and json.loads(first[-1]) == [PBC.name]
+    at = header.index("fields_not_searched")
+    assert json.loads(first[at]) == [PBC.name]
+    assert first[header.index("rejected_count")] == "0"
 
     # the page form without a script: kind=fields goes to the detector's queue
     other = service.new_sample(rev, "FIELDS-FORM")

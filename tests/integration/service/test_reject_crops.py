@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from marrowscope.inference.predictor import Predictor
+from marrowscope.service.review import REPORT_COLUMNS
 
 from .conftest import Service, files_of, sample_images
 
@@ -47,11 +49,18 @@ def _events(service: Service, sid: int, action: str) -> list[dict[str, Any]]:
     return [e for e in r.json() if e["action"] == action]
 
 
+REJECTED_CELL = {
+    "id", "name", "reason", "field_id", "field", "box", "predicted", "confidence", "rejected_by",
+    "rejected_at",
+}  # fmt: skip
+
+
 def test_a_crop_is_rejected_and_restored_through_the_api_and_leaves_count_and_report(
     service: Service,
 ) -> None:
     c, rev, sig = service.client, service.auth("rev"), service.auth("sig")
     sid, (bad, *others) = _crops(service, 3)
+    bad_name = next(x["name"] for x in service.cells(sid, rev) if x["id"] == bad)
     assert _summary(service, sid)["totals"]["model"] == 3
 
     r = c.post(f"/api/samples/{sid}/cells/{bad}/reject", headers=rev)
@@ -109,16 +118,42 @@ def test_a_crop_is_rejected_and_restored_through_the_api_and_leaves_count_and_re
     assert c.post(f"/api/samples/{sid}/signoff", headers=sig).status_code == 200
     (signed,) = _events(service, sid, "sample.signoff")
     assert signed["new"]["cells"] == 2 and signed["new"]["rejected"] == 1
+    assert signed["new"]["rejected_cells"] == [bad]
     assert signed["new"]["counts"] == {"HAC": 2}
 
-    # the report and its CSV count the two others only
+    # the report and its CSV count the two others only, and name the rejected crop: how many,
+    # which file, why, the model's call, who rejected it (the same number as the sign-off's)
     report = c.get(f"/api/samples/{sid}/report", headers=rev).json()
     assert report["cells"] == 2 and report["totals"] == {"model": 2, "reviewed": 2}
+    assert report["rejected"] == signed["new"]["rejected"] == 1
+    (named,) = report["rejected_cells"]
+    assert set(named) == REJECTED_CELL
+    assert named["rejected_at"] and named["confidence"] > 0.9
+    assert {k: named[k] for k in REJECTED_CELL - {"rejected_at", "confidence"}} == {
+        "id": bad, "name": bad_name, "reason": CROP_REASON, "field_id": None, "field": None,
+        "box": None, "predicted": "HAC", "rejected_by": "rev",
+    }  # fmt: skip
     text = c.get(f"/api/samples/{sid}/report", params={"format": "csv"}, headers=rev).text
+    header = next(csv.reader(io.StringIO(text)))
+    assert header == REPORT_COLUMNS and header[-2:] == ["rejected_count", "rejected_cells"]
     rows = {row["class"]: row for row in csv.DictReader(io.StringIO(text))}
     assert (rows["HAC"]["count"], rows["HAC"]["percent"]) == ("2", "100.00")
     assert rows["HAC"]["model_count"] == "2"
     assert sum(int(row["count"]) for row in rows.values()) == 2
+    for row in rows.values():  # sample-wide, on every row, as fields_not_searched
+        assert row["rejected_count"] == "1"
+        assert json.loads(row["rejected_cells"]) == report["rejected_cells"]
+    page = html.unescape(c.get(f"/samples/{sid}/report", headers=rev).text)
+    assert (
+        "2 reviewed (0 re-classified from the model's call); 1 rejected and not in the count"
+        in (re.sub(r"<[^>]+>", "", page))
+    )
+    m = re.search(rf'<tr data-cell="{bad}">(.*?)</tr>', page, re.S)
+    assert m, "the rejected crop is not listed in the report"
+    row_text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", m.group(1)))
+    for said in (bad_name, CROP_REASON, "uploaded crop", "rev"):
+        assert said in row_text, (said, row_text)
+    assert re.search(r"HAC (99|100)%", row_text), row_text  # the model's call
 
     # a signed sample refuses both, and nothing changes
     for cell_id, action in ((others[0], "reject"), (bad, "restore")):
@@ -149,6 +184,37 @@ def test_an_unidentified_crop_can_be_rejected_and_then_no_longer_blocks_the_sign
     report = service.client.get(f"/api/samples/{sid}/report", headers=rev).json()
     assert report["cells"] == 1
     assert {d["class"]: d["reviewed_count"] for d in report["differential"]}["LYT"] == 1
+
+
+def test_a_sample_whose_every_cell_is_rejected_says_so_and_how_to_go_on(
+    service: Service,
+) -> None:
+    """Not "has no cells yet": the cells are there, rejected; the sign-off box and the refused
+    sign-off say the same sentence, and restoring one makes it a sample to review again."""
+    c, rev, sig = service.client, service.auth("rev"), service.auth("sig")
+    sid, ids = _crops(service, 2, "CROPS-ALL")
+    for cell_id in ids:
+        assert c.post(f"/api/samples/{sid}/cells/{cell_id}/reject", headers=rev).status_code == 200
+    why = (
+        "cannot sign off CROPS-ALL: all 2 of its cells are rejected (not counted), so there is "
+        "nothing to count; restore a cell that should count, or upload more cells"
+    )
+    s = _summary(service, sid)
+    assert s["can_sign"] is False and s["progress"]["rejected"] == 2
+    assert s["signoff_message"] == f"C{why[1:]}."
+    assert "no cells yet" not in s["signoff_message"]
+    r = c.post(f"/api/samples/{sid}/signoff", headers=sig)
+    assert r.status_code == 409 and r.json()["detail"] == why
+    service.login("rev")
+    assert f"C{why[1:]}." in html.unescape(c.get(f"/samples/{sid}").text)
+
+    assert c.post(f"/api/samples/{sid}/cells/{ids[0]}/restore", headers=rev).status_code == 200
+    r = c.post(f"/api/samples/{sid}/signoff", headers=sig)
+    assert r.status_code == 409 and "1 of 1 cell is not reviewed yet" in r.json()["detail"]
+    empty = service.new_sample(rev, "CROPS-NONE")  # no cell at all: the old sentence
+    assert _summary(service, empty)["signoff_message"] == (
+        "Sample CROPS-NONE has no cells yet; upload and review its cells first."
+    )
 
 
 def _flashed(service: Service, r: Any, back: str) -> str:

@@ -75,14 +75,23 @@ def _report(code: str) -> dict:  # type: ignore[type-arg]
     }
 
 
+FIRST_COLUMNS = [
+    "sample_id", "collected_on", "age_band", "referral_question", "class", "cell_type",
+    "count", "percent", "model_count", "model_percent", "hac_flag", "hac_flag_message",
+    "model", "model_version", "reviewers", "signed_by", "signed_at", "fields_not_searched",
+]  # fmt: skip
+"""The report CSV's columns before the rejected cells were added: they keep their order, so a
+reader that takes the columns by position keeps working."""
+
+
 def test_report_csv_has_one_row_per_class_with_the_sample_on_every_row() -> None:
     rows = list(csv.reader(io.StringIO(report_csv(_report("BM-1")))))
-    assert rows[0][-1] == "fields_not_searched"
     assert rows[0] == REPORT_COLUMNS
+    assert rows[0] == [*FIRST_COLUMNS, "rejected_count", "rejected_cells"]
     assert rows[1] == [
         "BM-1", "2025-03-01", "60-79", "", "HAC", "Hairy cell", "3", "75.00", "4", "100.00",
         "flagged", 'HAC, "high"', "m", "m:abc", "a;b", "sig", "2025-03-02T10:00:00+00:00",
-        "",
+        "", "0", "",
     ]  # fmt: skip
     assert rows[2][4:6] == ["XYZ", ""]  # a class without a cell-type name
 
@@ -119,7 +128,28 @@ def test_report_csv_names_the_fields_left_out_of_the_count() -> None:
     names = ["f1.jpg", '=HYPERLINK("http://x.example","y");2.jpg']  # a formula, a ';'
     data["fields_not_searched"] = [{"id": i, "name": n, "error": "x"} for i, n in enumerate(names)]
     rows = list(csv.reader(io.StringIO(report_csv(data))))
-    assert all(json.loads(row[-1]) == names and row[-1].startswith("[") for row in rows[1:])
+    at = REPORT_COLUMNS.index("fields_not_searched")
+    assert all(json.loads(row[at]) == names and row[at].startswith("[") for row in rows[1:])
+
+
+def test_report_csv_names_the_cells_rejected_from_the_count() -> None:
+    data = _report("BM-3")
+    rejected = [
+        {"id": 4, "name": "=cmd|' /C calc'!A0.jpg", "reason": "not a countable cell",
+         "field_id": None, "field": None, "box": None, "predicted": "BLA", "confidence": 0.97,
+         "rejected_by": "rev", "rejected_at": "2025-03-02T09:00:00+00:00"},
+        {"id": 9, "name": "f.jpg · cell 2", "reason": "not a white cell", "field_id": 1,
+         "field": "f.jpg", "box": [10.0, 20.5, 90.0, 100.0], "predicted": None,
+         "confidence": None, "rejected_by": None, "rejected_at": None},
+    ]  # fmt: skip
+    data["rejected"], data["rejected_cells"] = len(rejected), rejected
+    rows = list(csv.DictReader(io.StringIO(report_csv(data))))
+    assert len(rows) == 2
+    for row in rows:  # sample-wide: the same on every class row
+        assert row["rejected_count"] == "2"
+        assert row["rejected_cells"].startswith("[")  # never read as a formula
+        assert json.loads(row["rejected_cells"]) == rejected
+        assert row["fields_not_searched"] == ""
 
 
 def test_the_sign_off_box_says_what_blocks_and_which_fields_are_left_out() -> None:
@@ -146,3 +176,26 @@ def test_the_sign_off_box_says_what_blocks_and_which_fields_are_left_out() -> No
     assert "(f1.jpg): its cells are not in the count" in said
     sample.signed_at = datetime.now(UTC)
     assert signoff_message(sample, [unsure], 0.5) == "sample S-1 is signed off."
+
+
+def test_a_sample_whose_every_cell_is_rejected_is_not_said_to_have_no_cells() -> None:
+    """Its cells are there, all rejected: the sentence says how many and what to do."""
+    from datetime import UTC, datetime
+
+    from marrowscope.service.models import Cell, Sample
+    from marrowscope.service.review import blocking_message, signoff_message
+
+    sample = Sample(code="S-2")
+    now = datetime.now(UTC)
+    smudge = Cell(id=1, status="done", predicted_label="BLA", confidence=0.9, rejected_at=now)
+    assert signoff_message(sample, [smudge], 0.5) == (
+        "Cannot sign off S-2: its only cell is rejected (not counted), so there is nothing to "
+        "count; restore a cell that should count, or upload more cells."
+    )
+    debris = Cell(id=2, status="pending", rejected_at=now)
+    why = blocking_message(sample, [smudge, debris], 0.5)
+    assert why is not None and why.startswith("cannot sign off S-2: all 2 of its cells are")
+    assert signoff_message(sample, [smudge, debris], 0.5) == f"C{why[1:]}."
+    assert blocking_message(sample, [], 0.5) == (
+        "sample S-2 has no cells yet; upload and review its cells first"
+    )

@@ -149,13 +149,28 @@
       if (tile !== focused) return; // another cell was opened meanwhile: its panel wins
       panel.innerHTML = html; // server-rendered, autoescaped fragment
       for (const b of panel.querySelectorAll("button.cls")) {
-        b.addEventListener("click", () => apply(b.dataset.label || null));
+        b.addEventListener("click", () => { backToGallery(b); apply(b.dataset.label || null); });
       }
     } catch (e) { panel.textContent = "Cannot load the cell: " + e.message; }
+  }
+  // Keys act on the gallery (Enter confirms, a class key re-classifies, Space selects), but a
+  // focused button or link keeps Enter and Space (they press it). So a gallery button (a class
+  // in the panel, Select all, Confirm all) hands the focus back to the open cell when clicked,
+  // and Enter goes on working after it: Select all, then Enter confirms the selection; a class
+  // clicked for a selection, then Enter confirms the open cell.
+  function backToGallery(button) {
+    if (document.activeElement !== button) return; // clicked without taking the focus
+    if (focused && focused.isConnected) focused.focus({ preventScroll: true });
+    else button.blur();
   }
   function toggle(tile, on) {
     const id = tile.dataset.id;
     const want = on === undefined ? !selected.has(id) : on;
+    if (want && tile.classList.contains("rejected")) {
+      // not in the count: it cannot be classified (alone or with others) until it is restored
+      message("cell " + id + " is rejected (not counted): restore it (in its panel) to classify it", "error");
+      return;
+    }
     if (want) selected.add(id); else selected.delete(id);
     tile.classList.toggle("selected", want);
     const box = tile.querySelector("input[type=checkbox]");
@@ -220,7 +235,8 @@
       updateSummary(res.summary);
       if (single) {
         const all = tiles(); const i = all.indexOf(focused);
-        const next = all.slice(i + 1).find((t) => !t.classList.contains("reviewed")) || all.find((t) => !t.classList.contains("reviewed"));
+        const open = (t) => !t.classList.contains("reviewed") && !t.classList.contains("rejected");
+        const next = all.slice(i + 1).find(open) || all.find(open);
         setFocus(next || focused, true);
       } else {
         clearSelection();
@@ -240,8 +256,10 @@
     }
     const group = ev.target.closest(".group");
     if (group && ev.target.matches(".select-group")) {
+      backToGallery(ev.target);
       for (const t of group.querySelectorAll(".cell")) toggle(t, true);
     } else if (group && ev.target.matches(".confirm-group")) {
+      backToGallery(ev.target);
       clearSelection();
       for (const t of group.querySelectorAll(".cell:not(.reviewed)")) toggle(t, true);
       if (selected.size) apply(null);
@@ -250,6 +268,9 @@
 
   document.addEventListener("keydown", (ev) => {
     if (ev.target.closest("input, textarea, select") || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    // a focused button, link or <summary> keeps Enter and Space: they press it (Not a countable
+    // cell, Restore, a class, Sign off...) or follow it; see backToGallery
+    if ((ev.key === "Enter" || ev.key === " ") && ev.target.closest("button, a, summary")) return;
     const all = tiles();
     if (!all.length) return;
     const i = focused ? all.indexOf(focused) : -1;
