@@ -55,7 +55,7 @@ from marrowscope.inference.batching import (
 from marrowscope.inference.predictor import BACKEND_ALIASES, Predictor
 from marrowscope.models.bundle import pretrained_bundle, shipped_name
 from marrowscope.preprocess.ops import is_grayscale
-from marrowscope.utils.image import ImageReadError, is_hidden, is_image_file
+from marrowscope.utils.image import OUTPUT_MARKERS, ImageReadError, is_hidden, is_image_file
 from marrowscope.utils.io import printable_data
 
 __all__ = [
@@ -172,8 +172,13 @@ def _split_uri(uri: str) -> tuple[Any, str, str, str]:
 
 def _list_uri(uri: str) -> tuple[list[str], list[str]]:
     """The image files at an object-storage URI: the file itself, or every image below a
-    folder/prefix (recursive, sorted, hidden files left out); and the other files found below a
-    folder/prefix (not images by extension)."""
+    folder/prefix; and the other files found below a folder/prefix (not images by extension).
+
+    Listed as :func:`~marrowscope.utils.image.list_image_files` lists a local folder
+    (recursive, sorted; hidden files and folders, ``__MACOSX`` and sub-folders marrowscope wrote
+    as output left out, the location given itself always listed), so ``file:///data/cells``
+    and ``/data/cells`` give the same cells.
+    """
     import pyarrow.fs as pafs
 
     fs, path, root, base = _split_uri(uri)
@@ -184,19 +189,37 @@ def _list_uri(uri: str) -> tuple[list[str], list[str]]:
         if info.type != pafs.FileType.Directory:
             raise RayEngineError(f"{uri}: no such file or folder; check the path")
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        # the names are decoded here (a name that is not UTF-8 fails on .path)
+        found_files = [i.path for i in infos if i.type == pafs.FileType.File]
     except RayEngineError:
         raise
+    except UnicodeDecodeError:
+        raise RayEngineError(
+            f"{uri}: a file or folder name below it is not UTF-8, which pyarrow.fs cannot list; "
+            "rename it, or (on a file system every node mounts) give the folder as a local path"
+        ) from None
     except OSError as e:
         raise RayEngineError(
             f"{uri}: cannot list it ({e}); check the path and credentials"
         ) from None
+    prefix = path.rstrip("/") + "/"
+    listed = {  # file path -> its parts below the location given
+        f: tuple(f[len(prefix) :].split("/")) for f in found_files if f.startswith(prefix)
+    }
+    # sub-folders holding an output marker (the location given itself is always listed)
+    outputs = {parts[:-1] for parts in listed.values() if parts[-1] in OUTPUT_MARKERS} - {()}
     files = sorted(
-        root + i.path[len(base) :]
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.path.startswith(base)
-        and not any(is_hidden(part) or part == "__MACOSX" for part in i.path.split("/"))
+        root + full[len(base) :]
+        for full, parts in listed.items()
+        if not any(is_hidden(part) or part == "__MACOSX" for part in parts)
+        and not any(parts[:k] in outputs for k in range(1, len(parts)))
     )
+    if outputs:
+        log.warning(
+            "skipped %d folder(s) of marrowscope's own output below %s: not inputs",
+            len(outputs),
+            uri,
+        )
     found = [f for f in files if is_image_file(f)]
     if not found:
         seen = f"; found {len(files)} other file(s), e.g. {_base_name(files[0])}" if files else ""

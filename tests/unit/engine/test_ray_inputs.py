@@ -74,6 +74,43 @@ def test_files_that_are_not_images_are_reported_as_skipped(
         expand_inputs([(tmp_path / "docs").as_uri()])
 
 
+def test_a_uri_prefix_is_listed_as_a_local_folder_is(
+    cell_files: list[Path], tmp_path: Path
+) -> None:
+    """Through a hidden folder of the path given, without the hidden files and output folders
+    below it; a name that is not UTF-8 is a clear error."""
+    import os
+    import shutil
+
+    from marrowscope.inference.batching import collect_inputs
+
+    top = tmp_path / ".cache" / "cells"  # a hidden folder above the location given: fine
+    (top / "sub").mkdir(parents=True)
+    (top / "overlays").mkdir()
+    (top / ".thumbs").mkdir()
+    for p in cell_files[:2]:
+        shutil.copy(p, top / p.name)
+    shutil.copy(cell_files[2], top / "sub" / cell_files[2].name)
+    shutil.copy(cell_files[3], top / "overlays" / "field_1.png")  # an earlier detect's output
+    (top / "overlays" / ".marrowscope-output").write_text("")
+    shutil.copy(cell_files[4], top / ".thumbs" / "t.jpg")
+    shutil.copy(cell_files[5], top / "._cell_0.jpg")
+    got = expand_inputs([top.as_uri()])
+    local = collect_inputs([top])
+    assert got.paths == [p.absolute().as_uri() for p in local.paths]
+    assert [Path(p).name for p in local.paths] == ["cell_0.jpg", "cell_1.png", "cell_2.jpg"]
+    assert got.skipped == [] and local.skipped == []
+    # the location given is listed even when it is an output folder itself
+    assert len(expand_inputs([(top / "overlays").as_uri()]).paths) == 1
+    try:
+        with open(os.path.join(os.fsencode(top), b"caf\xe9.jpg"), "wb") as f:
+            f.write(cell_files[0].read_bytes())
+    except OSError:
+        return  # this file system refuses names that are not UTF-8
+    with pytest.raises(RayEngineError, match="not UTF-8.*give the folder as a local path"):
+        expand_inputs([top.as_uri()])
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("path\n", "lists no path"), ("file,label\nx.jpg,A\n", "needs a 'path' column")],
