@@ -30,8 +30,13 @@
    when 5% faster), which the int8 backend then uses (:func:`measure_streams`).
 5. The export folder (``model.xml``, ``model.bin``, ``model_fp32.*`` when there is a re-check,
    ``metadata.json`` with an ``int8`` section
-   holding all of the above) is written atomically: a failed or interrupted export leaves the
-   previous one, or none.
+   holding all of the above) is written as a new version of the folder
+   (:func:`~marrowscope.utils.io.versioned_folder`): the files go to a fresh staging folder
+   beside it, and only a complete export becomes current, in one rename. A failed or
+   interrupted export leaves the previous one (or none) and no staging folder; two exports of
+   the same model at the same time (two ``export`` runs, or two users of one cache) both
+   succeed, the one that finishes last is current, and a ``predict --backend int8`` loading
+   meanwhile reads one complete export, the old or the new.
 
 Why OpenVINO + NNCF and not ONNX Runtime's own static quantisation: measured on this project's
 CPU (AVX-512 VNNI, no AMX) it was the faster int8 runtime for every model tried (see
@@ -92,7 +97,7 @@ from marrowscope.models.bundle import (
 )
 from marrowscope.models.registry import Classifier
 from marrowscope.preprocess.ops import config_from_params
-from marrowscope.utils.io import atomic_folder, file_sha256
+from marrowscope.utils.io import file_sha256, is_versioned_folder, versioned_folder
 
 __all__ = [
     "CALIBRATION_SIZE",
@@ -529,7 +534,7 @@ def save_int8(quantized: Any, meta: BundleMetadata, folder: str | os.PathLike[st
         ov.save_model(quantized, str(tmp / INT8_XML), compress_to_fp16=False)
         meta.write(tmp / METADATA_NAME)
 
-    return atomic_folder(Path(folder), write)
+    return versioned_folder(Path(folder), write)
 
 
 def _versions() -> dict[str, str]:
@@ -596,12 +601,13 @@ def export_int8(
     recheck: str | float = "auto",
     recheck_images: np.ndarray | None = None,
 ) -> Int8Export:
-    """Quantise ``model``, check it against PyTorch fp32 and write the export folder atomically.
+    """Quantise ``model``, check it against PyTorch fp32 and write the export folder atomically
+    (a new version of it: :func:`~marrowscope.utils.io.versioned_folder`).
 
     Args:
         model: the classifier.
         meta: its bundle metadata (classes, preprocessing, prediction rule).
-        out: the export folder to create or replace.
+        out: the export folder to create or update (its current version is replaced).
         calibration: ``(N, S, S, 3)`` uint8 preprocessed calibration images.
         calibration_record: how they were chosen (stored in the metadata).
         guard_arrays: ``(M, S, S, 3)`` uint8 preprocessed labelled images.
@@ -632,7 +638,12 @@ def export_int8(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file; the int8 export is a folder; pick another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / INT8_XML).is_file():
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not (out / INT8_XML).is_file()
+        and not is_versioned_folder(out)  # (another export is putting its first version in)
+    ):
         raise ExportError(
             f"refusing to replace {out}: a non-empty folder that is not an int8 export (no "
             f"{INT8_XML}); pick another --out"
@@ -728,7 +739,7 @@ def export_int8(
         }
         meta.replace(int8=info).write(tmp / METADATA_NAME)
 
-    atomic_folder(out, write)
+    versioned_folder(out, write)
     return Int8Export(
         path=out,
         guard=result["guard"],

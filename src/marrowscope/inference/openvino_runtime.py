@@ -8,6 +8,13 @@ An int8 export is a folder (default ``CHECKPOINT/int8``; for a shipped model
 versions, calibration images, the accuracy guard's numbers and the SHA-256 of the weights it was
 made from).
 
+Each export is a new version of the folder (:func:`~marrowscope.utils.io.versioned_folder`): the
+files live in ``.v-<random>/``, the link ``.current`` names the current version, and
+``model.xml`` etc. are links through it, so exports and ``predict`` runs can use one folder at
+the same time; the int8 backend reads every file from one version
+(:func:`~marrowscope.utils.io.current_version`). A folder written before versions (real files)
+is read as it is, and becomes versioned at its next export.
+
 OpenVINO is an optional dependency (``pip install 'marrowscope[int8]'``); importing this module
 does not need it, running a model does.
 """

@@ -66,7 +66,7 @@ from marrowscope.preprocess.ops import (
     resize,
 )
 from marrowscope.utils.image import decode_image, pil_to_rgb, read_image, to_rgb_uint8
-from marrowscope.utils.io import file_sha256
+from marrowscope.utils.io import current_version, file_sha256
 from marrowscope.utils.progress import make_progress
 from marrowscope.utils.runtime import Precision, resolve_device, resolve_precision
 
@@ -653,6 +653,8 @@ class Predictor:
                 "the int8 backend runs the int8 model as exported; use precision='auto'"
             )
         folder, bundle, name = self._int8_folder(path)
+        # every file from one version of the export (an export running now may replace it)
+        folder = current_version(folder)
         meta_file = folder / METADATA_NAME
         try:
             meta = BundleMetadata.read(meta_file)

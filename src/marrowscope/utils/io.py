@@ -1,16 +1,22 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
 An interrupted process therefore leaves either the old file or the new one, never a torn file
-that a later run would trust.
+that a later run would trust. Folders: :func:`atomic_folder` (replaced whole, for one writer at
+a time) and :func:`versioned_folder` (several writers and readers at the same time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -49,13 +55,18 @@ def old_folder(directory: Path) -> Path:
 def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_folder)``, then put ``tmp_folder`` in place of ``directory``.
 
-    The new folder is filled in a hidden sibling (``.DIR.tmp-XXXXXXXX``); then an existing
-    ``directory`` is renamed to ``DIR.old``, the new folder renamed to ``directory`` and
-    ``DIR.old`` deleted. A crash therefore leaves the old folder, the new one, or only
-    ``DIR.old`` (a reader may restore it: see ``marrowscope.models.bundle``), never a folder
-    with some new and some old files. Temp folders left by a crashed earlier call are removed.
-    Every file written gets the usual permissions (``0666`` less the umask, as
-    :func:`atomic_write` gives), also those a library created private (safetensors' ``0600``).
+    The new folder is filled in a hidden sibling (``.DIR.tmp-...``, see :func:`staging_folder`);
+    then an existing ``directory`` is renamed to ``DIR.old``, the new folder renamed to
+    ``directory`` and ``DIR.old`` deleted. A crash therefore leaves the old folder, the new one,
+    or only ``DIR.old`` (a reader may restore it: see ``marrowscope.models.bundle``), never a
+    folder with some new and some old files. Temp folders left by a crashed earlier call are
+    removed (those of a writer still running are not). Every file written gets the usual
+    permissions (``0666`` less the umask, as :func:`atomic_write` gives), also those a library
+    created private (safetensors' ``0600``).
+
+    For one writer at a time: a reader between the two renames finds no folder, and two writers
+    replacing the same folder at once can fail. A folder that several processes may write and
+    read at the same time (a shared export cache) is a :func:`versioned_folder`.
 
     Args:
         directory: the folder to create or replace (its parent is created).
@@ -65,32 +76,294 @@ def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
         ``directory``.
     """
     directory = Path(directory)
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{directory.name}.tmp-*"):  # left by a crashed write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = staging_folder(directory)
     old = old_folder(directory)
     try:
         writer(tmp)
-        mode = 0o666 & ~_umask()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                if not f.is_symlink():
-                    os.chmod(f, mode)
-                _fsync(f)
-        if directory.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync_dir(parent)
+        _finish_files(tmp)
+        _swap_folder(directory, tmp, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def _swap_folder(directory: Path, tmp: Path, old: Path) -> None:
+    """Rename ``directory`` (if any) to ``old``, then ``tmp`` to ``directory``."""
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+
+
+def _finish_files(folder: Path) -> None:
+    """The usual permissions for every file under ``folder``, and each one fsynced."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*"):
+        if f.is_file():
+            if not f.is_symlink():
+                os.chmod(f, mode)
+            _fsync(f)
+
+
+# ----------------------------------------------------------------- temporary names and owners
+
+STALE_AFTER_S = 24 * 3600.0
+"""A temporary folder or link whose writer cannot be checked (another machine) is removed only
+once it has not changed for this long."""
+
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+"""This machine, as it appears in the names of temporary folders and links."""
+_OWNER = re.compile(r"\.tmp-([0-9a-f]{8})-([0-9]+)-[0-9a-f]{8}$")
+
+
+def _temp_name(base: str) -> str:
+    """``base.tmp-HOST-PID-RANDOM``: unique, and it says which process on which machine owns it."""
+    return f"{base}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # pragma: no cover - os.kill(pid, 0) would end the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def _is_stale(path: Path) -> bool:
+    """True when the temporary folder or link ``path`` is left over: its process (on this
+    machine) has ended, its name records no owner (an older marrowscope's, removed as before),
+    or it is on another machine's name and unchanged for :data:`STALE_AFTER_S`."""
+    m = _OWNER.search(path.name)
+    if m is None:
+        return True
+    if m[1] == _HOST:
+        return not _pid_alive(int(m[2]))
+    try:
+        age = time.time() - path.lstat().st_mtime
+    except OSError:
+        return False
+    return age > STALE_AFTER_S
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Remove the left-over temporary entries ``folder/PATTERN`` (see :func:`_is_stale`)."""
+    for stale in folder.glob(pattern):
+        if not _is_stale(stale):
+            continue
+        if stale.is_symlink() or not stale.is_dir():
+            stale.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def staging_folder(directory: Path) -> Path:
+    """A new empty folder beside ``directory`` to write its next version in
+    (``.DIR.tmp-HOST-PID-RANDOM``; the parent is created). Staging folders left by a crashed
+    writer are removed first; those of writers still running are kept."""
+    directory = Path(directory)
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(parent, f"{glob.escape('.' + directory.name)}.tmp-*")
+    tmp = parent / _temp_name(f".{directory.name}")
+    tmp.mkdir()
+    return tmp
+
+
+# ------------------------------------------------------------------------- versioned folders
+
+VERSION_LINK = ".current"
+"""The symbolic link inside a :func:`versioned_folder` naming its current version."""
+VERSION_PREFIX = ".v-"
+"""Version folders of a :func:`versioned_folder` are named ``.v-<random>``."""
+SUPERSEDED_GRACE_S = 600.0
+"""A replaced version is kept at least this long (a reader that started on it can finish), then
+removed by a later write."""
+
+
+def versioned_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(staging)``, then make what it wrote the current content of ``directory``,
+    safely with other writers and readers of the same folder at the same time.
+
+    Layout: ``directory`` is a real folder holding version folders ``.v-<random>``, a symbolic
+    link ``.current`` naming the current one, and, for each of its entries, a link
+    ``NAME -> .current/NAME`` (so ``directory/NAME`` opens the current file, and tools and
+    older readers see the folder as before). Steps:
+
+    1. ``writer`` fills a fresh staging folder beside ``directory`` (:func:`staging_folder`);
+       an exception removes it and leaves ``directory`` untouched.
+    2. The complete staging folder becomes ``directory/.v-<random>``; then ``.current`` is
+       replaced atomically (a new link renamed over it) to name it. A reader therefore finds the
+       previous version or the new one, never a mixture: :func:`current_version` gives the
+       folder of one version, to read every file from.
+    3. The per-entry links are brought up to date, and versions replaced more than
+       :data:`SUPERSEDED_GRACE_S` ago are removed. A folder written before versions (real
+       files) has its files replaced one by one by links: a reader that started on it just
+       before could read files of both exports, once per such folder.
+
+    Two writers at the same time both succeed; the one that renames its link last is current.
+    Where the file system cannot hold symbolic links the folder is replaced whole, as by
+    :func:`atomic_folder`.
+
+    Args:
+        directory: the folder to create or update (its parent is created).
+        writer: writes every file of the new version into the folder it is given.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        FileExistsError: ``directory`` is a file.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(
+            f"{directory} is a file, not a folder; remove it or write somewhere else"
+        )
+    staging = staging_folder(directory)
+    try:
+        writer(staging)
+        _finish_files(staging)
+        _fsync_dir(staging)  # its entries on disk before a link names it
+        if not _symlinks_work(staging):
+            old = old_folder(directory)
+            _swap_folder(directory, staging, old)
+            shutil.rmtree(old, ignore_errors=True)
+            return directory
+        _publish(directory, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _remove_superseded(directory)
+    return directory
+
+
+def current_version(directory: Path) -> Path:
+    """The folder to read every file of ``directory``'s current content from: its current
+    version folder for a :func:`versioned_folder`, else ``directory`` itself (a folder written
+    whole, e.g. before versions). Read all files from the one folder returned: reading
+    ``directory/NAME`` file by file could mix two versions if a writer finishes in between."""
+    directory = Path(directory)
+    name = _version_name(directory)
+    return directory / name if name is not None else directory
+
+
+def is_versioned_folder(directory: Path) -> bool:
+    """True when ``directory`` holds a version folder or ``.current`` link of
+    :func:`versioned_folder` (also while a writer is putting its first version in)."""
+    try:
+        return any(
+            p.name == VERSION_LINK or p.name.startswith(VERSION_PREFIX)
+            for p in Path(directory).iterdir()
+        )
+    except OSError:
+        return False
+
+
+def _version_name(directory: Path) -> str | None:
+    """The name ``directory/.current`` points to, when it is a version of this folder."""
+    try:
+        target = os.readlink(directory / VERSION_LINK)
+    except OSError:
+        return None
+    if not target.startswith(VERSION_PREFIX) or "/" in target or os.sep in target:
+        return None
+    return target
+
+
+def _symlinks_work(folder: Path) -> bool:
+    """True when symbolic links can be made in ``folder``'s file system."""
+    probe = folder / _temp_name(".probe")
+    try:
+        os.symlink(VERSION_LINK, probe)
+    except (OSError, NotImplementedError):
+        return False
+    probe.unlink()
+    return True
+
+
+def _replace_link(path: Path, target: str) -> None:
+    """Make ``path`` a symbolic link to ``target`` in one rename (a file there is replaced)."""
+    tmp = path.with_name(_temp_name(f".{path.name.lstrip('.')}"))
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _publish(directory: Path, staging: Path) -> None:
+    """Steps 2 and 3 of :func:`versioned_folder` (without the removal of old versions)."""
+    if directory.is_symlink() and not directory.exists():  # a dangling link: replaced
+        directory.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
+    version = directory / name
+    shutil.move(staging, version)  # a rename (a copy when directory is on another disk)
+    now = time.time()
+    os.utime(version, (now, now))  # kept by other writers' clean-up until it is current
+    previous = _version_name(directory)
+    if previous is not None:  # (about) the time it is replaced: kept SUPERSEDED_GRACE_S longer
+        with contextlib.suppress(OSError):
+            os.utime(directory / previous, (now, now))
+    try:
+        _replace_link(directory / VERSION_LINK, name)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)
+        raise
+    _fsync_dir(directory)
+    _update_entry_links(directory, sorted(p.name for p in version.iterdir()))
+    _fsync_dir(directory)
+
+
+def _update_entry_links(directory: Path, names: list[str]) -> None:
+    """``directory/NAME -> .current/NAME`` for each entry of the new version; other top-level
+    files and links (of an export written before versions, or of an older version) removed
+    unless the current version has them."""
+    current = directory / VERSION_LINK
+    for entry in names:
+        path = directory / entry
+        target = f"{VERSION_LINK}/{entry}"
+        if path.is_symlink() and os.readlink(path) == target:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)  # a folder of a pre-version export
+        _replace_link(path, target)
+    for path in directory.iterdir():
+        if path.name.startswith(".") or path.name in names:
+            continue
+        if (current / path.name).exists():  # another writer's version, current now
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+    _remove_stale(directory, ".*.tmp-*")
+
+
+def _remove_superseded(directory: Path) -> None:
+    """Remove version folders that are not current and were replaced (or, never current,
+    written) more than :data:`SUPERSEDED_GRACE_S` ago; also left-over temporary links."""
+    cutoff = time.time() - SUPERSEDED_GRACE_S
+    for path in directory.glob(f"{glob.escape(VERSION_PREFIX)}*"):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if path.stat().st_mtime > cutoff:
+                continue
+        except OSError:
+            continue
+        if path.name == _version_name(directory):  # read again just before: it may be new
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from marrowscope.inference.openvino_runtime import (  # noqa: E402
 from marrowscope.metadata import BundleMetadata  # noqa: E402
 from marrowscope.metrics.agreement import GuardReport  # noqa: E402
 from marrowscope.models.bundle import load_bundle, pretrained_bundle, save_bundle  # noqa: E402
-from marrowscope.utils.io import file_sha256  # noqa: E402
+from marrowscope.utils.io import current_version, file_sha256  # noqa: E402
 
 # bm8 int8 against bm8 fp32 on the 192 bundled cells, one view each
 MIN_AGREEMENT = 0.98
@@ -105,7 +106,10 @@ def test_exported_metadata_round_trips(bm8_int8: Int8Export) -> None:
     files = {"model.xml", "model.bin", "metadata.json"}
     if rc["margin"] > 0:  # the fp32 model of the re-check travels with the export
         files |= {"model_fp32.xml", "model_fp32.bin"}
-    assert {p.name for p in bm8_int8.path.iterdir()} == files
+    version = current_version(bm8_int8.path)  # the files, in the export's current version
+    assert version.parent == bm8_int8.path and {p.name for p in version.iterdir()} == files
+    shown = {p.name for p in bm8_int8.path.iterdir() if not p.name.startswith(".")}
+    assert shown == files and all((bm8_int8.path / f).is_symlink() for f in files)
     assert cal["recheck_fit_cells"] == 96  # the other half of the 192 bundled cells
     measured = info["streams_measured"]
     assert info["streams"] == measured["streams"] in (1, 2) and measured["batch"] == 16
@@ -305,3 +309,118 @@ def test_int8_backend_without_an_export_names_the_command(tiny_bundle: Path) -> 
         Predictor.from_checkpoint(tiny_bundle, backend="int8")
     with pytest.raises(PredictorError, match="runs on the CPU"):
         Predictor.from_checkpoint(tiny_bundle, backend="int8", device="cuda")
+
+
+def _tiny_int8(bundle: Path, cells: Path, seed: int) -> Int8Export:
+    """The tiny bundle's int8 export, calibrated on 12 of its 36 cells drawn with ``seed``."""
+    return export_int8_checkpoint(
+        bundle,
+        calibrate=cells,
+        calibration_size=12,
+        seed=seed,
+        guard_data=cells,
+        guard_tta="none",
+        force=True,  # (a random tiny model: the guard may fail)
+        recheck="off",
+        workers=1,
+    )
+
+
+def test_two_exports_at_once_both_succeed_and_predict_reads_one_whole_export(
+    tiny_bundle: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two exports of one model at the same time (two ``export`` runs, or an export and a
+    second user of the cache) and a ``predict --backend int8`` loading all the while: both
+    exports succeed, and every load gets the metadata of the model it runs."""
+    import marrowscope.export.int8 as int8_mod
+
+    _tiny_int8(tiny_bundle, synthetic_tree, seed=0)
+    both_inside = threading.Barrier(2)
+    real_measure, real_quantize = int8_mod.measure_streams, int8_mod.quantize_openvino
+    one_at_a_time = threading.Lock()
+
+    def measure(*args: object, **kwargs: object) -> object:
+        both_inside.wait(timeout=300)  # each has written model.xml into its staging folder
+        return real_measure(*args, **kwargs)  # type: ignore[arg-type]
+
+    def quantize(*args: object, **kwargs: object) -> object:
+        with one_at_a_time:  # NNCF itself is not under test (nor meant for two threads)
+            return real_quantize(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(int8_mod, "measure_streams", measure)
+    monkeypatch.setattr(int8_mod, "quantize_openvino", quantize)
+    files = sorted(synthetic_tree.rglob("*.png"))[:4]
+    results: dict[int, Int8Export] = {}
+    errors: list[BaseException] = []
+    seeds_loaded: list[int] = []
+    done = threading.Event()
+
+    def export(seed: int) -> None:
+        try:
+            results[seed] = _tiny_int8(tiny_bundle, synthetic_tree, seed=seed)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    def predict() -> None:
+        while not done.is_set():
+            try:
+                pred = Predictor.from_checkpoint(tiny_bundle, backend="int8", batch_size=4)
+                probs = pred.predict_proba(files)
+                assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
+                loaded_from = pred.int8_path_.parent
+                assert BundleMetadata.read(loaded_from / "metadata.json") == pred.bundle_metadata_
+                assert pred.bundle_metadata_.int8 is not None
+                seeds_loaded.append(pred.bundle_metadata_.int8["calibration"]["seed"])
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                return
+
+    reader = threading.Thread(target=predict)
+    exporters = [threading.Thread(target=export, args=(seed,)) for seed in (1, 2)]
+    reader.start()
+    for t in exporters:
+        t.start()
+    for t in exporters:
+        t.join(timeout=600)
+    done.set()
+    reader.join(timeout=600)
+    assert not errors, errors
+    assert sorted(results) == [1, 2] and all(
+        r.path == tiny_bundle / "int8" for r in results.values()
+    )
+    assert seeds_loaded and set(seeds_loaded) <= {0, 1, 2}
+    meta = BundleMetadata.read(tiny_bundle / "int8" / "metadata.json")
+    assert meta.int8 is not None and meta.int8["calibration"]["seed"] in (1, 2)
+    probs = Predictor.from_checkpoint(tiny_bundle, backend="int8").predict_proba(files)
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert len(list((tiny_bundle / "int8").glob(".v-*"))) == 3  # replaced ones kept a while
+    assert not list(tiny_bundle.glob(".int8.tmp-*"))
+
+
+def test_a_failed_export_keeps_the_previous_one_and_leaves_no_staging_folder(
+    tiny_bundle: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import marrowscope.export.int8 as int8_mod
+
+    good = _tiny_int8(tiny_bundle, synthetic_tree, seed=0)
+    version = current_version(good.path)
+    saved = {p.name: p.read_bytes() for p in version.iterdir()}
+    files = sorted(synthetic_tree.rglob("*.png"))[:4]
+    before = Predictor.from_checkpoint(tiny_bundle, backend="int8").predict_proba(files)
+    staged: list[str] = []
+
+    def crash(*args: object, **kwargs: object) -> None:  # the guard, after the files are written
+        (staging,) = tiny_bundle.glob(".int8.tmp-*")
+        staged.extend(sorted(p.name for p in staging.iterdir()))
+        raise RuntimeError("injected: the guard crashed")
+
+    monkeypatch.setattr(int8_mod, "_guards", crash)
+    with pytest.raises(RuntimeError, match="injected"):
+        _tiny_int8(tiny_bundle, synthetic_tree, seed=1)
+    assert staged == ["metadata.json", "model.bin", "model.xml"]
+    assert not list(tiny_bundle.glob(".int8.tmp-*"))
+    assert current_version(good.path) == version
+    assert [p.name for p in good.path.glob(".v-*")] == [version.name]
+    assert {p.name: p.read_bytes() for p in version.iterdir()} == saved
+    after = Predictor.from_checkpoint(tiny_bundle, backend="int8").predict_proba(files)
+    np.testing.assert_array_equal(after, before)

@@ -29,3 +29,36 @@ def test_names_that_are_not_utf8_are_escaped_in_reports_and_kept_exactly_elsewhe
     with pytest.raises(UnicodeEncodeError):
         atomic_write_text(tmp_path / "m.csv", name)
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_two_writers_of_one_file_at_once_both_succeed_and_leave_one_whole_file(
+    tmp_path: Path,
+) -> None:
+    """What the ONNX export relies on (``$MARROWSCOPE_CACHE/onnx/NAME/model.onnx``): each writer
+    has a temporary file of its own, and the file is replaced in one rename."""
+    import threading
+
+    from marrowscope.utils.io import atomic_write
+
+    target = tmp_path / "onnx" / "bm8" / "model.onnx"
+    both_inside = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def write(tag: bytes) -> None:
+        def body(tmp: Path) -> None:
+            tmp.write_bytes(tag * 1000)
+            both_inside.wait(timeout=30)  # both temporary files written before either is renamed
+
+        try:
+            atomic_write(target, body)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert target.read_bytes() in (b"a" * 1000, b"b" * 1000)
+    assert [p.name for p in target.parent.iterdir()] == ["model.onnx"]
