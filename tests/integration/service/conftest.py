@@ -6,6 +6,7 @@ when ``MARROWSCOPE_TEST_DATABASE_URL`` is set, so every DB-backed test runs on b
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import socket
@@ -77,6 +78,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def sample_images(n: int, cls: str = "BLA") -> list[Path]:
     """``n`` real bone-marrow cell images shipped with the package."""
     return sorted((SAMPLE_ROOT / cls).glob("*.jpg"))[:n]
+
+
+def flashed(service: Service, r: Any, back: str) -> str:
+    """Follow a form's redirect to ``back``; the page text (unescaped)."""
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == back
+    page = service.client.get(back)
+    assert page.status_code == 200
+    return html.unescape(page.text)
 
 
 def files_of(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from marrowscope.service.models import AuditEvent, Sample
 
-from .conftest import Service, files_of, sample_images
+from .conftest import Service, files_of, flashed, sample_images
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +26,6 @@ def _api_refusal(r: Any) -> str:
     """The API's 422 message (the first error), as the form shows it."""
     assert r.status_code == 422, r.text
     return str(r.json()["detail"][0]["msg"]).removeprefix("Value error, ")
-
-
-def _flashed(service: Service, r: Any, back: str) -> str:
-    """Follow the form's redirect to ``back``; the page text (unescaped)."""
-    assert r.status_code == 303, r.text
-    assert r.headers["location"] == back
-    page = service.client.get(back)
-    assert page.status_code == 200
-    return html.unescape(page.text)
 
 
 def _audit(service: Service) -> list[str]:
@@ -61,7 +52,7 @@ def test_huge_cell_id_in_the_form_is_refused_like_the_api(service: Service) -> N
         data={"csrf_token": csrf, "cell_ids": HUGE, "label": "LYT"},
         follow_redirects=False,
     )
-    page = _flashed(service, r, f"/samples/{sid}")
+    page = flashed(service, r, f"/samples/{sid}")
     assert api in page and "cell ids" in page
     # a cell id that is not a number at all, or none: a message too, never an error page
     r = c.post(
@@ -69,13 +60,13 @@ def test_huge_cell_id_in_the_form_is_refused_like_the_api(service: Service) -> N
         data={"csrf_token": csrf, "cell_ids": "12abc", "label": "LYT"},
         follow_redirects=False,
     )
-    assert "valid integer" in _flashed(service, r, f"/samples/{sid}")
+    assert "valid integer" in flashed(service, r, f"/samples/{sid}")
     r = c.post(
         f"/samples/{sid}/reclassify",
         data={"csrf_token": csrf, "label": "LYT"},
         follow_redirects=False,
     )
-    assert "at least 1 item" in _flashed(service, r, f"/samples/{sid}")
+    assert "at least 1 item" in flashed(service, r, f"/samples/{sid}")
     assert _audit(service)[len(before) :] == ["login"]  # nothing was re-classified
     # and a good form post still works
     cell = service.cells(sid, rev)[0]["id"]
@@ -84,7 +75,7 @@ def test_huge_cell_id_in_the_form_is_refused_like_the_api(service: Service) -> N
         data={"csrf_token": csrf, "cell_ids": str(cell), "label": "LYT"},
         follow_redirects=False,
     )
-    assert "1 cell(s) re-classified" in _flashed(service, r, f"/samples/{sid}")
+    assert "1 cell(s) re-classified" in flashed(service, r, f"/samples/{sid}")
 
 
 @pytest.mark.parametrize(
@@ -109,7 +100,7 @@ def test_new_sample_form_refuses_what_the_api_refuses(
     assert expected in api
     csrf = service.login("rev")
     r = c.post("/samples", data={"csrf_token": csrf, **body}, follow_redirects=False)
-    page = _flashed(service, r, "/")
+    page = flashed(service, r, "/")
     assert api in page and field.replace("_", " ") in page
     with service.app.state.db.read() as s:
         assert s.scalars(select(Sample)).all() == []  # nothing was created
@@ -134,7 +125,7 @@ def test_edit_sample_form_refuses_what_the_api_refuses(
     csrf = service.login("rev")
     form = {"collected_on": "2025-01-02", "age_band": "unknown", "notes": "kept", field: value}
     r = c.post(f"/samples/{sid}/edit", data={"csrf_token": csrf, **form}, follow_redirects=False)
-    page = _flashed(service, r, f"/samples/{sid}")
+    page = flashed(service, r, f"/samples/{sid}")
     assert api in page and field.replace("_", " ") in page
     after = c.get(f"/api/samples/{sid}", headers=rev).json()
     assert (after["notes"], after["collected_on"], after["age_band"]) == (
@@ -173,7 +164,7 @@ def test_forms_still_accept_good_values(service: Service) -> None:
         },
         follow_redirects=False,
     )  # fmt: skip
-    assert "sample details saved" in _flashed(service, r, f"/samples/{sid}")
+    assert "sample details saved" in flashed(service, r, f"/samples/{sid}")
     one = c.get(f"/api/samples/{sid}", headers=rev).json()
     assert (one["collected_on"], one["age_band"], one["referral_question"], one["notes"]) == (
         "2025-03-01",
@@ -219,7 +210,7 @@ def test_the_edit_form_saves_only_what_was_changed_and_never_over_a_colleagues_c
     assert r.status_code == 200, r.text
     # the editor only emptied the date: saved, and the colleague's notes stay
     r = c.post(f"/samples/{sid}/edit", data=form, follow_redirects=False)
-    assert "sample details saved" in _flashed(service, r, f"/samples/{sid}")
+    assert "sample details saved" in flashed(service, r, f"/samples/{sid}")
     one = c.get(f"/api/samples/{sid}", headers=rev).json()
     assert (one["collected_on"], one["notes"]) == (None, "colleague")
     # the editor, on the stale page, now changes the notes too: refused, nothing saved
@@ -228,8 +219,8 @@ def test_the_edit_form_saves_only_what_was_changed_and_never_over_a_colleagues_c
         data={**form, "notes": "mine", "age_band": "80+"},
         follow_redirects=False,
     )
-    flashed = _flashed(service, r, f"/samples/{sid}")
-    assert "notes changed since you opened the page" in flashed and "reload the page" in flashed
+    page = flashed(service, r, f"/samples/{sid}")
+    assert "notes changed since you opened the page" in page and "reload the page" in page
     one = c.get(f"/api/samples/{sid}", headers=rev).json()
     assert (one["notes"], one["age_band"]) == ("colleague", "unknown")
     # the API: null empties the referral question and the date, and cannot empty the id
@@ -261,7 +252,7 @@ def test_the_edit_form_reads_browser_line_breaks_and_a_repeated_save_as_no_chang
     }  # fmt: skip
     for _ in range(2):  # a double click on Save
         r = c.post(f"/samples/{sid}/edit", data=form, follow_redirects=False)
-        assert "sample details saved" in _flashed(service, r, f"/samples/{sid}")
+        assert "sample details saved" in flashed(service, r, f"/samples/{sid}")
     one = c.get(f"/api/samples/{sid}", headers=rev).json()
     assert (one["collected_on"], one["notes"]) == ("2025-02-03", "line one\nline two")
     with service.app.state.db.read() as s:

@@ -20,7 +20,7 @@ import pytest
 from marrowscope.inference.predictor import Predictor
 from marrowscope.service.review import REPORT_COLUMNS
 
-from .conftest import Service, files_of, sample_images
+from .conftest import Service, files_of, flashed, sample_images
 
 pytestmark = pytest.mark.integration
 
@@ -217,15 +217,6 @@ def test_a_sample_whose_every_cell_is_rejected_says_so_and_how_to_go_on(
     )
 
 
-def _flashed(service: Service, r: Any, back: str) -> str:
-    """Follow a form's redirect to ``back``; the page text (unescaped)."""
-    assert r.status_code == 303, r.text
-    assert r.headers["location"] == back
-    page = service.client.get(back)
-    assert page.status_code == 200
-    return html.unescape(page.text)
-
-
 def _group(page: str, key: str) -> str:
     """The gallery group ``key`` of the sample page."""
     m = re.search(rf'<section class="group[^"]*" data-group="{key}">(.*?)</section>', page, re.S)
@@ -245,7 +236,7 @@ def test_a_crop_is_rejected_and_restored_through_the_gallery_forms(service: Serv
     assert "Not a countable cell" in panel and "Not a white cell" not in panel
 
     r = c.post(f"{back}/cells/{bad}/reject", data={"csrf_token": csrf}, follow_redirects=False)
-    page = _flashed(service, r, back)
+    page = flashed(service, r, back)
     assert f"cell {bad} rejected as {CROP_REASON}; it is not counted" in page
     assert "not a white cell" not in page
     rejected = _group(page, "rejected")
@@ -266,7 +257,7 @@ def test_a_crop_is_rejected_and_restored_through_the_gallery_forms(service: Serv
     assert 'class="cls"' not in panel  # no class buttons until it is restored
 
     r = c.post(f"{back}/cells/{bad}/restore", data={"csrf_token": csrf}, follow_redirects=False)
-    page = _flashed(service, r, back)
+    page = flashed(service, r, back)
     assert f"cell {bad} restored; it counts again" in page
     assert f'data-id="{bad}"' in _group(page, "HAC")
     assert _summary(service, sid)["totals"]["model"] == 2
@@ -281,7 +272,7 @@ def test_a_crop_is_rejected_and_restored_through_the_gallery_forms(service: Serv
     assert r.status_code == 200, r.text
     assert c.post(f"/api/samples/{sid}/signoff", headers=sig).status_code == 200
     r = c.post(f"{back}/cells/{bad}/reject", data={"csrf_token": csrf}, follow_redirects=False)
-    assert "read-only" in _flashed(service, r, back)
+    assert "read-only" in flashed(service, r, back)
     assert not _events(service, sid, "cell.reject")[1:]
     panel = c.get(f"/samples/{sid}/cells/{bad}/panel").text
     assert "/reject" not in panel and "/restore" not in panel
