@@ -36,7 +36,7 @@ from marrowscope.reports.detect_files import (
     write_overlay,
 )
 from marrowscope.utils.image import ImageReadError, read_image
-from marrowscope.utils.io import atomic_write_json, atomic_write_text
+from marrowscope.utils.io import atomic_write_json, atomic_write_text, staging_folder
 
 __all__ = ["CELLS_DIR", "COUNT_MODES", "CellCall", "CountResult", "write_count_outputs"]
 
@@ -282,10 +282,8 @@ class _Pictures:
                 f"{self.final} exists and was not written by 'marrowscope count'; choose another "
                 "--out folder (the report keeps its pictures in DIR/cells)"
             )
-        for stale in out_dir.glob(f".{CELLS_DIR}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.tmp = out_dir / f".{CELLS_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir(parents=True)
+        # beside cells/; a crashed run's staging folder is removed, a running one's is not
+        self.tmp = staging_folder(self.final)
         (self.tmp / _MARKER).write_text("pictures of a marrowscope count report\n")
         self.n = 0
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from marrowscope.metrics.counting import CountError, Evidence, tally
 from marrowscope.reports.count_files import CellCall, CountResult, write_count_outputs
+from marrowscope.utils.io import staging_folder
 
 CLASSES = ("BLA", "HAC", "LYT")
 
@@ -124,6 +125,12 @@ def test_rerun_replaces_cells_and_bad_folders_are_refused(tmp_path: Path) -> Non
     write_count_outputs(res, out, gallery=0)
     after = len(list((out / "cells").rglob("*.jpg")))
     assert (before, after) == (8, 2) and not list(out.glob(".cells*"))
+    # a crashed run's staging folder is removed; a running one's (this process here) is not
+    (out / ".cells.tmp-0badf00d").mkdir()
+    running = staging_folder(out / "cells")
+    write_count_outputs(res, out, gallery=1)
+    assert list(out.glob(".cells*")) == [running]
+    running.rmdir()
     (tmp_path / "other" / "cells").mkdir(parents=True)
     with pytest.raises(CountError, match="was not written by 'marrowscope count'"):
         write_count_outputs(res, tmp_path / "other")
