@@ -227,7 +227,7 @@ def _int8_predictor(
     64 of) the benchmark's images; a string when OpenVINO is missing."""
     try:
         pred = Predictor.from_checkpoint(target, backend="int8", tta="none")
-        report.int8 = {"export": str(pred.int8_path_.parent), **(pred.bundle_metadata_.int8 or {})}
+        report.int8 = {"export": str(pred.int8_export_), **(pred.bundle_metadata_.int8 or {})}
         report.int8.pop("calibration", None)  # the file list is long; the export keeps it
         return pred
     except RuntimeMissingError as e:

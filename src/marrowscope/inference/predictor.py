@@ -652,9 +652,9 @@ class Predictor:
             raise PredictorError(
                 "the int8 backend runs the int8 model as exported; use precision='auto'"
             )
-        folder, bundle, name = self._int8_folder(path)
+        export, bundle, name = self._int8_folder(path)
         # every file from one version of the export (an export running now may replace it)
-        folder = current_version(folder)
+        folder = current_version(export)
         meta_file = folder / METADATA_NAME
         try:
             meta = BundleMetadata.read(meta_file)
@@ -697,7 +697,8 @@ class Predictor:
         self._model = None
         self.device_ = torch.device("cpu")
         self.precision_ = Precision(dtype=None, channels_last=False)
-        self.int8_path_ = folder / INT8_BIN
+        self.int8_path_ = folder / INT8_BIN  # in the version loaded (what Ray ships)
+        self.int8_export_ = export  # the export folder, as users name it
         self._setup_recheck(meta, folder, path)
 
     def _setup_recheck(self, meta: BundleMetadata, folder: Path, path: Any) -> None:

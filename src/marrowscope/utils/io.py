@@ -114,6 +114,9 @@ def _finish_files(folder: Path) -> None:
 STALE_AFTER_S = 24 * 3600.0
 """A temporary folder or link whose writer cannot be checked (another machine) is removed only
 once it has not changed for this long."""
+DEAD_WRITER_AFTER_S = 3600.0
+"""A temporary folder or link of an ended process of this machine is removed once it has not
+changed for this long."""
 
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 """This machine, as it appears in the names of temporary folders and links."""
@@ -140,19 +143,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(path: Path) -> bool:
-    """True when the temporary folder or link ``path`` is left over: its process (on this
-    machine) has ended, its name records no owner (an older marrowscope's, removed as before),
-    or it is on another machine's name and unchanged for :data:`STALE_AFTER_S`."""
+    """True when the temporary folder or link ``path`` is left over: its name records no owner
+    (an older marrowscope's, removed as before); it is unchanged for :data:`STALE_AFTER_S`
+    (another machine's, a process id used again, or where liveness cannot be checked); or its
+    process on this machine has ended and it is unchanged for :data:`DEAD_WRITER_AFTER_S` (a
+    host name is not unique to one process namespace: containers may share one, so a process
+    id alone is not trusted with a writer that is still running)."""
     m = _OWNER.search(path.name)
     if m is None:
         return True
-    if m[1] == _HOST:
-        return not _pid_alive(int(m[2]))
     try:
         age = time.time() - path.lstat().st_mtime
     except OSError:
         return False
-    return age > STALE_AFTER_S
+    if age > STALE_AFTER_S:
+        return True
+    return m[1] == _HOST and age > DEAD_WRITER_AFTER_S and not _pid_alive(int(m[2]))
 
 
 def _remove_stale(folder: Path, pattern: str) -> None:
@@ -316,10 +322,16 @@ def _publish(directory: Path, staging: Path) -> None:
     if previous is not None:  # (about) the time it is replaced: kept SUPERSEDED_GRACE_S longer
         with contextlib.suppress(OSError):
             os.utime(directory / previous, (now, now))
+    link = directory / VERSION_LINK
+    if link.is_dir() and not link.is_symlink():
+        # a copy that followed the links (cp -L, scp -r, copytree): its .current is a plain
+        # folder, which no link can be renamed over; the files beside it are a full copy
+        shutil.rmtree(link)
     try:
-        _replace_link(directory / VERSION_LINK, name)
+        _replace_link(link, name)
     except BaseException:
-        shutil.rmtree(version, ignore_errors=True)
+        if _version_name(directory) != name:  # interrupted after the rename: it is current
+            shutil.rmtree(version, ignore_errors=True)
         raise
     _fsync_dir(directory)
     _update_entry_links(directory, sorted(p.name for p in version.iterdir()))
@@ -334,6 +346,11 @@ def _update_entry_links(directory: Path, names: list[str]) -> None:
     for entry in names:
         path = directory / entry
         target = f"{VERSION_LINK}/{entry}"
+        if not os.path.lexists(current / entry):
+            # another writer's version is current now and has no such entry: no link to it
+            if path.is_symlink():
+                path.unlink(missing_ok=True)
+            continue
         if path.is_symlink() and os.readlink(path) == target:
             continue
         if path.is_dir() and not path.is_symlink():
@@ -356,12 +373,14 @@ def _remove_superseded(directory: Path) -> None:
     for path in directory.glob(f"{glob.escape(VERSION_PREFIX)}*"):
         if path.is_symlink() or not path.is_dir():
             continue
+        # current first, age second: a writer refreshes the age of the version it replaces
+        # before it switches .current, so a version seen as no longer current has its new age
+        if path.name == _version_name(directory):
+            continue
         try:
             if path.stat().st_mtime > cutoff:
                 continue
         except OSError:
-            continue
-        if path.name == _version_name(directory):  # read again just before: it may be new
             continue
         shutil.rmtree(path, ignore_errors=True)
 

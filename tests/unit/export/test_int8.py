@@ -360,6 +360,7 @@ def test_two_exports_at_once_both_succeed_and_predict_reads_one_whole_export(
             results[seed] = _tiny_int8(tiny_bundle, synthetic_tree, seed=seed)
         except BaseException as e:  # noqa: BLE001 - asserted below
             errors.append(e)
+            both_inside.abort()  # the other export stops waiting: fail now, not in 5 minutes
 
     def predict() -> None:
         while not done.is_set():
@@ -369,6 +370,7 @@ def test_two_exports_at_once_both_succeed_and_predict_reads_one_whole_export(
                 assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
                 loaded_from = pred.int8_path_.parent
                 assert BundleMetadata.read(loaded_from / "metadata.json") == pred.bundle_metadata_
+                assert pred.int8_export_ == tiny_bundle / "int8"  # as the user names it
                 assert pred.bundle_metadata_.int8 is not None
                 seeds_loaded.append(pred.bundle_metadata_.int8["calibration"]["seed"])
             except BaseException as e:  # noqa: BLE001

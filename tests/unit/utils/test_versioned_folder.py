@@ -226,20 +226,27 @@ def test_left_over_staging_folders_go_but_not_a_running_writers(tmp_path: Path) 
         text=True,
     )
     host = io_mod._HOST
-    crashed = tmp_path / f".int8.tmp-{host}-{int(dead.stdout)}-0123abcd"  # its process ended
+    pid = int(dead.stdout)
+    # its process ended an hour ago: gone; just now: kept for an hour (a host name can be shared
+    # by containers, each with its own process ids, so a dead-looking id may be someone else's)
+    crashed = tmp_path / f".int8.tmp-{host}-{pid}-0123abcd"
+    crashed_now = tmp_path / f".int8.tmp-{host}-{pid}-4567abcd"
     older = tmp_path / ".int8.tmp-0123abcd"  # an older marrowscope's: no owner recorded
     running = tmp_path / f".int8.tmp-{host}-{os.getppid()}-89abcdef"  # a live process
+    reused = tmp_path / f".int8.tmp-{host}-{os.getppid()}-fedcba98"  # live id, a day unchanged
     remote = tmp_path / ".int8.tmp-ffffffff-1-89abcdef"  # another machine's, recent
     remote_old = tmp_path / ".int8.tmp-eeeeeeee-1-89abcdef"  # another machine's, a day old
-    for p in (crashed, older, running, remote, remote_old):
+    for p in (crashed, crashed_now, older, running, reused, remote, remote_old):
         p.mkdir()
         (p / "model.bin").write_text("x")
     day_ago = time.time() - io_mod.STALE_AFTER_S - 60
-    os.utime(remote_old, (day_ago, day_ago))
+    hour_ago = time.time() - io_mod.DEAD_WRITER_AFTER_S - 60
+    for p, when in ((remote_old, day_ago), (reused, day_ago), (crashed, hour_ago)):
+        os.utime(p, (when, when))
     tmp = staging_folder(out)
     assert tmp.parent == tmp_path and tmp.name.startswith(f".int8.tmp-{host}-{os.getpid()}-")
     left = {p.name for p in tmp_path.iterdir()}
-    assert left == {tmp.name, running.name, remote.name}
+    assert left == {tmp.name, crashed_now.name, running.name, remote.name}
 
 
 def test_without_symbolic_links_the_folder_is_replaced_whole(
@@ -263,3 +270,58 @@ def test_a_file_in_the_way_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match=r"int8 is a file, not a folder"):
         versioned_folder(tmp_path / "int8", _writer("1"))
     assert not _staging(tmp_path / "int8")
+
+
+def test_a_version_replaced_while_old_versions_are_cleared_stays_for_its_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer C clears old versions while writer B replaces the long-current version A: A was
+    current until a moment ago, so a reader may be loading it; it must stay its grace period."""
+    out = tmp_path / "int8"
+    versioned_folder(out, _writer("A"))
+    a = current_version(out)
+    long_ago = time.time() - io_mod.SUPERSEDED_GRACE_S - 60
+    os.utime(a, (long_ago, long_ago))  # current for a long time
+    staging_b = staging_folder(out)
+    _writer("B")(staging_b)
+    real = io_mod._version_name
+    switched: list[bool] = []
+
+    def b_switches_meanwhile(directory: Path) -> str | None:
+        if not switched:  # B publishes between C's look at A and C's decision
+            switched.append(True)
+            io_mod._publish(out, staging_b)
+        return real(directory)
+
+    monkeypatch.setattr(io_mod, "_version_name", b_switches_meanwhile)
+    io_mod._remove_superseded(out)  # writer C's clean-up
+    assert switched and a.is_dir() and (a / "model.bin").read_text() == "A"
+    assert _read_whole(out) == dict.fromkeys(FILES, "B")
+
+
+def test_a_copy_that_followed_the_links_can_be_exported_into(tmp_path: Path) -> None:
+    """cp -L, scp -r or shutil.copytree turn .current into a plain folder and the links into
+    files: the copy reads as the export it is, and the next export into it works."""
+    import shutil
+
+    out = tmp_path / "int8"
+    versioned_folder(out, _writer("1"))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)  # follows the links
+    assert (copy / VERSION_LINK).is_dir() and not (copy / VERSION_LINK).is_symlink()
+    assert _read_whole(copy) == dict.fromkeys(FILES, "1")
+    versioned_folder(copy, _writer("2"))
+    assert (copy / VERSION_LINK).is_symlink() and _read_whole(copy) == dict.fromkeys(FILES, "2")
+    assert all((copy / n).is_symlink() for n in FILES)
+
+
+def test_a_slower_writer_leaves_no_link_to_a_file_the_current_version_lacks(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "int8"
+    versioned_folder(out, _writer("B", (*FILES, "model_fp32.xml")))
+    versioned_folder(out, _writer("C"))  # current now, without model_fp32.xml
+    # B's writer, slower, only now brings the links up to date for its own entries
+    io_mod._update_entry_links(out, sorted((*FILES, "model_fp32.xml")))
+    assert not os.path.lexists(out / "model_fp32.xml")
+    assert _read_whole(out) == dict.fromkeys(FILES, "C")
