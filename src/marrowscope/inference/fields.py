@@ -44,6 +44,7 @@ from marrowscope.models.detector import (
     load_detector,
     pretrained_detector,
     read_detector_metadata,
+    shipped_detector_name,
     to_input,
 )
 from marrowscope.preprocess.fields import (
@@ -336,6 +337,9 @@ class FieldDetector:
         folder = Path(folder)
         if not folder.is_dir():
             raise BundleError(f"{folder}: no such detector folder")
+        shipped = shipped_detector_name(folder) if _name is None else None
+        if shipped is not None:  # the package's own folder: checked as loading it by name is
+            folder, _name = pretrained_detector(shipped), shipped
         meta = read_detector_metadata(folder)
         self._setup(meta, _name or str(folder))
         if self.backend == "onnx":

@@ -45,6 +45,7 @@ from marrowscope.utils.boxes import nms
 from marrowscope.utils.io import atomic_write, atomic_write_bytes, atomic_write_json
 
 __all__ = [
+    "shipped_detector_name",
     "DETECTORS_INDEX",
     "DETECTOR_FORMAT",
     "CellDetector",
@@ -57,6 +58,7 @@ __all__ = [
     "pad_to_stride",
     "pretrained_detector",
     "save_detector",
+    "shipped_detector_name",
 ]
 
 DETECTOR_FORMAT = 2
@@ -490,3 +492,15 @@ def pretrained_detector(name: str) -> Path:
     folder = PRETRAINED_DIR / name
     verify_shipped_files(folder, index[name]["files"], "detector")
     return folder
+
+
+def shipped_detector_name(folder: str | Path) -> str | None:
+    """The name of the shipped detector whose own folder in the package ``folder`` is (by any
+    path to it: relative, through a symbolic link), else ``None``."""
+    try:
+        real = Path(folder).expanduser().resolve()
+        if real.parent != PRETRAINED_DIR.resolve():
+            return None
+    except OSError:  # pragma: no cover - an unresolvable path is no shipped folder
+        return None
+    return real.name if real.name in detector_index() else None

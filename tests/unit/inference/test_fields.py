@@ -217,3 +217,18 @@ def test_unknown_or_altered_detectors_are_refused(
     monkeypatch.setattr(detector_mod, "PRETRAINED_DIR", copy)
     with pytest.raises(BundleError, match=r"sha256 .* does not match"):
         FieldDetector.from_pretrained("wbc1")
+    # by its folder in the package too, by any path to it (--detector PATH)
+    link = tmp_path / "my-detector"
+    link.symlink_to(copy / "wbc1", target_is_directory=True)
+    for path in (copy / "wbc1", link):
+        with pytest.raises(BundleError, match=r"sha256 .* does not match"):
+            FieldDetector.load(path)
+    # the package's own folder, intact, is the shipped detector and is named so
+    with (copy / "wbc1" / "model.onnx").open("r+b") as f:
+        f.truncate((copy / "wbc1" / "model.onnx").stat().st_size - 1)
+    assert FieldDetector.load(link).name_ == "wbc1"
+    # a copy elsewhere is the user's own detector folder, loaded as it is (no index entry)
+    mine = tmp_path / "mine"
+    shutil.copytree(copy / "wbc1", mine)
+    (mine / "note.txt").write_text("my own copy")
+    assert FieldDetector.load(mine).name_ == str(mine)
