@@ -31,6 +31,19 @@ def test_help_and_module_entry_point() -> None:
         assert cmd in res.stdout
 
 
+@pytest.mark.parametrize(
+    ("command", "extras"),
+    [("predict", ["marrowscope[ray]", "marrowscope[int8]"]), ("serve", ["marrowscope[int8]"])],
+)
+def test_help_shows_the_install_extras_in_brackets(command: str, extras: list[str]) -> None:
+    """Rich markup would take ``[ray]`` for a style tag and print ``pip install 'marrowscope'``."""
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.replace("│", " ").split())
+    for extra in extras:
+        assert extra in text
+
+
 def test_data_scan_reports_counts_and_unreadable(synthetic_tree: Path, tmp_path: Path) -> None:
     (synthetic_tree / "CCC" / "empty.png").write_bytes(b"")
     (synthetic_tree / "notes.txt").write_text("ignored")

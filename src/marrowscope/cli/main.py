@@ -65,7 +65,7 @@ Backend = Annotated[
     str,
     typer.Option(
         help="torch, onnx (needs `marrowscope export CK`) or int8 (OpenVINO; needs "
-        "`marrowscope export CK --format int8` and marrowscope[int8]).",
+        "`marrowscope export CK --format int8` and marrowscope\\[int8]).",
     ),
 ]
 BACKEND_NAMES = ("torch", "onnx", "int8", "openvino")
@@ -1130,7 +1130,7 @@ def predict(
         str,
         typer.Option(
             help="local (this machine's processes) or ray (Ray Data tasks + an actor pool on a "
-            "Ray cluster; pip install 'marrowscope[ray]'; docs/scale-out.md)."
+            "Ray cluster; pip install 'marrowscope\\[ray]'; docs/scale-out.md)."
         ),
     ] = "local",
     address: Annotated[

@@ -82,7 +82,7 @@ def serve(
         str,
         typer.Option(
             help="torch, onnx (after `marrowscope export CK`) or int8 (after `marrowscope "
-            "export CK --format int8`; needs marrowscope[int8]). Grad-CAM needs torch."
+            "export CK --format int8`; needs marrowscope\\[int8]). Grad-CAM needs torch."
         ),
     ] = "torch",
     threshold: Annotated[
