@@ -22,7 +22,7 @@ declare -A VARIANTS=(
   [bm8_20ep]="--set train.epochs=20 --refit"
 )
 # run on 2026-11-29: default, then prog160_13ep and frac25 (the next session), see docs/accuracy.md
-# and bm8_20ep (2026-11-30/12-01, the shipped bm8 since then)
+# and bm8_20ep (started 2026-11-30; its refit is to be packed as the shipped bm8 once finished)
 ORDER=(default prog160_13ep frac25)
 [ $# -gt 0 ] && ORDER=("$@")
 for v in "${ORDER[@]}"; do

@@ -14,7 +14,7 @@ opens the report. Writes:
     docs/images/review_cell.png      one cell opened large: Grad-CAM and top-3 probabilities
     docs/images/review_report.png    the signed report
 
-Usage (after ``make demo``; ~2 min on 2 cores):
+Usage (after ``make demo-train``, whose run gives the default checkpoint; ~2 min on 2 cores):
     .venv/bin/python scripts/review_screenshots.py
     .venv/bin/python scripts/review_screenshots.py --checkpoint RUN/best --out docs/images
 
