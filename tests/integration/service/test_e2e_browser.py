@@ -397,7 +397,8 @@ def test_keys_leave_buttons_alone_and_skip_rejected_cells_in_the_browser(  # typ
     """Enter on the panel's focused *Not a countable cell* button presses it (it used to confirm
     the open cell instead); a rejected crop cannot be selected (Space, Ctrl-click); confirming
     with Enter moves on to the next unreviewed cell past the rejected one; and Enter after a
-    click on *Select all* still confirms the selection (the button hands the focus back)."""
+    click on *Select all* still confirms the selection (the button hands the focus back), as a
+    class key does after boxes ticked with the mouse."""
     from playwright.sync_api import expect
 
     data = tmp_path / "data"
@@ -456,3 +457,17 @@ def test_keys_leave_buttons_alone_and_skip_rejected_cells_in_the_browser(  # typ
         "Every cell is reviewed: the sample can be signed off."
     )
     expect(page.locator("#tot-reviewed")).to_have_text("3")
+
+    # --- boxes ticked with the mouse, then a class key re-classifies them -----------------------
+    keys = json.loads(page.locator("body").get_attribute("data-keys") or "{}")
+    lyt_key = next(k for k, c in keys.items() if c == "LYT")
+    for cell_id in counted[:2]:
+        hac.locator(f".cell[data-id='{cell_id}'] input[type=checkbox]").click()
+    expect(page.locator(".cell.selected")).to_have_count(2)
+    page.keyboard.press(lyt_key)
+    lyt = _group(page, "LYT")
+    for cell_id in counted[:2]:
+        expect(lyt.locator(f".cell[data-id='{cell_id}']")).to_have_class(
+            re.compile(r"\breviewed\b")
+        )
+    expect(page.locator(".cell.selected")).to_have_count(0)

@@ -248,7 +248,11 @@
     if (ev.target.closest("a")) return; // links (a cell's field) work as usual
     const tile = ev.target.closest(".cell");
     if (tile) {
-      if (ev.target.matches("input[type=checkbox]")) { toggle(tile, ev.target.checked); return; }
+      if (ev.target.matches("input[type=checkbox]")) {
+        toggle(tile, ev.target.checked);
+        backToGallery(ev.target); // a ticked box keeps no focus: class keys and Enter act next
+        return;
+      }
       ev.preventDefault();
       if (ev.ctrlKey || ev.metaKey || ev.shiftKey) toggle(tile);
       else setFocus(tile, true);
