@@ -110,8 +110,9 @@ def build_manifest(
         if n < min_per_class:
             raise DataError(
                 f"class {name} has only {n} usable image(s), fewer than min_per_class="
-                f"{min_per_class}; lower it with --min-per-class {n} / data.min_per_class, or drop "
-                "the class from --classes / data.classes"
+                f"{min_per_class}; lower it (train, cv: --set data.min_per_class={n}; data "
+                f"manifest: --min-per-class {n}), or drop the class (--set data.classes=[...] / "
+                "--classes)"
             )
         picked = [Path(os.path.abspath(p)) for p in files]
         if max_per_class is not None and n > max_per_class:

@@ -27,7 +27,8 @@ from marrowscope.data import DataError
 from marrowscope.data.manifest import SPLIT_NAMES, ManifestRow, class_rng
 
 _FIX = (
-    "raise --min-per-class / data.min_per_class (or drop the class), or lower data.split.val/test"
+    "raise data.min_per_class (train, cv: --set data.min_per_class=N; data manifest: "
+    "--min-per-class N) or drop the class, or lower data.split.val/test"
 )
 
 

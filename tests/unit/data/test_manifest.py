@@ -88,7 +88,8 @@ def test_too_few_images_names_class_count_and_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         build_manifest(scan, classes=None, max_per_class=None, min_per_class=10, seed=0)
     msg = str(info.value)
-    assert "NGB" in msg and "only 1 usable" in msg and "--min-per-class" in msg
+    assert "NGB" in msg and "only 1 usable" in msg and "--min-per-class 1" in msg
+    assert "--set data.min_per_class=1" in msg  # the form train and cv take
 
 
 def test_write_then_read_round_trips(tmp_path: Path) -> None:
