@@ -252,7 +252,7 @@ def _flag(
         return HacFlag(
             status=NOT_AVAILABLE,
             message=(
-                f"Not available: the model has no {hac_class} class (its classes: "
+                f"The model has no {hac_class} class (its classes: "
                 f"{', '.join(classes)}), so it cannot flag hairy cells. Use a model trained with "
                 f"the {hac_class} class."
             ),

@@ -66,7 +66,7 @@ def test_hac_class_is_found_case_insensitively_or_not_available() -> None:
     assert lower.flag.hac_class == "hac" and lower.flag.flagged
     none = tally(["BLA"], ["BLA", "LYT"])
     assert none.flag.status == NOT_AVAILABLE and none.flag.hac_class is None
-    assert none.flag.message.startswith("Not available: the model has no HAC class")
+    assert none.flag.message.startswith("The model has no HAC class")
     # Two case-insensitive matches are ambiguous: no guess.
     assert tally([], ["Hac", "hAC"]).flag.status == NOT_AVAILABLE
     assert tally([], ["BLA", "HAIRY"], hac_class="hairy").flag.hac_class == "HAIRY"

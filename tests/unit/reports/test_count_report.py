@@ -199,7 +199,7 @@ def test_file_names_are_escaped() -> None:
 def test_not_flagged_and_not_available_states() -> None:
     clear = " ".join(_parse(render_count_report(_data("not flagged"))).text)
     assert "Hairy-cell flag: not flagged" in clear and "FLAGGED" not in clear
-    msg = "Not available: the model has no HAC class (its classes: BLA, LYT)."
+    msg = "The model has no HAC class (its classes: BLA, LYT)."
     data = _data("not available")
     data["flag"]["message"] = msg
     na = " ".join(" ".join(_parse(render_count_report(data)).text).split())
