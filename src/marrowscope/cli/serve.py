@@ -132,17 +132,32 @@ def serve(
             checkpoint, device=device, backend=backend, batch_size=batch_size
         )
         app = create_app(settings, predictor=predictor)
+        model = predictor.model_name_
+        if model != predictor.arch:
+            model = f"{model}, {predictor.arch}"
         console.print(
-            f"marrowscope review on http://{host}:{port}  (model {predictor.arch}, classes "
+            f"marrowscope review on http://{host}:{port}  (model {model}; classes "
             f"{', '.join(predictor.classes_)}; data in {Path(data_dir).resolve()})"
         )
-        console.print(
-            "first time? create an account: marrowscope users create NAME --role admin "
-            f"--data-dir {data_dir}"
-        )
+        if not _has_users(data_dir, database_url):
+            store = "--database-url (the same)" if database_url else f"--data-dir {data_dir}"
+            console.print(
+                "no account yet: create the first one with marrowscope users create NAME "
+                f"--role admin {store}"
+            )
         uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
 
     _run(body)
+
+
+def _has_users(data_dir: Path, database_url: str | None) -> bool:
+    """Whether the review app's database holds any account (else serve says how to make one)."""
+    from sqlalchemy import func, select
+
+    from marrowscope.service.models import User
+
+    with _database(data_dir, database_url) as db, db.read() as s:
+        return bool(s.scalar(select(func.count(User.id))))
 
 
 @contextlib.contextmanager
