@@ -2,7 +2,10 @@
 
 Config is data: no executable expressions. A YAML file maps onto :class:`ExperimentConfig`;
 unknown keys are an error that names the key and the section, so a typo never silently falls
-back to a default. ``--set a.b=value`` overrides are parsed with YAML scalar rules.
+back to a default; so is a key written twice in one mapping. ``--set a.b=value`` overrides are
+parsed with YAML rules; a mapping value is merged into the section it names
+(``--set 'train={lr: 0.5}'`` changes ``train.lr`` only), and an error in a value given with
+``--set`` says so (``from --set train.epochs=abc``) rather than blaming the file.
 
 Every value is checked when the config is loaded (pydantic v2 validates the plain dataclasses
 below through a ``TypeAdapter``): its type, its allowed range (the ``Annotated`` bounds on each
@@ -96,6 +99,9 @@ Fraction = Annotated[Float, Interval(ge=0, lt=1)]
 """A share in [0, 1) (dropout rates, split fractions)."""
 
 OddWindow = Annotated[Int, AfterValidator(_odd_window)]
+
+SEED_MAX = 2**32 - 1
+"""The largest experiment seed (numpy's ``np.random.seed`` range; torch takes it times 1000)."""
 
 _CHECKED = ConfigDict(extra="forbid")  # an unknown key is an error
 
@@ -337,7 +343,8 @@ class ExperimentConfig:
     """One experiment: data, preprocessing, augmentation, model, recipe, comparison."""
 
     name: Str = "experiment"
-    seed: Int = 42
+    seed: Annotated[Int, Interval(ge=0, le=SEED_MAX)] = 42
+    """Seeds Python, numpy and torch; in [0, 2**32 - 1] (numpy's legacy seeding takes no more)."""
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -465,7 +472,7 @@ def _metadata(tp: Any) -> tuple[Any, ...]:
 
 
 def _num(x: Any) -> str:
-    return f"{x:g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def _show(value: Any) -> str:
@@ -501,6 +508,17 @@ def _hint(tp: Any) -> str:
     return f" ({'; '.join(texts)})" if texts else ""
 
 
+def _none_hint(tp: Any, value: Any) -> str:
+    """``--set train.grad_clip=None`` reads the string ``'None'``: YAML spells no value ``null``."""
+    if not (isinstance(value, str) and value.strip().lower() in ("none", "nil")):
+        return ""
+    if type(None) not in typing.get_args(tp):  # the field takes no null either
+        return ""
+    texts = [f"for no value write null, not {value}"]
+    texts += [m.text for m in _metadata(tp) if isinstance(m, _Hint)]
+    return f" ({'; '.join(texts)})"
+
+
 def _dotted(prefix: str, loc: tuple[int | str, ...]) -> str:
     key = prefix
     for part in loc:
@@ -509,6 +527,20 @@ def _dotted(prefix: str, loc: tuple[int | str, ...]) -> str:
         else:
             key = f"{key}.{part}" if key else str(part)
     return key or "config"
+
+
+def _located_message(root: type, error: Any) -> tuple[tuple[int | str, ...] | None, str]:
+    """One pydantic error as ``(where, sentence)``: the sentence names the dotted key, the value
+    and what is allowed; ``where`` is the key's place below ``root`` (``None`` for a rule between
+    fields, which names its own keys)."""
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    if error["type"] == "value_error" and isinstance(
+        (error.get("ctx") or {}).get("error"), ConfigError
+    ):
+        return None, _message(root, error)
+    if error["type"] == "missing" and loc and isinstance(loc[-1], int):
+        return loc[:-1], _message(root, error)
+    return loc, _message(root, error)
 
 
 def _message(root: type, error: Any) -> str:
@@ -543,20 +575,39 @@ def _message(root: type, error: Any) -> str:
     if kind == "value_error":
         return f"{key}: {ctx.get('error', error['msg'])}, got {_show(value)}"
     text = _TYPE_ERRORS.get(kind, str(error["msg"]).lower())
-    return f"{key}: {text}, got {_show(value)}"
+    return f"{key}: {text}, got {_show(value)}{_none_hint(tp, value)}"
 
 
-def _check(cls: type, data: Any) -> Any:
-    """Validate ``data`` (a nested dict) as ``cls``; every problem becomes one ConfigError."""
+_Origin = typing.Callable[[tuple[int | str, ...]], str | None]
+"""Where the value at a config location came from, as a note for the message (``None``: the
+file or the defaults)."""
+
+
+def _check(cls: type, data: Any, origin: _Origin | None = None, source: str = "") -> Any:
+    """Validate ``data`` (a nested dict) as ``cls``; every problem becomes one ConfigError.
+
+    ``origin`` (for :class:`ExperimentConfig`) notes where a bad value came from (``--set``);
+    ``source`` (`` in FILE``) ends the message when a problem is not explained by ``origin``.
+    """
     try:
         return _adapter(cls).validate_python(data)
     except ValidationError as e:
         errors = sorted(e.errors(), key=lambda err: err["type"] != "unexpected_keyword_argument")
-        messages = list(dict.fromkeys(_message(cls, err) for err in errors))
+        messages: list[str] = []
+        unexplained = False
+        for err in errors:
+            where, message = _located_message(cls, err)
+            note = origin(where) if origin is not None and where is not None else None
+            if note is None:
+                unexplained = True
+            else:
+                message += f" ({note})"
+            messages.append(message)
+        messages = list(dict.fromkeys(messages))
         text = messages[0]
         if len(messages) > 1:
             text += f" (also: {'; '.join(messages[1:4])}{'; ...' if len(messages) > 4 else ''})"
-        raise ConfigError(text) from None
+        raise ConfigError(text + (source if unexplained else "")) from None
 
 
 def validate(cfg: Any) -> None:
@@ -585,8 +636,54 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+class _DuplicateKeyError(Exception):
+    """A mapping names a key twice (raised by :class:`_StrictLoader`, worded by its caller)."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(key, first_line, line)
+        self.key, self.first_line, self.line = key, first_line, line
+
+    def describe(self, *, lines: bool = True) -> str:
+        where = f" (lines {self.first_line} and {self.line})" if lines else ""
+        return (
+            f"key {_show(self.key)} appears twice in one mapping{where}; YAML would silently "
+            "keep only the last one, so merge them into one"
+        )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping.
+
+    Plain YAML keeps the last of two equal keys and drops the first without a word (a second
+    ``train:`` block replaces the whole first one). Keys brought in by a ``<<: *anchor`` merge
+    may still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKeyError(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`_StrictLoader` (raises ``_DuplicateKeyError``, YAMLError)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value`` (value read with YAML scalar rules)."""
+    """Parse ``a.b.c=value`` (value read with YAML rules)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. train.epochs=3)")
     key, raw = text.split("=", 1)
@@ -594,14 +691,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"override {text!r}: {e.describe(lines=False)}") from None
     return keys, value
 
 
+def _merge(dst: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``dst[key] = value``, merging a non-empty mapping into the mapping already there key
+    by key (recursively), so ``train={lr: 0.5}`` keeps the other ``train`` keys; a scalar, a
+    list or an empty mapping ``{}`` (to clear one) replaces what was there."""
+    old = dst.get(key)
+    if isinstance(value, dict) and value and isinstance(old, dict):
+        for k, v in value.items():
+            _merge(old, k, v)
+    else:
+        dst[key] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a deep copy of ``data`` with ``key.sub=value`` overrides applied."""
+    """Return a deep copy of ``data`` with ``key.sub=value`` overrides applied.
+
+    A mapping value is merged into the mapping at ``key.sub`` (recursively): ``train={lr: 0.5}``
+    sets ``train.lr`` and keeps the other ``train`` keys. A scalar or a list replaces the value;
+    ``key={}`` clears a mapping (e.g. ``compare.model_overrides={}``).
+    """
     import copy
 
     out = copy.deepcopy(data or {})
@@ -616,8 +732,50 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
             node = nxt
-        node[keys[-1]] = value
+        _merge(node, keys[-1], copy.deepcopy(value))
     return out
+
+
+def _provides(keys: list[str], value: Any, loc: tuple[int | str, ...]) -> bool:
+    """Whether the override ``keys=value`` set the config value at ``loc``: ``loc`` is ``keys``
+    or lies inside ``value`` (a mapping value is merged, so only its own keys count)."""
+    if tuple(keys) != loc[: len(keys)]:
+        return False
+    node = value
+    for part in loc[len(keys) :]:
+        if isinstance(node, dict):
+            if part not in node:
+                return False
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:  # a scalar in place of a section or list: it replaced everything below
+            return True
+    return True
+
+
+def _read_config_file(p: Path) -> dict[str, Any]:
+    """The mapping in the YAML file ``p`` (UTF-8, no key twice in one mapping)."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+            f"(line {line}); save it as UTF-8"
+        ) from None
+    try:
+        data = _load_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"config file {p}: {e.describe()}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
 
 
 def load_config(
@@ -626,29 +784,24 @@ def load_config(
     """Load a YAML experiment config and apply ``--set`` overrides.
 
     Args:
-        path: YAML file, or ``None`` for the defaults.
+        path: YAML file (UTF-8), or ``None`` for the defaults.
         overrides: ``key.sub=value`` strings.
 
     Raises:
-        ConfigError: the file is missing, not YAML, or has an unknown key / wrong type.
+        ConfigError: the file is missing, not UTF-8, not YAML or names a key twice, or a value
+            (from the file or from an override, which the message says) is wrong.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    data = _read_config_file(Path(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides))
-    try:
-        return from_dict(data)
-    except ConfigError as e:
-        where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"{e}{where}") from None
+    parsed = [(text, *parse_override(text)) for text in overrides]
+
+    def origin(loc: tuple[int | str, ...]) -> str | None:
+        for text, keys, value in reversed(parsed):  # the last override of a key wins
+            if _provides(keys, value, loc):
+                return f"from --set {text}"
+        return None
+
+    return _check(ExperimentConfig, data, origin, f" in {path}" if path is not None else "")
 
 
 def replace(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ...]) -> ExperimentConfig:

@@ -117,3 +117,83 @@ def test_every_compared_model_of_a_shipped_config_gets_valid_optimizer_groups(na
         t = mc.train
         groups = model.param_groups(t.lr, t.backbone_lr_scale, t.weight_decay, t.layer_decay)
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ overrides merge, strict files
+
+TINY = (
+    "model: {name: paper_cnn, pretrained: false}\n"
+    "preprocess: {size: 32}\n"
+    "train: {epochs: 1, batch_size: 8, device: cpu}\n"
+    "data: {min_per_class: 2, split: {val: 0.2, test: 0.25}}\n"
+    "inference: {calibrate: false}\n"
+    "compare: {model_overrides: {paper_cnn: {train.lr: 0.01}}}\n"
+)
+
+
+def test_a_mapping_override_merges_into_the_section(tmp_path: Path) -> None:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY)
+    cfg = load_config(p, ["train={lr: 0.5}", "data={split: {val: 0.3}}"])
+    assert cfg.train.lr == 0.5
+    # the section's other keys keep their YAML values, not the defaults
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.device) == (1, 8, "cpu")
+    assert cfg.data.split.val == pytest.approx(0.3)
+    assert cfg.data.split.test == pytest.approx(0.25) and cfg.data.min_per_class == 2
+    # a scalar or a list still replaces; an empty mapping clears one
+    assert load_config(p, ["augment.zoom=[0.5, 1]"]).augment.zoom == (0.5, 1.0)
+    assert load_config(p, ["compare.model_overrides={}"]).compare.model_overrides == {}
+    merged = load_config(p, ["compare.model_overrides={vgg16: {train.lr: 0.1}}"])
+    assert merged.compare.model_overrides == {
+        "paper_cnn": {"train.lr": 0.01},
+        "vgg16": {"train.lr": 0.1},
+    }
+
+
+def test_a_mapping_override_of_a_built_config_merges_too(tmp_path: Path) -> None:
+    # compare's per-model overrides go through replace() as key=<json value>
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY)
+    cfg = replace(load_config(p), ['train={"lr": 0.5, "epochs": 3}'])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size) == (0.5, 3, 8)
+    assert cfg.train.device == "cpu" and cfg.preprocess.size == 32
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("train: {epochs: 1}\nname: x\ntrain: {batch_size: 8}\n", "'train'", "lines 1 and 3"),
+        ("train:\n  epochs: 1\n  lr: 0.1\n  epochs: 2\n", "'epochs'", "lines 2 and 4"),
+    ],
+)
+def test_a_key_written_twice_is_an_error(tmp_path: Path, text: str, key: str, lines: str) -> None:
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    message = str(info.value)
+    assert str(p) in message and f"key {key} appears twice" in message and lines in message
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  <<: {epochs: 2, batch_size: 4}\n  epochs: 3\n")
+    cfg = load_config(p)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (3, 4)
+
+
+def test_an_override_with_a_key_twice_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"override 'train=\{lr: 1, lr: 2\}': key 'lr' appears"):
+        load_config(None, ["train={lr: 1, lr: 2}"])
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("train: {epochs: 2}\nname: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value) == (
+        f"config file {p} is not UTF-8 text: byte 0xe9 at offset 28 (line 2); save it as UTF-8"
+    )
+    p.write_bytes("\ufeffname: caf\xe9\n".encode())  # UTF-8 with a byte-order mark loads
+    assert load_config(p).name == "caf\xe9"

@@ -92,7 +92,7 @@ def test_out_of_range_names_the_key_the_value_and_the_range(override: str, messa
     ],
 )
 def test_value_not_among_the_choices_lists_them(override: str, message: str) -> None:
-    assert _error([override]) == message
+    assert _error([override]) == f"{message} (from --set {override})"
 
 
 def test_unknown_key_names_it_and_lists_the_valid_keys() -> None:
@@ -100,7 +100,10 @@ def test_unknown_key_names_it_and_lists_the_valid_keys() -> None:
     assert message.startswith("unknown config key train.swa_rate; valid keys here: ")
     assert "swa_lr" in message and "swa_epochs" in message
     nested = _error(["data.split.vall=0.1"])
-    assert nested == "unknown config key data.split.vall; valid keys here: group_column, test, val"
+    assert nested == (
+        "unknown config key data.split.vall; valid keys here: group_column, test, val "
+        "(from --set data.split.vall=0.1)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -285,3 +288,49 @@ def test_fit_checks_a_config_built_in_code_before_any_data_is_read(
     with pytest.raises(ConfigError, match=re.escape("train.swa_lr: must be > 0, got -1.0")):
         fit(bad, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ where a bad value came from
+
+
+def test_a_bad_set_value_is_blamed_on_the_override_not_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "tiny.yaml"
+    p.write_text("train: {epochs: 1, lr: fast}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, ["train.lr=0.1", "train.epochs=abc"])
+    assert str(info.value) == (
+        "train.epochs: expected an integer, got 'abc' (from --set train.epochs=abc)"
+    )
+    # a mapping override is blamed for its own keys only; the file for the rest
+    with pytest.raises(ConfigError) as info:
+        load_config(p, ["train={epochs: 2}"])
+    assert str(info.value) == f"train.lr: expected a number, got 'fast' in {p}"
+    with pytest.raises(ConfigError) as info:
+        load_config(p, ["train.lr=0.1", "train={epochs: x}"])
+    assert (
+        str(info.value)
+        == "train.epochs: expected an integer, got 'x' (from --set train={epochs: x})"
+    )
+    # one error from each: both named
+    with pytest.raises(ConfigError) as info:
+        load_config(p, ["augment.zoom=[x, 1]"])
+    message = str(info.value)
+    assert "augment.zoom[0]: expected a number, got 'x' (from --set augment.zoom=[x, 1])" in message
+    assert "train.lr: expected a number, got 'fast'" in message and message.endswith(f" in {p}")
+
+
+def test_none_for_an_optional_value_suggests_null() -> None:
+    assert _error(["train.grad_clip=None"]) == (
+        "train.grad_clip: expected a number, got 'None' (for no value write null, not None; "
+        "null: no clipping) (from --set train.grad_clip=None)"
+    )
+    # a value that cannot be null gets no such advice
+    assert "null" not in _error(["train.lr=None"])
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "4294967296", "-1"])
+def test_a_seed_out_of_range_names_the_range(seed: str) -> None:
+    assert _error([f"seed={seed}"]) == (
+        f"seed: must be in [0, 4294967295], got {seed} (from --set seed={seed})"
+    )
+    assert load_config(None, ["seed=4294967295"]).seed == 4294967295
