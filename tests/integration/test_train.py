@@ -367,3 +367,119 @@ def test_progressive_resizing_trains_on_smaller_crops(
     assert [int(r["train_size"]) for r in rows] == [32, 40, 48, 48]
     meta = json.loads((tmp_path / "run" / "best" / "metadata.json").read_text())
     assert meta["input_size"] == 48  # the model predicts at the full size
+
+
+def _train_cli(*args: str):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from marrowscope.cli.main import app
+
+    return CliRunner().invoke(app, ["train", *args, "--no-progress"])
+
+
+@pytest.fixture
+def one_epoch_run(synthetic_tree: Path, tmp_path: Path) -> Path:
+    import yaml
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(synthetic_tree, epochs=1)))
+    run = tmp_path / "run"
+    res = _train_cli("--config", str(cfg), "--run-dir", str(run), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    return run
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.ema_decay=0.99", "train.ema_decay"),
+        ("train.swa_epochs=1", "train.swa_epochs"),
+        ("preprocess.size=48", "preprocess.size"),
+        ("model.head_hidden=64", "model.head_hidden"),
+    ],
+)
+def test_incompatible_resume_is_one_error_and_leaves_the_run_untouched(
+    one_epoch_run: Path, override: str, key: str
+) -> None:
+    run = one_epoch_run
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    res = _train_cli("--resume", str(run), "--set", "train.epochs=2", "--set", override)
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output
+    assert f"cannot resume {run}" in res.output and key in res.output
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after == before  # config.yaml, split.csv, metrics.csv, state.pt: byte-identical
+    # what the error advises works: a plain resume goes on from the saved state
+    res = _train_cli("--resume", str(run), "--set", "train.epochs=2")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_resume_with_a_state_that_does_not_fit_the_config_is_one_error(
+    one_epoch_run: Path,
+) -> None:
+    import yaml
+
+    run = one_epoch_run
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["preprocess"]["size"] = 48  # edited by hand: no --set to compare with
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    res = _train_cli("--resume", str(run), "--set", "train.epochs=2")
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert f"its state.pt does not fit the config ({run / 'config.yaml'}" in res.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_resume_takes_device_and_refuses_config_and_run_dir(
+    one_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    run = one_epoch_run
+    for extra in (["--config", str(tmp_path / "tiny.yaml")], ["--run-dir", str(tmp_path / "x")]):
+        res = _train_cli("--resume", str(run), *extra)
+        assert res.exit_code == 2, res.output
+        assert "leave out --config and --run-dir" in res.output
+    assert not (tmp_path / "x").exists()
+
+    seen: list[str] = []
+    real = train_mod.train_one_epoch
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["device"].type)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    # the run was recorded with train.device=cpu; --device is a run-time choice and wins
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["device"] == "cpu"
+    device = "cuda" if torch.cuda.is_available() else "auto"
+    res = _train_cli("--resume", str(run), "--set", "train.epochs=2", "--device", device)
+    assert res.exit_code == 0, res.output
+    assert seen == [torch.device("cuda" if device == "cuda" else "cpu").type]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["device"] == device
+
+
+def test_train_refuses_a_folder_that_is_not_a_run(synthetic_tree: Path, tmp_path: Path) -> None:
+    import yaml
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("# my notes\n")
+    (mine / "summary.json").write_text("{}")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(synthetic_tree, epochs=1)))
+    res = _train_cli("--config", str(cfg), "--run-dir", str(mine))
+    assert res.exit_code == 2, res.output
+    assert f"{mine} is not empty" in res.output and "--run-dir" in res.output
+    assert (mine / "config.yaml").read_text() == "# my notes\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "summary.json"]
+    # an empty folder is fine, and fit() itself (cv/compare folds) keeps writing where told
+    (tmp_path / "empty").mkdir()
+    res = _train_cli("--config", str(cfg), "--run-dir", str(tmp_path / "empty"))
+    assert res.exit_code == 0, res.output
+    fit(from_dict(tiny_config(synthetic_tree, epochs=1)), mine, progress=False)
+    assert (mine / "state.pt").is_file()

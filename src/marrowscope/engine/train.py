@@ -397,16 +397,100 @@ def _read_resume(
         raise FileNotFoundError(
             f"cannot resume: {run_dir} has no config.yaml (is it a marrowscope run folder?)"
         )
+    saved = load_config(run_dir / "config.yaml")
     cfg = load_config(run_dir / "config.yaml", overrides)
     state = None
     state_path = run_dir / "state.pt"
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
+        _check_resumable(run_dir, saved, cfg, state)
     else:
         console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
     split = run_dir / "split.csv"
     rows = read_manifest(split) if split.is_file() else None
     return cfg, state, rows
+
+
+# What the weights, optimizer and averages in state.pt were built for: fixed for the whole run.
+RESUME_FIXED = ("model.name", "model.head_hidden", "preprocess.size", "data.classes")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _changed_keys(saved: ExperimentConfig, cfg: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+    """``key: (saved value, new value)`` for every config value the resume overrides change."""
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    return {
+        k: (old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }
+
+
+def _resume_fix(run_dir: Path, keys: list[str]) -> str:
+    sets = " ".join(f"--set {k}=..." for k in keys)
+    return (
+        f"resume without changing {', '.join(keys)}, or start a new run with them: marrowscope "
+        f"train --config {run_dir / 'config.yaml'} {sets} --run-dir NEW_RUN"
+    )
+
+
+def _check_resumable(
+    run_dir: Path, saved: ExperimentConfig, cfg: ExperimentConfig, state: dict[str, Any]
+) -> None:
+    """Refuse (before anything is read or written) resume overrides that ``state.pt`` cannot
+    follow: another model, input size or class list, or EMA/SWA switched on or off."""
+    changed = _changed_keys(saved, cfg)
+    fixed = {
+        k: f"{k}={changed[k][1]} (the run has {changed[k][0]})"
+        for k in RESUME_FIXED
+        if k in changed
+    }
+    # EMA/SWA: what state.pt holds decides (its config.yaml could have been edited)
+    for key, value, name in (
+        ("train.ema_decay", cfg.train.ema_decay, "EMA"),
+        ("train.swa_epochs", cfg.train.swa_epochs, "SWA"),
+    ):
+        had = state.get(name.lower()) is not None
+        if had != bool(value is not None and value != 0):
+            fixed[key] = (
+                f"{key}={value} (the run was trained {'with' if had else 'without'} {name})"
+            )
+    if not fixed:
+        return
+    what = "; ".join(fixed.values())
+    raise ConfigError(
+        f"cannot resume {run_dir} with {what}: a resumed run keeps its model, input size, "
+        "classes and weight averaging (EMA/SWA on or off) from its first epoch; "
+        + _resume_fix(run_dir, list(fixed))
+    )
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """Refuse a fresh run into a folder that holds someone else's files (a run folder of ours,
+    even one interrupted before its first finished epoch, has ``state.pt`` or ``metrics.csv``)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"--run-dir {run_dir} is a file; choose a folder for the run")
+    names = sorted(p.name for p in run_dir.iterdir())
+    if not names or {"state.pt", "metrics.csv"} & set(names):
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise FileExistsError(
+        f"{run_dir} is not empty ({shown}) and is not a marrowscope run folder (no state.pt or "
+        "metrics.csv): training would overwrite its config.yaml, split.csv and summary.json; "
+        f"choose a new or empty --run-dir, or pass --resume {run_dir} if it is a run that stopped "
+        "before its first epoch"
+    )
 
 
 def _write_run_inputs(
@@ -436,6 +520,7 @@ def fit(
     data: PreparedData | None = None,
     console: Console | None = None,
     progress: bool = True,
+    new_dir_only: bool = False,
 ) -> FitResult:
     """Train ``cfg`` into ``run_dir`` (or continue an interrupted run with ``resume=True``).
 
@@ -451,9 +536,14 @@ def fit(
         data: already prepared data (``compare`` shares one split between models).
         console: where the summary is printed.
         progress: show progress bars.
+        new_dir_only: refuse a ``run_dir`` that already holds files but is not a run folder
+            (the ``train`` command; ``cv`` and ``compare`` manage their own folders).
 
     Raises:
-        ConfigError: a config value or rule is broken (before any data is read).
+        ConfigError: a config value or rule is broken (before any data is read), or a resume
+            override that ``state.pt`` cannot follow (before anything is written).
+        FileExistsError: ``run_dir`` holds a run (without ``resume``), or with
+            ``new_dir_only`` files that are not a run.
     """
     ctx = setup_distributed()
     console = ctx.console(console or Console())
@@ -473,6 +563,8 @@ def fit(
             f"{run_dir} already holds a training run; pass --resume to continue it or choose a new "
             "--run-dir"
         )
+    elif new_dir_only:
+        ctx.main_only(lambda: _check_new_run_dir(run_dir))
     # before any data is read (and before the run folder is made): every config value and rule;
     # from_dict checked them already, this catches a config built in code (dataclasses.replace)
     validate(cfg)
@@ -498,7 +590,6 @@ def fit(
         if rows is None and ctx.distributed:  # one scan and split, the same on every rank
             rows = ctx.main_only(lambda: manifest_rows(cfg, progress=progress))
         data = prepare_data(cfg, rows=rows, progress=progress, ctx=ctx)
-    ctx.main_only(lambda: _write_run_inputs(cfg, data, run_dir, console))
 
     classes = data.classes
     t = cfg.train
@@ -559,23 +650,26 @@ def fit(
     bad_epochs = 0
     elapsed_before = 0.0
     if state is not None:  # on every rank: weights, EMA/SWA, optimizer, scheduler, counters
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            if state.get("ema") is None:
-                raise RuntimeError(
-                    f"cannot resume {run_dir} with train.ema_decay set: the run was started "
-                    "without EMA; resume without changing train.ema_decay"
-                )
-            ema.module.load_state_dict(state["ema"])
-        if swa is not None:
-            if state.get("swa") is None:
-                raise RuntimeError(
-                    f"cannot resume {run_dir} with train.swa_epochs set: the run was started "
-                    "without SWA; resume without changing train.swa_epochs"
-                )
-            swa.load_state_dict(state["swa"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # (_check_resumable refused the known misfits; anything else that does not fit the
+        # state is one clear error too, and the run folder is still untouched)
+        try:
+            model.load_state_dict(state["model"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
+            if swa is not None:
+                swa.load_state_dict(state["swa"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            changed = list(_changed_keys(load_config(run_dir / "config.yaml"), cfg))
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            given = f", with --set {', '.join(changed)}" if changed else ""
+            raise ConfigError(
+                f"cannot resume {run_dir}: its state.pt does not fit the config "
+                f"({run_dir / 'config.yaml'}{given}): {first}; resume with the settings the run "
+                f"was trained with, or start a new run: marrowscope train --config "
+                f"{run_dir / 'config.yaml'} --set ... --run-dir NEW_RUN"
+            ) from e
         history = state["history"]
         start_epoch = state["epoch"] + 1
         best_f1 = state["best_val_macro_f1"]
@@ -583,6 +677,8 @@ def fit(
         bad_epochs = state["bad_epochs"]
         elapsed_before = state.get("train_seconds", 0.0)
         console.print(f"Resuming {run_dir} after epoch {state['epoch']} (best epoch {best_epoch})")
+    # the config and split go into the run folder only now that the saved state has loaded
+    ctx.main_only(lambda: _write_run_inputs(cfg, data, run_dir, console))
 
     processes = (
         f", {ctx.world_size} processes (global batch {t.batch_size})" if ctx.distributed else ""
