@@ -28,7 +28,10 @@ seeds (an ensemble) can be scored on the same folds; ``train_fraction`` trains e
 stratified subset of its training images (a learning curve) while scoring the same folds.
 
 The run is resumable: finished folds are reused, an interrupted fold is resumed after its last
-finished epoch.
+finished epoch. Resuming needs the same recipe, fold count, fold seed and training fraction
+(``OUT/cv_config.json``; the run-time settings in :data:`RUNTIME_KEYS` may change) and the same
+fold assignment: data added, removed or relabelled since ``OUT/folds.csv`` was written is refused,
+as the finished folds would score some images twice and others never.
 
 ``refit`` then trains the recipe once more on every image (scikit-learn's refit): the model to
 use or ship, whose expected accuracy is the cross-validated one, measured on models that saw
@@ -57,6 +60,7 @@ from rich.console import Console
 
 import marrowscope
 from marrowscope.config import ConfigError, ExperimentConfig, to_dict
+from marrowscope.data import DataError
 from marrowscope.data.manifest import ManifestRow, require_utf8_paths
 from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
@@ -76,7 +80,31 @@ from marrowscope.reports.cv_report import cv_report, mean_std
 from marrowscope.reports.tables import to_rich
 from marrowscope.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["TTA_VIEWS", "cross_validate", "out_of_fold_probs", "saved_config", "summarize"]
+__all__ = [
+    "RUNTIME_KEYS",
+    "TTA_VIEWS",
+    "config_differences",
+    "cross_validate",
+    "out_of_fold_probs",
+    "saved_config",
+    "summarize",
+]
+
+RUNTIME_KEYS = (
+    "name",
+    "compare",
+    "preprocess.cache_dir",
+    "preprocess.workers",
+    "train.device",
+    "train.num_workers",
+    "train.threads",
+    "train.channels_last",
+)
+"""Config keys (dotted; a section covers its keys) that do not change a cross-validation's
+results: where and how fast it runs. A folder is resumed with other values of these."""
+
+_FIT_RUNTIME_KEYS = tuple(k for k in RUNTIME_KEYS if "." in k)
+"""The run-time keys a resumed fold takes from the current config instead of its saved one."""
 
 TTA_VIEWS = {"none": [0], "flips": [0, 1, 5, 4], "d8": list(range(8))}
 """Indices into the d8 view order of :func:`~marrowscope.inference.predictor.tta_views`
@@ -192,7 +220,9 @@ def cross_validate(
         identity["fold_seed"] = fold_seed
     if train_fraction != 1.0:
         identity["train_fraction"] = train_fraction
-    ctx.main_only(lambda: _check_identity(out_dir, identity))
+    # nothing is written before the data and the folds are known to be usable: a failed start
+    # leaves the folder as it was (or absent)
+    fresh = ctx.main_only(lambda: _check_identity(out_dir, identity, console))
 
     # rank 0 scans and splits; every rank gets the same rows
     base = ctx.main_only(lambda: manifest_rows(cfg, progress=progress))
@@ -201,7 +231,12 @@ def cross_validate(
     assignment = assign_folds(
         rows, folds=folds, seed=fold_seed, grouped=cfg.data.split.group_column is not None
     )
-    ctx.main_only(lambda: _write_folds(rows, assignment, out_dir / "folds.csv"))
+    if fresh:
+        ctx.main_only(lambda: _start_folder(out_dir, identity, rows, assignment))
+    else:
+        ctx.main_only(lambda: _check_folds(out_dir / "folds.csv", rows, assignment))
+    flat = _flatten(to_dict(cfg))
+    runtime = [f"{k}={json.dumps(flat[k])}" for k in _FIT_RUNTIME_KEYS if k in flat]
 
     t_start = time.perf_counter()
     for k in range(folds):
@@ -218,7 +253,13 @@ def cross_validate(
             )
             resume = ctx.main_only((fold_dir / "state.pt").is_file)
             result = fit(
-                cfg, fold_dir, resume=resume, data=data, console=console, progress=progress
+                cfg,
+                fold_dir,
+                resume=resume,
+                overrides=runtime if resume else (),
+                data=data,
+                console=console,
+                progress=progress,
             )
             val = data.splits["val"]
             same = result.best_epoch == result.history[-1]["epoch"]
@@ -308,9 +349,10 @@ def _load_oof(out_dir: Path) -> list[dict[str, Any]]:
             )
         rec = _read_oof(path)
         if "logits_last" not in rec:
-            raise ValueError(
-                f"{path} has no last-epoch logits (written by an older marrowscope); re-run that "
-                "fold"
+            raise DataError(
+                f"{path} has no last-epoch logits (it was written by a marrowscope older than "
+                "the last-epoch scores); delete that file and run the same marrowscope cv "
+                f"command again on {out_dir}: fold {k} is scored again from its saved weights"
             )
         records.append(rec)
     return records
@@ -339,7 +381,8 @@ def out_of_fold_probs(out_dir: str | Path, tta: str, *, calibrate: bool = True) 
         "n_train": [...]}``.
 
     Raises:
-        FileNotFoundError / ValueError: the folder is not a finished cross-validation.
+        FileNotFoundError / DataError (a ValueError): the folder is not a finished
+            cross-validation, or a fold of it was scored by an older marrowscope.
     """
     out_dir = Path(out_dir)
     summary_path = out_dir / "cv_summary.json"
@@ -384,23 +427,122 @@ def _fold_temperature(
     )
 
 
-def _check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
-    """Create ``out_dir`` or check that it holds this cross-validation (to resume it)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _fold_progress(out_dir: Path) -> list[Path]:
+    """What a resume would reuse in ``out_dir``: finished epochs and folds, and a refit."""
+    found = sorted(out_dir.glob("fold-*/state.pt")) + sorted(out_dir.glob("fold-*/oof.npz"))
+    if (out_dir / "refit").exists():
+        found.append(out_dir / "refit")
+    return found
+
+
+def _check_identity(out_dir: Path, identity: dict[str, Any], console: Console) -> bool:
+    """Whether ``out_dir`` is to be started afresh (True) or resumed (False); a folder that holds
+    another cross-validation with finished work is refused. Writes nothing."""
     cfg_file = out_dir / "cv_config.json"
-    if cfg_file.is_file():
-        saved = json.loads(cfg_file.read_text())
-        if isinstance(saved.get("config"), dict):
-            # a config key added to marrowscope since the folder was written has its default
-            saved["config"] = _with_defaults(to_dict(ExperimentConfig()), saved["config"])
-        if saved != identity:
+    progress = _fold_progress(out_dir)
+    if not cfg_file.is_file():
+        if progress:
             raise FileExistsError(
-                f"{out_dir} holds a cross-validation with another config, fold count, fold seed "
-                "or training fraction; choose a new --out folder (or repeat the same command to "
-                "resume it)"
+                f"{out_dir} holds trained folds ({progress[0]}) but no cv_config.json, so what "
+                "they were trained with is unknown; choose a new --out folder"
             )
-    else:
-        atomic_write_json(cfg_file, identity)
+        return True
+    saved = json.loads(cfg_file.read_text())
+    differ = config_differences(saved, identity)
+    if not differ:
+        return not progress
+    if not progress:
+        # an earlier start that failed or stopped before its first finished epoch: nothing of it
+        # would be reused, so it is started again with this command's settings
+        console.print(
+            f"[yellow]{out_dir} holds no finished epoch of the cross-validation it was started "
+            f"with ({'; '.join(differ)}); starting it afresh"
+        )
+        return True
+    raise FileExistsError(
+        f"{out_dir} holds a cross-validation with another config, fold count, fold seed or "
+        f"training fraction (saved -> now: {'; '.join(differ)}); repeat the command it was "
+        f"started with to resume it, or choose a new --out folder (its settings: {cfg_file})"
+    )
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each result-relevant difference between two ``cv_config.json``
+    identities (``folds``, ``fold_seed``, ``train_fraction`` and the ``config`` keys outside
+    :data:`RUNTIME_KEYS`); config keys added to marrowscope since ``saved`` have their defaults."""
+    saved = dict(saved)
+    if isinstance(saved.get("config"), dict):
+        saved["config"] = _with_defaults(to_dict(ExperimentConfig()), saved["config"])
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    out = []
+    for key in sorted(set(old) | set(new)):
+        short = key.removeprefix("config.")
+        if key.startswith("config.") and _is_runtime(short):
+            continue
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            out.append(f"{short}: {_show(a, missing)} -> {_show(b, missing)}")
+    return out
+
+
+def _is_runtime(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS)
+
+
+def _show(value: Any, missing: object) -> str:
+    return "(not set)" if value is missing else json.dumps(value)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (an empty section stays a value)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _start_folder(
+    out_dir: Path, identity: dict[str, Any], rows: list[ManifestRow], assignment: list[int]
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_folds(rows, assignment, out_dir / "folds.csv")
+    atomic_write_json(out_dir / "cv_config.json", identity)
+
+
+def _check_folds(path: Path, rows: list[ManifestRow], assignment: list[int]) -> None:
+    """Refuse to resume when the fold assignment of the data now differs from the saved one."""
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing, so the finished folds of {path.parent} cannot be checked "
+            "against the data; choose a new --out folder"
+        )
+    with path.open(newline="") as f:
+        saved = {r["path"]: (r["label"], r["fold"]) for r in csv.DictReader(f)}
+    now = {r.path: (r.label, str(k)) for r, k in zip(rows, assignment, strict=True)}
+    added = sorted(set(now) - set(saved))
+    removed = sorted(set(saved) - set(now))
+    moved = sorted(p for p in set(now) & set(saved) if now[p] != saved[p])
+    if not (added or removed or moved):
+        return
+    parts = [
+        f"{len(paths)} {what} (e.g. {', '.join(paths[:3])})"
+        for what, paths in (
+            ("added", added),
+            ("removed", removed),
+            ("in another class or fold", moved),
+        )
+        if paths
+    ]
+    raise DataError(
+        f"the data no longer matches the folds {path.parent} was started with: "
+        f"{len(added) + len(removed) + len(moved)} of the images differ from {path} "
+        f"({'; '.join(parts)}); resuming would score some images twice and others never. "
+        f"Restore the data as it was to resume, or choose a new --out folder"
+    )
 
 
 def saved_config(out_dir: str | Path) -> dict[str, Any]:

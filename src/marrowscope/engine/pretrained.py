@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from marrowscope.engine.benchmark import machine_info
-from marrowscope.engine.cv import out_of_fold_probs, saved_config
+from marrowscope.engine.cv import RUNTIME_KEYS, out_of_fold_probs, saved_config
 from marrowscope.engine.evaluate import evaluate_bundle, labelled_rows, score
 from marrowscope.inference.predictor import Predictor
 from marrowscope.metadata import BundleMetadata
@@ -54,6 +54,16 @@ CARD_NAME = "MODEL_CARD.md"
 
 _RECIPE_KEYS = ("seed", "preprocess", "augment", "model", "train", "inference")
 """The config sections a refit shares with the cross-validation that measures it."""
+
+
+def _recipe_part(section: Any, key: str) -> Any:
+    """A config section without its run-time settings (:data:`RUNTIME_KEYS`: threads, workers,
+    device ...), which a resumed cross-validation or refit may have changed."""
+    if not isinstance(section, dict):
+        return section
+    drop = {k.split(".", 1)[1] for k in RUNTIME_KEYS if k.startswith(f"{key}.")}
+    return {k: v for k, v in section.items() if k not in drop}
+
 
 _EVAL_KEYS = (
     "n",
@@ -268,7 +278,11 @@ def _cv_evaluation(
             f"or calibration has not finished); {fix}"
         )
     cv_config = saved_config(cv_dir)
-    differ = [k for k in _RECIPE_KEYS if (meta.config or {}).get(k) != cv_config.get(k)]
+    differ = [
+        k
+        for k in _RECIPE_KEYS
+        if _recipe_part((meta.config or {}).get(k), k) != _recipe_part(cv_config.get(k), k)
+    ]
     if differ:
         raise ValueError(
             f"{bundle_dir} was not trained with the recipe {cv_dir} cross-validated ({', '.join(differ)} "
