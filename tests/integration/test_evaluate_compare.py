@@ -305,3 +305,134 @@ def test_a_file_name_that_is_not_utf8_is_named_escaped_and_the_report_written(
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert any(p.endswith("caf\\xe9.txt") for p in saved["ignored_files"])
     assert (out / "predictions.csv").is_file()
+
+
+def _one_model(root: Path, **extra: object):  # type: ignore[no-untyped-def]
+    """A one-model comparison (paper_cnn, one epoch): the quickest to train."""
+    base = _cfg(root, compare={"models": ["paper_cnn"], "focus_class": "BBB"})
+    base["train"] = {**base["train"], "epochs": 1}  # type: ignore[dict-item]
+    base.update(extra)
+    return from_dict(base)
+
+
+def _weights(out: Path, model: str = "paper_cnn") -> bytes:
+    return (out / "runs" / model / "best" / "model.safetensors").read_bytes()
+
+
+def test_compare_refuses_to_retrain_over_finished_runs_and_resume_checks_config_and_split(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    from marrowscope.config import ConfigError, replace
+
+    cfg = _one_model(synthetic_tree)
+    out = tmp_path / "cmp"
+    compare(cfg, out, progress=False)
+    weights = _weights(out)
+    # a plain re-run would delete the trained model: refused, naming the folder and the choices
+    with pytest.raises(FileExistsError, match=r"cmp.*paper_cnn.*--resume.*--out"):
+        compare(cfg, out, progress=False)
+    assert _weights(out) == weights
+    # --resume with another recipe: the reused model would not be the one the report describes
+    with pytest.raises(ConfigError, match=r"runs/paper_cnn.*train\.epochs: 1 .* 3"):
+        compare(replace(cfg, ["train.epochs=3"]), out, resume=True, progress=False)
+    # another seed means another split too; the config differs first
+    with pytest.raises(ConfigError, match=r"\bseed: 3 .* 7"):
+        compare(replace(cfg, ["seed=7"]), out, resume=True, progress=False)
+    # the same config but data that changed since: its test images could be training images
+    extra = synthetic_tree / "AAA" / "new_one.png"
+    shutil.copyfile(next((synthetic_tree / "AAA").glob("*.png")), extra)
+    with pytest.raises(ConfigError, match=r"runs/paper_cnn.*split.*new_one\.png"):
+        compare(cfg, out, resume=True, progress=False)
+    extra.unlink()
+    # settings that do not change the model (device, threads, workers) may differ
+    compare(replace(cfg, ["train.device=cpu", "train.threads=1"]), out, resume=True, progress=False)
+    assert _weights(out) == weights
+    assert "epochs: 1" in (out / "report.md").read_text()
+
+
+def test_compare_resume_of_an_interrupted_run_checks_its_config(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    from marrowscope.config import ConfigError, replace
+
+    cfg = _one_model(synthetic_tree)
+    out = tmp_path / "cmp"
+    compare(cfg, out, progress=False)
+    run = out / "runs" / "paper_cnn"
+    (run / "summary.json").unlink()  # as if stopped after its last epoch, before the summary
+    assert (run / "state.pt").is_file()
+    with pytest.raises(ConfigError, match=r"runs/paper_cnn.*train\.lr: 0\.003 .* 0\.01"):
+        compare(replace(cfg, ["train.lr=0.01"]), out, resume=True, progress=False)
+    assert not (run / "summary.json").exists()
+    compare(cfg, out, resume=True, progress=False)  # the same config continues it
+    assert (run / "summary.json").is_file()
+
+
+def test_compare_refuses_an_empty_test_split_before_reading_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import marrowscope.engine.compare as compare_mod
+    from marrowscope.config import ConfigError
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("data was read before the split was checked")
+
+    monkeypatch.setattr(compare_mod, "prepare_data", no_data)
+    monkeypatch.setattr(compare_mod, "manifest_rows", no_data)
+    cfg = _one_model(tmp_path / "no-such-folder", data={"root": "x", "split": {"test": 0}})
+    with pytest.raises(ConfigError, match=r"data\.split\.test is 0.*above 0"):
+        compare(cfg, tmp_path / "cmp", progress=False)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_refuses_a_manifest_split_without_test_images(
+    synthetic_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import marrowscope.engine.compare as compare_mod
+    from marrowscope.data.manifest import ManifestRow, write_manifest
+
+    def no_images(*args: object, **kwargs: object) -> None:
+        raise AssertionError("images were preprocessed before the split was checked")
+
+    monkeypatch.setattr(compare_mod, "prepare_data", no_images)
+    images = sorted(str(p) for p in synthetic_tree.rglob("*.*g"))
+    manifest = tmp_path / "m.csv"
+    write_manifest(
+        [
+            ManifestRow(p, Path(p).name[:3], "val" if i % 4 == 0 else "train")
+            for i, p in enumerate(images)
+        ],
+        manifest,
+    )
+    cfg = _one_model(synthetic_tree, data={"manifest": str(manifest)})
+    with pytest.raises(DataError, match=r"m\.csv.*no test image"):
+        compare(cfg, tmp_path / "cmp", progress=False)
+
+
+def test_a_misnamed_or_broken_model_override_is_named(tmp_path: Path) -> None:
+    from marrowscope.config import ConfigError
+
+    root = tmp_path / "no-such-folder"
+    cfg = _one_model(
+        root,
+        compare={"models": ["paper_cnn", "vgg16"], "model_overrides": {"paper-cnn": {}}},
+    )
+    with pytest.raises(
+        ConfigError, match=r"model_overrides\.paper-cnn.*paper_cnn, vgg16.*cmp\.yaml"
+    ):
+        compare(cfg, tmp_path / "cmp", progress=False, source=Path("cmp.yaml"))
+    cfg = _one_model(
+        root,
+        compare={"models": ["paper_cnn"], "model_overrides": {"paper_cnn": {"train.lrr": 1}}},
+    )
+    with pytest.raises(
+        ConfigError, match=r"^compare\.model_overrides\.paper_cnn: .*train\.lrr.*cmp\.yaml"
+    ):
+        compare(cfg, tmp_path / "cmp", progress=False, source=Path("cmp.yaml"))
+    # an entry for a real model left out of compare.models (e.g. --set compare.models=...) is fine
+    cfg = _one_model(
+        root, compare={"models": ["paper_cnn"], "model_overrides": {"vgg16": {"train.lr": 1}}}
+    )
+    from marrowscope.engine.compare import model_configs
+
+    assert list(model_configs(cfg)) == ["paper_cnn"]
