@@ -211,3 +211,66 @@ def test_bad_config_is_one_clear_error(
     assert res.exit_code == 2, res.output
     assert expected in res.output
     assert "Traceback" not in res.output
+
+
+def test_data_manifest_refuses_to_overwrite_its_source_manifest(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    src = synthetic_tree / "cells.csv"
+    lines = ["path,label,patient,stain_batch,notes"]
+    for i, p in enumerate(sorted(synthetic_tree.rglob("*.png"))):
+        lines.append(f"{p.relative_to(synthetic_tree)},{p.name[:3]},p{i % 3},b{i % 2},ok")
+    src.write_text("\n".join(lines) + "\n")
+    before = src.read_text()
+    for out in (src, tmp_path / ".." / tmp_path.name / synthetic_tree.name / "cells.csv"):
+        res = runner.invoke(
+            app, ["data", "manifest", str(src), "--out", str(out), "--group-column", "patient"]
+        )
+        assert res.exit_code == 2, res.output
+        text = " ".join(res.output.split())
+        assert "is the source manifest" in text and "cells-split.csv" in text
+        assert src.read_text() == before  # the user's columns and relative paths are kept
+    out = tmp_path / "m.csv"
+    res = _invoke(
+        "data", "manifest", str(src), "--out", str(out), "--min-per-class", "2",
+        "--max-per-class", "4", "--val", "0.25", "--test", "0.25",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert {r["label"]: sum(x["label"] == r["label"] for x in rows) for r in rows} == {
+        "AAA": 4,
+        "BBB": 4,
+        "CCC": 4,
+    }  # the cap applies to a manifest as to a folder
+    res = runner.invoke(
+        app, ["data", "manifest", str(src), "--out", str(out), "--min-per-class", "7"]
+    )
+    assert res.exit_code == 2 and "fewer than min_per_class=7" in " ".join(res.output.split())
+
+
+def test_a_file_name_that_is_not_utf8_is_a_scan_problem_and_refused_before_training(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    import os
+    import shutil
+
+    bad = os.fsdecode(str(synthetic_tree / "AAA").encode() + b"/caf\xe9.png")
+    shutil.copy(synthetic_tree / "AAA" / "AAA_001.png", bad)
+    out = tmp_path / "scan.json"
+    res = _invoke("data", "scan", str(synthetic_tree), "--json", str(out), "--workers", "1")
+    assert res.exit_code == 0, res.output
+    assert "not valid UTF-8" in res.output and "rename" in res.output
+    scan = json.loads(out.read_text())
+    assert scan["counts"]["AAA"] == 12  # not counted usable
+    [entry] = scan["unreadable"]
+    assert "caf\\xe9.png" in entry["error"] and "not valid UTF-8" in entry["error"]
+    run = tmp_path / "run"
+    cfg = _write_cfg(tmp_path, synthetic_tree)
+    res = runner.invoke(
+        app, ["train", "--config", str(cfg), "--run-dir", str(run), "--no-progress"]
+    )
+    assert res.exit_code == 2, res.output
+    assert "not valid UTF-8" in " ".join(res.output.split())
+    assert not (run / "config.yaml").exists()  # refused before writing the run's inputs
+    cache = Path(os.environ["MARROWSCOPE_CACHE"])  # ... and before preprocessing any image
+    assert not [p for p in cache.rglob("*") if p.is_file()]

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from marrowscope.data import DataError
-from marrowscope.data.scan import ScanResult
-from marrowscope.utils.io import atomic_write_text, printable
+from marrowscope.data.scan import ScanResult, utf8_name_problem
+from marrowscope.utils.io import atomic_write_text
 
 SPLIT_NAMES = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "split", "group")
@@ -116,10 +116,83 @@ def build_manifest(
             )
         picked = [Path(os.path.abspath(p)) for p in files]
         if max_per_class is not None and n > max_per_class:
-            idx = class_rng(seed, name).choice(n, size=max_per_class, replace=False)
-            picked = [picked[i] for i in sorted(idx.tolist())]
+            picked = [picked[i] for i in _capped(n, max_per_class, seed, name)]
         rows.extend(ManifestRow(path=str(p), label=name) for p in sorted(picked))
     return rows
+
+
+def _capped(n: int, max_per_class: int, seed: int, name: str) -> list[int]:
+    """The seeded cap draw: sorted indices of the ``max_per_class`` of ``n`` (path-sorted) images
+    of class ``name`` that are kept; one rule for folders and manifests."""
+    idx = class_rng(seed, name).choice(n, size=max_per_class, replace=False)
+    return sorted(idx.tolist())
+
+
+def limit_rows(
+    rows: Sequence[ManifestRow],
+    *,
+    max_per_class: int | None,
+    min_per_class: int,
+    seed: int,
+    source: str | Path,
+) -> list[ManifestRow]:
+    """Apply ``max_per_class`` / ``min_per_class`` to a manifest's rows, as :func:`build_manifest`
+    does to a folder's images.
+
+    The cap is the same seeded per-class draw (:func:`class_rng` over the class's rows sorted by
+    path), so a manifest listing exactly a folder's images keeps the same images as the folder.
+    Rows that carry a split (a recorded split, e.g. a run's ``split.csv``) are never thinned:
+    that would change the recorded split, so a cap that would drop any of them is an error; a cap
+    they already meet (a split made under the same cap) changes nothing.
+
+    Args:
+        rows: the manifest's rows (after the class selection).
+        max_per_class: keep at most this many rows per class; ``None`` keeps all.
+        min_per_class: a class with fewer rows is an error.
+        seed: seed of the draw.
+        source: the manifest, for messages.
+
+    Returns:
+        The kept rows, in input order.
+
+    Raises:
+        DataError: an argument is out of range, a class has fewer than ``min_per_class`` rows, or
+            a cap would thin a recorded split; the message names the class, the file and the fix.
+    """
+    if max_per_class is not None and max_per_class < 1:
+        raise DataError(
+            f"max_per_class must be >= 1 (or unset for no cap), got {max_per_class}; "
+            "fix --max-per-class / data.max_per_class"
+        )
+    if min_per_class < 0:
+        raise DataError(f"min_per_class must be >= 0, got {min_per_class}; fix data.min_per_class")
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_class.setdefault(r.label, []).append(i)
+    recorded = any(r.split is not None for r in rows)
+    keep: list[int] = []
+    for name, idx in by_class.items():
+        n = len(idx)
+        if n < min_per_class:
+            raise DataError(
+                f"class {name} has only {n} row(s) in manifest {source}, fewer than "
+                f"min_per_class={min_per_class}; lower it (train, cv: --set "
+                f"data.min_per_class={n}; data manifest: --min-per-class {n}), or drop the class "
+                "(--set data.classes=[...] / --classes)"
+            )
+        if max_per_class is None or n <= max_per_class:
+            keep.extend(idx)
+            continue
+        if recorded:
+            raise DataError(
+                f"manifest {source} records a split (its split column) and class {name} has {n} "
+                f"rows, more than max_per_class={max_per_class}; a cap would change the recorded "
+                "split: unset the cap (--set data.max_per_class=null / no --max-per-class), or "
+                "clear the split column to split anew"
+            )
+        order = sorted(idx, key=lambda i: Path(rows[i].path))
+        keep.extend(order[j] for j in _capped(n, max_per_class, seed, name))
+    return [rows[i] for i in sorted(keep)]
 
 
 def _clean(value: str | None) -> str | None:
@@ -214,14 +287,9 @@ def require_utf8_paths(paths: Iterable[str]) -> None:
         DataError: naming the first such file and the fix.
     """
     for p in paths:
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(
-                f"{printable(p)}: the file name is not valid UTF-8 (shown with its odd bytes "
-                "escaped); rename the file (marrowscope's manifests, splits and folds are UTF-8 "
-                "text that must name the real files)"
-            ) from None
+        msg = utf8_name_problem(p)
+        if msg is not None:
+            raise DataError(msg)
 
 
 def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> None:

@@ -15,20 +15,32 @@ calibration (training images) and accuracy guard (validation images):
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from marrowscope.config import ConfigError, ExperimentConfig, from_dict
 from marrowscope.data import DataError
-from marrowscope.data.manifest import ManifestRow, build_manifest, class_rng, read_manifest
+from marrowscope.data.manifest import (
+    ManifestRow,
+    build_manifest,
+    class_rng,
+    limit_rows,
+    read_manifest,
+    require_utf8_paths,
+)
 from marrowscope.data.sample import resolve_root
-from marrowscope.data.scan import scan_folder
+from marrowscope.data.scan import ScanResult, scan_folder
 from marrowscope.data.split import assign_splits
 from marrowscope.metadata import BundleMetadata
 
 __all__ = ["SPLIT_FILE", "RecordedSplit", "manifest_rows", "recorded_split", "stratified_subset"]
+
+log = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.csv"
 """The split manifest training writes into the run folder (the bundle's parent folder)."""
@@ -37,8 +49,21 @@ _FIX = "pass labelled cells explicitly (--calibrate DIR for calibration, --guard
 
 
 def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[ManifestRow]:
-    """The split manifest for ``cfg``: read from ``data.manifest`` or built by scanning ``data.root``."""
+    """The split manifest for ``cfg``: read from ``data.manifest`` or built by scanning ``data.root``.
+
+    A manifest gets the same subset rules as a folder: ``data.classes``, and ``data.max_per_class``
+    / ``data.min_per_class`` (:func:`~marrowscope.data.manifest.limit_rows`: the same seeded
+    per-class cap draw as a folder's; a manifest that records a split is never thinned, a cap
+    that would drop its rows is refused). File names that are not valid UTF-8 are refused here,
+    before any image is preprocessed. A manifest whose rows carry groups (a ``group`` column)
+    while ``data.split.group_column`` is unset is split by image, with a warning that names the
+    setting (so a recorded or re-derived split keeps its meaning).
+
+    Raises:
+        DataError: no data named, a class or file problem (the message names it and the fix).
+    """
     d = cfg.data
+    lost: Callable[[str], str]
     if d.manifest:
         rows = read_manifest(Path(d.manifest), group_column=d.split.group_column)
         if d.classes:
@@ -52,6 +77,15 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[Manif
             rows = [r for r in rows if r.label in wanted]
             order = {c: i for i, c in enumerate(d.classes)}
             rows.sort(key=lambda r: (order[r.label], r.path))
+        rows = limit_rows(
+            rows,
+            max_per_class=d.max_per_class,
+            min_per_class=d.min_per_class,
+            seed=cfg.seed,
+            source=d.manifest,
+        )
+        require_utf8_paths(r.path for r in rows)
+        lost = _missing_files(rows, d.manifest)
     elif d.root:
         scan = scan_folder(resolve_root(d.root), check_images=False, progress=progress)
         rows = build_manifest(
@@ -61,19 +95,59 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[Manif
             min_per_class=d.min_per_class,
             seed=cfg.seed,
         )
+        require_utf8_paths(r.path for r in rows)
+        lost = _unreadable_files(scan)
     else:
         raise DataError(
             "the config names no data: set data.root (a folder per class) or data.manifest"
         )
     if all(r.split is not None for r in rows):
         return rows
+    grouped = d.split.group_column is not None
+    if not grouped and any(r.group is not None for r in rows):
+        n_groups = len({r.group for r in rows if r.group is not None})
+        log.warning(
+            "manifest %s has a 'group' column (%d groups) but data.split.group_column is not set, "
+            "so the split is by image and one group's (patient's, slide's) images can land in "
+            "train, val and test; to keep each group on one side set "
+            "--set data.split.group_column=group (data manifest: --group-column group)",
+            d.manifest,
+            n_groups,
+        )
     return assign_splits(
-        rows,
-        val=d.split.val,
-        test=d.split.test,
-        seed=cfg.seed,
-        grouped=d.split.group_column is not None,
+        rows, val=d.split.val, test=d.split.test, seed=cfg.seed, grouped=grouped, lost=lost
     )
+
+
+def _class_of(scan: ScanResult, path: Path) -> str | None:
+    try:
+        return path.relative_to(scan.root).parts[0]
+    except ValueError:  # pragma: no cover - scanned files always lie below root
+        return None
+
+
+def _unreadable_files(scan: ScanResult) -> Callable[[str], str]:
+    """``class -> words`` on the class's files the scan found unusable (for split errors)."""
+
+    def words(label: str) -> str:
+        n = sum(1 for p, _ in scan.unreadable if _class_of(scan, p) == label)
+        return f"{n} more of its files in {scan.root / label} are unreadable" if n else ""
+
+    return words
+
+
+def _missing_files(rows: list[ManifestRow], manifest: str) -> Callable[[str], str]:
+    """``class -> words`` on the class's manifest files that do not exist (for split errors;
+    checked only when such an error is raised, not for every row)."""
+
+    def words(label: str) -> str:
+        paths = [r.path for r in rows if r.label == label]
+        n = sum(1 for p in paths if not os.path.isfile(p))
+        return (
+            f"{n} of its {len(paths)} files listed in manifest {manifest} are missing" if n else ""
+        )
+
+    return words
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from marrowscope.utils.image import (
     list_image_files,
     read_image,
 )
+from marrowscope.utils.io import printable
 from marrowscope.utils.progress import make_progress
 
 POOL_MIN_FILES = 64
@@ -69,6 +70,20 @@ def _layout_hint(root: Path) -> str:
     )
 
 
+def utf8_name_problem(path: str) -> str | None:
+    """The message for a file name that UTF-8 text cannot hold (bytes that are not UTF-8 in the
+    name), or ``None`` for a good name: a manifest, split or fold file could not name the file."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return (
+            f"{printable(path)}: the file name is not valid UTF-8 (shown with its odd bytes "
+            "escaped); rename the file (marrowscope's manifests, splits and folds are UTF-8 "
+            "text that must name the real files)"
+        )
+    return None
+
+
 def _check_file(path: str) -> tuple[str, tuple[int, int] | None, str | None]:
     """Decode ``path`` fully: ``(path, (width, height), None)`` or ``(path, None, message)``."""
     try:
@@ -106,6 +121,7 @@ def scan_folder(
     check_images: bool = True,
     workers: int = 0,
     progress: bool = True,
+    utf8_names: bool = False,
 ) -> ScanResult:
     """Find the classes and images of a folder-per-class tree.
 
@@ -113,6 +129,10 @@ def scan_folder(
         root: folder with one sub-folder per class.
         check_images: decode every image (finds unreadable files, gathers sizes); without it
             only empty (0-byte) files are reported unreadable.
+        utf8_names: also report a file whose name is not valid UTF-8 as unreadable
+            (:func:`utf8_name_problem`: rename it), as ``data scan`` does for a tree meant for
+            training, whose manifests and splits must name every file; predicting on such a
+            file works, so other commands leave this off.
         workers: processes for the image check; 0 = one per CPU core, 1 = in-process.
         progress: show a progress bar while checking.
 
@@ -138,17 +158,25 @@ def scan_folder(
 
     unreadable: list[tuple[Path, str]] = []
     sizes: dict[tuple[int, int], int] = {}
+    bad_names = {
+        str(p): (None, msg)
+        for ps in found.values()
+        for p in ps
+        if utf8_names and (msg := utf8_name_problem(str(p))) is not None
+    }
     if check_images:
-        checked = _check_files([p for ps in found.values() for p in ps], workers, progress)
+        todo = [p for ps in found.values() for p in ps if str(p) not in bad_names]
+        checked = _check_files(todo, workers, progress)
     else:
         checked = {}
         for ps in found.values():
             for p in ps:
-                if p.stat().st_size == 0:
+                if str(p) not in bad_names and p.stat().st_size == 0:
                     checked[str(p)] = (
                         None,
                         f"{p}: file is empty (0 bytes); remove it or replace it with the image",
                     )
+    checked.update(bad_names)
 
     files: dict[str, list[Path]] = {}
     for name, ps in found.items():

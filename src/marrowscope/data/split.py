@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -27,9 +27,11 @@ from marrowscope.data import DataError
 from marrowscope.data.manifest import SPLIT_NAMES, ManifestRow, class_rng
 
 _FIX = (
-    "raise data.min_per_class (train, cv: --set data.min_per_class=N; data manifest: "
-    "--min-per-class N) or drop the class, or lower data.split.val/test"
+    "drop the class (train, cv: --set data.classes=[...] without it; data manifest: --classes) "
+    "or lower data.split.val/test (data manifest: --val/--test)"
 )
+"""The fix for a class too small for the split. Raising data.min_per_class is none: it only makes
+the same class fail the minimum."""
 
 
 def _check_fractions(val: float, test: float) -> None:
@@ -61,6 +63,7 @@ def assign_splits(
     test: float,
     seed: int,
     grouped: bool = False,
+    lost: Callable[[str], str] | None = None,
 ) -> list[ManifestRow]:
     """Give every row a split (train/val/test), stratified by class.
 
@@ -72,6 +75,9 @@ def assign_splits(
         test: fraction for test.
         seed: makes the split reproducible.
         grouped: keep each ``group`` on one side (every row must have a group).
+        lost: ``class name -> words`` on that class's images that are not among ``rows``
+            (unreadable, missing), e.g. ``"3 more of its files are missing"``, or ``""``; added
+            to the message when the class is too small for the split.
 
     Returns:
         The rows in input order with ``split`` set.
@@ -98,9 +104,15 @@ def assign_splits(
             )
         return rows
     _check_fractions(val, test)
+    why = lost or (lambda _label: "")
     if grouped:
-        return _grouped(rows, val, test, seed)
-    return _stratified(rows, val, test, seed)
+        return _grouped(rows, val, test, seed, why)
+    return _stratified(rows, val, test, seed, why)
+
+
+def _lost(why: Callable[[str], str], label: str) -> str:
+    words = why(label)
+    return f" ({words})" if words else ""
 
 
 def _by_class(rows: list[ManifestRow]) -> dict[str, list[int]]:
@@ -114,15 +126,17 @@ def _needed(val: float, test: float) -> int:
     return 1 + (val > 0) + (test > 0)
 
 
-def _stratified(rows: list[ManifestRow], val: float, test: float, seed: int) -> list[ManifestRow]:
+def _stratified(
+    rows: list[ManifestRow], val: float, test: float, seed: int, why: Callable[[str], str]
+) -> list[ManifestRow]:
     splits: list[str | None] = [None] * len(rows)
     for label, idx in _by_class(rows).items():
         n = len(idx)
         n_train, n_val, n_test = split_sizes(n, val, test)
         if n_train < 1:
             raise DataError(
-                f"class {label} has only {n} image(s): too few for a train/val/test split "
-                f"(needs at least {_needed(val, test)}); {_FIX}"
+                f"class {label} has only {n} image(s){_lost(why, label)}: too few for a "
+                f"train/val/test split (needs at least {_needed(val, test)}); {_FIX}"
             )
         order = sorted(idx, key=lambda i: rows[i].path)
         perm = class_rng(seed, label).permutation(n)
@@ -132,7 +146,9 @@ def _stratified(rows: list[ManifestRow], val: float, test: float, seed: int) -> 
     return [replace(r, split=s) for r, s in zip(rows, splits, strict=True)]
 
 
-def _grouped(rows: list[ManifestRow], val: float, test: float, seed: int) -> list[ManifestRow]:
+def _grouped(
+    rows: list[ManifestRow], val: float, test: float, seed: int, why: Callable[[str], str]
+) -> list[ManifestRow]:
     missing = next((r for r in rows if r.group is None), None)
     if missing is not None:
         raise DataError(
@@ -156,8 +172,8 @@ def _grouped(rows: list[ManifestRow], val: float, test: float, seed: int) -> lis
         if groups_per_class[c] < need:
             raise DataError(
                 f"class {label} has images from only {groups_per_class[c]} group(s) "
-                f"({class_total[c]} image(s)): too few for a grouped train/val/test split (needs "
-                f"at least {need} groups); {_FIX}"
+                f"({class_total[c]} image(s)){_lost(why, label)}: too few for a grouped "
+                f"train/val/test split (needs at least {need} groups); {_FIX}"
             )
 
     target = fractions[:, None] * class_total[None, :].astype(np.float64)  # split x class

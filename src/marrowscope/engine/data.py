@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,11 +128,34 @@ def load_split_images(
         )
         empty = [classes[i] for i, n in enumerate(counts) if n == 0]
         if empty:
-            raise DataError(
-                f"class {empty[0]} has no usable image in the {name} split; add images, drop the "
-                "class from data.classes, or raise data.min_per_class"
-            )
+            raise DataError(_empty_split_message(empty[0], name, rows, failures))
     return PreparedData(classes=classes, rows=rows, splits=splits, skipped=list(failures))
+
+
+def _empty_split_message(
+    label: str, split: str, rows: list[ManifestRow], failures: list[tuple[str, str]]
+) -> str:
+    """Why class ``label`` has no image in ``split``, and the fix (never "raise
+    data.min_per_class": that only makes the class fail the minimum)."""
+    failed = {p for p, _ in failures}
+    listed = [r.path for r in rows if r.label == label and r.split == split]
+    bad = sum(1 for p in listed if p in failed)
+    missing = sum(1 for p in listed if p in failed and not os.path.exists(p))
+    if bad:
+        parts = [f"{missing} missing"] if missing else []
+        parts += [f"{bad - missing} unreadable"] if bad > missing else []
+        why = (
+            f" (its {len(listed)} {split} image(s): {' and '.join(parts)}, see the warnings above)"
+        )
+        fix = "replace or restore those files, add images, "
+    else:
+        why = " (no image of it is assigned to that split)"
+        fix = "add images of it to that split, "
+    lower = ", or lower data.split.val/test" if split == "train" else ""
+    return (
+        f"class {label} has no usable image in the {split} split{why}; {fix}or drop the class "
+        f"(--set data.classes=[...] without it){lower}"
+    )
 
 
 def prepare_data(

@@ -3,13 +3,15 @@ checked against the counts it recorded; stratified calibration draws."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from marrowscope.config import from_dict, to_dict
+from marrowscope.config import ExperimentConfig, from_dict, to_dict
 from marrowscope.data import DataError
 from marrowscope.data.manifest import ManifestRow, write_manifest
 from marrowscope.data.recorded import manifest_rows, recorded_split, stratified_subset
@@ -120,3 +122,138 @@ def test_stratified_subset_is_proportional_seeded_and_ordered() -> None:
     tiny = stratified_subset(rows, 3, seed=0)  # every class while n allows
     assert Counter(r.label for r in tiny) == {"A": 1, "B": 1, "C": 1}
     assert stratified_subset(rows, 500) == rows
+
+
+def _cfg(**data: object) -> ExperimentConfig:
+    base: dict[str, object] = {"min_per_class": 1, "split": {"val": 0.25, "test": 0.25}}
+    return from_dict({"seed": 3, "data": {**base, **data}})
+
+
+def _listing(root: Path, path: Path, *, extra: str = "", split: bool = False) -> Path:
+    """A manifest listing every image below ``root`` (path,label[,split][,extra columns])."""
+    lines = ["path,label" + (",split" if split else "") + (f",{extra}" if extra else "")]
+    for i, p in enumerate(sorted(root.rglob("*"))):
+        if p.suffix in {".png", ".jpg"}:
+            label = p.relative_to(root).parts[0]
+            cells = [str(p), label] + (["val" if i % 4 == 0 else "train"] if split else [])
+            lines.append(",".join(cells + ([f"p{i % 4}"] if extra else [])))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_manifest_is_capped_and_split_like_the_folder_it_lists(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    manifest = _listing(synthetic_tree, tmp_path / "m.csv")
+    from_folder = manifest_rows(_cfg(root=str(synthetic_tree), max_per_class=5), progress=False)
+    from_csv = manifest_rows(_cfg(manifest=str(manifest), max_per_class=5), progress=False)
+    assert Counter(r.label for r in from_csv) == {"AAA": 5, "BBB": 5, "CCC": 5}
+    # the same seeded draw and the same split as the folder
+    assert {(r.path, r.label, r.split) for r in from_csv} == {
+        (r.path, r.label, r.split) for r in from_folder
+    }
+    other_seed = manifest_rows(
+        from_dict({"seed": 4, "data": {"manifest": str(manifest), "max_per_class": 5}}),
+        progress=False,
+    )
+    assert {r.path for r in other_seed} != {r.path for r in from_csv}
+
+
+def test_a_manifest_must_meet_min_per_class(synthetic_tree: Path, tmp_path: Path) -> None:
+    manifest = _listing(synthetic_tree, tmp_path / "m.csv")
+    with pytest.raises(DataError) as info:
+        manifest_rows(_cfg(manifest=str(manifest), min_per_class=13), progress=False)
+    msg = str(info.value)
+    assert "class AAA has only 12 row(s)" in msg and str(manifest) in msg
+    assert "data.min_per_class=12" in msg and "data.classes" in msg
+
+
+def test_a_cap_never_thins_a_recorded_split(synthetic_tree: Path, tmp_path: Path) -> None:
+    manifest = _listing(synthetic_tree, tmp_path / "split.csv", split=True)
+    kept = manifest_rows(_cfg(manifest=str(manifest), max_per_class=12), progress=False)
+    assert len(kept) == 36  # a cap the recorded split meets changes nothing
+    with pytest.raises(DataError) as info:
+        manifest_rows(_cfg(manifest=str(manifest), max_per_class=5), progress=False)
+    msg = str(info.value)
+    assert "records a split" in msg and "max_per_class=5" in msg and str(manifest) in msg
+
+
+def test_groups_without_group_column_are_named_in_a_warning(
+    synthetic_tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = _listing(synthetic_tree, tmp_path / "m.csv", extra="group")
+    with caplog.at_level(logging.WARNING, logger="marrowscope.data.recorded"):
+        rows = manifest_rows(_cfg(manifest=str(manifest)), progress=False)
+    assert {r.group for r in rows} == {"p0", "p1", "p2", "p3"}
+    assert "4 groups" in caplog.text and "data.split.group_column=group" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="marrowscope.data.recorded"):
+        manifest_rows(
+            _cfg(
+                manifest=str(manifest), split={"val": 0.25, "test": 0.25, "group_column": "group"}
+            ),
+            progress=False,
+        )
+    assert "group_column" not in caplog.text
+
+
+def test_too_few_for_the_split_names_missing_and_unreadable_files(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    manifest = _listing(synthetic_tree, tmp_path / "m.csv")
+    lines = manifest.read_text().splitlines()
+    ccc = [ln for ln in lines if ",CCC" in ln]
+    for ln in ccc[2:]:
+        Path(ln.split(",")[0]).unlink()
+    manifest.write_text("\n".join([ln for ln in lines if ln not in ccc[:-2]]) + "\n")
+    with pytest.raises(DataError) as info:
+        manifest_rows(_cfg(manifest=str(manifest)), progress=False)
+    msg = str(info.value)
+    assert "class CCC has only 2 image(s)" in msg and "2 of its 2 files" in msg
+    assert "missing" in msg and "data.classes" in msg and "min_per_class" not in msg
+
+    for p in sorted((synthetic_tree / "BBB").rglob("*.*"))[2:]:
+        p.write_bytes(b"")  # 0-byte files: unreadable to the scan
+    with pytest.raises(DataError) as info:
+        manifest_rows(_cfg(root=str(synthetic_tree), classes=["AAA", "BBB"]), progress=False)
+    msg = str(info.value)
+    assert "class BBB has only 2 image(s)" in msg and "10 more of its files" in msg
+    assert "unreadable" in msg and "min_per_class" not in msg
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_preprocessing(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    bad = os.fsdecode(str(synthetic_tree / "AAA").encode() + b"/caf\xe9.png")
+    shutil.copy(synthetic_tree / "AAA" / "AAA_001.png", bad)
+    with pytest.raises(DataError, match=r"caf\\xe9\.png.*not valid UTF-8.*rename"):
+        manifest_rows(_cfg(root=str(synthetic_tree)), progress=False)
+    # a class left out is not refused for it
+    rows = manifest_rows(_cfg(root=str(synthetic_tree), classes=["BBB", "CCC"]), progress=False)
+    assert len(rows) == 24
+
+
+def test_an_empty_split_after_preprocessing_names_the_lost_files(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    from marrowscope.engine.data import load_split_images
+
+    cfg = from_dict(
+        {"data": {"root": str(synthetic_tree)}, "preprocess": {"size": 32, "workers": 1}}
+    )
+    rows = [
+        ManifestRow(
+            str(p), p.relative_to(synthetic_tree).parts[0], "val" if i % 4 == 0 else "train"
+        )
+        for i, p in enumerate(sorted(synthetic_tree.rglob("*.*")))
+    ]
+    ccc_val = [r for r in rows if r.label == "CCC" and r.split == "val"]
+    Path(ccc_val[0].path).unlink()
+    for r in ccc_val[1:]:
+        Path(r.path).write_bytes(b"not an image")
+    with pytest.raises(DataError) as info:
+        load_split_images(rows, ["AAA", "BBB", "CCC"], cfg, progress=False)
+    msg = str(info.value)
+    assert "class CCC has no usable image in the val split" in msg
+    assert f"its {len(ccc_val)} val image(s): 1 missing and {len(ccc_val) - 1} unreadable" in msg
+    assert "data.classes" in msg and "min_per_class" not in msg

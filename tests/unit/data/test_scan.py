@@ -105,3 +105,18 @@ def test_format_scan_lists_classes_counts_and_unreadable(tree: Path) -> None:
     assert lines["EOS"] == ["2", "2"]
     assert lines["EMPTY"] == ["0", "0"]
     assert lines["total"] == ["5", "2"]
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_file_name_that_is_not_utf8_is_reported_not_counted(tmp_path: Path, check: bool) -> None:
+    import os
+
+    root = tmp_path / "cells"
+    _img(root / "BLA" / "ok.png")
+    _img(root / "BLA" / "caf.png").rename(os.fsdecode(str(root / "BLA").encode() + b"/caf\xe9.png"))
+    assert scan_folder(root, check_images=check, progress=False).counts == {"BLA": 2}
+    res = scan_folder(root, check_images=check, workers=1, progress=False, utf8_names=True)
+    assert res.counts == {"BLA": 1}
+    [(path, why)] = res.unreadable
+    assert path.name.encode("utf-8", "surrogateescape") == b"caf\xe9.png"
+    assert "caf\\xe9.png" in why and "not valid UTF-8" in why and "rename the file" in why
