@@ -131,6 +131,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("marrowscope.metrics.counting", ("CountError",)),
         ("marrowscope.engine.distributed", ("DistributedError",)),
         ("marrowscope.inference.fields", ("FieldError",)),
+        ("marrowscope.utils.runtime", ("DeviceError",)),
     ):
         module = importlib.import_module(mod)
         errors.extend(getattr(module, n) for n in names)
@@ -342,9 +343,13 @@ def data_scan(
 
     from marrowscope.data.sample import resolve_root
     from marrowscope.data.scan import format_scan, scan_folder
-    from marrowscope.utils.io import atomic_write_json
+    from marrowscope.utils.io import atomic_write_json, printable
 
-    res = scan_folder(resolve_root(root), check_images=check, workers=workers)
+    if workers < 0:
+        raise typer.BadParameter(
+            f"must be >= 0 (0 = one per core), got {workers}", param_hint="--workers"
+        )
+    res = scan_folder(resolve_root(root), check_images=check, workers=workers, utf8_names=True)
     console.print(format_scan(res))
     sizes = ", ".join(
         f"{w}x{h}: {n}" for (w, h), n in sorted(res.sizes.items(), key=lambda kv: -kv[1])
@@ -352,7 +357,8 @@ def data_scan(
     if sizes:
         console.print(f"image sizes: {sizes}")
     for p, why in res.unreadable:
-        console.print(f"[yellow]unreadable:[/] {why if str(p) in why else f'{p}: {why}'}")
+        name = printable(str(p))  # a name that is not UTF-8 cannot be printed as it is
+        console.print(f"[yellow]unreadable:[/] {why if name in why else f'{name}: {why}'}")
     if res.empty_classes:
         console.print(f"[yellow]empty class folders:[/] {', '.join(res.empty_classes)}")
     if res.ignored:
@@ -396,7 +402,21 @@ def data_manifest(
     from marrowscope.data.manifest import class_names, write_manifest
     from marrowscope.engine.data import manifest_rows
 
+    if out.is_dir():
+        raise typer.BadParameter(
+            f"{out} is a folder; pass the CSV file to write, e.g. {out / 'manifest.csv'}",
+            param_hint="--out",
+        )
     is_csv = source.lower().endswith(".csv")
+    if is_csv and out.exists() and Path(source).exists() and os.path.samefile(source, out):
+        from marrowscope.data import DataError
+
+        raise DataError(
+            f"--out {out} is the source manifest {source}: writing it would replace your "
+            "manifest (only path,label,split,group are written: other columns would be lost, "
+            f"relative paths made absolute); write the split elsewhere, e.g. --out "
+            f"{Path(out).with_name(Path(out).stem + '-split.csv')}"
+        )
     cfg = from_dict(
         {
             "seed": seed,
@@ -446,6 +466,13 @@ def train(
 
     Data-parallel on several GPUs/processes: --nproc N, or torchrun ... -m marrowscope train."""
 
+    if resume is not None and (config is not None or run_dir is not None):
+        raise typer.BadParameter(
+            f"--resume continues {resume} with its own {resume / 'config.yaml'}, in that folder: "
+            "leave out --config and --run-dir (change what a resumed run may change with --set, "
+            "e.g. --set train.epochs=60)",
+            param_hint="--config/--run-dir",
+        )
     if _launched(
         nproc,
         "train",
@@ -463,23 +490,29 @@ def train(
     from marrowscope.config import load_config
     from marrowscope.engine.train import fit, new_run_dir
 
+    overrides = list(set_ or [])
+    if device:  # a run-time setting: a resumed run may move to another device
+        overrides.append(f"train.device={device}")
     if resume is not None:
         fit(
             None,
             resume,
             resume=True,
-            overrides=list(set_ or []),
+            overrides=overrides,
             progress=not no_progress,
             console=console,
         )
         return
     if config is None:
         raise FileNotFoundError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
-    overrides = list(set_ or [])
-    if device:
-        overrides.append(f"train.device={device}")
     cfg = load_config(config, overrides)
-    fit(cfg, run_dir or new_run_dir(cfg.name), progress=not no_progress, console=console)
+    fit(
+        cfg,
+        run_dir or new_run_dir(cfg.name),
+        progress=not no_progress,
+        console=console,
+        new_dir_only=True,
+    )
 
 
 # -------------------------------------------------------------------------------------------- cv
@@ -655,7 +688,13 @@ def compare(
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override: key.sub=value.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Reuse finished model runs in --out.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse the finished model runs in --out and continue interrupted ones (only "
+            "those trained with the same config and split; without it, runs in --out are refused)."
+        ),
+    ] = False,
     device: TrainDevice = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     nproc: Nproc = None,
@@ -685,7 +724,9 @@ def compare(
         overrides.append(f"train.device={device}")
     cfg = load_config(config, overrides)
     target = out or new_run_dir(f"compare-{cfg.name}")
-    run_compare(cfg, target, resume=resume, progress=not no_progress, console=console)
+    run_compare(
+        cfg, target, resume=resume, progress=not no_progress, console=console, source=config
+    )
 
 
 # ---- whole fields of view (issue 14)
@@ -1561,6 +1602,10 @@ def benchmark(
         )
     if not sizes or min(sizes) < 1:
         raise typer.BadParameter(f"--batch-sizes must be positive, got {batch_sizes!r}")
+    if workers < 0:
+        raise typer.BadParameter(
+            f"must be >= 0 (0 = one per core), got {workers}", param_hint="--workers"
+        )
     decode_mode = _check_decode(decode)
     report = run_benchmark(
         target,

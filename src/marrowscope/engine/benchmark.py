@@ -44,7 +44,12 @@ from marrowscope.config import ModelConfig
 from marrowscope.data.sample import SAMPLE_ROOT, resolve_root
 from marrowscope.export.int8 import quantize_openvino, save_int8
 from marrowscope.export.onnx import export_onnx
-from marrowscope.inference.batching import check_decode, collect_image_paths, iter_loaded
+from marrowscope.inference.batching import (
+    InputError,
+    check_decode,
+    collect_image_paths,
+    iter_loaded,
+)
 from marrowscope.inference.openvino_runtime import RuntimeMissingError
 from marrowscope.inference.predictor import (
     ONNX_NAME,
@@ -60,7 +65,8 @@ from marrowscope.preprocess.cache import resolve_workers
 from marrowscope.preprocess.ops import config_from_params, preprocess_steps
 from marrowscope.reports.benchmark_report import BENCH_FORMATS, benchmark_markdown, benchmark_rows
 from marrowscope.reports.tables import to_rich
-from marrowscope.utils.image import read_image
+from marrowscope.utils.image import ImageReadError, read_image
+from marrowscope.utils.io import printable
 from marrowscope.utils.runtime import cpu_has_native_bf16
 
 __all__ = [
@@ -172,7 +178,8 @@ def load_target(
         ``(model, metadata, bundle folder or None)``.
 
     Raises:
-        BundleError: a folder that is not a valid bundle.
+        BundleError: a folder that is not a valid bundle, or a path (a name with a path
+            separator) that does not exist.
         ModelError: an unknown model name.
     """
     name = shipped_name(target)
@@ -180,6 +187,11 @@ def load_target(
     if path.exists():
         model, meta = load_bundle(path, device="cpu")
         return model, meta, path
+    if any(sep in str(target) for sep in ("/", "\\", os.sep)):  # meant as a folder, not a name
+        raise BundleError(
+            f"no such checkpoint folder {target}; check the path (a bundle folder such as "
+            "RUN_DIR/best), or give a model name for random weights (see `marrowscope models`)"
+        )
     model = build_model(
         ModelConfig(name=target, pretrained=False), num_classes, input_size=input_size
     )
@@ -306,24 +318,35 @@ def _predictors(
 
 def _preprocess_cost(
     files: Sequence[Path], params: dict[str, Any], n: int = 24
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[Path]]:
     """Median ms per image of each preprocessing step that the bundle uses, in one process, after
-    one untimed image (the first decode also loads Pillow's plugins)."""
+    one untimed image (the first decode also loads Pillow's plugins), over the first ``n``
+    readable files; and the unreadable files met on the way (skipped, as ``predict`` does)."""
     chain = preprocess_steps(config_from_params(params))
     steps: dict[str, list[float]] = {"decode": [], **{name: [] for name, _ in chain}}
-    if files:
-        first = read_image(files[0])
-        for _, step in chain:
-            first = step(first)
-    for p in files[:n]:
+    unreadable: list[Path] = []
+    warmed = False
+    for p in files:
+        if len(steps["decode"]) >= n:
+            break
         t0 = time.perf_counter()
-        img = read_image(p)
+        try:
+            img = read_image(p)
+        except ImageReadError:
+            unreadable.append(p)
+            continue
+        if not warmed:  # untimed: the first decode also loads Pillow's plugins
+            warmed = True
+            for _, step in chain:
+                img = step(img)
+            t0 = time.perf_counter()
+            img = read_image(p)
         steps["decode"].append(time.perf_counter() - t0)
         for name, step in chain:
             t0 = time.perf_counter()
             img = step(img)
             steps[name].append(time.perf_counter() - t0)
-    return {k: 1000.0 * float(np.median(v)) for k, v in steps.items() if v}
+    return {k: 1000.0 * float(np.median(v)) for k, v in steps.items() if v}, unreadable
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -397,7 +420,16 @@ def run_benchmark(
         },
         denoise=bool(pre.get("denoise")),
     )
-    report.preprocess_ms = _preprocess_cost(files, dict(pre))
+    report.preprocess_ms, unreadable = _preprocess_cost(files, dict(pre))
+    if unreadable:  # left out of every measurement, as predict skips them
+        bad = set(unreadable)
+        files = [f for f in files if f not in bad]
+        if not files:
+            raise InputError(
+                f"all {len(unreadable)} images of {img_root} are unreadable "
+                f"({_names(unreadable)}); pass --images with a folder of readable cell images"
+            )
+    skipped = set(unreadable)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="marrowscope-bench-") as tmp:
         preds = _predictors(
@@ -458,6 +490,7 @@ def run_benchmark(
                             min_time=min_time,
                             workers=workers,
                             decode=decode,
+                            unreadable=skipped,
                         )
                     )
                     share = pred.recheck_share() if pred.recheck_margin_ > 0 else None
@@ -467,8 +500,22 @@ def run_benchmark(
                             f"{share:.1%} of the {len(files)} cells"
                         )
                         pred.cells_checked_ = pred.cells_rechecked_ = 0
+    if skipped:
+        ordered = sorted(skipped)
+        note = (
+            f"skipped {len(ordered)} unreadable image(s) of {img_root} ({_names(ordered)}); "
+            "the end-to-end rates count readable images only"
+        )
+        report.notes.append(note)
+        report.settings["n_unreadable"] = len(ordered)
     _add_notes(report, batch_sizes)
     return report
+
+
+def _names(paths: Sequence[Path], show: int = 3) -> str:
+    """The first ``show`` file names, and how many more."""
+    more = f" and {len(paths) - show} more" if len(paths) > show else ""
+    return ", ".join(printable(Path(p).name) for p in paths[:show]) + more
 
 
 def _recheck_step(
@@ -503,11 +550,14 @@ def _end_to_end(
     min_time: float,
     workers: int,
     decode: str,
+    unreadable: set[Path] | None = None,
 ) -> BenchRow:
     """Whole passes over ``files`` (decode -> preprocess -> infer) until ``min_time``.
 
     Latency is the gap between consecutive batches as the caller sees them; throughput is
-    images over the whole wall time (each pass starts its worker pool again, as ``predict`` does).
+    readable images over the whole wall time (each pass starts its worker pool again, as
+    ``predict`` does). Unreadable files are skipped, as ``predict`` does, and added to
+    ``unreadable``.
     """
     if warmup > 0:  # the network is warm already; one batch warms the decoding path
         for _ in pred.predict_path_batches(
@@ -525,7 +575,9 @@ def _end_to_end(
             now = time.perf_counter()
             gaps.append(now - t_prev)
             t_prev = now
-            n_images += len(batch)
+            n_images += sum(r.probs is not None for r in batch)
+            if unreadable is not None:
+                unreadable.update(Path(r.path) for r in batch if r.probs is None)
     total = time.perf_counter() - start
     return replace(_row(backend, "end-to-end", bs, gaps, n_images), images_per_s=n_images / total)
 

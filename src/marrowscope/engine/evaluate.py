@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from marrowscope.config import ConfigError
 from marrowscope.data import DataError
 from marrowscope.data.manifest import ManifestRow, read_manifest
 from marrowscope.data.sample import resolve_root
 from marrowscope.data.scan import scan_folder
 from marrowscope.inference.predictor import Predictor
+from marrowscope.metadata import TTA_MODES
 from marrowscope.metrics.classification import (
     bootstrap_ci,
     classification_metrics,
@@ -119,6 +121,9 @@ def labelled_rows(source: Path, split: str | None = None) -> list[ManifestRow]:
     return _labelled(source, split)[0]
 
 
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+"""A data source with one of these suffixes is meant as a manifest file, not a folder."""
+
 IGNORED_LISTED = 50
 """At most this many ignored files are listed in ``metrics.json`` (their number is recorded)."""
 
@@ -127,15 +132,40 @@ def _labelled(source: Path, split: str | None) -> tuple[list[ManifestRow], list[
     """:func:`labelled_rows`, and the files of a folder source that were left out: those
     directly in the data folder (in no class folder, so of no class, images or not), and those
     in class folders that are not images by extension."""
-    if source.is_file() and source.suffix.lower() == ".csv":
+    suffix = source.suffix.lower()
+    if suffix in MANIFEST_SUFFIXES and not source.exists():
+        raise DataError(
+            f"no such manifest file {source}; check the path (a manifest is a CSV with columns "
+            "path,label and optionally split), or pass a folder with one sub-folder per class"
+        )
+    if suffix in MANIFEST_SUFFIXES[1:] and source.is_file():
+        raise DataError(
+            f"{source}: evaluate reads a manifest CSV (columns path,label[,split]), not Parquet; "
+            "save it as CSV"
+        )
+    if source.is_file() and suffix == ".csv":
         rows = read_manifest(source)
-        has_split = any(r.split for r in rows)
-        chosen = split or ("test" if has_split else None)
+        splits = sorted({r.split for r in rows if r.split})
+        if split and not splits:
+            raise DataError(
+                f"manifest {source} has no split column (no row has a split), so --split "
+                f"{split} selects nothing; leave out --split to evaluate all its rows"
+            )
+        chosen = split or ("test" if splits else None)
         if chosen:
             rows = [r for r in rows if r.split == chosen]
             if not rows:
-                raise DataError(f"manifest {source} has no row in split {chosen!r}; pass --split")
+                raise DataError(
+                    f"manifest {source} has no row in split {chosen!r} (its splits: "
+                    f"{', '.join(splits)}); pass --split with one of them"
+                )
         return rows, [], []
+    if split:
+        raise DataError(
+            f"--split {split} selects rows of a manifest CSV, but {source} is a folder, which has "
+            "no splits; leave out --split to evaluate every image in it, or pass the manifest "
+            "(e.g. the one `marrowscope data manifest` writes)"
+        )
     scan = scan_folder(resolve_root(str(source)), check_images=False, progress=False)
     rows = [ManifestRow(path=str(p), label=c) for c, files in scan.files.items() for p in files]
     at_root = [p for p in scan.ignored if p.parent == scan.root]
@@ -208,8 +238,20 @@ def evaluate_bundle(
     folder) and ``skipped`` (unreadable images).
     """
     console = console or Console()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if tta is not None and tta not in TTA_MODES:
+        raise ConfigError(
+            f"unknown test-time augmentation --tta {tta!r}; use {', '.join(TTA_MODES[:-1])} or "
+            f"{TTA_MODES[-1]}"
+        )
     meta = read_metadata(bundle_dir)
     classes = list(meta.classes)
+    if focus and focus not in classes:
+        console.print(
+            f"[yellow]warning: --focus {printable(focus)} is not a class of the model (its "
+            f"classes: {', '.join(classes)}); no focus block is reported"
+        )
     rows, root_paths, other_paths = _labelled(Path(source), split)
     at_root, not_images = [str(p) for p in root_paths], [str(p) for p in other_paths]
     cmap = dict(class_map or {})
@@ -234,6 +276,8 @@ def evaluate_bundle(
         console.print(f"[yellow]not reading {phrase}")
     if not rows:
         raise DataError(f"no labelled image to evaluate in {source}")
+    # built before the images are read: a device that is not there fails at once
+    predictor = Predictor.from_checkpoint(bundle_dir, device=device, batch_size=batch_size, tta=tta)
 
     pre = config_from_params(meta.preprocess or {})  # exactly what the Predictor applies
     arrays, failures = PreprocessCache(pre).load_many(
@@ -242,12 +286,19 @@ def evaluate_bundle(
     for path, msg in failures:
         console.print(f"[yellow]skipping unreadable image {path}: {msg}")
     keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        named = ", ".join(printable(Path(p).name) for p, _ in failures[:3])
+        more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+        raise DataError(
+            f"all {len(rows)} images of {source} are unreadable ({named}{more}), so there is "
+            f"nothing to evaluate; check the files (`marrowscope data scan {source}` lists "
+            "every unreadable one)"
+        )
     images = [arrays[i] for i in keep]
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[rows[i].label] for i in keep], dtype=np.int64)
     paths = [rows[i].path for i in keep]
 
-    predictor = Predictor.from_checkpoint(bundle_dir, device=device, batch_size=batch_size, tta=tta)
     probs = predictor.predict_preprocessed(images, progress=progress)
     focus_cls = focus or (DEFAULT_FOCUS if DEFAULT_FOCUS in classes else None)
     metrics = score(probs, labels, classes, focus=focus_cls, n_boot=n_boot)

@@ -106,8 +106,23 @@ def sample_images(
     return out
 
 
+def _written_opset(path: Path) -> int | None:
+    """The default-domain opset of the ONNX file at ``path`` (None when it names none)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _torch_export(model: Classifier, path: Path, *, opset: int | None) -> str:
-    """Export to ``path``; returns the exporter used (``dynamo``, else ``torchscript``)."""
+    """Export to ``path``; returns the exporter used (``dynamo``, else ``torchscript``).
+
+    With ``opset`` given, the written file must carry that opset: the dynamo exporter may raise
+    it (to the lowest opset it can write), so then the TorchScript exporter is tried.
+
+    Raises:
+        ExportError: neither exporter can export the model, or none writes ``opset``.
+    """
     size = model.input_size
     example = (torch.rand(2, 3, size, size),)  # batch 2: torch.export does not specialise it
     errors = []
@@ -132,7 +147,13 @@ def _torch_export(model: Classifier, path: Path, *, opset: int | None) -> str:
                 optimize=True,
                 verbose=False,
             )
-        return "dynamo"
+        if opset is None:
+            return "dynamo"
+        written = _written_opset(path)
+        if written == opset:
+            return "dynamo"
+        errors.append(f"dynamo: wrote opset {written}")
+        log.info("the dynamo exporter wrote opset %s, not %s; trying TorchScript", written, opset)
     except Exception as e:  # the dynamo exporter cannot trace every timm model yet
         errors.append(f"dynamo: {type(e).__name__}: {str(e)[:500]}")
         log.warning("the torch.export-based ONNX exporter failed (%s); trying TorchScript", e)
@@ -150,9 +171,21 @@ def _torch_export(model: Classifier, path: Path, *, opset: int | None) -> str:
                 opset_version=opset or 17,
                 do_constant_folding=True,
             )
-        return "torchscript"
+        if opset is None:
+            return "torchscript"
+        written = _written_opset(path)
+        if written == opset:
+            return "torchscript"
+        errors.append(f"torchscript: wrote opset {written}")
     except Exception as e:
         errors.append(f"torchscript: {type(e).__name__}: {str(e)[:500]}")
+    if any(": wrote opset " in e for e in errors):
+        path.unlink(missing_ok=True)  # not the opset asked for: leave no file that looks usable
+    if opset is not None and all(": wrote opset " in e for e in errors):
+        raise ExportError(
+            f"--opset {opset} was asked for, but the exporters write another opset "
+            f"({'; '.join(errors)}); leave out --opset, or pass one of those"
+        )
     raise ExportError(
         f"cannot export {model.arch!r} to ONNX with either exporter ({'; '.join(errors)}); "
         "try another --opset or another model"

@@ -328,6 +328,14 @@ def _resolve(directory: str | Path) -> Path:
         raise shadow_error(hidden)
     d = Path(directory)
     if d.is_dir():
+        if not (d / METADATA_NAME).exists():
+            inner = [s for s in ("best", "last") if (d / s / METADATA_NAME).is_file()]
+            if inner:  # a training run folder: its bundles are one level down
+                raise BundleError(
+                    f"{d} is a training run folder, not a checkpoint bundle; pass "
+                    + " (or ".join(str(d / s) for s in inner)
+                    + ")" * (len(inner) - 1)
+                )
         return d
     if d.exists():
         hint = (

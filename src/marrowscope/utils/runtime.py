@@ -10,6 +10,11 @@ import numpy as np
 import torch
 
 
+class DeviceError(ValueError):
+    """An unknown or unavailable device or precision; the message names the value and the fix
+    (the command line shows it as one line)."""
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) so a CPU run repeats exactly."""
     random.seed(seed)
@@ -29,15 +34,20 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available else CPU. ``cuda`` without a GPU is a clear error."""
+    """``auto`` -> CUDA if available else CPU.
+
+    Raises:
+        DeviceError: an unknown device name, or ``cuda`` without a visible GPU (the command line
+            shows it as one line, without a traceback).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
-        )
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+        raise DeviceError(f"unknown device {name!r}; use --device auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu (or auto)"
+        )
     return torch.device(name)
 
 
@@ -60,7 +70,11 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device, channels_last: bool = True) -> Precision:
-    """Pick the autocast dtype: ``auto`` = bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    """Pick the autocast dtype: ``auto`` = bf16 on CUDA and on CPUs with native bf16, else fp32.
+
+    Raises:
+        DeviceError: an unknown precision, or fp16 on a CPU.
+    """
     if name == "auto":
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -72,10 +86,10 @@ def resolve_precision(name: str, device: torch.device, channels_last: bool = Tru
         dtype = torch.bfloat16
     elif name == "fp16":
         if device.type == "cpu":
-            raise ValueError("precision fp16 is for CUDA; on a CPU use bf16 or fp32")
+            raise DeviceError("precision fp16 is for CUDA; on a CPU use bf16 or fp32")
         dtype = torch.float16
     else:
-        raise ValueError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
+        raise DeviceError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
     return Precision(dtype=dtype, channels_last=channels_last)
 
 

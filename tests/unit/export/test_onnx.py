@@ -97,3 +97,18 @@ def test_stale_export_is_refused_after_the_weights_change(tiny_bundle: Path) -> 
 def test_export_refuses_a_folder_as_output(tiny_bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="is a folder"):
         export_checkpoint(tiny_bundle, out=tmp_path)
+
+
+def test_export_writes_the_opset_asked_for(tiny_bundle: Path) -> None:
+    target, rep = export_checkpoint(tiny_bundle, opset=13)
+    opsets = {o.domain: o.version for o in onnx.load(str(target)).opset_import}
+    assert opsets.get("", opsets.get("ai.onnx")) == 13 and rep.opset == 13
+
+
+def test_export_refuses_an_opset_no_exporter_writes(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnx_export, "_written_opset", lambda path: 21)
+    with pytest.raises(ExportError, match=r"--opset 13 was asked for.*wrote opset 21"):
+        export_checkpoint(tiny_bundle, opset=13)
+    assert not (tiny_bundle / "model.onnx").exists()
