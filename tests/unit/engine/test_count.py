@@ -142,7 +142,7 @@ def test_no_hac_class_means_not_available(tmp_path: Path) -> None:
         _predictor(["BLA", "LYT"], plan), _sample(tmp_path / "s", plan), progress=False
     )
     assert res.flag.status == NOT_AVAILABLE
-    assert res.flag.message.lower().startswith("not available: the model has no hac class")
+    assert res.flag.message.startswith("The model has no HAC class")
     assert res.flag.evidence == () and not res.flag.flagged
 
 
