@@ -44,6 +44,17 @@ def class_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**63, zlib.crc32(name.encode("utf-8"))])
 
 
+def _check_limits(max_per_class: int | None, min_per_class: int) -> None:
+    """The per-class cap and minimum are in range (else a DataError naming the option)."""
+    if max_per_class is not None and max_per_class < 1:
+        raise DataError(
+            f"max_per_class must be >= 1 (or unset for no cap), got {max_per_class}; "
+            "fix --max-per-class / data.max_per_class"
+        )
+    if min_per_class < 0:
+        raise DataError(f"min_per_class must be >= 0, got {min_per_class}; fix data.min_per_class")
+
+
 def build_manifest(
     scan: ScanResult,
     *,
@@ -69,13 +80,7 @@ def build_manifest(
         DataError: a requested class is missing, a class folder is empty, a class has fewer than
             ``min_per_class`` images, or an argument is out of range.
     """
-    if max_per_class is not None and max_per_class < 1:
-        raise DataError(
-            f"max_per_class must be >= 1 (or unset for no cap), got {max_per_class}; "
-            "fix --max-per-class / data.max_per_class"
-        )
-    if min_per_class < 0:
-        raise DataError(f"min_per_class must be >= 0, got {min_per_class}; fix data.min_per_class")
+    _check_limits(max_per_class, min_per_class)
     available = list(scan.counts)
     if classes is None:
         chosen = available
@@ -159,13 +164,7 @@ def limit_rows(
         DataError: an argument is out of range, a class has fewer than ``min_per_class`` rows, or
             a cap would thin a recorded split; the message names the class, the file and the fix.
     """
-    if max_per_class is not None and max_per_class < 1:
-        raise DataError(
-            f"max_per_class must be >= 1 (or unset for no cap), got {max_per_class}; "
-            "fix --max-per-class / data.max_per_class"
-        )
-    if min_per_class < 0:
-        raise DataError(f"min_per_class must be >= 0, got {min_per_class}; fix data.min_per_class")
+    _check_limits(max_per_class, min_per_class)
     by_class: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_class.setdefault(r.label, []).append(i)

@@ -114,6 +114,15 @@ def _written_opset(path: Path) -> int | None:
     return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
+def _opset_problem(path: Path, opset: int | None) -> str | None:
+    """``None`` when no opset was asked for or the file at ``path`` carries it, else
+    ``"wrote opset N"``."""
+    if opset is None:
+        return None
+    written = _written_opset(path)
+    return None if written == opset else f"wrote opset {written}"
+
+
 def _torch_export(model: Classifier, path: Path, *, opset: int | None) -> str:
     """Export to ``path``; returns the exporter used (``dynamo``, else ``torchscript``).
 
@@ -147,13 +156,11 @@ def _torch_export(model: Classifier, path: Path, *, opset: int | None) -> str:
                 optimize=True,
                 verbose=False,
             )
-        if opset is None:
+        problem = _opset_problem(path, opset)
+        if problem is None:
             return "dynamo"
-        written = _written_opset(path)
-        if written == opset:
-            return "dynamo"
-        errors.append(f"dynamo: wrote opset {written}")
-        log.info("the dynamo exporter wrote opset %s, not %s; trying TorchScript", written, opset)
+        errors.append(f"dynamo: {problem}")
+        log.info("the dynamo exporter %s, not %s; trying TorchScript", problem, opset)
     except Exception as e:  # the dynamo exporter cannot trace every timm model yet
         errors.append(f"dynamo: {type(e).__name__}: {str(e)[:500]}")
         log.warning("the torch.export-based ONNX exporter failed (%s); trying TorchScript", e)
@@ -171,12 +178,10 @@ def _torch_export(model: Classifier, path: Path, *, opset: int | None) -> str:
                 opset_version=opset or 17,
                 do_constant_folding=True,
             )
-        if opset is None:
+        problem = _opset_problem(path, opset)
+        if problem is None:
             return "torchscript"
-        written = _written_opset(path)
-        if written == opset:
-            return "torchscript"
-        errors.append(f"torchscript: wrote opset {written}")
+        errors.append(f"torchscript: {problem}")
     except Exception as e:
         errors.append(f"torchscript: {type(e).__name__}: {str(e)[:500]}")
     if any(": wrote opset " in e for e in errors):
