@@ -463,6 +463,40 @@ def test_resume_takes_device_and_refuses_config_and_run_dir(
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["device"] == device
 
 
+def test_resume_applies_a_new_learning_rate_and_weight_decay(
+    one_epoch_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the saved optimizer state must not silently keep the old rates: --set train.lr on resume
+    # applies from the next epoch, on the config's schedule, and is recorded and said
+    import yaml
+
+    run = one_epoch_run
+    seen: list[list[tuple[float, float, float]]] = []
+    real = train_mod.train_one_epoch
+
+    def spy(model, loader, optimizer, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([(g["initial_lr"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups])
+        return real(model, loader, optimizer, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    res = _train_cli(
+        "--resume", str(run), "--set", "train.epochs=3", "--set", "train.lr=0.0005",
+        "--set", "train.weight_decay=0.2",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "train.lr 0.003 -> 0.0005" in " ".join(res.output.split())
+    assert len(seen) == 2  # epochs 2 and 3
+    for peak, lr, decay in seen[0]:
+        assert peak == pytest.approx(0.0005)
+        assert decay in (0.0, pytest.approx(0.2))  # biases and norms have no decay
+        # epoch 2 of 3 on a cosine schedule without warm-up starts below the peak, above 0
+        assert 0 < lr < peak
+    assert any(decay == pytest.approx(0.2) for _, _, decay in seen[0])
+    assert seen[1][0][1] < seen[0][0][1]  # the schedule goes on decaying
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (saved["lr"], saved["weight_decay"]) == (0.0005, 0.2)
+
+
 def test_train_refuses_a_folder_that_is_not_a_run(synthetic_tree: Path, tmp_path: Path) -> None:
     import yaml
 

@@ -404,6 +404,10 @@ def _read_resume(
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         _check_resumable(run_dir, saved, cfg, state)
+        changed = _changed_keys(saved, cfg)
+        if changed:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            console.print(f"Resuming with {what} (from the next epoch on)")
     else:
         console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
     split = run_dir / "split.csv"
@@ -472,6 +476,25 @@ def _check_resumable(
         "classes and weight averaging (EMA/SWA on or off) from its first epoch; "
         + _resume_fix(run_dir, list(fixed))
     )
+
+
+def _apply_configured_rates(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    configured: list[tuple[float, float]],
+) -> None:
+    """After a resume loaded the saved optimizer and scheduler, put back the peak learning rate
+    and weight decay of each parameter group as the config has them: ``--resume RUN --set
+    train.lr=...`` (or ``train.weight_decay``, ``train.backbone_lr_scale``, ``train.layer_decay``)
+    then applies from the next step on, on the schedule of the config (also a changed
+    ``train.epochs``); with the saved config the values are the saved ones, so nothing moves."""
+    scheduler.base_lrs = [peak for peak, _ in configured]
+    for group, (peak, decay), rate in zip(
+        optimizer.param_groups, configured, scheduler.lr_lambdas, strict=True
+    ):
+        group["initial_lr"] = peak
+        group["weight_decay"] = decay
+        group["lr"] = peak * rate(scheduler.last_epoch)
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
@@ -649,6 +672,8 @@ def fit(
     best_epoch = 0
     bad_epochs = 0
     elapsed_before = 0.0
+    # the rates and weight decay the config asks for (the state's optimizer replaces them)
+    configured = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
     if state is not None:  # on every rank: weights, EMA/SWA, optimizer, scheduler, counters
         # (_check_resumable refused the known misfits; anything else that does not fit the
         # state is one clear error too, and the run folder is still untouched)
@@ -670,6 +695,7 @@ def fit(
                 f"was trained with, or start a new run: marrowscope train --config "
                 f"{run_dir / 'config.yaml'} --set ... --run-dir NEW_RUN"
             ) from e
+        _apply_configured_rates(optimizer, scheduler, configured)
         history = state["history"]
         start_epoch = state["epoch"] + 1
         best_f1 = state["best_val_macro_f1"]
