@@ -57,6 +57,28 @@ def test_data_scan_reports_counts_and_unreadable(synthetic_tree: Path, tmp_path:
     assert [u["path"] for u in scan["unreadable"]] == [str(synthetic_tree / "CCC" / "empty.png")]
 
 
+def test_data_scan_reports_identical_files(synthetic_tree: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(synthetic_tree / "AAA" / "AAA_001.png", synthetic_tree / "BBB" / "x.png")
+    shutil.copy(synthetic_tree / "CCC" / "CCC_002.jpg", synthetic_tree / "CCC" / "y.jpg")
+    out = tmp_path / "scan.json"
+    res = _invoke("data", "scan", str(synthetic_tree), "--json", str(out), "--workers", "1")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "label conflicts" in text and "identical copies" in text
+    assert "1 image(s) are byte-identical copies filed under different classes" in text
+    dups = json.loads(out.read_text())["duplicates"]
+    assert [(d["classes"], d["conflict"]) for d in dups] == [
+        (["AAA", "BBB"], True),
+        (["CCC", "CCC"], False),
+    ]
+    assert dups[1]["paths"] == [
+        str(synthetic_tree / "CCC" / "CCC_002.jpg"),
+        str(synthetic_tree / "CCC" / "y.jpg"),
+    ]
+
+
 def test_data_scan_of_bundled_sample() -> None:
     res = _invoke("data", "scan", "builtin:bm-sample", "--workers", "1")
     assert res.exit_code == 0, res.output

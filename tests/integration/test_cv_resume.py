@@ -103,8 +103,11 @@ def test_resume_refuses_data_that_changed_under_finished_folds(
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     stamp = os.path.getmtime(out / "fold-0" / "oof.npz")
 
-    extra = synthetic_tree / "AAA" / "AAA_extra.png"
-    shutil.copy(synthetic_tree / "AAA" / "AAA_001.png", extra)
+    from conftest import COLOURS, make_cell
+    from PIL import Image
+
+    extra = synthetic_tree / "AAA" / "AAA_extra.png"  # new bytes: a copy would be left out
+    Image.fromarray(make_cell(np.random.default_rng(99), COLOURS["AAA"])).save(extra)
     with pytest.raises(DataError, match=r"differ from .*folds\.csv \(1 added \(e\.g\. .*AAA_extra"):
         cross_validate(_cfg(synthetic_tree), out, folds=2, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -339,8 +339,12 @@ def test_compare_refuses_to_retrain_over_finished_runs_and_resume_checks_config_
     with pytest.raises(ConfigError, match=r"\bseed: 3 .* 7"):
         compare(replace(cfg, ["seed=7"]), out, resume=True, progress=False)
     # the same config but data that changed since: its test images could be training images
-    extra = synthetic_tree / "AAA" / "new_one.png"
-    shutil.copyfile(next((synthetic_tree / "AAA").glob("*.png")), extra)
+    import numpy as np
+    from conftest import COLOURS, make_cell
+    from PIL import Image
+
+    extra = synthetic_tree / "AAA" / "new_one.png"  # new bytes: a copy would be left out
+    Image.fromarray(make_cell(np.random.default_rng(99), COLOURS["AAA"])).save(extra)
     with pytest.raises(ConfigError, match=r"runs/paper_cnn.*split.*new_one\.png"):
         compare(cfg, out, resume=True, progress=False)
     extra.unlink()

@@ -339,17 +339,26 @@ def data_scan(
         Path | None, typer.Option("--json", help="Also write the scan as JSON.")
     ] = None,
 ) -> None:
-    """Per-class counts, image sizes and unreadable files of a folder-per-class tree."""
+    """Per-class counts, image sizes, unreadable and byte-identical files of a folder-per-class
+    tree."""
+
+    from rich.markup import escape
 
     from marrowscope.data.sample import resolve_root
-    from marrowscope.data.scan import format_scan, scan_folder
+    from marrowscope.data.scan import describe_duplicates, format_scan, scan_folder
     from marrowscope.utils.io import atomic_write_json, printable
 
     if workers < 0:
         raise typer.BadParameter(
             f"must be >= 0 (0 = one per core), got {workers}", param_hint="--workers"
         )
-    res = scan_folder(resolve_root(root), check_images=check, workers=workers, utf8_names=True)
+    res = scan_folder(
+        resolve_root(root),
+        check_images=check,
+        workers=workers,
+        utf8_names=True,
+        find_duplicates=True,
+    )
     console.print(format_scan(res))
     sizes = ", ".join(
         f"{w}x{h}: {n}" for (w, h), n in sorted(res.sizes.items(), key=lambda kv: -kv[1])
@@ -363,6 +372,8 @@ def data_scan(
         console.print(f"[yellow]empty class folders:[/] {', '.join(res.empty_classes)}")
     if res.ignored:
         console.print(f"{len(res.ignored)} non-image file(s) ignored")
+    for line in describe_duplicates(res):
+        console.print(f"[yellow]{escape(printable(line))}")
     if json_out:
         atomic_write_json(
             json_out,
@@ -373,6 +384,10 @@ def data_scan(
                 "unreadable": [{"path": str(p), "error": m} for p, m in res.unreadable],
                 "empty_classes": res.empty_classes,
                 "ignored": [str(p) for p in res.ignored],
+                "duplicates": [
+                    {"paths": list(g.paths), "classes": list(g.labels), "conflict": g.conflict}
+                    for g in res.duplicates or []
+                ],
             },
         )
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from marrowscope.config import ConfigError, ExperimentConfig, from_dict
 from marrowscope.data import DataError
+from marrowscope.data.duplicates import drop_duplicates, duplicates_warning
 from marrowscope.data.manifest import (
     ManifestRow,
     build_manifest,
@@ -38,7 +39,14 @@ from marrowscope.data.scan import ScanResult, scan_folder
 from marrowscope.data.split import assign_splits
 from marrowscope.metadata import BundleMetadata
 
-__all__ = ["SPLIT_FILE", "RecordedSplit", "manifest_rows", "recorded_split", "stratified_subset"]
+__all__ = [
+    "SPLIT_FILE",
+    "ManifestRows",
+    "RecordedSplit",
+    "manifest_rows",
+    "recorded_split",
+    "stratified_subset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,23 @@ SPLIT_FILE = "split.csv"
 _FIX = "pass labelled cells explicitly (--calibrate DIR for calibration, --guard-data DIR for the guard)"
 
 
-def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[ManifestRow]:
+class ManifestRows(list[ManifestRow]):
+    """A run's split manifest rows, plus the images left out of it before the split.
+
+    Attributes:
+        left_out: ``(path, why)`` of each image left out (a byte-identical copy of another image
+            of its class); loading the images adds them to the skipped images that training
+            records in the run folder (``skipped.csv``).
+    """
+
+    def __init__(
+        self, rows: Iterable[ManifestRow] = (), left_out: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(rows)
+        self.left_out: list[tuple[str, str]] = list(left_out)
+
+
+def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRows:
     """The split manifest for ``cfg``: read from ``data.manifest`` or built by scanning ``data.root``.
 
     A manifest gets the same subset rules as a folder: ``data.classes``, and ``data.max_per_class``
@@ -59,8 +83,14 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[Manif
     while ``data.split.group_column`` is unset is split by image, with a warning that names the
     setting (so a recorded or re-derived split keeps its meaning).
 
+    Byte-identical image files (:mod:`~marrowscope.data.duplicates`) among the chosen rows are
+    checked before the split: copies under two different classes are an error; extra copies in
+    one class are left out with a warning (the first in sorted path order is kept) and listed
+    in :attr:`ManifestRows.left_out`, so no image is on both sides of the split.
+
     Raises:
-        DataError: no data named, a class or file problem (the message names it and the fix).
+        DataError: no data named, a class or file problem, or byte-identical files under
+            different classes (the message names them and the fix).
     """
     d = cfg.data
     lost: Callable[[str], str]
@@ -85,6 +115,9 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[Manif
             source=d.manifest,
         )
         require_utf8_paths(r.path for r in rows)
+        source = f"manifest {d.manifest}"
+        label_of = {r.path: r.label for r in rows}
+        rows, left_out = drop_duplicates(rows, source=source)
         lost = _missing_files(rows, d.manifest)
     elif d.root:
         scan = scan_folder(resolve_root(d.root), check_images=False, progress=progress)
@@ -96,13 +129,19 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[Manif
             seed=cfg.seed,
         )
         require_utf8_paths(r.path for r in rows)
+        source = str(scan.root)
+        label_of = {r.path: r.label for r in rows}
+        rows, left_out = drop_duplicates(rows, source=source)
         lost = _unreadable_files(scan)
     else:
         raise DataError(
             "the config names no data: set data.root (a folder per class) or data.manifest"
         )
+    if left_out:
+        log.warning("%s", duplicates_warning(left_out, source))
+        lost = _with_left_out(lost, [label_of[p] for p, _ in left_out])
     if all(r.split is not None for r in rows):
-        return rows
+        return ManifestRows(rows, left_out)
     grouped = d.split.group_column is not None
     if not grouped and any(r.group is not None for r in rows):
         n_groups = len({r.group for r in rows if r.group is not None})
@@ -114,9 +153,22 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> list[Manif
             d.manifest,
             n_groups,
         )
-    return assign_splits(
+    split = assign_splits(
         rows, val=d.split.val, test=d.split.test, seed=cfg.seed, grouped=grouped, lost=lost
     )
+    return ManifestRows(split, left_out)
+
+
+def _with_left_out(lost: Callable[[str], str], left_out: list[str]) -> Callable[[str], str]:
+    """``lost`` plus the class's identical copies left out (``left_out``: their labels), for
+    split errors."""
+
+    def words(label: str) -> str:
+        n = left_out.count(label)
+        extra = f"{n} identical cop{'y' if n == 1 else 'ies'} of its images left out" if n else ""
+        return "; ".join(w for w in (lost(label), extra) if w)
+
+    return words
 
 
 def _class_of(scan: ScanResult, path: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""Scan a folder-per-class image tree: classes, usable files, sizes, unreadable and ignored files.
+"""Scan a folder-per-class image tree: classes, usable files, sizes, unreadable, ignored and
+byte-identical (duplicate) files.
 
 Layout: ``root/<CLASS>/**/<image>``. Classes are the immediate, non-hidden sub-folders of
 ``root`` (sorted); each class's images are found recursively, so the TCIA layout
@@ -9,12 +10,14 @@ files directly in ``root`` and non-image files are reported as ``ignored``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
 from marrowscope.data import DataError
+from marrowscope.data.duplicates import DuplicateGroup, find_duplicates
 from marrowscope.preprocess.cache import process_context, resolve_workers
 from marrowscope.utils.image import (
     IMAGE_EXTENSIONS,
@@ -42,6 +45,9 @@ class ScanResult:
         unreadable: ``(path, message)`` of image files that cannot be used.
         empty_classes: class folders without a usable image.
         ignored: non-image files, and files directly in ``root``.
+        duplicates: groups of usable images with identical bytes (only with
+            ``find_duplicates=True``; ``None`` when not looked for): within one class training
+            keeps one copy, across classes (a label conflict) training refuses the data.
     """
 
     root: Path
@@ -51,6 +57,7 @@ class ScanResult:
     unreadable: list[tuple[Path, str]]
     empty_classes: list[str]
     ignored: list[Path]
+    duplicates: list[DuplicateGroup] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -122,6 +129,7 @@ def scan_folder(
     workers: int = 0,
     progress: bool = True,
     utf8_names: bool = False,
+    find_duplicates: bool = False,
 ) -> ScanResult:
     """Find the classes and images of a folder-per-class tree.
 
@@ -134,6 +142,8 @@ def scan_folder(
             training, whose manifests and splits must name every file; predicting on such a
             file works, so other commands leave this off.
         workers: processes for the image check; 0 = one per CPU core, 1 = in-process.
+        find_duplicates: also find usable images with identical bytes
+            (:attr:`ScanResult.duplicates`; only same-size files are read and hashed).
         progress: show a progress bar while checking.
 
     Raises:
@@ -192,6 +202,9 @@ def scan_folder(
         files[name] = usable
 
     counts = {name: len(ps) for name, ps in files.items()}
+    duplicates = None
+    if find_duplicates:
+        duplicates = _find_duplicates(files)
     return ScanResult(
         root=root,
         counts=counts,
@@ -200,11 +213,60 @@ def scan_folder(
         unreadable=unreadable,
         empty_classes=[name for name, n in counts.items() if n == 0],
         ignored=sorted(ignored),
+        duplicates=duplicates,
     )
 
 
+def _find_duplicates(files: dict[str, list[Path]]) -> list[DuplicateGroup]:
+    return find_duplicates((str(p), name) for name, ps in files.items() for p in ps)
+
+
+def duplicate_counts(result: ScanResult) -> tuple[dict[str, int], dict[str, int]]:
+    """Per class: extra copies of an image of the class (those training leaves out), and
+    images identical to an image of another class (label conflicts)."""
+    copies: dict[str, int] = {}
+    conflicts: dict[str, int] = {}
+    for g in result.duplicates or []:
+        for name, n in Counter(g.labels).items():
+            if n > 1:
+                copies[name] = copies.get(name, 0) + n - 1
+            if g.conflict:
+                conflicts[name] = conflicts.get(name, 0) + n
+    return copies, conflicts
+
+
+def describe_duplicates(result: ScanResult, shown: int = 5) -> list[str]:
+    """Lines on the duplicates found (none when there are none or they were not looked for):
+    the label conflicts, then the copies within a class, each naming the first ``shown`` groups,
+    the count and what training does about them."""
+    groups = result.duplicates or []
+    conflicts = [g for g in groups if g.conflict]
+    within = [g for g in groups if not g.conflict]
+    lines = []
+    if conflicts:
+        lines.append(
+            f"{len(conflicts)} image(s) are byte-identical copies filed under different classes "
+            "(label conflicts; training refuses them): remove one copy or correct its label"
+        )
+        lines.extend(f"  {g.describe()}" for g in conflicts[:shown])
+        if len(conflicts) > shown:
+            lines.append(f"  and {len(conflicts) - shown} more")
+    if within:
+        extra = sum(len(g.extra) for g in within)
+        lines.append(
+            f"{len(within)} image(s) have byte-identical copies in their own class ({extra} extra "
+            "cop(ies); training keeps the first in path order and leaves the others out)"
+        )
+        lines.extend(f"  {g.paths[0]} = {', '.join(g.extra)}" for g in within[:shown])
+        if len(within) > shown:
+            lines.append(f"  and {len(within) - shown} more")
+    return lines
+
+
 def format_scan(result: ScanResult) -> Table:
-    """A rich table: class, usable images, unreadable files (plus a total row)."""
+    """A rich table: class, usable images, unreadable files (plus a total row); when duplicates
+    were looked for, also identical copies within a class and label conflicts
+    (:func:`duplicate_counts`)."""
     bad: dict[str, int] = {}
     for p, _ in result.unreadable:
         try:
@@ -216,9 +278,17 @@ def format_scan(result: ScanResult) -> Table:
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("unreadable", justify="right")
+    dup = result.duplicates is not None
+    copies, conflicts = duplicate_counts(result)
+    if dup:
+        table.add_column("identical copies", justify="right")
+        table.add_column("label conflicts", justify="right")
     for name, n in result.counts.items():
-        style = "yellow" if n == 0 else None
-        table.add_row(name, str(n), str(bad.get(name, 0)), style=style)
+        extra = [str(copies.get(name, 0)), str(conflicts.get(name, 0))] if dup else []
+        flagged = n == 0 or conflicts.get(name, 0) or copies.get(name, 0)
+        style = "yellow" if flagged else None
+        table.add_row(name, str(n), str(bad.get(name, 0)), *extra, style=style)
     table.add_section()
-    table.add_row("total", str(result.total), str(len(result.unreadable)), style="bold")
+    total = [str(sum(copies.values())), str(sum(conflicts.values()))] if dup else []
+    table.add_row("total", str(result.total), str(len(result.unreadable)), *total, style="bold")
     return table

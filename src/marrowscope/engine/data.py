@@ -13,7 +13,7 @@ import numpy as np
 from marrowscope.config import ExperimentConfig
 from marrowscope.data import DataError
 from marrowscope.data.manifest import ManifestRow, class_names, write_manifest
-from marrowscope.data.recorded import manifest_rows
+from marrowscope.data.recorded import ManifestRows, manifest_rows
 from marrowscope.preprocess.cache import PreprocessCache, resolve_workers
 
 if TYPE_CHECKING:
@@ -93,7 +93,9 @@ def load_split_images(
 ) -> PreparedData:
     """Preprocess (through the on-disk cache) every image of ``rows`` and group them by split.
 
-    Unreadable images are skipped with a warning and reported in :attr:`PreparedData.skipped`.
+    Unreadable images are skipped with a warning and reported in :attr:`PreparedData.skipped`,
+    after the images :func:`manifest_rows` left out before the split (byte-identical copies
+    within a class, :attr:`~marrowscope.data.recorded.ManifestRows.left_out`).
     Under torchrun (``ctx``) the processes of a machine share the preprocessing work, and each
     then holds every image in memory.
     """
@@ -129,7 +131,8 @@ def load_split_images(
         empty = [classes[i] for i, n in enumerate(counts) if n == 0]
         if empty:
             raise DataError(_empty_split_message(empty[0], name, rows, failures))
-    return PreparedData(classes=classes, rows=rows, splits=splits, skipped=list(failures))
+    left_out = rows.left_out if isinstance(rows, ManifestRows) else []
+    return PreparedData(classes=classes, rows=rows, splits=splits, skipped=[*left_out, *failures])
 
 
 def _empty_split_message(

@@ -12,7 +12,7 @@ Run folder layout::
     RUN_DIR/last/          checkpoint bundle after the last finished epoch
     RUN_DIR/state.pt       optimizer/scheduler/history for --resume
     RUN_DIR/summary.json   final numbers
-    RUN_DIR/skipped.csv    unreadable images that were left out (if any)
+    RUN_DIR/skipped.csv    images left out: unreadable, or identical copies (if any)
 
 Every file is written atomically after each epoch; ``state.pt`` (weights, optimizer, scheduler,
 history) is written last and is the commit point, so ``kill -9`` loses at most the epoch in
@@ -530,7 +530,8 @@ def _write_run_inputs(
         writer.writerows(data.skipped)
         atomic_write_text(run_dir / "skipped.csv", buf.getvalue(), escape=True)
         console.print(
-            f"[yellow]{len(data.skipped)} unreadable image(s) skipped; see {run_dir / 'skipped.csv'}"
+            f"[yellow]{len(data.skipped)} image(s) left out (unreadable, or an identical copy of "
+            f"another image of its class); see {run_dir / 'skipped.csv'}"
         )
 
 

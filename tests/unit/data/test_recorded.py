@@ -63,9 +63,14 @@ def test_rederived_from_the_config_and_checked(synthetic_tree: Path, tmp_path: P
 
 def test_changed_data_is_refused_with_the_counts(synthetic_tree: Path, tmp_path: Path) -> None:
     meta = _meta(synthetic_tree)
-    extra = next((synthetic_tree / "AAA").glob("*.jpg"))
+    import numpy as np
+    from conftest import COLOURS, make_cell
+    from PIL import Image
+
+    rng = np.random.default_rng(99)  # new images (a byte-identical copy would be left out)
     for i in range(4):  # the folder grew since training: the split shifts
-        shutil.copy(extra, synthetic_tree / "AAA" / f"new_{i}.jpg")
+        cell = make_cell(rng, COLOURS["AAA"])
+        Image.fromarray(cell).save(synthetic_tree / "AAA" / f"new_{i}.jpg")
     with pytest.raises(DataError, match=r"AAA 1[0-9] \(recorded 9\).*--guard-data DIR"):
         recorded_split(None, meta)
 
