@@ -143,3 +143,20 @@ def test_an_out_of_fold_file_without_last_epoch_logits_is_a_clear_error(
     path.unlink()  # the fix the message gives
     cross_validate(_cfg(synthetic_tree), out, folds=2, progress=False)
     assert out_of_fold_probs(out, "none")["probs"].shape == (36, 3)
+
+
+def test_identical_copies_are_left_out_of_every_fold_and_the_refit(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """A copy of an image in its own class is scored and trained on nowhere, and every fold's
+    and the refit's skipped.csv say so."""
+    first = sorted((synthetic_tree / "AAA").iterdir())[0]
+    copy = synthetic_tree / "AAA" / f"zz_copy{first.suffix}"
+    shutil.copyfile(first, copy)
+    out = tmp_path / "cv"
+    summary = cross_validate(_cfg(synthetic_tree), out, folds=2, refit=True, progress=False)
+    assert summary["variants"]["none"]["pooled"]["n"] == 36  # 36 distinct images, not 37
+    for run in ("fold-0", "fold-1", "refit"):
+        skipped = (out / run / "skipped.csv").read_text()
+        assert str(copy) in skipped and f"identical bytes to {first}" in skipped, run
+        assert str(copy) not in (out / run / "split.csv").read_text(), run

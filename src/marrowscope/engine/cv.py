@@ -62,6 +62,7 @@ import marrowscope
 from marrowscope.config import ConfigError, ExperimentConfig, to_dict
 from marrowscope.data import DataError
 from marrowscope.data.manifest import ManifestRow, require_utf8_paths
+from marrowscope.data.recorded import ManifestRows
 from marrowscope.data.split import assign_folds
 from marrowscope.engine.data import class_order, load_split_images, manifest_rows
 from marrowscope.engine.distributed import DistContext
@@ -226,7 +227,8 @@ def cross_validate(
 
     # rank 0 scans and splits; every rank gets the same rows
     base = ctx.main_only(lambda: manifest_rows(cfg, progress=progress))
-    rows = [dc_replace(r, split=None) for r in base]
+    # (the identical copies manifest_rows left out stay listed in each fold's skipped.csv)
+    rows = ManifestRows((dc_replace(r, split=None) for r in base), base.left_out)
     classes = class_order(cfg, rows)
     assignment = assign_folds(
         rows, folds=folds, seed=fold_seed, grouped=cfg.data.split.group_column is not None
@@ -243,8 +245,9 @@ def cross_validate(
         fold_dir = out_dir / f"fold-{k}"
         oof_path = fold_dir / "oof.npz"
         if not ctx.main_only(oof_path.is_file):
-            fold_rows = _fold_rows(
-                rows, assignment, k, train_fraction=train_fraction, seed=fold_seed
+            fold_rows = ManifestRows(
+                _fold_rows(rows, assignment, k, train_fraction=train_fraction, seed=fold_seed),
+                rows.left_out,
             )
             data = load_split_images(fold_rows, classes, cfg, progress=progress, ctx=ctx)
             console.rule(
@@ -277,7 +280,7 @@ def cross_validate(
 
 def _refit(
     cfg: ExperimentConfig,
-    rows: list[ManifestRow],
+    rows: ManifestRows,
     classes: list[str],
     out_dir: Path,
     *,
@@ -292,7 +295,7 @@ def _refit(
     split = dc_replace(cfg.data.split, val=0.0, test=0.0)
     refit_cfg = dc_replace(cfg, data=dc_replace(cfg.data, split=split))
     if not ctx.main_only((refit_dir / "summary.json").is_file):
-        everything = [dc_replace(r, split="train") for r in rows]
+        everything = ManifestRows((dc_replace(r, split="train") for r in rows), rows.left_out)
         data = load_split_images(everything, classes, refit_cfg, progress=progress, ctx=ctx)
         console.rule(f"refit: train on all {len(data.splits['train'])} images")
         resume = ctx.main_only((refit_dir / "state.pt").is_file)
