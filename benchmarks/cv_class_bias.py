@@ -6,7 +6,7 @@ out-of-fold d8-averaged log-probabilities; for each fold, fit one additive offse
 The pooled result is compared with plain argmax (paired bootstrap and McNemar), so the fitted
 offsets never see the images they are scored on. Writes ``docs/results/cv/class_bias.json``.
 
-    python benchmarks/cv_class_bias.py [--runs runs/cv] [variant ...]
+    python benchmarks/cv_class_bias.py [--runs runs/cv] [--checkpoint best|last] [variant ...]
 """
 
 from __future__ import annotations
@@ -43,15 +43,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/cv"))
     ap.add_argument("--out", type=Path, default=Path("docs/results/cv/class_bias.json"))
+    ap.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="each fold's best epoch (chosen on the scored fold) or its last one",
+    )
     ap.add_argument("variants", nargs="*")
     args = ap.parse_args()
+    key = {"best": "logits", "last": "logits_last"}[args.checkpoint]
     names = args.variants or sorted(p.parent.name for p in args.runs.glob("*/cv_summary.json"))
     result = {}
     for name in names:
         folds = []
         for fold in sorted((args.runs / name).glob("fold-*")):
             with np.load(fold / "oof.npz") as z:
-                probs = softmax(z["logits"][TTA_VIEWS["d8"]]).mean(axis=0)
+                probs = softmax(z[key][TTA_VIEWS["d8"]]).mean(axis=0)
                 folds.append((np.log(probs + 1e-9), z["labels"]))
         y, plain, shifted, offsets = [], [], [], []
         for i, (logp, labels) in enumerate(folds):
@@ -67,6 +74,7 @@ def main() -> None:
         classes = [str(k) for k in range(folds[0][0].shape[1])]
         cmp = paired_comparison(yy, a, bb, classes)
         result[name] = {
+            "checkpoint": args.checkpoint,
             "macro_f1_argmax": cmp["macro_f1_a"],
             "macro_f1_offsets": cmp["macro_f1_b"],
             "difference": cmp["difference"],
