@@ -80,6 +80,8 @@ def main() -> None:
             "difference": cmp["difference"],
             "difference_ci95": cmp["difference_ci95"],
             "mcnemar_p": cmp["mcnemar_p"],
+            "right_only_with_argmax": cmp["a_right_b_wrong"],
+            "right_only_with_offsets": cmp["b_right_a_wrong"],
             "offsets_per_fold": offsets,
         }
         lo, hi = cmp["difference_ci95"]
