@@ -99,6 +99,41 @@ def test_evaluate_skips_unreadable_images(trained: Path, synthetic_tree: Path) -
     assert [s["path"] for s in m["skipped"]] == [str(synthetic_tree / "AAA" / "broken.jpg")]
 
 
+def test_evaluate_names_identical_copies_and_scores_each(
+    trained: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """Copies in the evaluated data are scored as images of their own (the numbers stay what the
+    files say), but the console, metrics.json and report.md say so, label conflicts first."""
+    first = sorted((synthetic_tree / "AAA").iterdir())[0]
+    conflict = synthetic_tree / "BBB" / f"zz_from_AAA{first.suffix}"
+    shutil.copyfile(first, conflict)
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    m = evaluate_bundle(
+        trained / "best",
+        synthetic_tree,
+        out_dir=tmp_path / "eval",
+        progress=False,
+        n_boot=50,
+        console=Console(file=out, width=400),
+    )
+    assert m["n"] == 37
+    assert m["duplicates"] == [
+        {"paths": [str(first), str(conflict)], "classes": ["AAA", "BBB"], "conflict": True}
+    ]
+    said = " ".join(out.getvalue().split())
+    assert (
+        "1 image(s) have byte-identical copies" in said and "filed under different classes" in said
+    )
+    assert str(conflict) in said
+    assert "byte-identical copies" in (tmp_path / "eval" / "report.md").read_text()
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["duplicates"][0]["conflict"] is True
+
+
 def test_compare_writes_the_paper_tables(synthetic_tree: Path, tmp_path: Path) -> None:
     cfg = from_dict(
         _cfg(

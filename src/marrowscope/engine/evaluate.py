@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from marrowscope.config import ConfigError
 from marrowscope.data import DataError
+from marrowscope.data.duplicates import DuplicateGroup, find_duplicates
 from marrowscope.data.manifest import ManifestRow, read_manifest
 from marrowscope.data.sample import resolve_root
 from marrowscope.data.scan import scan_folder
@@ -208,6 +210,28 @@ def _left_out_notes(
     return notes
 
 
+def _copies_note(groups: Sequence[DuplicateGroup]) -> str:
+    """One sentence on byte-identical images in the evaluated data (empty if none): each copy is
+    scored as an image of its own, and copies filed under different classes cannot all be
+    right."""
+    if not groups:
+        return ""
+    conflicts = [g for g in groups if g.conflict]
+    extra = sum(len(g.extra) for g in groups)
+    first = "; ".join(g.describe() for g in (conflicts or groups)[:3])
+    clash = (
+        f", {len(conflicts)} of them filed under different classes, so at least one copy of each "
+        "of those is scored wrong"
+        if conflicts
+        else ""
+    )
+    return (
+        f"{len(groups)} image(s) have byte-identical copies in the data ({extra} extra "
+        f"file(s)){clash}; every copy is scored as an image of its own (e.g. {first}). Remove "
+        "the extra copies, or correct the label, for a score over distinct cells."
+    )
+
+
 def evaluate_bundle(
     bundle_dir: Path,
     source: Path,
@@ -235,7 +259,8 @@ def evaluate_bundle(
     ``ignored_files`` (files of a folder source not read: directly in the data folder, or in a
     class folder but not images by extension; the first 50 of them, with
     ``ignored_files_count`` all of them and ``ignored_files_at_root`` those directly in the data
-    folder) and ``skipped`` (unreadable images).
+    folder), ``skipped`` (unreadable images) and ``duplicates`` (groups of byte-identical files,
+    each still scored as an image of its own; ``conflict``: filed under different classes).
     """
     console = console or Console()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -276,6 +301,10 @@ def evaluate_bundle(
         console.print(f"[yellow]not reading {phrase}")
     if not rows:
         raise DataError(f"no labelled image to evaluate in {source}")
+    duplicates = find_duplicates((r.path, r.label) for r in rows)
+    copies = _copies_note(duplicates)
+    if copies:
+        console.print(f"[yellow]warning: {escape(printable(copies))}")
     # built before the images are read: a device that is not there fails at once
     predictor = Predictor.from_checkpoint(bundle_dir, device=device, batch_size=batch_size, tta=tta)
 
@@ -312,6 +341,10 @@ def evaluate_bundle(
     metrics["ignored_files"] = ignored[:IGNORED_LISTED]
     metrics["ignored_files_count"] = len(ignored)
     metrics["ignored_files_at_root"] = len(at_root)
+    metrics["duplicates"] = [
+        {"paths": list(g.paths), "classes": list(g.labels), "conflict": g.conflict}
+        for g in duplicates
+    ]
     if out_dir is not None:
         write_evaluation(
             Path(out_dir),
@@ -322,6 +355,6 @@ def evaluate_bundle(
             classes=classes,
             title=f"{predictor.arch} on {Path(source).name}",
             extra={"checkpoint": str(bundle_dir), "data": str(source), "images": len(paths)},
-            notes=_left_out_notes(dropped, at_root, not_images),
+            notes=[*_left_out_notes(dropped, at_root, not_images), *([copies] if copies else [])],
         )
     return metrics
