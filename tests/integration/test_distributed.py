@@ -143,6 +143,7 @@ def test_rank_0_alone_writes_one_run_folder_with_unwrapped_bundles(ddp_runs: dic
     assert summary["processes"] == 2 and summary["epochs_run"] == 3
     # one set of messages (rank 0), whatever each process printed
     assert ddp_runs["resume_output"].count("Resuming") == 1
+    assert ddp_runs["resume_output"].count("Changed for the rest of the run") == 1
     assert ddp_runs["resume_output"].count("Training finished") == 1
 
 

@@ -407,7 +407,7 @@ def _read_resume(
         changed = _changed_keys(saved, cfg)
         if changed:
             what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            console.print(f"Resuming with {what} (from the next epoch on)")
+            console.print(f"Changed for the rest of the run: {what} (from the next epoch on)")
     else:
         console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
     split = run_dir / "split.csv"
