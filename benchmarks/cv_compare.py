@@ -8,6 +8,7 @@ TTA (d8, flips) with no TTA within ``base``. Writes ``docs/results/cv/comparison
 Markdown tables.
 
     python benchmarks/cv_compare.py [--runs runs/cv] [--base base] [--checkpoint best|last]
+        [--ensemble]
 """
 
 from __future__ import annotations
@@ -23,25 +24,33 @@ from marrowscope.inference.predictor import softmax
 from marrowscope.metrics.classification import paired_comparison
 
 
-def pooled_predictions(
+def pooled_probabilities(
     run: Path, tta: str, checkpoint: str = "best"
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labels, predictions and paths of every out-of-fold image (sorted by path), from each fold's
-    best checkpoint (chosen on the scored fold) or its last one (no choice made on those cells)."""
+    """Labels, probabilities (the TTA views' mean softmax) and paths of every out-of-fold image
+    (sorted by path), from each fold's best checkpoint (chosen on the scored fold) or its last one
+    (no choice made on those cells)."""
     key = {"best": "logits", "last": "logits_last"}[checkpoint]
-    labels, preds, paths = [], [], []
+    labels, probs, paths = [], [], []
     for fold in sorted(run.glob("fold-*")):
         with np.load(fold / "oof.npz") as z:
-            probs = softmax(z[key][TTA_VIEWS[tta]]).mean(axis=0)
+            probs.append(softmax(z[key][TTA_VIEWS[tta]]).mean(axis=0))
             labels.append(z["labels"])
-            preds.append(probs.argmax(1))
             paths += z["paths"].tolist()
     order = np.argsort(paths)
     return (
         np.concatenate(labels)[order],
-        np.concatenate(preds)[order],
+        np.concatenate(probs)[order],
         [paths[i] for i in order],
     )
+
+
+def pooled_predictions(
+    run: Path, tta: str, checkpoint: str = "best"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels, predictions and paths of every out-of-fold image, as :func:`pooled_probabilities`."""
+    labels, probs, paths = pooled_probabilities(run, tta, checkpoint)
+    return labels, probs.argmax(1), paths
 
 
 def main() -> None:
@@ -54,6 +63,11 @@ def main() -> None:
         choices=("best", "last"),
         default="best",
         help="each fold's best checkpoint (chosen on the scored fold) or its last one",
+    )
+    ap.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also score the mean of each variant's and the base's probabilities against the base",
     )
     args = ap.parse_args()
     ck = args.checkpoint
@@ -80,18 +94,23 @@ def main() -> None:
         f"| variant vs {args.base} (d8 TTA) | {args.base} | variant | difference [95% CI] | McNemar p |"
     )
     print("|---|---:|---:|---:|---:|")
-    yb, pb, pathsb = pooled_predictions(args.runs / args.base, "d8", ck)
+    yb, qb, pathsb = pooled_probabilities(args.runs / args.base, "d8", ck)
+    pb = qb.argmax(1)
     for name in complete:
-        yv, pv, pathsv = pooled_predictions(args.runs / name, "d8", ck)
+        yv, qv, pathsv = pooled_probabilities(args.runs / name, "d8", ck)
         if pathsv != pathsb:
             raise SystemExit(f"{name} was not cross-validated on the same images as {args.base}")
-        r = paired_comparison(yb, pb, pv, classes)
-        result["variants_vs_base"][name] = r
-        lo, hi = r["difference_ci95"]
-        print(
-            f"| {name} | {r['macro_f1_a']:.3f} | {r['macro_f1_b']:.3f} | "
-            f"{r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['mcnemar_p']:.3g} |"
-        )
+        rows = {name: qv.argmax(1)}
+        if args.ensemble:
+            rows[f"{name}+{args.base}"] = ((qv + qb) / 2).argmax(1)
+        for label, pv in rows.items():
+            r = paired_comparison(yb, pb, pv, classes)
+            result["variants_vs_base"][label] = r
+            lo, hi = r["difference_ci95"]
+            print(
+                f"| {label} | {r['macro_f1_a']:.3f} | {r['macro_f1_b']:.3f} | "
+                f"{r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['mcnemar_p']:.3g} |"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"checkpoint": ck, **result}, indent=2))
 
