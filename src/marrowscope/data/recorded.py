@@ -114,10 +114,7 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRo
             seed=cfg.seed,
             source=d.manifest,
         )
-        require_utf8_paths(r.path for r in rows)
         source = f"manifest {d.manifest}"
-        label_of = {r.path: r.label for r in rows}
-        rows, left_out = drop_duplicates(rows, source=source)
         lost = _missing_files(rows, d.manifest)
     elif d.root:
         scan = scan_folder(resolve_root(d.root), check_images=False, progress=progress)
@@ -128,15 +125,15 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRo
             min_per_class=d.min_per_class,
             seed=cfg.seed,
         )
-        require_utf8_paths(r.path for r in rows)
         source = str(scan.root)
-        label_of = {r.path: r.label for r in rows}
-        rows, left_out = drop_duplicates(rows, source=source)
         lost = _unreadable_files(scan)
     else:
         raise DataError(
             "the config names no data: set data.root (a folder per class) or data.manifest"
         )
+    require_utf8_paths(r.path for r in rows)
+    label_of = {r.path: r.label for r in rows}
+    rows, left_out = drop_duplicates(rows, source=source)
     if left_out:
         log.warning("%s", duplicates_warning(left_out, source))
         lost = _with_left_out(lost, [label_of[p] for p, _ in left_out])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,19 +249,23 @@ def describe_duplicates(result: ScanResult, shown: int = 5) -> list[str]:
             f"{len(conflicts)} image(s) are byte-identical copies filed under different classes "
             "(label conflicts; training refuses them): remove one copy or correct its label"
         )
-        lines.extend(f"  {g.describe()}" for g in conflicts[:shown])
-        if len(conflicts) > shown:
-            lines.append(f"  and {len(conflicts) - shown} more")
+        lines += _first(conflicts, shown, lambda g: g.describe())
     if within:
         extra = sum(len(g.extra) for g in within)
         lines.append(
             f"{len(within)} image(s) have byte-identical copies in their own class ({extra} extra "
             "cop(ies); training keeps the first in path order and leaves the others out)"
         )
-        lines.extend(f"  {g.paths[0]} = {', '.join(g.extra)}" for g in within[:shown])
-        if len(within) > shown:
-            lines.append(f"  and {len(within) - shown} more")
+        lines += _first(within, shown, lambda g: f"{g.paths[0]} = {', '.join(g.extra)}")
     return lines
+
+
+def _first(
+    groups: list[DuplicateGroup], shown: int, line: Callable[[DuplicateGroup], str]
+) -> list[str]:
+    """An indented line for each of the first ``shown`` groups, then how many more there are."""
+    more = [f"  and {len(groups) - shown} more"] if len(groups) > shown else []
+    return [f"  {line(g)}" for g in groups[:shown]] + more
 
 
 def format_scan(result: ScanResult) -> Table:
