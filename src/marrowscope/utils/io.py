@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -26,17 +25,21 @@ from typing import Any
 def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` then atomically rename ``tmp_path`` onto ``path``.
 
+    The temporary file is a hidden sibling named after its owner (``.NAME.tmp-HOST-PID-RANDOM``)
+    with the usual permissions (``0666`` less the umask). One left by a killed writer (a large
+    ONNX export stopped half-way) is removed by a later write of the same file, by the rule of
+    :func:`staging_folder`; that of a writer still running is kept.
+
     Args:
         path: destination file.
         writer: writes the complete content to the path it is given.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    _remove_stale(path.parent, f"{glob.escape('.' + path.name)}.tmp-*")
+    tmp_path = path.parent / _temp_name(f".{path.name}")
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         writer(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())

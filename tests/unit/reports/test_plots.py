@@ -45,7 +45,7 @@ def assert_png(path: Path, width: float, height: float) -> None:
     assert path.is_file() and path.stat().st_size > 1000
     w, h = png_size(path)
     assert abs(w - width) <= 2 and abs(h - height) <= 2, (w, h)
-    assert not list(path.parent.glob("*.tmp")), "temporary file left behind"
+    assert not list(path.parent.glob(".*.tmp-*")), "temporary file left behind"
 
 
 def test_training_curves_png(tmp_path: Path) -> None:

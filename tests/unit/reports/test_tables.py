@@ -97,7 +97,7 @@ def test_write_csv_round_trip(tmp_path: Path, rows) -> None:
     assert got[0]["Model"] == "resnet50"
     assert float(got[0]["Test macro-F1"]) == pytest.approx(44 / 63, abs=1e-12)
     assert got[1]["Epochs"] == "11"
-    assert not list(tmp_path.joinpath("sub").glob("*.tmp"))
+    assert not list(tmp_path.joinpath("sub").glob(".*.tmp-*"))
 
 
 def test_write_csv_empty_table_with_columns(tmp_path: Path) -> None:

@@ -62,3 +62,63 @@ def test_two_writers_of_one_file_at_once_both_succeed_and_leave_one_whole_file(
     assert not errors, errors
     assert target.read_bytes() in (b"a" * 1000, b"b" * 1000)
     assert [p.name for p in target.parent.iterdir()] == ["model.onnx"]
+
+
+def test_a_killed_writers_temporary_file_goes_with_the_next_write_but_not_a_running_ones(
+    tmp_path: Path,
+) -> None:
+    """An ONNX export killed half-way leaves ``.model.onnx.tmp-HOST-PID-RANDOM``; the next export
+    of the same file removes it once its process has ended (an hour unchanged, as for staging
+    folders), and never the temporary file of a writer still running."""
+    import subprocess
+    import sys
+    import time
+
+    import marrowscope.utils.io as io_mod
+    from marrowscope.utils.io import atomic_write
+
+    target = tmp_path / "model.onnx"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    host = io_mod._HOST
+    killed = tmp_path / f".model.onnx.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    running = tmp_path / f".model.onnx.tmp-{host}-{os.getppid()}-89abcdef"
+    other_file = tmp_path / f".metadata.json.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    for p in (killed, running, other_file):
+        p.write_bytes(b"half an export")
+        hour_ago = time.time() - io_mod.DEAD_WRITER_AFTER_S - 60
+        os.utime(p, (hour_ago, hour_ago))
+    seen: list[Path] = []
+
+    def write(tmp: Path) -> None:
+        seen.append(tmp)
+        tmp.write_bytes(b"onnx")
+
+    atomic_write(target, write)
+    assert target.read_bytes() == b"onnx"
+    assert seen[0].name.startswith(f".model.onnx.tmp-{host}-{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.onnx", running.name, other_file.name]  # another file's is that file's writer's
+    )
+    umask = io_mod._umask()
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path: Path) -> None:
+    from marrowscope.utils.io import atomic_write
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_bytes(b"new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
