@@ -396,6 +396,10 @@ def one_epoch_run(synthetic_tree: Path, tmp_path: Path) -> Path:
         ("train.swa_epochs=1", "train.swa_epochs"),
         ("preprocess.size=48", "preprocess.size"),
         ("model.head_hidden=64", "model.head_hidden"),
+        # the run trains on its split.csv: other data would be recorded but never used
+        ("data.split.val=0.5", "data.split.val"),
+        # other optimizer parameter groups than state.pt holds
+        ("train.layer_decay=0.8", "train.layer_decay"),
     ],
 )
 def test_incompatible_resume_is_one_error_and_leaves_the_run_untouched(
@@ -408,6 +412,7 @@ def test_incompatible_resume_is_one_error_and_leaves_the_run_untouched(
     assert res.exception is None or isinstance(res.exception, SystemExit)
     assert "Traceback" not in res.output
     assert f"cannot resume {run}" in res.output and key in res.output
+    assert "Changed for the rest of the run" not in res.output  # nothing changed after all
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert after == before  # config.yaml, split.csv, metrics.csv, state.pt: byte-identical
     # what the error advises works: a plain resume goes on from the saved state
@@ -517,3 +522,59 @@ def test_train_refuses_a_folder_that_is_not_a_run(synthetic_tree: Path, tmp_path
     assert res.exit_code == 0, res.output
     fit(from_dict(tiny_config(synthetic_tree, epochs=1)), mine, progress=False)
     assert (mine / "state.pt").is_file()
+
+
+def test_resume_with_another_batch_size_goes_on_at_the_right_point_of_the_schedule(
+    one_epoch_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A smaller batch means more steps per epoch: the rest of the run follows the schedule of
+    the new step count from the end of epoch 1, and reaches the floor at the last step (the saved
+    step count alone would put it half-way back and never reach the floor)."""
+    import yaml
+
+    run = one_epoch_run
+    seen: list[tuple[int, float]] = []
+    real = train_mod.train_one_epoch
+
+    def spy(model, loader, optimizer, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((len(loader), optimizer.param_groups[-1]["lr"]))
+        return real(model, loader, optimizer, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    res = _train_cli("--resume", str(run), "--set", "train.epochs=3", "--set", "train.batch_size=2")
+    assert res.exit_code == 0, res.output
+    t = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    steps = seen[0][0]
+    schedule = train_mod.lr_lambda_factory(steps * 3, 0, t["min_lr_ratio"])
+    assert [lr for _, lr in seen] == pytest.approx(
+        [t["lr"] * schedule(steps), t["lr"] * schedule(2 * steps)]
+    )
+    last = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open())][-1]
+    assert last == pytest.approx(t["lr"] * t["min_lr_ratio"])
+
+
+def test_resume_keeps_the_copies_left_out_in_skipped_csv(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """An image that fails on resume rewrites skipped.csv: the identical copy left out at the
+    first start stays listed beside it."""
+    import shutil
+
+    import yaml
+
+    copy = synthetic_tree / "BBB" / "zcopy.png"
+    shutil.copy(synthetic_tree / "BBB" / "BBB_001.png", copy)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(synthetic_tree, epochs=1)))
+    run = tmp_path / "run"
+    res = _train_cli("--config", str(cfg), "--run-dir", str(run), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    first = list(csv.DictReader((run / "skipped.csv").open()))
+    assert [r["path"] for r in first] == [str(copy)]
+    broken = next(r["path"] for r in csv.DictReader((run / "split.csv").open()))
+    Path(broken).write_bytes(b"not an image any more")
+    res = _train_cli("--resume", str(run), "--set", "train.epochs=2")
+    assert res.exit_code == 0, res.output
+    again = {r["path"]: r["error"] for r in csv.DictReader((run / "skipped.csv").open())}
+    assert set(again) == {str(copy), broken}
+    assert again[str(copy)] == first[0]["error"]

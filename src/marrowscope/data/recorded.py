@@ -63,13 +63,19 @@ class ManifestRows(list[ManifestRow]):
         left_out: ``(path, why)`` of each image left out (a byte-identical copy of another image
             of its class); loading the images adds them to the skipped images that training
             records in the run folder (``skipped.csv``).
+        left_out_rows: the manifest rows of those images where known (with the split a manifest
+            gave them), so an error about a split left empty can say it was the copies.
     """
 
     def __init__(
-        self, rows: Iterable[ManifestRow] = (), left_out: Iterable[tuple[str, str]] = ()
+        self,
+        rows: Iterable[ManifestRow] = (),
+        left_out: Iterable[tuple[str, str]] = (),
+        left_out_rows: Iterable[ManifestRow] = (),
     ) -> None:
         super().__init__(rows)
         self.left_out: list[tuple[str, str]] = list(left_out)
+        self.left_out_rows: list[ManifestRow] = list(left_out_rows)
 
 
 def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRows:
@@ -132,13 +138,13 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRo
             "the config names no data: set data.root (a folder per class) or data.manifest"
         )
     require_utf8_paths(r.path for r in rows)
-    label_of = {r.path: r.label for r in rows}
+    row_of = {r.path: r for r in rows}
     rows, left_out = drop_duplicates(rows, source=source)
     if left_out:
         log.warning("%s", duplicates_warning(left_out, source))
-        lost = _with_left_out(lost, [label_of[p] for p, _ in left_out])
+        lost = _with_left_out(lost, [row_of[p].label for p, _ in left_out])
     if all(r.split is not None for r in rows):
-        return ManifestRows(rows, left_out)
+        return ManifestRows(rows, left_out, [row_of[p] for p, _ in left_out])
     grouped = d.split.group_column is not None
     if not grouped and any(r.group is not None for r in rows):
         n_groups = len({r.group for r in rows if r.group is not None})

@@ -458,7 +458,10 @@ def _write_report(
     if focus not in data.classes:
         notes.append(f"The focus class {focus} is not among these classes, so Table 2 is empty.")
     if data.skipped:
-        notes.append(f"{len(data.skipped)} unreadable image(s) were skipped.")
+        notes.append(
+            f"{len(data.skipped)} image(s) were left out (unreadable, or an identical copy of "
+            "another image of its class); see each run's skipped.csv."
+        )
     atomic_write_text(
         out / "report.md",
         comparison_report(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,21 +131,35 @@ def load_split_images(
         )
         empty = [classes[i] for i, n in enumerate(counts) if n == 0]
         if empty:
-            raise DataError(_empty_split_message(empty[0], name, rows, failures))
+            copies = rows.left_out_rows if isinstance(rows, ManifestRows) else []
+            raise DataError(_empty_split_message(empty[0], name, rows, failures, copies))
     left_out = rows.left_out if isinstance(rows, ManifestRows) else []
     return PreparedData(classes=classes, rows=rows, splits=splits, skipped=[*left_out, *failures])
 
 
 def _empty_split_message(
-    label: str, split: str, rows: list[ManifestRow], failures: list[tuple[str, str]]
+    label: str,
+    split: str,
+    rows: list[ManifestRow],
+    failures: list[tuple[str, str]],
+    copies: Sequence[ManifestRow] = (),
 ) -> str:
     """Why class ``label`` has no image in ``split``, and the fix (never "raise
-    data.min_per_class": that only makes the class fail the minimum)."""
+    data.min_per_class": that only makes the class fail the minimum). ``copies``: rows left out
+    as identical copies of images in another split."""
     failed = {p for p, _ in failures}
     listed = [r.path for r in rows if r.label == label and r.split == split]
     bad = sum(1 for p in listed if p in failed)
     missing = sum(1 for p in listed if p in failed and not os.path.exists(p))
-    if bad:
+    copied = [r.path for r in copies if r.label == label and r.split == split]
+    if copied and not listed:
+        shown = ", ".join(copied[:3]) + (f" and {len(copied) - 3} more" if len(copied) > 3 else "")
+        why = (
+            f" (the manifest's {split} image(s) of it, {shown}, have the same bytes as images "
+            "of it in another split and were left out, so that no image is on both sides)"
+        )
+        fix = f"assign other images of it to {split}, "
+    elif bad:
         parts = [f"{missing} missing"] if missing else []
         parts += [f"{bad - missing} unreadable"] if bad > missing else []
         why = (

@@ -64,6 +64,7 @@ from marrowscope.config import (
 )
 from marrowscope.data.dataset import CellDataset
 from marrowscope.data.manifest import read_manifest
+from marrowscope.data.recorded import ManifestRows
 from marrowscope.engine.data import PreparedData, manifest_rows, prepare_data, save_split
 from marrowscope.engine.distributed import RANK_SEED_STRIDE, DistContext
 from marrowscope.engine.distributed import setup as setup_distributed
@@ -390,9 +391,11 @@ def finalize_inference(
 
 def _read_resume(
     run_dir: Path, overrides: list[str] | tuple[str, ...], console: Console
-) -> tuple[ExperimentConfig, dict[str, Any] | None, list[Any] | None]:
+) -> tuple[ExperimentConfig, dict[str, Any] | None, ManifestRows | None]:
     """The saved config (with ``overrides``), ``state.pt`` (or ``None`` before the first finished
-    epoch) and the split manifest rows (or ``None``) of the run folder to resume."""
+    epoch) and the split manifest rows (or ``None``) of the run folder to resume; the rows carry
+    the images the first start left out before the split (``skipped.csv`` rows not in the split),
+    so a resume that rewrites ``skipped.csv`` keeps them listed."""
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(
             f"cannot resume: {run_dir} has no config.yaml (is it a marrowscope run folder?)"
@@ -404,15 +407,21 @@ def _read_resume(
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         _check_resumable(run_dir, saved, cfg, state)
-        changed = _changed_keys(saved, cfg)
-        if changed:
-            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            console.print(f"Changed for the rest of the run: {what} (from the next epoch on)")
     else:
         console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
     split = run_dir / "split.csv"
-    rows = read_manifest(split) if split.is_file() else None
-    return cfg, state, rows
+    if not split.is_file():
+        return cfg, state, None
+    rows = read_manifest(split)
+    listed = {r.path for r in rows}
+    skipped = run_dir / "skipped.csv"
+    left_out: list[tuple[str, str]] = []
+    if skipped.is_file():
+        with open(skipped, newline="", encoding="utf-8") as f:
+            left_out = [
+                (r["path"], r["error"]) for r in csv.DictReader(f) if r["path"] not in listed
+            ]
+    return cfg, state, ManifestRows(rows, left_out)
 
 
 # What the weights, optimizer and averages in state.pt were built for: fixed for the whole run.
@@ -451,13 +460,28 @@ def _check_resumable(
     run_dir: Path, saved: ExperimentConfig, cfg: ExperimentConfig, state: dict[str, Any]
 ) -> None:
     """Refuse (before anything is read or written) resume overrides that ``state.pt`` cannot
-    follow: another model, input size or class list, or EMA/SWA switched on or off."""
+    follow: another model, input size or class list, EMA/SWA or layer-wise learning-rate decay
+    switched on or off (other optimizer parameter groups), or other data (a resumed run trains
+    on the images its ``split.csv`` lists)."""
     changed = _changed_keys(saved, cfg)
     fixed = {
         k: f"{k}={changed[k][1]} (the run has {changed[k][0]})"
         for k in RESUME_FIXED
         if k in changed
     }
+    for k in changed:
+        if k.startswith("data.") and k not in fixed:
+            fixed[k] = (
+                f"{k}={changed[k][1]} (the run trains on the images its split.csv lists, chosen "
+                f"with {changed[k][0]}; if they moved, correct the paths in "
+                f"{run_dir / 'split.csv'})"
+            )
+    if (saved.train.layer_decay is None) != (cfg.train.layer_decay is None):
+        fixed["train.layer_decay"] = (
+            f"train.layer_decay={cfg.train.layer_decay} (the run was trained "
+            f"{'without' if saved.train.layer_decay is None else 'with'} layer-wise decay, which "
+            "decides the optimizer's parameter groups; a new value between two set ones is fine)"
+        )
     # EMA/SWA: what state.pt holds decides (its config.yaml could have been edited)
     for key, value, name in (
         ("train.ema_decay", cfg.train.ema_decay, "EMA"),
@@ -473,8 +497,8 @@ def _check_resumable(
     what = "; ".join(fixed.values())
     raise ConfigError(
         f"cannot resume {run_dir} with {what}: a resumed run keeps its model, input size, "
-        "classes and weight averaging (EMA/SWA on or off) from its first epoch; "
-        + _resume_fix(run_dir, list(fixed))
+        "classes, data, weight averaging (EMA/SWA on or off) and layer-wise decay (on or off) "
+        "from its first epoch; " + _resume_fix(run_dir, list(fixed))
     )
 
 
@@ -482,12 +506,17 @@ def _apply_configured_rates(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     configured: list[tuple[float, float]],
+    step: int,
 ) -> None:
     """After a resume loaded the saved optimizer and scheduler, put back the peak learning rate
     and weight decay of each parameter group as the config has them: ``--resume RUN --set
     train.lr=...`` (or ``train.weight_decay``, ``train.backbone_lr_scale``, ``train.layer_decay``)
     then applies from the next step on, on the schedule of the config (also a changed
-    ``train.epochs``); with the saved config the values are the saved ones, so nothing moves."""
+    ``train.epochs``); with the saved config the values are the saved ones, so nothing moves.
+    ``step`` (finished epochs x the current steps per epoch) places the schedule: a changed
+    ``train.batch_size`` or number of processes changes the steps per epoch, and the saved step
+    count would put the rest of the run at the wrong point of the new schedule."""
+    scheduler.last_epoch = step
     scheduler.base_lrs = [peak for peak, _ in configured]
     for group, (peak, decay), rate in zip(
         optimizer.param_groups, configured, scheduler.lr_lambdas, strict=True
@@ -676,6 +705,7 @@ def fit(
     # the rates and weight decay the config asks for (the state's optimizer replaces them)
     configured = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
     if state is not None:  # on every rank: weights, EMA/SWA, optimizer, scheduler, counters
+        changed = ctx.main_only(lambda: _changed_keys(load_config(run_dir / "config.yaml"), cfg))
         # (_check_resumable refused the known misfits; anything else that does not fit the
         # state is one clear error too, and the run folder is still untouched)
         try:
@@ -687,7 +717,6 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            changed = list(_changed_keys(load_config(run_dir / "config.yaml"), cfg))
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             given = f", with --set {', '.join(changed)}" if changed else ""
             raise ConfigError(
@@ -696,7 +725,10 @@ def fit(
                 f"was trained with, or start a new run: marrowscope train --config "
                 f"{run_dir / 'config.yaml'} --set ... --run-dir NEW_RUN"
             ) from e
-        _apply_configured_rates(optimizer, scheduler, configured)
+        _apply_configured_rates(optimizer, scheduler, configured, state["epoch"] * steps)
+        if changed:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            console.print(f"Changed for the rest of the run: {what} (from the next epoch on)")
         history = state["history"]
         start_epoch = state["epoch"] + 1
         best_f1 = state["best_val_macro_f1"]

@@ -157,3 +157,29 @@ def test_scan_reports_both_kinds(synthetic_tree: Path) -> None:
     # not looked for: no columns, nothing to describe
     plain = scan_folder(synthetic_tree, check_images=False, progress=False)
     assert plain.duplicates is None and describe_duplicates(plain) == []
+
+
+def test_a_split_left_empty_by_a_copy_says_so(synthetic_tree: Path, tmp_path: Path) -> None:
+    """A manifest puts AAA's only val image beside its copy in train: the copy (the later path)
+    is left out, and the error about AAA's empty val split names it and why, not 'no image of
+    it is assigned to that split'."""
+    a = synthetic_tree / "AAA" / "AAA_001.png"
+    copy = synthetic_tree / "AAA" / "zcopy.png"
+    shutil.copy(a, copy)
+    lines = [f"{a},AAA,train", f"{copy},AAA,val"]
+    lines += [f"{p},AAA,train" for p in sorted((synthetic_tree / "AAA").glob("AAA_0*"))[1:4]]
+    for cls in ("BBB", "CCC"):
+        files = sorted((synthetic_tree / cls).glob(f"{cls}_0*"))[:4]
+        lines += [f"{p},{cls},{'val' if i == 0 else 'train'}" for i, p in enumerate(files)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "\n".join(lines) + "\n")
+    cfg = _cfg(manifest=str(manifest), min_per_class=1)
+    rows = manifest_rows(cfg, progress=False)
+    assert [r.path for r in rows.left_out_rows] == [str(copy)]
+    assert rows.left_out_rows[0].split == "val"
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg, rows=rows, progress=False)
+    msg = " ".join(str(e.value).split())
+    assert "class AAA has no usable image in the val split" in msg
+    assert f"{copy}, have the same bytes as images of it in another split" in msg
+    assert "no image of it is assigned" not in msg and "assign other images of it to val" in msg
