@@ -239,16 +239,28 @@ def _expected_counts(meta: BundleMetadata) -> dict[str, dict[str, int]]:
     return out
 
 
-def _check_counts(rows: list[ManifestRow], meta: BundleMetadata, where: str) -> None:
+def _check_counts(
+    rows: list[ManifestRow], meta: BundleMetadata, where: str, copies: int = 0
+) -> None:
+    """Refuse a re-derived split whose per-class counts differ from the recorded ones;
+    ``copies``: identical copies the re-derivation left out (a bundle of a marrowscope from
+    before 2026-11-30 was trained with them in its split)."""
     for split, want in _expected_counts(meta).items():
         got = Counter(r.label for r in rows if r.split == split)
         diff = {c: (got.get(c, 0), n) for c, n in want.items() if got.get(c, 0) != n}
         if diff:
             detail = ", ".join(f"{c} {g} (recorded {n})" for c, (g, n) in sorted(diff.items()))
+            why = (
+                f"the data changed since training, or the bundle is from a marrowscope before "
+                f"2026-11-30, which kept the {copies} identical cop{'y' if copies == 1 else 'ies'} "
+                "that are now left out before the split"
+                if copies
+                else "the data changed since training"
+            )
             raise DataError(
                 f"the {split} split re-derived from {where} differs from what the bundle recorded "
-                f"at training time: {detail}; the data changed since training, so its validation "
-                f"images may have been trained on; {_FIX}"
+                f"at training time: {detail}; {why}, so its validation images may have been "
+                f"trained on; {_FIX}"
             )
 
 
@@ -292,9 +304,9 @@ def recorded_split(bundle_dir: Path | None, meta: BundleMetadata) -> RecordedSpl
             f"taken from the current folder, {Path.cwd()}); run from the folder training ran in, "
             f"or {_FIX}"
         )
-    rows = manifest_rows(cfg, progress=False)
-    rows = [r for r in rows if r.label in classes]
-    _check_counts(rows, meta, where)
+    derived = manifest_rows(cfg, progress=False)
+    rows = [r for r in derived if r.label in classes]
+    _check_counts(rows, meta, where, copies=len(derived.left_out))
     seed = cfg.seed
     return RecordedSplit(
         rows=rows,

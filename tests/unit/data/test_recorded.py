@@ -75,6 +75,23 @@ def test_changed_data_is_refused_with_the_counts(synthetic_tree: Path, tmp_path:
         recorded_split(None, meta)
 
 
+def test_a_bundle_trained_with_copies_before_they_were_left_out_says_so(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """A bundle from before 2026-11-30, trained on data holding an identical copy (its recorded
+    counts include it): the re-derived split leaves the copy out, and the error says that may be
+    why, not only that the data changed."""
+    copy = synthetic_tree / "AAA" / "zz_copy.png"
+    shutil.copy(synthetic_tree / "AAA" / "AAA_001.png", copy)
+    meta = _meta(synthetic_tree)  # the counts without the copy
+    old = meta.replace(train_counts={**meta.train_counts, "AAA": meta.train_counts["AAA"] + 1})
+    with pytest.raises(DataError) as e:
+        recorded_split(None, old)
+    msg = str(e.value)
+    assert "a marrowscope before 2026-11-30, which kept the 1 identical copy" in msg
+    assert "--guard-data DIR" in msg
+
+
 def test_missing_data_root_names_it_and_the_flags(tmp_path: Path) -> None:
     meta = _meta_without_data_check(tmp_path)
     with pytest.raises(DataError, match=r"does not exist here.*--calibrate DIR"):
