@@ -446,9 +446,15 @@ def fit_temperature(
     if not 0 < lo < hi:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
 
+    rows = np.arange(t.size)
+    log_views = np.log(z.shape[0])
+
     def nll(log_t: float) -> float:
-        p = _view_probs(z, float(np.exp(log_t)))
-        return float(-np.log(np.clip(p[np.arange(t.size), t], 1e-12, None)).mean())
+        # exact, in float64: log of the mean over views of softmax(z / T) at the true class.
+        # No clipping: a floor on p(true) makes the loss flat for small T, where a few
+        # confidently wrong cells would let the search stop at a far too small temperature.
+        log_p = special.log_softmax(z / np.exp(log_t), axis=-1)[:, rows, t]
+        return float(-(special.logsumexp(log_p, axis=0) - log_views).mean())
 
     res = minimize_scalar(nll, bounds=(np.log(lo), np.log(hi)), method="bounded")
     return float(np.exp(res.x))

@@ -338,6 +338,36 @@ def test_fit_temperature_recovers_the_scale_of_overconfident_logits() -> None:
         fit_temperature(z, labels[:10])
 
 
+def test_fit_temperature_is_not_fooled_by_a_few_confidently_wrong_cells() -> None:
+    """1% of the cells wrong by a logit gap of 25: a loss that floors p(true class) goes flat
+    for small T, and the search stopped at T = 0.16; the exact loss has its minimum near 1.4
+    (a fine grid over T, in float64, is the reference); also with TTA views."""
+    from scipy.special import log_softmax, logsumexp
+
+    from marrowscope.metrics.classification import fit_temperature
+
+    rng = np.random.default_rng(0)
+    n, k = 1000, 8
+    y = rng.integers(0, k, n)
+    z = rng.normal(0, 1, (n, k))
+    z[np.arange(n), y] += 8
+    wrong = np.arange(n) < 10
+    z[wrong, (y[wrong] + 1) % k] = z[wrong, y[wrong]] + 25
+    views = np.stack([z, z + rng.normal(0, 0.5, z.shape)])
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 4001))
+
+    def exact(logits: np.ndarray, temp: float) -> float:
+        lp = log_softmax(logits / temp, axis=-1)[:, np.arange(n), y]
+        return float(-(logsumexp(lp, axis=0) - np.log(len(logits))).mean())
+
+    for logits in (z[None], views):
+        best = grid[np.argmin([exact(logits, g) for g in grid])]
+        assert best > 1.0
+        assert fit_temperature(logits if len(logits) > 1 else logits[0], y) == pytest.approx(
+            best, rel=0.01
+        )
+
+
 def test_paired_comparison_counts_discordant_images_and_brackets_the_difference() -> None:
     from marrowscope.metrics.classification import paired_comparison
 
