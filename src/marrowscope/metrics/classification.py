@@ -407,10 +407,6 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> float:
     return float(-logp[np.arange(y.size), y].mean())
 
 
-def _view_probs(view_logits: NDArray, temperature: float) -> NDArray:
-    return softmax(view_logits / temperature).mean(axis=0)
-
-
 def negative_log_likelihood(probs: ArrayLike, y_true: ArrayLike) -> float:
     """Mean ``-log p(true class)`` (probabilities clipped at 1e-12)."""
     pr, t = _probs(probs, y_true)
