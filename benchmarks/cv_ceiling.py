@@ -51,7 +51,10 @@ def load_folds(run: Path, logits_key: str) -> dict[int, dict[str, np.ndarray]]:
         if not oof.is_file():
             continue
         with np.load(oof) as z:
-            key = logits_key if logits_key in z.files else "logits"
+            if logits_key not in z.files:  # a fold of an older marrowscope: best epoch only
+                print(f"note: {oof} has no {logits_key!r}; left out of that checkpoint's rows")
+                continue
+            key = logits_key
             probs = softmax(z[key][TTA_VIEWS["d8"]].astype(np.float64)).mean(axis=0)
             keys = np.asarray([_key(p) for p in z["paths"].tolist()])
             order = np.argsort(keys)

@@ -100,6 +100,12 @@ def main() -> None:
         yv, qv, pathsv = pooled_probabilities(args.runs / name, "d8", ck)
         if pathsv != pathsb:
             raise SystemExit(f"{name} was not cross-validated on the same images as {args.base}")
+        theirs = json.loads((args.runs / name / "cv_summary.json").read_text())["classes"]
+        if theirs != classes or not np.array_equal(yv, yb):
+            raise SystemExit(
+                f"{name} has other classes or labels than {args.base} ({theirs} vs {classes}): "
+                "its predictions cannot be paired with the base's"
+            )
         rows = {name: qv.argmax(1)}
         if args.ensemble:
             rows[f"{name}+{args.base}"] = ((qv + qb) / 2).argmax(1)
