@@ -2,8 +2,9 @@
 
 A found box is a true positive when it overlaps a not yet matched annotated box with IoU at
 least ``iou``; found boxes are matched best score first, each to the free annotated box it
-overlaps most (the greedy rule of COCO; PASCAL VOC would not fall back to the next-best free box). Everything else found is a false
-positive; every annotated box left over is a false negative. Pure numpy.
+overlaps most (COCO's greedy rule; PASCAL VOC would not fall back to the next-best free box).
+Everything else found is a false positive; every annotated box left over is a false negative.
+Pure numpy.
 """
 
 from __future__ import annotations
