@@ -35,6 +35,21 @@ def _threads() -> None:
         pass
 
 
+def ended_pid() -> int:
+    """The process id of a process that has just ended (a crashed writer's, for left-over
+    temporary files)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout)
+
+
 def make_cell(rng: np.random.Generator, colour: tuple[int, int, int], size: int = 48) -> np.ndarray:
     """A synthetic 'cell': a coloured disc with a darker nucleus on a pale background, plus noise."""
     yy, xx = np.mgrid[:size, :size]

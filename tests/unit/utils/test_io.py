@@ -70,24 +70,18 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write_but_not_a_runn
     """An ONNX export killed half-way leaves ``.model.onnx.tmp-HOST-PID-RANDOM``; the next export
     of the same file removes it once its process has ended (an hour unchanged, as for staging
     folders), and never the temporary file of a writer still running."""
-    import subprocess
-    import sys
     import time
+
+    from conftest import ended_pid
 
     import marrowscope.utils.io as io_mod
     from marrowscope.utils.io import atomic_write
 
     target = tmp_path / "model.onnx"
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    host = io_mod._HOST
-    killed = tmp_path / f".model.onnx.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    dead, host = ended_pid(), io_mod._HOST
+    killed = tmp_path / f".model.onnx.tmp-{host}-{dead}-0123abcd"
     running = tmp_path / f".model.onnx.tmp-{host}-{os.getppid()}-89abcdef"
-    other_file = tmp_path / f".metadata.json.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    other_file = tmp_path / f".metadata.json.tmp-{host}-{dead}-0123abcd"
     for p in (killed, running, other_file):
         p.write_bytes(b"half an export")
         hour_ago = time.time() - io_mod.DEAD_WRITER_AFTER_S - 60

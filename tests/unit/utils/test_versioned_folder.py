@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import ended_pid
 
 import marrowscope.utils.io as io_mod
 from marrowscope.utils.io import (
@@ -219,14 +220,8 @@ def test_a_folder_written_before_versions_is_read_as_is_then_taken_over(tmp_path
 
 def test_left_over_staging_folders_go_but_not_a_running_writers(tmp_path: Path) -> None:
     out = tmp_path / "int8"
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
     host = io_mod._HOST
-    pid = int(dead.stdout)
+    pid = ended_pid()
     # its process ended an hour ago: gone; just now: kept for an hour (a host name can be shared
     # by containers, each with its own process ids, so a dead-looking id may be someone else's)
     crashed = tmp_path / f".int8.tmp-{host}-{pid}-0123abcd"
