@@ -123,7 +123,7 @@ def test_only_files_sharing_a_size_are_hashed(
 ) -> None:
     hashed: list[str] = []
     real = dup_mod._digest
-    monkeypatch.setattr(dup_mod, "_digest", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(dup_mod, "_digest", lambda p, head: hashed.append(p) or real(p, head))
     (tmp_path / "a").write_bytes(b"xyz")
     (tmp_path / "b").write_bytes(b"xyz")
     (tmp_path / "c").write_bytes(b"xyw")  # same size, other bytes
@@ -132,6 +132,31 @@ def test_only_files_sharing_a_size_are_hashed(
     assert [g.paths for g in groups] == [(str(tmp_path / "a"), str(tmp_path / "b"))]
     assert str(tmp_path / "d") not in hashed
     assert find_duplicates([(str(tmp_path / "missing"), "K")]) == []
+
+
+def test_large_files_differing_early_are_never_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same size, different first bytes: only their heads are hashed; same head, different tail:
+    read whole and told apart; identical: found."""
+    whole: list[str] = []
+    real = dup_mod._digest
+    monkeypatch.setattr(
+        dup_mod, "_digest", lambda p, head: (head is None and whole.append(p)) or real(p, head)
+    )
+    n = dup_mod.HEAD_BYTES * 3
+    body = bytes(range(256)) * (n // 256)
+    files = {
+        "a": body,
+        "b": body,  # a's copy
+        "c": b"x" + body[1:],  # differs in its first byte
+        "d": body[:-1] + b"y",  # differs in its last byte only
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    groups = find_duplicates((str(tmp_path / name), "K") for name in files)
+    assert [g.paths for g in groups] == [(str(tmp_path / "a"), str(tmp_path / "b"))]
+    assert sorted(Path(p).name for p in whole) == ["a", "b", "d"]
 
 
 def test_scan_reports_both_kinds(synthetic_tree: Path) -> None:
