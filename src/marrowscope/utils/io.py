@@ -8,6 +8,9 @@ a time) and :func:`versioned_folder` (several writers and readers at the same ti
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import glob
 import hashlib
 import json
@@ -15,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -59,16 +63,18 @@ def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_folder)``, then put ``tmp_folder`` in place of ``directory``.
 
     The new folder is filled in a hidden sibling (``.DIR.tmp-...``, see :func:`staging_folder`);
-    then an existing ``directory`` is renamed to ``DIR.old``, the new folder renamed to
-    ``directory`` and ``DIR.old`` deleted. A crash therefore leaves the old folder, the new one,
-    or only ``DIR.old`` (a reader may restore it: see ``marrowscope.models.bundle``), never a
-    folder with some new and some old files. Temp folders left by a crashed earlier call are
-    removed (those of a writer still running are not). Every file written gets the usual
-    permissions (``0666`` less the umask, as :func:`atomic_write` gives), also those a library
-    created private (safetensors' ``0600``).
+    then, on Linux, it and an existing ``directory`` swap names in one step (``renameat2`` with
+    ``RENAME_EXCHANGE``) and the old content is deleted, so a reader always finds a whole folder.
+    Where the system or file system cannot swap, an existing ``directory`` is renamed to
+    ``DIR.old``, the new folder renamed to ``directory`` and ``DIR.old`` deleted; a crash then
+    leaves the old folder, the new one, or only ``DIR.old`` (a reader may restore it: see
+    ``marrowscope.models.bundle``). Never a folder with some new and some old files. Temp folders
+    left by a crashed earlier call are removed (those of a writer still running are not). Every
+    file written gets the usual permissions (``0666`` less the umask, as :func:`atomic_write`
+    gives), also those a library created private (safetensors' ``0600``).
 
-    For one writer at a time: a reader between the two renames finds no folder, and two writers
-    replacing the same folder at once can fail. A folder that several processes may write and
+    For one writer at a time: two writers replacing the same folder at once can fail, and
+    without the one-step swap a reader between the two renames finds no folder. A folder that several processes may write and
     read at the same time (a shared export cache) is a :func:`versioned_folder`.
 
     Args:
@@ -93,13 +99,50 @@ def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
 
 
 def _swap_folder(directory: Path, tmp: Path, old: Path) -> None:
-    """Rename ``directory`` (if any) to ``old``, then ``tmp`` to ``directory``."""
+    """Put ``tmp`` in place of ``directory``: where the system can exchange two paths in one
+    step (Linux), the two folders swap names and ``old`` receives the previous content, so a
+    reader never finds ``directory`` missing; elsewhere ``directory`` (if any) is renamed to
+    ``old``, then ``tmp`` to ``directory``."""
+    if directory.is_dir() and not directory.is_symlink():
+        if old.exists():
+            shutil.rmtree(old)
+        if _exchange(tmp, directory):
+            os.replace(tmp, old)  # the previous content, removed by the caller
+            _fsync_dir(directory.parent)
+            return
     if directory.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(directory, old)
     os.replace(tmp, directory)
     _fsync_dir(directory.parent)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); ``False`` where the system or file system cannot (the caller falls back
+    to two renames)."""
+    if sys.platform != "linux":
+        return False
+    rename2 = getattr(_libc(), "renameat2", None)
+    if rename2 is None:  # a C library without it (glibc < 2.28, some musl builds)
+        return False
+    if rename2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _finish_files(folder: Path) -> None:

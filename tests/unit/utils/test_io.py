@@ -116,3 +116,56 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path: Path)
         atomic_write(target, fail)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def _replace_folder_twice(tmp_path: Path) -> Path:
+    from marrowscope.utils.io import atomic_folder
+
+    out = tmp_path / "best"
+
+    def write(tag: str):  # type: ignore[no-untyped-def]
+        def fill(folder: Path) -> None:
+            (folder / "model.safetensors").write_text(tag)
+            (folder / "metadata.json").write_text(tag)
+
+        return fill
+
+    atomic_folder(out, write("epoch 1"))
+    atomic_folder(out, write("epoch 2"))
+    return out
+
+
+def test_a_folder_is_replaced_without_ever_being_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server reading RUN/best while training replaces it each epoch: the live folder is never
+    renamed away (on Linux the new and the old folder swap names in one step), so no reader can
+    find it missing, or 'restore' DIR.old under the writer."""
+    import sys
+
+    import marrowscope.utils.io as io_mod
+
+    moved: list[tuple[str, str]] = []
+    real = os.replace
+
+    def spy(src, dst):  # type: ignore[no-untyped-def]
+        moved.append((str(src), str(dst)))
+        return real(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "replace", spy)
+    out = _replace_folder_twice(tmp_path)
+    assert (out / "model.safetensors").read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no DIR.old, no staging
+    if sys.platform == "linux":  # renameat2 (glibc >= 2.28) on a local file system
+        assert str(out) not in [src for src, _ in moved], moved
+
+
+def test_without_a_one_step_swap_the_folder_is_replaced_by_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import marrowscope.utils.io as io_mod
+
+    monkeypatch.setattr(io_mod, "_exchange", lambda a, b: False)
+    out = _replace_folder_twice(tmp_path)
+    assert (out / "metadata.json").read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
