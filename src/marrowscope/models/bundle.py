@@ -4,9 +4,11 @@ Everything downstream (predict, explain, export, serve, evaluate) rebuilds the m
 bundle alone: the architecture config, the class names in index order, the input size and the
 normalisation travel in ``metadata.json``; the weights in ``model.safetensors`` (CPU fp32).
 
-Saving is atomic at the folder level: the new bundle is written into a temporary sibling folder,
-then the old bundle is renamed to ``DIR.old``, the new one renamed to ``DIR`` and ``DIR.old``
-deleted. If a crash leaves only ``DIR.old``, :func:`load_bundle` restores it.
+Saving is atomic at the folder level (:func:`~marrowscope.utils.io.atomic_folder`): the new bundle
+is written into a temporary sibling folder, which then takes the old bundle's place in one step
+on Linux. Where that cannot be done, the old bundle is renamed to ``DIR.old``, the new one
+renamed to ``DIR`` and ``DIR.old`` deleted; if a crash leaves only ``DIR.old``,
+:func:`load_bundle` restores it.
 
 Trained bundles also ship inside the package (``marrowscope/pretrained/NAME``, listed with their
 sha256 in ``pretrained/index.json``): wherever a bundle folder is expected, a shipped model's name
