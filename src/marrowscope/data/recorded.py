@@ -143,6 +143,7 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRo
     if left_out:
         log.warning("%s", duplicates_warning(left_out, source))
         lost = _with_left_out(lost, [row_of[p].label for p, _ in left_out])
+        _check_minimum(rows, [row_of[p].label for p, _ in left_out], d.min_per_class)
     if all(r.split is not None for r in rows):
         return ManifestRows(rows, left_out, [row_of[p] for p, _ in left_out])
     grouped = d.split.group_column is not None
@@ -160,6 +161,22 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRo
         rows, val=d.split.val, test=d.split.test, seed=cfg.seed, grouped=grouped, lost=lost
     )
     return ManifestRows(split, left_out)
+
+
+def _check_minimum(rows: list[ManifestRow], left_out: list[str], minimum: int) -> None:
+    """``data.min_per_class`` again once identical copies are left out (``left_out``: their
+    labels): the minimum counts distinct images."""
+    counts = Counter(r.label for r in rows)
+    for label in sorted(set(left_out)):
+        n = counts[label]
+        if n < minimum:
+            copies = left_out.count(label)
+            raise DataError(
+                f"class {label} has only {n} distinct image(s) once {copies} identical "
+                f"cop{'y' if copies == 1 else 'ies'} of its images are left out, fewer than "
+                f"min_per_class={minimum}; add images of it, lower the minimum (train, cv: --set "
+                f"data.min_per_class={n}), or drop the class (--set data.classes=[...])"
+            )
 
 
 def _with_left_out(lost: Callable[[str], str], left_out: list[str]) -> Callable[[str], str]:

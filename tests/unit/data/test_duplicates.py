@@ -208,3 +208,20 @@ def test_a_split_left_empty_by_a_copy_says_so(synthetic_tree: Path, tmp_path: Pa
     assert "class AAA has no usable image in the val split" in msg
     assert f"{copy}, have the same bytes as images of it in another split" in msg
     assert "no image of it is assigned" not in msg and "assign other images of it to val" in msg
+
+
+def test_the_minimum_per_class_counts_distinct_images(synthetic_tree: Path) -> None:
+    """A class of 12 files, 3 of them copies, has 9 distinct images: min_per_class=10 refuses it,
+    naming the copies, as it refuses a class of 9 files."""
+    files = sorted(p for p in (synthetic_tree / "CCC").rglob("*") if p.is_file())
+    assert len(files) == 12
+    for i, src in enumerate(files[:3]):
+        shutil.copy(src, src.with_name(f"zz_copy{i}{src.suffix}"))
+        files[-1 - i].unlink()  # still 12 files, 9 of them distinct
+    with pytest.raises(DataError) as e:
+        manifest_rows(_cfg(root=str(synthetic_tree), min_per_class=10), progress=False)
+    msg = str(e.value)
+    assert "class CCC has only 9 distinct image(s) once 3 identical copies" in msg
+    assert "min_per_class=10" in msg and "data.min_per_class=9" in msg
+    rows = manifest_rows(_cfg(root=str(synthetic_tree), min_per_class=9), progress=False)
+    assert sum(r.label == "CCC" for r in rows) == 9
