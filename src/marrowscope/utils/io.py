@@ -74,8 +74,9 @@ def atomic_folder(directory: Path, writer: Callable[[Path], None]) -> Path:
     gives), also those a library created private (safetensors' ``0600``).
 
     For one writer at a time: two writers replacing the same folder at once can fail, and
-    without the one-step swap a reader between the two renames finds no folder. A folder that several processes may write and
-    read at the same time (a shared export cache) is a :func:`versioned_folder`.
+    without the one-step swap a reader between the two renames finds no folder. A folder that
+    several processes may write and read at the same time (a shared export cache) is a
+    :func:`versioned_folder`.
 
     Args:
         directory: the folder to create or replace (its parent is created).
