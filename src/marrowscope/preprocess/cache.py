@@ -166,7 +166,10 @@ class PreprocessCache:
             with open(tmp, "wb") as f:  # a file object: np.save must not append ".npy"
                 np.save(f, arr, allow_pickle=False)
 
-        atomic_write(self.entry_path(sha), write)
+        # one write per image into shard folders of hundreds of entries: no folder listing
+        # for a killed writer's temporary file each time (a killed fill leaves at most one
+        # small one per worker)
+        atomic_write(self.entry_path(sha), write, sweep=False)
 
     def _compute(self, sha: str, data: bytes, path: Path) -> np.ndarray:
         arr = apply_preprocess(decode_image(data, path), self.cfg)

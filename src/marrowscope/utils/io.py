@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, writer: Callable[[Path], None], *, sweep: bool = True) -> None:
     """Call ``writer(tmp_path)`` then atomically rename ``tmp_path`` onto ``path``.
 
     The temporary file is a hidden sibling named after its owner (``.NAME.tmp-HOST-PID-RANDOM``)
@@ -37,10 +37,14 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     Args:
         path: destination file.
         writer: writes the complete content to the path it is given.
+        sweep: look for a killed writer's temporary file first (one listing of the folder);
+            ``False`` for many small writes into large folders, where the listing would cost
+            more than the write (the preprocessing cache).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path.parent, f"{glob.escape('.' + path.name)}.tmp-*")
+    if sweep:
+        _remove_stale(path.parent, f"{glob.escape('.' + path.name)}.tmp-*")
     tmp_path = path.parent / _temp_name(f".{path.name}")
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -104,18 +108,14 @@ def _swap_folder(directory: Path, tmp: Path, old: Path) -> None:
     step (Linux), the two folders swap names and ``old`` receives the previous content, so a
     reader never finds ``directory`` missing; elsewhere ``directory`` (if any) is renamed to
     ``old``, then ``tmp`` to ``directory``."""
-    if directory.is_dir() and not directory.is_symlink():
-        if old.exists():
-            shutil.rmtree(old)
-        if _exchange(tmp, directory):
-            os.replace(tmp, old)  # the previous content, removed by the caller
-            _fsync_dir(directory.parent)
-            return
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
+    if directory.exists() and old.exists():
+        shutil.rmtree(old)
+    if directory.is_dir() and not directory.is_symlink() and _exchange(tmp, directory):
+        os.replace(tmp, old)  # the previous content, removed by the caller
+    else:
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
     _fsync_dir(directory.parent)
 
 
