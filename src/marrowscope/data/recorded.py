@@ -142,8 +142,9 @@ def manifest_rows(cfg: ExperimentConfig, *, progress: bool = True) -> ManifestRo
     rows, left_out = drop_duplicates(rows, source=source)
     if left_out:
         log.warning("%s", duplicates_warning(left_out, source))
-        lost = _with_left_out(lost, [row_of[p].label for p, _ in left_out])
-        _check_minimum(rows, [row_of[p].label for p, _ in left_out], d.min_per_class)
+        copied = [row_of[p].label for p, _ in left_out]
+        _check_minimum(rows, copied, d.min_per_class)
+        lost = _with_left_out(lost, copied)
     if all(r.split is not None for r in rows):
         return ManifestRows(rows, left_out, [row_of[p] for p, _ in left_out])
     grouped = d.split.group_column is not None

@@ -391,11 +391,14 @@ def finalize_inference(
 
 def _read_resume(
     run_dir: Path, overrides: list[str] | tuple[str, ...], console: Console
-) -> tuple[ExperimentConfig, dict[str, Any] | None, ManifestRows | None]:
+) -> tuple[
+    ExperimentConfig, dict[str, Any] | None, ManifestRows | None, dict[str, tuple[Any, Any]]
+]:
     """The saved config (with ``overrides``), ``state.pt`` (or ``None`` before the first finished
-    epoch) and the split manifest rows (or ``None``) of the run folder to resume; the rows carry
-    the images the first start left out before the split (``skipped.csv`` rows not in the split),
-    so a resume that rewrites ``skipped.csv`` keeps them listed."""
+    epoch), the split manifest rows (or ``None``) of the run folder to resume, and what the
+    overrides change (:func:`_changed_keys`); the rows carry the images the first start left out
+    before the split (``skipped.csv`` rows not in the split), so a resume that rewrites
+    ``skipped.csv`` keeps them listed."""
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(
             f"cannot resume: {run_dir} has no config.yaml (is it a marrowscope run folder?)"
@@ -403,15 +406,16 @@ def _read_resume(
     saved = load_config(run_dir / "config.yaml")
     cfg = load_config(run_dir / "config.yaml", overrides)
     state = None
+    changed = _changed_keys(saved, cfg)
     state_path = run_dir / "state.pt"
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        _check_resumable(run_dir, saved, cfg, state)
+        _check_resumable(run_dir, saved, cfg, state, changed)
     else:
         console.print(f"[yellow]{run_dir} has no finished epoch yet; starting from epoch 1")
     split = run_dir / "split.csv"
     if not split.is_file():
-        return cfg, state, None
+        return cfg, state, None, changed
     rows = read_manifest(split)
     listed = {r.path for r in rows}
     skipped = run_dir / "skipped.csv"
@@ -421,7 +425,7 @@ def _read_resume(
             left_out = [
                 (r["path"], r["error"]) for r in csv.DictReader(f) if r["path"] not in listed
             ]
-    return cfg, state, ManifestRows(rows, left_out)
+    return cfg, state, ManifestRows(rows, left_out), changed
 
 
 # What the weights, optimizer and averages in state.pt were built for: fixed for the whole run.
@@ -457,13 +461,16 @@ def _resume_fix(run_dir: Path, keys: list[str]) -> str:
 
 
 def _check_resumable(
-    run_dir: Path, saved: ExperimentConfig, cfg: ExperimentConfig, state: dict[str, Any]
+    run_dir: Path,
+    saved: ExperimentConfig,
+    cfg: ExperimentConfig,
+    state: dict[str, Any],
+    changed: dict[str, tuple[Any, Any]],
 ) -> None:
     """Refuse (before anything is read or written) resume overrides that ``state.pt`` cannot
     follow: another model, input size or class list, EMA/SWA or layer-wise learning-rate decay
     switched on or off (other optimizer parameter groups), or other data (a resumed run trains
-    on the images its ``split.csv`` lists)."""
-    changed = _changed_keys(saved, cfg)
+    on the images its ``split.csv`` lists); ``changed``: :func:`_changed_keys` of the two."""
     fixed = {
         k: f"{k}={changed[k][1]} (the run has {changed[k][0]})"
         for k in RESUME_FIXED
@@ -606,9 +613,10 @@ def fit(
     state_path = run_dir / "state.pt"
     state: dict[str, Any] | None = None
     rows = None
+    changed: dict[str, tuple[Any, Any]] = {}
     if resume:
-        # rank 0 reads the run folder; every rank gets its config, state and split
-        cfg, state, rows = ctx.main_only(lambda: _read_resume(run_dir, overrides, console))
+        # rank 0 reads the run folder; every rank gets its config, state, split and changes
+        cfg, state, rows, changed = ctx.main_only(lambda: _read_resume(run_dir, overrides, console))
     elif cfg is None:
         raise ValueError("fit() needs a config unless resume=True")
     elif ctx.main_only(state_path.exists):
@@ -705,7 +713,6 @@ def fit(
     # the rates and weight decay the config asks for (the state's optimizer replaces them)
     configured = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
     if state is not None:  # on every rank: weights, EMA/SWA, optimizer, scheduler, counters
-        changed = ctx.main_only(lambda: _changed_keys(load_config(run_dir / "config.yaml"), cfg))
         # (_check_resumable refused the known misfits; anything else that does not fit the
         # state is one clear error too, and the run folder is still untouched)
         try:
