@@ -12,7 +12,9 @@ asks whether the detector finds both cells:
   ``0`` boxes that touch, negative values boxes that overlap by that fraction (the copy lies over
   the original's edge, as in a squashed smear);
 - every val field with exactly one annotated white cell, clear of the border (the copy goes to
-  its right, the field widened with its background colour to make room);
+  its right, the field widened with its background colour to make room); ``--split tune`` takes
+  the train split's tune fields instead, held out by every detector trained here, to compare
+  training recipes without val;
 - a pair is *found* when both cells are matched at IoU >= 0.5 (``marrowscope.metrics.detection``),
   *merged* when a found box covers the pair: it overlaps the union of the two boxes by half, and
   more than it overlaps either cell.
@@ -35,7 +37,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from marrowscope.data.fields import read_field_manifest, touches_border
+from marrowscope.data.fields import FieldRecord, read_field_manifest, touches_border
+from marrowscope.engine.detector_train import DetectorTrainConfig, split_tune
 from marrowscope.inference.fields import FieldDetector, load_field
 from marrowscope.metrics.detection import match_boxes
 from marrowscope.utils.boxes import box_iou
@@ -86,12 +89,29 @@ def paste_neighbour(
     return out, cell, copy
 
 
-def run(root: str, detector: FieldDetector, gaps: tuple[float, ...]) -> dict[str, Any]:
-    fields = [
+def pick_fields(root: str, split: str) -> list[FieldRecord]:
+    """The fields with exactly one annotated white cell, clear of the border: of the val split,
+    or (``tune``) of the train-split fields every detector trained here holds out to fit its
+    threshold (:func:`~marrowscope.engine.detector_train.split_tune`, the default fraction and
+    seed), which compares training recipes without looking at val."""
+    if split == "tune":
+        cfg = DetectorTrainConfig()
+        records = split_tune(read_field_manifest(root, split="train"), cfg.tune_fraction, cfg.seed)[
+            1
+        ]
+    else:
+        records = read_field_manifest(root, split=split)
+    return [
         r
-        for r in read_field_manifest(root, split="val")
+        for r in records
         if len(r.wbc) == 1 and not touches_border(r.wbc, r.width, r.height, margin=3).any()
     ]
+
+
+def run(
+    root: str, detector: FieldDetector, gaps: tuple[float, ...], split: str = "val"
+) -> dict[str, Any]:
+    fields = pick_fields(root, split)
     per_gap: dict[str, Any] = {}
     examples: dict[float, dict[str, tuple[Any, ...]]] = {}
     t0 = time.perf_counter()
@@ -155,6 +175,7 @@ def run(root: str, detector: FieldDetector, gaps: tuple[float, ...]) -> dict[str
     return {
         "detector": detector.name_,
         "min_score": detector.min_score_,
+        "split": split,
         "fields": len(fields),
         "gaps": per_gap,
         "detections": n_detect,
@@ -209,11 +230,17 @@ def main() -> None:
     )
     ap.add_argument("--data", default="../shared/data/field-dev")
     ap.add_argument("--detector", default="wbc1", help="a shipped detector, classical, or a folder")
+    ap.add_argument(
+        "--split",
+        choices=["val", "tune"],
+        default="val",
+        help="val, or the train split's tune fields (to compare recipes without val)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--picture", type=Path, default=None)
     args = ap.parse_args()
     detector = FieldDetector.load(args.detector)
-    result = run(args.data, detector, GAPS)
+    result = run(args.data, detector, GAPS, args.split)
     examples = result.pop("_examples")
     if args.picture is not None:
         picture(examples, args.picture, GAPS)

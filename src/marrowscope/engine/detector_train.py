@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import yaml
 
-from marrowscope.data.fields import FieldRecord, read_field_manifest
+from marrowscope.data.fields import FieldRecord, read_field_manifest, touches_border
 from marrowscope.inference.fields import FieldDetector, load_field, resolve_scale
 from marrowscope.metrics.detection import DetectionScores, scores_by_group
 from marrowscope.models.detector import (
@@ -56,6 +56,7 @@ __all__ = [
     "load_train_config",
     "make_targets",
     "mirror_boxes",
+    "paste_neighbour",
     "train_detector",
 ]
 
@@ -88,6 +89,11 @@ class DetectorTrainConfig:
             ``reflect`` (the field mirrored at its edges, :func:`mirror_boxes`).
         margin: the margin's width at prediction time (working pixels); with ``reflect`` also the
             width of the mirrored band around each training field.
+        paste: probability that a training window gets a white cell of another training field
+            of the same origin pasted beside one of its cells, touching or overlapping it (gap
+            :data:`PASTE_GAPS`, feathered alpha blend, :func:`paste_neighbour`), so that the
+            detector learns to box two close cells apart; the blood fields of field-dev almost
+            never show them, bone-marrow smears show them all the time. 0 keeps wbc1's recipe.
         ema: decay of the exponential moving average of the weights that is saved.
         nms_iou: suppression overlap at prediction time.
         threads: CPU threads for torch.
@@ -110,6 +116,7 @@ class DetectorTrainConfig:
     cut: float = 0.0
     pad: str = "zero"
     margin: int = MARGIN
+    paste: float = 0.0
     ema: float = 0.995
     nms_iou: float = 0.4
     threads: int = 2
@@ -120,6 +127,8 @@ class DetectorTrainConfig:
             check_margins(self.pad, self.margin)
         except ValueError as e:
             raise ValueError(f"setting pad / margin: {e}") from None
+        if not 0.0 <= self.paste <= 1.0:
+            raise ValueError(f"setting paste: a probability in [0, 1], got {self.paste}")
 
 
 def load_train_config(
@@ -165,6 +174,11 @@ class _Prepared:
     boxes: np.ndarray
     rest: float  # base -> working scale factor
     origin: str
+
+    def whole(self) -> np.ndarray:
+        """The boxes of the cells that the field's border does not cut (donors for pasting)."""
+        h, w = self.image.shape[:2]
+        return self.boxes[~touches_border(self.boxes, w, h, margin=2.0)]
 
 
 def _prepare(records: Sequence[FieldRecord], jitter: float) -> list[_Prepared]:
@@ -275,12 +289,104 @@ def mirror_boxes(
     return np.asarray(out, np.float64).reshape(-1, 4), np.asarray(ref, np.float64)
 
 
-def _augment(
-    p: _Prepared, cfg: DetectorTrainConfig, rng: np.random.Generator
+PASTE_GAPS = (-0.35, 0.25)
+"""Range of the gap between a pasted cell and its neighbour, as a fraction of their mean diameter
+(negative: they overlap by that much, as cells squashed together in a smear)."""
+_PASTE_SURROUND = 0.2
+"""Surround taken with a pasted cell, as a fraction of its longer side (the blend fades in it)."""
+
+
+def paste_neighbour(
+    img: np.ndarray,
+    boxes: np.ndarray,
+    donor: np.ndarray,
+    cell: np.ndarray,
+    factor: float,
+    rng: np.random.Generator,
+    tries: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One training window: scale, rotate/flip, optionally a random part (``cfg.cut``), colour,
-    with ``cfg.pad == "reflect"`` mirrored at its edges (:func:`mirror_boxes`), placed on the
-    zero canvas; boxes cut by the window's edge keep their visible part."""
+    """``img`` with the white cell ``cell`` of the field ``donor`` (its box there) pasted beside
+    one of ``boxes``, touching or overlapping it; returns the new image and boxes (the pasted
+    cell's box appended).
+
+    The donor cell and a surround of :data:`_PASTE_SURROUND` are resized by ``factor`` (to the
+    window's scale), rotated by a multiple of 90 degrees and maybe flipped, and blended in with
+    a feathered elliptic mask, its centre at ``(r1 + r2) * (1 + gap)`` from the neighbour's in a
+    random direction (``r``: half the mean side of each box, ``gap`` uniform in
+    :data:`PASTE_GAPS`). The image's edge may cut the pasted cell, as a field's edge cuts cells
+    (its box is then the visible part); a placement that would show less than half of it, or
+    cover more than half of another cell, is redrawn up to ``tries`` times; then the image is
+    returned unchanged.
+    """
+    if not len(boxes):
+        return img, boxes
+    x0, y0, x1, y1 = (float(v) for v in cell)
+    pad = _PASTE_SURROUND * max(x1 - x0, y1 - y0)
+    dh, dw = donor.shape[:2]
+    px0, py0 = int(max(0, math.floor(x0 - pad))), int(max(0, math.floor(y0 - pad)))
+    px1, py1 = int(min(dw, math.ceil(x1 + pad))), int(min(dh, math.ceil(y1 + pad)))
+    patch = rescale(np.ascontiguousarray(donor[py0:py1, px0:px1]), factor)
+    sx, sy = patch.shape[1] / (px1 - px0), patch.shape[0] / (py1 - py0)
+    b = np.array([(x0 - px0) * sx, (y0 - py0) * sy, (x1 - px0) * sx, (y1 - py0) * sy])
+    for _ in range(int(rng.integers(4))):  # rotate 90 degrees counter-clockwise
+        w = patch.shape[1]
+        patch = np.ascontiguousarray(np.rot90(patch))
+        b = np.array([b[1], w - b[2], b[3], w - b[0]])
+    if rng.random() < 0.5:
+        w = patch.shape[1]
+        patch = np.ascontiguousarray(patch[:, ::-1])
+        b = np.array([w - b[2], b[1], w - b[0], b[3]])
+    ph, pw = patch.shape[:2]
+    mask = np.zeros((ph, pw), np.float32)
+    centre = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
+    surround = _PASTE_SURROUND * max(b[2] - b[0], b[3] - b[1])
+    axes = (
+        int(round((b[2] - b[0]) / 2 + surround / 2)),
+        int(round((b[3] - b[1]) / 2 + surround / 2)),
+    )
+    cv2.ellipse(mask, (int(round(centre[0])), int(round(centre[1]))), axes, 0, 0, 360, 1.0, -1)
+    mask = cv2.GaussianBlur(mask, (0, 0), max(surround / 3, 0.5))[:, :, None]
+    h, w = img.shape[:2]
+    r2 = ((b[2] - b[0]) + (b[3] - b[1])) / 4
+    for _ in range(tries):
+        n = boxes[int(rng.integers(len(boxes)))]
+        r1 = ((n[2] - n[0]) + (n[3] - n[1])) / 4
+        angle = rng.uniform(0, 2 * math.pi)
+        dist = (r1 + r2) * (1 + rng.uniform(*PASTE_GAPS))
+        cx = (n[0] + n[2]) / 2 + dist * math.cos(angle)
+        cy = (n[1] + n[3]) / 2 + dist * math.sin(angle)
+        ox, oy = int(round(cx - centre[0])), int(round(cy - centre[1]))
+        new = np.clip(b + np.array([ox, oy, ox, oy]), 0, [w, h, w, h])
+        if (new[2] - new[0]) * (new[3] - new[1]) < 0.5 * (b[2] - b[0]) * (b[3] - b[1]):
+            continue  # at least half the cell in the window; its box is the visible part
+        ix0, iy0 = np.maximum(boxes[:, 0], new[0]), np.maximum(boxes[:, 1], new[1])
+        ix1, iy1 = np.minimum(boxes[:, 2], new[2]), np.minimum(boxes[:, 3], new[3])
+        inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        covered = inter / np.maximum(area, 1e-6)
+        if (covered > 0.5).any():  # the chosen neighbour too: a gap of -0.35 covers less
+            continue
+        out = img.copy()
+        ax0, ay0, ax1, ay1 = max(ox, 0), max(oy, 0), min(ox + pw, w), min(oy + ph, h)
+        m = mask[ay0 - oy : ay1 - oy, ax0 - ox : ax1 - ox]
+        src = patch[ay0 - oy : ay1 - oy, ax0 - ox : ax1 - ox].astype(np.float32)
+        region = out[ay0:ay1, ax0:ax1].astype(np.float32)
+        out[ay0:ay1, ax0:ax1] = np.clip(m * src + (1 - m) * region + 0.5, 0, 255).astype(np.uint8)
+        return out, np.concatenate([boxes, new[None]], axis=0)
+    return img, boxes
+
+
+def _augment(
+    p: _Prepared,
+    cfg: DetectorTrainConfig,
+    rng: np.random.Generator,
+    donor: _Prepared | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One training window: scale, rotate/flip, optionally a random part (``cfg.cut``), with
+    probability ``cfg.paste`` a cell of ``donor`` pasted beside one of its cells
+    (:func:`paste_neighbour`), colour, with ``cfg.pad == "reflect"`` mirrored at its edges
+    (:func:`mirror_boxes`), placed on the zero canvas; boxes cut by the window's edge keep their
+    visible part."""
     j = math.exp(rng.uniform(-math.log(cfg.scale_jitter), math.log(cfg.scale_jitter)))
     f = p.rest * j
     img = rescale(p.image, f)
@@ -302,6 +408,11 @@ def _augment(
         img = np.ascontiguousarray(img[oy : oy + ch, ox : ox + cw])
         boxes = boxes - np.array([ox, oy, ox, oy])
         h, w = ch, cw
+    if donor is not None and cfg.paste > 0 and rng.random() < cfg.paste:
+        cells = donor.whole()
+        if len(cells):
+            cell = cells[int(rng.integers(len(cells)))]
+            img, boxes = paste_neighbour(img, boxes, donor.image, cell, donor.rest * j, rng)
     img = _colour(img, rng, cfg.hue, cfg.gray)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     if cfg.pad == "reflect":
@@ -375,13 +486,29 @@ def centernet_loss(
     }
 
 
+def _donors(prepared: Sequence[_Prepared]) -> dict[str, list[_Prepared]]:
+    """Per origin, the training fields with a cell their border does not cut."""
+    out: dict[str, list[_Prepared]] = {}
+    for p in prepared:
+        if len(p.whole()):
+            out.setdefault(p.origin, []).append(p)
+    return out
+
+
 def _batch(
-    items: Sequence[_Prepared], cfg: DetectorTrainConfig, rng: np.random.Generator
+    items: Sequence[_Prepared],
+    cfg: DetectorTrainConfig,
+    rng: np.random.Generator,
+    donors: dict[str, list[_Prepared]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     imgs, targets = [], []
     o = cfg.canvas // STRIDE
     for p in items:
-        img, boxes = _augment(p, cfg, rng)
+        donor = None
+        if cfg.paste > 0 and donors and donors.get(p.origin):
+            pool = donors[p.origin]
+            donor = pool[int(rng.integers(len(pool)))]
+        img, boxes = _augment(p, cfg, rng, donor)
         imgs.append(img)
         targets.append(make_targets(boxes, o, o))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -505,6 +632,7 @@ def train_detector(
     log(f"{len(fit)} training fields, {len(tune)} tune fields (held out of the train split)")
     t0 = time.perf_counter()
     prepared = _prepare(fit, cfg.scale_jitter)
+    donors = _donors(prepared) if cfg.paste > 0 else None
     log(f"prepared at the working scale in {time.perf_counter() - t0:.0f} s")
 
     model = CellDetector(width=cfg.width)
@@ -539,7 +667,7 @@ def train_detector(
         sums: dict[str, float] = {"loss": 0.0, "focal": 0.0, "size": 0.0, "offset": 0.0}
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x, t = _batch([prepared[i] for i in idx], cfg, rng)
+            x, t = _batch([prepared[i] for i in idx], cfg, rng, donors)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_at(step)
             c3, c4 = trunk.run(None, {"images": x.numpy()})

@@ -261,3 +261,102 @@ def test_reflect_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="margin"):
         dt.load_train_config(None, {"margin": 999})
     assert dt.load_train_config(None, {"pad": "reflect", "margin": 32}).pad == "reflect"
+
+
+DONOR = 120
+
+
+def _donor(side: int = 100, r: int = 20) -> np.ndarray:
+    """A field with one round 'cell' of radius ``r`` centred at (50, 50)."""
+    img = np.full((side, side, 3), BG, np.uint8)
+    cv2.circle(img, (50, 50), r, (DONOR, DONOR, DONOR), -1)
+    return img
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_a_pasted_cell_lands_beside_its_neighbour_where_its_box_says(factor: float) -> None:
+    img = np.full((240, 240, 3), BG, np.uint8)
+    img[90:150, 90:150] = CELL
+    boxes = np.array([[90.0, 90.0, 150.0, 150.0]])
+    donor, cell = _donor(), np.array([30.0, 30.0, 70.0, 70.0])
+    gaps = []
+    for seed in range(40):
+        out, got = dt.paste_neighbour(img, boxes, donor, cell, factor, np.random.default_rng(seed))
+        assert len(got) == 2 and np.array_equal(got[0], boxes[0])
+        new = got[1]
+        assert new[2] - new[0] == pytest.approx(40 * factor, abs=1)
+        assert new[3] - new[1] == pytest.approx(40 * factor, abs=1)
+        cx, cy = int((new[0] + new[2]) / 2), int((new[1] + new[3]) / 2)
+        assert out[cy, cx, 0] == DONOR  # the pasted cell's own pixels are under its box
+        ring = cv2.circle(np.zeros((240, 240), np.uint8), (cx, cy), int(30 * factor), 1, -1)
+        donor_px = (np.abs(out[:, :, 0].astype(int) - DONOR) <= 3) & (ring == 0)
+        assert not donor_px.any()  # and nowhere else: the blend fades out around the cell
+        # the centres are (r1 + r2) * (1 + gap) apart, gap in PASTE_GAPS
+        d = math.hypot(cx - 120, cy - 120)
+        gaps.append(d / (30 + 20 * factor) - 1)
+        covered = (min(150, new[2]) - max(90, new[0])) * (min(150, new[3]) - max(90, new[1]))
+        assert max(covered, 0) <= 0.5 * 60 * 60
+    lo, hi = dt.PASTE_GAPS
+    assert lo - 0.05 <= min(gaps) and max(gaps) <= hi + 0.05
+    assert min(gaps) < 0 < max(gaps)  # both touching-with-overlap and a little apart
+
+
+def test_a_paste_that_does_not_fit_leaves_the_window_unchanged() -> None:
+    """A 40 px cell beside a 36 px one in a 40 px window: less than half of it would show."""
+    img = np.full((40, 40, 3), BG, np.uint8)
+    boxes = np.array([[2.0, 2.0, 38.0, 38.0]])
+    out, got = dt.paste_neighbour(
+        img, boxes, _donor(), np.array([30.0, 30.0, 70.0, 70.0]), 1.0, np.random.default_rng(0)
+    )
+    assert out is img and got is boxes
+    empty = np.zeros((0, 4))
+    assert (
+        dt.paste_neighbour(img, empty, _donor(), boxes[0], 1.0, np.random.default_rng(0))[1]
+        is empty
+    )
+
+
+def test_paste_adds_a_target_and_paste_zero_ignores_the_donor(no_colour: None) -> None:
+    donor = dt._Prepared(_donor(), np.array([[30.0, 30.0, 70.0, 70.0]]), rest=1.0, origin="test")
+    cfg0 = dt.DetectorTrainConfig(canvas=256, scale_jitter=1.0)
+    a = dt._augment(_field(), cfg0, np.random.default_rng(5))
+    b = dt._augment(_field(), cfg0, np.random.default_rng(5), donor)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    cfg1 = replace(cfg0, paste=1.0)
+    added = 0
+    for seed in range(30):
+        canvas, boxes = dt._augment(_field(), cfg1, np.random.default_rng(seed), donor)
+        if len(boxes) == 3:
+            added += 1
+            cx, cy = (int(v) for v in (boxes[2, :2] + boxes[2, 2:]) / 2)
+            assert canvas[cy, cx, 0] == DONOR
+    assert added >= 20  # most windows have room for a neighbour
+
+
+def test_the_window_edge_may_cut_a_pasted_cell() -> None:
+    """A neighbour pasted across the window's edge is boxed by its visible part (as annotators
+    box a cell the field's edge cuts), at least half of it."""
+    img = np.full((100, 100, 3), BG, np.uint8)
+    img[30:70, 30:70] = CELL
+    boxes = np.array([[30.0, 30.0, 70.0, 70.0]])
+    donor, cell = _donor(), np.array([30.0, 30.0, 70.0, 70.0])
+    cut = 0
+    for seed in range(40):
+        out, got = dt.paste_neighbour(img, boxes, donor, cell, 1.0, np.random.default_rng(seed))
+        if len(got) == 1:
+            continue
+        new = got[1]
+        assert (new >= 0).all() and (new <= 100).all()
+        area = (new[2] - new[0]) * (new[3] - new[1])
+        assert area >= 0.5 * 40 * 40
+        if area < 40 * 40 - 1:
+            cut += 1
+            cx, cy = int((new[0] + new[2]) / 2), int((new[1] + new[3]) / 2)
+            assert out[cy, cx, 0] == DONOR  # the visible part is the pasted cell's
+    assert cut >= 5
+
+
+def test_paste_setting_is_a_probability() -> None:
+    with pytest.raises(ValueError, match="paste"):
+        dt.load_train_config(None, {"paste": 1.5})
+    assert dt.load_train_config(None, {"paste": 0.5}).paste == 0.5
