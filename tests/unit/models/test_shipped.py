@@ -54,7 +54,7 @@ def test_shipped_weights_are_small_and_float16_only_where_it_changes_nothing(nam
     with safe_open(str(path), framework="pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     meta = read_metadata(name)
-    parity = meta.pretrained["fp16_parity"]  # measured by the packer on every validation cell
+    parity = meta.pretrained["fp16_parity"]  # measured by the packer on every cell it scored
     assert parity["images"] >= 300
     dtype = meta.weights_dtype
     assert {str(v.dtype) for v in stored.values() if v.is_floating_point()} == {f"torch.{dtype}"}
@@ -104,9 +104,9 @@ def test_models_command_lists_the_shipped_models(monkeypatch: pytest.MonkeyPatch
         assert all(c in result.output for c in classes)
     macro_f1 = read_metadata("bm8").pretrained["evaluation"]["macro_f1"]
     assert f"{macro_f1:.3f}" in result.output
-    # what each number was measured on: bm8 its validation cells, pbc6 (refitted on every cell)
-    # its recipe's 3-fold cross-validation
-    assert "(validation, 653 cells)" in result.output
+    # what each number was measured on: both were refitted on every cell, so their recipes'
+    # 3-fold cross-validations
+    assert "(3-fold CV, 4,350 cells)" in result.output
     assert "(3-fold CV, 2,100 cells)" in result.output
 
 
