@@ -289,6 +289,22 @@ def mirror_boxes(
     return np.asarray(out, np.float64).reshape(-1, 4), np.asarray(ref, np.float64)
 
 
+def _turn(
+    img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` and its ``(N, 4)`` boxes rotated by a random multiple of 90 degrees
+    (counter-clockwise: (x, y) -> (y, W - x)) and flipped left-right with probability 1/2."""
+    for _ in range(int(rng.integers(4))):
+        w = img.shape[1]
+        img = np.ascontiguousarray(np.rot90(img))
+        boxes = np.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], axis=1)
+    if rng.random() < 0.5:
+        w = img.shape[1]
+        img = np.ascontiguousarray(img[:, ::-1])
+        boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+    return img, boxes
+
+
 PASTE_GAPS = (-0.35, 0.25)
 """Range of the gap between a pasted cell and its neighbour, as a fraction of their mean diameter
 (negative: they overlap by that much, as cells squashed together in a smear)."""
@@ -327,15 +343,9 @@ def paste_neighbour(
     px1, py1 = int(min(dw, math.ceil(x1 + pad))), int(min(dh, math.ceil(y1 + pad)))
     patch = rescale(np.ascontiguousarray(donor[py0:py1, px0:px1]), factor)
     sx, sy = patch.shape[1] / (px1 - px0), patch.shape[0] / (py1 - py0)
-    b = np.array([(x0 - px0) * sx, (y0 - py0) * sy, (x1 - px0) * sx, (y1 - py0) * sy])
-    for _ in range(int(rng.integers(4))):  # rotate 90 degrees counter-clockwise
-        w = patch.shape[1]
-        patch = np.ascontiguousarray(np.rot90(patch))
-        b = np.array([b[1], w - b[2], b[3], w - b[0]])
-    if rng.random() < 0.5:
-        w = patch.shape[1]
-        patch = np.ascontiguousarray(patch[:, ::-1])
-        b = np.array([w - b[2], b[1], w - b[0], b[3]])
+    b = np.array([[(x0 - px0) * sx, (y0 - py0) * sy, (x1 - px0) * sx, (y1 - py0) * sy]])
+    patch, b = _turn(patch, b, rng)
+    b = b[0]
     ph, pw = patch.shape[:2]
     mask = np.zeros((ph, pw), np.float32)
     centre = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
@@ -393,14 +403,8 @@ def _augment(
     h, w = img.shape[:2]
     fx, fy = img.shape[1] / p.image.shape[1], img.shape[0] / p.image.shape[0]
     boxes = p.boxes * np.array([fx, fy, fx, fy])
-    k = int(rng.integers(4))
-    for _ in range(k):  # rotate 90 degrees counter-clockwise: (x, y) -> (y, W - x)
-        img = np.ascontiguousarray(np.rot90(img))
-        boxes = np.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], axis=1)
-        h, w = w, h
-    if rng.random() < 0.5:
-        img = np.ascontiguousarray(img[:, ::-1])
-        boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+    img, boxes = _turn(img, boxes, rng)
+    h, w = img.shape[:2]
     if cfg.cut > 0 and rng.random() < cfg.cut:
         # a random part of the field: the cells its edges cut are clipped below like the others
         cw, ch = int(round(w * rng.uniform(0.5, 1.0))), int(round(h * rng.uniform(0.5, 1.0)))
