@@ -1,7 +1,7 @@
 """Speed of whole-field processing on 2 cores: detection alone, and end to end to the count.
 
 Detection (file -> decode -> red-cell ruler -> rescale -> network -> boxes) on the 640 x 480
-BCCD fields of field-dev, for the shipped learned detector (ONNX Runtime) and the classical one;
+BCCD fields of field-dev, for the shipped learned detectors (ONNX Runtime) and the classical one;
 then ``count --fields`` end to end (detection + crops at the classifier's scale + the shipped
 classifier, with its test-time augmentation and without; PyTorch and ONNX Runtime backends).
 Prints a Markdown table; the results go into docs/fields.md with the machine and date.
@@ -121,7 +121,7 @@ def main() -> None:
         "| what | fields/s | ms/field | notes |",
         "|---|---:|---:|---|",
     ]
-    for name in ("wbc1", "classical"):
+    for name in ("wbc2", "wbc1", "classical"):
         r = bench_detect(name, paths, args.threads)
         lines.append(
             f"| detect, {name} | {r['fields_per_s']:.1f} | {r['ms_per_field']:.1f} | "

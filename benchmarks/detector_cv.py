@@ -7,9 +7,11 @@ the training rule) and detects on the held-out fold, so every one of the 977 tra
 is scored once by a detector that never saw it. The val split is not read.
 
 It stores, per annotated white cell, whether it was found (and whether it is cut by the field's
-border), and per field the false boxes, so two recipes run on the same folds can be paired later:
+border), and per field the false boxes, so two recipes run on the same folds can be paired later
+(the recipe is ``configs/detect-fields.yaml``'s, wbc2's since 2026-12-01; ``--set paste=0`` is
+wbc1's, the ``base`` runs of docs/fields.md):
 
-    python benchmarks/detector_cv.py run --out runs/detector-cv/base
+    python benchmarks/detector_cv.py run --set paste=0 --out runs/detector-cv/base
     python benchmarks/detector_cv.py run --set cut=0.5 --out runs/detector-cv/cut50
     python benchmarks/detector_cv.py compare runs/detector-cv/base/cv.json \\
         runs/detector-cv/cut50/cv.json --out docs/results/detector-cv/cut50-vs-base.json

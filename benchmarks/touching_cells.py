@@ -37,56 +37,18 @@ from typing import Any
 import cv2
 import numpy as np
 
-from marrowscope.data.fields import FieldRecord, read_field_manifest, touches_border
+from marrowscope.data.fields import (
+    FieldRecord,
+    read_field_manifest,
+    touches_border,
+    touching_pair,
+)
 from marrowscope.engine.detector_train import DetectorTrainConfig, split_tune
 from marrowscope.inference.fields import FieldDetector, load_field
 from marrowscope.metrics.detection import match_boxes
 from marrowscope.utils.boxes import box_iou
 
 GAPS = (1.0, 0.25, 0.1, 0.0, -0.1, -0.2, -0.3)
-PAD = 0.2
-"""Surround taken with the cell, as a fraction of its longer side (the blend needs some)."""
-
-
-def paste_neighbour(
-    rgb: np.ndarray, box: np.ndarray, gap: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``rgb`` widened to the right, with a mirrored copy of the cell in ``box`` to its right
-    ``gap`` of its width away; returns the new field, the cell's box in it and the copy's box.
-
-    The fields of field-dev are cut close around their cells (a 300 px cell in a 575 px field),
-    so the copy would rarely fit: the field is first surrounded by its background colour (the
-    median outside the cell; room for a copy a whole cell width away, the same for every gap,
-    so every gap is scored on the same fields and the same canvas)."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    w = x1 - x0
-    pad = int(round(PAD * max(w, y1 - y0)))
-    outside = np.ones(rgb.shape[:2], bool)
-    outside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = False
-    fill = [int(v) for v in np.median(rgb[outside], axis=0)]
-    edge = pad + 2
-    room = int(np.ceil(2 * w)) + 2 * pad + 4
-    canvas = cv2.copyMakeBorder(rgb, edge, edge, edge, edge + room, cv2.BORDER_CONSTANT, value=fill)
-    cell = np.array([x0 + edge, y0 + edge, x1 + edge, y1 + edge])
-    px0, py0 = int(np.floor(cell[0])) - pad, int(np.floor(cell[1])) - pad
-    px1, py1 = int(np.ceil(cell[2])) + pad, int(np.ceil(cell[3])) + pad
-    if (px1 - px0) % 2:  # an odd patch has no pixel at its centre: keep the copy's box exact
-        px1 += 1
-    if (py1 - py0) % 2:
-        py1 += 1
-    patch = np.ascontiguousarray(canvas[py0:py1, px0:px1][:, ::-1])  # mirrored
-    ph, pw = patch.shape[:2]
-    mask = np.zeros((ph, pw), np.uint8)
-    axes = (int(round(w / 2 + pad / 2)), int(round((y1 - y0) / 2 + pad / 2)))
-    cv2.ellipse(mask, (pw // 2, ph // 2), axes, 0, 0, 360, 255, -1)
-    shift = w * (1 + gap)
-    centre = (int(round((px0 + px1) / 2 + shift)), (py0 + py1) // 2)
-    out = cv2.seamlessClone(patch, canvas, mask, centre, cv2.NORMAL_CLONE)
-    copy = cell + np.array([shift, 0, shift, 0])
-    # the mirror image of the cell's box inside its (padded) patch
-    left_pad, right_pad = cell[0] - px0, px1 - cell[2]
-    copy = copy + np.array([right_pad - left_pad, 0, right_pad - left_pad, 0])
-    return out, cell, copy
 
 
 def pick_fields(root: str, split: str) -> list[FieldRecord]:
@@ -119,7 +81,7 @@ def run(
     for gap in gaps:
         rows = []
         for r in fields:
-            field, cell, copy = paste_neighbour(load_field(r.path), r.wbc[0], gap)
+            field, cell, copy = touching_pair(load_field(r.path), r.wbc[0], gap)
             truth = np.stack([cell, copy])
             found = detector.detect(field, name=r.path)
             n_detect += 1

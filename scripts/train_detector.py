@@ -1,11 +1,15 @@
-"""Train, measure and ship the white-cell detector (see docs/fields.md).
+r"""Train, measure and ship the white-cell detector (see docs/fields.md).
 
-# train wbc1 (frozen ImageNet trunk in ONNX Runtime + trained CenterNet head; ~30 min, 2 cores)
-python scripts/train_detector.py train --config configs/detect-fields.yaml --out runs/wbc1
+# train wbc2 (frozen ImageNet trunk in ONNX Runtime + trained CenterNet head, pasted touching
+# neighbours; ~5 min on 2 quiet cores, 30-45 min on busy ones; --set paste=0 --set name=wbc1: wbc1's)
+python scripts/train_detector.py train --config configs/detect-fields.yaml --out runs/wbc2
 # score a detector per origin on a split (a bundle folder, a shipped name, or classical)
-python scripts/train_detector.py evaluate runs/wbc1/bundle --split val --out runs/wbc1/val.json
-# ship it: copy into src/marrowscope/pretrained/wbc1 and record its sha256
-python scripts/train_detector.py pack runs/wbc1/bundle --name wbc1 --val runs/wbc1/val.json
+python scripts/train_detector.py evaluate runs/wbc2/bundle --split val --out runs/wbc2/val.json
+# ship it: copy into src/marrowscope/pretrained/wbc2, write its MODEL_CARD.md, record its sha256
+python scripts/train_detector.py pack runs/wbc2/bundle --name wbc2 --val runs/wbc2/val.json \
+    --touching docs/results/fields-touching-wbc2.json
+# rewrite a shipped detector's card (and the touching-cells result it shows)
+python scripts/train_detector.py card wbc2 --touching docs/results/fields-touching-wbc2.json
 # refit the classical detector's thresholds / the ruler's gain on the train split
 python scripts/train_detector.py fit-classical
 python scripts/train_detector.py fit-ruler
@@ -199,7 +203,23 @@ def _error_sheet(results, records, out: Path, side: int = 200) -> None:  # type:
     print(f"wrote {out} ({len(tiles)} tiles)")
 
 
-def cmd_pack(args: argparse.Namespace) -> None:
+def _card_extras(extra: dict, args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+    """``extra`` with the touching-cells result (``--touching``) and the card's note (``--note``)."""
+    from marrowscope.engine.detector_card import touching_summary
+
+    extra = dict(extra)
+    if args.touching:
+        result = json.loads(Path(args.touching).read_text(encoding="utf-8"))
+        extra["touching"] = touching_summary(result, args.touching)
+    if args.note:
+        extra["card_note"] = args.note
+    return extra
+
+
+def _publish(meta, description: str) -> None:  # type: ignore[no-untyped-def]
+    """Write a shipped detector's ``metadata.json`` and ``MODEL_CARD.md`` and record the sha256
+    of its files in ``pretrained/detectors.json`` (checked on every load)."""
+    from marrowscope.engine.detector_card import CARD_NAME, render_detector_card
     from marrowscope.models.bundle import PRETRAINED_DIR
     from marrowscope.models.detector import (
         DETECTORS_INDEX,
@@ -208,30 +228,51 @@ def cmd_pack(args: argparse.Namespace) -> None:
         WEIGHTS_FILE,
         DetectorMetadata,
         detector_index,
-        read_detector_metadata,
     )
-    from marrowscope.utils.io import atomic_write_json, file_sha256
+    from marrowscope.utils.io import atomic_write_json, atomic_write_text, file_sha256
+
+    dst = PRETRAINED_DIR / meta.name
+    atomic_write_json(dst / METADATA_FILE, DetectorMetadata.to_dict(meta))
+    atomic_write_text(dst / CARD_NAME, render_detector_card(meta))
+    index = detector_index()
+    index[meta.name] = {
+        "description": description,
+        "files": {f: file_sha256(dst / f) for f in (ONNX_FILE, WEIGHTS_FILE, METADATA_FILE)},
+    }
+    atomic_write_json(PRETRAINED_DIR / DETECTORS_INDEX, dict(sorted(index.items())))
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from marrowscope.models.bundle import PRETRAINED_DIR
+    from marrowscope.models.detector import ONNX_FILE, WEIGHTS_FILE, read_detector_metadata
 
     src = Path(args.bundle)
     meta = read_detector_metadata(src)
     extra = dict(meta.extra)
     if args.val:
         extra["evaluation"] = json.loads(Path(args.val).read_text(encoding="utf-8"))
-    meta = replace(meta, name=args.name, extra=extra)
+    meta = replace(meta, name=args.name, extra=_card_extras(extra, args))
     if args.min_score is not None:
         meta = replace(meta, min_score=args.min_score)
     dst = PRETRAINED_DIR / args.name
     dst.mkdir(parents=True, exist_ok=True)
     for f in (WEIGHTS_FILE, ONNX_FILE):
         shutil.copyfile(src / f, dst / f)
-    atomic_write_json(dst / METADATA_FILE, DetectorMetadata.to_dict(meta))
-    index = detector_index()
-    index[args.name] = {
-        "description": args.description,
-        "files": {f: file_sha256(dst / f) for f in (ONNX_FILE, WEIGHTS_FILE, METADATA_FILE)},
-    }
-    atomic_write_json(PRETRAINED_DIR / DETECTORS_INDEX, dict(sorted(index.items())))
+    _publish(meta, args.description)
     print(f"packed {src} as {dst}")
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    from marrowscope.models.detector import (
+        detector_index,
+        pretrained_detector,
+        read_detector_metadata,
+    )
+
+    meta = read_detector_metadata(pretrained_detector(args.name))  # checks its sha256
+    meta = replace(meta, extra=_card_extras(dict(meta.extra), args))
+    _publish(meta, detector_index()[args.name]["description"])
+    print(f"wrote the card of {args.name}")
 
 
 def cmd_fit_classical(args: argparse.Namespace) -> None:
@@ -295,13 +336,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     p = sub.add_parser("pack")
     p.add_argument("bundle")
-    p.add_argument("--name", default="wbc1")
+    p.add_argument(
+        "--name", required=True, help="the shipped name (wbc2 ...); an existing one is replaced"
+    )
     p.add_argument("--val", help="the evaluate JSON of the val split, stored in the metadata")
     p.add_argument("--min-score", type=float, help="replace the fitted score threshold")
     p.add_argument(
         "--description",
         default="white cells in blood-smear fields (CenterNet on frozen MobileNetV2), field-dev",
     )
+    c = sub.add_parser("card", help="rewrite a shipped detector's MODEL_CARD.md (and metadata)")
+    c.add_argument("name")
+    for q in (p, c):
+        q.add_argument(
+            "--touching", help="a benchmarks/touching_cells.py result, stored and shown on the card"
+        )
+        q.add_argument("--note", help="a line for the card's recipe (e.g. how it was trained)")
     for name in ("fit-classical", "fit-ruler"):
         q = sub.add_parser(name)
         q.add_argument("--data", default=DATA)
@@ -310,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         "train": cmd_train,
         "evaluate": cmd_evaluate,
         "pack": cmd_pack,
+        "card": cmd_card,
         "fit-classical": cmd_fit_classical,
         "fit-ruler": cmd_fit_ruler,
     }[args.cmd](args)

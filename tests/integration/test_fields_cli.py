@@ -1,5 +1,5 @@
 """End to end on real fields: `marrowscope detect` and `marrowscope count --fields` write boxes,
-overlays and a differential count (shipped detector wbc1, shipped classifier pbc6)."""
+overlays and a differential count (shipped detector wbc2, the default; shipped classifier pbc6)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from marrowscope.defaults import DEFAULT_DETECTOR
 from marrowscope.metrics.counting import (
     DEFAULT_EVIDENCE,
     DEFAULT_GALLERY,
@@ -318,7 +319,8 @@ def models() -> None:
                 if origins
                 else "not measured"
             )
-            dt.add_row(name, str(entry.get("description", "")), worst)
+            label = f"{name} (default)" if name == DEFAULT_DETECTOR else name
+            dt.add_row(label, str(entry.get("description", "")), worst)
         console.print(dt)
 
 
@@ -746,13 +748,12 @@ def compare(
 
 # ---- whole fields of view (issue 14)
 
-DEFAULT_DETECTOR_NAME = "wbc1"
 DetectorOpt = Annotated[
     str,
     typer.Option(
         "--detector",
-        help="White-cell detector: a shipped name (wbc1), 'classical' (stain thresholding, no "
-        "model) or a detector bundle folder.",
+        help="White-cell detector: a shipped name ('marrowscope models' lists them), 'classical' "
+        "(stain thresholding, no model) or a detector bundle folder.",
     ),
 ]
 UmPerPxOpt = Annotated[
@@ -841,7 +842,7 @@ def detect(
         list[str], typer.Argument(help="Field images, folders (recursive) or quoted glob patterns.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    detector: DetectorOpt = DEFAULT_DETECTOR_NAME,
+    detector: DetectorOpt = DEFAULT_DETECTOR,
     um_per_px: UmPerPxOpt = "auto",
     min_score: MinScoreOpt = None,
     overlays: Annotated[bool, typer.Option(help="Draw an overlay PNG per field.")] = True,
@@ -1031,7 +1032,7 @@ def count(
             "the classifier's scale and count them (writes detections.csv, fields.csv, overlays/).",
         ),
     ] = False,
-    detector: DetectorOpt = DEFAULT_DETECTOR_NAME,
+    detector: DetectorOpt = DEFAULT_DETECTOR,
     um_per_px: UmPerPxOpt = "auto",
     min_score: MinScoreOpt = None,
 ) -> None:

@@ -14,6 +14,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from marrowscope.defaults import DEFAULT_DETECTOR
+
 __all__ = ["serve", "users_app"]
 
 T = TypeVar("T")
@@ -95,10 +97,10 @@ def serve(
     detector: Annotated[
         str,
         typer.Option(
-            help="Field detector for samples uploaded as whole fields of view: wbc1 (shipped), "
-            "classical, or a detector bundle folder."
+            help="Field detector for samples uploaded as whole fields of view: a shipped name "
+            "('marrowscope models' lists them), classical, or a detector bundle folder."
         ),
-    ] = "wbc1",
+    ] = DEFAULT_DETECTOR,
 ) -> None:
     """Start the clinician review app (web pages + JSON API) on the given checkpoint."""
 
@@ -115,7 +117,8 @@ def serve(
             FieldDetector.load(detector)
         except Exception as e:
             raise ServiceError(
-                f"--detector {detector}: {e}; use wbc1, classical or a detector bundle folder"
+                f"--detector {detector}: {e}; use a shipped name ('marrowscope models' lists "
+                "them), classical or a detector bundle folder"
             ) from None
         settings = Settings(
             detector=detector,

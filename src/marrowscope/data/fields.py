@@ -15,6 +15,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from marrowscope.utils.boxes import box_iou
@@ -29,6 +30,7 @@ __all__ = [
     "read_field_manifest",
     "read_yolo_labels",
     "touches_border",
+    "touching_pair",
 ]
 
 FIELD_DEV_ORIGINS = {
@@ -179,3 +181,55 @@ def read_field_manifest(root: str | Path, split: str | None = None) -> list[Fiel
             )
         )
     return out
+
+
+TOUCHING_PAD = 0.2
+"""Surround taken with the cell by :func:`touching_pair`, as a fraction of its longer side (the
+blend needs some)."""
+
+
+def touching_pair(
+    rgb: np.ndarray, box: np.ndarray, gap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``rgb`` widened to the right, with a mirrored copy of the cell in ``box`` to its right
+    ``gap`` of its width away; returns the new field, the cell's box in it and the copy's box.
+
+    A synthetic pair of touching white cells, the test of how close two cells may be before a
+    detector joins or loses one (``benchmarks/touching_cells.py``, docs/fields.md): ``gap`` 0 makes
+    the two boxes touch, a negative gap makes them overlap by that fraction of the cell's width.
+    The copy is blended in with OpenCV's Poisson cloning (``cv2.seamlessClone``, an elliptical mask
+    around the cell), so it takes the field's colours at its edge and shows no pasted rectangle.
+
+    The fields of field-dev are cut close around their cells (a 300 px cell in a 575 px field),
+    so the copy would rarely fit: the field is first surrounded by its background colour (the
+    median outside the cell; room for a copy a whole cell width away, the same for every gap,
+    so every gap is scored on the same fields and the same canvas)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w = x1 - x0
+    pad = int(round(TOUCHING_PAD * max(w, y1 - y0)))
+    outside = np.ones(rgb.shape[:2], bool)
+    outside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = False
+    fill = [int(v) for v in np.median(rgb[outside], axis=0)]
+    edge = pad + 2
+    room = int(np.ceil(2 * w)) + 2 * pad + 4
+    canvas = cv2.copyMakeBorder(rgb, edge, edge, edge, edge + room, cv2.BORDER_CONSTANT, value=fill)
+    cell = np.array([x0 + edge, y0 + edge, x1 + edge, y1 + edge])
+    px0, py0 = int(np.floor(cell[0])) - pad, int(np.floor(cell[1])) - pad
+    px1, py1 = int(np.ceil(cell[2])) + pad, int(np.ceil(cell[3])) + pad
+    if (px1 - px0) % 2:  # an odd patch has no pixel at its centre: keep the copy's box exact
+        px1 += 1
+    if (py1 - py0) % 2:
+        py1 += 1
+    patch = np.ascontiguousarray(canvas[py0:py1, px0:px1][:, ::-1])  # mirrored
+    ph, pw = patch.shape[:2]
+    mask = np.zeros((ph, pw), np.uint8)
+    axes = (int(round(w / 2 + pad / 2)), int(round((y1 - y0) / 2 + pad / 2)))
+    cv2.ellipse(mask, (pw // 2, ph // 2), axes, 0, 0, 360, 255, -1)
+    shift = w * (1 + gap)
+    centre = (int(round((px0 + px1) / 2 + shift)), (py0 + py1) // 2)
+    out = cv2.seamlessClone(patch, canvas, mask, centre, cv2.NORMAL_CLONE)
+    copy = cell + np.array([shift, 0, shift, 0])
+    # the mirror image of the cell's box inside its (padded) patch
+    left_pad, right_pad = cell[0] - px0, px1 - cell[2]
+    copy = copy + np.array([right_pad - left_pad, 0, right_pad - left_pad, 0])
+    return out, cell, copy

@@ -11,9 +11,10 @@ stain and camera).
 :func:`evaluate_fields` runs any :class:`~marrowscope.inference.fields.FieldDetector` over
 annotated fields and scores it per origin (recall / precision / F1 at an IoU, count error).
 
-Train the shipped ``wbc1``'s recipe: ``python scripts/train_detector.py train --config
-configs/detect-fields.yaml --out runs/wbc1`` (about 5 min on 2 quiet CPU cores, 5-7 s an epoch;
-30-45 min when other jobs share the cores). wbc1 itself was trained through the red-cell ruler
+Train the shipped ``wbc2``'s recipe: ``python scripts/train_detector.py train --config
+configs/detect-fields.yaml --out runs/wbc2`` (about 5 min on 2 quiet CPU cores, 5-7 s an epoch;
+30-45 min when other jobs share the cores); ``--set paste=0 --set name=wbc1`` gives ``wbc1``'s
+(the defaults of :class:`DetectorTrainConfig`). wbc1 itself was trained through the red-cell ruler
 as it was before its fix of 2026-11-30 (commit 9aa960a or earlier).
 """
 

@@ -2,7 +2,7 @@
 
 The API the command line and the review app call::
 
-    det = FieldDetector.from_pretrained()              # the shipped learned detector (wbc1)
+    det = FieldDetector.from_pretrained()              # the shipped learned detector (wbc2)
     found = det.detect(rgb)                            # FieldDetections: boxes, scores, scale
     pred = Predictor.from_pretrained("pbc6")
     cells = classify_cells(pred, rgb, found)           # one CellResult per box, in box order
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marrowscope.defaults import DEFAULT_DETECTOR
 from marrowscope.models.bundle import BundleError
 from marrowscope.models.detector import (
     ONNX_FILE,
@@ -88,9 +89,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DETECTOR = "wbc1"
-"""The shipped learned detector."""
-
 CLASSICAL = "classical"
 """Name of the stain-based detector (no model file)."""
 
@@ -118,7 +116,7 @@ class FieldDetections:
         boxes: ``(N, 4)`` float boxes ``x_min, y_min, x_max, y_max`` (field pixels), best first.
         scores: ``(N,)`` detection scores in ``[0, 1]``.
         scale: the magnification used (and where it came from).
-        method: the detector (``wbc1``, ``classical`` ...).
+        method: the detector (``wbc2``, ``classical`` ...).
         tiles: how many windows the field was processed in (1 = whole).
         warnings: what the user should know about this field (one sentence each).
     """
@@ -290,7 +288,7 @@ class FieldDetector:
             forks workers later (``predict``'s decoding pool) cannot inherit a held lock.
 
     Attributes:
-        name_: the detector's name (``wbc1``, ``classical``, a folder).
+        name_: the detector's name (``wbc2``, ``classical``, a folder).
         metadata_: the detector bundle's metadata (``None`` for the classical detector).
         min_score_: the score threshold in use.
     """

@@ -371,8 +371,9 @@ def looks_like_crop(
     that cell is centred (within :data:`CROP_MAX_OFFSET`) and fills the frame: its box side at
     least :data:`CROP_FILL` of the shorter side, or :data:`CROP_FILL_FEW_RBC` when the ruler
     measured at most :data:`CROP_FEW_RBC` red cells (0: none measurable). Fitted on real Matek
-    crops against the field-dev fields (``docs/fields.md``): silent on every val field and on
-    976 of 977 train fields of field-dev, it fires on a little over half of the Matek crops. PBC crops (a centred cell at about 38% of
+    crops against the field-dev fields (``docs/fields.md``): with the shipped detectors silent
+    on every val field and on 974-976 of 977 train fields of field-dev, it fires on a little over
+    half of the Matek crops. PBC crops (a centred cell at about 38% of
     the frame with red cells around) are indistinguishable from PBC fields and are not flagged.
 
     Args:

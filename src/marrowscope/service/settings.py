@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from marrowscope.defaults import DEFAULT_DETECTOR
 from marrowscope.metrics.counting import (
     DEFAULT_EVIDENCE,
     DEFAULT_HAC_MIN_COUNT,
@@ -61,8 +62,8 @@ class Settings:
         max_field_pixels: largest accepted whole field of view (width x height); at most the
             detector's own limit, 50,000,000 pixels. Larger fields are refused with the limit
             named (the detector processes big fields in overlapping tiles).
-        detector: the field detector: ``wbc1`` (the shipped learned one), ``classical`` or a
-            detector bundle folder.
+        detector: the field detector: a shipped name (``wbc2``, the default, or ``wbc1``),
+            ``classical`` or a detector bundle folder.
         max_request_bytes: largest accepted request body of an upload route (all files of one
             upload), from a logged-in client.
         max_form_body: largest accepted request body of any other route (JSON, forms), from a
@@ -105,7 +106,7 @@ class Settings:
     max_file_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 25_000_000
     max_field_pixels: int = MAX_FIELD_PIXELS
-    detector: str = "wbc1"
+    detector: str = DEFAULT_DETECTOR
     max_request_bytes: int = 1024 * 1024 * 1024
     max_form_body: int = 1024 * 1024
     max_anonymous_body: int = 16 * 1024

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select
 
+from marrowscope.defaults import DEFAULT_DETECTOR
 from marrowscope.service.db import Database
 from marrowscope.service.models import (
     CELL_DONE,
@@ -188,7 +189,7 @@ class ClassificationWorker:
         store: the image store.
         model: the model handle.
         batch_size: cells per model call.
-        detector: the field detector's name (``wbc1``, ``classical``, a folder), loaded at the
+        detector: the field detector's name (``wbc2``, ``classical``, a folder), loaded at the
             first field.
     """
 
@@ -199,7 +200,7 @@ class ClassificationWorker:
         model: ModelHandle,
         batch_size: int,
         *,
-        detector: str = "wbc1",
+        detector: str = DEFAULT_DETECTOR,
     ) -> None:
         self.db = db
         self.store = store

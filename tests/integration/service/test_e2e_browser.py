@@ -14,7 +14,7 @@ the reviewer confirms the rest with the group's "Confirm all" (and cannot sign) 
 signs off -> the report page and the downloaded CSV carry the counts, signer, reviewers and
 model -> the audit trail lists each re-classification with its old and new value.
 
-A second flow uploads a sample as whole fields of view (the shipped ``wbc1`` detector on real
+A second flow uploads a sample as whole fields of view (the shipped ``wbc2`` detector on real
 fields from ``tests/data/fields``): field link from the gallery -> field page with the boxes ->
 reject a detection as "not a white cell" -> click on a missed cell and add it -> it is classified,
 the rejected one is not counted -> sign-off -> both changes in the audit trail.

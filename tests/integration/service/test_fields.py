@@ -2,7 +2,7 @@
 and linked to their field, reject a detection as "not a white cell" (it leaves the count,
 audited, reversible), add a missed cell by clicking on the field, and bad fields.
 
-Real field-dev fields shipped in ``tests/data/fields`` and the shipped ``wbc1`` detector; the
+Real field-dev fields shipped in ``tests/data/fields`` and the shipped ``wbc2`` detector (the default); the
 classifier is the tiny HAC-calling bundle, so every classified cell is HAC at ~100%.
 """
 
@@ -76,7 +76,7 @@ def test_fields_are_searched_and_their_cells_classified_and_linked(service: Serv
     sid, fields = _sample_with_fields(service)
     bccd, pbc, empty = fields[BCCD.name], fields[PBC.name], fields[EMPTY.name]
     for f in (bccd, pbc, empty):
-        assert f["status"] == "done" and f["detector"] == "wbc1", f
+        assert f["status"] == "done" and f["detector"] == "wbc2", f
         assert f["scale_source"] == "ruler" and 0.05 < f["um_per_px"] < 0.09
     assert (bccd["width"], bccd["height"]) == (640, 480)
     # each annotated field has one white cell near its centre; the empty one has none

@@ -1,5 +1,6 @@
-"""Whole fields through the shipped detector (wbc1): real field-dev fields, every input kind,
-an empty field, huge and tiled fields, crops given as fields, and classification at scale."""
+"""Whole fields through the shipped detectors (wbc2, the default, and wbc1): real field-dev fields,
+every input kind, an empty field, huge and tiled fields, touching cells, crops given as fields, and
+classification at scale."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from field_samples import ANNOTATED, BCCD, EMPTY, FIELDS_DIR, PBC, field
 from PIL import Image
 
+from marrowscope.data.fields import touching_pair
+from marrowscope.defaults import DEFAULT_DETECTOR
 from marrowscope.inference import fields as fields_mod
 from marrowscope.inference.fields import (
     FieldDetector,
@@ -20,6 +23,7 @@ from marrowscope.inference.fields import (
     crop_spec,
     load_field,
 )
+from marrowscope.metrics.detection import match_boxes
 from marrowscope.utils.boxes import box_iou
 
 MATEK = Path(__file__).resolve().parents[3] / "src" / "marrowscope" / "sample_data" / "bm"
@@ -30,16 +34,48 @@ def detector() -> FieldDetector:
     return FieldDetector.from_pretrained()
 
 
+@pytest.fixture(scope="module")
+def wbc1() -> FieldDetector:
+    return FieldDetector.from_pretrained("wbc1")
+
+
+def test_the_default_detector_is_wbc2(detector: FieldDetector) -> None:
+    assert DEFAULT_DETECTOR == "wbc2" and detector.name_ == "wbc2"
+    assert FieldDetector.load().name_ == "wbc2"
+
+
+@pytest.mark.parametrize("name", ["wbc2", "wbc1"])
 @pytest.mark.parametrize("path", ANNOTATED, ids=lambda p: p.name[:8])
-def test_every_white_cell_is_found_and_nothing_else(detector: FieldDetector, path: Path) -> None:
+def test_every_white_cell_is_found_and_nothing_else(
+    detector: FieldDetector, wbc1: FieldDetector, name: str, path: Path
+) -> None:
+    detector = {"wbc2": detector, "wbc1": wbc1}[name]
     rgb, boxes, _ = field(path)
     found = detector.detect(rgb)
     assert len(found) == len(boxes[0])
     assert (box_iou(found.boxes, boxes[0]).max(axis=0) >= 0.5).all()
-    assert found.scale.source == "ruler" and found.method == "wbc1" and found.warnings == ()
+    assert found.scale.source == "ruler" and found.method == name and found.warnings == ()
     assert ((found.scores >= detector.min_score_) & (found.scores <= 1)).all()
     assert (found.boxes[:, [0, 1]] >= 0).all()
     assert (found.boxes[:, 2] <= found.width).all() and (found.boxes[:, 3] <= found.height).all()
+
+
+@pytest.mark.parametrize(("path", "gap"), [(BCCD, -0.1), (PBC, -0.3)], ids=["BCCD", "PBC"])
+def test_wbc2_keeps_overlapping_cells_apart_where_wbc1_does_not(
+    detector: FieldDetector, wbc1: FieldDetector, path: Path, gap: float
+) -> None:
+    """A real field's cell and a mirrored copy whose boxes overlap by ``-gap`` of its width (the
+    synthetic pairs of benchmarks/touching_cells.py): wbc2, trained with pasted neighbours, boxes
+    both cells; wbc1 boxes one of them or one box over the pair (docs/fields.md, touching cells)."""
+    rgb, boxes, _ = field(path)
+    pair, cell, copy = touching_pair(rgb, boxes[0][0], gap)
+    assert pair.shape[1] > rgb.shape[1] and copy[0] < cell[2]  # widened; the boxes overlap
+    truth = np.stack([cell, copy])
+    found = detector.detect(pair)
+    counts, _ = match_boxes(found.boxes, found.scores, truth, iou=0.5)
+    assert counts.tp == 2 and len(found) == 2, found.boxes
+    older = wbc1.detect(pair)
+    assert match_boxes(older.boxes, older.scores, truth, iou=0.5)[0].tp == 1
 
 
 def test_a_field_without_white_cells_gives_zero(detector: FieldDetector) -> None:
@@ -207,7 +243,7 @@ def test_unknown_or_altered_detectors_are_refused(
     from marrowscope.models import detector as detector_mod
     from marrowscope.models.bundle import PRETRAINED_DIR, BundleError
 
-    with pytest.raises(BundleError, match=r"unknown detector 'nope'.*wbc1.*classical"):
+    with pytest.raises(BundleError, match=r"unknown detector 'nope'.*wbc1.*wbc2.*classical"):
         FieldDetector.load("nope")
     copy = tmp_path / "pretrained"
     shutil.copytree(PRETRAINED_DIR / "wbc1", copy / "wbc1")

@@ -108,6 +108,9 @@ def test_models_command_lists_the_shipped_models(monkeypatch: pytest.MonkeyPatch
     # 3-fold cross-validations
     assert "(3-fold CV, 4,350 cells)" in result.output
     assert "(3-fold CV, 2,100 cells)" in result.output
+    # the shipped white-cell detectors, the default marked, with their worst-origin val scores
+    assert "wbc2 (default)" in result.output and "wbc1 " in result.output
+    assert "0.930 / 0.976" in result.output and "0.944 / 0.990" in result.output
 
 
 @pytest.mark.parametrize("name", SHIPPED)
