@@ -19,8 +19,10 @@ asks whether the detector finds both cells:
   *merged* when a found box covers the pair: it overlaps the union of the two boxes by half, and
   more than it overlaps either cell.
 
-Synthetic by construction (the copy is the same cell, mirrored), so read it as where the
-detector's separation breaks down, not as an accuracy on real marrow.
+Synthetic by construction (the copy is the same cell, mirrored; ``--copy shift`` moves it
+instead, ``--copy rotate`` turns it by 180 degrees: a mirrored pair is symmetric about the line
+where the cells meet, which a detector trained with mirrored margins learns to box as one cell),
+so read it as where the detector's separation breaks down, not as an accuracy on real marrow.
 
     python benchmarks/touching_cells.py --out docs/results/fields-touching.json \\
         --picture docs/images/fields-touching.jpg
@@ -38,6 +40,7 @@ import cv2
 import numpy as np
 
 from marrowscope.data.fields import (
+    TOUCHING_COPIES,
     FieldRecord,
     read_field_manifest,
     touches_border,
@@ -71,7 +74,11 @@ def pick_fields(root: str, split: str) -> list[FieldRecord]:
 
 
 def run(
-    root: str, detector: FieldDetector, gaps: tuple[float, ...], split: str = "val"
+    root: str,
+    detector: FieldDetector,
+    gaps: tuple[float, ...],
+    split: str = "val",
+    copy: str = "mirror",
 ) -> dict[str, Any]:
     fields = pick_fields(root, split)
     per_gap: dict[str, Any] = {}
@@ -81,8 +88,8 @@ def run(
     for gap in gaps:
         rows = []
         for r in fields:
-            field, cell, copy = touching_pair(load_field(r.path), r.wbc[0], gap)
-            truth = np.stack([cell, copy])
+            field, cell, second = touching_pair(load_field(r.path), r.wbc[0], gap, copy)
+            truth = np.stack([cell, second])
             found = detector.detect(field, name=r.path)
             n_detect += 1
             counts, _ = match_boxes(found.boxes, found.scores, truth, iou=0.5)
@@ -138,6 +145,7 @@ def run(
         "detector": detector.name_,
         "min_score": detector.min_score_,
         "split": split,
+        "copy": copy,
         "fields": len(fields),
         "gaps": per_gap,
         "detections": n_detect,
@@ -198,11 +206,17 @@ def main() -> None:
         default="val",
         help="val, or the train split's tune fields (to compare recipes without val)",
     )
+    ap.add_argument(
+        "--copy",
+        choices=TOUCHING_COPIES,
+        default="mirror",
+        help="the second cell: the first mirrored (default), moved, or turned by 180 degrees",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--picture", type=Path, default=None)
     args = ap.parse_args()
     detector = FieldDetector.load(args.detector)
-    result = run(args.data, detector, GAPS, args.split)
+    result = run(args.data, detector, GAPS, args.split, args.copy)
     examples = result.pop("_examples")
     if args.picture is not None:
         picture(examples, args.picture, GAPS)

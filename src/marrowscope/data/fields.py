@@ -188,11 +188,16 @@ TOUCHING_PAD = 0.2
 blend needs some)."""
 
 
+TOUCHING_COPIES = ("mirror", "shift", "rotate")
+"""How :func:`touching_pair` makes the second cell: the cell mirrored left to right, the same cell
+moved, or the cell turned by 180 degrees."""
+
+
 def touching_pair(
-    rgb: np.ndarray, box: np.ndarray, gap: float
+    rgb: np.ndarray, box: np.ndarray, gap: float, copy: str = "mirror"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``rgb`` widened to the right, with a mirrored copy of the cell in ``box`` to its right
-    ``gap`` of its width away; returns the new field, the cell's box in it and the copy's box.
+    """``rgb`` widened to the right, with a copy of the cell in ``box`` to its right ``gap`` of its
+    width away; returns the new field, the cell's box in it and the copy's box.
 
     A synthetic pair of touching white cells, the test of how close two cells may be before a
     detector joins or loses one (``benchmarks/touching_cells.py``, docs/fields.md): ``gap`` 0 makes
@@ -203,7 +208,14 @@ def touching_pair(
     The fields of field-dev are cut close around their cells (a 300 px cell in a 575 px field),
     so the copy would rarely fit: the field is first surrounded by its background colour (the
     median outside the cell; room for a copy a whole cell width away, the same for every gap,
-    so every gap is scored on the same fields and the same canvas)."""
+    so every gap is scored on the same fields and the same canvas).
+
+    ``copy`` (:data:`TOUCHING_COPIES`): a mirrored copy makes the pair symmetric about the gap,
+    which is also what a detector trained with mirrored margins (``pad: reflect``) learns to box
+    as *one* cell cut by the field's edge; ``shift`` and ``rotate`` make pairs without that
+    symmetry."""
+    if copy not in TOUCHING_COPIES:
+        raise ValueError(f"copy {copy!r}: one of {', '.join(TOUCHING_COPIES)}")
     x0, y0, x1, y1 = (float(v) for v in box)
     w = x1 - x0
     pad = int(round(TOUCHING_PAD * max(w, y1 - y0)))
@@ -220,7 +232,10 @@ def touching_pair(
         px1 += 1
     if (py1 - py0) % 2:
         py1 += 1
-    patch = np.ascontiguousarray(canvas[py0:py1, px0:px1][:, ::-1])  # mirrored
+    patch = canvas[py0:py1, px0:px1]
+    patch = np.ascontiguousarray(
+        {"mirror": patch[:, ::-1], "shift": patch, "rotate": patch[::-1, ::-1]}[copy]
+    )
     ph, pw = patch.shape[:2]
     mask = np.zeros((ph, pw), np.uint8)
     axes = (int(round(w / 2 + pad / 2)), int(round((y1 - y0) / 2 + pad / 2)))
@@ -228,8 +243,11 @@ def touching_pair(
     shift = w * (1 + gap)
     centre = (int(round((px0 + px1) / 2 + shift)), (py0 + py1) // 2)
     out = cv2.seamlessClone(patch, canvas, mask, centre, cv2.NORMAL_CLONE)
-    copy = cell + np.array([shift, 0, shift, 0])
-    # the mirror image of the cell's box inside its (padded) patch
-    left_pad, right_pad = cell[0] - px0, px1 - cell[2]
-    copy = copy + np.array([right_pad - left_pad, 0, right_pad - left_pad, 0])
-    return out, cell, copy
+    # the cell's box inside its patch, turned as the patch was, then placed with it
+    bx0, by0, bx1, by1 = cell[0] - px0, cell[1] - py0, cell[2] - px0, cell[3] - py0
+    if copy in ("mirror", "rotate"):
+        bx0, bx1 = pw - bx1, pw - bx0
+    if copy == "rotate":
+        by0, by1 = ph - by1, ph - by0
+    second = np.array([bx0 + px0 + shift, by0 + py0, bx1 + px0 + shift, by1 + py0])
+    return out, cell, second

@@ -373,8 +373,8 @@ def looks_like_crop(
     measured at most :data:`CROP_FEW_RBC` red cells (0: none measurable). Fitted on real Matek
     crops against the field-dev fields (``docs/fields.md``): with the shipped detectors silent
     on every val field and on 974-976 of 977 train fields of field-dev, it fires on a little over
-    half of the Matek crops. PBC crops (a centred cell at about 38% of
-    the frame with red cells around) are indistinguishable from PBC fields and are not flagged.
+    half of the Matek crops. PBC crops (a centred cell at about 38% of the frame with red cells
+    around) are indistinguishable from PBC fields and are not flagged.
 
     Args:
         boxes: the white cells found in it.
