@@ -59,3 +59,12 @@ def test_touching_summary_keeps_each_gap() -> None:
     s = touching_summary(result, "x.json")
     assert s["split"] == "tune" and s["pairs"] == 3 and s["source"] == "x.json"
     assert s["gaps"]["-0.2"] == {"found_both": 0.667, "merged": 0.333, "count_error": 0.33}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_detector_files_are_readable_by_everyone(name: str) -> None:
+    """A wheel keeps the files' modes: a 0600 file would be unreadable to all but its installer."""
+    folder = pretrained_detector(name)
+    for file in [*detector_index()[name]["files"], CARD_NAME]:
+        mode = (folder / file).stat().st_mode
+        assert mode & 0o444 == 0o444, f"{name}/{file}: mode {oct(mode & 0o777)}"
