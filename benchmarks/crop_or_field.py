@@ -21,13 +21,13 @@ from pathlib import Path
 
 from marrowscope.data.fields import read_field_manifest
 from marrowscope.inference.fields import FieldDetector
+from marrowscope.utils.image import list_image_files
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return list_image_files(folder)[0]
 
 
 def image_sets(shared: Path, n: int, seed: int) -> dict[str, list[Path]]:

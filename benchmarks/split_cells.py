@@ -28,6 +28,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from marrowscope.inference.fields import FieldDetector
+from marrowscope.utils.image import list_image_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CENTRE = 0.2
@@ -71,7 +72,7 @@ def run(detector: FieldDetector, folder: Path, um_per_px: float) -> dict[str, li
     or -1 when no box covers the image's centre point (the centred cell missed)."""
     out: dict[str, list[int]] = {}
     for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(cls.glob("*.jpg"))
+        files = list_image_files(cls)[0]
         if len(files) < 100:
             continue
         counts = []

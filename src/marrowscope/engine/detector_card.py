@@ -103,8 +103,7 @@ def render_detector_card(meta: DetectorMetadata) -> str:
         f"- Trained on {training.get('fit_fields', '?')} fields of the train split; the score "
         f"threshold fitted on {training.get('tune_fields', '?')} other train fields (a stratified "
         f"{float(cfg.get('tune_fraction', 0.15)):.0%} of each origin, never trained on); the val "
-        "split used "
-        "for nothing but the numbers below.",
+        "split used for nothing but the numbers below.",
         "",
         "## Licence and attribution",
         "",
