@@ -80,7 +80,8 @@ def code_version() -> dict[str, Any]:
         ).stdout.strip()
         dirty = bool(
             subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
+                # new files count too where code lives (a benchmark not yet committed)
+                ["git", "status", "--porcelain", "--", "src", "benchmarks", "scripts", "configs"],
                 capture_output=True,
                 text=True,
                 check=True,
