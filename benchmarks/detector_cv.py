@@ -147,19 +147,49 @@ def cmd_run(args: argparse.Namespace) -> None:
         for i, res in zip(held, detect_all(det, [records[i] for i in held]), strict=True):
             results[i] = res
         print(f"fold {k}: threshold {summary['min_score']}", flush=True)
-    done = [r for r in results if r is not None]
-    per = evaluate_fields(done, records)
+    write_run_report(
+        out,
+        [r for r in results if r is not None],
+        records,
+        cfg=cfg,
+        overrides={k: v for k, v in overrides.items() if k != "eval_every"},
+        args=args,
+        code=code,
+        thresholds=thresholds,
+        minutes=minutes,
+        started=t0,
+    )
+
+
+def write_run_report(
+    out: Path,
+    results: Sequence[tuple[np.ndarray, np.ndarray]],
+    records: Sequence[FieldRecord],
+    *,
+    cfg: Any,
+    overrides: dict[str, object],
+    args: argparse.Namespace,
+    code: dict[str, Any],
+    thresholds: list[float],
+    minutes: list[float],
+    started: float,
+    **extra: Any,
+) -> None:
+    """Score a run's out-of-fold detections, print them and write ``OUT/cv.json`` (``extra``
+    keys first), the report :func:`cmd_compare` pairs."""
+    per = evaluate_fields(results, records)
     print(f"out-of-fold, {len(records)} train-split fields:\n{format_scores(per)}")
-    cells, fields = per_cell(done, records)
+    cells, fields = per_cell(results, records)
     report = {
+        **extra,
         "config": asdict(cfg),
-        "overrides": {k: v for k, v in overrides.items() if k != "eval_every"},
+        "overrides": overrides,
         "folds": args.folds,
         "fold_seed": args.seed,
         "code": code,
         "thresholds": thresholds,
         "train_minutes": minutes,
-        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
         "scores": {g: s.to_dict() for g, s in per.items()},
         "border_cells": _border(cells),
         "cells": cells,

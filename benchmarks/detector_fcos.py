@@ -28,7 +28,6 @@ import json
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from detector_cv import _border, code_version, folds, per_cell, write_report
+from detector_cv import code_version, folds, write_run_report
 from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -294,27 +293,19 @@ def main() -> None:
         )
     if args.only_fold is not None:
         return
-    done = [r for r in results if r is not None]
-    per = evaluate_fields(done, records)
-    print(f"out-of-fold, {len(records)} train-split fields:\n{format_scores(per)}")
-    cells, fields = per_cell(done, records)
-    report: dict[str, Any] = {
-        "detector": "torchvision FCOS (FCOSHead, 2 convs, GroupNorm) + FPN on the frozen trunk",
-        "config": asdict(cfg),
-        "overrides": overrides,
-        "folds": args.folds,
-        "fold_seed": args.seed,
-        "code": code,
-        "thresholds": thresholds,
-        "train_minutes": minutes,
-        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
-        "scores": {g: s.to_dict() for g, s in per.items()},
-        "border_cells": _border(cells),
-        "cells": cells,
-        "fields": fields,
-    }
-    write_report(out / "cv.json", report)
-    print(f"wrote {out / 'cv.json'}")
+    write_run_report(
+        out,
+        [r for r in results if r is not None],
+        records,
+        cfg=cfg,
+        overrides=overrides,
+        args=args,
+        code=code,
+        thresholds=thresholds,
+        minutes=minutes,
+        started=t0,
+        detector="torchvision FCOS (FCOSHead, 2 convs, GroupNorm) + FPN on the frozen trunk",
+    )
 
 
 if __name__ == "__main__":
