@@ -7,10 +7,12 @@ import csv
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
-from field_samples import ANNOTATED, EMPTY, FIELDS_DIR, field
+from bomb_images import png_header_only
+from field_samples import ANNOTATED, BCCD, EMPTY, FIELDS_DIR, field
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -77,6 +79,32 @@ def test_detect_writes_boxes_fields_and_overlays(sample: Path, tmp_path: Path) -
         "fields_without_cells": 1,
         "cells": 8,
     }
+
+
+def test_a_field_above_pillows_own_warning_size_is_refused_by_name_without_its_warning(
+    tmp_path: Path,
+) -> None:
+    """A 10,000 x 10,000 field (above Pillow's ~89 M-pixel warning, below its error): one error
+    row that names the file, its size and the 50 M-pixel limit; Pillow's
+    DecompressionBombWarning, which would only repeat that, is not shown; the other field is
+    still detected."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    (folder / "huge.png").write_bytes(png_header_only(10_000, 10_000))
+    shutil.copyfile(BCCD, folder / BCCD.name)
+    out = tmp_path / "det"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = _invoke("detect", "none", str(folder), "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "DecompressionBombWarning" not in r.output
+    fields = {Path(row["path"]).name: row for row in _rows(out / "fields.csv")}
+    assert "huge.png" in fields["huge.png"]["error"]
+    assert "10000x10000 = 100,000,000 pixels" in fields["huge.png"]["error"]
+    assert "50,000,000-pixel limit of a field" in fields["huge.png"]["error"]
+    assert fields["huge.png"]["cells_found"] == "0"
+    assert fields[BCCD.name]["cells_found"] == "1" and not fields[BCCD.name]["error"]
 
 
 def test_detect_with_a_classifier_adds_class_and_confidence(tmp_path: Path) -> None:

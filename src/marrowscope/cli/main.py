@@ -7,6 +7,7 @@ import functools
 import importlib
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -245,6 +246,13 @@ def _main(
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
     )
+    # Pillow warns about any image above ~89 M pixels as it opens it; marrowscope's own limits
+    # (50 M pixels for a crop or a field) are lower and refuse such a file with a message that
+    # names it, the limit and the fix, so Pillow's warning would only repeat that as noise.
+    # Set here, once, before any command starts a thread.
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @app.command()

@@ -9,18 +9,17 @@ import os
 import re
 import socket
 import sqlite3
-import struct
 import tempfile
 import threading
 import time
 import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from bomb_images import png_header_only
 from fastapi.routing import APIRoute
 from PIL import Image
 from sqlalchemy import inspect as sa_inspect
@@ -191,23 +190,6 @@ def _png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-def _png_header_only(w: int, h: int) -> bytes:
-    """A PNG that claims w x h pixels (a decompression bomb's header) with next to no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _zip(members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=method) as zf:
@@ -232,7 +214,7 @@ def test_hostile_files_are_refused_by_name_and_the_rest_go_through(make_service)
         ("files", ("notes.txt", b"clinical notes", "text/plain")),
         ("files", ("fake.jpg", b"%PDF-1.4 not really an image", "image/jpeg")),
         ("files", ("huge.png", _png(10, 10) + b"\0" * 250_000, "image/png")),
-        ("files", ("bomb.png", _png_header_only(50_000, 50_000), "image/png")),
+        ("files", ("bomb.png", png_header_only(50_000, 50_000), "image/png")),
         ("files", ("big.png", _png(1200, 1000), "image/png")),
         ("files", ("bomb.zip", bomb_zip, "application/zip")),
         ("files", ("many.zip", many_zip, "application/zip")),

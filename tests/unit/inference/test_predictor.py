@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bomb_images import png_header_only
 from PIL import Image
 
 from marrowscope.inference import PathPrediction, Predictor, PredictorError
@@ -32,19 +30,6 @@ def _reference(bundle: Path, rgb: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255.0
     with torch.no_grad():
         return torch.softmax(model(x), 1)[0].numpy()
-
-
-def _bomb_png(path: Path, width: int = 40_000, height: int = 40_000) -> Path:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = 8  # after the signature: length(4) type(4) data(13) crc(4)
-    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr + 4 : ihdr + 21])) & 0xFFFFFFFF
-    data[ihdr + 21 : ihdr + 25] = struct.pack(">I", crc)
-    path.write_bytes(bytes(data))
-    return path
 
 
 # ----------------------------------------------------------------------------- loading
@@ -189,7 +174,8 @@ def test_predict_paths_yields_every_file_in_order_with_errors(
     trunc.write_bytes(cell_files[0].read_bytes()[:200])
     text = tmp_path / "text.png"
     text.write_text("hello")
-    bomb = _bomb_png(tmp_path / "bomb.png")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(40_000, 40_000))
     missing = tmp_path / "gone.png"
     paths = [good[0], trunc, good[1], text, good[2], bomb, good[3], missing, good[4]]
     p = _fp32(tiny_bundle, batch_size=3)
