@@ -16,6 +16,7 @@ from field_samples import ANNOTATED, BCCD, EMPTY, FIELDS_DIR, field
 from PIL import Image
 from typer.testing import CliRunner
 
+import marrowscope
 from marrowscope.cli.main import app
 from marrowscope.utils.boxes import box_iou
 
@@ -171,6 +172,23 @@ def test_count_without_fields_warns_that_these_are_fields(sample: Path, tmp_path
     )
     assert r.exit_code == 0, r.output
     assert "look like whole fields" in r.output and "--fields" in r.output
+
+
+def test_predict_warns_when_its_images_look_like_whole_fields_and_not_for_crops(
+    sample: Path, tmp_path: Path
+) -> None:
+    """`predict` on whole fields (the shipped test fields) classifies them as asked and says
+    they look like fields, with the detect command to use; on real single-cell crops (the
+    Matek cells of `make demo`) it says nothing of the kind."""
+    r = _invoke("predict", "pbc6", str(sample), "--tta", "none", "--no-progress")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "look like whole fields" in text
+    assert "marrowscope detect pbc6 FIELDS... --out DIR" in text and "--fields" in text
+    crops = Path(marrowscope.__file__).parent / "sample_data" / "bm"
+    r = _invoke("predict", "bm8", str(crops), "--tta", "none", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "192 images, 0 error(s)" in r.output and "whole fields" not in r.output
 
 
 def test_count_fields_flags_hairy_cells_with_grad_cam_evidence_on_the_crops(

@@ -815,10 +815,11 @@ def _parse_um_per_px(value: str, predictor: Any) -> float | None:
     return number
 
 
-def _warn_field_like(res: Any, detector: str, check: Callable[..., list[tuple[str, int]]]) -> None:
-    """Warn when images counted as single cells look like whole fields."""
+def _warn_field_like(paths: list[str], detector: str, advice: str) -> None:
+    """Warn when images given as single cells (``paths``, decoded) look like whole fields."""
     from rich.markup import escape
 
+    from marrowscope.engine.count import field_like_images
     from marrowscope.inference.fields import FieldDetector
     from marrowscope.models.bundle import BundleError
 
@@ -826,13 +827,13 @@ def _warn_field_like(res: Any, detector: str, check: Callable[..., list[tuple[st
         det = FieldDetector.load(detector)
     except BundleError:
         return  # no detector installed: nothing to check with
-    odd = check([c.path for c in res.cells], det)
+    odd = field_like_images(paths, det)
     if odd:
         shown = ", ".join(f"{escape(Path(p).name)} ({n} white cells)" for p, n in odd[:3])
         err_console.print(
             f"[yellow]warning:[/] {len(odd)} of the images checked look like whole fields (red "
             f"cells all around, no white cell filling the middle), not single-cell crops: "
-            f"{shown}; count fields with --fields"
+            f"{shown}; {advice}"
         )
 
 
@@ -1054,12 +1055,7 @@ def count(
     from rich.markup import escape
     from rich.table import Table
 
-    from marrowscope.engine.count import (
-        count_fields,
-        count_sample,
-        field_like_images,
-        write_count_outputs,
-    )
+    from marrowscope.engine.count import count_fields, count_sample, write_count_outputs
     from marrowscope.inference import Predictor
     from marrowscope.reports.detect_files import check_overlays
     from marrowscope.utils.io import printable
@@ -1101,7 +1097,7 @@ def count(
             workers=workers,
             decode=decode_mode,
         )
-        _warn_field_like(res, detector, field_like_images)
+        _warn_field_like([c.path for c in res.cells], detector, "count fields with --fields")
     paths = write_count_outputs(res, target, gallery=gallery)
     totals = res.totals()
     if fields:
@@ -1318,6 +1314,12 @@ def predict(
     skipped = collected.skipped_summary()
     if skipped:
         console.print(f"[yellow]note:[/] {escape(skipped)}")
+    _warn_field_like(
+        [p for p, _, e in results if not e],
+        DEFAULT_DETECTOR,
+        f"find and classify their white cells with: marrowscope detect {checkpoint} FIELDS... "
+        "--out DIR (or count them with: marrowscope count CK FOLDER --fields)",
+    )
     n_ok = len(results) - len(errors)
     share = pred.recheck_share()
     rechecked = (
