@@ -654,9 +654,13 @@ def evaluate(
 ) -> None:
     """Accuracy, balanced accuracy, macro/weighted F1, per-class table, confusion matrix, 95% CIs."""
 
-    from rich.table import Table
-
     from marrowscope.engine.evaluate import evaluate_bundle, parse_class_map
+    from marrowscope.reports.tables import (
+        PER_CLASS_DASH_NOTE,
+        has_dash,
+        per_class_table,
+        to_rich,
+    )
 
     m = evaluate_bundle(
         checkpoint,
@@ -672,18 +676,8 @@ def evaluate(
         console=console,
     )
     ci = m["ci95"]
-    table = Table(title=f"{checkpoint} on {data} ({m['n']} images)")
-    for col in ("class", "precision", "recall", "F1", "support"):
-        table.add_column(col, justify="right" if col != "class" else "left")
-    for c, v in m["per_class"].items():
-        table.add_row(
-            c,
-            f"{v['precision']:.3f}",
-            f"{v['recall']:.3f}",
-            f"{v['f1']:.3f}",
-            str(v["support"]),
-        )
-    console.print(table)
+    per_class = per_class_table(m)
+    console.print(to_rich(per_class, title=f"{checkpoint} on {data} ({m['n']} images)"))
     console.print(
         f"accuracy {m['accuracy']:.3f} [{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}]  "
         f"macro-F1 {m['macro_f1']:.3f} [{ci['macro_f1'][0]:.3f}, {ci['macro_f1'][1]:.3f}]  "
@@ -696,6 +690,8 @@ def evaluate(
             f"classes with images here; {', '.join(absent)} (no image) left out; over all "
             f"model classes, counting those as 0: macro-F1 {m['macro_f1_all_classes']:.3f}"
         )
+    if has_dash(per_class):
+        console.print(PER_CLASS_DASH_NOTE)
     if out:
         console.print(f"report: {out / 'report.md'}")
 

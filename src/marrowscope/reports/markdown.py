@@ -12,7 +12,10 @@ from urllib.parse import quote
 import yaml
 
 from marrowscope.reports.tables import (
+    PER_CLASS_DASH_NOTE,
     TABLE1_FORMATS,
+    has_dash,
+    per_class_table,
     table1_accuracy,
     table2_focus,
     table3_per_class,
@@ -152,17 +155,10 @@ def evaluation_report(
         ]
     if focus:
         out += _focus_section(focus)
-    per_class = [
-        {
-            "Class": c,
-            "Precision": v["precision"],
-            "Recall": v["recall"],
-            "F1": v["f1"],
-            "Support": v["support"],
-        }
-        for c, v in metrics["per_class"].items()
-    ]
+    per_class = per_class_table(metrics)
     out += ["## Per class", "", to_markdown(per_class)]
+    if has_dash(per_class):
+        out += [PER_CLASS_DASH_NOTE, ""]
     out += [
         "## Confusion matrix",
         "",

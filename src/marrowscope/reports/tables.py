@@ -26,6 +26,9 @@ __all__ = [
     "TABLE2_COLUMNS",
     "TABLE3_COLUMNS",
     "TABLE1_FORMATS",
+    "PER_CLASS_DASH_NOTE",
+    "has_dash",
+    "per_class_table",
     "table1_accuracy",
     "table2_focus",
     "table3_per_class",
@@ -146,6 +149,44 @@ def _cell(value: Any, floatfmt: str) -> str:
     if isinstance(value, float):
         return format(value, floatfmt)
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def per_class_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per class of a :func:`~marrowscope.metrics.classification_metrics` result:
+    ``Class``, ``Precision``, ``Recall``, ``F1``, ``Support``.
+
+    A ratio with nothing to divide by is missing (shown as an em dash), not the 0 that
+    ``metrics.json`` stores as scikit-learn's ``zero_division=0``: the precision of a class the
+    model never predicted here, the recall and F1 of a class with no sample here (a class with
+    samples that was never predicted keeps recall 0 and F1 0: it was missed).
+    """
+    cm = metrics.get("confusion_matrix")
+    predicted = [int(sum(col)) for col in zip(*cm, strict=True)] if cm else None
+    rows = []
+    for i, (c, v) in enumerate(metrics["per_class"].items()):
+        present = v["support"] > 0
+        rows.append(
+            {
+                "Class": c,
+                "Precision": v["precision"] if predicted is None or predicted[i] else None,
+                "Recall": v["recall"] if present else None,
+                "F1": v["f1"] if present else None,
+                "Support": v["support"],
+            }
+        )
+    return rows
+
+
+PER_CLASS_DASH_NOTE = (
+    "—: nothing to divide by (no sample of the class here: no recall or F1; never predicted: "
+    "no precision); metrics.json stores 0 for these, as scikit-learn does."
+)
+"""What a dash in :func:`per_class_table` means (printed under the table when one shows)."""
+
+
+def has_dash(table: Sequence[Mapping[str, Any]]) -> bool:
+    """True when a cell of ``table`` is missing (shown as an em dash)."""
+    return any(v is None for row in table for v in row.values())
 
 
 def to_markdown(

@@ -11,6 +11,8 @@ from marrowscope.reports.tables import (
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
     TABLE3_COLUMNS,
+    has_dash,
+    per_class_table,
     table1_accuracy,
     table2_focus,
     table3_per_class,
@@ -104,3 +106,35 @@ def test_write_csv_empty_table_with_columns(tmp_path: Path) -> None:
     path = write_csv([], tmp_path / "t2.csv", columns=TABLE2_COLUMNS)
     assert path.read_text() == "Model,Precision,Recall,F1,Support\n"
     assert write_csv([], tmp_path / "e.csv").read_text() == ""
+
+
+def test_per_class_table_leaves_ratios_with_nothing_to_divide_by_empty() -> None:
+    """metrics.json keeps scikit-learn's zero_division=0; the table shows a dash instead where
+    a ratio is undefined: precision of a class never predicted, recall and F1 of a class with
+    no sample. A class with samples that was never predicted keeps recall 0 and F1 0."""
+    from marrowscope.metrics import classification_metrics
+
+    classes = ["A", "B", "C", "D"]
+    # A: 3 right of 4; C (no sample) predicted once; B has samples, never predicted; D neither
+    m = classification_metrics([0, 0, 0, 0, 1, 1], [0, 0, 0, 2, 0, 0], classes)
+    rows = {r["Class"]: r for r in per_class_table(m)}
+    assert list(rows) == classes and list(rows["A"]) == [
+        "Class",
+        "Precision",
+        "Recall",
+        "F1",
+        "Support",
+    ]
+    assert rows["A"]["Precision"] == pytest.approx(0.6) and rows["A"]["Recall"] == 0.75
+    assert rows["B"]["Precision"] is None and rows["B"]["Recall"] == 0.0 and rows["B"]["F1"] == 0.0
+    assert rows["C"]["Precision"] == 0.0 and rows["C"]["Recall"] is None and rows["C"]["F1"] is None
+    assert (rows["D"]["Precision"], rows["D"]["Recall"], rows["D"]["F1"]) == (None, None, None)
+    assert m["per_class"]["D"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert "| D | — | — | — | 0 |" in to_markdown(per_class_table(m))
+    assert has_dash(per_class_table(m))
+    every = classification_metrics([0, 1, 2, 3], [0, 1, 2, 2], classes)  # D never predicted
+    assert [c for c, r in ((r["Class"], r) for r in per_class_table(every)) if has_dash([r])] == [
+        "D"
+    ]
+    full = classification_metrics([0, 1, 2, 3], [0, 1, 3, 2], classes)
+    assert not has_dash(per_class_table(full))
