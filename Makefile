@@ -39,6 +39,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 ## Speed measurements behind docs/benchmarks.md (of the shipped bm8; ~15 min on 2 cores).
 bench: $(STAMP)

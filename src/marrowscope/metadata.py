@@ -312,7 +312,9 @@ class _Checker:
             raise self._fail(key, "a positive integer", v)
         return v
 
-    def triple(self, data: dict[str, Any], key: str, *, positive: bool) -> tuple[float, ...]:
+    def triple(
+        self, data: dict[str, Any], key: str, *, positive: bool
+    ) -> tuple[float, float, float]:
         v = data[key]
         ok = (
             isinstance(v, list)
@@ -327,7 +329,8 @@ class _Checker:
         )
         if not ok:
             raise self._fail(key, f"3 {'positive ' if positive else ''}numbers (R, G, B)", v)
-        return tuple(float(x) for x in v)
+        r, g, b = (float(x) for x in v)
+        return r, g, b
 
     def optional(self, data: dict[str, Any], key: str, tp: type) -> Any:
         v = data.get(key)

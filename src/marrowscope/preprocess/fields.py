@@ -508,8 +508,8 @@ def detect_classical(
     img = rescale(rgb, factor)
     px = WORK_UM_PER_PX  # um per working pixel
     stain = cv2.GaussianBlur(stain_map(img), (5, 5), 0)
-    mask = (stain > p.stain_threshold).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    stained = (stain > p.stain_threshold).astype(np.uint8)
+    mask = cv2.morphologyEx(stained, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     gap = max(1, round(p.lobe_gap_um / px))
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1, 2 * gap + 1))
     grouped = fill_holes(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, disc))

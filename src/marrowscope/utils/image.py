@@ -241,7 +241,7 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
         try:
             if accept is not None and not accept(prefix):
                 continue
-            im = factory(io.BytesIO(data), None)
+            im = factory(io.BytesIO(data), "")  # as Image.open passes a file object's name
             return int(im.size[0]), int(im.size[1])
         except Exception:  # noqa: BLE001, S112 - not this format: try the next
             continue

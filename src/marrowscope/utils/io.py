@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, writer: Callable[[Path], None], *, sweep: bool = True) -> None:
+def atomic_write(path: Path, writer: Callable[[Path], object], *, sweep: bool = True) -> None:
     """Call ``writer(tmp_path)`` then atomically rename ``tmp_path`` onto ``path``.
 
     The temporary file is a hidden sibling named after its owner (``.NAME.tmp-HOST-PID-RANDOM``)

@@ -75,6 +75,7 @@ def resolve_precision(name: str, device: torch.device, channels_last: bool = Tru
     Raises:
         DeviceError: an unknown precision, or fp16 on a CPU.
     """
+    dtype: torch.dtype | None
     if name == "auto":
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
