@@ -1313,8 +1313,9 @@ def predict(
     _warn_field_like(
         [p for p, _, e in results if not e],
         DEFAULT_DETECTOR,
-        f"find and classify their white cells with: marrowscope detect {checkpoint} FIELDS... "
-        "--out DIR (or count them with: marrowscope count CK FOLDER --fields)",
+        "find and classify their white cells with: marrowscope detect "
+        f"{escape(str(checkpoint))} FIELDS... --out DIR (or count them with: marrowscope count "
+        "CK FOLDER --fields)",
     )
     n_ok = len(results) - len(errors)
     share = pred.recheck_share()
