@@ -44,6 +44,25 @@ def test_help_shows_the_install_extras_in_brackets(command: str, extras: list[st
         assert extra in text
 
 
+def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
+    """Typer's Rich help kept a docstring's source line breaks: at 80 columns `count --help`
+    printed "whole" / "fields of" / "view." on three lines. Every command's help is now whole
+    paragraphs, so each line of a paragraph but its last is filled to the terminal's width."""
+    from marrowscope.cli import serve
+    from marrowscope.cli.main import data_app
+
+    for typer_app in (app, data_app, serve.users_app):
+        for info in typer_app.registered_commands:
+            assert info.help, info.callback
+            assert "\n" not in info.help.replace("\n\n", ""), info.help
+    res = runner.invoke(app, ["count", "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = [line.strip() for line in res.output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("A sample is a folder"))
+    paragraph = lines[start : lines.index("", start)]
+    assert len(paragraph) == 3 and all(len(line) >= 70 for line in paragraph[:-1]), paragraph
+
+
 def test_data_scan_reports_counts_and_unreadable(synthetic_tree: Path, tmp_path: Path) -> None:
     (synthetic_tree / "CCC" / "empty.png").write_bytes(b"")
     (synthetic_tree / "notes.txt").write_text("ignored")

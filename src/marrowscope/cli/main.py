@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import os
 import warnings
@@ -1655,6 +1656,25 @@ from marrowscope.cli import serve as _serve  # noqa: E402
 
 app.command("serve")(_serve.serve)
 app.add_typer(_serve.users_app, name="users")
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Let the terminal wrap each command's help: join the lines of each docstring paragraph.
+
+    Typer's Rich help keeps a docstring's line breaks, so a paragraph wrapped at 100 columns
+    in the source came out ragged in an 80-column terminal ("fields of" / "view."). Paragraphs
+    (blank-line separated) stay paragraphs; the first is the one-line summary of the command
+    list.
+    """
+    for info in typer_app.registered_commands:
+        text = info.help if info.help is not None else inspect.getdoc(info.callback)
+        if text:
+            paragraphs = text.split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+for _app in (app, data_app, _serve.users_app):
+    _reflow_help(_app)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -290,7 +290,7 @@ def users_disable(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Disable a user at once: its password and API tokens are refused from the next request
-    on and its open login sessions are ended (``users enable`` lets it log in again)."""
+    on and its open login sessions are ended (`users enable` lets it log in again)."""
 
     def body() -> None:
         from marrowscope.service import review
@@ -323,7 +323,7 @@ def users_enable(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Enable a disabled user again: its password and its unrevoked API tokens work again (the
-    login sessions ended by ``users disable`` stay ended)."""
+    login sessions ended by `users disable` stay ended)."""
 
     def body() -> None:
         from marrowscope.service import review
@@ -360,7 +360,7 @@ def users_revoke_token(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Revoke every API token of a user, or only the one given with --token-id. A revoked token
-    is refused from the next request on, for good (issue a new one with ``users token``)."""
+    is refused from the next request on, for good (issue a new one with `users token`)."""
 
     def body() -> None:
         from marrowscope.service import review
