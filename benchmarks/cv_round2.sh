@@ -20,6 +20,9 @@ declare -A VARIANTS=(
   # the shipped bm8's recipe (the config at 20 epochs, ~3 h of folds on 2 cores), then refitted on
   # all 4,350 cells (~1 h): the model scripts/pack_pretrained.py bm8 runs/cv2/bm8_20ep --cv packs
   [bm8_20ep]="--set train.epochs=20 --refit"
+  # the learning curve at bm8's 20 epochs: half of each fold's training cells (1,450), scored on
+  # the same 1,450 cells per fold as bm8_20ep (2026-12-01)
+  [frac50_20ep]="--set train.epochs=20 --train-fraction 0.5"
 )
 # run on 2026-11-29: default, then prog160_13ep and frac25 (the next session), see docs/accuracy.md
 # and bm8_20ep (started 2026-11-30; its refit is to be packed as the shipped bm8 once finished)
