@@ -153,6 +153,25 @@ def test_explain_writes_overlays_and_contact_sheet(sample: Path, tmp_path: Path)
         assert im.width > 300
     rows = list(csv.DictReader((out / "explain.csv").open(encoding="utf-8")))
     assert {r["target"] for r in rows if r["overlay"]} <= {"BLA", "HAC", "LYT"}
+    assert {r["method"] for r in rows if r["overlay"]} == {"gradcam-elementwise"}  # the default
+
+
+def test_explain_method_option(sample: Path, tmp_path: Path) -> None:
+    """--method picks the activation-map method and explain.csv records it; an unknown one is
+    refused with the list before any work."""
+    ckpt = favoured_bundle(tmp_path / "m", ["BLA", "HAC", "LYT"])
+    out = tmp_path / "a"
+    res = _invoke(
+        "explain", str(ckpt), str(sample / "c0.jpg"), "-o", str(out), "--method", "gradcam"
+    )
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "explain.csv").open(encoding="utf-8")))
+    assert [r["method"] for r in rows] == ["gradcam"]
+    res = _invoke("explain", str(ckpt), str(sample), "-o", str(tmp_path / "b"), "--method", "cam")
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "unknown CAM method 'cam'; use one of: gradcam-elementwise, gradcam, layercam" in text
+    assert not (tmp_path / "b").exists()
 
 
 def test_explain_class_option(sample: Path, tmp_path: Path) -> None:

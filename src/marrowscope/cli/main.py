@@ -947,12 +947,19 @@ def explain(
     ] = None,
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per Grad-CAM pass.")] = 16,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="Class activation map method: gradcam-elementwise (the default, measured "
+            "best: docs/explain.md), gradcam, layercam, gradcam++ or hirescam."
+        ),
+    ] = None,
 ) -> None:
     """Grad-CAM: an overlay PNG per image and a contact sheet with label and confidence."""
 
     from rich.markup import escape
 
-    from marrowscope.explain.gradcam import class_index
+    from marrowscope.explain.gradcam import DEFAULT_METHOD, check_method, class_index
     from marrowscope.explain.sheets import explain_to_folder
     from marrowscope.inference import Predictor
     from marrowscope.inference.batching import collect_inputs
@@ -960,6 +967,7 @@ def explain(
 
     if batch_size < 1:
         raise typer.BadParameter(f"must be >= 1; got {batch_size}", param_hint="--batch-size")
+    method = check_method(method or DEFAULT_METHOD)  # unknown method: fail before any work
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
     if class_ is not None:
         class_index(predictor.classes_, class_)  # unknown class: fail before any work
@@ -973,6 +981,7 @@ def explain(
             out,
             target_class=class_,
             batch_size=batch_size,
+            method=method,
             on_progress=lambda n: bar.advance(task, n),
         )
     for path, why in summary.failed:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from marrowscope.defaults import DEFAULT_CAM_METHOD
 from marrowscope.models.registry import Classifier, ModelError
 from marrowscope.transforms.augment import eval_transform
 
@@ -31,8 +32,11 @@ if TYPE_CHECKING:
     from marrowscope.inference.predictor import Predictor
 
 __all__ = [
+    "CAM_METHODS",
+    "DEFAULT_METHOD",
     "CamResult",
     "ExplainError",
+    "check_method",
     "class_index",
     "compute_cams",
     "gradcam",
@@ -42,6 +46,22 @@ __all__ = [
 
 DEFAULT_BATCH = 16
 """Images per Grad-CAM forward/backward pass (the backward pass keeps activations in memory)."""
+
+CAM_METHODS: dict[str, str] = {
+    "gradcam-elementwise": "GradCAMElementWise",
+    "gradcam": "GradCAM",
+    "layercam": "LayerCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+}
+"""The class activation map methods of pytorch-grad-cam that ``method`` may name (all use the
+gradients at :meth:`Classifier.target_layer`): ``gradcam`` weights each channel by its mean
+gradient (Selvaraju et al. 2017); ``gradcam-elementwise`` multiplies activations and gradients
+position by position before the ReLU; ``layercam`` weights each position by its positive
+gradient (Jiang et al. 2021); ``gradcam++`` and ``hirescam`` as published."""
+
+DEFAULT_METHOD = DEFAULT_CAM_METHOD
+"""The method every command uses unless told otherwise (:data:`marrowscope.defaults.DEFAULT_CAM_METHOD`)."""
 
 
 class ExplainError(ModelError):
@@ -141,25 +161,29 @@ def compute_cams(
     targets: Sequence[int] | None = None,
     *,
     batch_size: int = DEFAULT_BATCH,
+    method: str = DEFAULT_METHOD,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM maps and class probabilities for preprocessed images.
+    """Class activation maps and class probabilities for preprocessed images.
 
     Args:
         model: the classifier (float NCHW input in [0, 1]; it normalises itself).
         images: RGB HWC ``uint8`` arrays at the model's input size.
         targets: class index to explain per image; ``None`` explains each predicted class.
         batch_size: images per forward/backward pass.
+        method: one of :data:`CAM_METHODS`.
 
     Returns:
         ``(cams, probs)``: ``float32`` ``(N, H, W)`` in [0, 1] and ``float32`` ``(N, K)``.
 
     Raises:
-        ExplainError: ``targets`` has the wrong length or an index outside the classes.
+        ExplainError: ``targets`` has the wrong length or an index outside the classes, or
+            ``method`` is not one of :data:`CAM_METHODS`.
         ModelError: the architecture has no convolutional feature map to explain.
     """
-    from pytorch_grad_cam import GradCAM
+    import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    cam_class = getattr(pytorch_grad_cam, CAM_METHODS[check_method(method)])
     n = len(images)
     k = int(model.num_classes)
     if targets is not None:
@@ -181,7 +205,7 @@ def compute_cams(
     to_tensor = eval_transform(size)
     cams: list[np.ndarray] = []
     probs: list[np.ndarray] = []
-    cam = GradCAM(model=net, target_layers=[layer])
+    cam = cam_class(model=net, target_layers=[layer])
     try:
         with _input_gradients_only(net):
             for start in range(0, n, max(1, batch_size)):
@@ -209,6 +233,17 @@ def compute_cams(
     return np.concatenate(cams), np.concatenate(probs).astype(np.float32)
 
 
+def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`CAM_METHODS`.
+
+    Raises:
+        ExplainError: it is not; the message lists them.
+    """
+    if method not in CAM_METHODS:
+        raise ExplainError(f"unknown CAM method {method!r}; use one of: {', '.join(CAM_METHODS)}")
+    return method
+
+
 def _torch_model(predictor: Predictor) -> Classifier:
     if getattr(predictor, "backend", "torch") != "torch":
         raise ExplainError(
@@ -227,6 +262,7 @@ def gradcam_preprocessed(
     paths: Sequence[str | None] | None = None,
     target_class: str | None = None,
     batch_size: int = DEFAULT_BATCH,
+    method: str = DEFAULT_METHOD,
 ) -> list[CamResult]:
     """Grad-CAM for images already preprocessed with ``predictor.preprocess``.
 
@@ -241,9 +277,10 @@ def gradcam_preprocessed(
         paths: source paths (default ``None`` each).
         target_class: class to explain; ``None`` explains each image's predicted class.
         batch_size: images per forward/backward pass.
+        method: one of :data:`CAM_METHODS`.
 
     Raises:
-        ExplainError: unknown ``target_class`` or a non-torch predictor.
+        ExplainError: unknown ``target_class`` or ``method``, or a non-torch predictor.
     """
     classes = list(predictor.classes_)
     target = None if target_class is None else class_index(classes, target_class)
@@ -253,7 +290,7 @@ def gradcam_preprocessed(
     # CAM explains that class (or the requested one), computed in fp32.
     probs = np.asarray(predictor.predict_preprocessed(arrays), dtype=np.float32)
     targets = [int(np.argmax(p)) if target is None else target for p in probs]
-    cams, _ = compute_cams(model, arrays, targets, batch_size=batch_size)
+    cams, _ = compute_cams(model, arrays, targets, batch_size=batch_size, method=method)
     names = list(names) if names is not None else [f"image_{i}" for i in range(n)]
     paths = list(paths) if paths is not None else [None] * n
     out: list[CamResult] = []
@@ -285,6 +322,7 @@ def gradcam(
     *,
     target_class: str | None = None,
     batch_size: int = DEFAULT_BATCH,
+    method: str = DEFAULT_METHOD,
 ) -> list[CamResult]:
     """Grad-CAM for raw images: paths, RGB arrays or PIL images.
 
@@ -296,6 +334,7 @@ def gradcam(
         images: image paths, numpy arrays or PIL images.
         target_class: a class name of the model, or ``None`` for the predicted class.
         batch_size: images per forward/backward pass.
+        method: one of :data:`CAM_METHODS`.
 
     Returns:
         One :class:`CamResult` per image, in order.
@@ -305,8 +344,9 @@ def gradcam(
             without a torch model.
         ImageReadError: an image cannot be read (the message names the file).
     """
+    check_method(method)  # fail before decoding anything
     if target_class is not None:
-        class_index(predictor.classes_, target_class)  # fail before decoding anything
+        class_index(predictor.classes_, target_class)
     _torch_model(predictor)
     arrays, names, paths = [], [], []
     for i, img in enumerate(images):
@@ -324,4 +364,5 @@ def gradcam(
         paths=paths,
         target_class=target_class,
         batch_size=batch_size,
+        method=method,
     )

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from marrowscope.explain.gradcam import DEFAULT_BATCH, CamResult, class_index, gradcam_preprocessed
+from marrowscope.explain.gradcam import (
+    DEFAULT_BATCH,
+    DEFAULT_METHOD,
+    CamResult,
+    check_method,
+    class_index,
+    gradcam_preprocessed,
+)
 from marrowscope.utils.image import ImageReadError, list_image_files
 from marrowscope.utils.io import atomic_write, atomic_write_bytes, printable_data
 
@@ -193,6 +200,7 @@ def explain_to_folder(
     *,
     target_class: str | None = None,
     batch_size: int = DEFAULT_BATCH,
+    method: str = DEFAULT_METHOD,
     on_progress: Callable[[int], None] | None = None,
 ) -> ExplainSummary:
     """Grad-CAM for image files: an overlay PNG per image, contact sheet(s) and ``explain.csv``.
@@ -205,11 +213,14 @@ def explain_to_folder(
         out_dir: output folder (created).
         target_class: class to explain; ``None``: each image's predicted class.
         batch_size: images per Grad-CAM pass.
+        method: the class activation map method (:data:`~marrowscope.explain.gradcam.CAM_METHODS`),
+            recorded in ``explain.csv``.
         on_progress: called with the number of images handled after each batch.
 
     Raises:
-        ExplainError: unknown ``target_class`` or a non-torch predictor.
+        ExplainError: unknown ``target_class`` or ``method``, or a non-torch predictor.
     """
+    check_method(method)
     if target_class is not None:
         class_index(predictor.classes_, target_class)
     out = Path(out_dir)
@@ -235,6 +246,7 @@ def explain_to_folder(
                 paths=[str(p) for p in ok],
                 target_class=target_class,
                 batch_size=batch_size,
+                method=method,
             )
             for p, r in zip(ok, results, strict=True):
                 target = out / overlay_filename(p.name, taken)
@@ -249,13 +261,22 @@ def explain_to_folder(
                         f"{r.confidence:.6f}",
                         r.target,
                         f"{r.target_probability:.6f}",
+                        method,
                     ]
                 )
         if on_progress is not None:
             on_progress(len(chunk))
     if items:
         summary.sheets = write_contact_sheets(items, out)
-    header = ["path", "overlay", "predicted", "confidence", "target", "target_probability"]
+    header = [
+        "path",
+        "overlay",
+        "predicted",
+        "confidence",
+        "target",
+        "target_probability",
+        "method",
+    ]
 
     def write_index(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -263,7 +284,7 @@ def explain_to_folder(
             w.writerow([*header, "error"])
             w.writerows(printable_data([*r, ""]) for r in rows)  # odd bytes of names escaped
             w.writerows(
-                printable_data([str(p), "", "", "", "", "", msg]) for p, msg in summary.failed
+                printable_data([str(p), "", "", "", "", "", "", msg]) for p, msg in summary.failed
             )
 
     summary.index = out / "explain.csv"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from marrowscope.defaults import DEFAULT_CAM_LABEL
 from marrowscope.utils.io import atomic_write_text
 
 __all__ = [
@@ -179,6 +180,7 @@ def _environment() -> Any:
     env.filters["href"] = _href
     env.filters["pct"] = lambda v, d=1: f"{float(v):.{d}f}%"
     env.filters["prob"] = _prob
+    env.globals["cam_label"] = DEFAULT_CAM_LABEL
     return env
 
 

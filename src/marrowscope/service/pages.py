@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 import marrowscope
+from marrowscope.defaults import DEFAULT_CAM_LABEL, DEFAULT_CAM_METHOD
 from marrowscope.reports.count_report import CELL_NAMES, DISCLAIMER, count_bar_chart_svg
 from marrowscope.service import accounts, review
 from marrowscope.service.deps import (
@@ -62,6 +63,7 @@ templates = Jinja2Templates(directory=str(files("marrowscope.service") / "templa
 templates.env.filters["pct"] = lambda v, d=1: f"{float(v):.{d}f}%"
 templates.env.filters["prob"] = lambda v: "—" if v is None else f"{int(float(v) * 100 + 1e-9)}%"
 templates.env.filters["dt"] = lambda v: "" if v is None else f"{v:%Y-%m-%d %H:%M} UTC"
+templates.env.globals["cam_label"] = DEFAULT_CAM_LABEL
 
 SHORTCUT_KEYS = "1234567890qwertyuiopasdfghlzxcvbnm"
 """Keys that re-classify the selected cells, assigned to the classes in model order."""
@@ -633,9 +635,10 @@ def cell_gradcam(
     sample = review.get_sample(db, sample_id)
     cell = review.get_cell(db, sample, cell_id)
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", model.info.version)
-    cached = store.cache_path("gradcam", f"{cell.sha256}-{tag}.png")
+    from marrowscope.explain.gradcam import ExplainError
+
+    cached = store.cache_path("gradcam", f"{cell.sha256}-{tag}-{DEFAULT_CAM_METHOD}.png")
     if not cached.is_file():
-        from marrowscope.explain.gradcam import ExplainError
         from marrowscope.utils.io import atomic_write_bytes
 
         try:

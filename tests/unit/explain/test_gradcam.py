@@ -12,6 +12,8 @@ from torch import nn
 
 from marrowscope.config import ModelConfig
 from marrowscope.explain.gradcam import (
+    CAM_METHODS,
+    DEFAULT_METHOD,
     ExplainError,
     class_index,
     compute_cams,
@@ -23,6 +25,7 @@ from marrowscope.inference.predictor import Predictor
 from marrowscope.models.registry import PAPER_MODELS, Classifier, build_model
 
 SIZE = 64
+BM_SAMPLE = Path(__file__).resolve().parents[3] / "src" / "marrowscope" / "sample_data" / "bm"
 ARCHS = [*PAPER_MODELS, "tf_efficientnet_lite0", "mobilenetv2_100"]
 
 
@@ -176,3 +179,55 @@ def test_gradcam_errors_name_the_problem(tmp_path: Path) -> None:
     pred.backend = "onnx"  # what an ONNX-backed predictor reports
     with pytest.raises(ExplainError, match="backend='torch'"):
         gradcam_preprocessed(pred, [_cell()])
+
+
+# ------------------------------------------------------------------------- the CAM methods
+
+
+@pytest.mark.parametrize("method", list(CAM_METHODS))
+def test_every_method_gives_a_spatial_cam(method: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="mobilenetv2_100", pretrained=False)
+    model = build_model(cfg, 3, input_size=SIZE).eval()
+    _positive_head(model)
+    cams, _ = compute_cams(model, [_cell(seed=0), _cell(seed=1)], [0, 0], method=method)
+    assert cams.shape == (2, SIZE, SIZE) and np.isfinite(cams).all()
+    assert cams.min() >= 0.0 and cams.max() <= 1.0
+    assert all(c.max() - c.min() > 0.1 for c in cams), method
+
+
+def test_an_unknown_method_is_refused_with_the_list_before_any_work(tmp_path: Path) -> None:
+    model = build_model(ModelConfig(name="paper_cnn", pretrained=False), 3, input_size=SIZE)
+    with pytest.raises(
+        ExplainError,
+        match="unknown CAM method 'scorecam'; use one of: gradcam-elementwise, gradcam,",
+    ):
+        compute_cams(model, [_cell()], [0], method="scorecam")
+    missing = tmp_path / "not-read.png"  # refused before any image is read
+    with pytest.raises(ExplainError, match="gradcam\\+\\+"):
+        gradcam(_predictor(model), [missing], method="GradCAM")
+
+
+def test_the_default_method_maps_every_real_cell_of_the_shipped_bm8_on_the_cell() -> None:
+    """Why the default is element-wise Grad-CAM (docs/explain.md): on real Matek cells plain
+    Grad-CAM's averaged channel weights leave some maps empty (no position raises the class's
+    score), which the overlay shows as nothing at all; the element-wise form maps every cell, and
+    the map's centre of mass lies on the cell, which the Matek crops centre."""
+    assert DEFAULT_METHOD == "gradcam-elementwise"
+    pred = Predictor.from_pretrained("bm8", device="cpu", tta="none")
+    files = [
+        p for c in sorted(BM_SAMPLE.iterdir()) if c.is_dir() for p in sorted(c.glob("*.jpg"))[:3]
+    ]
+    assert len(files) == 24
+    arrays = [pred.preprocess(pred.load(p)) for p in files]
+    targets = pred.predict_preprocessed(arrays).argmax(1).tolist()
+    size = arrays[0].shape[0]
+    yy, xx = np.mgrid[:size, :size] / size
+    layer, _ = compute_cams(pred.model, arrays, targets, method=DEFAULT_METHOD)
+    for p, cam in zip(files, layer, strict=True):
+        assert cam.max() > 0.5, f"{p.name}: empty map"
+        cy, cx = (yy * cam).sum() / cam.sum(), (xx * cam).sum() / cam.sum()
+        assert 0.25 < cy < 0.75 and 0.25 < cx < 0.75, (p.name, cy, cx)
+    plain, _ = compute_cams(pred.model, arrays, targets, method="gradcam")
+    empty = [p.name for p, cam in zip(files, plain, strict=True) if cam.max() < 1e-6]
+    assert empty, "Grad-CAM maps every cell now: re-measure the default (benchmarks/cam_methods.py)"
