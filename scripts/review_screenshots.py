@@ -11,7 +11,7 @@ keyboard shortcut where the model was wrong or unsure, "Confirm all" elsewhere),
 opens the report. Writes:
 
     docs/images/review_gallery.png   the gallery by class with confidences + differential count
-    docs/images/review_cell.png      one cell opened large: Grad-CAM and top-3 probabilities
+    docs/images/review_cell.png      one cell opened large: its activation map and top-3 probabilities
     docs/images/review_report.png    the signed report
 
 Usage (after ``make demo-train``, whose run gives the default checkpoint; ~2 min on 2 cores):
