@@ -955,7 +955,8 @@ def explain(
         ),
     ] = None,
 ) -> None:
-    """Grad-CAM: an overlay PNG per image and a contact sheet with label and confidence."""
+    """Activation maps (element-wise Grad-CAM unless --method says otherwise): an overlay PNG per
+    image and a contact sheet with label and confidence; explain.csv lists them."""
 
     from rich.markup import escape
 
